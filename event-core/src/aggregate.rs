@@ -1,0 +1,324 @@
+//! Aggregates, and the [`Repository`] that rebuilds them from their events and appends the
+//! events their commands decide.
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use chrono::Utc;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::event::DomainEvent;
+use crate::record::{ExpectedVersion, Metadata, NewEvent, Snapshot, StreamId};
+use crate::store::EventStore;
+
+/// A consistency boundary whose state is the fold of its events.
+///
+/// `apply` folds one event into the state and must not fail: the event has happened.
+/// `handle` decides which events a command causes, or refuses it with a domain error.
+pub trait Aggregate: Default + Send + Sync + 'static {
+    /// The aggregate type name; streams are keyed by it and an id.
+    const TYPE: &'static str;
+
+    /// The snapshot schema version. Raise it when the state's shape changes: snapshots of
+    /// another version are ignored and the aggregate is rebuilt by full replay.
+    const SNAPSHOT_VERSION: u32 = 1;
+
+    /// The events of this aggregate.
+    type Event: DomainEvent;
+    /// The commands it handles.
+    type Command: Send;
+    /// Why it refuses a command.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Folds one event into the state.
+    fn apply(&mut self, event: &Self::Event);
+
+    /// Decides the events a command causes, from the current state.
+    fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+}
+
+/// The result of [`Repository::execute`]: a domain refusal, or a failure to load or store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError<E> {
+    /// The aggregate refused the command; nothing was stored.
+    #[error("command rejected: {0}")]
+    Rejected(#[source] E),
+    /// Loading or storing failed, or conflicts outlasted the retries
+    /// ([`Error::VersionConflict`] then carries the expected and actual versions).
+    #[error(transparent)]
+    Store(#[from] Error),
+}
+
+impl<E> CommandError<E> {
+    /// The domain error, if the aggregate refused the command.
+    pub fn rejection(&self) -> Option<&E> {
+        match self {
+            CommandError::Rejected(e) => Some(e),
+            CommandError::Store(_) => None,
+        }
+    }
+}
+
+/// What a command stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed<E> {
+    /// The events the command caused, in order (empty if it caused none).
+    pub events: Vec<E>,
+    /// The aggregate's version after the command.
+    pub version: u64,
+    /// The global positions of the events (`None` when the command caused none).
+    pub positions: Option<std::ops::RangeInclusive<u64>>,
+}
+
+type EncodeFn<A> = fn(&A) -> serde_json::Result<String>;
+type DecodeFn<A> = fn(&str) -> serde_json::Result<A>;
+
+struct SnapshotPolicy<A> {
+    every: u64,
+    encode: EncodeFn<A>,
+    decode: DecodeFn<A>,
+}
+
+impl<A> Clone for SnapshotPolicy<A> {
+    fn clone(&self) -> Self {
+        SnapshotPolicy {
+            every: self.every,
+            encode: self.encode,
+            decode: self.decode,
+        }
+    }
+}
+
+/// Loads aggregates of type `A` by replaying their events, and runs commands on them with
+/// optimistic concurrency.
+pub struct Repository<A: Aggregate> {
+    store: Arc<dyn EventStore>,
+    max_retries: u32,
+    snapshots: Option<SnapshotPolicy<A>>,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A: Aggregate> Clone for Repository<A> {
+    fn clone(&self) -> Self {
+        Repository {
+            store: Arc::clone(&self.store),
+            max_retries: self.max_retries,
+            snapshots: self.snapshots.clone(),
+            _aggregate: PhantomData,
+        }
+    }
+}
+
+impl<A: Aggregate> fmt::Debug for Repository<A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Repository")
+            .field("aggregate", &A::TYPE)
+            .field("max_retries", &self.max_retries)
+            .field("snapshot_every", &self.snapshots.as_ref().map(|s| s.every))
+            .finish()
+    }
+}
+
+/// A loaded aggregate with the version it was rebuilt at.
+type Loaded<A> = (A, u64);
+
+impl<A: Aggregate> Repository<A> {
+    /// How many times [`execute`](Self::execute) reloads and retries after a version
+    /// conflict, unless changed with [`max_retries`](Self::max_retries).
+    pub const DEFAULT_MAX_RETRIES: u32 = 3;
+
+    /// A repository over `store`.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Repository {
+            store,
+            max_retries: Self::DEFAULT_MAX_RETRIES,
+            snapshots: None,
+            _aggregate: PhantomData,
+        }
+    }
+
+    /// Sets how many times a conflicting command is reloaded and retried (0: never).
+    pub fn max_retries(mut self, retries: u32) -> Self {
+        self.max_retries = retries;
+        self
+    }
+
+    /// Takes a snapshot whenever a command carries the aggregate across a multiple of
+    /// `every` events, so loads replay at most about `every` events. `0` turns snapshots off.
+    pub fn snapshot_every(mut self, every: u64) -> Self
+    where
+        A: Serialize + DeserializeOwned,
+    {
+        self.snapshots = (every > 0).then_some(SnapshotPolicy {
+            every,
+            encode: |a| serde_json::to_string(a),
+            decode: |s| serde_json::from_str(s),
+        });
+        self
+    }
+
+    /// The store this repository uses.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    fn stream(id: &str) -> StreamId {
+        StreamId::new(A::TYPE, id)
+    }
+
+    /// Rebuilds the aggregate `id`: from its latest readable snapshot if there is one, then
+    /// by replaying the events after it. Returns the state and its version (0: no events).
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
+        let stream = Self::stream(id);
+        let (mut aggregate, mut version) = self.load_snapshot(&stream).await;
+        for recorded in self.store.read_stream(&stream, version + 1).await? {
+            let event: A::Event = recorded.decode()?;
+            aggregate.apply(&event);
+            version = recorded.version;
+        }
+        Ok((aggregate, version))
+    }
+
+    /// The snapshot's state and version, or the default state at 0. A snapshot that cannot
+    /// be read (store error, other schema version, state that does not decode) only costs a
+    /// full replay, so it is reported to `tracing` and skipped, never fatal.
+    async fn load_snapshot(&self, stream: &StreamId) -> Loaded<A> {
+        let Some(policy) = &self.snapshots else {
+            return (A::default(), 0);
+        };
+        let snapshot = match self.store.load_snapshot(stream).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return (A::default(), 0),
+            Err(error) => {
+                tracing::warn!(%stream, %error, "snapshot unreadable; replaying in full");
+                return (A::default(), 0);
+            }
+        };
+        if snapshot.schema_version != A::SNAPSHOT_VERSION {
+            tracing::info!(
+                %stream,
+                stored = snapshot.schema_version,
+                current = A::SNAPSHOT_VERSION,
+                "snapshot of another schema version; replaying in full"
+            );
+            return (A::default(), 0);
+        }
+        match (policy.decode)(&snapshot.state) {
+            Ok(state) => (state, snapshot.version),
+            Err(error) => {
+                tracing::warn!(%stream, %error, "snapshot does not decode; replaying in full");
+                (A::default(), 0)
+            }
+        }
+    }
+
+    /// Runs `command` on the aggregate `id`: load, handle, append the events expecting the
+    /// loaded version. On a version conflict it reloads and retries up to
+    /// [`max_retries`](Self::max_retries) times, then returns the conflict.
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: A::Command,
+    ) -> Result<Committed<A::Event>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        self.execute_with(id, command, Metadata::default()).await
+    }
+
+    /// [`execute`](Self::execute) with metadata stored on every event the command causes.
+    pub async fn execute_with(
+        &self,
+        id: &str,
+        command: A::Command,
+        metadata: Metadata,
+    ) -> Result<Committed<A::Event>, CommandError<A::Error>>
+    where
+        A::Command: Clone,
+    {
+        let stream = Self::stream(id);
+        let mut retries_left = self.max_retries;
+        loop {
+            let (mut aggregate, version) = self.load(id).await?;
+            let events = aggregate
+                .handle(command.clone())
+                .map_err(CommandError::Rejected)?;
+            if events.is_empty() {
+                return Ok(Committed {
+                    events,
+                    version,
+                    positions: None,
+                });
+            }
+            let new_events = events
+                .iter()
+                .map(|e| NewEvent::from_event(e, metadata.clone()))
+                .collect::<Result<Vec<_>>>()?;
+            let expected = ExpectedVersion::Exact(version);
+            match self.store.append(&stream, expected, new_events).await {
+                Ok(outcome) => {
+                    self.maybe_snapshot(&stream, &mut aggregate, &events, version, outcome.version)
+                        .await;
+                    return Ok(Committed {
+                        events,
+                        version: outcome.version,
+                        positions: Some(outcome.first_position..=outcome.last_position),
+                    });
+                }
+                Err(e) if e.is_conflict() && retries_left > 0 => {
+                    retries_left -= 1;
+                    tracing::debug!(%stream, retries_left, "version conflict; reloading");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Saves a snapshot if this command crossed a multiple of the snapshot interval. A
+    /// failed snapshot write is only logged: the events are stored, and the next load
+    /// replays a little more.
+    async fn maybe_snapshot(
+        &self,
+        stream: &StreamId,
+        aggregate: &mut A,
+        events: &[A::Event],
+        before: u64,
+        after: u64,
+    ) {
+        let Some(policy) = &self.snapshots else {
+            return;
+        };
+        if before / policy.every == after / policy.every {
+            return;
+        }
+        for event in events {
+            aggregate.apply(event);
+        }
+        let state = match (policy.encode)(aggregate) {
+            Ok(state) => state,
+            Err(source) => {
+                let error = Error::Snapshot {
+                    aggregate_type: A::TYPE.to_owned(),
+                    source,
+                };
+                tracing::warn!(%stream, %error, "snapshot not taken");
+                return;
+            }
+        };
+        let snapshot = Snapshot {
+            aggregate_type: stream.aggregate_type.clone(),
+            aggregate_id: stream.aggregate_id.clone(),
+            version: after,
+            schema_version: A::SNAPSHOT_VERSION,
+            state,
+            taken_at: Utc::now(),
+        };
+        if let Err(error) = self.store.save_snapshot(snapshot).await {
+            tracing::warn!(%stream, %error, "snapshot not saved");
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The one error type of `eventfold-core`.
+
+use uuid::Uuid;
+
+use crate::record::ExpectedVersion;
+
+/// A `Result` whose error defaults to [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A boxed error from a backend or a handler, kept as the `source` of an [`Error`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in eventfold, short of a domain rule refusing a command
+/// (that is [`CommandError::Rejected`](crate::CommandError::Rejected)).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An append found the stream at another version than the one it expected.
+    #[error(
+        "version conflict on {aggregate_type}/{aggregate_id}: expected {expected}, found version {actual}"
+    )]
+    VersionConflict {
+        /// The aggregate type of the stream.
+        aggregate_type: String,
+        /// The aggregate id of the stream.
+        aggregate_id: String,
+        /// What the append expected.
+        expected: ExpectedVersion,
+        /// The stream's version when the append was checked (0: no stream).
+        actual: u64,
+    },
+
+    /// An event id is already stored with other content than the append carries.
+    #[error("event id {event_id} is already stored with different content")]
+    DuplicateEventId {
+        /// The id that is taken.
+        event_id: Uuid,
+    },
+
+    /// An append was malformed (no events, mixed streams, a bad field); nothing was stored.
+    #[error("invalid append: {reason}")]
+    InvalidAppend {
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A stored event names an event type that no Rust type in this program registers.
+    #[error("unknown event type `{event_type}`{}", at(.event_id, .position))]
+    UnknownEventType {
+        /// The stored type name.
+        event_type: String,
+        /// The stored event, when the failure came from one.
+        event_id: Option<Uuid>,
+        /// Its global position, when known.
+        position: Option<u64>,
+    },
+
+    /// A stored event's type is registered, but by another Rust type than the one asked for.
+    #[error("event type `{event_type}` belongs to `{registered}`, not to `{requested}`{}", at(.event_id, .position))]
+    WrongEventType {
+        /// The stored type name.
+        event_type: String,
+        /// The Rust type that registers the name.
+        registered: &'static str,
+        /// The Rust type the caller asked for.
+        requested: &'static str,
+        /// The stored event, when known.
+        event_id: Option<Uuid>,
+        /// Its global position, when known.
+        position: Option<u64>,
+    },
+
+    /// A stored payload is not valid JSON or does not fit its event type.
+    #[error("payload of `{event_type}` does not decode{}: {source}", at(.event_id, .position))]
+    Payload {
+        /// The stored type name.
+        event_type: String,
+        /// The stored event, when known.
+        event_id: Option<Uuid>,
+        /// Its global position, when known.
+        position: Option<u64>,
+        /// What serde_json said.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// A stored event has a newer schema version than this program knows.
+    #[error(
+        "`{event_type}` is stored at schema version {stored}, newer than version {known} known to this program{}",
+        at(.event_id, .position)
+    )]
+    SchemaTooNew {
+        /// The stored type name.
+        event_type: String,
+        /// The stored schema version.
+        stored: u32,
+        /// The newest schema version this program knows.
+        known: u32,
+        /// The stored event, when known.
+        event_id: Option<Uuid>,
+        /// Its global position, when known.
+        position: Option<u64>,
+    },
+
+    /// An upcaster is missing for a step, or one failed.
+    #[error("cannot upcast `{event_type}` from schema version {from}{}: {reason}", at(.event_id, .position))]
+    Upcast {
+        /// The stored type name.
+        event_type: String,
+        /// The version the failed step starts from.
+        from: u32,
+        /// Why it failed.
+        reason: String,
+        /// The stored event, when known.
+        event_id: Option<Uuid>,
+        /// Its global position, when known.
+        position: Option<u64>,
+    },
+
+    /// An event could not be serialized into a payload.
+    #[error("cannot serialize `{event_type}`: {source}")]
+    Serialize {
+        /// The event type name.
+        event_type: String,
+        /// What serde_json said.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The registry is inconsistent: two Rust types claim one event name, or an upcaster
+    /// chain is broken. Found by [`Registry::validate`](crate::Registry::validate).
+    #[error("event registry is invalid: {}", .problems.join("; "))]
+    InvalidRegistry {
+        /// Every problem found, one sentence each.
+        problems: Vec<String>,
+    },
+
+    /// Event types the program expected at start-up are not registered (see
+    /// [`Registry::expect`](crate::Registry::expect)); often a crate the linker dropped.
+    #[error("event types not registered: {}", .names.join(", "))]
+    MissingEventTypes {
+        /// The names that are missing.
+        names: Vec<String>,
+    },
+
+    /// A snapshot could not be written.
+    #[error("cannot serialize snapshot of {aggregate_type}: {source}")]
+    Snapshot {
+        /// The aggregate type.
+        aggregate_type: String,
+        /// What serde_json said.
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// No dead letter has this id.
+    #[error("no dead letter with id {id}")]
+    DeadLetterNotFound {
+        /// The id asked for.
+        id: u64,
+    },
+
+    /// The storage backend failed (I/O, a full disk, a read-only file, a lock held too long).
+    /// Nothing of the failed operation is stored.
+    #[error("store error ({kind}): {message}")]
+    Store {
+        /// What kind of failure, to decide what to do about it.
+        kind: StoreErrorKind,
+        /// What the backend reported, in a sentence.
+        message: String,
+        /// The backend's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+fn at(event_id: &Option<Uuid>, position: &Option<u64>) -> String {
+    match (event_id, position) {
+        (Some(id), Some(p)) => format!(" (event {id} at position {p})"),
+        (Some(id), None) => format!(" (event {id})"),
+        (None, Some(p)) => format!(" (at position {p})"),
+        (None, None) => String::new(),
+    }
+}
+
+impl Error {
+    /// A backend error of a kind, with a message and its source.
+    pub fn store(
+        kind: StoreErrorKind,
+        message: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Error::Store {
+            kind,
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// The kind of a [`Error::Store`] failure.
+    pub fn store_kind(&self) -> Option<StoreErrorKind> {
+        match self {
+            Error::Store { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// Attaches the stored event's id and position to a decoding error; other errors pass
+    /// through unchanged.
+    pub fn at_event(mut self, id: Uuid, pos: u64) -> Self {
+        match &mut self {
+            Error::UnknownEventType {
+                event_id, position, ..
+            }
+            | Error::WrongEventType {
+                event_id, position, ..
+            }
+            | Error::Payload {
+                event_id, position, ..
+            }
+            | Error::SchemaTooNew {
+                event_id, position, ..
+            }
+            | Error::Upcast {
+                event_id, position, ..
+            } => {
+                *event_id = Some(id);
+                *position = Some(pos);
+            }
+            _ => {}
+        }
+        self
+    }
+
+    /// True for a version conflict, the error [`Repository::execute`](crate::Repository::execute)
+    /// retries on.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::VersionConflict { .. })
+    }
+}
+
+/// What kind of backend failure an [`Error::Store`] is, the same for every backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// No room left: the disk or the database's size limit is full. Retry once room is made.
+    Full,
+    /// The database is read-only (file permissions, a read-only mount or open mode);
+    /// reads still work.
+    ReadOnly,
+    /// Another connection or process held a lock past the busy timeout. Retry later.
+    Busy,
+    /// The file is not a database of this store, or is damaged.
+    Corrupt,
+    /// The database was written by a newer version of this library (its schema is newer).
+    SchemaTooNew,
+    /// The database cannot be opened at all (missing directory, no permission).
+    CannotOpen,
+    /// The store was closed or its worker stopped.
+    Closed,
+    /// Any other I/O or backend failure.
+    Other,
+}
+
+impl std::fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreErrorKind::Full => "storage full",
+            StoreErrorKind::ReadOnly => "read-only",
+            StoreErrorKind::Busy => "busy",
+            StoreErrorKind::Corrupt => "corrupt or not a database",
+            StoreErrorKind::SchemaTooNew => "schema too new",
+            StoreErrorKind::CannotOpen => "cannot open",
+            StoreErrorKind::Closed => "closed",
+            StoreErrorKind::Other => "backend failure",
+        })
+    }
+}

@@ -1,0 +1,45 @@
+//! The runtime of [eventfold](https://docs.rs/eventfold): domain events and their registry,
+//! recorded events, aggregates and repositories, the [`EventStore`] contract with an
+//! in-memory store, and a given/when/then test kit.
+//!
+//! Applications depend on the `eventfold` crate, which re-exports all of this together
+//! with `#[derive(DomainEvent)]` and the SQLite store.
+
+mod aggregate;
+mod error;
+mod event;
+mod memory;
+mod record;
+mod registry;
+mod store;
+pub mod testing;
+
+pub use aggregate::{Aggregate, CommandError, Committed, Repository};
+pub use error::{BoxError, Error, Result, StoreErrorKind};
+pub use event::{DomainEvent, EventType};
+pub use memory::InMemoryEventStore;
+pub use record::{
+    AppendOutcome, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, Metadata,
+    NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
+};
+pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
+pub use store::{EventStore, check_append};
+
+// Lets the derive's generated code in this crate's own tests name `::eventfold`.
+#[cfg(test)]
+extern crate self as eventfold;
+
+/// What `#[derive(DomainEvent)]` and `upcaster!` expand to. Not a public API: it changes
+/// without notice, in lockstep with `eventfold-macros`.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::event::payload::{deserialize_variant, enum_payload};
+    pub use crate::event::{DomainEvent, EventType};
+    pub use crate::registry::{EventRegistration, UpcasterRegistration};
+    pub use core::result::Result;
+    pub use inventory;
+    pub use serde;
+    pub use serde_json;
+    pub use std::string::{String, ToString};
+    pub use std::option::Option;
+}

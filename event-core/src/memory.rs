@@ -1,0 +1,338 @@
+//! An event store in memory: for tests, examples and transient set-ups.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::record::{
+    AppendOutcome, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter,
+    NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
+};
+use crate::store::{EventStore, check_append};
+
+/// An [`EventStore`] that keeps everything in memory and loses it when dropped.
+///
+/// It keeps the whole store contract (it passes the same conformance suite as the SQLite
+/// store), so code tested against it behaves the same on a durable store. Cloning is cheap
+/// and shares the data.
+#[derive(Clone)]
+pub struct InMemoryEventStore {
+    inner: Arc<Mutex<Inner>>,
+    head: Arc<watch::Sender<u64>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// The global log; the event at position `p` is at index `p - 1`.
+    log: Vec<RecordedEvent>,
+    /// Each stream's positions, in version order.
+    streams: HashMap<StreamId, Vec<u64>>,
+    by_id: HashMap<Uuid, u64>,
+    snapshots: HashMap<StreamId, Snapshot>,
+    checkpoints: BTreeMap<String, u64>,
+    dead_letters: BTreeMap<u64, DeadLetter>,
+    next_dead_letter: u64,
+    failures: Vec<FailureRecord>,
+}
+
+impl Default for InMemoryEventStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for InMemoryEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryEventStore")
+            .field("head", &*self.head.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl InMemoryEventStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        InMemoryEventStore {
+            inner: Arc::new(Mutex::new(Inner::default())),
+            head: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-applied append: appends check
+        // everything before they mutate. So a poisoned lock is still consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Inner {
+    fn version(&self, stream: &StreamId) -> u64 {
+        self.streams.get(stream).map_or(0, |s| s.len() as u64)
+    }
+
+    /// The outcome of an earlier append if `events` repeats it exactly; an error if any of
+    /// their ids is taken otherwise; `None` if all ids are new.
+    fn replayed(&self, stream: &StreamId, events: &[NewEvent]) -> Result<Option<AppendOutcome>> {
+        let mut stored = Vec::new();
+        for event in events {
+            if let Some(&pos) = self.by_id.get(&event.event_id) {
+                let recorded = &self.log[pos as usize - 1];
+                if !event.same_content(stream, recorded) {
+                    return Err(Error::DuplicateEventId {
+                        event_id: event.event_id,
+                    });
+                }
+                stored.push(recorded);
+            }
+        }
+        if stored.is_empty() {
+            return Ok(None);
+        }
+        if stored.len() != events.len() {
+            let new = events.iter().find(|e| !self.by_id.contains_key(&e.event_id));
+            return Err(Error::InvalidAppend {
+                reason: format!(
+                    "the append repeats some stored events but not all (event {} is new)",
+                    new.map(|e| e.event_id).unwrap_or_default()
+                ),
+            });
+        }
+        let positions_follow = stored.windows(2).all(|w| w[1].position == w[0].position + 1);
+        if !positions_follow {
+            return Err(Error::DuplicateEventId {
+                event_id: events[0].event_id,
+            });
+        }
+        Ok(Some(AppendOutcome {
+            version: stored[stored.len() - 1].version,
+            first_position: stored[0].position,
+            last_position: stored[stored.len() - 1].position,
+        }))
+    }
+}
+
+#[async_trait]
+impl EventStore for InMemoryEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome> {
+        check_append(stream, &events)?;
+        let outcome = {
+            let mut inner = self.lock();
+            if let Some(outcome) = inner.replayed(stream, &events)? {
+                return Ok(outcome);
+            }
+            let actual = inner.version(stream);
+            if !expected.matches(actual) {
+                return Err(Error::VersionConflict {
+                    aggregate_type: stream.aggregate_type.clone(),
+                    aggregate_id: stream.aggregate_id.clone(),
+                    expected,
+                    actual,
+                });
+            }
+            let recorded_at = Utc::now();
+            let first_position = inner.log.len() as u64 + 1;
+            let mut positions = Vec::with_capacity(events.len());
+            for (i, event) in events.into_iter().enumerate() {
+                let position = first_position + i as u64;
+                inner.by_id.insert(event.event_id, position);
+                positions.push(position);
+                inner.log.push(RecordedEvent {
+                    event_id: event.event_id,
+                    aggregate_type: stream.aggregate_type.clone(),
+                    aggregate_id: stream.aggregate_id.clone(),
+                    version: actual + 1 + i as u64,
+                    position,
+                    event_type: event.event_type,
+                    schema_version: event.schema_version,
+                    occurred_at: event.occurred_at,
+                    recorded_at,
+                    metadata: event.metadata,
+                    payload: event.payload,
+                });
+            }
+            let last_position = inner.log.len() as u64;
+            inner
+                .streams
+                .entry(stream.clone())
+                .or_default()
+                .extend(positions);
+            // Published under the lock, so the watch never runs backwards.
+            self.head.send_replace(last_position);
+            AppendOutcome {
+                version: inner.version(stream),
+                first_position,
+                last_position,
+            }
+        };
+        Ok(outcome)
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> Result<Vec<RecordedEvent>> {
+        let inner = self.lock();
+        let Some(positions) = inner.streams.get(stream) else {
+            return Ok(Vec::new());
+        };
+        let skip = from_version.saturating_sub(1) as usize;
+        Ok(positions
+            .iter()
+            .skip(skip)
+            .map(|&p| inner.log[p as usize - 1].clone())
+            .collect())
+    }
+
+    async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        let inner = self.lock();
+        let start = (from_position.max(1) - 1) as usize;
+        Ok(inner
+            .log
+            .iter()
+            .skip(start)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn get(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {
+        let inner = self.lock();
+        Ok(inner
+            .by_id
+            .get(&event_id)
+            .map(|&p| inner.log[p as usize - 1].clone()))
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64> {
+        Ok(self.lock().version(stream))
+    }
+
+    async fn head_position(&self) -> Result<u64> {
+        Ok(self.lock().log.len() as u64)
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        let stream = StreamId::new(&snapshot.aggregate_type, &snapshot.aggregate_id);
+        let mut inner = self.lock();
+        let newer_stored = inner
+            .snapshots
+            .get(&stream)
+            .is_some_and(|s| s.version > snapshot.version);
+        if !newer_stored {
+            inner.snapshots.insert(stream, snapshot);
+        }
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
+        Ok(self.lock().snapshots.get(stream).cloned())
+    }
+
+    async fn load_checkpoint(&self, subscription: &str) -> Result<Option<u64>> {
+        Ok(self.lock().checkpoints.get(subscription).copied())
+    }
+
+    async fn save_checkpoint(&self, subscription: &str, position: u64) -> Result<()> {
+        self.lock()
+            .checkpoints
+            .insert(subscription.to_owned(), position);
+        Ok(())
+    }
+
+    async fn add_dead_letter(&self, dl: NewDeadLetter) -> Result<u64> {
+        let mut inner = self.lock();
+        inner.next_dead_letter += 1;
+        let id = inner.next_dead_letter;
+        inner.dead_letters.insert(
+            id,
+            DeadLetter {
+                id,
+                subscription: dl.subscription,
+                event_id: dl.event_id,
+                position: dl.position,
+                event_type: dl.event_type,
+                error: dl.error,
+                attempts: dl.attempts,
+                first_failed_at: dl.first_failed_at,
+                last_failed_at: dl.last_failed_at,
+            },
+        );
+        Ok(id)
+    }
+
+    async fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
+        let inner = self.lock();
+        Ok(inner
+            .dead_letters
+            .values()
+            .filter(|d| subscription.is_none_or(|s| d.subscription == s))
+            .cloned()
+            .collect())
+    }
+
+    async fn remove_dead_letter(&self, id: u64) -> Result<bool> {
+        Ok(self.lock().dead_letters.remove(&id).is_some())
+    }
+
+    async fn record_failure(&self, failure: FailureRecord) -> Result<()> {
+        self.lock().failures.push(failure);
+        Ok(())
+    }
+
+    async fn failures(&self, subscription: &str, limit: usize) -> Result<Vec<FailureRecord>> {
+        let inner = self.lock();
+        Ok(inner
+            .failures
+            .iter()
+            .filter(|f| f.subscription == subscription)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn statistics(&self) -> Result<StoreStatistics> {
+        let inner = self.lock();
+        let head = inner.log.len() as u64;
+        let mut events_by_type = BTreeMap::new();
+        for e in &inner.log {
+            *events_by_type.entry(e.event_type.clone()).or_insert(0) += 1;
+        }
+        Ok(StoreStatistics {
+            events: head,
+            events_by_type,
+            aggregates: inner.streams.len() as u64,
+            first_position: inner.log.first().map(|e| e.position),
+            last_position: inner.log.last().map(|e| e.position),
+            first_recorded_at: inner.log.first().map(|e| e.recorded_at),
+            last_recorded_at: inner.log.last().map(|e| e.recorded_at),
+            checkpoints: inner
+                .checkpoints
+                .iter()
+                .map(|(name, &position)| Checkpoint {
+                    subscription: name.clone(),
+                    position,
+                    lag: head.saturating_sub(position),
+                })
+                .collect(),
+            dead_letters: inner.dead_letters.len() as u64,
+            failures: inner.failures.len() as u64,
+            snapshots: inner.snapshots.len() as u64,
+            size_bytes: None,
+        })
+    }
+}

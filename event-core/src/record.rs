@@ -1,0 +1,362 @@
+//! What a store keeps: recorded events and their metadata, and the types of the store API.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::event::DomainEvent;
+use crate::registry::registry;
+
+/// Context stored with every event: who caused it, in which flow, and free key/values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// Groups every event of one business flow (a request, a saga).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Uuid>,
+    /// The event or command that directly caused this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    /// Free key/values (user id, source, trace id). Sorted, so equal metadata stores equal.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub values: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// Empty metadata.
+    pub fn new() -> Self {
+        Metadata::default()
+    }
+
+    /// Sets the correlation id.
+    pub fn with_correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Sets the causation id.
+    pub fn with_causation_id(mut self, id: Uuid) -> Self {
+        self.causation_id = Some(id);
+        self
+    }
+
+    /// Adds a key/value.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.values.insert(key.into(), value.into());
+        self
+    }
+
+    /// True when nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.correlation_id.is_none() && self.causation_id.is_none() && self.values.is_empty()
+    }
+
+    /// Metadata for an event caused by `cause`: same correlation, causation = `cause`'s id.
+    pub fn caused_by(cause: &RecordedEvent) -> Self {
+        Metadata {
+            correlation_id: cause.metadata.correlation_id.or(Some(cause.event_id)),
+            causation_id: Some(cause.event_id),
+            values: BTreeMap::new(),
+        }
+    }
+}
+
+/// Identifies one aggregate's stream: its type and its id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StreamId {
+    /// The aggregate type, e.g. `"Account"`.
+    pub aggregate_type: String,
+    /// The aggregate's id within its type.
+    pub aggregate_id: String,
+}
+
+impl StreamId {
+    /// A stream id.
+    pub fn new(aggregate_type: impl Into<String>, aggregate_id: impl Into<String>) -> Self {
+        StreamId {
+            aggregate_type: aggregate_type.into(),
+            aggregate_id: aggregate_id.into(),
+        }
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.aggregate_type, self.aggregate_id)
+    }
+}
+
+/// What an append expects of the stream's current version (optimistic concurrency).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExpectedVersion {
+    /// Append whatever the version is.
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream must be at exactly this version (0 means the same as `NoStream`).
+    Exact(u64),
+}
+
+impl ExpectedVersion {
+    /// True when a stream at `actual` (0: none) satisfies this expectation.
+    pub fn matches(self, actual: u64) -> bool {
+        match self {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => actual == 0,
+            ExpectedVersion::Exact(v) => v == actual,
+        }
+    }
+}
+
+impl fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any version"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// An event ready to append: serialized, with its id, time and metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Unique id; UUID v7 by default, so ids are time-ordered and the index stays append-only.
+    pub event_id: Uuid,
+    /// The registered event type name.
+    pub event_type: String,
+    /// The schema version of the payload.
+    pub schema_version: u32,
+    /// When the fact happened.
+    pub occurred_at: DateTime<Utc>,
+    /// Correlation, causation and key/values.
+    pub metadata: Metadata,
+    /// The event's content as JSON text.
+    pub payload: String,
+}
+
+impl NewEvent {
+    /// Serializes a domain event with a fresh UUID v7 id and the current time.
+    pub fn from_event<E: DomainEvent>(event: &E, metadata: Metadata) -> Result<Self> {
+        let event_type = event.event_type();
+        let payload = event.to_payload().map_err(|source| Error::Serialize {
+            event_type: event_type.to_owned(),
+            source,
+        })?;
+        Ok(NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: event_type.to_owned(),
+            schema_version: event.schema_version(),
+            occurred_at: Utc::now(),
+            metadata,
+            payload,
+        })
+    }
+
+    /// Replaces the event id (to make a retried append idempotent, give it the same id).
+    pub fn with_event_id(mut self, event_id: Uuid) -> Self {
+        self.event_id = event_id;
+        self
+    }
+
+    /// True when `recorded` stores this very event (same id, stream content and metadata);
+    /// an append of it again is then idempotent.
+    pub fn same_content(&self, stream: &StreamId, recorded: &RecordedEvent) -> bool {
+        self.event_id == recorded.event_id
+            && stream.aggregate_type == recorded.aggregate_type
+            && stream.aggregate_id == recorded.aggregate_id
+            && self.event_type == recorded.event_type
+            && self.schema_version == recorded.schema_version
+            && self.occurred_at == recorded.occurred_at
+            && self.metadata == recorded.metadata
+            && self.payload == recorded.payload
+    }
+}
+
+/// An event as stored, with its place in its stream and in the global log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    /// Unique, time-ordered id.
+    pub event_id: Uuid,
+    /// The aggregate type of its stream.
+    pub aggregate_type: String,
+    /// The aggregate id of its stream.
+    pub aggregate_id: String,
+    /// 1, 2, 3 ... within its stream, without gaps.
+    pub version: u64,
+    /// 1, 2, 3 ... in the global log, in commit order, without gaps.
+    pub position: u64,
+    /// The registered event type name.
+    pub event_type: String,
+    /// The schema version the payload was written with.
+    pub schema_version: u32,
+    /// When the fact happened.
+    pub occurred_at: DateTime<Utc>,
+    /// When the store committed it.
+    pub recorded_at: DateTime<Utc>,
+    /// Correlation, causation and key/values.
+    pub metadata: Metadata,
+    /// The content as JSON text, exactly as stored (it may be corrupt; decoding says so).
+    pub payload: String,
+}
+
+impl RecordedEvent {
+    /// Turns the stored payload back into the Rust event type `E`, upcasting older schema
+    /// versions first.
+    ///
+    /// Errors name this event's id and position: [`Error::UnknownEventType`],
+    /// [`Error::WrongEventType`], [`Error::SchemaTooNew`], [`Error::Upcast`], or
+    /// [`Error::Payload`] for JSON that is invalid or does not fit the type.
+    pub fn decode<E: DomainEvent>(&self) -> Result<E> {
+        registry()
+            .decode::<E>(&self.event_type, self.schema_version, &self.payload)
+            .map_err(|e| e.at_event(self.event_id, self.position))
+    }
+
+    /// Turns the stored payload into whichever Rust type registers its event type.
+    pub fn decode_any(&self) -> Result<Box<dyn std::any::Any + Send>> {
+        registry()
+            .decode_any(&self.event_type, self.schema_version, &self.payload)
+            .map_err(|e| e.at_event(self.event_id, self.position))
+    }
+
+    /// The stream this event belongs to.
+    pub fn stream_id(&self) -> StreamId {
+        StreamId::new(&self.aggregate_type, &self.aggregate_id)
+    }
+}
+
+/// What an append stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendOutcome {
+    /// The stream's version after the append (the version of its last event).
+    pub version: u64,
+    /// The position of the first appended event.
+    pub first_position: u64,
+    /// The position of the last appended event.
+    pub last_position: u64,
+}
+
+/// A serialized aggregate state at a version, to start a replay from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The aggregate type.
+    pub aggregate_type: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// The stream version the state includes.
+    pub version: u64,
+    /// The aggregate's snapshot schema version; another version is ignored on load.
+    pub schema_version: u32,
+    /// The state as JSON text.
+    pub state: String,
+    /// When it was taken.
+    pub taken_at: DateTime<Utc>,
+}
+
+/// An event a subscription gave up on after its last attempt, kept until replayed or
+/// discarded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The store's id for this dead letter.
+    pub id: u64,
+    /// The subscription that failed.
+    pub subscription: String,
+    /// The event that failed.
+    pub event_id: Uuid,
+    /// Its global position.
+    pub position: u64,
+    /// Its event type name.
+    pub event_type: String,
+    /// The last error, as text.
+    pub error: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// When the first attempt failed.
+    pub first_failed_at: DateTime<Utc>,
+    /// When the last attempt failed.
+    pub last_failed_at: DateTime<Utc>,
+}
+
+/// A dead letter to store; the store gives it an id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewDeadLetter {
+    /// The subscription that failed.
+    pub subscription: String,
+    /// The event that failed.
+    pub event_id: Uuid,
+    /// Its global position.
+    pub position: u64,
+    /// Its event type name.
+    pub event_type: String,
+    /// The last error, as text.
+    pub error: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// When the first attempt failed.
+    pub first_failed_at: DateTime<Utc>,
+    /// When the last attempt failed.
+    pub last_failed_at: DateTime<Utc>,
+}
+
+/// One failed handler attempt, kept for operators (which subscription, which event, why, how long).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    /// The subscription whose handler failed.
+    pub subscription: String,
+    /// The event it was handling.
+    pub event_id: Uuid,
+    /// Its global position.
+    pub position: u64,
+    /// The attempt number, from 1.
+    pub attempt: u32,
+    /// The error, as text.
+    pub error: String,
+    /// How long the attempt ran, in microseconds.
+    pub duration_micros: u64,
+    /// When it failed.
+    pub failed_at: DateTime<Utc>,
+}
+
+/// A subscription's checkpoint: the last global position it has handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The subscription's stable name.
+    pub subscription: String,
+    /// The last position handled (every event at or below it is done).
+    pub position: u64,
+    /// How far the subscription is behind the head of the log.
+    pub lag: u64,
+}
+
+/// What a store holds, for operators.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoreStatistics {
+    /// Stored events in all.
+    pub events: u64,
+    /// Stored events by event type name.
+    pub events_by_type: BTreeMap<String, u64>,
+    /// Distinct streams (aggregates).
+    pub aggregates: u64,
+    /// The first position in the log, if any event is stored.
+    pub first_position: Option<u64>,
+    /// The last position in the log (the head), if any event is stored.
+    pub last_position: Option<u64>,
+    /// When the first event was recorded.
+    pub first_recorded_at: Option<DateTime<Utc>>,
+    /// When the last event was recorded.
+    pub last_recorded_at: Option<DateTime<Utc>>,
+    /// Every subscription's checkpoint and lag.
+    pub checkpoints: Vec<Checkpoint>,
+    /// Dead letters waiting.
+    pub dead_letters: u64,
+    /// Failed attempts recorded.
+    pub failures: u64,
+    /// Snapshots stored.
+    pub snapshots: u64,
+    /// Size on disk in bytes, for a backend that has one.
+    pub size_bytes: Option<u64>,
+}

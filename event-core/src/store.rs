@@ -1,0 +1,115 @@
+//! The [`EventStore`] trait: the contract every backend keeps.
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::record::{
+    AppendOutcome, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter, NewEvent,
+    RecordedEvent, Snapshot, StoreStatistics, StreamId,
+};
+
+/// Durable storage of event streams, the global log, snapshots, subscription checkpoints,
+/// dead letters and failure records.
+///
+/// Every backend keeps this contract, and proves it by passing the conformance suite
+/// (`eventfold_core::testing::conformance`, feature `testing`):
+///
+/// - [`append`](Self::append) is atomic: all of its events are stored, or none.
+///   It checks [`ExpectedVersion`] against the stream and fails with
+///   [`Error::VersionConflict`](crate::Error::VersionConflict) carrying both versions.
+/// - Appending events whose ids are all stored already, with identical content, in the
+///   same stream, is idempotent: it returns the original outcome and stores nothing. An
+///   event id stored with other content is [`Error::DuplicateEventId`](crate::Error::DuplicateEventId).
+/// - Versions run 1, 2, 3 … per stream and positions 1, 2, 3 … in the global log, both
+///   without gaps; positions follow commit order, so a reader that has seen position `p`
+///   never later finds a new event at or below `p`.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` atomically if its version satisfies `expected`.
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome>;
+
+    /// The events of a stream from version `from_version` (inclusive, from 1), in order.
+    async fn read_stream(&self, stream: &StreamId, from_version: u64)
+    -> Result<Vec<RecordedEvent>>;
+
+    /// Up to `limit` events of the global log from position `from_position` (inclusive,
+    /// from 1), in commit order.
+    async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>>;
+
+    /// The event with this id, if stored.
+    async fn get(&self, event_id: Uuid) -> Result<Option<RecordedEvent>>;
+
+    /// The stream's current version (0: no stream).
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64>;
+
+    /// The position of the last committed event (0: empty log).
+    async fn head_position(&self) -> Result<u64>;
+
+    /// A watch on the head position, updated after each commit, so a subscriber wakes when
+    /// anything is appended, whoever appended it.
+    fn watch_head(&self) -> watch::Receiver<u64>;
+
+    /// Stores a snapshot, replacing any older one of the stream.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
+
+    /// The latest snapshot of a stream.
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>>;
+
+    /// The last position a subscription has handled, if it has a checkpoint.
+    async fn load_checkpoint(&self, subscription: &str) -> Result<Option<u64>>;
+
+    /// Records that a subscription has handled everything up to `position`.
+    async fn save_checkpoint(&self, subscription: &str, position: u64) -> Result<()>;
+
+    /// Stores a dead letter and returns its id.
+    async fn add_dead_letter(&self, dead_letter: NewDeadLetter) -> Result<u64>;
+
+    /// Dead letters, oldest first; only one subscription's when `subscription` is given.
+    async fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>>;
+
+    /// Removes a dead letter; false if there was none with this id.
+    async fn remove_dead_letter(&self, id: u64) -> Result<bool>;
+
+    /// Records one failed handler attempt.
+    async fn record_failure(&self, failure: FailureRecord) -> Result<()>;
+
+    /// Failed attempts recorded for one subscription, oldest first, at most `limit`.
+    async fn failures(&self, subscription: &str, limit: usize) -> Result<Vec<FailureRecord>>;
+
+    /// What the store holds.
+    async fn statistics(&self) -> Result<StoreStatistics>;
+}
+
+/// Checks what every backend checks before it stores anything: at least one event, a
+/// named stream, event types and schema versions set, no event id twice in one append.
+///
+/// Backends call it first, so a malformed append fails the same way everywhere.
+pub fn check_append(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
+    let invalid = |reason: String| Err(Error::InvalidAppend { reason });
+    if events.is_empty() {
+        return invalid("an append needs at least one event".into());
+    }
+    if stream.aggregate_type.is_empty() || stream.aggregate_id.is_empty() {
+        return invalid(format!("stream `{stream}` needs an aggregate type and id"));
+    }
+    for (i, event) in events.iter().enumerate() {
+        if event.event_type.is_empty() {
+            return invalid(format!("event {} has no event type", event.event_id));
+        }
+        if event.schema_version == 0 {
+            return invalid(format!("event {} has schema version 0", event.event_id));
+        }
+        if events[..i].iter().any(|e| e.event_id == event.event_id) {
+            return invalid(format!("event id {} appears twice", event.event_id));
+        }
+    }
+    Ok(())
+}
+

@@ -1,0 +1,613 @@
+//! The store conformance suite: the [`EventStore`] contract as executable cases.
+//!
+//! A backend runs every case against fresh stores from its own factory with
+//! [`store_conformance_tests!`](crate::store_conformance_tests), which expands to one
+//! `#[test]` per case so failures are reported by name:
+//!
+//! ```
+//! use eventfold_core::InMemoryEventStore;
+//! use eventfold_core::testing::conformance::StoreUnderTest;
+//!
+//! async fn memory_store() -> StoreUnderTest {
+//!     StoreUnderTest::new(InMemoryEventStore::new())
+//! }
+//!
+//! eventfold_core::store_conformance_tests!(memory_store);
+//! # fn main() {}
+//! ```
+//!
+//! The cases use raw [`NewEvent`]s with made-up type names: a store never decodes payloads.
+
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeZone, Utc};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::record::{
+    ExpectedVersion, FailureRecord, Metadata, NewDeadLetter, NewEvent, RecordedEvent, Snapshot,
+    StreamId,
+};
+use crate::store::EventStore;
+
+/// A store for one case, with whatever must live as long as it (a temporary directory).
+pub struct StoreUnderTest {
+    /// The store.
+    pub store: Arc<dyn EventStore>,
+    _guard: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl StoreUnderTest {
+    /// A store that needs nothing else.
+    pub fn new(store: impl EventStore) -> Self {
+        StoreUnderTest {
+            store: Arc::new(store),
+            _guard: None,
+        }
+    }
+
+    /// A store with a guard dropped after the case (after the store).
+    pub fn with_guard(store: impl EventStore, guard: impl Any + Send + Sync) -> Self {
+        StoreUnderTest {
+            store: Arc::new(store),
+            _guard: Some(Box::new(guard)),
+        }
+    }
+}
+
+/// Runs one case on a fresh store from `factory`, on a multi-threaded runtime.
+pub fn run<F, Fut, C, CFut>(factory: F, case: C)
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = StoreUnderTest>,
+    C: FnOnce(Arc<dyn EventStore>) -> CFut,
+    CFut: Future<Output = ()>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let under_test = factory().await;
+        case(Arc::clone(&under_test.store)).await;
+        drop(under_test);
+    });
+}
+
+/// Expands to one `#[test]` per conformance case, each on a fresh store from `$factory`
+/// (an `async fn() -> StoreUnderTest`).
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($factory:path) => {
+        $crate::store_conformance_tests!(@cases $factory;
+            append_assigns_gap_free_versions_and_positions,
+            multi_event_append_is_atomic,
+            expected_version_any,
+            expected_version_no_stream,
+            expected_version_exact,
+            reappending_the_same_events_is_idempotent,
+            same_event_id_with_other_content_is_refused,
+            malformed_appends_are_refused,
+            streams_are_isolated,
+            read_stream_from_a_version,
+            read_all_in_commit_order_from_a_position_with_a_limit,
+            get_by_event_id,
+            recorded_fields_round_trip_exactly,
+            head_position_and_its_watch_follow_commits,
+            concurrent_appends_race_without_gaps_or_double_winners,
+            snapshots_keep_the_latest,
+            checkpoints_are_saved_and_overwritten,
+            dead_letters_are_listed_filtered_and_removed,
+            failures_are_recorded_per_subscription,
+            statistics_describe_the_store,
+        );
+    };
+    (@cases $factory:path; $($case:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::testing::conformance::run($factory, $crate::testing::conformance::$case);
+            }
+        )+
+    };
+}
+
+fn stream(id: &str) -> StreamId {
+    StreamId::new("Tested", id)
+}
+
+fn at(micros: i64) -> DateTime<Utc> {
+    Utc.timestamp_micros(1_760_000_000_000_000 + micros)
+        .single()
+        .expect("a valid time")
+}
+
+/// A new event with payload `{"n":n}`.
+fn event(n: u64) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "Counted".to_owned(),
+        schema_version: 1,
+        occurred_at: at(n as i64),
+        metadata: Metadata::default(),
+        payload: format!(r#"{{"n":{n}}}"#),
+    }
+}
+
+fn events(range: std::ops::RangeInclusive<u64>) -> Vec<NewEvent> {
+    range.map(event).collect()
+}
+
+fn versions(recorded: &[RecordedEvent]) -> Vec<u64> {
+    recorded.iter().map(|e| e.version).collect()
+}
+
+fn positions(recorded: &[RecordedEvent]) -> Vec<u64> {
+    recorded.iter().map(|e| e.position).collect()
+}
+
+#[track_caller]
+fn assert_conflict(result: crate::Result<impl std::fmt::Debug>, want: ExpectedVersion, have: u64) {
+    match result {
+        Err(Error::VersionConflict {
+            expected, actual, ..
+        }) => {
+            assert_eq!(expected, want, "the conflict carries the expected version");
+            assert_eq!(actual, have, "the conflict carries the actual version");
+        }
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+}
+
+/// Versions run 1.. per stream and positions 1.. over the log, interleaved streams too.
+pub async fn append_assigns_gap_free_versions_and_positions(store: Arc<dyn EventStore>) {
+    let (a, b) = (stream("a"), stream("b"));
+    let out = store.append(&a, ExpectedVersion::NoStream, events(1..=3)).await.unwrap();
+    assert_eq!((out.version, out.first_position, out.last_position), (3, 1, 3));
+    let out = store.append(&b, ExpectedVersion::NoStream, events(1..=2)).await.unwrap();
+    assert_eq!((out.version, out.first_position, out.last_position), (2, 4, 5));
+    let out = store.append(&a, ExpectedVersion::Exact(3), events(4..=4)).await.unwrap();
+    assert_eq!((out.version, out.first_position, out.last_position), (4, 6, 6));
+
+    let a_events = store.read_stream(&a, 1).await.unwrap();
+    assert_eq!(versions(&a_events), [1, 2, 3, 4]);
+    assert_eq!(positions(&a_events), [1, 2, 3, 6]);
+    let all = store.read_all(1, 100).await.unwrap();
+    assert_eq!(positions(&all), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(store.stream_version(&a).await.unwrap(), 4);
+    assert_eq!(store.stream_version(&b).await.unwrap(), 2);
+    assert_eq!(store.stream_version(&stream("none")).await.unwrap(), 0);
+}
+
+/// A failing multi-event append stores none of its events.
+pub async fn multi_event_append_is_atomic(store: Arc<dyn EventStore>) {
+    let s = stream("atomic");
+    store.append(&s, ExpectedVersion::Any, events(1..=2)).await.unwrap();
+    let taken = store.read_stream(&s, 1).await.unwrap()[0].event_id;
+
+    // Wrong expected version: nothing of the five is stored.
+    let result = store.append(&s, ExpectedVersion::Exact(1), events(3..=7)).await;
+    assert_conflict(result, ExpectedVersion::Exact(1), 2);
+
+    // The last of three events reuses a stored id with other content: nothing is stored.
+    let mut batch = events(3..=5);
+    batch[2].event_id = taken;
+    match store.append(&s, ExpectedVersion::Exact(2), batch).await {
+        Err(Error::DuplicateEventId { event_id }) => assert_eq!(event_id, taken),
+        other => panic!("expected DuplicateEventId, got {other:?}"),
+    }
+
+    assert_eq!(store.stream_version(&s).await.unwrap(), 2);
+    assert_eq!(store.head_position().await.unwrap(), 2);
+    assert_eq!(store.read_all(1, 100).await.unwrap().len(), 2);
+
+    // And the store goes on from where it was.
+    let out = store.append(&s, ExpectedVersion::Exact(2), events(3..=4)).await.unwrap();
+    assert_eq!((out.version, out.first_position, out.last_position), (4, 3, 4));
+}
+
+/// `Any` appends whatever the version.
+pub async fn expected_version_any(store: Arc<dyn EventStore>) {
+    let s = stream("any");
+    assert_eq!(store.append(&s, ExpectedVersion::Any, events(1..=1)).await.unwrap().version, 1);
+    assert_eq!(store.append(&s, ExpectedVersion::Any, events(2..=3)).await.unwrap().version, 3);
+}
+
+/// `NoStream` succeeds once, then conflicts with the actual version.
+pub async fn expected_version_no_stream(store: Arc<dyn EventStore>) {
+    let s = stream("new");
+    store.append(&s, ExpectedVersion::NoStream, events(1..=2)).await.unwrap();
+    let result = store.append(&s, ExpectedVersion::NoStream, events(3..=3)).await;
+    assert_conflict(result, ExpectedVersion::NoStream, 2);
+}
+
+/// `Exact` succeeds at the version, and conflicts above or below it; `Exact(0)` is a new stream.
+pub async fn expected_version_exact(store: Arc<dyn EventStore>) {
+    let s = stream("exact");
+    store.append(&s, ExpectedVersion::Exact(0), events(1..=1)).await.unwrap();
+    store.append(&s, ExpectedVersion::Exact(1), events(2..=2)).await.unwrap();
+    assert_conflict(
+        store.append(&s, ExpectedVersion::Exact(1), events(3..=3)).await,
+        ExpectedVersion::Exact(1),
+        2,
+    );
+    assert_conflict(
+        store.append(&s, ExpectedVersion::Exact(5), events(3..=3)).await,
+        ExpectedVersion::Exact(5),
+        2,
+    );
+    assert_conflict(
+        store.append(&stream("other"), ExpectedVersion::Exact(1), events(1..=1)).await,
+        ExpectedVersion::Exact(1),
+        0,
+    );
+    assert_eq!(store.stream_version(&s).await.unwrap(), 2);
+}
+
+/// Sending an append again (say, after a lost reply) returns the first outcome and stores
+/// nothing new, even though its expected version is stale by then.
+pub async fn reappending_the_same_events_is_idempotent(store: Arc<dyn EventStore>) {
+    let s = stream("idem");
+    store.append(&s, ExpectedVersion::Any, events(1..=1)).await.unwrap();
+    let batch = events(2..=4);
+    let first = store.append(&s, ExpectedVersion::Exact(1), batch.clone()).await.unwrap();
+    let again = store.append(&s, ExpectedVersion::Exact(1), batch.clone()).await.unwrap();
+    assert_eq!(first, again);
+    let single = store.append(&s, ExpectedVersion::Any, vec![batch[0].clone()]).await;
+    assert!(single.is_ok(), "one already stored event alone is idempotent too: {single:?}");
+    assert_eq!(store.head_position().await.unwrap(), 4);
+    assert_eq!(store.stream_version(&s).await.unwrap(), 4);
+}
+
+/// An event id stored with other content (payload, type, metadata, stream) is refused.
+pub async fn same_event_id_with_other_content_is_refused(store: Arc<dyn EventStore>) {
+    let s = stream("dup");
+    let original = event(1);
+    store.append(&s, ExpectedVersion::Any, vec![original.clone()]).await.unwrap();
+
+    let mut other_payload = original.clone();
+    other_payload.payload = r#"{"n":2}"#.to_owned();
+    let mut other_type = original.clone();
+    other_type.event_type = "Other".to_owned();
+    let mut other_metadata = original.clone();
+    other_metadata.metadata = Metadata::new().with("user", "eve");
+    for changed in [other_payload, other_type, other_metadata] {
+        match store.append(&s, ExpectedVersion::Any, vec![changed]).await {
+            Err(Error::DuplicateEventId { event_id }) => assert_eq!(event_id, original.event_id),
+            other => panic!("expected DuplicateEventId, got {other:?}"),
+        }
+    }
+    match store.append(&stream("elsewhere"), ExpectedVersion::Any, vec![original.clone()]).await {
+        Err(Error::DuplicateEventId { event_id }) => assert_eq!(event_id, original.event_id),
+        other => panic!("expected DuplicateEventId for another stream, got {other:?}"),
+    }
+    let stored = store.get(original.event_id).await.unwrap().unwrap();
+    assert_eq!(stored.payload, original.payload);
+    assert_eq!(store.head_position().await.unwrap(), 1);
+}
+
+/// No events, an empty stream name, schema version 0, one id twice: refused, nothing stored.
+pub async fn malformed_appends_are_refused(store: Arc<dyn EventStore>) {
+    let s = stream("bad");
+    let invalid = |r: crate::Result<_>| matches!(r, Err(Error::InvalidAppend { .. }));
+    assert!(invalid(store.append(&s, ExpectedVersion::Any, vec![]).await));
+    assert!(invalid(store.append(&StreamId::new("Tested", ""), ExpectedVersion::Any, events(1..=1)).await));
+    let mut zero = event(1);
+    zero.schema_version = 0;
+    assert!(invalid(store.append(&s, ExpectedVersion::Any, vec![zero]).await));
+    let twice = event(1);
+    assert!(invalid(store.append(&s, ExpectedVersion::Any, vec![twice.clone(), twice]).await));
+    assert_eq!(store.head_position().await.unwrap(), 0);
+}
+
+/// Streams with the same id under other aggregate types are distinct.
+pub async fn streams_are_isolated(store: Arc<dyn EventStore>) {
+    let account = StreamId::new("Account", "42");
+    let order = StreamId::new("Order", "42");
+    store.append(&account, ExpectedVersion::NoStream, events(1..=2)).await.unwrap();
+    store.append(&order, ExpectedVersion::NoStream, events(1..=1)).await.unwrap();
+    let read = store.read_stream(&order, 1).await.unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!((read[0].aggregate_type.as_str(), read[0].version), ("Order", 1));
+    assert_eq!(store.stream_version(&account).await.unwrap(), 2);
+}
+
+/// `read_stream` starts at the given version; past the end it is empty.
+pub async fn read_stream_from_a_version(store: Arc<dyn EventStore>) {
+    let s = stream("from");
+    store.append(&s, ExpectedVersion::Any, events(1..=10)).await.unwrap();
+    assert_eq!(versions(&store.read_stream(&s, 1).await.unwrap()), (1..=10).collect::<Vec<_>>());
+    assert_eq!(versions(&store.read_stream(&s, 0).await.unwrap()).len(), 10);
+    assert_eq!(versions(&store.read_stream(&s, 8).await.unwrap()), [8, 9, 10]);
+    assert!(store.read_stream(&s, 11).await.unwrap().is_empty());
+    assert!(store.read_stream(&stream("missing"), 1).await.unwrap().is_empty());
+}
+
+/// `read_all` pages through the log in commit order.
+pub async fn read_all_in_commit_order_from_a_position_with_a_limit(store: Arc<dyn EventStore>) {
+    for i in 0..5 {
+        let s = stream(&format!("s{}", i % 2));
+        store.append(&s, ExpectedVersion::Any, events(1..=3)).await.unwrap();
+    }
+    let page = store.read_all(4, 5).await.unwrap();
+    assert_eq!(positions(&page), [4, 5, 6, 7, 8]);
+    let mut seen = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = store.read_all(from, 4).await.unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 4);
+        from = page.last().unwrap().position + 1;
+        seen.extend(positions(&page));
+    }
+    assert_eq!(seen, (1..=15).collect::<Vec<_>>());
+    assert!(store.read_all(16, 10).await.unwrap().is_empty());
+    assert!(store.read_all(1, 0).await.unwrap().is_empty());
+}
+
+/// `get` finds an event by id; an unknown id is `None`.
+pub async fn get_by_event_id(store: Arc<dyn EventStore>) {
+    let batch = events(1..=3);
+    store.append(&stream("get"), ExpectedVersion::Any, batch.clone()).await.unwrap();
+    let found = store.get(batch[1].event_id).await.unwrap().unwrap();
+    assert_eq!((found.version, found.position), (2, 2));
+    assert!(store.get(Uuid::now_v7()).await.unwrap().is_none());
+}
+
+/// Every field comes back exactly as appended: ids, times to the microsecond and below,
+/// metadata, payload text with escapes and non-ASCII.
+pub async fn recorded_fields_round_trip_exactly(store: Arc<dyn EventStore>) {
+    let correlation = Uuid::now_v7();
+    let new = NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "Named.Type-2".to_owned(),
+        schema_version: 7,
+        occurred_at: Utc.timestamp_opt(1_700_000_000, 123_456_789).unwrap(),
+        metadata: Metadata::new()
+            .with_correlation_id(correlation)
+            .with_causation_id(Uuid::nil())
+            .with("user", "zoë")
+            .with("source", "api"),
+        payload: r#"{"text":"line\nquote\" ünï ☃","n":-1.5e3,"nested":{"a":[1,null,true]}}"#
+            .to_owned(),
+    };
+    let s = StreamId::new("Round", "trip/é");
+    let before = Utc::now();
+    store.append(&s, ExpectedVersion::Any, vec![new.clone()]).await.unwrap();
+    let got = store.get(new.event_id).await.unwrap().unwrap();
+    assert_eq!(got.event_id, new.event_id);
+    assert_eq!((got.aggregate_type.as_str(), got.aggregate_id.as_str()), ("Round", "trip/é"));
+    assert_eq!((got.version, got.position), (1, 1));
+    assert_eq!(got.event_type, new.event_type);
+    assert_eq!(got.schema_version, 7);
+    assert_eq!(got.occurred_at, new.occurred_at);
+    assert!(got.recorded_at >= before - chrono::Duration::seconds(1));
+    assert_eq!(got.metadata, new.metadata);
+    assert_eq!(got.payload, new.payload);
+    assert!(new.same_content(&s, &got));
+    assert_eq!(store.read_stream(&s, 1).await.unwrap(), vec![got.clone()]);
+    assert_eq!(store.read_all(1, 1).await.unwrap(), vec![got]);
+}
+
+/// The head position and its watch move with each commit.
+pub async fn head_position_and_its_watch_follow_commits(store: Arc<dyn EventStore>) {
+    let mut head = store.watch_head();
+    assert_eq!(*head.borrow_and_update(), 0);
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    store.append(&stream("w"), ExpectedVersion::Any, events(1..=3)).await.unwrap();
+    head.changed().await.unwrap();
+    assert_eq!(*head.borrow_and_update(), 3);
+    assert_eq!(store.head_position().await.unwrap(), 3);
+    // A refused append does not move it.
+    let _ = store.append(&stream("w"), ExpectedVersion::NoStream, events(4..=4)).await;
+    store.append(&stream("w"), ExpectedVersion::Exact(3), events(4..=4)).await.unwrap();
+    head.changed().await.unwrap();
+    assert_eq!(*head.borrow_and_update(), 4);
+}
+
+/// 8 tasks race to append to 10 streams, each reading the version and appending with
+/// `Exact` expectation, while a reader tails the log. Exactly one append wins per stream
+/// version; no version or position is missing or doubled; positions only grow, and the
+/// tailing reader never finds a gap that is filled later.
+pub async fn concurrent_appends_race_without_gaps_or_double_winners(store: Arc<dyn EventStore>) {
+    const TASKS: usize = 8;
+    const STREAMS: usize = 10;
+    const ROUNDS: usize = 25;
+    let tail = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut next = 1;
+            let mut quiet = 0;
+            while quiet < 3 {
+                let page = store.read_all(next, 50).await.unwrap();
+                for e in &page {
+                    assert_eq!(e.position, next, "the log has a gap or runs backwards");
+                    next += 1;
+                }
+                if page.is_empty() {
+                    quiet += 1;
+                    tokio::task::yield_now().await;
+                } else {
+                    quiet = 0;
+                }
+            }
+            next - 1
+        })
+    };
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let mut wins = Vec::new();
+            for round in 0..ROUNDS {
+                let s = stream(&format!("race-{}", (t + round) % STREAMS));
+                loop {
+                    let version = store.stream_version(&s).await.unwrap();
+                    let expected = ExpectedVersion::Exact(version);
+                    match store.append(&s, expected, events(1..=2)).await {
+                        Ok(out) => {
+                            assert_eq!(out.version, version + 2);
+                            wins.push((s.aggregate_id.clone(), version, out));
+                            break;
+                        }
+                        Err(Error::VersionConflict { actual, .. }) => {
+                            assert!(actual > version, "a conflict means someone else won");
+                        }
+                        Err(e) => panic!("unexpected error {e}"),
+                    }
+                }
+            }
+            wins
+        }));
+    }
+    let mut winners: HashMap<(String, u64), usize> = HashMap::new();
+    let mut all_positions = Vec::new();
+    for task in tasks {
+        for (id, expected, out) in task.await.unwrap() {
+            *winners.entry((id, expected)).or_default() += 1;
+            all_positions.extend(out.first_position..=out.last_position);
+        }
+    }
+    assert!(winners.values().all(|&n| n == 1), "one winner per expected version");
+    assert_eq!(winners.len(), TASKS * ROUNDS);
+    all_positions.sort_unstable();
+    let total = (TASKS * ROUNDS * 2) as u64;
+    assert_eq!(all_positions, (1..=total).collect::<Vec<_>>());
+
+    let log = store.read_all(1, usize::MAX).await.unwrap();
+    assert_eq!(positions(&log), (1..=total).collect::<Vec<_>>());
+    let mut per_stream: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for e in &log {
+        per_stream.entry(e.aggregate_id.clone()).or_default().push(e.version);
+    }
+    for (id, versions) in per_stream {
+        let n = versions.len() as u64;
+        assert_eq!(versions, (1..=n).collect::<Vec<_>>(), "stream {id} in log order");
+        let stored = store.read_stream(&stream(&id), 1).await.unwrap();
+        let mut last = 0;
+        for e in &stored {
+            assert!(e.position > last, "positions grow with versions");
+            last = e.position;
+        }
+    }
+    let ids: HashSet<Uuid> = log.iter().map(|e| e.event_id).collect();
+    assert_eq!(ids.len() as u64, total);
+    assert!(tail.await.unwrap() <= total);
+}
+
+fn snapshot(id: &str, version: u64, state: &str) -> Snapshot {
+    Snapshot {
+        aggregate_type: "Tested".to_owned(),
+        aggregate_id: id.to_owned(),
+        version,
+        schema_version: 1,
+        state: state.to_owned(),
+        taken_at: at(version as i64),
+    }
+}
+
+/// A snapshot replaces an older one; an older one never replaces a newer one.
+pub async fn snapshots_keep_the_latest(store: Arc<dyn EventStore>) {
+    let s = stream("snap");
+    assert!(store.load_snapshot(&s).await.unwrap().is_none());
+    store.save_snapshot(snapshot("snap", 10, r#"{"v":10}"#)).await.unwrap();
+    store.save_snapshot(snapshot("snap", 20, r#"{"v":20}"#)).await.unwrap();
+    store.save_snapshot(snapshot("snap", 15, r#"{"v":15}"#)).await.unwrap();
+    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snapshot("snap", 20, r#"{"v":20}"#)));
+    assert!(store.load_snapshot(&stream("other")).await.unwrap().is_none());
+}
+
+/// Checkpoints are per subscription and can move.
+pub async fn checkpoints_are_saved_and_overwritten(store: Arc<dyn EventStore>) {
+    assert_eq!(store.load_checkpoint("projection").await.unwrap(), None);
+    store.save_checkpoint("projection", 5).await.unwrap();
+    store.save_checkpoint("mailer", 2).await.unwrap();
+    store.save_checkpoint("projection", 9).await.unwrap();
+    assert_eq!(store.load_checkpoint("projection").await.unwrap(), Some(9));
+    assert_eq!(store.load_checkpoint("mailer").await.unwrap(), Some(2));
+}
+
+fn dead_letter(subscription: &str, position: u64) -> NewDeadLetter {
+    NewDeadLetter {
+        subscription: subscription.to_owned(),
+        event_id: Uuid::now_v7(),
+        position,
+        event_type: "Counted".to_owned(),
+        error: format!("boom at {position}"),
+        attempts: 3,
+        first_failed_at: at(1),
+        last_failed_at: at(2),
+    }
+}
+
+/// Dead letters get ids, list oldest first, filter by subscription, and can be removed.
+pub async fn dead_letters_are_listed_filtered_and_removed(store: Arc<dyn EventStore>) {
+    let a = store.add_dead_letter(dead_letter("mailer", 1)).await.unwrap();
+    let b = store.add_dead_letter(dead_letter("audit", 2)).await.unwrap();
+    let c = store.add_dead_letter(dead_letter("mailer", 3)).await.unwrap();
+    assert!(a != b && b != c && a != c);
+    let all = store.dead_letters(None).await.unwrap();
+    assert_eq!(all.iter().map(|d| d.position).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(all[0].error, "boom at 1");
+    assert_eq!((all[0].attempts, all[0].first_failed_at, all[0].last_failed_at), (3, at(1), at(2)));
+    let mailer = store.dead_letters(Some("mailer")).await.unwrap();
+    assert_eq!(mailer.iter().map(|d| d.id).collect::<Vec<_>>(), [a, c]);
+    assert!(store.remove_dead_letter(a).await.unwrap());
+    assert!(!store.remove_dead_letter(a).await.unwrap());
+    assert_eq!(store.dead_letters(Some("mailer")).await.unwrap().len(), 1);
+}
+
+/// Failure records are kept per subscription, oldest first.
+pub async fn failures_are_recorded_per_subscription(store: Arc<dyn EventStore>) {
+    for attempt in 1..=3 {
+        store
+            .record_failure(FailureRecord {
+                subscription: "mailer".to_owned(),
+                event_id: Uuid::nil(),
+                position: 7,
+                attempt,
+                error: format!("attempt {attempt} failed"),
+                duration_micros: 1500,
+                failed_at: at(attempt as i64),
+            })
+            .await
+            .unwrap();
+    }
+    let failures = store.failures("mailer", 10).await.unwrap();
+    assert_eq!(failures.iter().map(|f| f.attempt).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(failures[2].error, "attempt 3 failed");
+    assert_eq!(failures[0].duration_micros, 1500);
+    assert_eq!(store.failures("mailer", 2).await.unwrap().len(), 2);
+    assert!(store.failures("audit", 10).await.unwrap().is_empty());
+}
+
+/// Statistics count events by type, aggregates, the log's ends, checkpoints with lag,
+/// dead letters and snapshots.
+pub async fn statistics_describe_the_store(store: Arc<dyn EventStore>) {
+    let empty = store.statistics().await.unwrap();
+    assert_eq!((empty.events, empty.aggregates, empty.last_position), (0, 0, None));
+    let mut other = event(9);
+    other.event_type = "Other".to_owned();
+    store.append(&stream("x"), ExpectedVersion::Any, events(1..=3)).await.unwrap();
+    store.append(&stream("y"), ExpectedVersion::Any, vec![other]).await.unwrap();
+    store.save_checkpoint("projection", 1).await.unwrap();
+    store.add_dead_letter(dead_letter("projection", 1)).await.unwrap();
+    store.save_snapshot(snapshot("x", 3, "{}")).await.unwrap();
+    let stats = store.statistics().await.unwrap();
+    assert_eq!(stats.events, 4);
+    assert_eq!(stats.events_by_type.get("Counted"), Some(&3));
+    assert_eq!(stats.events_by_type.get("Other"), Some(&1));
+    assert_eq!(stats.aggregates, 2);
+    assert_eq!((stats.first_position, stats.last_position), (Some(1), Some(4)));
+    assert!(stats.first_recorded_at <= stats.last_recorded_at);
+    assert_eq!(stats.checkpoints.len(), 1);
+    assert_eq!((stats.checkpoints[0].position, stats.checkpoints[0].lag), (1, 3));
+    assert_eq!(stats.dead_letters, 1);
+    assert_eq!(stats.snapshots, 1);
+}

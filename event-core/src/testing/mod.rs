@@ -1,0 +1,9 @@
+//! Testing helpers: a given/when/then kit for aggregates, and (feature `testing`) the store
+//! conformance suite every [`EventStore`](crate::EventStore) backend runs.
+
+mod kit;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+
+pub use kit::{AggregateTest, Then};

@@ -1,0 +1,3 @@
+//! eventfold
+pub use eventfold_core::*;
+pub use eventfold_macros::DomainEvent;
