@@ -121,7 +121,9 @@ pub(crate) mod payload {
         type Error = D::Error;
 
         fn deserialize_any<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, D::Error> {
-            Err(de::Error::custom("a DomainEvent enum deserializes only as an enum"))
+            Err(de::Error::custom(
+                "a DomainEvent enum deserializes only as an enum",
+            ))
         }
 
         fn deserialize_enum<V: Visitor<'de>>(

@@ -19,7 +19,7 @@ pub use error::{BoxError, Error, Result, StoreErrorKind};
 pub use event::{DomainEvent, EventType};
 pub use memory::InMemoryEventStore;
 pub use record::{
-    AppendOutcome, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, Metadata,
+    AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, Metadata,
     NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
 };
 pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
@@ -40,6 +40,6 @@ pub mod __private {
     pub use inventory;
     pub use serde;
     pub use serde_json;
-    pub use std::string::{String, ToString};
     pub use std::option::Option;
+    pub use std::string::{String, ToString};
 }

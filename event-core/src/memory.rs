@@ -10,8 +10,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::record::{
-    AppendOutcome, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter,
-    NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
+    AppendOutcome, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter, NewEvent,
+    RecordedEvent, Snapshot, StoreStatistics, StreamId,
 };
 use crate::store::{EventStore, check_append};
 
@@ -94,7 +94,9 @@ impl Inner {
             return Ok(None);
         }
         if stored.len() != events.len() {
-            let new = events.iter().find(|e| !self.by_id.contains_key(&e.event_id));
+            let new = events
+                .iter()
+                .find(|e| !self.by_id.contains_key(&e.event_id));
             return Err(Error::InvalidAppend {
                 reason: format!(
                     "the append repeats some stored events but not all (event {} is new)",
@@ -102,7 +104,9 @@ impl Inner {
                 ),
             });
         }
-        let positions_follow = stored.windows(2).all(|w| w[1].position == w[0].position + 1);
+        let positions_follow = stored
+            .windows(2)
+            .all(|w| w[1].position == w[0].position + 1);
         if !positions_follow {
             return Err(Error::DuplicateEventId {
                 event_id: events[0].event_id,
@@ -197,13 +201,7 @@ impl EventStore for InMemoryEventStore {
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
         let inner = self.lock();
         let start = (from_position.max(1) - 1) as usize;
-        Ok(inner
-            .log
-            .iter()
-            .skip(start)
-            .take(limit)
-            .cloned()
-            .collect())
+        Ok(inner.log.iter().skip(start).take(limit).cloned().collect())
     }
 
     async fn get(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {

@@ -48,7 +48,10 @@ impl EventRegistration {
     }
 }
 
-fn decode_boxed<E: DomainEvent>(name: &str, source: PayloadSource<'_>) -> Result<Box<dyn Any + Send>> {
+fn decode_boxed<E: DomainEvent>(
+    name: &str,
+    source: PayloadSource<'_>,
+) -> Result<Box<dyn Any + Send>> {
     decode_source::<E>(name, source).map(|e| Box::new(e) as Box<dyn Any + Send>)
 }
 
@@ -66,9 +69,7 @@ fn decode_source<E: DomainEvent>(name: &str, source: PayloadSource<'_>) -> Resul
             de.end().map_err(payload_error)?;
             Ok(event)
         }
-        PayloadSource::Value(value) => {
-            E::__deserialize_payload(name, value).map_err(payload_error)
-        }
+        PayloadSource::Value(value) => E::__deserialize_payload(name, value).map_err(payload_error),
     }
 }
 
@@ -156,9 +157,19 @@ pub fn registry() -> &'static Registry {
 
 impl Registry {
     fn build() -> Registry {
+        Registry::from_registrations(
+            inventory::iter::<EventRegistration>,
+            inventory::iter::<UpcasterRegistration>,
+        )
+    }
+
+    fn from_registrations(
+        events: impl IntoIterator<Item = &'static EventRegistration>,
+        upcasts: impl IntoIterator<Item = &'static UpcasterRegistration>,
+    ) -> Registry {
         let mut by_name: HashMap<&'static str, &'static EventRegistration> = HashMap::new();
         let mut problems = Vec::new();
-        for reg in inventory::iter::<EventRegistration> {
+        for reg in events {
             match by_name.get(reg.name) {
                 Some(first) if (first.type_id)() != (reg.type_id)() => {
                     let (a, b) = sorted_pair((first.rust_type)(), (reg.rust_type)());
@@ -175,8 +186,11 @@ impl Registry {
         }
 
         let mut upcasters = HashMap::new();
-        for up in inventory::iter::<UpcasterRegistration> {
-            if upcasters.insert((up.event_type, up.from), up.upcast).is_some() {
+        for up in upcasts {
+            if upcasters
+                .insert((up.event_type, up.from), up.upcast)
+                .is_some()
+            {
                 problems.push(format!(
                     "two upcasters lift `{}` from version {}",
                     up.event_type, up.from
@@ -305,7 +319,12 @@ impl Registry {
     }
 
     /// Decodes a stored payload into whichever Rust type registers `name`.
-    pub fn decode_any(&self, name: &str, stored: u32, payload: &str) -> Result<Box<dyn Any + Send>> {
+    pub fn decode_any(
+        &self,
+        name: &str,
+        stored: u32,
+        payload: &str,
+    ) -> Result<Box<dyn Any + Send>> {
         let reg = self.lookup(name)?;
         (reg.decode)(reg.name, self.source(reg, stored, payload)?)
     }
@@ -361,4 +380,251 @@ impl Registry {
 
 fn sorted_pair<'a>(a: &'a str, b: &'a str) -> (&'a str, &'a str) {
     if a <= b { (a, b) } else { (b, a) }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+
+    use super::*;
+    use crate::DomainEvent;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, eventfold_macros::DomainEvent)]
+    #[domain_event(aggregate = "Ledger")]
+    enum LedgerEvent {
+        #[domain_event(name = "LedgerOpened")]
+        Opened { owner: String },
+        /// Version 1 stored `amount` in whole units, version 2 `cents`, version 3 adds a memo.
+        #[domain_event(name = "LedgerCredited", version = 3)]
+        Credited { cents: u64, memo: String },
+        #[domain_event(name = "LedgerClosed")]
+        Closed,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, eventfold_macros::DomainEvent)]
+    #[domain_event(aggregate = "Ledger", name = "LedgerAudited")]
+    struct Audited {
+        by: String,
+    }
+
+    fn credited_v1_to_v2(
+        mut v: serde_json::Value,
+    ) -> std::result::Result<serde_json::Value, String> {
+        let amount = v["amount"].as_u64().ok_or("`amount` is missing")?;
+        let object = v.as_object_mut().ok_or("not an object")?;
+        object.remove("amount");
+        object.insert("cents".into(), json!(amount * 100));
+        Ok(v)
+    }
+
+    fn credited_v2_to_v3(
+        mut v: serde_json::Value,
+    ) -> std::result::Result<serde_json::Value, String> {
+        v["memo"] = json!("");
+        Ok(v)
+    }
+
+    crate::upcaster!("LedgerCredited", 1, credited_v1_to_v2);
+    crate::upcaster!("LedgerCredited", 2, credited_v2_to_v3);
+
+    #[test]
+    fn the_global_registry_is_valid_and_lists_derived_types() {
+        registry().validate().unwrap();
+        let names = registry().names();
+        for name in [
+            "LedgerOpened",
+            "LedgerCredited",
+            "LedgerClosed",
+            "LedgerAudited",
+        ] {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
+        let info = registry().get("LedgerCredited").unwrap();
+        assert_eq!((info.aggregate_type, info.version), ("Ledger", 3));
+        assert!(
+            info.rust_type.ends_with("LedgerEvent"),
+            "{}",
+            info.rust_type
+        );
+        registry().expect_type::<LedgerEvent>().unwrap();
+    }
+
+    #[test]
+    fn expect_names_every_missing_type() {
+        match registry().expect(["LedgerOpened", "NoSuchEvent", "NorThis"]) {
+            Err(Error::MissingEventTypes { names }) => {
+                assert_eq!(names, ["NoSuchEvent", "NorThis"])
+            }
+            other => panic!("expected MissingEventTypes, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decode_round_trips_current_versions() {
+        for event in [
+            LedgerEvent::Opened {
+                owner: "ada".into(),
+            },
+            LedgerEvent::Credited {
+                cents: 5,
+                memo: "tip".into(),
+            },
+            LedgerEvent::Closed,
+        ] {
+            let payload = event.to_payload().unwrap();
+            let back: LedgerEvent = registry()
+                .decode(event.event_type(), event.schema_version(), &payload)
+                .unwrap();
+            assert_eq!(back, event);
+            let any = registry()
+                .decode_any(event.event_type(), event.schema_version(), &payload)
+                .unwrap();
+            assert_eq!(any.downcast_ref::<LedgerEvent>(), Some(&event));
+        }
+        let audited: Audited = registry()
+            .decode("LedgerAudited", 1, r#"{"by":"eve"}"#)
+            .unwrap();
+        assert_eq!(audited.by, "eve");
+    }
+
+    #[test]
+    fn old_payloads_are_upcast_step_by_step() {
+        let v1: LedgerEvent = registry()
+            .decode("LedgerCredited", 1, r#"{"amount":7}"#)
+            .unwrap();
+        assert_eq!(
+            v1,
+            LedgerEvent::Credited {
+                cents: 700,
+                memo: String::new()
+            }
+        );
+        let v2: LedgerEvent = registry()
+            .decode("LedgerCredited", 2, r#"{"cents":7}"#)
+            .unwrap();
+        assert_eq!(
+            v2,
+            LedgerEvent::Credited {
+                cents: 7,
+                memo: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn decode_tells_each_failure_apart() {
+        let r = registry();
+        assert!(matches!(
+            r.decode::<LedgerEvent>("Nope", 1, "{}"),
+            Err(Error::UnknownEventType { event_type, .. }) if event_type == "Nope"
+        ));
+        assert!(matches!(
+            r.decode::<LedgerEvent>("LedgerAudited", 1, r#"{"by":"x"}"#),
+            Err(Error::WrongEventType { registered, .. }) if registered.ends_with("Audited")
+        ));
+        assert!(matches!(
+            r.decode::<LedgerEvent>("LedgerCredited", 4, "{}"),
+            Err(Error::SchemaTooNew {
+                stored: 4,
+                known: 3,
+                ..
+            })
+        ));
+        assert!(matches!(
+            r.decode::<LedgerEvent>("LedgerCredited", 3, r#"{"cents":"many"}"#),
+            Err(Error::Payload { .. })
+        ));
+        assert!(matches!(
+            r.decode::<LedgerEvent>("LedgerCredited", 3, r#"{"cents":1,"memo":""} trailing"#),
+            Err(Error::Payload { .. })
+        ));
+        assert!(matches!(
+            r.decode::<LedgerEvent>("LedgerOpened", 1, "not json"),
+            Err(Error::Payload { .. })
+        ));
+        assert!(matches!(
+            r.decode::<LedgerEvent>("LedgerCredited", 1, r#"{"cents":1}"#),
+            Err(Error::Upcast { from: 1, reason, .. }) if reason.contains("amount")
+        ));
+        // A payload of another variant's shape does not pass as this one.
+        assert!(matches!(
+            r.decode::<LedgerEvent>("LedgerOpened", 1, r#"{"cents":1,"memo":""}"#),
+            Err(Error::Payload { .. })
+        ));
+    }
+
+    #[test]
+    fn schema_version_zero_has_no_upcaster() {
+        assert!(matches!(
+            registry().decode::<LedgerEvent>("LedgerCredited", 0, "{}"),
+            Err(Error::Upcast { from: 0, .. })
+        ));
+    }
+
+    static OPENED: EventRegistration = EventRegistration::new::<LedgerEvent>("Shared", "Ledger", 1);
+    static AUDITED: EventRegistration = EventRegistration::new::<Audited>("Shared", "Ledger", 1);
+    static CREDITED: EventRegistration =
+        EventRegistration::new::<LedgerEvent>("Credited", "Ledger", 4);
+
+    fn noop(v: serde_json::Value) -> std::result::Result<serde_json::Value, String> {
+        Ok(v)
+    }
+
+    fn problems(
+        events: &[&'static EventRegistration],
+        upcasts: &[&'static UpcasterRegistration],
+    ) -> Vec<String> {
+        match Registry::from_registrations(events.iter().copied(), upcasts.iter().copied())
+            .validate()
+        {
+            Ok(()) => Vec::new(),
+            Err(Error::InvalidRegistry { problems }) => problems,
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+
+    #[test]
+    fn validate_names_both_types_of_a_shared_name() {
+        let found = problems(&[&OPENED, &AUDITED], &[]);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("`Shared`"), "{}", found[0]);
+        assert!(
+            found[0].contains("LedgerEvent") && found[0].contains("Audited"),
+            "{}",
+            found[0]
+        );
+        // The same type registered twice (two codegen units, say) is no conflict.
+        assert!(problems(&[&OPENED, &OPENED], &[]).is_empty());
+    }
+
+    #[test]
+    fn validate_finds_broken_upcaster_chains() {
+        static FROM_1: UpcasterRegistration = UpcasterRegistration::new("Credited", 1, noop);
+        static FROM_2: UpcasterRegistration = UpcasterRegistration::new("Credited", 2, noop);
+        static FROM_3: UpcasterRegistration = UpcasterRegistration::new("Credited", 3, noop);
+        static FROM_3_AGAIN: UpcasterRegistration = UpcasterRegistration::new("Credited", 3, noop);
+        static TOO_HIGH: UpcasterRegistration = UpcasterRegistration::new("Credited", 4, noop);
+        static UNKNOWN: UpcasterRegistration = UpcasterRegistration::new("Ghost", 1, noop);
+
+        assert!(problems(&[&CREDITED], &[&FROM_1, &FROM_2, &FROM_3]).is_empty());
+        assert!(
+            problems(&[&CREDITED], &[&FROM_2, &FROM_3]).is_empty(),
+            "may start later"
+        );
+        let gap = problems(&[&CREDITED], &[&FROM_1, &FROM_3]);
+        assert!(
+            gap[0].contains("no upcaster from version 2 to 3"),
+            "{gap:?}"
+        );
+        let dup = problems(&[&CREDITED], &[&FROM_3, &FROM_3_AGAIN]);
+        assert!(dup.iter().any(|p| p.contains("two upcasters")), "{dup:?}");
+        let high = problems(&[&CREDITED], &[&FROM_3, &TOO_HIGH]);
+        assert!(
+            high.iter().any(|p| p.contains("from version 4")),
+            "{high:?}"
+        );
+        let ghost = problems(&[&CREDITED], &[&UNKNOWN]);
+        assert!(ghost[0].contains("`Ghost`"), "{ghost:?}");
+    }
 }

@@ -6,8 +6,8 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::record::{
-    AppendOutcome, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter, NewEvent,
-    RecordedEvent, Snapshot, StoreStatistics, StreamId,
+    AppendOutcome, AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter,
+    NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
 };
 
 /// Durable storage of event streams, the global log, snapshots, subscription checkpoints,
@@ -34,6 +34,39 @@ pub trait EventStore: Send + Sync + 'static {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome>;
+
+    /// Appends to several streams in one atomic step: every request is checked as
+    /// [`append`](Self::append) checks it, and either all are stored (in request order,
+    /// with consecutive positions) or none is, and the first failure is returned.
+    ///
+    /// The default implementation handles requests that all name one stream; a backend
+    /// that can commit several streams at once overrides it.
+    async fn append_batch(&self, requests: Vec<AppendRequest>) -> Result<Vec<AppendOutcome>> {
+        let Some(first) = requests.first() else {
+            return Ok(Vec::new());
+        };
+        let stream = first.stream.clone();
+        if requests.iter().any(|r| r.stream != stream) {
+            return Err(Error::InvalidAppend {
+                reason: "this store cannot append to several streams atomically".into(),
+            });
+        }
+        let mut expected = first.expected;
+        let mut events = Vec::new();
+        for request in requests {
+            if !matches!(request.expected, ExpectedVersion::Any) && events.len() > 0 {
+                return Err(Error::InvalidAppend {
+                    reason: "only the first request of a one-stream batch may expect a version"
+                        .into(),
+                });
+            }
+            events.extend(request.events);
+        }
+        if events.is_empty() {
+            expected = ExpectedVersion::Any;
+        }
+        Ok(vec![self.append(&stream, expected, events).await?])
+    }
 
     /// The events of a stream from version `from_version` (inclusive, from 1), in order.
     async fn read_stream(&self, stream: &StreamId, from_version: u64)
@@ -112,4 +145,3 @@ pub fn check_append(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
     }
     Ok(())
 }
-

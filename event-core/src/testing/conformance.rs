@@ -166,12 +166,30 @@ fn assert_conflict(result: crate::Result<impl std::fmt::Debug>, want: ExpectedVe
 /// Versions run 1.. per stream and positions 1.. over the log, interleaved streams too.
 pub async fn append_assigns_gap_free_versions_and_positions(store: Arc<dyn EventStore>) {
     let (a, b) = (stream("a"), stream("b"));
-    let out = store.append(&a, ExpectedVersion::NoStream, events(1..=3)).await.unwrap();
-    assert_eq!((out.version, out.first_position, out.last_position), (3, 1, 3));
-    let out = store.append(&b, ExpectedVersion::NoStream, events(1..=2)).await.unwrap();
-    assert_eq!((out.version, out.first_position, out.last_position), (2, 4, 5));
-    let out = store.append(&a, ExpectedVersion::Exact(3), events(4..=4)).await.unwrap();
-    assert_eq!((out.version, out.first_position, out.last_position), (4, 6, 6));
+    let out = store
+        .append(&a, ExpectedVersion::NoStream, events(1..=3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.version, out.first_position, out.last_position),
+        (3, 1, 3)
+    );
+    let out = store
+        .append(&b, ExpectedVersion::NoStream, events(1..=2))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.version, out.first_position, out.last_position),
+        (2, 4, 5)
+    );
+    let out = store
+        .append(&a, ExpectedVersion::Exact(3), events(4..=4))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.version, out.first_position, out.last_position),
+        (4, 6, 6)
+    );
 
     let a_events = store.read_stream(&a, 1).await.unwrap();
     assert_eq!(versions(&a_events), [1, 2, 3, 4]);
@@ -186,11 +204,16 @@ pub async fn append_assigns_gap_free_versions_and_positions(store: Arc<dyn Event
 /// A failing multi-event append stores none of its events.
 pub async fn multi_event_append_is_atomic(store: Arc<dyn EventStore>) {
     let s = stream("atomic");
-    store.append(&s, ExpectedVersion::Any, events(1..=2)).await.unwrap();
+    store
+        .append(&s, ExpectedVersion::Any, events(1..=2))
+        .await
+        .unwrap();
     let taken = store.read_stream(&s, 1).await.unwrap()[0].event_id;
 
     // Wrong expected version: nothing of the five is stored.
-    let result = store.append(&s, ExpectedVersion::Exact(1), events(3..=7)).await;
+    let result = store
+        .append(&s, ExpectedVersion::Exact(1), events(3..=7))
+        .await;
     assert_conflict(result, ExpectedVersion::Exact(1), 2);
 
     // The last of three events reuses a stored id with other content: nothing is stored.
@@ -206,42 +229,79 @@ pub async fn multi_event_append_is_atomic(store: Arc<dyn EventStore>) {
     assert_eq!(store.read_all(1, 100).await.unwrap().len(), 2);
 
     // And the store goes on from where it was.
-    let out = store.append(&s, ExpectedVersion::Exact(2), events(3..=4)).await.unwrap();
-    assert_eq!((out.version, out.first_position, out.last_position), (4, 3, 4));
+    let out = store
+        .append(&s, ExpectedVersion::Exact(2), events(3..=4))
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.version, out.first_position, out.last_position),
+        (4, 3, 4)
+    );
 }
 
 /// `Any` appends whatever the version.
 pub async fn expected_version_any(store: Arc<dyn EventStore>) {
     let s = stream("any");
-    assert_eq!(store.append(&s, ExpectedVersion::Any, events(1..=1)).await.unwrap().version, 1);
-    assert_eq!(store.append(&s, ExpectedVersion::Any, events(2..=3)).await.unwrap().version, 3);
+    assert_eq!(
+        store
+            .append(&s, ExpectedVersion::Any, events(1..=1))
+            .await
+            .unwrap()
+            .version,
+        1
+    );
+    assert_eq!(
+        store
+            .append(&s, ExpectedVersion::Any, events(2..=3))
+            .await
+            .unwrap()
+            .version,
+        3
+    );
 }
 
 /// `NoStream` succeeds once, then conflicts with the actual version.
 pub async fn expected_version_no_stream(store: Arc<dyn EventStore>) {
     let s = stream("new");
-    store.append(&s, ExpectedVersion::NoStream, events(1..=2)).await.unwrap();
-    let result = store.append(&s, ExpectedVersion::NoStream, events(3..=3)).await;
+    store
+        .append(&s, ExpectedVersion::NoStream, events(1..=2))
+        .await
+        .unwrap();
+    let result = store
+        .append(&s, ExpectedVersion::NoStream, events(3..=3))
+        .await;
     assert_conflict(result, ExpectedVersion::NoStream, 2);
 }
 
 /// `Exact` succeeds at the version, and conflicts above or below it; `Exact(0)` is a new stream.
 pub async fn expected_version_exact(store: Arc<dyn EventStore>) {
     let s = stream("exact");
-    store.append(&s, ExpectedVersion::Exact(0), events(1..=1)).await.unwrap();
-    store.append(&s, ExpectedVersion::Exact(1), events(2..=2)).await.unwrap();
+    store
+        .append(&s, ExpectedVersion::Exact(0), events(1..=1))
+        .await
+        .unwrap();
+    store
+        .append(&s, ExpectedVersion::Exact(1), events(2..=2))
+        .await
+        .unwrap();
     assert_conflict(
-        store.append(&s, ExpectedVersion::Exact(1), events(3..=3)).await,
+        store
+            .append(&s, ExpectedVersion::Exact(1), events(3..=3))
+            .await,
         ExpectedVersion::Exact(1),
         2,
     );
     assert_conflict(
-        store.append(&s, ExpectedVersion::Exact(5), events(3..=3)).await,
+        store
+            .append(&s, ExpectedVersion::Exact(5), events(3..=3))
+            .await,
         ExpectedVersion::Exact(5),
         2,
     );
     assert_conflict(
-        store.append(&stream("other"), ExpectedVersion::Exact(1), events(1..=1)).await,
+        store
+            .append(&stream("other"), ExpectedVersion::Exact(1), events(1..=1))
+            .await,
         ExpectedVersion::Exact(1),
         0,
     );
@@ -252,13 +312,27 @@ pub async fn expected_version_exact(store: Arc<dyn EventStore>) {
 /// nothing new, even though its expected version is stale by then.
 pub async fn reappending_the_same_events_is_idempotent(store: Arc<dyn EventStore>) {
     let s = stream("idem");
-    store.append(&s, ExpectedVersion::Any, events(1..=1)).await.unwrap();
+    store
+        .append(&s, ExpectedVersion::Any, events(1..=1))
+        .await
+        .unwrap();
     let batch = events(2..=4);
-    let first = store.append(&s, ExpectedVersion::Exact(1), batch.clone()).await.unwrap();
-    let again = store.append(&s, ExpectedVersion::Exact(1), batch.clone()).await.unwrap();
+    let first = store
+        .append(&s, ExpectedVersion::Exact(1), batch.clone())
+        .await
+        .unwrap();
+    let again = store
+        .append(&s, ExpectedVersion::Exact(1), batch.clone())
+        .await
+        .unwrap();
     assert_eq!(first, again);
-    let single = store.append(&s, ExpectedVersion::Any, vec![batch[0].clone()]).await;
-    assert!(single.is_ok(), "one already stored event alone is idempotent too: {single:?}");
+    let single = store
+        .append(&s, ExpectedVersion::Any, vec![batch[0].clone()])
+        .await;
+    assert!(
+        single.is_ok(),
+        "one already stored event alone is idempotent too: {single:?}"
+    );
     assert_eq!(store.head_position().await.unwrap(), 4);
     assert_eq!(store.stream_version(&s).await.unwrap(), 4);
 }
@@ -267,7 +341,10 @@ pub async fn reappending_the_same_events_is_idempotent(store: Arc<dyn EventStore
 pub async fn same_event_id_with_other_content_is_refused(store: Arc<dyn EventStore>) {
     let s = stream("dup");
     let original = event(1);
-    store.append(&s, ExpectedVersion::Any, vec![original.clone()]).await.unwrap();
+    store
+        .append(&s, ExpectedVersion::Any, vec![original.clone()])
+        .await
+        .unwrap();
 
     let mut other_payload = original.clone();
     other_payload.payload = r#"{"n":2}"#.to_owned();
@@ -281,7 +358,14 @@ pub async fn same_event_id_with_other_content_is_refused(store: Arc<dyn EventSto
             other => panic!("expected DuplicateEventId, got {other:?}"),
         }
     }
-    match store.append(&stream("elsewhere"), ExpectedVersion::Any, vec![original.clone()]).await {
+    match store
+        .append(
+            &stream("elsewhere"),
+            ExpectedVersion::Any,
+            vec![original.clone()],
+        )
+        .await
+    {
         Err(Error::DuplicateEventId { event_id }) => assert_eq!(event_id, original.event_id),
         other => panic!("expected DuplicateEventId for another stream, got {other:?}"),
     }
@@ -294,13 +378,29 @@ pub async fn same_event_id_with_other_content_is_refused(store: Arc<dyn EventSto
 pub async fn malformed_appends_are_refused(store: Arc<dyn EventStore>) {
     let s = stream("bad");
     let invalid = |r: crate::Result<_>| matches!(r, Err(Error::InvalidAppend { .. }));
-    assert!(invalid(store.append(&s, ExpectedVersion::Any, vec![]).await));
-    assert!(invalid(store.append(&StreamId::new("Tested", ""), ExpectedVersion::Any, events(1..=1)).await));
+    assert!(invalid(
+        store.append(&s, ExpectedVersion::Any, vec![]).await
+    ));
+    assert!(invalid(
+        store
+            .append(
+                &StreamId::new("Tested", ""),
+                ExpectedVersion::Any,
+                events(1..=1)
+            )
+            .await
+    ));
     let mut zero = event(1);
     zero.schema_version = 0;
-    assert!(invalid(store.append(&s, ExpectedVersion::Any, vec![zero]).await));
+    assert!(invalid(
+        store.append(&s, ExpectedVersion::Any, vec![zero]).await
+    ));
     let twice = event(1);
-    assert!(invalid(store.append(&s, ExpectedVersion::Any, vec![twice.clone(), twice]).await));
+    assert!(invalid(
+        store
+            .append(&s, ExpectedVersion::Any, vec![twice.clone(), twice])
+            .await
+    ));
     assert_eq!(store.head_position().await.unwrap(), 0);
 }
 
@@ -308,30 +408,57 @@ pub async fn malformed_appends_are_refused(store: Arc<dyn EventStore>) {
 pub async fn streams_are_isolated(store: Arc<dyn EventStore>) {
     let account = StreamId::new("Account", "42");
     let order = StreamId::new("Order", "42");
-    store.append(&account, ExpectedVersion::NoStream, events(1..=2)).await.unwrap();
-    store.append(&order, ExpectedVersion::NoStream, events(1..=1)).await.unwrap();
+    store
+        .append(&account, ExpectedVersion::NoStream, events(1..=2))
+        .await
+        .unwrap();
+    store
+        .append(&order, ExpectedVersion::NoStream, events(1..=1))
+        .await
+        .unwrap();
     let read = store.read_stream(&order, 1).await.unwrap();
     assert_eq!(read.len(), 1);
-    assert_eq!((read[0].aggregate_type.as_str(), read[0].version), ("Order", 1));
+    assert_eq!(
+        (read[0].aggregate_type.as_str(), read[0].version),
+        ("Order", 1)
+    );
     assert_eq!(store.stream_version(&account).await.unwrap(), 2);
 }
 
 /// `read_stream` starts at the given version; past the end it is empty.
 pub async fn read_stream_from_a_version(store: Arc<dyn EventStore>) {
     let s = stream("from");
-    store.append(&s, ExpectedVersion::Any, events(1..=10)).await.unwrap();
-    assert_eq!(versions(&store.read_stream(&s, 1).await.unwrap()), (1..=10).collect::<Vec<_>>());
+    store
+        .append(&s, ExpectedVersion::Any, events(1..=10))
+        .await
+        .unwrap();
+    assert_eq!(
+        versions(&store.read_stream(&s, 1).await.unwrap()),
+        (1..=10).collect::<Vec<_>>()
+    );
     assert_eq!(versions(&store.read_stream(&s, 0).await.unwrap()).len(), 10);
-    assert_eq!(versions(&store.read_stream(&s, 8).await.unwrap()), [8, 9, 10]);
+    assert_eq!(
+        versions(&store.read_stream(&s, 8).await.unwrap()),
+        [8, 9, 10]
+    );
     assert!(store.read_stream(&s, 11).await.unwrap().is_empty());
-    assert!(store.read_stream(&stream("missing"), 1).await.unwrap().is_empty());
+    assert!(
+        store
+            .read_stream(&stream("missing"), 1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// `read_all` pages through the log in commit order.
 pub async fn read_all_in_commit_order_from_a_position_with_a_limit(store: Arc<dyn EventStore>) {
     for i in 0..5 {
         let s = stream(&format!("s{}", i % 2));
-        store.append(&s, ExpectedVersion::Any, events(1..=3)).await.unwrap();
+        store
+            .append(&s, ExpectedVersion::Any, events(1..=3))
+            .await
+            .unwrap();
     }
     let page = store.read_all(4, 5).await.unwrap();
     assert_eq!(positions(&page), [4, 5, 6, 7, 8]);
@@ -354,7 +481,10 @@ pub async fn read_all_in_commit_order_from_a_position_with_a_limit(store: Arc<dy
 /// `get` finds an event by id; an unknown id is `None`.
 pub async fn get_by_event_id(store: Arc<dyn EventStore>) {
     let batch = events(1..=3);
-    store.append(&stream("get"), ExpectedVersion::Any, batch.clone()).await.unwrap();
+    store
+        .append(&stream("get"), ExpectedVersion::Any, batch.clone())
+        .await
+        .unwrap();
     let found = store.get(batch[1].event_id).await.unwrap().unwrap();
     assert_eq!((found.version, found.position), (2, 2));
     assert!(store.get(Uuid::now_v7()).await.unwrap().is_none());
@@ -379,10 +509,16 @@ pub async fn recorded_fields_round_trip_exactly(store: Arc<dyn EventStore>) {
     };
     let s = StreamId::new("Round", "trip/é");
     let before = Utc::now();
-    store.append(&s, ExpectedVersion::Any, vec![new.clone()]).await.unwrap();
+    store
+        .append(&s, ExpectedVersion::Any, vec![new.clone()])
+        .await
+        .unwrap();
     let got = store.get(new.event_id).await.unwrap().unwrap();
     assert_eq!(got.event_id, new.event_id);
-    assert_eq!((got.aggregate_type.as_str(), got.aggregate_id.as_str()), ("Round", "trip/é"));
+    assert_eq!(
+        (got.aggregate_type.as_str(), got.aggregate_id.as_str()),
+        ("Round", "trip/é")
+    );
     assert_eq!((got.version, got.position), (1, 1));
     assert_eq!(got.event_type, new.event_type);
     assert_eq!(got.schema_version, 7);
@@ -400,13 +536,21 @@ pub async fn head_position_and_its_watch_follow_commits(store: Arc<dyn EventStor
     let mut head = store.watch_head();
     assert_eq!(*head.borrow_and_update(), 0);
     assert_eq!(store.head_position().await.unwrap(), 0);
-    store.append(&stream("w"), ExpectedVersion::Any, events(1..=3)).await.unwrap();
+    store
+        .append(&stream("w"), ExpectedVersion::Any, events(1..=3))
+        .await
+        .unwrap();
     head.changed().await.unwrap();
     assert_eq!(*head.borrow_and_update(), 3);
     assert_eq!(store.head_position().await.unwrap(), 3);
     // A refused append does not move it.
-    let _ = store.append(&stream("w"), ExpectedVersion::NoStream, events(4..=4)).await;
-    store.append(&stream("w"), ExpectedVersion::Exact(3), events(4..=4)).await.unwrap();
+    let _ = store
+        .append(&stream("w"), ExpectedVersion::NoStream, events(4..=4))
+        .await;
+    store
+        .append(&stream("w"), ExpectedVersion::Exact(3), events(4..=4))
+        .await
+        .unwrap();
     head.changed().await.unwrap();
     assert_eq!(*head.borrow_and_update(), 4);
 }
@@ -474,7 +618,10 @@ pub async fn concurrent_appends_race_without_gaps_or_double_winners(store: Arc<d
             all_positions.extend(out.first_position..=out.last_position);
         }
     }
-    assert!(winners.values().all(|&n| n == 1), "one winner per expected version");
+    assert!(
+        winners.values().all(|&n| n == 1),
+        "one winner per expected version"
+    );
     assert_eq!(winners.len(), TASKS * ROUNDS);
     all_positions.sort_unstable();
     let total = (TASKS * ROUNDS * 2) as u64;
@@ -484,11 +631,18 @@ pub async fn concurrent_appends_race_without_gaps_or_double_winners(store: Arc<d
     assert_eq!(positions(&log), (1..=total).collect::<Vec<_>>());
     let mut per_stream: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     for e in &log {
-        per_stream.entry(e.aggregate_id.clone()).or_default().push(e.version);
+        per_stream
+            .entry(e.aggregate_id.clone())
+            .or_default()
+            .push(e.version);
     }
     for (id, versions) in per_stream {
         let n = versions.len() as u64;
-        assert_eq!(versions, (1..=n).collect::<Vec<_>>(), "stream {id} in log order");
+        assert_eq!(
+            versions,
+            (1..=n).collect::<Vec<_>>(),
+            "stream {id} in log order"
+        );
         let stored = store.read_stream(&stream(&id), 1).await.unwrap();
         let mut last = 0;
         for e in &stored {
@@ -516,11 +670,29 @@ fn snapshot(id: &str, version: u64, state: &str) -> Snapshot {
 pub async fn snapshots_keep_the_latest(store: Arc<dyn EventStore>) {
     let s = stream("snap");
     assert!(store.load_snapshot(&s).await.unwrap().is_none());
-    store.save_snapshot(snapshot("snap", 10, r#"{"v":10}"#)).await.unwrap();
-    store.save_snapshot(snapshot("snap", 20, r#"{"v":20}"#)).await.unwrap();
-    store.save_snapshot(snapshot("snap", 15, r#"{"v":15}"#)).await.unwrap();
-    assert_eq!(store.load_snapshot(&s).await.unwrap(), Some(snapshot("snap", 20, r#"{"v":20}"#)));
-    assert!(store.load_snapshot(&stream("other")).await.unwrap().is_none());
+    store
+        .save_snapshot(snapshot("snap", 10, r#"{"v":10}"#))
+        .await
+        .unwrap();
+    store
+        .save_snapshot(snapshot("snap", 20, r#"{"v":20}"#))
+        .await
+        .unwrap();
+    store
+        .save_snapshot(snapshot("snap", 15, r#"{"v":15}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_snapshot(&s).await.unwrap(),
+        Some(snapshot("snap", 20, r#"{"v":20}"#))
+    );
+    assert!(
+        store
+            .load_snapshot(&stream("other"))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// Checkpoints are per subscription and can move.
@@ -548,14 +720,33 @@ fn dead_letter(subscription: &str, position: u64) -> NewDeadLetter {
 
 /// Dead letters get ids, list oldest first, filter by subscription, and can be removed.
 pub async fn dead_letters_are_listed_filtered_and_removed(store: Arc<dyn EventStore>) {
-    let a = store.add_dead_letter(dead_letter("mailer", 1)).await.unwrap();
-    let b = store.add_dead_letter(dead_letter("audit", 2)).await.unwrap();
-    let c = store.add_dead_letter(dead_letter("mailer", 3)).await.unwrap();
+    let a = store
+        .add_dead_letter(dead_letter("mailer", 1))
+        .await
+        .unwrap();
+    let b = store
+        .add_dead_letter(dead_letter("audit", 2))
+        .await
+        .unwrap();
+    let c = store
+        .add_dead_letter(dead_letter("mailer", 3))
+        .await
+        .unwrap();
     assert!(a != b && b != c && a != c);
     let all = store.dead_letters(None).await.unwrap();
-    assert_eq!(all.iter().map(|d| d.position).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(
+        all.iter().map(|d| d.position).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
     assert_eq!(all[0].error, "boom at 1");
-    assert_eq!((all[0].attempts, all[0].first_failed_at, all[0].last_failed_at), (3, at(1), at(2)));
+    assert_eq!(
+        (
+            all[0].attempts,
+            all[0].first_failed_at,
+            all[0].last_failed_at
+        ),
+        (3, at(1), at(2))
+    );
     let mailer = store.dead_letters(Some("mailer")).await.unwrap();
     assert_eq!(mailer.iter().map(|d| d.id).collect::<Vec<_>>(), [a, c]);
     assert!(store.remove_dead_letter(a).await.unwrap());
@@ -580,7 +771,10 @@ pub async fn failures_are_recorded_per_subscription(store: Arc<dyn EventStore>) 
             .unwrap();
     }
     let failures = store.failures("mailer", 10).await.unwrap();
-    assert_eq!(failures.iter().map(|f| f.attempt).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(
+        failures.iter().map(|f| f.attempt).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
     assert_eq!(failures[2].error, "attempt 3 failed");
     assert_eq!(failures[0].duration_micros, 1500);
     assert_eq!(store.failures("mailer", 2).await.unwrap().len(), 2);
@@ -591,23 +785,41 @@ pub async fn failures_are_recorded_per_subscription(store: Arc<dyn EventStore>) 
 /// dead letters and snapshots.
 pub async fn statistics_describe_the_store(store: Arc<dyn EventStore>) {
     let empty = store.statistics().await.unwrap();
-    assert_eq!((empty.events, empty.aggregates, empty.last_position), (0, 0, None));
+    assert_eq!(
+        (empty.events, empty.aggregates, empty.last_position),
+        (0, 0, None)
+    );
     let mut other = event(9);
     other.event_type = "Other".to_owned();
-    store.append(&stream("x"), ExpectedVersion::Any, events(1..=3)).await.unwrap();
-    store.append(&stream("y"), ExpectedVersion::Any, vec![other]).await.unwrap();
+    store
+        .append(&stream("x"), ExpectedVersion::Any, events(1..=3))
+        .await
+        .unwrap();
+    store
+        .append(&stream("y"), ExpectedVersion::Any, vec![other])
+        .await
+        .unwrap();
     store.save_checkpoint("projection", 1).await.unwrap();
-    store.add_dead_letter(dead_letter("projection", 1)).await.unwrap();
+    store
+        .add_dead_letter(dead_letter("projection", 1))
+        .await
+        .unwrap();
     store.save_snapshot(snapshot("x", 3, "{}")).await.unwrap();
     let stats = store.statistics().await.unwrap();
     assert_eq!(stats.events, 4);
     assert_eq!(stats.events_by_type.get("Counted"), Some(&3));
     assert_eq!(stats.events_by_type.get("Other"), Some(&1));
     assert_eq!(stats.aggregates, 2);
-    assert_eq!((stats.first_position, stats.last_position), (Some(1), Some(4)));
+    assert_eq!(
+        (stats.first_position, stats.last_position),
+        (Some(1), Some(4))
+    );
     assert!(stats.first_recorded_at <= stats.last_recorded_at);
     assert_eq!(stats.checkpoints.len(), 1);
-    assert_eq!((stats.checkpoints[0].position, stats.checkpoints[0].lag), (1, 3));
+    assert_eq!(
+        (stats.checkpoints[0].position, stats.checkpoints[0].lag),
+        (1, 3)
+    );
     assert_eq!(stats.dead_letters, 1);
     assert_eq!(stats.snapshots, 1);
 }

@@ -113,7 +113,10 @@ where
             let back: A::Event = registry()
                 .decode(event.event_type(), event.schema_version(), &payload)
                 .unwrap_or_else(|e| panic!("{event:?} does not decode from {payload}: {e}"));
-            assert_eq!(&back, event, "{event:?} changed through its payload {payload}");
+            assert_eq!(
+                &back, event,
+                "{event:?} changed through its payload {payload}"
+            );
         }
     }
 
@@ -124,7 +127,9 @@ where
         A::Error: PartialEq,
     {
         match self.result {
-            Ok(events) => panic!("expected error {expected:?}, but the command produced {events:?}"),
+            Ok(events) => {
+                panic!("expected error {expected:?}, but the command produced {events:?}")
+            }
             Err(error) => assert_eq!(error, expected, "the command failed otherwise"),
         }
     }

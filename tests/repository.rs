@@ -1,0 +1,397 @@
+//! Repository: rehydration, commands, optimistic concurrency with retries, snapshots.
+
+mod common;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use common::{Account, AccountCommand, AccountError, AccountEvent};
+use eventfold::prelude::*;
+use eventfold::{
+    AppendOutcome, DeadLetter, Error, FailureRecord, NewDeadLetter, NewEvent, Snapshot,
+    StoreStatistics,
+};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// The real in-memory store, with two hooks: a competing writer that sneaks a deposit in
+/// before each of the next `conflicts` appends, and a log of `read_stream` calls.
+#[derive(Default)]
+struct Hooked {
+    inner: InMemoryEventStore,
+    conflicts: AtomicU32,
+    reads_from: Mutex<Vec<u64>>,
+}
+
+impl Hooked {
+    async fn sneak_in_deposit(&self, stream: &StreamId) {
+        let event =
+            NewEvent::from_event(&AccountEvent::Deposited { amount: 1 }, Metadata::new()).unwrap();
+        self.inner
+            .append(stream, ExpectedVersion::Any, vec![event])
+            .await
+            .unwrap();
+    }
+}
+
+#[async_trait]
+impl EventStore for Hooked {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> eventfold::Result<AppendOutcome> {
+        let take = self
+            .conflicts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if take.is_ok() {
+            self.sneak_in_deposit(stream).await;
+        }
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream(&self, s: &StreamId, from: u64) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.reads_from.lock().unwrap().push(from);
+        self.inner.read_stream(s, from).await
+    }
+    async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(from, limit).await
+    }
+    async fn get(&self, id: Uuid) -> eventfold::Result<Option<RecordedEvent>> {
+        self.inner.get(id).await
+    }
+    async fn stream_version(&self, s: &StreamId) -> eventfold::Result<u64> {
+        self.inner.stream_version(s).await
+    }
+    async fn head_position(&self) -> eventfold::Result<u64> {
+        self.inner.head_position().await
+    }
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.watch_head()
+    }
+    async fn save_snapshot(&self, s: Snapshot) -> eventfold::Result<()> {
+        self.inner.save_snapshot(s).await
+    }
+    async fn load_snapshot(&self, s: &StreamId) -> eventfold::Result<Option<Snapshot>> {
+        self.inner.load_snapshot(s).await
+    }
+    async fn load_checkpoint(&self, n: &str) -> eventfold::Result<Option<u64>> {
+        self.inner.load_checkpoint(n).await
+    }
+    async fn save_checkpoint(&self, n: &str, p: u64) -> eventfold::Result<()> {
+        self.inner.save_checkpoint(n, p).await
+    }
+    async fn add_dead_letter(&self, d: NewDeadLetter) -> eventfold::Result<u64> {
+        self.inner.add_dead_letter(d).await
+    }
+    async fn dead_letters(&self, s: Option<&str>) -> eventfold::Result<Vec<DeadLetter>> {
+        self.inner.dead_letters(s).await
+    }
+    async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
+        self.inner.remove_dead_letter(id).await
+    }
+    async fn record_failure(&self, f: FailureRecord) -> eventfold::Result<()> {
+        self.inner.record_failure(f).await
+    }
+    async fn failures(&self, s: &str, limit: usize) -> eventfold::Result<Vec<FailureRecord>> {
+        self.inner.failures(s, limit).await
+    }
+    async fn statistics(&self) -> eventfold::Result<StoreStatistics> {
+        self.inner.statistics().await
+    }
+}
+
+fn open() -> AccountCommand {
+    AccountCommand::Open {
+        owner: "Ada".into(),
+    }
+}
+
+fn stream(id: &str) -> StreamId {
+    StreamId::new("Account", id)
+}
+
+#[tokio::test]
+async fn loading_an_unknown_aggregate_gives_the_default_at_version_0() {
+    let repo = Repository::<Account>::new(Arc::new(InMemoryEventStore::new()));
+    let (account, version) = repo.load("nobody").await.unwrap();
+    assert_eq!((account, version), (Account::default(), 0));
+}
+
+#[tokio::test]
+async fn execute_stores_events_and_load_replays_them() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone());
+    let opened = repo.execute("a", open()).await.unwrap();
+    assert_eq!(
+        opened.events,
+        [AccountEvent::Opened {
+            owner: "Ada".into()
+        }]
+    );
+    assert_eq!((opened.version, opened.positions), (1, Some(1..=1)));
+    repo.execute("a", AccountCommand::Deposit(100))
+        .await
+        .unwrap();
+    let last = repo
+        .execute("a", AccountCommand::Withdraw(40))
+        .await
+        .unwrap();
+    assert_eq!((last.version, last.positions), (3, Some(3..=3)));
+
+    let (account, version) = repo.load("a").await.unwrap();
+    assert_eq!((account.balance, account.applied, version), (60, 3, 3));
+    let stored = store.read_stream(&stream("a"), 1).await.unwrap();
+    let types: Vec<_> = stored.iter().map(|e| e.event_type.as_str()).collect();
+    assert_eq!(types, ["Opened", "FundsDeposited", "Withdrawn"]);
+    assert_eq!(stored[1].schema_version, 2);
+    assert_eq!(stored[1].payload, r#"{"amount":100}"#);
+}
+
+#[tokio::test]
+async fn a_rejected_command_stores_nothing() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone());
+    let err = repo
+        .execute("a", AccountCommand::Deposit(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CommandError::Rejected(AccountError::NotOpen)));
+    repo.execute("a", open()).await.unwrap();
+    let err = repo
+        .execute("a", AccountCommand::Withdraw(5))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.rejection(),
+        Some(&AccountError::InsufficientFunds {
+            balance: 0,
+            asked: 5
+        })
+    );
+    assert_eq!(store.head_position().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn a_command_without_events_appends_nothing() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone());
+    repo.execute("a", open()).await.unwrap();
+    let committed = repo.execute("a", AccountCommand::Noop).await.unwrap();
+    assert_eq!(
+        (
+            committed.events.len(),
+            committed.version,
+            committed.positions
+        ),
+        (0, 1, None)
+    );
+    assert_eq!(store.head_position().await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn metadata_is_stored_on_every_event_of_a_command() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone());
+    let correlation = Uuid::now_v7();
+    let metadata = Metadata::new()
+        .with_correlation_id(correlation)
+        .with("user", "ada");
+    repo.execute_with("a", open(), metadata.clone())
+        .await
+        .unwrap();
+    let stored = store.read_all(1, 10).await.unwrap();
+    assert_eq!(stored[0].metadata, metadata);
+}
+
+#[tokio::test]
+async fn a_conflict_reloads_and_retries_the_command() {
+    let store = Arc::new(Hooked::default());
+    let repo = Repository::<Account>::new(store.clone()).max_retries(2);
+    repo.execute("a", open()).await.unwrap();
+    repo.execute("a", AccountCommand::Deposit(10))
+        .await
+        .unwrap();
+
+    // Two competing deposits land before our append; each time the repository reloads,
+    // re-handles the withdrawal on the new state, and tries again.
+    store.conflicts.store(2, Ordering::SeqCst);
+    let committed = repo
+        .execute("a", AccountCommand::Withdraw(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        committed.version, 5,
+        "open, deposit, two competing deposits, withdrawal"
+    );
+    let (account, _) = repo.load("a").await.unwrap();
+    assert_eq!(
+        (account.balance, account.applied),
+        (2, 5),
+        "10 + 1 + 1 - 10"
+    );
+}
+
+#[tokio::test]
+async fn conflicts_beyond_the_retries_return_the_conflict_with_both_versions() {
+    let store = Arc::new(Hooked::default());
+    let repo = Repository::<Account>::new(store.clone()).max_retries(1);
+    repo.execute("a", open()).await.unwrap();
+    store.conflicts.store(2, Ordering::SeqCst);
+    match repo.execute("a", AccountCommand::Deposit(5)).await {
+        Err(CommandError::Store(Error::VersionConflict {
+            aggregate_type,
+            aggregate_id,
+            expected,
+            actual,
+        })) => {
+            assert_eq!(
+                (aggregate_type.as_str(), aggregate_id.as_str()),
+                ("Account", "a")
+            );
+            assert_eq!((expected, actual), (ExpectedVersion::Exact(2), 3));
+        }
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+    let (account, version) = repo.load("a").await.unwrap();
+    assert_eq!(
+        (account.balance, version),
+        (2, 3),
+        "only the two competing deposits"
+    );
+}
+
+#[tokio::test]
+async fn with_no_retries_the_first_conflict_is_returned() {
+    let store = Arc::new(Hooked::default());
+    let repo = Repository::<Account>::new(store.clone()).max_retries(0);
+    repo.execute("a", open()).await.unwrap();
+    store.conflicts.store(1, Ordering::SeqCst);
+    let err = repo
+        .execute("a", AccountCommand::Deposit(5))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CommandError::Store(ref e) if e.is_conflict()),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commands_on_one_aggregate_all_land_with_retries() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone()).max_retries(1_000);
+    repo.execute("a", open()).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    repo.execute("a", AccountCommand::Deposit(1)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let (account, version) = repo.load("a").await.unwrap();
+    assert_eq!((account.balance, version), (160, 161));
+}
+
+#[tokio::test]
+async fn snapshots_are_taken_every_n_events_and_loads_start_from_them() {
+    let store = Arc::new(Hooked::default());
+    let repo = Repository::<Account>::new(store.clone()).snapshot_every(10);
+    repo.execute("a", open()).await.unwrap();
+    for _ in 0..24 {
+        repo.execute("a", AccountCommand::Deposit(2)).await.unwrap();
+    }
+    let snapshot = store.load_snapshot(&stream("a")).await.unwrap().unwrap();
+    assert_eq!((snapshot.version, snapshot.schema_version), (20, 1));
+
+    store.reads_from.lock().unwrap().clear();
+    let (account, version) = repo.load("a").await.unwrap();
+    assert_eq!((account.balance, version), (48, 25));
+    assert_eq!(
+        account.applied, 25,
+        "the snapshot carried 20 applied events"
+    );
+    assert_eq!(
+        *store.reads_from.lock().unwrap(),
+        [21],
+        "replay starts after the snapshot"
+    );
+
+    // A repository without snapshots ignores them and replays everything.
+    let plain = Repository::<Account>::new(store.clone());
+    assert_eq!(plain.load("a").await.unwrap(), (account, 25));
+}
+
+#[tokio::test]
+async fn an_unreadable_snapshot_falls_back_to_full_replay() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone()).snapshot_every(2);
+    repo.execute("a", open()).await.unwrap();
+    repo.execute("a", AccountCommand::Deposit(7)).await.unwrap();
+    repo.execute("a", AccountCommand::Deposit(8)).await.unwrap();
+
+    for (state, schema_version) in [("not json", 1), (r#"{"balance":"lots"}"#, 1), ("{}", 99)] {
+        store
+            .save_snapshot(Snapshot {
+                aggregate_type: "Account".into(),
+                aggregate_id: "a".into(),
+                version: 100 + schema_version as u64,
+                schema_version,
+                state: state.into(),
+                taken_at: Utc::now(),
+            })
+            .await
+            .unwrap();
+        let (account, version) = repo.load("a").await.unwrap();
+        assert_eq!(
+            (account.balance, account.applied, version),
+            (15, 3, 3),
+            "{state}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn loading_a_corrupt_event_names_its_id_and_position() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone());
+    repo.execute("a", open()).await.unwrap();
+    let mut bad =
+        NewEvent::from_event(&AccountEvent::Deposited { amount: 1 }, Metadata::new()).unwrap();
+    bad.payload = r#"{"amount":"one"}"#.into();
+    let bad_id = bad.event_id;
+    store
+        .append(&stream("a"), ExpectedVersion::Exact(1), vec![bad])
+        .await
+        .unwrap();
+    match repo.load("a").await {
+        Err(Error::Payload {
+            event_type,
+            event_id,
+            position,
+            ..
+        }) => {
+            assert_eq!(event_type, "FundsDeposited");
+            assert_eq!((event_id, position), (Some(bad_id), Some(2)));
+        }
+        other => panic!("expected a payload error, got {other:?}"),
+    }
+    let err = repo
+        .execute("a", AccountCommand::Deposit(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CommandError::Store(Error::Payload { .. })));
+    assert_eq!(
+        store.head_position().await.unwrap(),
+        2,
+        "nothing more was stored"
+    );
+}
