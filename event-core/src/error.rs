@@ -160,6 +160,59 @@ pub enum Error {
         id: u64,
     },
 
+    /// The bus queue has no room for the events, and the caller asked not to wait (or the
+    /// batch is larger than the whole queue). Nothing was published.
+    #[error("the bus queue is full (capacity {capacity}); nothing was published")]
+    QueueFull {
+        /// The queue's capacity.
+        capacity: usize,
+    },
+
+    /// The bus is stopped (or stopping): it accepts no more events.
+    #[error("the event bus is stopped")]
+    BusStopped,
+
+    /// The operation needs a running bus (call `start` first).
+    #[error("the event bus is not running")]
+    BusNotRunning,
+
+    /// `start` was called on a bus that already started.
+    #[error("the event bus was already started")]
+    BusAlreadyStarted,
+
+    /// An event was published without an aggregate id: mark a field
+    /// `#[domain_event(aggregate_id)]` or give the id with `Outgoing::to`.
+    #[error("`{event_type}` was published without an aggregate id")]
+    MissingAggregateId {
+        /// The event's type name.
+        event_type: String,
+    },
+
+    /// A subscription with this name exists already.
+    #[error("a subscription named `{name}` exists already")]
+    DuplicateSubscription {
+        /// The name.
+        name: String,
+    },
+
+    /// No subscription has this name (or its name is empty).
+    #[error("no subscription named `{name}`")]
+    UnknownSubscription {
+        /// The name asked for.
+        name: String,
+    },
+
+    /// A handler failed when a dead letter was replayed; the dead letter is kept.
+    #[error("subscription `{subscription}` failed on event {event_id}: {message}")]
+    HandlerFailed {
+        /// The subscription.
+        subscription: String,
+        /// The event.
+        event_id: Uuid,
+        /// What the handler reported.
+        message: String,
+    },
+
     /// The storage backend failed (I/O, a full disk, a read-only file, a lock held too long).
     /// Nothing of the failed operation is stored.
     #[error("store error ({kind}): {message}")]

@@ -6,6 +6,7 @@
 //! with `#[derive(DomainEvent)]` and the SQLite store.
 
 mod aggregate;
+mod bus;
 mod error;
 mod event;
 mod memory;
@@ -15,6 +16,11 @@ mod store;
 pub mod testing;
 
 pub use aggregate::{Aggregate, CommandError, Committed, Repository};
+pub use bus::{
+    BoxFuture, BusStatistics, Clock, Delivery, EventBus, EventBusBuilder, Handler, IntoOutgoing,
+    Outgoing, RetryPolicy, StopReport, SubscriptionBuilder, SubscriptionHandle,
+    SubscriptionStatistics, SystemClock,
+};
 pub use error::{BoxError, Error, Result, StoreErrorKind};
 pub use event::{DomainEvent, EventType};
 pub use memory::InMemoryEventStore;
@@ -23,7 +29,7 @@ pub use record::{
     NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
 };
 pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
-pub use store::{EventStore, check_append};
+pub use store::{EventStore, check_append, check_batch};
 
 // Lets the derive's generated code in this crate's own tests name `::eventfold`.
 #[cfg(test)]

@@ -10,10 +10,10 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::record::{
-    AppendOutcome, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter, NewEvent,
-    RecordedEvent, Snapshot, StoreStatistics, StreamId,
+    AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord,
+    NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
 };
-use crate::store::{EventStore, check_append};
+use crate::store::{EventStore, check_batch};
 
 /// An [`EventStore`] that keeps everything in memory and loses it when dropped.
 ///
@@ -70,7 +70,71 @@ impl InMemoryEventStore {
     }
 }
 
+/// What an append would do to a stream, checked before anything is stored.
+enum Check {
+    /// The events are stored already: the append is a repeat.
+    Replayed(AppendOutcome),
+    /// The events are new and the stream is at `version`.
+    Fresh { version: u64 },
+}
+
 impl Inner {
+    fn check(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: &[NewEvent],
+    ) -> Result<Check> {
+        if let Some(outcome) = self.replayed(stream, events)? {
+            return Ok(Check::Replayed(outcome));
+        }
+        let actual = self.version(stream);
+        if !expected.matches(actual) {
+            return Err(Error::VersionConflict {
+                aggregate_type: stream.aggregate_type.clone(),
+                aggregate_id: stream.aggregate_id.clone(),
+                expected,
+                actual,
+            });
+        }
+        Ok(Check::Fresh { version: actual })
+    }
+
+    fn store(
+        &mut self,
+        request: AppendRequest,
+        version: u64,
+        recorded_at: chrono::DateTime<Utc>,
+    ) -> AppendOutcome {
+        let first_position = self.log.len() as u64 + 1;
+        let mut positions = Vec::with_capacity(request.events.len());
+        for (i, event) in request.events.into_iter().enumerate() {
+            let position = first_position + i as u64;
+            self.by_id.insert(event.event_id, position);
+            positions.push(position);
+            self.log.push(RecordedEvent {
+                event_id: event.event_id,
+                aggregate_type: request.stream.aggregate_type.clone(),
+                aggregate_id: request.stream.aggregate_id.clone(),
+                version: version + 1 + i as u64,
+                position,
+                event_type: event.event_type,
+                schema_version: event.schema_version,
+                occurred_at: event.occurred_at,
+                recorded_at,
+                metadata: event.metadata,
+                payload: event.payload,
+            });
+        }
+        let stream = self.streams.entry(request.stream).or_default();
+        stream.extend(positions);
+        AppendOutcome {
+            version: stream.len() as u64,
+            first_position,
+            last_position: self.log.len() as u64,
+        }
+    }
+
     fn version(&self, stream: &StreamId) -> u64 {
         self.streams.get(stream).map_or(0, |s| s.len() as u64)
     }
@@ -128,57 +192,35 @@ impl EventStore for InMemoryEventStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome> {
-        check_append(stream, &events)?;
-        let outcome = {
-            let mut inner = self.lock();
-            if let Some(outcome) = inner.replayed(stream, &events)? {
-                return Ok(outcome);
-            }
-            let actual = inner.version(stream);
-            if !expected.matches(actual) {
-                return Err(Error::VersionConflict {
-                    aggregate_type: stream.aggregate_type.clone(),
-                    aggregate_id: stream.aggregate_id.clone(),
-                    expected,
-                    actual,
-                });
-            }
-            let recorded_at = Utc::now();
-            let first_position = inner.log.len() as u64 + 1;
-            let mut positions = Vec::with_capacity(events.len());
-            for (i, event) in events.into_iter().enumerate() {
-                let position = first_position + i as u64;
-                inner.by_id.insert(event.event_id, position);
-                positions.push(position);
-                inner.log.push(RecordedEvent {
-                    event_id: event.event_id,
-                    aggregate_type: stream.aggregate_type.clone(),
-                    aggregate_id: stream.aggregate_id.clone(),
-                    version: actual + 1 + i as u64,
-                    position,
-                    event_type: event.event_type,
-                    schema_version: event.schema_version,
-                    occurred_at: event.occurred_at,
-                    recorded_at,
-                    metadata: event.metadata,
-                    payload: event.payload,
-                });
-            }
-            let last_position = inner.log.len() as u64;
-            inner
-                .streams
-                .entry(stream.clone())
-                .or_default()
-                .extend(positions);
-            // Published under the lock, so the watch never runs backwards.
-            self.head.send_replace(last_position);
-            AppendOutcome {
-                version: inner.version(stream),
-                first_position,
-                last_position,
-            }
+        let request = AppendRequest {
+            stream: stream.clone(),
+            expected,
+            events,
         };
-        Ok(outcome)
+        let mut outcomes = self.append_batch(vec![request]).await?;
+        Ok(outcomes.remove(0))
+    }
+
+    async fn append_batch(&self, requests: Vec<AppendRequest>) -> Result<Vec<AppendOutcome>> {
+        check_batch(&requests)?;
+        let mut inner = self.lock();
+        // Check every request before storing any, so the batch is all or nothing.
+        let checks = requests
+            .iter()
+            .map(|r| inner.check(&r.stream, r.expected, &r.events))
+            .collect::<Result<Vec<_>>>()?;
+        let recorded_at = Utc::now();
+        let outcomes = requests
+            .into_iter()
+            .zip(checks)
+            .map(|(request, check)| match check {
+                Check::Replayed(outcome) => outcome,
+                Check::Fresh { version } => inner.store(request, version, recorded_at),
+            })
+            .collect();
+        // Published under the lock, so the watch never runs backwards.
+        self.head.send_replace(inner.log.len() as u64);
+        Ok(outcomes)
     }
 
     async fn read_stream(

@@ -107,6 +107,15 @@ inventory::collect!(UpcasterRegistration);
 ///
 /// ```
 /// use eventfold_core::upcaster;
+/// # use eventfold_macros::DomainEvent;
+/// # use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Serialize, Deserialize, DomainEvent)]
+/// #[domain_event(aggregate = "Account", crate = "eventfold_core")]
+/// enum AccountEvent {
+///     #[domain_event(name = "FundsDeposited", version = 2)]
+///     Deposited { cents: u64 },
+/// }
 ///
 /// // Version 1 stored `amount` in whole units; version 2 stores `cents`.
 /// fn deposited_v1_to_v2(mut v: serde_json::Value) -> Result<serde_json::Value, String> {
@@ -116,7 +125,13 @@ inventory::collect!(UpcasterRegistration);
 ///     Ok(v)
 /// }
 /// upcaster!("FundsDeposited", 1, deposited_v1_to_v2);
-/// # fn main() {}
+///
+/// # fn main() {
+/// let event: AccountEvent = eventfold_core::registry()
+///     .decode("FundsDeposited", 1, r#"{"amount":3}"#)
+///     .unwrap();
+/// assert!(matches!(event, AccountEvent::Deposited { cents: 300 }));
+/// # }
 /// ```
 #[macro_export]
 macro_rules! upcaster {

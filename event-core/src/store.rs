@@ -39,33 +39,21 @@ pub trait EventStore: Send + Sync + 'static {
     /// [`append`](Self::append) checks it, and either all are stored (in request order,
     /// with consecutive positions) or none is, and the first failure is returned.
     ///
-    /// The default implementation handles requests that all name one stream; a backend
-    /// that can commit several streams at once overrides it.
+    /// A stream may appear once per batch. The default implementation takes a batch of one
+    /// request; a backend that can commit several streams at once overrides it.
     async fn append_batch(&self, requests: Vec<AppendRequest>) -> Result<Vec<AppendOutcome>> {
-        let Some(first) = requests.first() else {
-            return Ok(Vec::new());
-        };
-        let stream = first.stream.clone();
-        if requests.iter().any(|r| r.stream != stream) {
-            return Err(Error::InvalidAppend {
-                reason: "this store cannot append to several streams atomically".into(),
-            });
-        }
-        let mut expected = first.expected;
-        let mut events = Vec::new();
-        for request in requests {
-            if !matches!(request.expected, ExpectedVersion::Any) && events.len() > 0 {
-                return Err(Error::InvalidAppend {
-                    reason: "only the first request of a one-stream batch may expect a version"
-                        .into(),
-                });
+        check_batch(&requests)?;
+        match <[AppendRequest; 1]>::try_from(requests) {
+            Ok([request]) => {
+                let outcome = self
+                    .append(&request.stream, request.expected, request.events)
+                    .await?;
+                Ok(vec![outcome])
             }
-            events.extend(request.events);
+            Err(_) => Err(Error::InvalidAppend {
+                reason: "this store cannot append to several streams atomically".into(),
+            }),
         }
-        if events.is_empty() {
-            expected = ExpectedVersion::Any;
-        }
-        Ok(vec![self.append(&stream, expected, events).await?])
     }
 
     /// The events of a stream from version `from_version` (inclusive, from 1), in order.
@@ -141,6 +129,29 @@ pub fn check_append(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
         }
         if events[..i].iter().any(|e| e.event_id == event.event_id) {
             return invalid(format!("event id {} appears twice", event.event_id));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a batch as [`check_append`] checks one append, and that no stream appears twice
+/// and no event id repeats across the batch.
+pub fn check_batch(requests: &[AppendRequest]) -> Result<()> {
+    let mut streams = std::collections::HashSet::new();
+    let mut ids = std::collections::HashSet::new();
+    for request in requests {
+        check_append(&request.stream, &request.events)?;
+        if !streams.insert(&request.stream) {
+            return Err(Error::InvalidAppend {
+                reason: format!("stream `{}` appears twice in one batch", request.stream),
+            });
+        }
+        for event in &request.events {
+            if !ids.insert(event.event_id) {
+                return Err(Error::InvalidAppend {
+                    reason: format!("event id {} appears twice", event.event_id),
+                });
+            }
         }
     }
     Ok(())

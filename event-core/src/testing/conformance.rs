@@ -28,8 +28,8 @@ use uuid::Uuid;
 
 use crate::error::Error;
 use crate::record::{
-    ExpectedVersion, FailureRecord, Metadata, NewDeadLetter, NewEvent, RecordedEvent, Snapshot,
-    StreamId,
+    AppendRequest, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter, NewEvent,
+    RecordedEvent, Snapshot, StreamId,
 };
 use crate::store::EventStore;
 
@@ -86,6 +86,7 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@cases $factory;
             append_assigns_gap_free_versions_and_positions,
             multi_event_append_is_atomic,
+            batch_appends_to_several_streams_atomically,
             expected_version_any,
             expected_version_no_stream,
             expected_version_exact,
@@ -237,6 +238,55 @@ pub async fn multi_event_append_is_atomic(store: Arc<dyn EventStore>) {
         (out.version, out.first_position, out.last_position),
         (4, 3, 4)
     );
+}
+
+/// `append_batch` stores several streams' events together, or none of them.
+pub async fn batch_appends_to_several_streams_atomically(store: Arc<dyn EventStore>) {
+    let (a, b, c) = (stream("batch-a"), stream("batch-b"), stream("batch-c"));
+    let request = |s: &StreamId, expected, range| AppendRequest {
+        stream: s.clone(),
+        expected,
+        events: events(range),
+    };
+    let outcomes = store
+        .append_batch(vec![
+            request(&a, ExpectedVersion::NoStream, 1..=2),
+            request(&b, ExpectedVersion::NoStream, 1..=1),
+        ])
+        .await
+        .unwrap();
+    let got: Vec<_> = outcomes
+        .iter()
+        .map(|o| (o.version, o.first_position, o.last_position))
+        .collect();
+    assert_eq!(got, [(2, 1, 2), (1, 3, 3)]);
+
+    // The second request conflicts: the first and third are not stored either.
+    let result = store
+        .append_batch(vec![
+            request(&a, ExpectedVersion::Exact(2), 3..=3),
+            request(&b, ExpectedVersion::NoStream, 2..=2),
+            request(&c, ExpectedVersion::Any, 1..=1),
+        ])
+        .await;
+    assert_conflict(result, ExpectedVersion::NoStream, 1);
+    assert_eq!(store.head_position().await.unwrap(), 3);
+    assert_eq!(store.stream_version(&a).await.unwrap(), 2);
+    assert_eq!(store.stream_version(&c).await.unwrap(), 0);
+
+    // One stream twice in a batch is refused.
+    let twice = store
+        .append_batch(vec![
+            request(&c, ExpectedVersion::Any, 1..=1),
+            request(&c, ExpectedVersion::Any, 2..=2),
+        ])
+        .await;
+    assert!(
+        matches!(twice, Err(Error::InvalidAppend { .. })),
+        "{twice:?}"
+    );
+    assert!(store.append_batch(vec![]).await.unwrap().is_empty());
+    assert_eq!(store.head_position().await.unwrap(), 3);
 }
 
 /// `Any` appends whatever the version.

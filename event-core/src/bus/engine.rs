@@ -1,0 +1,817 @@
+//! The delivery engine: one dispatcher that takes events in order (from the store's log or
+//! from the in-memory intake) and routes them to workers by aggregate, the workers that run
+//! handlers with retries, and the tracker that turns completions into checkpoints.
+//!
+//! Order: every event of one aggregate goes to the same worker, which handles a worker's
+//! events in arrival order and, per event, its subscriptions in priority order. A delivery
+//! waiting for a retry parks the later events of the same aggregate for that subscription
+//! only, so other aggregates and other subscriptions go on.
+
+use std::any::Any;
+use std::cmp::Reverse;
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::config::{Clock, Jitter, RetryPolicy};
+use super::handler::{CatchUnwind, Invoke};
+use super::stats::{Counters, Histogram};
+use crate::error::{Error, Result};
+use crate::record::{FailureRecord, NewDeadLetter, RecordedEvent};
+use crate::store::EventStore;
+
+/// One subscription as the engine sees it.
+pub(crate) struct Sub {
+    pub(crate) index: usize,
+    pub(crate) name: Arc<str>,
+    pub(crate) priority: i32,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) event_types: Vec<&'static str>,
+    pub(crate) invoke: Box<dyn Invoke>,
+    pub(crate) counters: Counters,
+    pub(crate) latency: Histogram,
+    pub(crate) active: AtomicBool,
+    /// Events routed to it and not yet done (its lag on a bus without a store).
+    pub(crate) queued: AtomicU64,
+}
+
+/// The subscriptions by event type, each list in priority order. Replaced whole on every
+/// change, so the dispatcher reads it without locks.
+#[derive(Default)]
+pub(crate) struct Routing {
+    pub(crate) subs: Vec<Arc<Sub>>,
+    by_type: HashMap<&'static str, Arc<[Arc<Sub>]>>,
+}
+
+impl Routing {
+    pub(crate) fn new(mut subs: Vec<Arc<Sub>>) -> Self {
+        subs.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+        let mut by_type: HashMap<&'static str, Vec<Arc<Sub>>> = HashMap::new();
+        for sub in &subs {
+            for &event_type in &sub.event_types {
+                by_type.entry(event_type).or_default().push(Arc::clone(sub));
+            }
+        }
+        Routing {
+            subs,
+            by_type: by_type.into_iter().map(|(k, v)| (k, v.into())).collect(),
+        }
+    }
+
+    fn route(&self, event_type: &str) -> Option<&Arc<[Arc<Sub>]>> {
+        self.by_type.get(event_type)
+    }
+}
+
+/// An event on its way through the engine.
+pub(crate) struct BusEvent {
+    pub(crate) record: Arc<RecordedEvent>,
+    /// The event itself, on a bus without a store (no decoding needed).
+    pub(crate) typed: Option<Arc<dyn Any + Send + Sync>>,
+    /// Deliveries of this event still to finish.
+    remaining: AtomicUsize,
+}
+
+impl BusEvent {
+    pub(crate) fn new(record: RecordedEvent, typed: Option<Arc<dyn Any + Send + Sync>>) -> Self {
+        BusEvent {
+            record: Arc::new(record),
+            typed,
+            remaining: AtomicUsize::new(0),
+        }
+    }
+
+    fn stream_hash(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        self.record.aggregate_type.hash(&mut h);
+        self.record.aggregate_id.hash(&mut h);
+        h.finish()
+    }
+}
+
+/// An event and the subscriptions it goes to, in priority order.
+pub(crate) struct Job {
+    event: Arc<BusEvent>,
+    subs: Arc<[Arc<Sub>]>,
+}
+
+/// State shared by the engine's tasks and the bus handle.
+pub(crate) struct Engine {
+    pub(crate) store: Option<Arc<dyn EventStore>>,
+    /// Where dead letters and failure records go: the store, or a private in-memory one.
+    pub(crate) records: Arc<dyn EventStore>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) routing: watch::Sender<Arc<Routing>>,
+    pub(crate) capacity: usize,
+    pub(crate) batch_size: usize,
+    /// Free places in the queue: taken per event before it enters, given back when done.
+    pub(crate) permits: Semaphore,
+    /// Events accepted and not yet done.
+    pub(crate) in_flight: AtomicU64,
+    /// Where the dispatcher reads next, with a store.
+    pub(crate) read_next: AtomicU64,
+    /// Wakes `wait_idle` and the checkpoint flusher when work finishes.
+    pub(crate) progress: Notify,
+    pub(crate) counters: Counters,
+    pub(crate) published: AtomicU64,
+    pub(crate) tracker: Mutex<Tracker>,
+    pub(crate) checkpoints_dirty: Notify,
+    pub(crate) stopping: watch::Sender<bool>,
+    pub(crate) seed: u64,
+}
+
+impl Engine {
+    pub(crate) fn lock_tracker(&self) -> MutexGuard<'_, Tracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when nothing is queued, in flight or waiting for a retry, and, with a store,
+    /// the dispatcher has read up to the head of the log.
+    pub(crate) fn is_idle(&self) -> bool {
+        if self.in_flight.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        match &self.store {
+            Some(store) => {
+                let head = *store.watch_head().borrow();
+                self.read_next.load(Ordering::SeqCst) > head
+            }
+            None => true,
+        }
+    }
+
+    /// One delivery of `event` is finished (handled, dead-lettered or dropped because its
+    /// subscription left).
+    fn finish(&self, event: &BusEvent, sub: &Sub) {
+        sub.queued.fetch_sub(1, Ordering::Relaxed);
+        if self.store.is_some() {
+            let advanced = self
+                .lock_tracker()
+                .complete(sub.index, event.record.position);
+            if advanced {
+                self.checkpoints_dirty.notify_one();
+            }
+        }
+        if event.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.event_done();
+        }
+    }
+
+    fn event_done(&self) {
+        self.permits.add_permits(1);
+        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.progress.notify_waiters();
+        }
+    }
+}
+
+/// Per durable subscription: which positions are out for delivery, and the checkpoint
+/// (the last position below which everything is done).
+#[derive(Default)]
+pub(crate) struct Tracker {
+    subs: HashMap<usize, Track>,
+}
+
+struct Track {
+    name: Arc<str>,
+    /// Every position up to this one was routed (or skipped as not of its types).
+    routed_upto: u64,
+    /// Positions routed and their state, in position order.
+    out: VecDeque<(u64, bool)>,
+    checkpoint: u64,
+    saved: u64,
+}
+
+impl Tracker {
+    pub(crate) fn contains(&self, index: usize) -> bool {
+        self.subs.contains_key(&index)
+    }
+
+    pub(crate) fn add(&mut self, index: usize, name: Arc<str>, checkpoint: u64) {
+        self.subs.insert(
+            index,
+            Track {
+                name,
+                routed_upto: checkpoint,
+                out: VecDeque::new(),
+                checkpoint,
+                saved: checkpoint,
+            },
+        );
+    }
+
+    pub(crate) fn remove(&mut self, index: usize) {
+        self.subs.remove(&index);
+    }
+
+    /// The lowest position any subscription still has to see, minus one.
+    fn lowest_routed(&self) -> Option<u64> {
+        self.subs.values().map(|t| t.routed_upto).min()
+    }
+
+    fn wants(&self, index: usize, position: u64) -> bool {
+        self.subs
+            .get(&index)
+            .is_some_and(|t| position > t.routed_upto)
+    }
+
+    fn route(&mut self, index: usize, position: u64) {
+        if let Some(track) = self.subs.get_mut(&index) {
+            track.out.push_back((position, false));
+        }
+    }
+
+    /// Everything up to `last` was read: subscriptions that were not routed an event in
+    /// between have nothing left to do there.
+    fn routed_through(&mut self, last: u64) -> bool {
+        let mut advanced = false;
+        for track in self.subs.values_mut() {
+            if track.routed_upto < last {
+                track.routed_upto = last;
+                advanced |= track.settle();
+            }
+        }
+        advanced
+    }
+
+    fn complete(&mut self, index: usize, position: u64) -> bool {
+        let Some(track) = self.subs.get_mut(&index) else {
+            return false;
+        };
+        if let Ok(i) = track.out.binary_search_by_key(&position, |&(p, _)| p) {
+            track.out[i].1 = true;
+        }
+        track.settle()
+    }
+
+    pub(crate) fn checkpoint(&self, index: usize) -> Option<u64> {
+        self.subs.get(&index).map(|t| t.checkpoint)
+    }
+
+    /// Checkpoints that moved since they were last saved.
+    pub(crate) fn unsaved(&self) -> Vec<(usize, Arc<str>, u64)> {
+        self.subs
+            .iter()
+            .filter(|(_, t)| t.checkpoint != t.saved)
+            .map(|(&i, t)| (i, Arc::clone(&t.name), t.checkpoint))
+            .collect()
+    }
+
+    pub(crate) fn saved(&mut self, index: usize, position: u64) {
+        if let Some(track) = self.subs.get_mut(&index) {
+            track.saved = track.saved.max(position);
+        }
+    }
+}
+
+impl Track {
+    /// Moves the checkpoint past finished positions; true if it moved.
+    fn settle(&mut self) -> bool {
+        while self.out.front().is_some_and(|&(_, done)| done) {
+            self.out.pop_front();
+        }
+        let checkpoint = match self.out.front() {
+            Some(&(position, _)) => position - 1,
+            None => self.routed_upto,
+        };
+        let moved = checkpoint > self.checkpoint;
+        self.checkpoint = self.checkpoint.max(checkpoint);
+        moved
+    }
+}
+
+/// Sends jobs to the worker that owns their aggregate.
+pub(crate) struct Router {
+    workers: Vec<mpsc::UnboundedSender<Vec<Job>>>,
+    pending: Vec<Vec<Job>>,
+}
+
+impl Router {
+    pub(crate) fn new(workers: Vec<mpsc::UnboundedSender<Vec<Job>>>) -> Self {
+        let pending = workers.iter().map(|_| Vec::new()).collect();
+        Router { workers, pending }
+    }
+
+    fn push(&mut self, event: Arc<BusEvent>, subs: Arc<[Arc<Sub>]>) {
+        let worker = (event.stream_hash() % self.workers.len() as u64) as usize;
+        self.pending[worker].push(Job { event, subs });
+    }
+
+    fn flush(&mut self) {
+        for (worker, jobs) in self.workers.iter().zip(&mut self.pending) {
+            if !jobs.is_empty() {
+                // A worker only ends after its sender is dropped, so this cannot fail.
+                let _ = worker.send(std::mem::take(jobs));
+            }
+        }
+    }
+}
+
+/// Marks an event as routed to `subs`; returns false (and finishes it) if none wants it.
+fn admit(engine: &Engine, event: &BusEvent, subs: &[Arc<Sub>]) -> bool {
+    event.remaining.store(subs.len(), Ordering::Release);
+    for sub in subs {
+        sub.queued.fetch_add(1, Ordering::Relaxed);
+    }
+    if subs.is_empty() {
+        engine.event_done();
+        return false;
+    }
+    true
+}
+
+/// The dispatcher of a bus without a store: takes published events from the intake in
+/// order and routes them. Ends when the intake closes and is drained.
+pub(crate) async fn dispatch_intake(
+    engine: Arc<Engine>,
+    mut intake: mpsc::UnboundedReceiver<BusEvent>,
+    mut router: Router,
+) {
+    let mut batch = Vec::with_capacity(engine.batch_size);
+    let routing = engine.routing.subscribe();
+    while intake.recv_many(&mut batch, engine.batch_size).await > 0 {
+        let table = Arc::clone(&routing.borrow());
+        for event in batch.drain(..) {
+            let subs: Arc<[Arc<Sub>]> = match table.route(&event.record.event_type) {
+                Some(subs) => Arc::clone(subs),
+                None => Arc::from(Vec::new()),
+            };
+            if admit(&engine, &event, &subs) {
+                router.push(Arc::new(event), subs);
+            }
+        }
+        router.flush();
+    }
+}
+
+/// The dispatcher of a bus with a store: reads the global log from the lowest checkpoint
+/// of its subscriptions and routes each event to the subscriptions that have not seen it.
+/// A subscription added later rewinds the reader to its own checkpoint; the others skip
+/// what they already had. Ends when the bus stops.
+pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
+    let store = Arc::clone(engine.store.as_ref().expect("a bus with a store"));
+    let mut head = store.watch_head();
+    let mut routing = engine.routing.subscribe();
+    let mut stopping = engine.stopping.subscribe();
+    let mut next = u64::MAX;
+    let mut table = Arc::new(Routing::default());
+    loop {
+        if *stopping.borrow() {
+            break;
+        }
+        let current = Arc::clone(&routing.borrow_and_update());
+        if !Arc::ptr_eq(&current, &table) || next == u64::MAX {
+            table = current;
+            match sync_tracker(&engine, &store, &table).await {
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::error!(%error, "cannot load subscription checkpoints; retrying");
+                    if wait_or_stop(&mut stopping, std::time::Duration::from_millis(500)).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            let lowest = engine.lock_tracker().lowest_routed();
+            next = next.min(lowest.map_or(u64::MAX - 1, |p| p + 1));
+        }
+        let head_now = *head.borrow_and_update();
+        if table.subs.is_empty() || next > head_now {
+            let caught_up = if table.subs.is_empty() {
+                head_now + 1
+            } else {
+                next
+            };
+            engine.read_next.store(caught_up, Ordering::SeqCst);
+            engine.progress.notify_waiters();
+            tokio::select! {
+                _ = head.changed() => {}
+                _ = routing.changed() => {}
+                _ = stopping.changed() => {}
+            }
+            continue;
+        }
+        // Wait for room before reading, so the window of events in memory stays bounded.
+        let room = tokio::select! {
+            permit = engine.permits.acquire() => permit,
+            _ = stopping.changed() => continue,
+        };
+        drop(room);
+        let limit = engine
+            .permits
+            .available_permits()
+            .clamp(1, engine.batch_size);
+        let page = match store.read_all(next, limit).await {
+            Ok(page) => page,
+            Err(error) => {
+                tracing::error!(%error, position = next, "cannot read the event log; retrying");
+                if wait_or_stop(&mut stopping, std::time::Duration::from_millis(500)).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        let Some(last) = page.last().map(|e| e.position) else {
+            // The head moved past what the log holds (another writer's append is not
+            // visible yet); wait for the next change.
+            engine.read_next.store(next, Ordering::SeqCst);
+            continue;
+        };
+        let mut admitted = Vec::new();
+        {
+            let mut tracker = engine.lock_tracker();
+            for record in page {
+                let Some(candidates) = table.route(&record.event_type) else {
+                    continue;
+                };
+                let subs: Vec<Arc<Sub>> = candidates
+                    .iter()
+                    .filter(|s| tracker.wants(s.index, record.position))
+                    .cloned()
+                    .collect();
+                if subs.is_empty() {
+                    continue;
+                }
+                for sub in &subs {
+                    tracker.route(sub.index, record.position);
+                }
+                admitted.push((BusEvent::new(record, None), Arc::<[Arc<Sub>]>::from(subs)));
+            }
+            if tracker.routed_through(last) {
+                engine.checkpoints_dirty.notify_one();
+            }
+        }
+        for (event, subs) in admitted {
+            // Permits bound the events in memory; they come back as events finish.
+            let permit = tokio::select! {
+                permit = engine.permits.acquire() => permit,
+                _ = stopping.changed() => {
+                    // Not routed: the tracker keeps these positions open, so the
+                    // checkpoint stays below them and they are read again next time.
+                    break;
+                }
+            };
+            if let Ok(permit) = permit {
+                permit.forget();
+            }
+            engine.in_flight.fetch_add(1, Ordering::SeqCst);
+            if admit(&engine, &event, &subs) {
+                router.push(Arc::new(event), subs);
+            }
+            if router.pending.iter().map(Vec::len).sum::<usize>() >= engine.batch_size {
+                router.flush();
+            }
+        }
+        router.flush();
+        next = last + 1;
+        engine.read_next.store(next, Ordering::SeqCst);
+    }
+}
+
+/// Adds newly subscribed durable subscriptions to the tracker at their stored checkpoint,
+/// and drops those that left.
+async fn sync_tracker(engine: &Engine, store: &Arc<dyn EventStore>, table: &Routing) -> Result<()> {
+    let missing: Vec<Arc<Sub>> = {
+        let mut tracker = engine.lock_tracker();
+        let live: Vec<usize> = table.subs.iter().map(|s| s.index).collect();
+        let gone: Vec<usize> = tracker
+            .subs
+            .keys()
+            .copied()
+            .filter(|i| !live.contains(i))
+            .collect();
+        for index in gone {
+            tracker.remove(index);
+        }
+        table
+            .subs
+            .iter()
+            .filter(|s| !tracker.contains(s.index))
+            .cloned()
+            .collect()
+    };
+    for sub in missing {
+        let checkpoint = store.load_checkpoint(&sub.name).await?.unwrap_or(0);
+        engine
+            .lock_tracker()
+            .add(sub.index, Arc::clone(&sub.name), checkpoint);
+    }
+    Ok(())
+}
+
+/// Sleeps for `delay` unless the bus stops first; true if it stops.
+async fn wait_or_stop(stopping: &mut watch::Receiver<bool>, delay: std::time::Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => *stopping.borrow(),
+        _ = stopping.changed() => true,
+    }
+}
+
+/// Saves moved checkpoints whenever deliveries finish; changes that arrive during a save
+/// are folded into the next one. A failed save is retried: it only delays the checkpoint.
+pub(crate) async fn flush_checkpoints(engine: Arc<Engine>) {
+    let mut stopping = engine.stopping.subscribe();
+    loop {
+        tokio::select! {
+            _ = engine.checkpoints_dirty.notified() => {}
+            _ = stopping.changed() => return,
+        }
+        if let Err(error) = save_checkpoints(&engine).await {
+            tracing::warn!(%error, "cannot save subscription checkpoints; retrying");
+            if wait_or_stop(&mut stopping, std::time::Duration::from_millis(200)).await {
+                return;
+            }
+            engine.checkpoints_dirty.notify_one();
+        }
+    }
+}
+
+/// Saves every checkpoint that moved since its last save.
+pub(crate) async fn save_checkpoints(engine: &Engine) -> Result<()> {
+    let Some(store) = &engine.store else {
+        return Ok(());
+    };
+    let unsaved = engine.lock_tracker().unsaved();
+    for (index, name, position) in unsaved {
+        store.save_checkpoint(&name, position).await?;
+        engine.lock_tracker().saved(index, position);
+    }
+    Ok(())
+}
+
+/// A delivery that failed and waits for its next attempt, or for its dead letter to be
+/// stored.
+struct Pending {
+    event: Arc<BusEvent>,
+    sub: Arc<Sub>,
+    failures: u32,
+    first_failed_at: Option<DateTime<Utc>>,
+    last_error: String,
+    /// The last attempt was made; only the dead letter is left to store.
+    give_up: bool,
+}
+
+enum Outcome {
+    Done,
+    Wait(Pending, Instant),
+}
+
+type Key = (usize, u64);
+
+/// Runs the deliveries of the aggregates routed to it.
+pub(crate) struct Worker {
+    engine: Arc<Engine>,
+    inbox: mpsc::UnboundedReceiver<Vec<Job>>,
+    /// Per (subscription, aggregate): deliveries parked behind one that waits for a retry.
+    parked: HashMap<Key, VecDeque<Pending>>,
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    jitter: Jitter,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        inbox: mpsc::UnboundedReceiver<Vec<Job>>,
+        n: u64,
+    ) -> Self {
+        let jitter = Jitter::new(engine.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        Worker {
+            engine,
+            inbox,
+            parked: HashMap::new(),
+            timers: BinaryHeap::new(),
+            jitter,
+        }
+    }
+
+    /// Runs until the dispatcher is gone and every parked delivery is finished.
+    pub(crate) async fn run(mut self) {
+        let mut open = true;
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            if !open && next_timer.is_none() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = sleep_until(next_timer), if next_timer.is_some() => {
+                    if let Some(Reverse((_, key))) = self.timers.pop() {
+                        self.resume(key).await;
+                    }
+                }
+                jobs = self.inbox.recv(), if open => match jobs {
+                    Some(jobs) => {
+                        for job in jobs {
+                            self.run_job(job).await;
+                        }
+                    }
+                    None => open = false,
+                },
+            }
+        }
+    }
+
+    async fn run_job(&mut self, job: Job) {
+        let hash = job.event.stream_hash();
+        for sub in job.subs.iter() {
+            let pending = Pending {
+                event: Arc::clone(&job.event),
+                sub: Arc::clone(sub),
+                failures: 0,
+                first_failed_at: None,
+                last_error: String::new(),
+                give_up: false,
+            };
+            let key = (sub.index, hash);
+            if let Some(queue) = self.parked.get_mut(&key) {
+                queue.push_back(pending);
+                continue;
+            }
+            if let Outcome::Wait(pending, at) = self.attempt(pending).await {
+                self.parked.insert(key, VecDeque::from([pending]));
+                self.timers.push(Reverse((at, key)));
+            }
+        }
+    }
+
+    /// A retry is due: attempt the first parked delivery, then the ones behind it, until
+    /// one has to wait again.
+    async fn resume(&mut self, key: Key) {
+        let Some(mut queue) = self.parked.remove(&key) else {
+            return;
+        };
+        while let Some(pending) = queue.pop_front() {
+            if let Outcome::Wait(pending, at) = self.attempt(pending).await {
+                queue.push_front(pending);
+                self.parked.insert(key, queue);
+                self.timers.push(Reverse((at, key)));
+                return;
+            }
+        }
+    }
+
+    async fn attempt(&mut self, mut pending: Pending) -> Outcome {
+        let engine = Arc::clone(&self.engine);
+        let sub = Arc::clone(&pending.sub);
+        if !sub.active.load(Ordering::Acquire) {
+            engine.finish(&pending.event, &sub);
+            return Outcome::Done;
+        }
+        if pending.give_up {
+            return self.dead_letter(pending).await;
+        }
+        let record = Arc::clone(&pending.event.record);
+        let attempt = pending.failures + 1;
+        let started = Instant::now();
+        let result = match sub
+            .invoke
+            .invoke(&record, pending.event.typed.as_ref(), attempt)
+        {
+            Ok(handler) => {
+                let span = tracing::debug_span!(
+                    "eventfold.deliver",
+                    subscription = %sub.name,
+                    event_type = %record.event_type,
+                    position = record.position,
+                    attempt,
+                );
+                CatchUnwind(handler)
+                    .instrument(span)
+                    .await
+                    .map_err(|e| (e.to_string(), true))
+            }
+            // An event that does not decode will not decode on a retry either.
+            Err(error) => Err((error.to_string(), false)),
+        };
+        let elapsed = started.elapsed();
+        sub.latency.record(elapsed);
+        let (error, retryable) = match result {
+            Ok(()) => {
+                Counters::add(&sub.counters.delivered, 1);
+                Counters::add(&engine.counters.delivered, 1);
+                engine.finish(&pending.event, &sub);
+                return Outcome::Done;
+            }
+            Err(failure) => failure,
+        };
+        Counters::add(&sub.counters.failed, 1);
+        Counters::add(&engine.counters.failed, 1);
+        pending.failures = attempt;
+        let now = engine.clock.now();
+        pending.first_failed_at.get_or_insert(now);
+        tracing::warn!(
+            subscription = %sub.name,
+            event_id = %record.event_id,
+            position = record.position,
+            attempt,
+            %error,
+            "delivery failed"
+        );
+        let failure = FailureRecord {
+            subscription: sub.name.to_string(),
+            event_id: record.event_id,
+            position: record.position,
+            attempt,
+            error: error.clone(),
+            duration_micros: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            failed_at: now,
+        };
+        if let Err(store_error) = engine.records.record_failure(failure).await {
+            tracing::error!(%store_error, "cannot store a failure record");
+        }
+        pending.last_error = error;
+        if retryable && attempt < sub.retry.max_attempts() {
+            Counters::add(&sub.counters.retried, 1);
+            Counters::add(&engine.counters.retried, 1);
+            let delay = sub.retry.delay(attempt, self.jitter.next());
+            return Outcome::Wait(pending, Instant::now() + delay);
+        }
+        pending.give_up = true;
+        self.dead_letter(pending).await
+    }
+
+    /// Stores the dead letter, then counts the delivery as finished. If the store refuses,
+    /// the delivery stays parked and the write is tried again later: a checkpoint never
+    /// passes an event whose dead letter is not stored.
+    async fn dead_letter(&mut self, pending: Pending) -> Outcome {
+        let engine = Arc::clone(&self.engine);
+        let record = &pending.event.record;
+        let now = engine.clock.now();
+        let dead_letter = NewDeadLetter {
+            subscription: pending.sub.name.to_string(),
+            event_id: record.event_id,
+            position: record.position,
+            event_type: record.event_type.clone(),
+            error: pending.last_error.clone(),
+            attempts: pending.failures,
+            first_failed_at: pending.first_failed_at.unwrap_or(now),
+            last_failed_at: now,
+        };
+        let kept = match &pending.event.typed {
+            // Without a store the event itself is kept beside its dead letter, so it can
+            // be replayed.
+            Some(typed) => keep_transient_event(&engine, &pending.sub, record, typed).await,
+            None => Ok(()),
+        };
+        let stored = match kept {
+            Ok(()) => engine.records.add_dead_letter(dead_letter).await.map(drop),
+            Err(error) => Err(error),
+        };
+        match stored {
+            Ok(()) => {
+                Counters::add(&pending.sub.counters.dead_lettered, 1);
+                Counters::add(&engine.counters.dead_lettered, 1);
+                engine.finish(&pending.event, &pending.sub);
+                Outcome::Done
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot store a dead letter; trying again in a second");
+                Outcome::Wait(pending, Instant::now() + std::time::Duration::from_secs(1))
+            }
+        }
+    }
+}
+
+/// Appends a transient event, serialized now, to the bus's private record store, so a
+/// dead letter of it can be replayed.
+async fn keep_transient_event(
+    engine: &Engine,
+    sub: &Sub,
+    record: &RecordedEvent,
+    typed: &Arc<dyn Any + Send + Sync>,
+) -> Result<()> {
+    if engine.records.get(record.event_id).await?.is_some() {
+        return Ok(());
+    }
+    let stream = record.stream_id();
+    let event = crate::record::NewEvent {
+        event_id: record.event_id,
+        event_type: record.event_type.clone(),
+        schema_version: record.schema_version,
+        occurred_at: record.occurred_at,
+        metadata: record.metadata.clone(),
+        payload: sub.invoke.encode(typed)?,
+    };
+    match engine
+        .records
+        .append(&stream, crate::record::ExpectedVersion::Any, vec![event])
+        .await
+    {
+        Ok(_) | Err(Error::DuplicateEventId { .. }) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

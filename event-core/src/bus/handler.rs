@@ -1,0 +1,165 @@
+//! Handlers, what they receive, and the type-erased invocation the workers run.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use crate::error::{BoxError, Error, Result};
+use crate::event::DomainEvent;
+use crate::record::RecordedEvent;
+
+/// A boxed, sendable future, as handlers return them.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// One delivery of an event to a subscription.
+#[derive(Debug)]
+pub struct Delivery<E> {
+    /// The event.
+    pub event: Arc<E>,
+    /// The event as recorded: its id (use it to make a handler idempotent), stream,
+    /// version, position, times and metadata. On a bus without a store, `version` is 0,
+    /// `position` is the bus's own sequence number and `payload` is empty.
+    pub record: Arc<RecordedEvent>,
+    /// Which attempt this is, from 1.
+    pub attempt: u32,
+}
+
+impl<E> Clone for Delivery<E> {
+    fn clone(&self) -> Self {
+        Delivery {
+            event: Arc::clone(&self.event),
+            record: Arc::clone(&self.record),
+            attempt: self.attempt,
+        }
+    }
+}
+
+impl<E> std::ops::Deref for Delivery<E> {
+    type Target = E;
+    fn deref(&self) -> &E {
+        &self.event
+    }
+}
+
+/// An async event handler. Any `Fn(Delivery<E>) -> impl Future<Output = Result<(), Err>>`
+/// is one, for any error type that converts into [`BoxError`].
+///
+/// Delivery is at least once: after a crash, or a failed checkpoint write, a handler may
+/// see an event again. Use `delivery.record.event_id` to make it idempotent.
+pub trait Handler<E>: Send + Sync + 'static {
+    /// Handles one delivery; an error (or a panic) is a failed attempt.
+    fn handle(&self, delivery: Delivery<E>) -> BoxFuture<std::result::Result<(), BoxError>>;
+}
+
+impl<E, F, Fut, Err> Handler<E> for F
+where
+    E: Send + Sync + 'static,
+    F: Fn(Delivery<E>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), Err>> + Send + 'static,
+    Err: Into<BoxError>,
+{
+    fn handle(&self, delivery: Delivery<E>) -> BoxFuture<std::result::Result<(), BoxError>> {
+        let fut = self(delivery);
+        Box::pin(async move { fut.await.map_err(Into::into) })
+    }
+}
+
+/// A handler that blocks (synchronous I/O, heavy computation); the bus runs it on tokio's
+/// blocking pool so it never stalls a worker.
+pub(crate) struct Blocking<F>(pub(crate) Arc<F>);
+
+impl<E, F, Err> Handler<E> for Blocking<F>
+where
+    E: Send + Sync + 'static,
+    F: Fn(Delivery<E>) -> std::result::Result<(), Err> + Send + Sync + 'static,
+    Err: Into<BoxError>,
+{
+    fn handle(&self, delivery: Delivery<E>) -> BoxFuture<std::result::Result<(), BoxError>> {
+        let f = Arc::clone(&self.0);
+        Box::pin(async move {
+            match tokio::task::spawn_blocking(move || f(delivery).map_err(Into::into)).await {
+                Ok(result) => result,
+                Err(join) if join.is_panic() => Err(panic_message(join.into_panic()).into()),
+                Err(join) => Err(Box::new(join) as BoxError),
+            }
+        })
+    }
+}
+
+/// What a worker hands an event to: decodes (or downcasts) it for one subscription's
+/// handler and calls it.
+pub(crate) trait Invoke: Send + Sync + 'static {
+    /// Starts one attempt, or fails at once if the event cannot be decoded.
+    fn invoke(
+        &self,
+        record: &Arc<RecordedEvent>,
+        typed: Option<&Arc<dyn Any + Send + Sync>>,
+        attempt: u32,
+    ) -> Result<BoxFuture<std::result::Result<(), BoxError>>>;
+
+    /// Serializes an event published on a bus without a store (to keep it with its dead
+    /// letter).
+    fn encode(&self, typed: &Arc<dyn Any + Send + Sync>) -> Result<String>;
+}
+
+pub(crate) struct Typed<E, H> {
+    pub(crate) handler: H,
+    pub(crate) _event: std::marker::PhantomData<fn(E)>,
+}
+
+impl<E: DomainEvent, H: Handler<E>> Invoke for Typed<E, H> {
+    fn invoke(
+        &self,
+        record: &Arc<RecordedEvent>,
+        typed: Option<&Arc<dyn Any + Send + Sync>>,
+        attempt: u32,
+    ) -> Result<BoxFuture<std::result::Result<(), BoxError>>> {
+        let event = match typed.and_then(|t| Arc::clone(t).downcast::<E>().ok()) {
+            Some(event) => event,
+            None => Arc::new(record.decode::<E>()?),
+        };
+        Ok(self.handler.handle(Delivery {
+            event,
+            record: Arc::clone(record),
+            attempt,
+        }))
+    }
+
+    fn encode(&self, typed: &Arc<dyn Any + Send + Sync>) -> Result<String> {
+        let event = typed
+            .downcast_ref::<E>()
+            .expect("a subscription only receives its own event type");
+        event.to_payload().map_err(|source| Error::Serialize {
+            event_type: event.event_type().to_owned(),
+            source,
+        })
+    }
+}
+
+/// Turns a panic inside a handler's future into an error, so a panicking handler is a
+/// failed attempt and never takes its worker down.
+pub(crate) struct CatchUnwind(pub(crate) BoxFuture<std::result::Result<(), BoxError>>);
+
+impl Future for CatchUnwind {
+    type Output = std::result::Result<(), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => Poll::Ready(Err(panic_message(panic).into())),
+        }
+    }
+}
+
+fn panic_message(panic: Box<dyn Any + Send>) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic".to_owned());
+    format!("handler panicked: {text}")
+}

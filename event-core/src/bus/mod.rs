@@ -1,0 +1,848 @@
+//! The event bus: publish events, and deliver them to subscribed handlers in order per
+//! aggregate, with priorities, retries with backoff, dead letters and statistics.
+//!
+//! **With a store** the store is the outbox: `publish` appends the event and returns once it
+//! is stored, and every subscription is *durable*: it has a stable name and a checkpoint,
+//! and reads the store's global log from its checkpoint, so an event stored but not yet
+//! handled when the process dies is handled after the restart (at least once). Events
+//! appended by a [`Repository`](crate::Repository) reach subscribers the same way, without
+//! a second publish. The store's log is the queue: `publish` never waits for handlers, and
+//! the bus keeps at most `queue_capacity` events in memory however far behind a
+//! subscription is.
+//!
+//! **Without a store** the bus is *transient*: events live in a bounded in-memory queue of
+//! `queue_capacity` events until every subscription has handled them, `publish` waits for
+//! room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
+//! process dies. Dead letters (with their events) are kept in memory.
+
+mod config;
+mod engine;
+mod handler;
+mod stats;
+
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub use config::{Clock, RetryPolicy, SystemClock};
+pub use handler::{BoxFuture, Delivery, Handler};
+pub use stats::{BusStatistics, SubscriptionStatistics};
+
+use engine::{BusEvent, Engine, Router, Routing, Sub, Tracker, Worker};
+use handler::{Blocking, CatchUnwind, Typed};
+use stats::{Counters, Histogram};
+
+use crate::error::{BoxError, Error, Result};
+use crate::event::DomainEvent;
+use crate::memory::InMemoryEventStore;
+use crate::record::{
+    AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, Metadata, NewEvent, RecordedEvent,
+    StreamId,
+};
+use crate::registry::registry;
+use crate::store::EventStore;
+
+/// Builds an [`EventBus`].
+#[must_use = "call build() to get the bus"]
+pub struct EventBusBuilder {
+    store: Option<Arc<dyn EventStore>>,
+    workers: usize,
+    queue_capacity: usize,
+    batch_size: usize,
+    stop_timeout: Duration,
+    clock: Arc<dyn Clock>,
+    seed: Option<u64>,
+}
+
+impl Default for EventBusBuilder {
+    fn default() -> Self {
+        EventBusBuilder {
+            store: None,
+            workers: 4,
+            queue_capacity: 10_000,
+            batch_size: 256,
+            stop_timeout: Duration::from_secs(10),
+            clock: Arc::new(SystemClock),
+            seed: None,
+        }
+    }
+}
+
+impl EventBusBuilder {
+    /// Makes the bus durable: `publish` appends to this store, and subscriptions read its
+    /// log from their checkpoints (see the [module docs](self)).
+    pub fn store(mut self, store: Arc<dyn EventStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How many workers run handlers (default 4). Events of one aggregate always go to the
+    /// same worker, in order; different aggregates run in parallel.
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// How many events may wait in memory (default 10,000).
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.queue_capacity = capacity;
+        self
+    }
+
+    /// How many events the dispatcher takes at a time (default 256).
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// How long [`EventBus::stop`] waits for in-flight work (default 10 s).
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
+        self
+    }
+
+    /// The clock that stamps dead letters and failure records (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Seeds the retry jitter, for reproducible schedules in tests.
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Builds the bus; it delivers nothing until [`EventBus::start`].
+    pub fn build(self) -> Result<EventBus> {
+        let invalid = |reason: &str| {
+            Err(Error::InvalidAppend {
+                reason: format!("invalid bus settings: {reason}"),
+            })
+        };
+        if self.workers == 0 {
+            return invalid("at least one worker is needed");
+        }
+        if self.queue_capacity == 0 || self.queue_capacity > Semaphore::MAX_PERMITS {
+            return invalid("the queue capacity must be at least 1");
+        }
+        if self.batch_size == 0 {
+            return invalid("the batch size must be at least 1");
+        }
+        let records: Arc<dyn EventStore> = match &self.store {
+            Some(store) => Arc::clone(store),
+            None => Arc::new(InMemoryEventStore::new()),
+        };
+        let seed = self
+            .seed
+            .unwrap_or_else(|| Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64);
+        let (intake_tx, intake_rx) = mpsc::unbounded_channel();
+        let engine = Engine {
+            store: self.store,
+            records,
+            clock: self.clock,
+            routing: watch::channel(Arc::new(Routing::default())).0,
+            capacity: self.queue_capacity,
+            batch_size: self.batch_size,
+            permits: Semaphore::new(self.queue_capacity),
+            in_flight: AtomicU64::new(0),
+            read_next: AtomicU64::new(0),
+            progress: Notify::new(),
+            counters: Counters::default(),
+            published: AtomicU64::new(0),
+            tracker: Mutex::new(Tracker::default()),
+            checkpoints_dirty: Notify::new(),
+            stopping: watch::channel(false).0,
+            seed,
+        };
+        Ok(EventBus {
+            inner: Arc::new(Inner {
+                engine: Arc::new(engine),
+                workers: self.workers,
+                stop_timeout: self.stop_timeout,
+                subs: Mutex::new(Vec::new()),
+                next_index: AtomicUsize::new(0),
+                sequence: AtomicU64::new(0),
+                intake: Mutex::new(Some(intake_tx)),
+                intake_rx: Mutex::new(Some(intake_rx)),
+                state: Mutex::new(Lifecycle::Built),
+                stopped: AtomicBool::new(false),
+            }),
+        })
+    }
+}
+
+enum Lifecycle {
+    Built,
+    Running(Vec<JoinHandle<()>>),
+    Stopped,
+}
+
+struct Inner {
+    engine: Arc<Engine>,
+    workers: usize,
+    stop_timeout: Duration,
+    subs: Mutex<Vec<Arc<Sub>>>,
+    next_index: AtomicUsize,
+    /// The positions of a bus without a store.
+    sequence: AtomicU64,
+    intake: Mutex<Option<mpsc::UnboundedSender<BusEvent>>>,
+    intake_rx: Mutex<Option<mpsc::UnboundedReceiver<BusEvent>>>,
+    state: Mutex<Lifecycle>,
+    stopped: AtomicBool,
+}
+
+/// Publishes events and delivers them to subscriptions. Cheap to clone; all clones are
+/// the same bus.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use eventfold_core::{Delivery, EventBus};
+/// # use eventfold_macros::DomainEvent;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+/// # #[domain_event(aggregate = "Order", crate = "eventfold_core")]
+/// # enum OrderEvent { Placed { #[domain_event(aggregate_id)] id: String, qty: u64 } }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> eventfold_core::Result<()> {
+/// let bus = EventBus::builder().workers(2).build()?;
+/// let total = Arc::new(AtomicU64::new(0));
+/// let seen = Arc::clone(&total);
+/// bus.subscribe("volume", move |d: Delivery<OrderEvent>| {
+///     let seen = Arc::clone(&seen);
+///     async move {
+///         let OrderEvent::Placed { qty, .. } = &*d.event;
+///         seen.fetch_add(*qty, Ordering::SeqCst);
+///         Ok::<_, std::convert::Infallible>(())
+///     }
+/// })
+/// .register()?;
+/// bus.start().await?;
+/// bus.publish(OrderEvent::Placed { id: "o-1".into(), qty: 5 }).await?;
+/// bus.wait_idle().await?;
+/// assert_eq!(total.load(Ordering::SeqCst), 5);
+/// bus.stop().await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct EventBus {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus")
+            .field("durable", &self.inner.engine.store.is_some())
+            .field("workers", &self.inner.workers)
+            .field("queue_capacity", &self.inner.engine.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An event to publish, with the aggregate it belongs to and its metadata. Plain events
+/// are accepted too, so `publish(event)` works when the event marks its aggregate id.
+#[derive(Debug, Clone)]
+pub struct Outgoing<E> {
+    event: E,
+    aggregate_id: Option<String>,
+    metadata: Metadata,
+}
+
+/// What `publish` takes: an event, or an [`Outgoing`] with its aggregate id and metadata.
+pub trait IntoOutgoing<E> {
+    /// The event ready to publish.
+    fn into_outgoing(self) -> Outgoing<E>;
+}
+
+impl<E: DomainEvent> IntoOutgoing<E> for E {
+    fn into_outgoing(self) -> Outgoing<E> {
+        Outgoing::new(self)
+    }
+}
+
+impl<E> IntoOutgoing<E> for Outgoing<E> {
+    fn into_outgoing(self) -> Outgoing<E> {
+        self
+    }
+}
+
+impl<E> Outgoing<E> {
+    /// An event to publish.
+    pub fn new(event: E) -> Self {
+        Outgoing {
+            event,
+            aggregate_id: None,
+            metadata: Metadata::default(),
+        }
+    }
+
+    /// Names the aggregate it belongs to (instead of a field marked `aggregate_id`).
+    pub fn to(mut self, aggregate_id: impl Into<String>) -> Self {
+        self.aggregate_id = Some(aggregate_id.into());
+        self
+    }
+
+    /// Sets its metadata.
+    pub fn metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// A subscription being set up; [`register`](Self::register) adds it to the bus.
+#[must_use = "call register() to add the subscription"]
+pub struct SubscriptionBuilder<'a> {
+    bus: &'a EventBus,
+    name: String,
+    priority: i32,
+    retry: RetryPolicy,
+    event_types: Vec<&'static str>,
+    invoke: Box<dyn handler::Invoke>,
+}
+
+impl SubscriptionBuilder<'_> {
+    /// Its priority: for each event, subscriptions with a lower number run first
+    /// (default 0). A subscription waiting for a retry does not hold the others back.
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Its retry policy (default: [`RetryPolicy::default`]).
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Adds the subscription. With a store it resumes from its stored checkpoint, or
+    /// from the start of the log if it has none.
+    pub fn register(self) -> Result<SubscriptionHandle> {
+        let inner = &self.bus.inner;
+        if self.name.is_empty() {
+            return Err(Error::UnknownSubscription { name: self.name });
+        }
+        let mut subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+        if subs.iter().any(|s| *s.name == *self.name) {
+            return Err(Error::DuplicateSubscription { name: self.name });
+        }
+        let name: Arc<str> = Arc::from(self.name);
+        subs.push(Arc::new(Sub {
+            index: inner.next_index.fetch_add(1, Ordering::Relaxed),
+            name: Arc::clone(&name),
+            priority: self.priority,
+            retry: self.retry,
+            event_types: self.event_types,
+            invoke: self.invoke,
+            counters: Counters::default(),
+            latency: Histogram::default(),
+            active: AtomicBool::new(true),
+            queued: AtomicU64::new(0),
+        }));
+        inner
+            .engine
+            .routing
+            .send_replace(Arc::new(Routing::new(subs.clone())));
+        Ok(SubscriptionHandle { name })
+    }
+}
+
+/// A registered subscription. Its id is its stable name, which keys its checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SubscriptionHandle {
+    name: Arc<str>,
+}
+
+impl SubscriptionHandle {
+    /// The subscription's stable name.
+    pub fn id(&self) -> &str {
+        &self.name
+    }
+}
+
+/// How [`EventBus::stop`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopReport {
+    /// True if all in-flight work finished before the timeout.
+    pub drained: bool,
+    /// Events left unfinished (with a store they are delivered again after a restart).
+    pub unfinished: u64,
+}
+
+impl EventBus {
+    /// A builder with the defaults: no store (transient), 4 workers, capacity 10,000.
+    pub fn builder() -> EventBusBuilder {
+        EventBusBuilder::default()
+    }
+
+    /// Subscribes an async handler to the events of type `E` (every event type of `E`).
+    /// The name must be unique on this bus, and stable across restarts.
+    pub fn subscribe<E, H>(&self, name: impl Into<String>, handler: H) -> SubscriptionBuilder<'_>
+    where
+        E: DomainEvent,
+        H: Handler<E>,
+    {
+        SubscriptionBuilder {
+            bus: self,
+            name: name.into(),
+            priority: 0,
+            retry: RetryPolicy::default(),
+            event_types: E::EVENT_TYPES.iter().map(|t| t.name).collect(),
+            invoke: Box::new(Typed {
+                handler,
+                _event: std::marker::PhantomData,
+            }),
+        }
+    }
+
+    /// Subscribes a blocking handler (synchronous I/O, heavy work): it runs on tokio's
+    /// blocking pool, so it never stalls the workers.
+    pub fn subscribe_blocking<E, F, Err>(
+        &self,
+        name: impl Into<String>,
+        handler: F,
+    ) -> SubscriptionBuilder<'_>
+    where
+        E: DomainEvent,
+        F: Fn(Delivery<E>) -> std::result::Result<(), Err> + Send + Sync + 'static,
+        Err: Into<BoxError>,
+    {
+        self.subscribe::<E, _>(name, Blocking(Arc::new(handler)))
+    }
+
+    /// Removes a subscription; deliveries to it that are queued or waiting for a retry are
+    /// dropped. Its checkpoint stays in the store, so subscribing again under the same name
+    /// resumes there. False if there was none of this name.
+    pub fn unsubscribe(&self, id: &str) -> bool {
+        let inner = &self.inner;
+        let mut subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = subs.iter().position(|s| &*s.name == id) else {
+            return false;
+        };
+        let sub = subs.remove(i);
+        sub.active.store(false, Ordering::Release);
+        inner
+            .engine
+            .routing
+            .send_replace(Arc::new(Routing::new(subs.clone())));
+        true
+    }
+
+    /// Starts delivering: validates the event registry, then starts the dispatcher and the
+    /// workers. Durable subscriptions catch up from their checkpoints.
+    pub async fn start(&self) -> Result<()> {
+        registry().validate()?;
+        let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+        match *state {
+            Lifecycle::Built => {}
+            Lifecycle::Running(_) => return Err(Error::BusAlreadyStarted),
+            Lifecycle::Stopped => return Err(Error::BusStopped),
+        }
+        let engine = &self.inner.engine;
+        let mut tasks = Vec::new();
+        let mut senders = Vec::new();
+        for n in 0..self.inner.workers {
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.push(tx);
+            let worker = Worker::new(Arc::clone(engine), rx, n as u64);
+            tasks.push(tokio::spawn(worker.run()));
+        }
+        let router = Router::new(senders);
+        if engine.store.is_some() {
+            tasks.push(tokio::spawn(engine::dispatch_log(
+                Arc::clone(engine),
+                router,
+            )));
+            tasks.push(tokio::spawn(engine::flush_checkpoints(Arc::clone(engine))));
+        } else {
+            let intake = self
+                .inner
+                .intake_rx
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .ok_or(Error::BusStopped)?;
+            tasks.push(tokio::spawn(engine::dispatch_intake(
+                Arc::clone(engine),
+                intake,
+                router,
+            )));
+        }
+        *state = Lifecycle::Running(tasks);
+        Ok(())
+    }
+
+    /// Stops the bus: refuses new events at once, lets in-flight deliveries (and, without
+    /// a store, the queued events) finish for up to the stop timeout, then saves the
+    /// checkpoints. Retries still waiting at the timeout are abandoned; with a store they
+    /// are delivered again after a restart.
+    pub async fn stop(&self) -> Result<StopReport> {
+        let inner = &self.inner;
+        inner.stopped.store(true, Ordering::SeqCst);
+        inner
+            .intake
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let tasks = {
+            let mut state = inner.state.lock().unwrap_or_else(|e| e.into_inner());
+            match std::mem::replace(&mut *state, Lifecycle::Stopped) {
+                Lifecycle::Running(tasks) => tasks,
+                Lifecycle::Built | Lifecycle::Stopped => Vec::new(),
+            }
+        };
+        let engine = &inner.engine;
+        engine.stopping.send_replace(true);
+        let deadline = tokio::time::Instant::now() + inner.stop_timeout;
+        let mut drained = true;
+        for mut task in tasks {
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(_) => {}
+                Err(_) => {
+                    drained = false;
+                    task.abort();
+                }
+            }
+        }
+        engine::save_checkpoints(engine).await?;
+        Ok(StopReport {
+            drained,
+            unfinished: engine.in_flight.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Waits until every published event is handled (or dead-lettered) by every
+    /// subscription and, with a store, the bus has read the log up to its head. For tests
+    /// and orderly shutdowns.
+    pub async fn wait_idle(&self) -> Result<()> {
+        loop {
+            {
+                let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
+                if !matches!(*state, Lifecycle::Running(_)) {
+                    return Err(Error::BusNotRunning);
+                }
+            }
+            let engine = &self.inner.engine;
+            let progress = engine.progress.notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if engine.is_idle() {
+                return Ok(());
+            }
+            // The head can move without a notification from the bus (another writer);
+            // look again now and then.
+            let _ = tokio::time::timeout(Duration::from_millis(50), progress).await;
+        }
+    }
+
+    /// Publishes one event. With a store it returns once the event is stored, with its
+    /// global position; without, once it is queued (waiting for room), with its sequence
+    /// number.
+    pub async fn publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
+        let range = self.publish_all(vec![event.into_outgoing()], true).await?;
+        Ok(*range.start())
+    }
+
+    /// Publishes one event, failing at once with [`Error::QueueFull`] instead of waiting for
+    /// room (a bus with a store never is full: its log is the queue).
+    pub async fn try_publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
+        let range = self.publish_all(vec![event.into_outgoing()], false).await?;
+        Ok(*range.start())
+    }
+
+    /// Publishes several events, all or nothing: with a store they are appended in one
+    /// atomic step; without, they are queued together once there is room for all of them
+    /// (a batch larger than the queue is refused with [`Error::QueueFull`]).
+    pub async fn publish_batch<E, I>(&self, events: I) -> Result<RangeInclusive<u64>>
+    where
+        E: DomainEvent,
+        I: IntoIterator,
+        I::Item: IntoOutgoing<E>,
+    {
+        let events: Vec<Outgoing<E>> = events.into_iter().map(|e| e.into_outgoing()).collect();
+        self.publish_all(events, true).await
+    }
+
+    async fn publish_all<E: DomainEvent>(
+        &self,
+        events: Vec<Outgoing<E>>,
+        wait: bool,
+    ) -> Result<RangeInclusive<u64>> {
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            return Err(Error::BusStopped);
+        }
+        if events.is_empty() {
+            return Err(Error::InvalidAppend {
+                reason: "nothing to publish".into(),
+            });
+        }
+        let mut resolved = Vec::with_capacity(events.len());
+        for outgoing in events {
+            let id = match outgoing.aggregate_id {
+                Some(id) => id,
+                None => outgoing
+                    .event
+                    .aggregate_id()
+                    .ok_or_else(|| Error::MissingAggregateId {
+                        event_type: outgoing.event.event_type().to_owned(),
+                    })?,
+            };
+            resolved.push((id, outgoing.event, outgoing.metadata));
+        }
+        let n = resolved.len() as u64;
+        let range = match &self.inner.engine.store {
+            Some(store) => publish_stored(store.as_ref(), resolved).await?,
+            None => self.publish_transient(resolved, wait).await?,
+        };
+        self.inner.engine.published.fetch_add(n, Ordering::Relaxed);
+        Ok(range)
+    }
+
+    async fn publish_transient<E: DomainEvent>(
+        &self,
+        events: Vec<(String, E, Metadata)>,
+        wait: bool,
+    ) -> Result<RangeInclusive<u64>> {
+        let engine = &self.inner.engine;
+        let n = events.len();
+        let full = || Error::QueueFull {
+            capacity: engine.capacity,
+        };
+        if n > engine.capacity {
+            return Err(full());
+        }
+        let permits = if wait {
+            engine
+                .permits
+                .acquire_many(n as u32)
+                .await
+                .map_err(|_| Error::BusStopped)?
+        } else {
+            engine
+                .permits
+                .try_acquire_many(n as u32)
+                .map_err(|_| full())?
+        };
+        let intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(intake) = intake.as_ref() else {
+            return Err(Error::BusStopped);
+        };
+        permits.forget();
+        engine.in_flight.fetch_add(n as u64, Ordering::SeqCst);
+        let first = self.inner.sequence.fetch_add(n as u64, Ordering::Relaxed) + 1;
+        let now = Utc::now();
+        for (i, (aggregate_id, event, metadata)) in events.into_iter().enumerate() {
+            let record = RecordedEvent {
+                event_id: Uuid::now_v7(),
+                aggregate_type: E::AGGREGATE_TYPE.to_owned(),
+                aggregate_id,
+                version: 0,
+                position: first + i as u64,
+                event_type: event.event_type().to_owned(),
+                schema_version: event.schema_version(),
+                occurred_at: now,
+                recorded_at: now,
+                metadata,
+                payload: String::new(),
+            };
+            let typed: Arc<dyn std::any::Any + Send + Sync> = Arc::new(event);
+            // The receiver lives until the dispatcher ends, which needs this sender gone.
+            let _ = intake.send(BusEvent::new(record, Some(typed)));
+        }
+        Ok(first..=first + n as u64 - 1)
+    }
+
+    /// What the bus has done, and each subscription's progress.
+    pub async fn statistics(&self) -> Result<BusStatistics> {
+        let engine = &self.inner.engine;
+        let routing = Arc::clone(&engine.routing.borrow());
+        let head = match &engine.store {
+            Some(store) => Some(store.head_position().await?),
+            None => None,
+        };
+        let checkpoints: Vec<Option<u64>> = {
+            let tracker = engine.lock_tracker();
+            routing
+                .subs
+                .iter()
+                .map(|s| tracker.checkpoint(s.index))
+                .collect()
+        };
+        let mut subscriptions = Vec::new();
+        for (sub, checkpoint) in routing.subs.iter().zip(checkpoints) {
+            let checkpoint = match (&engine.store, checkpoint) {
+                (Some(store), None) => store.load_checkpoint(&sub.name).await?,
+                (_, checkpoint) => checkpoint,
+            };
+            let lag = match head {
+                Some(head) => head.saturating_sub(checkpoint.unwrap_or(0)),
+                None => sub.queued.load(Ordering::Relaxed),
+            };
+            subscriptions.push(SubscriptionStatistics {
+                name: sub.name.to_string(),
+                priority: sub.priority,
+                delivered: sub.counters.delivered.load(Ordering::Relaxed),
+                failed: sub.counters.failed.load(Ordering::Relaxed),
+                retried: sub.counters.retried.load(Ordering::Relaxed),
+                dead_lettered: sub.counters.dead_lettered.load(Ordering::Relaxed),
+                checkpoint,
+                lag,
+                latency_p50_micros: sub.latency.percentile(0.50),
+                latency_p99_micros: sub.latency.percentile(0.99),
+            });
+        }
+        let queue_depth = match head {
+            Some(_) => subscriptions.iter().map(|s| s.lag).max().unwrap_or(0),
+            None => engine.in_flight.load(Ordering::SeqCst),
+        };
+        Ok(BusStatistics {
+            published: engine.published.load(Ordering::Relaxed),
+            delivered: engine.counters.delivered.load(Ordering::Relaxed),
+            failed: engine.counters.failed.load(Ordering::Relaxed),
+            retried: engine.counters.retried.load(Ordering::Relaxed),
+            dead_lettered: engine.counters.dead_lettered.load(Ordering::Relaxed),
+            queue_depth,
+            queue_capacity: engine.capacity as u64,
+            in_flight: engine.in_flight.load(Ordering::SeqCst),
+            subscriptions,
+        })
+    }
+
+    /// Dead letters, oldest first; one subscription's when `subscription` is given.
+    pub async fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
+        self.inner.engine.records.dead_letters(subscription).await
+    }
+
+    /// Failed attempts recorded for a subscription, oldest first, at most `limit`.
+    pub async fn failures(&self, subscription: &str, limit: usize) -> Result<Vec<FailureRecord>> {
+        self.inner
+            .engine
+            .records
+            .failures(subscription, limit)
+            .await
+    }
+
+    /// Delivers a dead letter's event to its subscription once more, now, in the calling
+    /// task. On success the dead letter is removed; on failure it is kept, the attempt is
+    /// recorded, and [`Error::HandlerFailed`] says why.
+    pub async fn replay_dead_letter(&self, id: u64) -> Result<()> {
+        let engine = &self.inner.engine;
+        let dead_letter = self.find_dead_letter(id).await?;
+        let sub = {
+            let subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+            subs.iter()
+                .find(|s| *s.name == *dead_letter.subscription)
+                .cloned()
+                .ok_or_else(|| Error::UnknownSubscription {
+                    name: dead_letter.subscription.clone(),
+                })?
+        };
+        let record = engine
+            .records
+            .get(dead_letter.event_id)
+            .await?
+            .ok_or_else(|| Error::Store {
+                kind: crate::error::StoreErrorKind::Other,
+                message: format!(
+                    "event {} of dead letter {id} is not stored",
+                    dead_letter.event_id
+                ),
+                source: None,
+            })?;
+        let record = Arc::new(record);
+        let attempt = dead_letter.attempts + 1;
+        let started = tokio::time::Instant::now();
+        let result = match sub.invoke.invoke(&record, None, attempt) {
+            Ok(handler) => CatchUnwind(handler).await.map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        sub.latency.record(started.elapsed());
+        match result {
+            Ok(()) => {
+                Counters::add(&sub.counters.delivered, 1);
+                Counters::add(&engine.counters.delivered, 1);
+                engine.records.remove_dead_letter(id).await?;
+                Ok(())
+            }
+            Err(message) => {
+                Counters::add(&sub.counters.failed, 1);
+                Counters::add(&engine.counters.failed, 1);
+                engine
+                    .records
+                    .record_failure(FailureRecord {
+                        subscription: sub.name.to_string(),
+                        event_id: record.event_id,
+                        position: record.position,
+                        attempt,
+                        error: message.clone(),
+                        duration_micros: started.elapsed().as_micros() as u64,
+                        failed_at: engine.clock.now(),
+                    })
+                    .await?;
+                Err(Error::HandlerFailed {
+                    subscription: sub.name.to_string(),
+                    event_id: record.event_id,
+                    message,
+                })
+            }
+        }
+    }
+
+    /// Removes a dead letter without delivering it.
+    pub async fn discard_dead_letter(&self, id: u64) -> Result<()> {
+        if self.inner.engine.records.remove_dead_letter(id).await? {
+            Ok(())
+        } else {
+            Err(Error::DeadLetterNotFound { id })
+        }
+    }
+
+    async fn find_dead_letter(&self, id: u64) -> Result<DeadLetter> {
+        self.dead_letters(None)
+            .await?
+            .into_iter()
+            .find(|d| d.id == id)
+            .ok_or(Error::DeadLetterNotFound { id })
+    }
+}
+
+/// Appends published events to the store in one atomic batch, one request per aggregate
+/// (in the order of their first event), and returns their positions.
+async fn publish_stored<E: DomainEvent>(
+    store: &dyn EventStore,
+    events: Vec<(String, E, Metadata)>,
+) -> Result<RangeInclusive<u64>> {
+    let mut requests: Vec<AppendRequest> = Vec::new();
+    let mut by_aggregate: std::collections::HashMap<String, usize> = Default::default();
+    for (aggregate_id, event, metadata) in events {
+        let new = NewEvent::from_event(&event, metadata)?;
+        match by_aggregate.get(&aggregate_id) {
+            Some(&i) => requests[i].events.push(new),
+            None => {
+                by_aggregate.insert(aggregate_id.clone(), requests.len());
+                requests.push(AppendRequest {
+                    stream: StreamId::new(E::AGGREGATE_TYPE, aggregate_id),
+                    expected: ExpectedVersion::Any,
+                    events: vec![new],
+                });
+            }
+        }
+    }
+    let outcomes = store.append_batch(requests).await?;
+    let first = outcomes.iter().map(|o| o.first_position).min();
+    let last = outcomes.iter().map(|o| o.last_position).max();
+    match (first, last) {
+        (Some(first), Some(last)) => Ok(first..=last),
+        _ => Err(Error::InvalidAppend {
+            reason: "the store stored nothing".into(),
+        }),
+    }
+}
