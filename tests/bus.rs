@@ -890,3 +890,33 @@ async fn a_durable_bus_keeps_only_a_window_of_events_in_memory() {
     bus.wait_idle().await.unwrap();
     assert_eq!(bus.statistics().await.unwrap().delivered, 100);
 }
+
+/// Regression: `wait_idle` right after a subscription joined a running, idle bus returned
+/// before the dispatcher had even seen the new subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_after_a_subscribe_waits_for_its_catch_up() {
+    for _ in 0..20 {
+        let store = InMemoryEventStore::new();
+        for i in 1..=3 {
+            let event = NewEvent::from_event(&placed("o", i), Metadata::new()).unwrap();
+            store
+                .append(
+                    &StreamId::new("Order", "o"),
+                    ExpectedVersion::Any,
+                    vec![event],
+                )
+                .await
+                .unwrap();
+        }
+        let bus = durable(&store);
+        bus.start().await.unwrap();
+        bus.wait_idle().await.unwrap();
+        let seen = log();
+        bus.subscribe("late", recorder("late", &seen))
+            .register()
+            .unwrap();
+        bus.wait_idle().await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        bus.stop().await.unwrap();
+    }
+}

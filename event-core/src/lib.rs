@@ -17,9 +17,9 @@ pub mod testing;
 
 pub use aggregate::{Aggregate, CommandError, Committed, Repository};
 pub use bus::{
-    BoxFuture, BusStatistics, Clock, Delivery, EventBus, EventBusBuilder, Handler, IntoOutgoing,
-    Outgoing, RetryPolicy, StopReport, SubscriptionBuilder, SubscriptionHandle,
-    SubscriptionStatistics, SystemClock,
+    BoxFuture, BusStatistics, Clock, Delivery, DomainEventPublisher, EventBus, EventBusBuilder,
+    Handler, IntoOutgoing, Outgoing, RetryPolicy, StopReport, SubscriptionBuilder,
+    SubscriptionHandle, SubscriptionStatistics, SystemClock,
 };
 pub use error::{BoxError, Error, Result, StoreErrorKind};
 pub use event::{DomainEvent, EventType};

@@ -46,12 +46,14 @@ pub(crate) struct Sub {
 /// change, so the dispatcher reads it without locks.
 #[derive(Default)]
 pub(crate) struct Routing {
+    /// Counts changes, so idleness can tell whether the dispatcher has seen the latest.
+    pub(crate) version: u64,
     pub(crate) subs: Vec<Arc<Sub>>,
     by_type: HashMap<&'static str, Arc<[Arc<Sub>]>>,
 }
 
 impl Routing {
-    pub(crate) fn new(mut subs: Vec<Arc<Sub>>) -> Self {
+    pub(crate) fn new(version: u64, mut subs: Vec<Arc<Sub>>) -> Self {
         subs.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
         let mut by_type: HashMap<&'static str, Vec<Arc<Sub>>> = HashMap::new();
         for sub in &subs {
@@ -60,6 +62,7 @@ impl Routing {
             }
         }
         Routing {
+            version,
             subs,
             by_type: by_type.into_iter().map(|(k, v)| (k, v.into())).collect(),
         }
@@ -117,6 +120,8 @@ pub(crate) struct Engine {
     pub(crate) in_flight: AtomicU64,
     /// Where the dispatcher reads next, with a store.
     pub(crate) read_next: AtomicU64,
+    /// The routing version the dispatcher has taken into account.
+    pub(crate) routing_seen: AtomicU64,
     /// Wakes `wait_idle` and the checkpoint flusher when work finishes.
     pub(crate) progress: Notify,
     pub(crate) counters: Counters,
@@ -141,7 +146,9 @@ impl Engine {
         match &self.store {
             Some(store) => {
                 let head = *store.watch_head().borrow();
-                self.read_next.load(Ordering::SeqCst) > head
+                let routing = self.routing.borrow().version;
+                self.routing_seen.load(Ordering::SeqCst) == routing
+                    && self.read_next.load(Ordering::SeqCst) > head
             }
             None => true,
         }
@@ -381,6 +388,8 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
             }
             let lowest = engine.lock_tracker().lowest_routed();
             next = next.min(lowest.map_or(u64::MAX - 1, |p| p + 1));
+            engine.read_next.store(next, Ordering::SeqCst);
+            engine.routing_seen.store(table.version, Ordering::SeqCst);
         }
         let head_now = *head.borrow_and_update();
         if table.subs.is_empty() || next > head_now {

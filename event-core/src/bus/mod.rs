@@ -153,6 +153,7 @@ impl EventBusBuilder {
             permits: Semaphore::new(self.queue_capacity),
             in_flight: AtomicU64::new(0),
             read_next: AtomicU64::new(0),
+            routing_seen: AtomicU64::new(0),
             progress: Notify::new(),
             counters: Counters::default(),
             published: AtomicU64::new(0),
@@ -196,6 +197,17 @@ struct Inner {
     intake_rx: Mutex<Option<mpsc::UnboundedReceiver<BusEvent>>>,
     state: Mutex<Lifecycle>,
     stopped: AtomicBool,
+}
+
+impl Inner {
+    /// Hands the dispatcher a new routing table; called with the subscription list locked,
+    /// so versions follow the order of changes.
+    fn publish_routing(&self, subs: &[Arc<Sub>]) {
+        let version = self.engine.routing.borrow().version + 1;
+        self.engine
+            .routing
+            .send_replace(Arc::new(Routing::new(version, subs.to_vec())));
+    }
 }
 
 /// Publishes events and delivers them to subscriptions. Cheap to clone; all clones are
@@ -347,10 +359,7 @@ impl SubscriptionBuilder<'_> {
             active: AtomicBool::new(true),
             queued: AtomicU64::new(0),
         }));
-        inner
-            .engine
-            .routing
-            .send_replace(Arc::new(Routing::new(subs.clone())));
+        inner.publish_routing(&subs);
         Ok(SubscriptionHandle { name })
     }
 }
@@ -429,10 +438,7 @@ impl EventBus {
         };
         let sub = subs.remove(i);
         sub.active.store(false, Ordering::Release);
-        inner
-            .engine
-            .routing
-            .send_replace(Arc::new(Routing::new(subs.clone())));
+        inner.publish_routing(&subs);
         true
     }
 
@@ -844,5 +850,28 @@ async fn publish_stored<E: DomainEvent>(
         _ => Err(Error::InvalidAppend {
             reason: "the store stored nothing".into(),
         }),
+    }
+}
+
+/// Publishes events of type `E` without knowing what carries them, so domain services can
+/// take an `Arc<dyn DomainEventPublisher<E>>` and tests can hand them a fake. [`EventBus`]
+/// implements it for every event type.
+#[async_trait::async_trait]
+pub trait DomainEventPublisher<E: DomainEvent>: Send + Sync {
+    /// Publishes one event; see [`EventBus::publish`].
+    async fn publish_event(&self, event: Outgoing<E>) -> Result<u64>;
+
+    /// Publishes events all or nothing; see [`EventBus::publish_batch`].
+    async fn publish_events(&self, events: Vec<Outgoing<E>>) -> Result<RangeInclusive<u64>>;
+}
+
+#[async_trait::async_trait]
+impl<E: DomainEvent> DomainEventPublisher<E> for EventBus {
+    async fn publish_event(&self, event: Outgoing<E>) -> Result<u64> {
+        self.publish(event).await
+    }
+
+    async fn publish_events(&self, events: Vec<Outgoing<E>>) -> Result<RangeInclusive<u64>> {
+        self.publish_batch(events).await
     }
 }
