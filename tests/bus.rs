@@ -920,3 +920,24 @@ async fn wait_idle_after_a_subscribe_waits_for_its_catch_up() {
         bus.stop().await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_publisher_waiting_for_room_is_told_when_the_bus_stops() {
+    let bus = EventBus::builder().queue_capacity(1).build().unwrap();
+    bus.subscribe("audit", recorder("audit", &log()))
+        .register()
+        .unwrap();
+    bus.publish(placed("o", 1)).await.unwrap();
+    let waiting = tokio::spawn({
+        let bus = bus.clone();
+        async move { bus.publish(placed("o", 2)).await }
+    });
+    // The queue is full and nothing drains it: on this one-thread runtime the publisher
+    // runs as soon as the test yields, and waits for room until the stop.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!waiting.is_finished(), "the publisher waits for room");
+    bus.stop().await.unwrap();
+    assert!(matches!(waiting.await.unwrap(), Err(Error::BusStopped)));
+}

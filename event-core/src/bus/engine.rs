@@ -103,6 +103,8 @@ impl BusEvent {
 pub(crate) struct Job {
     event: Arc<BusEvent>,
     subs: Arc<[Arc<Sub>]>,
+    /// The aggregate's hash: picks the worker, and keys parked deliveries.
+    stream_hash: u64,
 }
 
 /// State shared by the engine's tasks and the bus handle.
@@ -307,8 +309,13 @@ impl Router {
     }
 
     fn push(&mut self, event: Arc<BusEvent>, subs: Arc<[Arc<Sub>]>) {
-        let worker = (event.stream_hash() % self.workers.len() as u64) as usize;
-        self.pending[worker].push(Job { event, subs });
+        let stream_hash = event.stream_hash();
+        let worker = (stream_hash % self.workers.len() as u64) as usize;
+        self.pending[worker].push(Job {
+            event,
+            subs,
+            stream_hash,
+        });
     }
 
     fn flush(&mut self) {
@@ -343,13 +350,11 @@ pub(crate) async fn dispatch_intake(
 ) {
     let mut batch = Vec::with_capacity(engine.batch_size);
     let routing = engine.routing.subscribe();
+    let nobody: Arc<[Arc<Sub>]> = Arc::from(Vec::new());
     while intake.recv_many(&mut batch, engine.batch_size).await > 0 {
         let table = Arc::clone(&routing.borrow());
         for event in batch.drain(..) {
-            let subs: Arc<[Arc<Sub>]> = match table.route(&event.record.event_type) {
-                Some(subs) => Arc::clone(subs),
-                None => Arc::from(Vec::new()),
-            };
+            let subs = Arc::clone(table.route(&event.record.event_type).unwrap_or(&nobody));
             if admit(&engine, &event, &subs) {
                 router.push(Arc::new(event), subs);
             }
@@ -528,6 +533,9 @@ async fn wait_or_stop(stopping: &mut watch::Receiver<bool>, delay: std::time::Du
 pub(crate) async fn flush_checkpoints(engine: Arc<Engine>) {
     let mut stopping = engine.stopping.subscribe();
     loop {
+        if *stopping.borrow_and_update() {
+            return;
+        }
         tokio::select! {
             _ = engine.checkpoints_dirty.notified() => {}
             _ = stopping.changed() => return,
@@ -628,7 +636,7 @@ impl Worker {
     }
 
     async fn run_job(&mut self, job: Job) {
-        let hash = job.event.stream_hash();
+        let hash = job.stream_hash;
         for sub in job.subs.iter() {
             let pending = Pending {
                 event: Arc::clone(&job.event),

@@ -507,6 +507,8 @@ impl EventBus {
         };
         let engine = &inner.engine;
         engine.stopping.send_replace(true);
+        // Publishers still waiting for room get `BusStopped` rather than wait forever.
+        engine.permits.close();
         let deadline = tokio::time::Instant::now() + inner.stop_timeout;
         let mut drained = true;
         for mut task in tasks {
