@@ -104,6 +104,17 @@ pub use eventfold_core::*;
 pub use eventfold_macros::DomainEvent;
 
 #[cfg(feature = "sqlite")]
+mod system;
+
+#[cfg(feature = "sqlite")]
+pub use system::{EventSystem, EventSystemBuilder};
+
+/// The SQLite store: the embedded default.
+#[cfg(feature = "sqlite")]
+pub use eventfold_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
+
+/// The SQLite store's crate, for its error type and the rest of its API.
+#[cfg(feature = "sqlite")]
 pub use eventfold_sqlite as sqlite;
 
 /// The items most programs use, to import with `use eventfold::prelude::*`.

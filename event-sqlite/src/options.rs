@@ -1,0 +1,229 @@
+//! [`SqliteOptions`]: how a store opens its database and runs its writer.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// How hard SQLite works to make each commit durable (`PRAGMA synchronous`).
+///
+/// The store always runs in WAL mode, where these mean:
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// Never waits for the disk: the fastest. A crash of the process loses nothing, but an
+    /// operating-system crash or a power loss may lose recent commits.
+    Off,
+    /// Waits for the disk only at WAL checkpoints: a crash of the process loses nothing; a
+    /// power loss may lose the last commits but never corrupts the database.
+    Normal,
+    /// Waits for the WAL to reach the disk at every commit: an acknowledged append survives
+    /// a power loss. The default.
+    #[default]
+    Full,
+    /// Like [`Full`](Self::Full), and also syncs the directory when files are created or
+    /// removed.
+    Extra,
+}
+
+impl Synchronous {
+    pub(crate) fn pragma_value(self) -> &'static str {
+        match self {
+            Synchronous::Off => "OFF",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+            Synchronous::Extra => "EXTRA",
+        }
+    }
+}
+
+/// Options of [`SqliteEventStore::open`](crate::SqliteEventStore::open).
+///
+/// Start from [`SqliteOptions::new`] (or `Default`) and change what you need; every setter
+/// takes and returns the options. They are checked when the store opens.
+///
+/// ```
+/// use std::time::Duration;
+/// use eventfold_sqlite::{SqliteOptions, Synchronous};
+///
+/// let options = SqliteOptions::new()
+///     .synchronous(Synchronous::Normal)
+///     .busy_timeout(Duration::from_secs(2))
+///     .read_connections(4);
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SqliteOptions {
+    pub(crate) synchronous: Synchronous,
+    pub(crate) busy_timeout: Duration,
+    pub(crate) read_connections: usize,
+    pub(crate) max_batch_appends: usize,
+    pub(crate) max_batch_events: usize,
+    pub(crate) cache_size_kib: u32,
+    pub(crate) read_only: bool,
+    pub(crate) max_page_count: Option<u64>,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The largest page count SQLite accepts for `PRAGMA max_page_count`.
+const SQLITE_MAX_PAGE_COUNT: u64 = 4_294_967_294;
+
+impl SqliteOptions {
+    /// The defaults: [`Synchronous::Full`], a 5 s busy timeout, 2 read connections, group
+    /// commits of at most 256 appends and 10,000 events, a 16 MiB page cache per
+    /// connection, read-write, no size limit.
+    pub fn new() -> Self {
+        SqliteOptions {
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            read_connections: 2,
+            max_batch_appends: 256,
+            max_batch_events: 10_000,
+            cache_size_kib: 16 * 1024,
+            read_only: false,
+            max_page_count: None,
+        }
+    }
+
+    /// How durable each commit is (default [`Synchronous::Full`]).
+    pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.synchronous = synchronous;
+        self
+    }
+
+    /// How long an operation waits for a lock held by another connection or process before
+    /// it fails with [`StoreErrorKind::Busy`](eventfold_core::StoreErrorKind::Busy)
+    /// (default 5 s, at most `i32::MAX` milliseconds).
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// How many connections serve reads in parallel with the writer (default 2, at most
+    /// 64). With 0, reads queue behind writes on the writer connection.
+    ///
+    /// An in-memory store always reads through its writer: it has no file to share.
+    pub fn read_connections(mut self, connections: usize) -> Self {
+        self.read_connections = connections;
+        self
+    }
+
+    /// The most appends and other writes committed together in one transaction (group
+    /// commit; default 256, at least 1). Every append keeps its own checks and result.
+    pub fn max_batch_appends(mut self, appends: usize) -> Self {
+        self.max_batch_appends = appends;
+        self
+    }
+
+    /// The most events committed together in one transaction (default 10,000, at least 1).
+    /// A single append larger than this is still committed whole, alone.
+    pub fn max_batch_events(mut self, events: usize) -> Self {
+        self.max_batch_events = events;
+        self
+    }
+
+    /// The page cache of each connection, in KiB (default 16 MiB).
+    pub fn cache_size_kib(mut self, kib: u32) -> Self {
+        self.cache_size_kib = kib;
+        self
+    }
+
+    /// Opens the database read-only (default false): reads work, every write fails with
+    /// [`StoreErrorKind::ReadOnly`](eventfold_core::StoreErrorKind::ReadOnly). The database
+    /// must exist and be at this library's schema version.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// Caps the database at this many pages (`PRAGMA max_page_count`; a page is 4 KiB),
+    /// so writes past it fail with [`StoreErrorKind::Full`](eventfold_core::StoreErrorKind::Full)
+    /// and store nothing. Default: no cap but SQLite's own.
+    ///
+    /// The cap can be moved later with
+    /// [`SqliteEventStore::set_max_page_count`](crate::SqliteEventStore::set_max_page_count).
+    pub fn max_page_count(mut self, pages: u64) -> Self {
+        self.max_page_count = Some(pages);
+        self
+    }
+
+    /// Fails with [`Error::InvalidOption`] on the first option out of its range.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let invalid =
+            |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
+        if self.busy_timeout.as_millis() > i32::MAX as u128 {
+            return invalid(
+                "busy_timeout",
+                format!(
+                    "{:?} is longer than SQLite's limit of {} ms",
+                    self.busy_timeout,
+                    i32::MAX
+                ),
+            );
+        }
+        if self.read_connections > 64 {
+            return invalid(
+                "read_connections",
+                format!("{} is more than 64", self.read_connections),
+            );
+        }
+        if self.max_batch_appends == 0 {
+            return invalid("max_batch_appends", "must be at least 1".into());
+        }
+        if self.max_batch_events == 0 {
+            return invalid("max_batch_events", "must be at least 1".into());
+        }
+        if let Some(pages) = self.max_page_count {
+            if pages == 0 || pages > SQLITE_MAX_PAGE_COUNT {
+                return invalid(
+                    "max_page_count",
+                    format!("{pages} is not between 1 and {SQLITE_MAX_PAGE_COUNT}"),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_durable() {
+        let options = SqliteOptions::default();
+        assert_eq!(options, SqliteOptions::new());
+        assert_eq!(options.synchronous, Synchronous::Full);
+        assert!(options.validate().is_ok());
+    }
+
+    #[test]
+    fn out_of_range_options_are_refused_by_name() {
+        let cases = [
+            (
+                SqliteOptions::new().max_batch_appends(0),
+                "max_batch_appends",
+            ),
+            (SqliteOptions::new().max_batch_events(0), "max_batch_events"),
+            (
+                SqliteOptions::new().read_connections(65),
+                "read_connections",
+            ),
+            (SqliteOptions::new().max_page_count(0), "max_page_count"),
+            (
+                SqliteOptions::new().busy_timeout(Duration::from_secs(u64::MAX / 2)),
+                "busy_timeout",
+            ),
+        ];
+        for (options, name) in cases {
+            match options.validate() {
+                Err(Error::InvalidOption { option, .. }) => assert_eq!(option, name),
+                other => panic!("expected an invalid {name}, got {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Opening connections: identifying the database, setting it up, and migrating its schema.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::error::{Error, Result};
+use crate::options::SqliteOptions;
+
+/// Marks a database as eventfold's (`PRAGMA application_id`), so another program's SQLite
+/// file is refused instead of being altered. The bytes spell "EvFd".
+const APPLICATION_ID: i32 = 0x4576_4664;
+
+/// The schema migrations, in order: migration `i` takes the schema from version `i` to
+/// `i + 1`. A migration is only ever appended, never edited once released.
+const MIGRATIONS: &[&str] = &[
+    // Version 1. Times are nanoseconds since the Unix epoch; ids are 16-byte UUIDs.
+    // `position` is the rowid, assigned by the writer as head + 1, so the log is gap-free.
+    "CREATE TABLE events (
+        position       INTEGER PRIMARY KEY,
+        event_id       BLOB    NOT NULL UNIQUE,
+        aggregate_type TEXT    NOT NULL,
+        aggregate_id   TEXT    NOT NULL,
+        version        INTEGER NOT NULL,
+        event_type     TEXT    NOT NULL,
+        schema_version INTEGER NOT NULL,
+        occurred_at    INTEGER NOT NULL,
+        recorded_at    INTEGER NOT NULL,
+        metadata       TEXT,
+        payload        TEXT    NOT NULL,
+        UNIQUE (aggregate_type, aggregate_id, version)
+    ) STRICT;
+    CREATE TABLE snapshots (
+        aggregate_type TEXT    NOT NULL,
+        aggregate_id   TEXT    NOT NULL,
+        version        INTEGER NOT NULL,
+        schema_version INTEGER NOT NULL,
+        state          TEXT    NOT NULL,
+        taken_at       INTEGER NOT NULL,
+        PRIMARY KEY (aggregate_type, aggregate_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE checkpoints (
+        subscription TEXT    NOT NULL PRIMARY KEY,
+        position     INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE dead_letters (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        subscription    TEXT    NOT NULL,
+        event_id        BLOB    NOT NULL,
+        position        INTEGER NOT NULL,
+        event_type      TEXT    NOT NULL,
+        error           TEXT    NOT NULL,
+        attempts        INTEGER NOT NULL,
+        first_failed_at INTEGER NOT NULL,
+        last_failed_at  INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX dead_letters_by_subscription ON dead_letters (subscription, id);
+    CREATE TABLE failures (
+        id              INTEGER PRIMARY KEY,
+        subscription    TEXT    NOT NULL,
+        event_id        BLOB    NOT NULL,
+        position        INTEGER NOT NULL,
+        attempt         INTEGER NOT NULL,
+        error           TEXT    NOT NULL,
+        duration_micros INTEGER NOT NULL,
+        failed_at       INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX failures_by_subscription ON failures (subscription, id);",
+];
+
+/// The schema version this library writes and reads.
+pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
+
+/// Prepared statements kept per connection; more than the store uses, so none is evicted.
+const STATEMENT_CACHE: usize = 64;
+
+/// Where the database lives.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Location<'a> {
+    File(&'a Path),
+    Memory,
+}
+
+impl Location<'_> {
+    pub(crate) fn describe(self) -> String {
+        match self {
+            Location::File(path) => path.display().to_string(),
+            Location::Memory => ":memory:".to_owned(),
+        }
+    }
+}
+
+/// Opens the writer connection: identifies the database, sets it up (WAL, synchronous,
+/// size cap) and migrates it to [`SCHEMA_VERSION`].
+pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Result<Connection> {
+    let name = location.describe();
+    let fail = |doing: &str| {
+        let name = name.clone();
+        let doing = doing.to_owned();
+        move |e| Error::from_sqlite(&name, &doing, e)
+    };
+    let flags = if options.read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = match location {
+        Location::File(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if !dir.is_dir() {
+                    return Err(Error::CannotOpen {
+                        path: name,
+                        message: format!("the directory `{}` does not exist", dir.display()),
+                        source: None,
+                    });
+                }
+            }
+            Connection::open_with_flags(path, flags)
+        }
+        Location::Memory => Connection::open_in_memory_with_flags(flags),
+    }
+    .map_err(fail("opening"))?;
+    configure(&conn, options).map_err(fail("configuring the connection"))?;
+
+    // The first read of the file: a file that is not a database fails here.
+    let (application_id, user_version, objects) = conn
+        .query_row(
+            "SELECT (SELECT application_id FROM pragma_application_id),
+                    (SELECT user_version FROM pragma_user_version),
+                    (SELECT count(*) FROM sqlite_schema)",
+            [],
+            |row| {
+                Ok((
+                    row.get::<_, i32>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            },
+        )
+        .map_err(fail("reading the database header"))?;
+    let fresh = application_id == 0 && user_version == 0 && objects == 0;
+    if application_id != APPLICATION_ID && !fresh {
+        return Err(Error::Corrupt {
+            path: name,
+            message: format!(
+                "it belongs to another program (application id {application_id:#x}, \
+                 schema version {user_version}, {objects} schema objects)"
+            ),
+            source: None,
+        });
+    }
+    let found = u32::try_from(user_version).unwrap_or(u32::MAX);
+    if found > SCHEMA_VERSION {
+        return Err(Error::SchemaTooNew {
+            path: name,
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+
+    if !options.read_only {
+        if let Location::File(_) = location {
+            let mode: String = conn
+                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+                .map_err(fail("switching to WAL mode"))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(database = %name, %mode, "WAL mode is unavailable; readers and the writer will block each other");
+            }
+        }
+        conn.pragma_update(None, "synchronous", options.synchronous.pragma_value())
+            .map_err(fail("setting synchronous"))?;
+        if let Some(pages) = options.max_page_count {
+            set_max_page_count(&conn, pages).map_err(fail("setting max_page_count"))?;
+        }
+    }
+
+    if found < SCHEMA_VERSION {
+        if options.read_only {
+            return Err(Error::Open {
+                path: name,
+                kind: eventfold_core::StoreErrorKind::ReadOnly,
+                message: format!(
+                    "the schema is at version {found} and needs migrating to version \
+                     {SCHEMA_VERSION}, which a read-only store cannot do"
+                ),
+                source: None,
+            });
+        }
+        migrate(&conn).map_err(fail("migrating the schema"))?;
+        // Another process may have migrated further in between.
+        let now: i64 = conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(fail("reading the schema version"))?;
+        let now = u32::try_from(now).unwrap_or(u32::MAX);
+        if now > SCHEMA_VERSION {
+            return Err(Error::SchemaTooNew {
+                path: name,
+                found: now,
+                supported: SCHEMA_VERSION,
+            });
+        }
+    }
+    Ok(conn)
+}
+
+/// Opens a read connection to a file database that [`open_writer`] has set up.
+pub(crate) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection> {
+    let name = path.display().to_string();
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| Error::from_sqlite(&name, "opening a read connection", e))?;
+    configure(&conn, options)
+        .map_err(|e| Error::from_sqlite(&name, "configuring a read connection", e))?;
+    Ok(conn)
+}
+
+/// What every connection sets: the busy timeout, the page cache, the statement cache.
+fn configure(conn: &Connection, options: &SqliteOptions) -> rusqlite::Result<()> {
+    conn.busy_timeout(options.busy_timeout)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // A negative cache_size is in KiB.
+    conn.pragma_update(None, "cache_size", -i64::from(options.cache_size_kib))?;
+    Ok(())
+}
+
+/// Sets the size cap of the writer connection; returns the cap in force (SQLite never
+/// sets it below the current size).
+pub(crate) fn set_max_page_count(conn: &Connection, pages: u64) -> rusqlite::Result<u64> {
+    let pages = pages.min(i64::MAX as u64) as i64;
+    let now: i64 = conn.pragma_update_and_check(None, "max_page_count", pages, |row| row.get(0))?;
+    Ok(now.max(0) as u64)
+}
+
+/// Applies the pending migrations in one transaction.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let current: i64 = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let current = usize::try_from(current).unwrap_or(usize::MAX);
+        if current >= MIGRATIONS.len() {
+            return Ok(());
+        }
+        for (version, migration) in MIGRATIONS.iter().enumerate().skip(current) {
+            tracing::info!(
+                from = version,
+                to = version + 1,
+                "migrating the event store schema"
+            );
+            conn.execute_batch(migration)?;
+        }
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(())
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! [`SqliteEventStore`]: the handle, its read connections, and the [`EventStore`] impl.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use eventfold_core::{
+    AppendOutcome, AppendRequest, DeadLetter, EventStore, ExpectedVersion, FailureRecord,
+    NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId, check_append,
+    check_batch,
+};
+use rusqlite::Connection;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use crate::error::{Error, Result, closed, store_error};
+use crate::options::SqliteOptions;
+use crate::schema::{self, Location};
+use crate::sql;
+use crate::writer::{Command, Counters, Reply, Writer};
+
+/// An [`EventStore`] in a SQLite database: durable, one file, no server.
+///
+/// One writer connection, on its own thread, commits every write; appends that arrive
+/// together are committed in one transaction (group commit), each with its own checks and
+/// result. A few read connections serve reads in parallel (WAL mode). No call blocks the
+/// async runtime; the store needs a Tokio runtime.
+///
+/// Cloning is cheap and shares the store. The writer stops once every clone is dropped
+/// (after the writes already queued), or at [`close`](Self::close).
+///
+/// Several processes may open the same file: each append checks and numbers its events
+/// inside its write transaction, so versions and positions stay gap-free across processes.
+/// [`watch_head`](EventStore::watch_head) follows this store's own commits; another
+/// process's appends show up in reads at once, and in the watch at this store's next commit.
+///
+/// See the [crate docs](crate) for an example.
+#[derive(Clone)]
+pub struct SqliteEventStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    commands: mpsc::Sender<Command>,
+    /// `None`: reads go through the writer (an in-memory database, or no read connections).
+    readers: Option<Arc<ReadPool>>,
+    head: Arc<watch::Sender<u64>>,
+    counters: Arc<Counters>,
+    path: Option<PathBuf>,
+    closed: AtomicBool,
+}
+
+/// What the writer has done since the store opened, and what waits for it.
+///
+/// `transactions` below `writes` shows group commit at work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct WriterStatistics {
+    /// Transactions committed.
+    pub transactions: u64,
+    /// Writes committed (appends, snapshots, checkpoints, dead letters, failure records).
+    pub writes: u64,
+    /// Appends among those writes (repeated, idempotent appends included).
+    pub appends: u64,
+    /// Writes in the transaction the writer is running right now.
+    pub in_progress: usize,
+    /// Commands waiting for the writer right now.
+    pub queued: usize,
+}
+
+/// Read connections, each used by one blocking task at a time.
+struct ReadPool {
+    idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
+}
+
+/// A read connection taken from the pool, put back when dropped (even on a panic).
+struct Checkout<'a> {
+    pool: &'a ReadPool,
+    conn: Option<Connection>,
+}
+
+impl ReadPool {
+    fn new(connections: Vec<Connection>) -> Self {
+        ReadPool {
+            permits: Arc::new(Semaphore::new(connections.len())),
+            idle: Mutex::new(connections),
+        }
+    }
+
+    /// Takes a connection; the caller holds a permit, so one is idle.
+    fn checkout(&self) -> Checkout<'_> {
+        let conn = self
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        Checkout { pool: self, conn }
+    }
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(conn);
+        }
+    }
+}
+
+impl fmt::Debug for SqliteEventStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteEventStore")
+            .field("path", &self.shared.path)
+            .field("head", &*self.shared.head.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteEventStore {
+    /// Opens the store in the database file at `path`, creating the file if it is missing
+    /// (unless the options say read-only), and migrating its schema if it is older.
+    ///
+    /// Fails with [`Error::CannotOpen`] when the directory is missing,
+    /// [`Error::Corrupt`] when the file is not a database of this store, and
+    /// [`Error::SchemaTooNew`] when a newer version of this library wrote it.
+    pub async fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
+        options.validate()?;
+        let path = path.as_ref().to_owned();
+        spawn_blocking(move || Self::start(Some(path), options)).await
+    }
+
+    /// Opens a store in a fresh in-memory database, gone when the store is dropped. Reads
+    /// go through the writer connection (the option `read_connections` is ignored).
+    pub async fn open_in_memory(options: SqliteOptions) -> Result<Self> {
+        options.validate()?;
+        spawn_blocking(move || Self::start(None, options)).await
+    }
+
+    fn start(path: Option<PathBuf>, options: SqliteOptions) -> Result<Self> {
+        let location = match &path {
+            Some(path) => Location::File(path),
+            None => Location::Memory,
+        };
+        let conn = schema::open_writer(location, &options)?;
+        let head = sql::head(&conn)
+            .map_err(|e| Error::from_sqlite(&location.describe(), "reading the head", e))?;
+        let readers = match &path {
+            Some(path) if options.read_connections > 0 => {
+                let connections = (0..options.read_connections)
+                    .map(|_| schema::open_reader(path, &options))
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Arc::new(ReadPool::new(connections)))
+            }
+            _ => None,
+        };
+
+        let head = Arc::new(watch::channel(head).0);
+        let counters = Arc::new(Counters::default());
+        let (commands, queue) = mpsc::channel(options.max_batch_appends.max(256) * 4);
+        Writer::new(
+            conn,
+            queue,
+            Arc::clone(&head),
+            Arc::clone(&counters),
+            options.max_batch_appends,
+            options.max_batch_events,
+        )
+        .spawn()
+        .map_err(|e| Error::Open {
+            path: location.describe(),
+            kind: eventfold_core::StoreErrorKind::Other,
+            message: format!("cannot start the writer thread: {e}"),
+            source: Some(Box::new(e)),
+        })?;
+        tracing::debug!(database = %location.describe(), head = *head.borrow(), "opened the SQLite event store");
+        Ok(SqliteEventStore {
+            shared: Arc::new(Shared {
+                commands,
+                readers,
+                head,
+                counters,
+                path,
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The database file, or `None` for an in-memory store.
+    pub fn path(&self) -> Option<&Path> {
+        self.shared.path.as_deref()
+    }
+
+    /// What the writer has done: transactions and writes committed, commands queued.
+    pub fn writer_statistics(&self) -> WriterStatistics {
+        let counters = &self.shared.counters;
+        let commands = &self.shared.commands;
+        WriterStatistics {
+            transactions: counters.transactions.load(Ordering::Relaxed),
+            writes: counters.writes.load(Ordering::Relaxed),
+            appends: counters.appends.load(Ordering::Relaxed),
+            in_progress: counters.in_progress.load(Ordering::Relaxed),
+            queued: commands.max_capacity() - commands.capacity(),
+        }
+    }
+
+    /// Moves the database's size cap (see [`SqliteOptions::max_page_count`]) and returns
+    /// the cap in force: SQLite never sets it below the database's current size.
+    pub async fn set_max_page_count(&self, pages: u64) -> eventfold_core::Result<u64> {
+        self.on_writer(move |conn| {
+            schema::set_max_page_count(conn, pages)
+                .map_err(|e| store_error("setting max_page_count", e))
+        })
+        .await
+    }
+
+    /// Stops the store: the writer commits what was queued before, then closes its
+    /// connection; the read connections close too. Every later call fails with
+    /// [`StoreErrorKind::Closed`](eventfold_core::StoreErrorKind::Closed). Closing twice
+    /// is fine.
+    pub async fn close(&self) -> eventfold_core::Result<()> {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        let (reply, closed) = oneshot::channel();
+        if self
+            .shared
+            .commands
+            .send(Command::Close(reply))
+            .await
+            .is_ok()
+        {
+            // An error here means the writer was gone already: closed all the same.
+            let _ = closed.await;
+        }
+        if let Some(readers) = &self.shared.readers {
+            readers.permits.close();
+            readers
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+        Ok(())
+    }
+
+    async fn send(&self, command: Command) -> eventfold_core::Result<()> {
+        self.shared
+            .commands
+            .send(command)
+            .await
+            .map_err(|_| closed())
+    }
+
+    /// Sends a write to the writer and waits for its committed result.
+    async fn write<T>(
+        &self,
+        command: impl FnOnce(Reply<T>) -> Command,
+    ) -> eventfold_core::Result<T> {
+        let (reply, result) = oneshot::channel();
+        self.send(command(reply)).await?;
+        result.await.map_err(|_| closed())?
+    }
+
+    /// Runs `work` on the writer connection, between transactions.
+    async fn on_writer<T, F>(&self, work: F) -> eventfold_core::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> eventfold_core::Result<T> + Send + 'static,
+    {
+        let (reply, result) = oneshot::channel();
+        self.send(Command::Run(Box::new(move |conn| {
+            let _ = reply.send(work(conn));
+        })))
+        .await?;
+        result.await.map_err(|_| closed())?
+    }
+
+    /// Runs a read on a read connection, off the async runtime (or on the writer when the
+    /// store has no read connections).
+    async fn read<T, F>(&self, work: F) -> eventfold_core::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> eventfold_core::Result<T> + Send + 'static,
+    {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(closed());
+        }
+        let Some(pool) = &self.shared.readers else {
+            return self.on_writer(work).await;
+        };
+        let permit = Arc::clone(&pool.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| closed())?;
+        let pool = Arc::clone(pool);
+        let task = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let checkout = pool.checkout();
+            match &checkout.conn {
+                Some(conn) => work(conn),
+                None => Err(closed()),
+            }
+        });
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(closed()),
+        }
+    }
+}
+
+/// The writer answers an append with one outcome per request.
+fn missing_outcome() -> eventfold_core::Error {
+    eventfold_core::Error::Store {
+        kind: eventfold_core::StoreErrorKind::Other,
+        message: "the writer returned no outcome for an append".to_owned(),
+        source: None,
+    }
+}
+
+/// Runs blocking set-up work off the async runtime.
+async fn spawn_blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => value,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("the runtime shut down while opening the store: {e}"),
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteEventStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> eventfold_core::Result<AppendOutcome> {
+        check_append(stream, &events)?;
+        let requests = vec![AppendRequest {
+            stream: stream.clone(),
+            expected,
+            events,
+        }];
+        let mut outcomes = self
+            .write(|reply| Command::Append { requests, reply })
+            .await?;
+        outcomes.pop().ok_or_else(missing_outcome)
+    }
+
+    async fn append_batch(
+        &self,
+        requests: Vec<AppendRequest>,
+    ) -> eventfold_core::Result<Vec<AppendOutcome>> {
+        check_batch(&requests)?;
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(|reply| Command::Append { requests, reply })
+            .await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+    ) -> eventfold_core::Result<Vec<RecordedEvent>> {
+        let stream = stream.clone();
+        self.read(move |conn| sql::read_stream(conn, &stream, from_version))
+            .await
+    }
+
+    async fn read_all(
+        &self,
+        from_position: u64,
+        limit: usize,
+    ) -> eventfold_core::Result<Vec<RecordedEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| sql::read_all(conn, from_position, limit))
+            .await
+    }
+
+    async fn get(&self, event_id: Uuid) -> eventfold_core::Result<Option<RecordedEvent>> {
+        self.read(move |conn| sql::event_by_id(conn, event_id))
+            .await
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> eventfold_core::Result<u64> {
+        let stream = stream.clone();
+        self.read(move |conn| {
+            sql::stream_version(conn, &stream)
+                .map_err(|e| store_error("reading a stream version", e))
+        })
+        .await
+    }
+
+    async fn head_position(&self) -> eventfold_core::Result<u64> {
+        self.read(|conn| sql::head(conn).map_err(|e| store_error("reading the head", e)))
+            .await
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.shared.head.subscribe()
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> eventfold_core::Result<()> {
+        self.write(|reply| Command::SaveSnapshot { snapshot, reply })
+            .await
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> eventfold_core::Result<Option<Snapshot>> {
+        let stream = stream.clone();
+        self.read(move |conn| sql::load_snapshot(conn, &stream))
+            .await
+    }
+
+    async fn load_checkpoint(&self, subscription: &str) -> eventfold_core::Result<Option<u64>> {
+        let subscription = subscription.to_owned();
+        self.read(move |conn| sql::load_checkpoint(conn, &subscription))
+            .await
+    }
+
+    async fn save_checkpoint(
+        &self,
+        subscription: &str,
+        position: u64,
+    ) -> eventfold_core::Result<()> {
+        let subscription = subscription.to_owned();
+        self.write(|reply| Command::SaveCheckpoint {
+            subscription,
+            position,
+            reply,
+        })
+        .await
+    }
+
+    async fn add_dead_letter(&self, dead_letter: NewDeadLetter) -> eventfold_core::Result<u64> {
+        self.write(|reply| Command::AddDeadLetter { dead_letter, reply })
+            .await
+    }
+
+    async fn dead_letters(
+        &self,
+        subscription: Option<&str>,
+    ) -> eventfold_core::Result<Vec<DeadLetter>> {
+        let subscription = subscription.map(str::to_owned);
+        self.read(move |conn| sql::dead_letters(conn, subscription.as_deref()))
+            .await
+    }
+
+    async fn remove_dead_letter(&self, id: u64) -> eventfold_core::Result<bool> {
+        self.write(|reply| Command::RemoveDeadLetter { id, reply })
+            .await
+    }
+
+    async fn record_failure(&self, failure: FailureRecord) -> eventfold_core::Result<()> {
+        self.write(|reply| Command::RecordFailure { failure, reply })
+            .await
+    }
+
+    async fn failures(
+        &self,
+        subscription: &str,
+        limit: usize,
+    ) -> eventfold_core::Result<Vec<FailureRecord>> {
+        let subscription = subscription.to_owned();
+        self.read(move |conn| sql::failures(conn, &subscription, limit))
+            .await
+    }
+
+    async fn statistics(&self) -> eventfold_core::Result<StoreStatistics> {
+        let on_disk = self.shared.path.is_some();
+        self.read(move |conn| sql::statistics(conn, on_disk)).await
+    }
+}

@@ -1,0 +1,264 @@
+//! Group commit: appends queued together share one transaction, each keeping its own checks
+//! and its own result.
+//!
+//! To make a group deterministic, a second connection holds the write lock while the
+//! appends queue up behind the writer's first write (a blocker, waiting for the lock);
+//! once the lock is released, everything queued joins the blocker's transaction.
+
+mod common;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use eventfold_core::{AppendOutcome, Error, EventStore, ExpectedVersion, StoreErrorKind};
+use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
+use tokio::task::JoinHandle;
+
+/// Waits until `condition` holds, checking between short pauses; fails after 10 s.
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+type Append = JoinHandle<Result<AppendOutcome, Error>>;
+
+/// Runs `appends` in one group with a blocker append, which waits on a lock held by
+/// another connection while the appends queue; then the lock is released.
+async fn as_one_group<F, Fut>(
+    store: &Arc<SqliteEventStore>,
+    path: &std::path::Path,
+    appends: F,
+) -> (AppendOutcome, Vec<Append>)
+where
+    F: FnOnce() -> Vec<Fut>,
+    Fut: Future<Output = Result<AppendOutcome, Error>> + Send + 'static,
+{
+    let other = raw(path);
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let blocker = {
+        let store = Arc::clone(store);
+        tokio::spawn(async move {
+            store
+                .append(&meter("blocker"), ExpectedVersion::Any, vec![reading(0)])
+                .await
+        })
+    };
+    // The writer has taken the blocker and waits for the lock.
+    until("the writer takes the blocker", || {
+        let stats = store.writer_statistics();
+        (stats.in_progress, stats.queued) == (1, 0)
+    })
+    .await;
+    let futures = appends();
+    let n = futures.len();
+    let tasks: Vec<Append> = futures.into_iter().map(tokio::spawn).collect();
+    until("every append is queued", || {
+        store.writer_statistics().queued == n
+    })
+    .await;
+    other.execute_batch("COMMIT").unwrap();
+    let blocked = blocker.await.unwrap().expect("the blocker append");
+    (blocked, tasks)
+}
+
+fn open_options() -> SqliteOptions {
+    SqliteOptions::new().busy_timeout(Duration::from_secs(30))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_single_event_appends_share_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = Arc::new(SqliteEventStore::open(&path, open_options()).await.unwrap());
+
+    let (blocker, tasks) = as_one_group(&store, &path, || {
+        (0..64)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                async move {
+                    store
+                        .append(
+                            &meter(&format!("m-{i}")),
+                            ExpectedVersion::NoStream,
+                            vec![reading(i)],
+                        )
+                        .await
+                }
+            })
+            .collect()
+    })
+    .await;
+    let mut outcomes = vec![blocker];
+    for task in tasks {
+        outcomes.push(task.await.unwrap().expect("every append succeeds"));
+    }
+    assert_gap_free(&outcomes);
+    let stats = store.writer_statistics();
+    assert_eq!((stats.appends, stats.writes), (65, 65));
+    assert_eq!(stats.transactions, 1, "the blocker and the 64 together");
+
+    let log = store.read_all(1, usize::MAX).await.unwrap();
+    assert_eq!(log.len(), 65);
+    assert!(log.windows(2).all(|w| w[1].position == w[0].position + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_conflicting_append_fails_alone_while_its_group_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = Arc::new(SqliteEventStore::open(&path, open_options()).await.unwrap());
+    let before = seed(&*store, "contested", 2).await;
+
+    let (blocker, tasks) = as_one_group(&store, &path, || {
+        (0..10u64)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                // Task 4 expects a version the contested stream is not at.
+                let (id, expected) = match i {
+                    4 => ("contested".to_owned(), ExpectedVersion::Exact(1)),
+                    _ => (format!("m-{i}"), ExpectedVersion::NoStream),
+                };
+                async move {
+                    store
+                        .append(&meter(&id), expected, vec![reading(i), reading(i + 100)])
+                        .await
+                }
+            })
+            .collect()
+    })
+    .await;
+    let mut outcomes = vec![blocker];
+    for (i, task) in tasks.into_iter().enumerate() {
+        match (i, task.await.unwrap()) {
+            (
+                4,
+                Err(Error::VersionConflict {
+                    expected, actual, ..
+                }),
+            ) => {
+                assert_eq!((expected, actual), (ExpectedVersion::Exact(1), 2));
+            }
+            (4, other) => panic!("expected a conflict, got {other:?}"),
+            (_, result) => outcomes.push(result.expect("the others commit")),
+        }
+    }
+    // Positions continue after the seed without a gap: the refused append took none.
+    let mut positions: Vec<u64> = outcomes
+        .iter()
+        .flat_map(|o| o.first_position..=o.last_position)
+        .collect();
+    positions.sort_unstable();
+    assert_eq!(positions, (3..=3 + 18).collect::<Vec<_>>());
+    assert_eq!(
+        store.writer_statistics().transactions,
+        2 + 1,
+        "the seed, then the blocker and the group"
+    );
+    assert_eq!(store.stream_version(&meter("contested")).await.unwrap(), 2);
+    let log = assert_kept(&*store, &before).await;
+    assert_eq!(log.len(), 2 + 1 + 18);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_that_overflows_the_size_cap_fails_alone_in_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let options = open_options().max_page_count(64);
+    let store = Arc::new(SqliteEventStore::open(&path, options).await.unwrap());
+    let before = seed(&*store, "m-0", 2).await;
+
+    let (_, tasks) = as_one_group(&store, &path, || {
+        (0..5u64)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                // The middle one is far larger than the cap allows.
+                let events = if i == 2 {
+                    (0..100).map(|_| note(4_000)).collect()
+                } else {
+                    vec![reading(i)]
+                };
+                async move {
+                    store
+                        .append(&meter(&format!("m-{i}")), ExpectedVersion::Any, events)
+                        .await
+                }
+            })
+            .collect()
+    })
+    .await;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let result = task.await.unwrap();
+        if i == 2 {
+            assert_eq!(store_kind(result), StoreErrorKind::Full);
+        } else {
+            result.expect("the appends that fit commit");
+        }
+    }
+    assert_eq!(store.stream_version(&meter("m-2")).await.unwrap(), 0);
+    // SQLite rolls the whole transaction back on a full database; the writer ran the
+    // others again and committed them together.
+    assert_eq!(
+        store.writer_statistics().transactions,
+        2 + 1,
+        "the seed, then the blocker and the group"
+    );
+    let log = assert_kept(&*store, &before).await;
+    assert_eq!(log.len(), 2 + 1 + 4);
+    assert!(log.windows(2).all(|w| w[1].position == w[0].position + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_across_streams_and_other_writes_join_a_group() {
+    let store = Arc::new(
+        SqliteEventStore::open_in_memory(SqliteOptions::new())
+            .await
+            .unwrap(),
+    );
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            store
+                .append(
+                    &meter(&format!("m-{}", i % 4)),
+                    ExpectedVersion::Any,
+                    vec![reading(i)],
+                )
+                .await
+                .unwrap();
+            store
+                .save_checkpoint(&format!("sub-{}", i % 3), i)
+                .await
+                .unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let stats = store.writer_statistics();
+    assert_eq!((stats.appends, stats.writes), (32, 64));
+    assert!(stats.transactions <= stats.writes);
+    let log = store.read_all(1, usize::MAX).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.position).collect::<Vec<_>>(),
+        (1..=32).collect::<Vec<_>>()
+    );
+    for s in 0..4 {
+        let versions: Vec<u64> = store
+            .read_stream(&meter(&format!("m-{s}")), 1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.version)
+            .collect();
+        assert_eq!(versions, (1..=8).collect::<Vec<_>>());
+    }
+}
