@@ -114,7 +114,7 @@ fn upper_bound(bucket: usize) -> u64 {
     let msb = (i / SUB as usize) as u32 + 4;
     let sub = (i % SUB as usize) as u64;
     let low = (1u64 << msb) | (sub << (msb - 2));
-    low + (1u64 << (msb - 2)) - 1
+    low + ((1u64 << (msb - 2)) - 1)
 }
 
 impl Histogram {
