@@ -521,9 +521,10 @@ async fn blocking_handlers_run_off_the_workers() {
     let blocking = {
         let seen = Arc::clone(&seen);
         move |d: Delivery<OrderEvent>| {
-            std::thread::sleep(Duration::from_millis(1));
+            // Real blocking work: a synchronous file-system call.
+            std::fs::metadata(std::env::current_exe()?)?;
             seen.lock().unwrap().push(seq_of(&d.event));
-            Ok::<_, Error>(())
+            Ok::<_, std::io::Error>(())
         }
     };
     bus.subscribe_blocking("files", blocking)

@@ -16,7 +16,7 @@ use eventfold_core::{AppendOutcome, Error, EventStore, ExpectedVersion, StoreErr
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 use tokio::task::JoinHandle;
 
-/// Waits until `condition` holds, checking between short pauses; fails after 10 s.
+/// Waits until `condition` holds, yielding between checks; fails after 10 s.
 async fn until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !condition() {
@@ -24,7 +24,7 @@ async fn until(what: &str, mut condition: impl FnMut() -> bool) {
             tokio::time::Instant::now() < deadline,
             "timed out waiting until {what}"
         );
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::task::yield_now().await;
     }
 }
 
