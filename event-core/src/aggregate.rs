@@ -11,8 +11,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::event::DomainEvent;
-use crate::record::{ExpectedVersion, Metadata, NewEvent, Snapshot, StreamId};
-use crate::store::EventStore;
+use crate::record::{ExpectedVersion, Metadata, NewEvent, ReplayedEvent, Snapshot, StreamId};
+use crate::store::{EventStore, ReplayVisitor};
 
 /// A consistency boundary whose state is the fold of its events.
 ///
@@ -123,6 +123,25 @@ impl<A: Aggregate> fmt::Debug for Repository<A> {
     }
 }
 
+/// Folds replayed events into an aggregate, wherever the store runs the replay.
+struct Fold<A> {
+    state: A,
+    version: u64,
+}
+
+impl<A: Aggregate> ReplayVisitor for Fold<A> {
+    fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()> {
+        let decoded: A::Event = event.decode()?;
+        self.state.apply(&decoded);
+        self.version = event.version;
+        Ok(())
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
 /// A loaded aggregate with the version it was rebuilt at.
 type Loaded<A> = (A, u64);
 
@@ -174,13 +193,16 @@ impl<A: Aggregate> Repository<A> {
     /// by replaying the events after it. Returns the state and its version (0: no events).
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
         let stream = Self::stream(id);
-        let (mut aggregate, mut version) = self.load_snapshot(&stream).await;
-        for recorded in self.store.read_stream(&stream, version + 1).await? {
-            let event: A::Event = recorded.decode()?;
-            aggregate.apply(&event);
-            version = recorded.version;
-        }
-        Ok((aggregate, version))
+        let (state, version) = self.load_snapshot(&stream).await;
+        let fold = Box::new(Fold { state, version });
+        let fold = self
+            .store
+            .replay_stream(&stream, version + 1, fold)
+            .await?
+            .into_any()
+            .downcast::<Fold<A>>()
+            .expect("a store hands back the visitor it was given");
+        Ok((fold.state, fold.version))
     }
 
     /// The snapshot's state and version, or the default state at 0. A snapshot that cannot

@@ -26,10 +26,10 @@ pub use event::{DomainEvent, EventType};
 pub use memory::InMemoryEventStore;
 pub use record::{
     AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, Metadata,
-    NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
+    NewDeadLetter, NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
 };
 pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
-pub use store::{EventStore, check_append, check_batch};
+pub use store::{EventStore, ReplayVisitor, check_append, check_batch};
 
 // Lets the derive's generated code in this crate's own tests name `::eventfold`.
 #[cfg(test)]

@@ -240,6 +240,47 @@ pub struct AppendRequest {
     pub events: Vec<NewEvent>,
 }
 
+/// A stored event as a replay sees it: borrowed from the store, so rebuilding an aggregate
+/// allocates nothing per event beyond the decoded event itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayedEvent<'a> {
+    /// Its id.
+    pub event_id: Uuid,
+    /// Its version in its stream.
+    pub version: u64,
+    /// Its global position.
+    pub position: u64,
+    /// The registered event type name.
+    pub event_type: &'a str,
+    /// The schema version of the payload.
+    pub schema_version: u32,
+    /// The content as JSON text, exactly as stored.
+    pub payload: &'a str,
+}
+
+impl ReplayedEvent<'_> {
+    /// Decodes the payload into `E`, upcasting older schema versions first; errors name
+    /// the event's id and position (see [`RecordedEvent::decode`]).
+    pub fn decode<E: DomainEvent>(&self) -> Result<E> {
+        registry()
+            .decode::<E>(self.event_type, self.schema_version, self.payload)
+            .map_err(|e| e.at_event(self.event_id, self.position))
+    }
+}
+
+impl<'a> From<&'a RecordedEvent> for ReplayedEvent<'a> {
+    fn from(e: &'a RecordedEvent) -> Self {
+        ReplayedEvent {
+            event_id: e.event_id,
+            version: e.version,
+            position: e.position,
+            event_type: &e.event_type,
+            schema_version: e.schema_version,
+            payload: &e.payload,
+        }
+    }
+}
+
 /// What an append stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppendOutcome {

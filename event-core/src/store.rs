@@ -7,8 +7,18 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::record::{
     AppendOutcome, AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter,
-    NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
+    NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
 };
+
+/// Receives a stream's events one by one during
+/// [`EventStore::replay_stream`]; it may run on a blocking thread of the store's.
+pub trait ReplayVisitor: Send + 'static {
+    /// Takes the next event; an error ends the replay and is returned from it.
+    fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()>;
+
+    /// The visitor as `Any`, to take it back after the replay.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
+}
 
 /// Durable storage of event streams, the global log, snapshots, subscription checkpoints,
 /// dead letters and failure records.
@@ -59,6 +69,23 @@ pub trait EventStore: Send + Sync + 'static {
     /// The events of a stream from version `from_version` (inclusive, from 1), in order.
     async fn read_stream(&self, stream: &StreamId, from_version: u64)
     -> Result<Vec<RecordedEvent>>;
+
+    /// Hands the events of a stream from version `from_version` on, in order, to
+    /// `visitor`, and returns it; stops at the first error it returns. This is how
+    /// repositories rebuild aggregates: a backend that can lend each stored row without
+    /// building a [`RecordedEvent`] overrides it. The default reads with
+    /// [`read_stream`](Self::read_stream).
+    async fn replay_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        mut visitor: Box<dyn ReplayVisitor>,
+    ) -> Result<Box<dyn ReplayVisitor>> {
+        for event in self.read_stream(stream, from_version).await? {
+            visitor.visit(ReplayedEvent::from(&event))?;
+        }
+        Ok(visitor)
+    }
 
     /// Up to `limit` events of the global log from position `from_position` (inclusive,
     /// from 1), in commit order.

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use eventfold_core::{
-    Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, Result, Snapshot,
-    StoreErrorKind, StoreStatistics, StreamId,
+    Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, ReplayVisitor,
+    ReplayedEvent, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, Rows, params};
@@ -142,6 +142,59 @@ pub(crate) fn read_stream(
         ])
         .map_err(fail)?;
     events_from_rows(rows, 16)
+}
+
+/// Hands a stream's events from a version on to `visitor`, each borrowed from its row.
+pub(crate) fn replay_stream(
+    conn: &Connection,
+    stream: &StreamId,
+    from_version: u64,
+    mut visitor: Box<dyn ReplayVisitor>,
+) -> Result<Box<dyn ReplayVisitor>> {
+    let fail = |e| store_error("replaying a stream", e);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT position, event_id, version, event_type, schema_version, payload \
+             FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 \
+             ORDER BY version",
+        )
+        .map_err(fail)?;
+    let mut rows = stmt
+        .query(params![
+            stream.aggregate_type,
+            stream.aggregate_id,
+            bound(from_version)
+        ])
+        .map_err(fail)?;
+    while let Some(row) = rows.next().map_err(fail)? {
+        let position = to_u64(row.get::<_, i64>(0).map_err(fail)?);
+        let bad = |what: &str| corrupt_row(format!("the event at position {position} has {what}"));
+        let text = |index: usize, what: &str| -> Result<std::borrow::Cow<'_, str>> {
+            match row.get_ref(index).map_err(fail)? {
+                // Valid UTF-8 is lent as it is; anything else is handed on repaired, and
+                // decoding it says what is wrong.
+                ValueRef::Text(bytes) => Ok(match std::str::from_utf8(bytes) {
+                    Ok(text) => std::borrow::Cow::Borrowed(text),
+                    Err(_) => String::from_utf8_lossy(bytes),
+                }),
+                _ => Err(bad(what)),
+            }
+        };
+        let event_type = text(3, "no event type")?;
+        let payload = text(5, "no payload")?;
+        visitor.visit(ReplayedEvent {
+            event_id: uuid_at(row, 1)
+                .map_err(fail)?
+                .ok_or_else(|| bad("no valid event id"))?,
+            version: to_u64(row.get::<_, i64>(2).map_err(fail)?),
+            position,
+            event_type: &event_type,
+            schema_version: u32::try_from(row.get::<_, i64>(4).map_err(fail)?)
+                .map_err(|_| bad("a schema version out of range"))?,
+            payload: &payload,
+        })?;
+    }
+    Ok(visitor)
 }
 
 /// Up to `limit` events of the log from a position on.

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use eventfold_core::{
     AppendOutcome, AppendRequest, DeadLetter, EventStore, ExpectedVersion, FailureRecord,
-    NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId, check_append,
-    check_batch,
+    NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Snapshot, StoreStatistics, StreamId,
+    check_append, check_batch,
 };
 use rusqlite::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -370,6 +370,17 @@ impl EventStore for SqliteEventStore {
     ) -> eventfold_core::Result<Vec<RecordedEvent>> {
         let stream = stream.clone();
         self.read(move |conn| sql::read_stream(conn, &stream, from_version))
+            .await
+    }
+
+    async fn replay_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        visitor: Box<dyn ReplayVisitor>,
+    ) -> eventfold_core::Result<Box<dyn ReplayVisitor>> {
+        let stream = stream.clone();
+        self.read(move |conn| sql::replay_stream(conn, &stream, from_version, visitor))
             .await
     }
 

@@ -95,6 +95,7 @@ macro_rules! store_conformance_tests {
             malformed_appends_are_refused,
             streams_are_isolated,
             read_stream_from_a_version,
+            replay_stream_lends_the_stream_in_order_and_stops_at_an_error,
             read_all_in_commit_order_from_a_position_with_a_limit,
             get_by_event_id,
             recorded_fields_round_trip_exactly,
@@ -499,6 +500,87 @@ pub async fn read_stream_from_a_version(store: Arc<dyn EventStore>) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// What a replay saw, kept by the visitor.
+struct Collect {
+    seen: Vec<(u64, u64, String, String)>,
+    fail_at: Option<u64>,
+}
+
+impl crate::store::ReplayVisitor for Collect {
+    fn visit(&mut self, e: crate::record::ReplayedEvent<'_>) -> crate::Result<()> {
+        if self.fail_at == Some(e.version) {
+            return Err(Error::InvalidAppend {
+                reason: format!("stop at {}", e.version),
+            });
+        }
+        self.seen.push((
+            e.version,
+            e.position,
+            e.event_type.to_owned(),
+            e.payload.to_owned(),
+        ));
+        Ok(())
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+/// `replay_stream` lends the same events as `read_stream`, in version order, from a
+/// version on, and ends at the first error of its visitor.
+pub async fn replay_stream_lends_the_stream_in_order_and_stops_at_an_error(
+    store: Arc<dyn EventStore>,
+) {
+    let s = stream("replay");
+    store
+        .append(&s, ExpectedVersion::Any, events(1..=3))
+        .await
+        .unwrap();
+    store
+        .append(&stream("other"), ExpectedVersion::Any, events(1..=1))
+        .await
+        .unwrap();
+    store
+        .append(&s, ExpectedVersion::Any, events(4..=5))
+        .await
+        .unwrap();
+    let replay = |from, fail_at| {
+        let store = Arc::clone(&store);
+        let s = s.clone();
+        async move {
+            let visitor = Box::new(Collect {
+                seen: Vec::new(),
+                fail_at,
+            });
+            let back = store.replay_stream(&s, from, visitor).await?;
+            Ok::<_, Error>(back.into_any().downcast::<Collect>().unwrap().seen)
+        }
+    };
+    let all = replay(1, None).await.unwrap();
+    let read = store.read_stream(&s, 1).await.unwrap();
+    let expected: Vec<_> = read
+        .iter()
+        .map(|e| {
+            (
+                e.version,
+                e.position,
+                e.event_type.clone(),
+                e.payload.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(all, expected);
+    assert_eq!(all.iter().map(|e| e.1).collect::<Vec<_>>(), [1, 2, 3, 5, 6]);
+    let tail = replay(4, None).await.unwrap();
+    assert_eq!(tail.iter().map(|e| e.0).collect::<Vec<_>>(), [4, 5]);
+    assert!(replay(6, None).await.unwrap().is_empty());
+    match replay(1, Some(3)).await {
+        Err(Error::InvalidAppend { reason }) => assert_eq!(reason, "stop at 3"),
+        other => panic!("expected the visitor's error, got {other:?}"),
+    }
 }
 
 /// `read_all` pages through the log in commit order.
