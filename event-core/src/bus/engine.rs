@@ -296,35 +296,26 @@ impl Track {
     }
 }
 
-/// Sends jobs to the worker that owns their aggregate.
+/// Sends jobs to the worker that owns their aggregate. A job goes out at once; a worker
+/// that is busy takes what has piled up in one go.
 pub(crate) struct Router {
-    workers: Vec<mpsc::UnboundedSender<Vec<Job>>>,
-    pending: Vec<Vec<Job>>,
+    workers: Vec<mpsc::UnboundedSender<Job>>,
 }
 
 impl Router {
-    pub(crate) fn new(workers: Vec<mpsc::UnboundedSender<Vec<Job>>>) -> Self {
-        let pending = workers.iter().map(|_| Vec::new()).collect();
-        Router { workers, pending }
+    pub(crate) fn new(workers: Vec<mpsc::UnboundedSender<Job>>) -> Self {
+        Router { workers }
     }
 
     fn push(&mut self, event: Arc<BusEvent>, subs: Arc<[Arc<Sub>]>) {
         let stream_hash = event.stream_hash();
         let worker = (stream_hash % self.workers.len() as u64) as usize;
-        self.pending[worker].push(Job {
+        // A worker only ends after its sender is dropped, so this cannot fail.
+        let _ = self.workers[worker].send(Job {
             event,
             subs,
             stream_hash,
         });
-    }
-
-    fn flush(&mut self) {
-        for (worker, jobs) in self.workers.iter().zip(&mut self.pending) {
-            if !jobs.is_empty() {
-                // A worker only ends after its sender is dropped, so this cannot fail.
-                let _ = worker.send(std::mem::take(jobs));
-            }
-        }
     }
 }
 
@@ -341,25 +332,17 @@ fn admit(engine: &Engine, event: &BusEvent, subs: &[Arc<Sub>]) -> bool {
     true
 }
 
-/// The dispatcher of a bus without a store: takes published events from the intake in
-/// order and routes them. Ends when the intake closes and is drained.
-pub(crate) async fn dispatch_intake(
-    engine: Arc<Engine>,
-    mut intake: mpsc::UnboundedReceiver<BusEvent>,
-    mut router: Router,
-) {
-    let mut batch = Vec::with_capacity(engine.batch_size);
-    let routing = engine.routing.subscribe();
-    let nobody: Arc<[Arc<Sub>]> = Arc::from(Vec::new());
-    while intake.recv_many(&mut batch, engine.batch_size).await > 0 {
-        let table = Arc::clone(&routing.borrow());
-        for event in batch.drain(..) {
-            let subs = Arc::clone(table.route(&event.record.event_type).unwrap_or(&nobody));
-            if admit(&engine, &event, &subs) {
-                router.push(Arc::new(event), subs);
+impl Router {
+    /// Routes a published event of a bus without a store to its subscriptions' workers.
+    /// Called in publication order, under the intake lock.
+    pub(crate) fn route_published(&mut self, engine: &Engine, table: &Routing, event: BusEvent) {
+        match table.route(&event.record.event_type) {
+            Some(subs) if admit(engine, &event, subs) => {
+                self.push(Arc::new(event), Arc::clone(subs));
             }
+            Some(_) => {}
+            None => engine.event_done(),
         }
-        router.flush();
     }
 }
 
@@ -479,11 +462,7 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
             if admit(&engine, &event, &subs) {
                 router.push(Arc::new(event), subs);
             }
-            if router.pending.iter().map(Vec::len).sum::<usize>() >= engine.batch_size {
-                router.flush();
-            }
         }
-        router.flush();
         next = last + 1;
         engine.read_next.store(next, Ordering::SeqCst);
     }
@@ -585,7 +564,7 @@ type Key = (usize, u64);
 /// Runs the deliveries of the aggregates routed to it.
 pub(crate) struct Worker {
     engine: Arc<Engine>,
-    inbox: mpsc::UnboundedReceiver<Vec<Job>>,
+    inbox: mpsc::UnboundedReceiver<Job>,
     /// Per (subscription, aggregate): deliveries parked behind one that waits for a retry.
     parked: HashMap<Key, VecDeque<Pending>>,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
@@ -593,11 +572,7 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub(crate) fn new(
-        engine: Arc<Engine>,
-        inbox: mpsc::UnboundedReceiver<Vec<Job>>,
-        n: u64,
-    ) -> Self {
+    pub(crate) fn new(engine: Arc<Engine>, inbox: mpsc::UnboundedReceiver<Job>, n: u64) -> Self {
         let jitter = Jitter::new(engine.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         Worker {
             engine,
@@ -611,6 +586,7 @@ impl Worker {
     /// Runs until the dispatcher is gone and every parked delivery is finished.
     pub(crate) async fn run(mut self) {
         let mut open = true;
+        let mut jobs = Vec::with_capacity(256);
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
             if !open && next_timer.is_none() {
@@ -623,14 +599,14 @@ impl Worker {
                         self.resume(key).await;
                     }
                 }
-                jobs = self.inbox.recv(), if open => match jobs {
-                    Some(jobs) => {
-                        for job in jobs {
-                            self.run_job(job).await;
-                        }
+                received = self.inbox.recv_many(&mut jobs, 256), if open => {
+                    if received == 0 {
+                        open = false;
                     }
-                    None => open = false,
-                },
+                    for job in jobs.drain(..) {
+                        self.run_job(job).await;
+                    }
+                }
             }
         }
     }

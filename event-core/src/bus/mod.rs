@@ -142,7 +142,6 @@ impl EventBusBuilder {
         let seed = self
             .seed
             .unwrap_or_else(|| Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64);
-        let (intake_tx, intake_rx) = mpsc::unbounded_channel();
         let engine = Engine {
             store: self.store,
             records,
@@ -170,13 +169,22 @@ impl EventBusBuilder {
                 subs: Mutex::new(Vec::new()),
                 next_index: AtomicUsize::new(0),
                 sequence: AtomicU64::new(0),
-                intake: Mutex::new(Some(intake_tx)),
-                intake_rx: Mutex::new(Some(intake_rx)),
+                intake: Mutex::new(Intake::Waiting(Vec::new())),
                 state: Mutex::new(Lifecycle::Built),
                 stopped: AtomicBool::new(false),
             }),
         })
     }
+}
+
+/// The intake of a bus without a store.
+enum Intake {
+    /// Not started: events wait here (the queue's permits bound them).
+    Waiting(Vec<BusEvent>),
+    /// Running: events are routed straight to the workers, in publication order.
+    Routing(Router),
+    /// Stopped: nothing is accepted.
+    Closed,
 }
 
 enum Lifecycle {
@@ -193,8 +201,8 @@ struct Inner {
     next_index: AtomicUsize,
     /// The positions of a bus without a store.
     sequence: AtomicU64,
-    intake: Mutex<Option<mpsc::UnboundedSender<BusEvent>>>,
-    intake_rx: Mutex<Option<mpsc::UnboundedReceiver<BusEvent>>>,
+    /// Where published events go on a bus without a store.
+    intake: Mutex<Intake>,
     state: Mutex<Lifecycle>,
     stopped: AtomicBool,
 }
@@ -461,7 +469,7 @@ impl EventBus {
             let worker = Worker::new(Arc::clone(engine), rx, n as u64);
             tasks.push(tokio::spawn(worker.run()));
         }
-        let router = Router::new(senders);
+        let mut router = Router::new(senders);
         if engine.store.is_some() {
             tasks.push(tokio::spawn(engine::dispatch_log(
                 Arc::clone(engine),
@@ -469,18 +477,16 @@ impl EventBus {
             )));
             tasks.push(tokio::spawn(engine::flush_checkpoints(Arc::clone(engine))));
         } else {
-            let intake = self
-                .inner
-                .intake_rx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-                .ok_or(Error::BusStopped)?;
-            tasks.push(tokio::spawn(engine::dispatch_intake(
-                Arc::clone(engine),
-                intake,
-                router,
-            )));
+            let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
+            let waiting = match std::mem::replace(&mut *intake, Intake::Closed) {
+                Intake::Waiting(waiting) => waiting,
+                Intake::Routing(_) | Intake::Closed => return Err(Error::BusStopped),
+            };
+            let table = Arc::clone(&engine.routing.borrow());
+            for event in waiting {
+                router.route_published(engine, &table, event);
+            }
+            *intake = Intake::Routing(router);
         }
         *state = Lifecycle::Running(tasks);
         Ok(())
@@ -493,11 +499,8 @@ impl EventBus {
     pub async fn stop(&self) -> Result<StopReport> {
         let inner = &self.inner;
         inner.stopped.store(true, Ordering::SeqCst);
-        inner
-            .intake
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        // Dropping the router closes the workers' inboxes once they are drained.
+        *inner.intake.lock().unwrap_or_else(|e| e.into_inner()) = Intake::Closed;
         let tasks = {
             let mut state = inner.state.lock().unwrap_or_else(|e| e.into_inner());
             match std::mem::replace(&mut *state, Lifecycle::Stopped) {
@@ -639,11 +642,12 @@ impl EventBus {
                 .try_acquire_many(n as u32)
                 .map_err(|_| full())?
         };
-        let intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(intake) = intake.as_ref() else {
+        let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*intake, Intake::Closed) {
             return Err(Error::BusStopped);
-        };
+        }
         permits.forget();
+        let table = Arc::clone(&engine.routing.borrow());
         engine.in_flight.fetch_add(n as u64, Ordering::SeqCst);
         let first = self.inner.sequence.fetch_add(n as u64, Ordering::Relaxed) + 1;
         let now = Utc::now();
@@ -662,8 +666,12 @@ impl EventBus {
                 payload: String::new(),
             };
             let typed: Arc<dyn std::any::Any + Send + Sync> = Arc::new(event);
-            // The receiver lives until the dispatcher ends, which needs this sender gone.
-            let _ = intake.send(BusEvent::new(record, Some(typed)));
+            let event = BusEvent::new(record, Some(typed));
+            match &mut *intake {
+                Intake::Waiting(waiting) => waiting.push(event),
+                Intake::Routing(router) => router.route_published(engine, &table, event),
+                Intake::Closed => unreachable!("checked above, under the same lock"),
+            }
         }
         Ok(first..=first + n as u64 - 1)
     }
