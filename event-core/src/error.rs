@@ -260,7 +260,16 @@ impl Error {
 
     /// Attaches the stored event's id and position to a decoding error; other errors pass
     /// through unchanged.
-    pub fn at_event(mut self, id: Uuid, pos: u64) -> Self {
+    pub fn at_event(self, id: Uuid, pos: u64) -> Self {
+        self.locate(Some(id), pos)
+    }
+
+    /// Attaches the stored event's position to a decoding error, keeping an id it has.
+    pub fn at_position(self, pos: u64) -> Self {
+        self.locate(None, pos)
+    }
+
+    fn locate(mut self, id: Option<Uuid>, pos: u64) -> Self {
         match &mut self {
             Error::UnknownEventType {
                 event_id, position, ..
@@ -277,7 +286,9 @@ impl Error {
             | Error::Upcast {
                 event_id, position, ..
             } => {
-                *event_id = Some(id);
+                if id.is_some() {
+                    *event_id = id;
+                }
                 *position = Some(pos);
             }
             _ => {}

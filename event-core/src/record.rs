@@ -241,11 +241,10 @@ pub struct AppendRequest {
 }
 
 /// A stored event as a replay sees it: borrowed from the store, so rebuilding an aggregate
-/// allocates nothing per event beyond the decoded event itself.
+/// allocates nothing per event beyond the decoded event itself. It leaves out the event id,
+/// which a replay does not need; the store adds it to an error the visitor returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplayedEvent<'a> {
-    /// Its id.
-    pub event_id: Uuid,
     /// Its version in its stream.
     pub version: u64,
     /// Its global position.
@@ -260,18 +259,17 @@ pub struct ReplayedEvent<'a> {
 
 impl ReplayedEvent<'_> {
     /// Decodes the payload into `E`, upcasting older schema versions first; errors name
-    /// the event's id and position (see [`RecordedEvent::decode`]).
+    /// the event's position (and, once the store adds it, its id).
     pub fn decode<E: DomainEvent>(&self) -> Result<E> {
         registry()
             .decode::<E>(self.event_type, self.schema_version, self.payload)
-            .map_err(|e| e.at_event(self.event_id, self.position))
+            .map_err(|e| e.at_position(self.position))
     }
 }
 
 impl<'a> From<&'a RecordedEvent> for ReplayedEvent<'a> {
     fn from(e: &'a RecordedEvent) -> Self {
         ReplayedEvent {
-            event_id: e.event_id,
             version: e.version,
             position: e.position,
             event_type: &e.event_type,

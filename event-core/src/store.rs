@@ -82,7 +82,9 @@ pub trait EventStore: Send + Sync + 'static {
         mut visitor: Box<dyn ReplayVisitor>,
     ) -> Result<Box<dyn ReplayVisitor>> {
         for event in self.read_stream(stream, from_version).await? {
-            visitor.visit(ReplayedEvent::from(&event))?;
+            visitor
+                .visit(ReplayedEvent::from(&event))
+                .map_err(|e| e.at_event(event.event_id, event.position))?;
         }
         Ok(visitor)
     }

@@ -154,7 +154,7 @@ pub(crate) fn replay_stream(
     let fail = |e| store_error("replaying a stream", e);
     let mut stmt = conn
         .prepare_cached(
-            "SELECT position, event_id, version, event_type, schema_version, payload \
+            "SELECT position, version, event_type, schema_version, payload \
              FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 \
              ORDER BY version",
         )
@@ -180,21 +180,38 @@ pub(crate) fn replay_stream(
                 _ => Err(bad(what)),
             }
         };
-        let event_type = text(3, "no event type")?;
-        let payload = text(5, "no payload")?;
-        visitor.visit(ReplayedEvent {
-            event_id: uuid_at(row, 1)
-                .map_err(fail)?
-                .ok_or_else(|| bad("no valid event id"))?,
-            version: to_u64(row.get::<_, i64>(2).map_err(fail)?),
+        let event_type = text(2, "no event type")?;
+        let payload = text(4, "no payload")?;
+        let visited = visitor.visit(ReplayedEvent {
+            version: to_u64(row.get::<_, i64>(1).map_err(fail)?),
             position,
             event_type: &event_type,
-            schema_version: u32::try_from(row.get::<_, i64>(4).map_err(fail)?)
+            schema_version: u32::try_from(row.get::<_, i64>(3).map_err(fail)?)
                 .map_err(|_| bad("a schema version out of range"))?,
             payload: &payload,
-        })?;
+        });
+        if let Err(error) = visited {
+            // The id is read only now: a replay that succeeds never needs it.
+            return Err(match event_id_at(conn, position)? {
+                Some(id) => error.at_event(id, position),
+                None => error,
+            });
+        }
     }
     Ok(visitor)
+}
+
+/// The id of the event at a position.
+fn event_id_at(conn: &Connection, position: u64) -> Result<Option<Uuid>> {
+    let fail = |e| store_error("reading an event id", e);
+    let mut stmt = conn
+        .prepare_cached("SELECT event_id FROM events WHERE position = ?1")
+        .map_err(fail)?;
+    let mut rows = stmt.query(params![bound(position)]).map_err(fail)?;
+    match rows.next().map_err(fail)? {
+        Some(row) => uuid_at(row, 0).map_err(fail),
+        None => Ok(None),
+    }
 }
 
 /// Up to `limit` events of the log from a position on.

@@ -444,3 +444,54 @@ async fn a_closed_store_refuses_everything_as_closed() {
     );
     clone.close().await.unwrap();
 }
+
+/// A meter folds its readings, for the repository's replay path.
+#[derive(Debug, Default)]
+struct Meter {
+    units: u64,
+}
+
+impl eventfold_core::Aggregate for Meter {
+    const TYPE: &'static str = "Meter";
+    type Event = MeterEvent;
+    type Command = ();
+    type Error = std::convert::Infallible;
+
+    fn apply(&mut self, event: &MeterEvent) {
+        if let MeterEvent::Read { units } = event {
+            self.units += units;
+        }
+    }
+
+    fn handle(&self, (): ()) -> Result<Vec<MeterEvent>, Self::Error> {
+        Ok(Vec::new())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loading_an_aggregate_over_a_damaged_row_names_its_id_and_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, path) = open(&dir, SqliteOptions::new()).await;
+    let before = seed(&store, "m-1", 3).await;
+    let repo = eventfold_core::Repository::<Meter>::new(std::sync::Arc::new(store.clone()));
+    assert_eq!(repo.load("m-1").await.unwrap().0.units, 6);
+
+    set(
+        &path,
+        r#"UPDATE events SET payload = '{"units": true}' WHERE position = 2;"#,
+    );
+    match repo.load("m-1").await {
+        Err(Error::Payload {
+            event_id, position, ..
+        }) => {
+            assert_eq!(event_id, Some(before[1].event_id));
+            assert_eq!(position, Some(2));
+        }
+        other => panic!("expected a payload error, got {other:?}"),
+    }
+    let log = store.read_all(1, 100).await.unwrap();
+    assert_eq!(
+        (log[0].clone(), log[2].clone()),
+        (before[0].clone(), before[2].clone())
+    );
+}
