@@ -90,8 +90,9 @@ use syn::{DeriveInput, parse_macro_input};
 /// - Generic event types: an event type is registered once, by name.
 /// - Unions, and enums without variants.
 /// - serde attributes that change how a variant's content is stored or which variants exist:
-///   `#[serde(tag = "..")]`, `content` and `untagged` on the enum; `skip`,
-///   `skip_serializing`, `skip_deserializing`, `other` and `untagged` on a variant.
+///   `#[serde(tag = "..")]`, `content`, `untagged`, `from`, `try_from` and `into` on the
+///   enum; `skip`, `skip_serializing`, `skip_deserializing`, `other` and `untagged` on a
+///   variant.
 ///   `rename` and `rename_all` are fine: variants are read back by position, not by
 ///   serde's name.
 #[proc_macro_derive(DomainEvent, attributes(domain_event))]

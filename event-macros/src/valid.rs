@@ -5,8 +5,9 @@ use syn::Path;
 use crate::ast::{Data, EventType, Field, Input};
 use crate::attr::Ctxt;
 
-/// serde attributes on the enum that change the stored form of a variant's content.
-const FORBIDDEN_ON_ENUM: &[&str] = &["tag", "content", "untagged"];
+/// serde attributes on the enum that change the stored form of a variant's content (a
+/// conversion through another type hides the variants eventfold addresses).
+const FORBIDDEN_ON_ENUM: &[&str] = &["tag", "content", "untagged", "from", "try_from", "into"];
 
 /// serde attributes on a variant that remove it from one direction or shift the variant
 /// indexes eventfold reads content back by.
@@ -157,7 +158,10 @@ fn check_serde(cx: &Ctxt, keys: &[Path], forbidden: &[&str], place: &str) {
         let Some(word) = forbidden.iter().find(|word| key.is_ident(word)) else {
             continue;
         };
-        let why = if place == "the enum" {
+        let why = if ["from", "try_from", "into"].contains(word) {
+            "eventfold serializes and reads back each variant of the enum itself, which a \
+             conversion through another type would hide"
+        } else if place == "the enum" {
             "eventfold stores a variant's content without serde's tag and reads it back by \
              the event type name"
         } else {
