@@ -558,14 +558,26 @@ impl EventBus {
     /// global position; without, once it is queued (waiting for room), with its sequence
     /// number.
     pub async fn publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
-        let range = self.publish_all(vec![event.into_outgoing()], true).await?;
-        Ok(*range.start())
+        self.publish_one(event.into_outgoing(), true).await
     }
 
     /// Publishes one event, failing at once with [`Error::QueueFull`] instead of waiting for
     /// room (a bus with a store never is full: its log is the queue).
     pub async fn try_publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
-        let range = self.publish_all(vec![event.into_outgoing()], false).await?;
+        self.publish_one(event.into_outgoing(), false).await
+    }
+
+    /// One event: without a store it goes straight to the queue, with no batch around it.
+    async fn publish_one<E: DomainEvent>(&self, event: Outgoing<E>, wait: bool) -> Result<u64> {
+        if self.inner.engine.store.is_some() {
+            return Ok(*self.publish_all(vec![event], wait).await?.start());
+        }
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            return Err(Error::BusStopped);
+        }
+        let event = resolve(event)?;
+        let range = self.publish_transient(std::iter::once(event), wait).await?;
+        self.inner.engine.published.fetch_add(1, Ordering::Relaxed);
         Ok(*range.start())
     }
 
@@ -595,23 +607,15 @@ impl EventBus {
                 reason: "nothing to publish".into(),
             });
         }
-        let mut resolved = Vec::with_capacity(events.len());
-        for outgoing in events {
-            let id = match outgoing.aggregate_id {
-                Some(id) => id,
-                None => outgoing
-                    .event
-                    .aggregate_id()
-                    .ok_or_else(|| Error::MissingAggregateId {
-                        event_type: outgoing.event.event_type().to_owned(),
-                    })?,
-            };
-            resolved.push((id, outgoing.event, outgoing.metadata));
-        }
+        // Every event is checked before any is accepted: all or nothing.
+        let resolved = events
+            .into_iter()
+            .map(resolve)
+            .collect::<Result<Vec<_>>>()?;
         let n = resolved.len() as u64;
         let range = match &self.inner.engine.store {
             Some(store) => publish_stored(store.as_ref(), resolved).await?,
-            None => self.publish_transient(resolved, wait).await?,
+            None => self.publish_transient(resolved.into_iter(), wait).await?,
         };
         self.inner.engine.published.fetch_add(n, Ordering::Relaxed);
         Ok(range)
@@ -619,7 +623,7 @@ impl EventBus {
 
     async fn publish_transient<E: DomainEvent>(
         &self,
-        events: Vec<(String, E, Metadata)>,
+        events: impl ExactSizeIterator<Item = (String, E, Metadata)>,
         wait: bool,
     ) -> Result<RangeInclusive<u64>> {
         let engine = &self.inner.engine;
@@ -651,7 +655,7 @@ impl EventBus {
         engine.in_flight.fetch_add(n as u64, Ordering::SeqCst);
         let first = self.inner.sequence.fetch_add(n as u64, Ordering::Relaxed) + 1;
         let now = Utc::now();
-        for (i, (aggregate_id, event, metadata)) in events.into_iter().enumerate() {
+        for (i, (aggregate_id, event, metadata)) in events.enumerate() {
             let record = RecordedEvent {
                 event_id: Uuid::now_v7(),
                 aggregate_type: E::AGGREGATE_TYPE.to_owned(),
@@ -828,6 +832,20 @@ impl EventBus {
             .find(|d| d.id == id)
             .ok_or(Error::DeadLetterNotFound { id })
     }
+}
+
+/// An event with the aggregate id it is published to: given, or from its marked field.
+fn resolve<E: DomainEvent>(outgoing: Outgoing<E>) -> Result<(String, E, Metadata)> {
+    let id = match outgoing.aggregate_id {
+        Some(id) => id,
+        None => outgoing
+            .event
+            .aggregate_id()
+            .ok_or_else(|| Error::MissingAggregateId {
+                event_type: outgoing.event.event_type().to_owned(),
+            })?,
+    };
+    Ok((id, outgoing.event, outgoing.metadata))
 }
 
 /// Appends published events to the store in one atomic batch, one request per aggregate
