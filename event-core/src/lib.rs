@@ -3,7 +3,48 @@
 //! in-memory store, and a given/when/then test kit.
 //!
 //! Applications depend on the `eventfold` crate, which re-exports all of this together
-//! with `#[derive(DomainEvent)]` and the SQLite store.
+//! with `#[derive(DomainEvent)]` and the SQLite store. Used directly, the derive takes
+//! `crate = "eventfold_core"`:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use eventfold_core::{Aggregate, InMemoryEventStore, Repository, registry};
+//! use eventfold_macros::DomainEvent;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+//! #[domain_event(aggregate = "Counter", crate = "eventfold_core")]
+//! enum CounterEvent {
+//!     Added { by: u64 },
+//! }
+//!
+//! #[derive(Default)]
+//! struct Counter { total: u64 }
+//!
+//! impl Aggregate for Counter {
+//!     const TYPE: &'static str = "Counter";
+//!     type Event = CounterEvent;
+//!     type Command = u64;
+//!     type Error = std::convert::Infallible;
+//!     fn apply(&mut self, CounterEvent::Added { by }: &CounterEvent) {
+//!         self.total += by;
+//!     }
+//!     fn handle(&self, by: u64) -> Result<Vec<CounterEvent>, Self::Error> {
+//!         Ok(vec![CounterEvent::Added { by }])
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! registry().validate()?;
+//! let repo = Repository::<Counter>::new(Arc::new(InMemoryEventStore::new()));
+//! repo.execute("c-1", 2).await?;
+//! repo.execute("c-1", 3).await?;
+//! let (counter, version) = repo.load("c-1").await?;
+//! assert_eq!((counter.total, version), (5, 2));
+//! # Ok(())
+//! # }
+//! ```
 
 mod aggregate;
 mod bus;
