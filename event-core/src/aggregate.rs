@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use crate::error::{Error, Result};
 use crate::event::DomainEvent;
 use crate::record::{ExpectedVersion, Metadata, NewEvent, ReplayedEvent, Snapshot, StreamId};
+use crate::registry::registry;
 use crate::store::{EventStore, ReplayVisitor};
 
 /// A consistency boundary whose state is the fold of its events.
@@ -127,11 +128,19 @@ impl<A: Aggregate> fmt::Debug for Repository<A> {
 struct Fold<A> {
     state: A,
     version: u64,
+    registrations: Vec<&'static crate::registry::EventRegistration>,
 }
 
 impl<A: Aggregate> ReplayVisitor for Fold<A> {
     fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()> {
-        let decoded: A::Event = event.decode()?;
+        let decoded: A::Event = registry()
+            .decode_cached(
+                &mut self.registrations,
+                event.event_type,
+                event.schema_version,
+                event.payload,
+            )
+            .map_err(|e| e.at_position(event.position))?;
         self.state.apply(&decoded);
         self.version = event.version;
         Ok(())
@@ -194,7 +203,11 @@ impl<A: Aggregate> Repository<A> {
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
         let stream = Self::stream(id);
         let (state, version) = self.load_snapshot(&stream).await;
-        let fold = Box::new(Fold { state, version });
+        let fold = Box::new(Fold {
+            state,
+            version,
+            registrations: Vec::new(),
+        });
         let fold = self
             .store
             .replay_stream(&stream, version + 1, fold)

@@ -319,6 +319,34 @@ impl Registry {
     /// Distinguishes an unknown type name, a name registered by another Rust type, a schema
     /// newer than the code, a failed upcast, and a payload that does not fit.
     pub fn decode<E: DomainEvent>(&self, name: &str, stored: u32, payload: &str) -> Result<E> {
+        let reg = self.checked::<E>(name)?;
+        let source = self.source(reg, stored, payload)?;
+        decode_source::<E>(reg.name, source)
+    }
+
+    /// [`decode`](Self::decode) for a replay: remembers the registrations of the few event
+    /// types of one aggregate, so a long stream pays one hash lookup per type, not per event.
+    pub(crate) fn decode_cached<E: DomainEvent>(
+        &self,
+        cache: &mut Vec<&'static EventRegistration>,
+        name: &str,
+        stored: u32,
+        payload: &str,
+    ) -> Result<E> {
+        let reg = match cache.iter().find(|r| r.name == name) {
+            Some(reg) => *reg,
+            None => {
+                let reg = self.checked::<E>(name)?;
+                cache.push(reg);
+                reg
+            }
+        };
+        let source = self.source(reg, stored, payload)?;
+        decode_source::<E>(reg.name, source)
+    }
+
+    /// The registration of `name`, if the Rust type `E` is the one that registers it.
+    fn checked<E: DomainEvent>(&self, name: &str) -> Result<&'static EventRegistration> {
         let reg = self.lookup(name)?;
         if (reg.type_id)() != TypeId::of::<E>() {
             return Err(Error::WrongEventType {
@@ -329,8 +357,7 @@ impl Registry {
                 position: None,
             });
         }
-        let source = self.source(reg, stored, payload)?;
-        decode_source::<E>(reg.name, source)
+        Ok(reg)
     }
 
     /// Decodes a stored payload into whichever Rust type registers `name`.
