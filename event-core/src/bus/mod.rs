@@ -76,7 +76,7 @@ impl Default for EventBusBuilder {
 
 impl EventBusBuilder {
     /// Makes the bus durable: `publish` appends to this store, and subscriptions read its
-    /// log from their checkpoints (see the [module docs](self)).
+    /// log from their checkpoints (see [`EventBus`]).
     pub fn store(mut self, store: Arc<dyn EventStore>) -> Self {
         self.store = Some(store);
         self
@@ -220,6 +220,20 @@ impl Inner {
 
 /// Publishes events and delivers them to subscriptions. Cheap to clone; all clones are
 /// the same bus.
+///
+/// **With a store** the store is the outbox: `publish` appends the event and returns once it
+/// is stored, and every subscription is *durable*: it has a stable name and a checkpoint,
+/// and reads the store's global log from its checkpoint, so an event stored but not yet
+/// handled when the process dies is handled after the restart (at least once). Events
+/// appended by a [`Repository`](crate::Repository) reach subscribers the same way, without
+/// a second publish. The store's log is the queue: `publish` never waits for handlers, and
+/// the bus keeps at most `queue_capacity` events in memory however far behind a
+/// subscription is.
+///
+/// **Without a store** the bus is *transient*: events live in a bounded in-memory queue of
+/// `queue_capacity` events until every subscription has handled them, `publish` waits for
+/// room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
+/// process dies. Dead letters (with their events) are kept in memory.
 ///
 /// ```
 /// use std::sync::Arc;

@@ -9,7 +9,7 @@ use crate::registry::registry;
 /// A given/when/then test of one aggregate: given past events, when a command is handled,
 /// then these events (or this error) follow.
 ///
-/// Besides comparing, [`Then::events`] checks that every produced event survives the trip
+/// Besides comparing, [`Then::then_events`] checks that every produced event survives the trip
 /// through its stored form (payload out, registry decode back), so a serde attribute that
 /// would lose data fails here rather than in production.
 ///
