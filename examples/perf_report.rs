@@ -267,27 +267,14 @@ impl RawStore {
             Some(correlation_id) => Some(serde_json::to_string(&RawMetadata { correlation_id })?),
             None => None,
         };
-        let recorded_at = now_nanos();
-        {
-            let mut insert = tx.prepare_cached(RAW_INSERT)?;
-            for (i, event) in events.iter().enumerate() {
-                let (event_type, payload) = raw_encode(event)?;
-                let i = i as i64 + 1;
-                insert.execute(params![
-                    self.head + i,
-                    &Uuid::now_v7().as_bytes()[..],
-                    Account::TYPE,
-                    aggregate_id,
-                    actual as i64 + i,
-                    event_type,
-                    1,
-                    now_nanos(),
-                    recorded_at,
-                    metadata,
-                    payload,
-                ])?;
-            }
-        }
+        raw_insert(
+            &tx,
+            self.head,
+            aggregate_id,
+            actual,
+            events,
+            metadata.as_deref(),
+        )?;
         tx.commit()?;
         self.head += events.len() as i64;
         Ok(actual + events.len() as u64)
@@ -305,31 +292,43 @@ impl RawStore {
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (account, version) = raw_load(&tx, aggregate_id)?;
         let events = account.decide(command)?;
-        let recorded_at = now_nanos();
-        {
-            let mut insert = tx.prepare_cached(RAW_INSERT)?;
-            for (i, event) in events.iter().enumerate() {
-                let (event_type, payload) = raw_encode(event)?;
-                let i = i as i64 + 1;
-                insert.execute(params![
-                    self.head + i,
-                    &Uuid::now_v7().as_bytes()[..],
-                    Account::TYPE,
-                    aggregate_id,
-                    version as i64 + i,
-                    event_type,
-                    1,
-                    now_nanos(),
-                    recorded_at,
-                    Option::<String>::None,
-                    payload,
-                ])?;
-            }
-        }
+        raw_insert(&tx, self.head, aggregate_id, version, &events, None)?;
         tx.commit()?;
         self.head += events.len() as i64;
         Ok(version + events.len() as u64)
     }
+}
+
+/// Inserts `events` after position `head` and stream version `version`, as the store
+/// would: one prepared statement, one row per event.
+fn raw_insert(
+    conn: &Connection,
+    head: i64,
+    aggregate_id: &str,
+    version: u64,
+    events: &[AccountEvent],
+    metadata: Option<&str>,
+) -> Res<()> {
+    let recorded_at = now_nanos();
+    let mut insert = conn.prepare_cached(RAW_INSERT)?;
+    for (i, event) in events.iter().enumerate() {
+        let (event_type, payload) = raw_encode(event)?;
+        let i = i as i64 + 1;
+        insert.execute(params![
+            head + i,
+            &Uuid::now_v7().as_bytes()[..],
+            Account::TYPE,
+            aggregate_id,
+            version as i64 + i,
+            event_type,
+            1,
+            now_nanos(),
+            recorded_at,
+            metadata,
+            payload,
+        ])?;
+    }
+    Ok(())
 }
 
 fn raw_stream_version(conn: &Connection, aggregate_id: &str) -> Res<u64> {
