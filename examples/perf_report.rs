@@ -802,7 +802,7 @@ async fn command_many(sizes: Sizes, dir: &Path) -> Res<Row> {
             let value = match side {
                 Side::Eventfold => {
                     let store = open_store(&path).await?;
-                    let repo = Repository::<Account>::new(store.clone());
+                    let repo = Repository::<Account>::new(store.clone()).cache(ids.len());
                     let started = Instant::now();
                     // Task t owns the aggregates a with a % tasks == t: no conflicts, so
                     // this measures throughput, not retries.
@@ -859,11 +859,12 @@ async fn command_many(sizes: Sizes, dir: &Path) -> Res<Row> {
         &samples,
     )
     .baseline(format!(
-        "{} commands over {} aggregates from {} tasks (Repository::execute); raw: one \
-                 connection, load-fold-decide-insert, one transaction per command",
+        "{} commands over {} aggregates from {} tasks (Repository::execute, cache({})); raw: \
+         one connection, load-fold-decide-insert, one transaction per command",
         rounds * ids.len(),
         ids.len(),
-        sizes.many_tasks
+        sizes.many_tasks,
+        ids.len()
     )))
 }
 

@@ -395,3 +395,151 @@ async fn loading_a_corrupt_event_names_its_id_and_position() {
         "nothing more was stored"
     );
 }
+
+#[tokio::test]
+async fn the_cache_lets_commands_on_a_hot_aggregate_skip_the_replay() {
+    let store = Arc::new(Hooked::default());
+    let repo = Repository::<Account>::new(store.clone()).cache(10);
+    repo.execute("a", open()).await.unwrap();
+    for _ in 0..3 {
+        repo.execute("a", AccountCommand::Deposit(5)).await.unwrap();
+    }
+    assert_eq!(
+        *store.reads_from.lock().unwrap(),
+        [1],
+        "only the first command read the stream"
+    );
+    let stats = repo.cache_statistics().unwrap();
+    assert_eq!(
+        (stats.hits, stats.misses, stats.stale, stats.len),
+        (3, 1, 0, 1)
+    );
+    let (account, version) = repo.load("a").await.unwrap();
+    assert_eq!((account.balance, account.applied, version), (15, 4, 4));
+    assert_eq!(Repository::<Account>::new(store).cache_statistics(), None);
+}
+
+#[tokio::test]
+async fn a_cached_state_overtaken_by_another_writer_is_reloaded_without_using_a_retry() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let cached = Repository::<Account>::new(store.clone())
+        .cache(10)
+        .max_retries(0);
+    let other = Repository::<Account>::new(store.clone());
+    cached.execute("a", open()).await.unwrap();
+    other
+        .execute("a", AccountCommand::Deposit(5))
+        .await
+        .unwrap();
+
+    let committed = cached
+        .execute("a", AccountCommand::Deposit(1))
+        .await
+        .unwrap();
+    assert_eq!(committed.version, 3);
+    assert_eq!(cached.cache_statistics().unwrap().stale, 1);
+    // The cache now holds the reloaded state: withdrawing all 6 works from it.
+    cached
+        .execute("a", AccountCommand::Withdraw(6))
+        .await
+        .unwrap();
+    let stats = cached.cache_statistics().unwrap();
+    assert_eq!((stats.hits, stats.stale), (2, 1));
+    let (account, version) = other.load("a").await.unwrap();
+    assert_eq!((account.balance, version), (0, 4));
+}
+
+#[tokio::test]
+async fn a_refusal_or_no_op_on_a_cached_state_stands_only_if_the_stream_confirms_it() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let cached = Repository::<Account>::new(store.clone()).cache(10);
+    let other = Repository::<Account>::new(store.clone());
+    cached.execute("a", open()).await.unwrap();
+    other
+        .execute("a", AccountCommand::Deposit(50))
+        .await
+        .unwrap();
+
+    // The cached balance is 0, the stored one 50: the withdrawal is re-decided and lands.
+    let committed = cached
+        .execute("a", AccountCommand::Withdraw(30))
+        .await
+        .unwrap();
+    assert_eq!(committed.version, 3);
+    assert_eq!(cached.cache_statistics().unwrap().stale, 1);
+
+    // A refusal on a current cached state stands, with no reload.
+    let err = cached
+        .execute("a", AccountCommand::Withdraw(100))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.rejection(),
+        Some(&AccountError::InsufficientFunds {
+            balance: 20,
+            asked: 100
+        })
+    );
+    assert_eq!(cached.cache_statistics().unwrap().stale, 1);
+
+    // A no-op reports the stored version, not the cached one.
+    other
+        .execute("a", AccountCommand::Deposit(1))
+        .await
+        .unwrap();
+    let noop = cached.execute("a", AccountCommand::Noop).await.unwrap();
+    assert_eq!((noop.version, noop.positions), (4, None));
+    assert_eq!(cached.cache_statistics().unwrap().stale, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commands_through_a_shared_cache_all_land_once() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone())
+        .cache(1)
+        .max_retries(1_000);
+    repo.execute("a", open()).await.unwrap();
+    repo.execute("b", open()).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                let id = if t % 2 == 0 { "a" } else { "b" };
+                for _ in 0..20 {
+                    repo.execute(id, AccountCommand::Deposit(1)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for id in ["a", "b"] {
+        let (account, version) = repo.load(id).await.unwrap();
+        assert_eq!((account.balance, version), (80, 81), "{id}");
+    }
+    // One entry, and whichever aggregate it holds is current: one more command on each
+    // lands at the next version.
+    assert_eq!(repo.cache_statistics().unwrap().len, 1);
+    for id in ["a", "b"] {
+        let committed = repo.execute(id, AccountCommand::Deposit(1)).await.unwrap();
+        assert_eq!(committed.version, 82, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn snapshots_are_still_taken_when_commands_run_from_the_cache() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let repo = Repository::<Account>::new(store.clone())
+        .snapshot_every(10)
+        .cache(4);
+    repo.execute("a", open()).await.unwrap();
+    for _ in 0..24 {
+        repo.execute("a", AccountCommand::Deposit(2)).await.unwrap();
+    }
+    let snapshot = store.load_snapshot(&stream("a")).await.unwrap().unwrap();
+    assert_eq!(snapshot.version, 20);
+    let state: Account = serde_json::from_str(&snapshot.state).unwrap();
+    assert_eq!((state.balance, state.applied), (38, 20));
+    assert_eq!(repo.cache_statistics().unwrap().hits, 24);
+}

@@ -1,6 +1,8 @@
 //! Aggregates, and the [`Repository`] that rebuilds them from their events and appends the
 //! events their commands decide.
 
+mod cache;
+
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -14,6 +16,9 @@ use crate::event::DomainEvent;
 use crate::record::{ExpectedVersion, Metadata, NewEvent, ReplayedEvent, Snapshot, StreamId};
 use crate::registry::registry;
 use crate::store::{EventStore, ReplayVisitor};
+
+pub use cache::CacheStatistics;
+use cache::StateCache;
 
 /// A consistency boundary whose state is the fold of its events.
 ///
@@ -100,6 +105,7 @@ pub struct Repository<A: Aggregate> {
     store: Arc<dyn EventStore>,
     max_retries: u32,
     snapshots: Option<SnapshotPolicy<A>>,
+    cache: Option<Arc<StateCache<A>>>,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -109,6 +115,7 @@ impl<A: Aggregate> Clone for Repository<A> {
             store: Arc::clone(&self.store),
             max_retries: self.max_retries,
             snapshots: self.snapshots.clone(),
+            cache: self.cache.clone(),
             _aggregate: PhantomData,
         }
     }
@@ -120,6 +127,7 @@ impl<A: Aggregate> fmt::Debug for Repository<A> {
             .field("aggregate", &A::TYPE)
             .field("max_retries", &self.max_retries)
             .field("snapshot_every", &self.snapshots.as_ref().map(|s| s.every))
+            .field("cache", &self.cache_statistics())
             .finish()
     }
 }
@@ -165,6 +173,7 @@ impl<A: Aggregate> Repository<A> {
             store,
             max_retries: Self::DEFAULT_MAX_RETRIES,
             snapshots: None,
+            cache: None,
             _aggregate: PhantomData,
         }
     }
@@ -187,6 +196,30 @@ impl<A: Aggregate> Repository<A> {
             decode: |s| serde_json::from_str(s),
         });
         self
+    }
+
+    /// Keeps the states of up to `capacity` recently used aggregates in memory, with their
+    /// versions, so that [`execute`](Self::execute) on a hot aggregate skips its replay.
+    /// Clones of this repository share the cache; `0` turns it off (the default).
+    ///
+    /// The cache never lets a command act on an out-of-date state:
+    /// - the append expects the cached version, so if another writer (another process, or
+    ///   a repository without this cache) appended in between, the store refuses it and
+    ///   the command re-runs on a fresh load, without using up a conflict retry;
+    /// - a refusal or a no-op decided on a cached state is returned only once the stream's
+    ///   version confirms the state is current; otherwise the command re-runs on a fresh
+    ///   load.
+    ///
+    /// [`load`](Self::load) always reads the store. Memory grows with `capacity` times the
+    /// size of a state; eviction is least-recently-used, approximated by CLOCK.
+    pub fn cache(mut self, capacity: usize) -> Self {
+        self.cache = (capacity > 0).then(|| Arc::new(StateCache::new(capacity)));
+        self
+    }
+
+    /// How the state cache is doing, if [`cache`](Self::cache) turned it on.
+    pub fn cache_statistics(&self) -> Option<CacheStatistics> {
+        self.cache.as_ref().map(|c| c.statistics())
     }
 
     /// The store this repository uses.
@@ -277,18 +310,40 @@ impl<A: Aggregate> Repository<A> {
     {
         let stream = Self::stream(id);
         let mut retries_left = self.max_retries;
+        // Cleared once the cache has been found out of date for this command: from then on
+        // only fresh loads decide it.
+        let mut trust_cache = true;
         loop {
-            let (mut aggregate, version) = self.load(id).await?;
-            let events = aggregate
-                .handle(command.clone())
-                .map_err(CommandError::Rejected)?;
-            if events.is_empty() {
-                return Ok(Committed {
-                    events,
-                    version,
-                    positions: None,
-                });
-            }
+            let cached = match (&self.cache, trust_cache) {
+                (Some(cache), true) => cache.take(id),
+                _ => None,
+            };
+            let from_cache = cached.is_some();
+            let (mut aggregate, version) = match cached {
+                Some(entry) => entry,
+                None => self.load(id).await?,
+            };
+            let decided = aggregate.handle(command.clone());
+            let events = match decided {
+                Ok(events) if !events.is_empty() => events,
+                // A refusal or a no-op stands only if the state it was decided on is current.
+                outcome => {
+                    if from_cache && self.store.stream_version(&stream).await? != version {
+                        self.note_stale();
+                        trust_cache = false;
+                        continue;
+                    }
+                    self.keep(id, aggregate, version);
+                    return match outcome {
+                        Ok(events) => Ok(Committed {
+                            events,
+                            version,
+                            positions: None,
+                        }),
+                        Err(rejection) => Err(CommandError::Rejected(rejection)),
+                    };
+                }
+            };
             let new_events = events
                 .iter()
                 .map(|e| NewEvent::from_event(e, metadata.clone()))
@@ -296,16 +351,30 @@ impl<A: Aggregate> Repository<A> {
             let expected = ExpectedVersion::Exact(version);
             match self.store.append(&stream, expected, new_events).await {
                 Ok(outcome) => {
-                    self.maybe_snapshot(&stream, &mut aggregate, &events, version, outcome.version)
-                        .await;
+                    if self.cache.is_some() || self.snapshot_due(version, outcome.version) {
+                        for event in &events {
+                            aggregate.apply(event);
+                        }
+                        self.maybe_snapshot(&stream, &aggregate, version, outcome.version)
+                            .await;
+                        self.keep(id, aggregate, outcome.version);
+                    }
                     return Ok(Committed {
                         events,
                         version: outcome.version,
                         positions: Some(outcome.first_position..=outcome.last_position),
                     });
                 }
+                Err(e) if e.is_conflict() && from_cache => {
+                    // The cached state was overtaken; that is not a conflict of this
+                    // command's, so it costs no retry.
+                    self.note_stale();
+                    trust_cache = false;
+                    tracing::debug!(%stream, "cached state out of date; reloading");
+                }
                 Err(e) if e.is_conflict() && retries_left > 0 => {
                     retries_left -= 1;
+                    trust_cache = false;
                     tracing::debug!(%stream, retries_left, "version conflict; reloading");
                 }
                 Err(e) => return Err(e.into()),
@@ -313,25 +382,36 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
-    /// Saves a snapshot if this command crossed a multiple of the snapshot interval. A
-    /// failed snapshot write is only logged: the events are stored, and the next load
-    /// replays a little more.
-    async fn maybe_snapshot(
-        &self,
-        stream: &StreamId,
-        aggregate: &mut A,
-        events: &[A::Event],
-        before: u64,
-        after: u64,
-    ) {
+    /// Puts a state known to be current at `version` into the cache, if there is one.
+    fn keep(&self, id: &str, state: A, version: u64) {
+        if let Some(cache) = &self.cache {
+            cache.put(id, state, version);
+        }
+    }
+
+    fn note_stale(&self) {
+        if let Some(cache) = &self.cache {
+            cache.stale();
+        }
+    }
+
+    /// Whether a command that took the aggregate from `before` to `after` crosses a
+    /// multiple of the snapshot interval.
+    fn snapshot_due(&self, before: u64, after: u64) -> bool {
+        self.snapshots
+            .as_ref()
+            .is_some_and(|policy| before / policy.every != after / policy.every)
+    }
+
+    /// Saves a snapshot of `aggregate` (the state after the command) if this command
+    /// crossed a multiple of the snapshot interval. A failed snapshot write is only
+    /// logged: the events are stored, and the next load replays a little more.
+    async fn maybe_snapshot(&self, stream: &StreamId, aggregate: &A, before: u64, after: u64) {
         let Some(policy) = &self.snapshots else {
             return;
         };
-        if before / policy.every == after / policy.every {
+        if !self.snapshot_due(before, after) {
             return;
-        }
-        for event in events {
-            aggregate.apply(event);
         }
         let state = match (policy.encode)(aggregate) {
             Ok(state) => state,

@@ -56,7 +56,7 @@ mod registry;
 mod store;
 pub mod testing;
 
-pub use aggregate::{Aggregate, CommandError, Committed, Repository};
+pub use aggregate::{Aggregate, CacheStatistics, CommandError, Committed, Repository};
 pub use bus::{
     BoxFuture, BusStatistics, Clock, Delivery, DomainEventPublisher, EventBus, EventBusBuilder,
     Handler, IntoOutgoing, Outgoing, RetryPolicy, StopReport, SubscriptionBuilder,
