@@ -717,7 +717,10 @@ async fn events_appended_by_a_repository_reach_subscribers_without_a_publish() {
     let seen: Log<String> = log();
     let recorded = Arc::clone(&seen);
     bus.subscribe("ledger", move |d: Delivery<account::AccountEvent>| {
-        recorded.lock().unwrap().push(d.record.event_type.clone());
+        recorded
+            .lock()
+            .unwrap()
+            .push(d.record.event_type.to_string());
         std::future::ready(Ok::<_, Error>(()))
     })
     .register()

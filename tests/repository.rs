@@ -144,7 +144,7 @@ async fn execute_stores_events_and_load_replays_them() {
     let (account, version) = repo.load("a").await.unwrap();
     assert_eq!((account.balance, account.applied, version), (60, 3, 3));
     let stored = store.read_stream(&stream("a"), 1).await.unwrap();
-    let types: Vec<_> = stored.iter().map(|e| e.event_type.as_str()).collect();
+    let types: Vec<_> = stored.iter().map(|e| &*e.event_type).collect();
     assert_eq!(types, ["Opened", "FundsDeposited", "Withdrawn"]);
     assert_eq!(stored[1].schema_version, 2);
     assert_eq!(stored[1].payload, r#"{"amount":100}"#);

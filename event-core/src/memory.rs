@@ -13,6 +13,7 @@ use crate::record::{
     AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord,
     NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
 };
+use crate::registry::registry;
 use crate::store::{EventStore, check_batch};
 
 /// An [`EventStore`] that keeps everything in memory and loses it when dropped.
@@ -114,11 +115,11 @@ impl Inner {
             positions.push(position);
             self.log.push(RecordedEvent {
                 event_id: event.event_id,
-                aggregate_type: request.stream.aggregate_type.clone(),
+                aggregate_type: registry().aggregate_type_name(&request.stream.aggregate_type),
                 aggregate_id: request.stream.aggregate_id.clone(),
                 version: version + 1 + i as u64,
                 position,
-                event_type: event.event_type,
+                event_type: registry().event_type_name(&event.event_type),
                 schema_version: event.schema_version,
                 occurred_at: event.occurred_at,
                 recorded_at,
@@ -350,7 +351,7 @@ impl EventStore for InMemoryEventStore {
         let head = inner.log.len() as u64;
         let mut events_by_type = BTreeMap::new();
         for e in &inner.log {
-            *events_by_type.entry(e.event_type.clone()).or_insert(0) += 1;
+            *events_by_type.entry(e.event_type.to_string()).or_insert(0) += 1;
         }
         Ok(StoreStatistics {
             events: head,

@@ -1,5 +1,6 @@
 //! What a store keeps: recorded events and their metadata, and the types of the store API.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -181,16 +182,17 @@ impl NewEvent {
 pub struct RecordedEvent {
     /// Unique, time-ordered id.
     pub event_id: Uuid,
-    /// The aggregate type of its stream.
-    pub aggregate_type: String,
+    /// The aggregate type of its stream. Borrowed from the registry when the type is
+    /// registered, so records of known types carry no copy of the name.
+    pub aggregate_type: Cow<'static, str>,
     /// The aggregate id of its stream.
     pub aggregate_id: String,
     /// 1, 2, 3 ... within its stream, without gaps.
     pub version: u64,
     /// 1, 2, 3 ... in the global log, in commit order, without gaps.
     pub position: u64,
-    /// The registered event type name.
-    pub event_type: String,
+    /// The registered event type name (borrowed from the registry, like `aggregate_type`).
+    pub event_type: Cow<'static, str>,
     /// The schema version the payload was written with.
     pub schema_version: u32,
     /// When the fact happened.
@@ -225,7 +227,7 @@ impl RecordedEvent {
 
     /// The stream this event belongs to.
     pub fn stream_id(&self) -> StreamId {
-        StreamId::new(&self.aggregate_type, &self.aggregate_id)
+        StreamId::new(&*self.aggregate_type, &self.aggregate_id)
     }
 }
 

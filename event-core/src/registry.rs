@@ -3,6 +3,7 @@
 //! schema.
 
 use std::any::{Any, TypeId};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
@@ -159,6 +160,8 @@ pub struct EventTypeInfo {
 #[derive(Debug)]
 pub struct Registry {
     by_name: HashMap<&'static str, &'static EventRegistration>,
+    /// Every registered aggregate type name.
+    aggregate_types: HashMap<&'static str, ()>,
     upcasters: HashMap<(&'static str, u32), UpcastFn>,
     problems: Vec<String>,
 }
@@ -240,10 +243,30 @@ impl Registry {
             }
         }
         problems.sort();
+        let aggregate_types = by_name.values().map(|r| (r.aggregate_type, ())).collect();
         Registry {
             by_name,
+            aggregate_types,
             upcasters,
             problems,
+        }
+    }
+
+    /// The registry's own copy of an event type name, borrowed for the program's
+    /// lifetime; an unknown name is copied. Stores use it so that records of registered
+    /// types do not each allocate their type name.
+    pub fn event_type_name(&self, name: &str) -> Cow<'static, str> {
+        match self.by_name.get_key_value(name) {
+            Some((&known, _)) => Cow::Borrowed(known),
+            None => Cow::Owned(name.to_owned()),
+        }
+    }
+
+    /// [`event_type_name`](Self::event_type_name) for aggregate type names.
+    pub fn aggregate_type_name(&self, name: &str) -> Cow<'static, str> {
+        match self.aggregate_types.get_key_value(name) {
+            Some((&known, _)) => Cow::Borrowed(known),
+            None => Cow::Owned(name.to_owned()),
         }
     }
 

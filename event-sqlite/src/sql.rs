@@ -5,12 +5,13 @@
 //! store never compares (checkpoint positions, durations) are stored bit for bit as
 //! `i64`, so every value round-trips.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use eventfold_core::{
-    Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, ReplayVisitor,
-    ReplayedEvent, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId,
+    Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, Registry, ReplayVisitor,
+    ReplayedEvent, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId, registry,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, Rows, params};
@@ -96,15 +97,27 @@ fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
             .map_err(|e| bad(&format!("metadata that does not decode ({e})")))?,
         _ => return Err(bad("metadata that is not text")),
     };
+    // Registered type names are borrowed from the registry rather than copied per row.
+    let name =
+        |index: usize, what: &str, intern: fn(&Registry, &str) -> Cow<'static, str>| match row
+            .get_ref(index)
+            .map_err(read)?
+        {
+            ValueRef::Text(bytes) => match std::str::from_utf8(bytes) {
+                Ok(name) => Ok(intern(registry(), name)),
+                Err(_) => Ok(Cow::Owned(String::from_utf8_lossy(bytes).into_owned())),
+            },
+            _ => Err(bad(what)),
+        };
     let schema_version = u32::try_from(row.get::<_, i64>(6).map_err(read)?)
         .map_err(|_| bad("a schema version out of range"))?;
     Ok(RecordedEvent {
         event_id,
-        aggregate_type: text(2, "no aggregate type")?,
+        aggregate_type: name(2, "no aggregate type", Registry::aggregate_type_name)?,
         aggregate_id: text(3, "no aggregate id")?,
         version: to_u64(row.get::<_, i64>(4).map_err(read)?),
         position,
-        event_type: text(5, "no event type")?,
+        event_type: name(5, "no event type", Registry::event_type_name)?,
         schema_version,
         occurred_at: time(row.get(7).map_err(read)?),
         recorded_at: time(row.get(8).map_err(read)?),

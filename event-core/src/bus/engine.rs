@@ -74,12 +74,14 @@ impl Routing {
 }
 
 /// An event on its way through the engine.
+#[derive(Clone)]
 pub(crate) struct BusEvent {
     pub(crate) record: Arc<RecordedEvent>,
     /// The event itself, on a bus without a store (no decoding needed).
     pub(crate) typed: Option<Arc<dyn Any + Send + Sync>>,
-    /// Deliveries of this event still to finish.
-    remaining: AtomicUsize,
+    /// Deliveries of this event still to finish, shared by its deliveries when it goes to
+    /// more than one subscription (with one, its only delivery finishing finishes it).
+    remaining: Option<Arc<AtomicUsize>>,
 }
 
 impl BusEvent {
@@ -87,7 +89,7 @@ impl BusEvent {
         BusEvent {
             record: Arc::new(record),
             typed,
-            remaining: AtomicUsize::new(0),
+            remaining: None,
         }
     }
 
@@ -101,7 +103,7 @@ impl BusEvent {
 
 /// An event and the subscriptions it goes to, in priority order.
 pub(crate) struct Job {
-    event: Arc<BusEvent>,
+    event: BusEvent,
     subs: Arc<[Arc<Sub>]>,
     /// The aggregate's hash: picks the worker, and keys parked deliveries.
     stream_hash: u64,
@@ -168,7 +170,11 @@ impl Engine {
                 self.checkpoints_dirty.notify_one();
             }
         }
-        if event.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+        let last = match &event.remaining {
+            Some(remaining) => remaining.fetch_sub(1, Ordering::AcqRel) == 1,
+            None => true,
+        };
+        if last {
             self.event_done();
         }
     }
@@ -307,7 +313,7 @@ impl Router {
         Router { workers }
     }
 
-    fn push(&mut self, event: Arc<BusEvent>, subs: Arc<[Arc<Sub>]>) {
+    fn push(&mut self, event: BusEvent, subs: Arc<[Arc<Sub>]>) {
         let stream_hash = event.stream_hash();
         let worker = (stream_hash % self.workers.len() as u64) as usize;
         // A worker only ends after its sender is dropped, so this cannot fail.
@@ -320,8 +326,10 @@ impl Router {
 }
 
 /// Marks an event as routed to `subs`; returns false (and finishes it) if none wants it.
-fn admit(engine: &Engine, event: &BusEvent, subs: &[Arc<Sub>]) -> bool {
-    event.remaining.store(subs.len(), Ordering::Release);
+fn admit(engine: &Engine, event: &mut BusEvent, subs: &[Arc<Sub>]) -> bool {
+    if subs.len() > 1 {
+        event.remaining = Some(Arc::new(AtomicUsize::new(subs.len())));
+    }
     for sub in subs {
         sub.queued.fetch_add(1, Ordering::Relaxed);
     }
@@ -335,10 +343,15 @@ fn admit(engine: &Engine, event: &BusEvent, subs: &[Arc<Sub>]) -> bool {
 impl Router {
     /// Routes a published event of a bus without a store to its subscriptions' workers.
     /// Called in publication order, under the intake lock.
-    pub(crate) fn route_published(&mut self, engine: &Engine, table: &Routing, event: BusEvent) {
+    pub(crate) fn route_published(
+        &mut self,
+        engine: &Engine,
+        table: &Routing,
+        mut event: BusEvent,
+    ) {
         match table.route(&event.record.event_type) {
-            Some(subs) if admit(engine, &event, subs) => {
-                self.push(Arc::new(event), Arc::clone(subs));
+            Some(subs) if admit(engine, &mut event, subs) => {
+                self.push(event, Arc::clone(subs));
             }
             Some(_) => {}
             None => engine.event_done(),
@@ -428,24 +441,32 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
                 let Some(candidates) = table.route(&record.event_type) else {
                     continue;
                 };
-                let subs: Vec<Arc<Sub>> = candidates
+                // Usually every candidate wants the event: share the table's list then.
+                let subs: Arc<[Arc<Sub>]> = if candidates
                     .iter()
-                    .filter(|s| tracker.wants(s.index, record.position))
-                    .cloned()
-                    .collect();
+                    .all(|s| tracker.wants(s.index, record.position))
+                {
+                    Arc::clone(candidates)
+                } else {
+                    candidates
+                        .iter()
+                        .filter(|s| tracker.wants(s.index, record.position))
+                        .cloned()
+                        .collect()
+                };
                 if subs.is_empty() {
                     continue;
                 }
-                for sub in &subs {
+                for sub in subs.iter() {
                     tracker.route(sub.index, record.position);
                 }
-                admitted.push((BusEvent::new(record, None), Arc::<[Arc<Sub>]>::from(subs)));
+                admitted.push((BusEvent::new(record, None), subs));
             }
             if tracker.routed_through(last) {
                 engine.checkpoints_dirty.notify_one();
             }
         }
-        for (event, subs) in admitted {
+        for (mut event, subs) in admitted {
             // Permits bound the events in memory; they come back as events finish.
             let permit = tokio::select! {
                 permit = engine.permits.acquire() => permit,
@@ -459,8 +480,8 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
                 permit.forget();
             }
             engine.in_flight.fetch_add(1, Ordering::SeqCst);
-            if admit(&engine, &event, &subs) {
-                router.push(Arc::new(event), subs);
+            if admit(&engine, &mut event, &subs) {
+                router.push(event, subs);
             }
         }
         next = last + 1;
@@ -545,7 +566,7 @@ pub(crate) async fn save_checkpoints(engine: &Engine) -> Result<()> {
 /// A delivery that failed and waits for its next attempt, or for its dead letter to be
 /// stored.
 struct Pending {
-    event: Arc<BusEvent>,
+    event: BusEvent,
     sub: Arc<Sub>,
     failures: u32,
     first_failed_at: Option<DateTime<Utc>>,
@@ -615,7 +636,7 @@ impl Worker {
         let hash = job.stream_hash;
         for sub in job.subs.iter() {
             let pending = Pending {
-                event: Arc::clone(&job.event),
+                event: job.event.clone(),
                 sub: Arc::clone(sub),
                 failures: 0,
                 first_failed_at: None,
@@ -741,7 +762,7 @@ impl Worker {
             subscription: pending.sub.name.to_string(),
             event_id: record.event_id,
             position: record.position,
-            event_type: record.event_type.clone(),
+            event_type: record.event_type.to_string(),
             error: pending.last_error.clone(),
             attempts: pending.failures,
             first_failed_at: pending.first_failed_at.unwrap_or(now),
@@ -786,7 +807,7 @@ async fn keep_transient_event(
     let stream = record.stream_id();
     let event = crate::record::NewEvent {
         event_id: record.event_id,
-        event_type: record.event_type.clone(),
+        event_type: record.event_type.to_string(),
         schema_version: record.schema_version,
         occurred_at: record.occurred_at,
         metadata: record.metadata.clone(),

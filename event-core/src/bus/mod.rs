@@ -20,6 +20,7 @@ mod engine;
 mod handler;
 mod stats;
 
+use std::borrow::Cow;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -170,6 +171,7 @@ impl EventBusBuilder {
                 next_index: AtomicUsize::new(0),
                 sequence: AtomicU64::new(0),
                 intake: Mutex::new(Intake::Waiting(Vec::new())),
+                reserved: AtomicUsize::new(0),
                 state: Mutex::new(Lifecycle::Built),
                 stopped: AtomicBool::new(false),
             }),
@@ -203,6 +205,9 @@ struct Inner {
     sequence: AtomicU64,
     /// Where published events go on a bus without a store.
     intake: Mutex<Intake>,
+    /// Queue room a publisher took beyond its own events, for the next publishes (it is
+    /// part of the capacity: in flight plus reserved never exceeds it).
+    reserved: AtomicUsize,
     state: Mutex<Lifecycle>,
     stopped: AtomicBool,
 }
@@ -648,23 +653,33 @@ impl EventBus {
         if n > engine.capacity {
             return Err(full());
         }
-        let permits = if wait {
-            engine
-                .permits
-                .acquire_many(n as u32)
-                .await
-                .map_err(|_| Error::BusStopped)?
-        } else {
-            engine
-                .permits
-                .try_acquire_many(n as u32)
-                .map_err(|_| full())?
-        };
+        if !self.take_reserved(n) {
+            if wait {
+                // Room freed one event at a time would wake a waiting publisher once per
+                // event a worker finishes; waiting for a chunk and reserving the surplus
+                // for the next publishes wakes it once per chunk.
+                let chunk = n.max((engine.capacity / 16).min(64));
+                engine
+                    .permits
+                    .acquire_many(chunk as u32)
+                    .await
+                    .map_err(|_| Error::BusStopped)?
+                    .forget();
+                if chunk > n {
+                    self.inner.reserved.fetch_add(chunk - n, Ordering::AcqRel);
+                }
+            } else {
+                engine
+                    .permits
+                    .try_acquire_many(n as u32)
+                    .map_err(|_| full())?
+                    .forget();
+            }
+        }
         let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*intake, Intake::Closed) {
             return Err(Error::BusStopped);
         }
-        permits.forget();
         let table = Arc::clone(&engine.routing.borrow());
         engine.in_flight.fetch_add(n as u64, Ordering::SeqCst);
         let first = self.inner.sequence.fetch_add(n as u64, Ordering::Relaxed) + 1;
@@ -672,11 +687,11 @@ impl EventBus {
         for (i, (aggregate_id, event, metadata)) in events.enumerate() {
             let record = RecordedEvent {
                 event_id: Uuid::now_v7(),
-                aggregate_type: E::AGGREGATE_TYPE.to_owned(),
+                aggregate_type: Cow::Borrowed(E::AGGREGATE_TYPE),
                 aggregate_id,
                 version: 0,
                 position: first + i as u64,
-                event_type: event.event_type().to_owned(),
+                event_type: Cow::Borrowed(event.event_type()),
                 schema_version: event.schema_version(),
                 occurred_at: now,
                 recorded_at: now,
@@ -692,6 +707,15 @@ impl EventBus {
             }
         }
         Ok(first..=first + n as u64 - 1)
+    }
+
+    /// Takes room for `n` events from what an earlier publisher reserved, if there is
+    /// enough.
+    fn take_reserved(&self, n: usize) -> bool {
+        self.inner
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(n))
+            .is_ok()
     }
 
     /// What the bus has done, and each subscription's progress.
