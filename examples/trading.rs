@@ -206,14 +206,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let caught_up = Arc::clone(&caught_up);
         move |d: Delivery<OrderEvent>| {
             let mut p = positions.lock().unwrap();
-            if d.record.position <= p.applied_through {
+            if d.record().position <= p.applied_through {
                 return std::future::ready(Ok(()));
             }
-            if d.record.position <= head {
+            if d.record().position <= head {
                 caught_up.fetch_add(1, Ordering::Relaxed);
             }
-            let order = d.record.aggregate_id.clone();
-            match &*d.event {
+            let order = d.record().aggregate_id.clone();
+            match d.event() {
                 OrderEvent::Placed { symbol, side, .. } => {
                     p.orders.insert(order, (symbol.clone(), *side));
                 }
@@ -227,7 +227,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     }
                 }
             }
-            p.applied_through = d.record.position;
+            p.applied_through = d.record().position;
             std::future::ready(p.save())
         }
     };
@@ -235,13 +235,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A notifier whose first two attempts at every event fail.
     bus.subscribe("notifier", |d: Delivery<OrderEvent>| async move {
-        if d.attempt < 3 {
-            return Err(format!("mail server busy (attempt {})", d.attempt));
+        if d.attempt() < 3 {
+            return Err(format!("mail server busy (attempt {})", d.attempt()));
         }
-        if let OrderEvent::Filled { quantity, price } = &*d.event {
+        if let OrderEvent::Filled { quantity, price } = d.event() {
             println!(
                 "  notifier: order {} filled {quantity} @ {price} (attempt {})",
-                d.record.aggregate_id, d.attempt
+                d.record().aggregate_id,
+                d.attempt()
             );
         }
         Ok(())

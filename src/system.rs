@@ -31,7 +31,7 @@ use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 /// system
 ///     .bus()
 ///     .subscribe("audit", |d: Delivery<OrderEvent>| async move {
-///         println!("{} at position {}", d.record.event_type, d.record.position);
+///         println!("{} at position {}", d.record().event_type, d.record().position);
 ///         Ok::<_, std::convert::Infallible>(())
 ///     })
 ///     .register()?;

@@ -55,8 +55,8 @@ fn recorder(
 {
     let log = Arc::clone(log);
     move |d: Delivery<OrderEvent>| {
-        let order = d.record.aggregate_id.clone();
-        log.lock().unwrap().push((tag, order, seq_of(&d.event)));
+        let order = d.record().aggregate_id.clone();
+        log.lock().unwrap().push((tag, order, seq_of(d.event())));
         std::future::ready(Ok(()))
     }
 }
@@ -222,9 +222,9 @@ async fn each_aggregate_is_delivered_in_order_under_four_workers() {
         by_order
             .lock()
             .unwrap()
-            .entry(d.record.aggregate_id.clone())
+            .entry(d.record().aggregate_id.clone())
             .or_default()
-            .push(seq_of(&d.event));
+            .push(seq_of(d.event()));
         std::future::ready(Ok::<_, Error>(()))
     })
     .register()
@@ -263,9 +263,9 @@ fn failing(
         attempts
             .lock()
             .unwrap()
-            .push((Instant::now(), seq_of(&d.event), d.attempt));
-        std::future::ready(if d.attempt <= fail {
-            Err(format!("attempt {} failed", d.attempt))
+            .push((Instant::now(), seq_of(d.event()), d.attempt()));
+        std::future::ready(if d.attempt() <= fail {
+            Err(format!("attempt {} failed", d.attempt()))
         } else {
             Ok(())
         })
@@ -325,12 +325,12 @@ async fn later_events_of_an_aggregate_wait_behind_a_retry_others_do_not() {
     let fail_first_of_a = {
         let attempts = Arc::clone(&attempts);
         move |d: Delivery<OrderEvent>| {
-            let seq = seq_of(&d.event);
+            let seq = seq_of(d.event());
             attempts
                 .lock()
                 .unwrap()
-                .push((d.record.aggregate_id.clone(), seq, d.attempt));
-            let fail = d.record.aggregate_id == "a" && seq == 1 && d.attempt < 3;
+                .push((d.record().aggregate_id.clone(), seq, d.attempt()));
+            let fail = d.record().aggregate_id == "a" && seq == 1 && d.attempt() < 3;
             std::future::ready(if fail { Err("not yet") } else { Ok(()) })
         }
     };
@@ -378,8 +378,11 @@ async fn after_the_last_attempt_the_event_is_dead_lettered_and_the_subscription_
     let always_fails_on_1 = {
         let attempts = Arc::clone(&attempts);
         move |d: Delivery<OrderEvent>| {
-            attempts.lock().unwrap().push((seq_of(&d.event), d.attempt));
-            std::future::ready(if seq_of(&d.event) == 1 {
+            attempts
+                .lock()
+                .unwrap()
+                .push((seq_of(d.event()), d.attempt()));
+            std::future::ready(if seq_of(d.event()) == 1 {
                 Err("broken")
             } else {
                 Ok(())
@@ -428,7 +431,7 @@ async fn a_dead_letter_can_be_replayed_or_discarded() {
                 delivered
                     .lock()
                     .unwrap()
-                    .push((seq_of(&d.event), d.attempt));
+                    .push((seq_of(d.event()), d.attempt()));
             }
             std::future::ready(if ok { Ok(()) } else { Err("down") })
         }
@@ -483,7 +486,7 @@ async fn a_panicking_handler_is_a_failed_attempt_and_the_worker_survives() {
     let panics_on_1 = {
         let seen = Arc::clone(&seen);
         move |d: Delivery<OrderEvent>| {
-            let seq = seq_of(&d.event);
+            let seq = seq_of(d.event());
             let seen = Arc::clone(&seen);
             async move {
                 if seq == 1 {
@@ -523,7 +526,7 @@ async fn blocking_handlers_run_off_the_workers() {
         move |d: Delivery<OrderEvent>| {
             // Real blocking work: a synchronous file-system call.
             std::fs::metadata(std::env::current_exe()?)?;
-            seen.lock().unwrap().push(seq_of(&d.event));
+            seen.lock().unwrap().push(seq_of(d.event()));
             Ok::<_, std::io::Error>(())
         }
     };
@@ -720,7 +723,7 @@ async fn events_appended_by_a_repository_reach_subscribers_without_a_publish() {
         recorded
             .lock()
             .unwrap()
-            .push(d.record.event_type.to_string());
+            .push(d.record().event_type.to_string());
         std::future::ready(Ok::<_, Error>(()))
     })
     .register()

@@ -50,7 +50,9 @@ async fn open_bus(dir: &Path) -> (Arc<SqliteEventStore>, EventBus) {
         // could interleave with another.
         let line = format!(
             "{} {} {}\n",
-            d.record.event_id, d.record.aggregate_id, d.record.version
+            d.record().event_id,
+            d.record().aggregate_id,
+            d.record().version
         );
         file.write_all(line.as_bytes())
     })

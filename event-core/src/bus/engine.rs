@@ -7,7 +7,6 @@
 //! waiting for a retry parks the later events of the same aggregate for that subscription
 //! only, so other aggregates and other subscriptions go on.
 
-use std::any::Any;
 use std::cmp::Reverse;
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -21,7 +20,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::config::{Clock, Jitter, RetryPolicy};
-use super::handler::{CatchUnwind, Invoke};
+use super::handler::{CatchUnwind, EventSource, Invoke, PublishedEvent};
 use super::stats::{Counters, Histogram};
 use crate::error::{Error, Result};
 use crate::record::{FailureRecord, NewDeadLetter, RecordedEvent};
@@ -76,27 +75,29 @@ impl Routing {
 /// An event on its way through the engine.
 #[derive(Clone)]
 pub(crate) struct BusEvent {
-    pub(crate) record: Arc<RecordedEvent>,
-    /// The event itself, on a bus without a store (no decoding needed).
-    pub(crate) typed: Option<Arc<dyn Any + Send + Sync>>,
+    pub(crate) source: EventSource,
     /// Deliveries of this event still to finish, shared by its deliveries when it goes to
     /// more than one subscription (with one, its only delivery finishing finishes it).
     remaining: Option<Arc<AtomicUsize>>,
 }
 
 impl BusEvent {
-    pub(crate) fn new(record: RecordedEvent, typed: Option<Arc<dyn Any + Send + Sync>>) -> Self {
+    pub(crate) fn new(source: EventSource) -> Self {
         BusEvent {
-            record: Arc::new(record),
-            typed,
+            source,
             remaining: None,
         }
     }
 
+    pub(crate) fn record(&self) -> &RecordedEvent {
+        self.source.record()
+    }
+
     fn stream_hash(&self) -> u64 {
         let mut h = DefaultHasher::new();
-        self.record.aggregate_type.hash(&mut h);
-        self.record.aggregate_id.hash(&mut h);
+        let record = self.record();
+        record.aggregate_type.hash(&mut h);
+        record.aggregate_id.hash(&mut h);
         h.finish()
     }
 }
@@ -165,7 +166,7 @@ impl Engine {
         if self.store.is_some() {
             let advanced = self
                 .lock_tracker()
-                .complete(sub.index, event.record.position);
+                .complete(sub.index, event.record().position);
             if advanced {
                 self.checkpoints_dirty.notify_one();
             }
@@ -349,7 +350,7 @@ impl Router {
         table: &Routing,
         mut event: BusEvent,
     ) {
-        match table.route(&event.record.event_type) {
+        match table.route(&event.record().event_type) {
             Some(subs) if admit(engine, &mut event, subs) => {
                 self.push(event, Arc::clone(subs));
             }
@@ -460,7 +461,7 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
                 for sub in subs.iter() {
                     tracker.route(sub.index, record.position);
                 }
-                admitted.push((BusEvent::new(record, None), subs));
+                admitted.push((BusEvent::new(EventSource::Stored(Arc::new(record))), subs));
             }
             if tracker.routed_through(last) {
                 engine.checkpoints_dirty.notify_one();
@@ -681,14 +682,11 @@ impl Worker {
         if pending.give_up {
             return self.dead_letter(pending).await;
         }
-        let record = Arc::clone(&pending.event.record);
         let attempt = pending.failures + 1;
         let started = Instant::now();
-        let result = match sub
-            .invoke
-            .invoke(&record, pending.event.typed.as_ref(), attempt)
-        {
+        let result = match sub.invoke.invoke(&pending.event.source, attempt) {
             Ok(handler) => {
+                let record = pending.event.record();
                 let span = tracing::debug_span!(
                     "eventfold.deliver",
                     subscription = %sub.name,
@@ -720,6 +718,7 @@ impl Worker {
         pending.failures = attempt;
         let now = engine.clock.now();
         pending.first_failed_at.get_or_insert(now);
+        let record = pending.event.record();
         tracing::warn!(
             subscription = %sub.name,
             event_id = %record.event_id,
@@ -756,7 +755,7 @@ impl Worker {
     /// passes an event whose dead letter is not stored.
     async fn dead_letter(&mut self, pending: Pending) -> Outcome {
         let engine = Arc::clone(&self.engine);
-        let record = &pending.event.record;
+        let record = pending.event.record();
         let now = engine.clock.now();
         let dead_letter = NewDeadLetter {
             subscription: pending.sub.name.to_string(),
@@ -768,11 +767,13 @@ impl Worker {
             first_failed_at: pending.first_failed_at.unwrap_or(now),
             last_failed_at: now,
         };
-        let kept = match &pending.event.typed {
+        let kept = match &pending.event.source {
             // Without a store the event itself is kept beside its dead letter, so it can
             // be replayed.
-            Some(typed) => keep_transient_event(&engine, &pending.sub, record, typed).await,
-            None => Ok(()),
+            EventSource::Published(published) => {
+                keep_transient_event(&engine, &pending.sub, published.as_ref()).await
+            }
+            EventSource::Stored(_) => Ok(()),
         };
         let stored = match kept {
             Ok(()) => engine.records.add_dead_letter(dead_letter).await.map(drop),
@@ -798,9 +799,9 @@ impl Worker {
 async fn keep_transient_event(
     engine: &Engine,
     sub: &Sub,
-    record: &RecordedEvent,
-    typed: &Arc<dyn Any + Send + Sync>,
+    published: &dyn PublishedEvent,
 ) -> Result<()> {
+    let record = published.record();
     if engine.records.get(record.event_id).await?.is_some() {
         return Ok(());
     }
@@ -811,7 +812,7 @@ async fn keep_transient_event(
         schema_version: record.schema_version,
         occurred_at: record.occurred_at,
         metadata: record.metadata.clone(),
-        payload: sub.invoke.encode(typed)?,
+        payload: sub.invoke.encode(published)?,
     };
     match engine
         .records

@@ -1,6 +1,7 @@
 //! Handlers, what they receive, and the type-erased invocation the workers run.
 
 use std::any::Any;
+use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -14,33 +15,120 @@ use crate::record::RecordedEvent;
 /// A boxed, sendable future, as handlers return them.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// One delivery of an event to a subscription.
-#[derive(Debug)]
+/// One delivery of an event to a subscription: the event (also reachable through
+/// `Deref`), its record, and the attempt number. Cloning it is cheap.
 pub struct Delivery<E> {
+    source: Source<E>,
+    attempt: u32,
+}
+
+/// Where a delivery's event comes from.
+enum Source<E> {
+    /// Published on a bus without a store: the event and its record share one allocation.
+    Published(Arc<Published<E>>),
+    /// Read from the store and decoded for this subscription.
+    Stored {
+        event: Arc<E>,
+        record: Arc<RecordedEvent>,
+    },
+}
+
+/// An event published on a bus without a store, with the record the bus made for it.
+pub(crate) struct Published<E> {
+    pub(crate) record: RecordedEvent,
+    pub(crate) event: E,
+}
+
+/// A [`Published`] event with its type erased, as the workers carry it.
+pub(crate) trait PublishedEvent: Send + Sync + 'static {
+    fn record(&self) -> &RecordedEvent;
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<E: Send + Sync + 'static> PublishedEvent for Published<E> {
+    fn record(&self) -> &RecordedEvent {
+        &self.record
+    }
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
+        self
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// An event as the engine carries it: read from the store, or published without one.
+#[derive(Clone)]
+pub(crate) enum EventSource {
+    Stored(Arc<RecordedEvent>),
+    Published(Arc<dyn PublishedEvent>),
+}
+
+impl EventSource {
+    pub(crate) fn record(&self) -> &RecordedEvent {
+        match self {
+            EventSource::Stored(record) => record,
+            EventSource::Published(published) => published.record(),
+        }
+    }
+}
+
+impl<E> Delivery<E> {
     /// The event.
-    pub event: Arc<E>,
+    pub fn event(&self) -> &E {
+        match &self.source {
+            Source::Published(published) => &published.event,
+            Source::Stored { event, .. } => event,
+        }
+    }
+
     /// The event as recorded: its id (use it to make a handler idempotent), stream,
     /// version, position, times and metadata. On a bus without a store, `version` is 0,
     /// `position` is the bus's own sequence number and `payload` is empty.
-    pub record: Arc<RecordedEvent>,
+    pub fn record(&self) -> &RecordedEvent {
+        match &self.source {
+            Source::Published(published) => &published.record,
+            Source::Stored { record, .. } => record,
+        }
+    }
+
     /// Which attempt this is, from 1.
-    pub attempt: u32,
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
 }
 
 impl<E> Clone for Delivery<E> {
     fn clone(&self) -> Self {
+        let source = match &self.source {
+            Source::Published(published) => Source::Published(Arc::clone(published)),
+            Source::Stored { event, record } => Source::Stored {
+                event: Arc::clone(event),
+                record: Arc::clone(record),
+            },
+        };
         Delivery {
-            event: Arc::clone(&self.event),
-            record: Arc::clone(&self.record),
+            source,
             attempt: self.attempt,
         }
+    }
+}
+
+impl<E: fmt::Debug> fmt::Debug for Delivery<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery")
+            .field("event", self.event())
+            .field("record", self.record())
+            .field("attempt", &self.attempt)
+            .finish()
     }
 }
 
 impl<E> std::ops::Deref for Delivery<E> {
     type Target = E;
     fn deref(&self) -> &E {
-        &self.event
+        self.event()
     }
 }
 
@@ -48,7 +136,7 @@ impl<E> std::ops::Deref for Delivery<E> {
 /// is one, for any error type that converts into [`BoxError`].
 ///
 /// Delivery is at least once: after a crash, or a failed checkpoint write, a handler may
-/// see an event again. Use `delivery.record.event_id` to make it idempotent.
+/// see an event again. Use `delivery.record().event_id` to make it idempotent.
 pub trait Handler<E>: Send + Sync + 'static {
     /// Handles one delivery; an error (or a panic) is a failed attempt.
     fn handle(&self, delivery: Delivery<E>) -> BoxFuture<std::result::Result<(), BoxError>>;
@@ -95,14 +183,13 @@ pub(crate) trait Invoke: Send + Sync + 'static {
     /// Starts one attempt, or fails at once if the event cannot be decoded.
     fn invoke(
         &self,
-        record: &Arc<RecordedEvent>,
-        typed: Option<&Arc<dyn Any + Send + Sync>>,
+        event: &EventSource,
         attempt: u32,
     ) -> Result<BoxFuture<std::result::Result<(), BoxError>>>;
 
     /// Serializes an event published on a bus without a store (to keep it with its dead
     /// letter).
-    fn encode(&self, typed: &Arc<dyn Any + Send + Sync>) -> Result<String>;
+    fn encode(&self, event: &dyn PublishedEvent) -> Result<String>;
 }
 
 pub(crate) struct Typed<E, H> {
@@ -113,25 +200,37 @@ pub(crate) struct Typed<E, H> {
 impl<E: DomainEvent, H: Handler<E>> Invoke for Typed<E, H> {
     fn invoke(
         &self,
-        record: &Arc<RecordedEvent>,
-        typed: Option<&Arc<dyn Any + Send + Sync>>,
+        event: &EventSource,
         attempt: u32,
     ) -> Result<BoxFuture<std::result::Result<(), BoxError>>> {
-        let event = match typed.and_then(|t| Arc::clone(t).downcast::<E>().ok()) {
-            Some(event) => event,
-            None => Arc::new(record.decode::<E>()?),
+        let source = match event {
+            EventSource::Published(published) => {
+                match Arc::clone(published).into_any().downcast::<Published<E>>() {
+                    Ok(published) => Source::Published(published),
+                    // Another Rust type under this event's name: decoding says why not.
+                    Err(_) => {
+                        let record = published.record();
+                        Source::Stored {
+                            event: Arc::new(record.decode::<E>()?),
+                            record: Arc::new(record.clone()),
+                        }
+                    }
+                }
+            }
+            EventSource::Stored(record) => Source::Stored {
+                event: Arc::new(record.decode::<E>()?),
+                record: Arc::clone(record),
+            },
         };
-        Ok(self.handler.handle(Delivery {
-            event,
-            record: Arc::clone(record),
-            attempt,
-        }))
+        Ok(self.handler.handle(Delivery { source, attempt }))
     }
 
-    fn encode(&self, typed: &Arc<dyn Any + Send + Sync>) -> Result<String> {
-        let event = typed
-            .downcast_ref::<E>()
-            .expect("a subscription only receives its own event type");
+    fn encode(&self, event: &dyn PublishedEvent) -> Result<String> {
+        let event = &event
+            .as_any()
+            .downcast_ref::<Published<E>>()
+            .expect("a subscription only receives its own event type")
+            .event;
         event.to_payload().map_err(|source| Error::Serialize {
             event_type: event.event_type().to_owned(),
             source,

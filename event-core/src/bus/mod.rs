@@ -36,7 +36,7 @@ pub use handler::{BoxFuture, Delivery, Handler};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
 use engine::{BusEvent, Engine, Router, Routing, Sub, Tracker, Worker};
-use handler::{Blocking, CatchUnwind, Typed};
+use handler::{Blocking, CatchUnwind, EventSource, Published, PublishedEvent, Typed};
 use stats::{Counters, Histogram};
 
 use crate::error::{BoxError, Error, Result};
@@ -258,7 +258,7 @@ impl Inner {
 /// bus.subscribe("volume", move |d: Delivery<OrderEvent>| {
 ///     let seen = Arc::clone(&seen);
 ///     async move {
-///         let OrderEvent::Placed { qty, .. } = &*d.event;
+///         let OrderEvent::Placed { qty, .. } = d.event();
 ///         seen.fetch_add(*qty, Ordering::SeqCst);
 ///         Ok::<_, std::convert::Infallible>(())
 ///     }
@@ -698,8 +698,8 @@ impl EventBus {
                 metadata,
                 payload: String::new(),
             };
-            let typed: Arc<dyn std::any::Any + Send + Sync> = Arc::new(event);
-            let event = BusEvent::new(record, Some(typed));
+            let published: Arc<dyn PublishedEvent> = Arc::new(Published { record, event });
+            let event = BusEvent::new(EventSource::Published(published));
             match &mut *intake {
                 Intake::Waiting(waiting) => waiting.push(event),
                 Intake::Routing(router) => router.route_published(engine, &table, event),
@@ -815,10 +815,11 @@ impl EventBus {
                 ),
                 source: None,
             })?;
-        let record = Arc::new(record);
+        let event = EventSource::Stored(Arc::new(record));
+        let record = event.record();
         let attempt = dead_letter.attempts + 1;
         let started = tokio::time::Instant::now();
-        let result = match sub.invoke.invoke(&record, None, attempt) {
+        let result = match sub.invoke.invoke(&event, attempt) {
             Ok(handler) => CatchUnwind(handler).await.map_err(|e| e.to_string()),
             Err(error) => Err(error.to_string()),
         };
