@@ -683,7 +683,9 @@ impl Worker {
             return self.dead_letter(pending).await;
         }
         let attempt = pending.failures + 1;
-        let started = Instant::now();
+        // The wall clock, not tokio's (which paused time stops, and which takes a lock per
+        // reading when tokio's test-util is on): latency is real time.
+        let started = std::time::Instant::now();
         let result = match sub.invoke.invoke(&pending.event.source, attempt) {
             Ok(handler) => {
                 let record = pending.event.record();
