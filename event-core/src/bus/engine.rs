@@ -8,9 +8,7 @@
 //! only, so other aggregates and other subscriptions go on.
 
 use std::cmp::Reverse;
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -93,12 +91,21 @@ impl BusEvent {
         self.source.record()
     }
 
+    /// FNV-1a over the stream's type and id: it only spreads aggregates over workers and
+    /// keys parked deliveries, so it needs to be fast and stable, not collision-proof.
     fn stream_hash(&self) -> u64 {
-        let mut h = DefaultHasher::new();
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
         let record = self.record();
-        record.aggregate_type.hash(&mut h);
-        record.aggregate_id.hash(&mut h);
-        h.finish()
+        let bytes = record
+            .aggregate_type
+            .bytes()
+            .chain([0xff])
+            .chain(record.aggregate_id.bytes());
+        let hash = bytes.fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(PRIME)
+        });
+        // FNV's low bits mix poorly; fold the high half in before taking a remainder.
+        hash ^ (hash >> 32)
     }
 }
 
@@ -645,7 +652,7 @@ impl Worker {
                 give_up: false,
             };
             let key = (sub.index, hash);
-            if let Some(queue) = self.parked.get_mut(&key) {
+            if let Some(queue) = self.parked_behind(key) {
                 queue.push_back(pending);
                 continue;
             }
@@ -653,6 +660,15 @@ impl Worker {
                 self.parked.insert(key, VecDeque::from([pending]));
                 self.timers.push(Reverse((at, key)));
             }
+        }
+    }
+
+    /// The deliveries parked for `key`, if any (skips hashing when nothing is parked).
+    fn parked_behind(&mut self, key: Key) -> Option<&mut VecDeque<Pending>> {
+        if self.parked.is_empty() {
+            None
+        } else {
+            self.parked.get_mut(&key)
         }
     }
 
@@ -830,5 +846,47 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Metadata;
+
+    fn event_of(aggregate_id: String) -> BusEvent {
+        let now = Utc::now();
+        BusEvent::new(EventSource::Stored(Arc::new(RecordedEvent {
+            event_id: uuid::Uuid::now_v7(),
+            aggregate_type: "Account".into(),
+            aggregate_id,
+            version: 1,
+            position: 1,
+            event_type: "Opened".into(),
+            schema_version: 1,
+            occurred_at: now,
+            recorded_at: now,
+            metadata: Metadata::default(),
+            payload: "{}".into(),
+        })))
+    }
+
+    #[test]
+    fn stream_hashes_spread_aggregates_evenly_over_workers() {
+        for workers in [2_u64, 3, 4, 8] {
+            let mut load = vec![0_u32; workers as usize];
+            for i in 0..4_000 {
+                let hash = event_of(format!("acc-{i}")).stream_hash();
+                load[(hash % workers) as usize] += 1;
+            }
+            let fair = 4_000 / workers as u32;
+            for n in &load {
+                assert!(n.abs_diff(fair) < fair / 5, "{workers} workers: {load:?}");
+            }
+        }
+        assert_eq!(
+            event_of("a".into()).stream_hash(),
+            event_of("a".into()).stream_hash()
+        );
     }
 }
