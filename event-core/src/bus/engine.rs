@@ -474,22 +474,28 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
                 engine.checkpoints_dirty.notify_one();
             }
         }
-        for (mut event, subs) in admitted {
-            // Permits bound the events in memory; they come back as events finish.
-            let permit = tokio::select! {
-                permit = engine.permits.acquire() => permit,
+        // Permits bound the events in memory; they come back as events finish. Taking
+        // them a chunk at a time wakes the dispatcher once per chunk, not once per event.
+        let chunk = (engine.capacity / 4).max(1);
+        let mut admitted = admitted.into_iter();
+        while admitted.len() > 0 {
+            let n = admitted.len().min(chunk);
+            let permits = tokio::select! {
+                permits = engine.permits.acquire_many(n as u32) => permits,
                 _ = stopping.changed() => {
                     // Not routed: the tracker keeps these positions open, so the
                     // checkpoint stays below them and they are read again next time.
                     break;
                 }
             };
-            if let Ok(permit) = permit {
-                permit.forget();
+            if let Ok(permits) = permits {
+                permits.forget();
             }
-            engine.in_flight.fetch_add(1, Ordering::SeqCst);
-            if admit(&engine, &mut event, &subs) {
-                router.push(event, subs);
+            engine.in_flight.fetch_add(n as u64, Ordering::SeqCst);
+            for (mut event, subs) in admitted.by_ref().take(n) {
+                if admit(&engine, &mut event, &subs) {
+                    router.push(event, subs);
+                }
             }
         }
         next = last + 1;
