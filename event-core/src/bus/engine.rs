@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -46,7 +47,31 @@ pub(crate) struct Routing {
     /// Counts changes, so idleness can tell whether the dispatcher has seen the latest.
     pub(crate) version: u64,
     pub(crate) subs: Vec<Arc<Sub>>,
-    by_type: HashMap<&'static str, Arc<[Arc<Sub>]>>,
+    by_type: HashMap<&'static str, Arc<[Arc<Sub>]>, BuildHasherDefault<Fnv>>,
+}
+
+/// FNV-1a, for the engine's per-event hashing of short keys (type names, aggregate ids):
+/// far cheaper than SipHash there, and the keys are not attacker-chosen in bulk.
+#[derive(Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        // FNV's low bits mix poorly; fold the high half in before a remainder is taken.
+        self.0 ^ (self.0 >> 32)
+    }
 }
 
 impl Routing {
@@ -94,18 +119,12 @@ impl BusEvent {
     /// FNV-1a over the stream's type and id: it only spreads aggregates over workers and
     /// keys parked deliveries, so it needs to be fast and stable, not collision-proof.
     fn stream_hash(&self) -> u64 {
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
         let record = self.record();
-        let bytes = record
-            .aggregate_type
-            .bytes()
-            .chain([0xff])
-            .chain(record.aggregate_id.bytes());
-        let hash = bytes.fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(PRIME)
-        });
-        // FNV's low bits mix poorly; fold the high half in before taking a remainder.
-        hash ^ (hash >> 32)
+        let mut h = Fnv::default();
+        h.write(record.aggregate_type.as_bytes());
+        h.write_u8(0xff);
+        h.write(record.aggregate_id.as_bytes());
+        h.finish()
     }
 }
 
