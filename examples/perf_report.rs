@@ -881,7 +881,7 @@ async fn bus_transient(sizes: Sizes) -> Res<Row> {
                     let seen = Arc::clone(&tally);
                     bus.subscribe("tally", move |d: Delivery<AccountEvent>| {
                         let seen = Arc::clone(&seen);
-                        async move { on_event(&seen, &d.event).await }
+                        async move { on_event(&seen, d.event()).await }
                     })
                     .register()?;
                     bus.start().await?;
@@ -944,7 +944,7 @@ async fn durable_run(path: &Path, count: usize, aggregates: usize) -> Res<Durati
     let seen = Arc::clone(&tally);
     bus.subscribe("tally", move |d: Delivery<AccountEvent>| {
         let seen = Arc::clone(&seen);
-        async move { on_event(&seen, &d.event).await }
+        async move { on_event(&seen, d.event()).await }
     })
     .register()?;
     bus.start().await?;
@@ -1123,7 +1123,7 @@ fn bus_memory_child(which: &str, n: usize) -> Res<()> {
                 let seen = Arc::clone(&tally);
                 bus.subscribe("slow", move |d: Delivery<AccountEvent>| {
                     let seen = Arc::clone(&seen);
-                    async move { on_event_slowly(&seen, &d.event).await }
+                    async move { on_event_slowly(&seen, d.event()).await }
                 })
                 .register()?;
                 bus.start().await?;
