@@ -2,8 +2,10 @@
 //! whatever is queued in one transaction (group commit).
 //!
 //! Each write of a group runs inside its own `SAVEPOINT`, so a refused write (a version
-//! conflict, a taken event id) undoes only itself. Writes that arrive while the transaction
-//! runs join it before its `COMMIT`. Replies go out only after the `COMMIT` succeeded; if
+//! conflict, a taken event id) undoes only itself; a write that changes the database with a
+//! single statement (a one-event append, a snapshot, a checkpoint...) needs none, as SQLite
+//! undoes a failed statement by itself. Writes that arrive while the transaction runs join
+//! it before its `COMMIT`. Replies go out only after the `COMMIT` succeeded; if
 //! the `COMMIT` fails, every write of the group gets its error and nothing of the group is
 //! stored. If SQLite rolls the whole transaction back on a write's failure (it does on a
 //! full disk), that write fails and the others run again in a new transaction.
@@ -11,6 +13,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use eventfold_core::{
@@ -18,10 +21,17 @@ use eventfold_core::{
     Snapshot, StreamId,
 };
 use rusqlite::{Connection, ErrorCode, params};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Fault;
 use crate::sql::{self, bound, nanos, nanos_of, to_i64};
+
+/// How long the idle writer keeps polling its queue, yielding its CPU in between, before it
+/// parks. A caller just answered sends its next write about 10 to 30 µs later; had the writer
+/// parked, that write would also pay a futex wake-up and a thread switch (tens of µs on a
+/// virtual machine), and the writers that trickle in behind it would miss the group.
+const POLL_BEFORE_PARKING: Duration = Duration::from_micros(50);
 
 /// Where a write's result goes.
 pub(crate) type Reply<T> = oneshot::Sender<eventfold_core::Result<T>>;
@@ -73,6 +83,28 @@ impl Command {
 
     fn is_write(&self) -> bool {
         !matches!(self, Command::Run(_) | Command::Close(_))
+    }
+
+    /// True when the write changes the database with one statement at most, so that its
+    /// failure leaves nothing to undo: SQLite backs out a failed statement by itself and
+    /// keeps the transaction (or rolls the whole transaction back, which the group handles).
+    /// Such a write runs without a savepoint of its own.
+    fn single_statement(&self) -> bool {
+        match self {
+            // One INSERT. Everything that can refuse it (the version, the time, the metadata)
+            // is checked before it runs; if the INSERT itself fails, the DELETE that undoes an
+            // append's earlier rows finds none.
+            Command::Append { requests, .. } => {
+                matches!(requests.as_slice(), [request] if request.events.len() == 1)
+            }
+            // One INSERT, upsert or DELETE each.
+            Command::SaveSnapshot { .. }
+            | Command::SaveCheckpoint { .. }
+            | Command::AddDeadLetter { .. }
+            | Command::RemoveDeadLetter { .. }
+            | Command::RecordFailure { .. } => true,
+            Command::Run(_) | Command::Close(_) => false,
+        }
     }
 
     /// Sends a write its answer.
@@ -226,7 +258,7 @@ impl Writer {
         let closed_by = loop {
             let command = match self.next.take() {
                 Some(command) => command,
-                None => match self.commands.blocking_recv() {
+                None => match self.recv() {
                     Some(command) => command,
                     // Every handle of the store is gone.
                     None => break None,
@@ -259,6 +291,24 @@ impl Writer {
         }
         if let Some(reply) = closed_by {
             let _ = reply.send(());
+        }
+    }
+
+    /// Waits for the next command: polls for [`POLL_BEFORE_PARKING`], then parks. `None`
+    /// once every sender is gone.
+    fn recv(&mut self) -> Option<Command> {
+        let deadline = Instant::now() + POLL_BEFORE_PARKING;
+        loop {
+            match self.commands.try_recv() {
+                Ok(command) => return Some(command),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if Instant::now() < deadline => {
+                    // The callers need the CPU to send their writes: on a small machine a
+                    // busy loop without yielding delays the very writes it waits for.
+                    std::thread::yield_now();
+                }
+                Err(TryRecvError::Empty) => return self.commands.blocking_recv(),
+            }
         }
     }
 
@@ -382,10 +432,18 @@ impl Writer {
 
     /// Runs one write in its own savepoint, undoing it alone if it fails.
     fn run_write(&self, command: &Command, state: &mut Group) -> Answer {
+        let head_before = state.head;
+        if command.single_statement() {
+            // Two statements fewer: about a quarter of the writer's time per one-event append.
+            let answer = self.execute(command, state);
+            if answer.failed() {
+                state.head = head_before;
+            }
+            return answer;
+        }
         if let Err(fault) = self.savepoint("SAVEPOINT write") {
             return Answer::Failed(fault.into());
         }
-        let head_before = state.head;
         let mut answer = self.execute(command, state);
         if !answer.failed() {
             if let Err(fault) = self.savepoint("RELEASE write") {

@@ -169,6 +169,18 @@ async fn a_conflicting_append_fails_alone_while_its_group_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_append_that_overflows_the_size_cap_fails_alone_in_its_group() {
+    overflow_in_a_group(|| (0..100).map(|_| note(4_000)).collect()).await;
+}
+
+/// A one-event append runs without a savepoint of its own (its single INSERT is undone by
+/// SQLite alone); failing on a full database, it still fails alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_event_append_that_overflows_the_size_cap_fails_alone_in_its_group() {
+    overflow_in_a_group(|| vec![note(400_000)]).await;
+}
+
+/// Five appends in one group, the middle one (`big`) far larger than the size cap allows.
+async fn overflow_in_a_group(big: fn() -> Vec<eventfold_core::NewEvent>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
     let options = open_options().max_page_count(64);
@@ -179,12 +191,7 @@ async fn an_append_that_overflows_the_size_cap_fails_alone_in_its_group() {
         (0..5u64)
             .map(|i| {
                 let store = Arc::clone(&store);
-                // The middle one is far larger than the cap allows.
-                let events = if i == 2 {
-                    (0..100).map(|_| note(4_000)).collect()
-                } else {
-                    vec![reading(i)]
-                };
+                let events = if i == 2 { big() } else { vec![reading(i)] };
                 async move {
                     store
                         .append(&meter(&format!("m-{i}")), ExpectedVersion::Any, events)
