@@ -141,14 +141,12 @@ struct Fold<A> {
 
 impl<A: Aggregate> ReplayVisitor for Fold<A> {
     fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()> {
-        let decoded: A::Event = registry()
-            .decode_cached(
-                &mut self.registrations,
-                event.event_type,
-                event.schema_version,
-                event.payload,
-            )
-            .map_err(|e| e.at_position(event.position))?;
+        let decoded: A::Event = registry().decode_cached(
+            &mut self.registrations,
+            event.event_type,
+            event.schema_version,
+            event.payload,
+        )?;
         self.state.apply(&decoded);
         self.version = event.version;
         Ok(())

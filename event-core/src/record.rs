@@ -249,8 +249,6 @@ pub struct AppendRequest {
 pub struct ReplayedEvent<'a> {
     /// Its version in its stream.
     pub version: u64,
-    /// Its global position.
-    pub position: u64,
     /// The registered event type name.
     pub event_type: &'a str,
     /// The schema version of the payload.
@@ -260,12 +258,10 @@ pub struct ReplayedEvent<'a> {
 }
 
 impl ReplayedEvent<'_> {
-    /// Decodes the payload into `E`, upcasting older schema versions first; errors name
-    /// the event's position (and, once the store adds it, its id).
+    /// Decodes the payload into `E`, upcasting older schema versions first. The store adds
+    /// the event's id and position to an error that a visitor returns.
     pub fn decode<E: DomainEvent>(&self) -> Result<E> {
-        registry()
-            .decode::<E>(self.event_type, self.schema_version, self.payload)
-            .map_err(|e| e.at_position(self.position))
+        registry().decode::<E>(self.event_type, self.schema_version, self.payload)
     }
 }
 
@@ -273,7 +269,6 @@ impl<'a> From<&'a RecordedEvent> for ReplayedEvent<'a> {
     fn from(e: &'a RecordedEvent) -> Self {
         ReplayedEvent {
             version: e.version,
-            position: e.position,
             event_type: &e.event_type,
             schema_version: e.schema_version,
             payload: &e.payload,

@@ -71,7 +71,8 @@ pub trait EventStore: Send + Sync + 'static {
     -> Result<Vec<RecordedEvent>>;
 
     /// Hands the events of a stream from version `from_version` on, in order, to
-    /// `visitor`, and returns it; stops at the first error it returns. This is how
+    /// `visitor`, and returns it; stops at the first error it returns, adding the event's
+    /// id and position to it ([`Error::at_event`](crate::Error::at_event)). This is how
     /// repositories rebuild aggregates: a backend that can lend each stored row without
     /// building a [`RecordedEvent`] overrides it. The default reads with
     /// [`read_stream`](Self::read_stream).

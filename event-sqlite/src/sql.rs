@@ -167,7 +167,7 @@ pub(crate) fn replay_stream(
     let fail = |e| store_error("replaying a stream", e);
     let mut stmt = conn
         .prepare_cached(
-            "SELECT position, version, event_type, schema_version, payload \
+            "SELECT version, event_type, schema_version, payload \
              FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 \
              ORDER BY version",
         )
@@ -180,8 +180,12 @@ pub(crate) fn replay_stream(
         ])
         .map_err(fail)?;
     while let Some(row) = rows.next().map_err(fail)? {
-        let position = to_u64(row.get::<_, i64>(0).map_err(fail)?);
-        let bad = |what: &str| corrupt_row(format!("the event at position {position} has {what}"));
+        let version = to_u64(row.get_ref(0).and_then(|v| Ok(v.as_i64()?)).map_err(fail)?);
+        let bad = |what: &str| {
+            corrupt_row(format!(
+                "the event at version {version} of {stream} has {what}"
+            ))
+        };
         let text = |index: usize, what: &str| -> Result<std::borrow::Cow<'_, str>> {
             match row.get_ref(index).map_err(fail)? {
                 // Valid UTF-8 is lent as it is; anything else is handed on repaired, and
@@ -193,20 +197,21 @@ pub(crate) fn replay_stream(
                 _ => Err(bad(what)),
             }
         };
-        let event_type = text(2, "no event type")?;
-        let payload = text(4, "no payload")?;
+        let event_type = text(1, "no event type")?;
+        let payload = text(3, "no payload")?;
+        let schema_version = row.get_ref(2).and_then(|v| Ok(v.as_i64()?)).map_err(fail)?;
         let visited = visitor.visit(ReplayedEvent {
-            version: to_u64(row.get::<_, i64>(1).map_err(fail)?),
-            position,
+            version,
             event_type: &event_type,
-            schema_version: u32::try_from(row.get::<_, i64>(3).map_err(fail)?)
+            schema_version: u32::try_from(schema_version)
                 .map_err(|_| bad("a schema version out of range"))?,
             payload: &payload,
         });
         if let Err(error) = visited {
-            // The id is read only now: a replay that succeeds never needs it.
-            return Err(match event_id_at(conn, position)? {
-                Some(id) => error.at_event(id, position),
+            // The id and position are read only now: a replay that succeeds never needs
+            // them, and a row lent without them is cheaper.
+            return Err(match event_at_version(conn, stream, version)? {
+                Some((id, position)) => error.at_event(id, position),
                 None => error,
             });
         }
@@ -214,15 +219,32 @@ pub(crate) fn replay_stream(
     Ok(visitor)
 }
 
-/// The id of the event at a position.
-fn event_id_at(conn: &Connection, position: u64) -> Result<Option<Uuid>> {
+/// The id and position of the event at a version of a stream.
+fn event_at_version(
+    conn: &Connection,
+    stream: &StreamId,
+    version: u64,
+) -> Result<Option<(Uuid, u64)>> {
     let fail = |e| store_error("reading an event id", e);
     let mut stmt = conn
-        .prepare_cached("SELECT event_id FROM events WHERE position = ?1")
+        .prepare_cached(
+            "SELECT event_id, position FROM events \
+             WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version = ?3",
+        )
         .map_err(fail)?;
-    let mut rows = stmt.query(params![bound(position)]).map_err(fail)?;
+    let mut rows = stmt
+        .query(params![
+            stream.aggregate_type,
+            stream.aggregate_id,
+            bound(version)
+        ])
+        .map_err(fail)?;
     match rows.next().map_err(fail)? {
-        Some(row) => uuid_at(row, 0).map_err(fail),
+        Some(row) => {
+            let id = uuid_at(row, 0).map_err(fail)?;
+            let position = to_u64(row.get::<_, i64>(1).map_err(fail)?);
+            Ok(id.map(|id| (id, position)))
+        }
         None => Ok(None),
     }
 }

@@ -501,23 +501,23 @@ pub async fn read_stream_from_a_version(store: Arc<dyn EventStore>) {
 
 /// What a replay saw, kept by the visitor.
 struct Collect {
-    seen: Vec<(u64, u64, String, String)>,
+    seen: Vec<(u64, String, String)>,
     fail_at: Option<u64>,
 }
 
 impl crate::store::ReplayVisitor for Collect {
     fn visit(&mut self, e: crate::record::ReplayedEvent<'_>) -> crate::Result<()> {
         if self.fail_at == Some(e.version) {
-            return Err(Error::InvalidAppend {
-                reason: format!("stop at {}", e.version),
+            // A decoding error, which the store locates.
+            return Err(Error::Payload {
+                event_type: format!("stop at {}", e.version),
+                event_id: None,
+                position: None,
+                source: serde_json::from_str::<u8>("x").unwrap_err(),
             });
         }
-        self.seen.push((
-            e.version,
-            e.position,
-            e.event_type.to_owned(),
-            e.payload.to_owned(),
-        ));
+        self.seen
+            .push((e.version, e.event_type.to_owned(), e.payload.to_owned()));
         Ok(())
     }
 
@@ -527,7 +527,8 @@ impl crate::store::ReplayVisitor for Collect {
 }
 
 /// `replay_stream` lends the same events as `read_stream`, in version order, from a
-/// version on, and ends at the first error of its visitor.
+/// version on, and ends at the first error of its visitor, naming the event's id and
+/// position in it.
 pub async fn replay_stream_lends_the_stream_in_order_and_stops_at_an_error(
     store: Arc<dyn EventStore>,
 ) {
@@ -560,22 +561,23 @@ pub async fn replay_stream_lends_the_stream_in_order_and_stops_at_an_error(
     let read = store.read_stream(&s, 1).await.unwrap();
     let expected: Vec<_> = read
         .iter()
-        .map(|e| {
-            (
-                e.version,
-                e.position,
-                e.event_type.to_string(),
-                e.payload.clone(),
-            )
-        })
+        .map(|e| (e.version, e.event_type.to_string(), e.payload.clone()))
         .collect();
     assert_eq!(all, expected);
-    assert_eq!(all.iter().map(|e| e.1).collect::<Vec<_>>(), [1, 2, 3, 5, 6]);
+    assert_eq!(positions(&read), [1, 2, 3, 5, 6]);
     let tail = replay(4, None).await.unwrap();
     assert_eq!(tail.iter().map(|e| e.0).collect::<Vec<_>>(), [4, 5]);
     assert!(replay(6, None).await.unwrap().is_empty());
-    match replay(1, Some(3)).await {
-        Err(Error::InvalidAppend { reason }) => assert_eq!(reason, "stop at 3"),
+    match replay(1, Some(4)).await {
+        Err(Error::Payload {
+            event_type,
+            event_id,
+            position,
+            ..
+        }) => {
+            assert_eq!(event_type, "stop at 4");
+            assert_eq!((event_id, position), (Some(read[3].event_id), Some(5)));
+        }
         other => panic!("expected the visitor's error, got {other:?}"),
     }
 }
