@@ -139,6 +139,27 @@ pub struct NewEvent {
     pub payload: String,
 }
 
+/// A new UUID v7 event id and the time it carries, from one reading of the clock.
+///
+/// Each thread keeps its own v7 context, so ids made on one thread are strictly increasing
+/// and ids of different threads are ordered to the millisecond; uniqueness rests on the
+/// random bits, as with any v7 id. A shared context would put a lock on every event.
+pub(crate) fn fresh_id() -> (Uuid, DateTime<Utc>) {
+    thread_local! {
+        static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
+    }
+    let now = Utc::now();
+    let seconds = u64::try_from(now.timestamp()).unwrap_or(0);
+    let id = CONTEXT.with(|context| {
+        Uuid::new_v7(uuid::Timestamp::from_unix(
+            context,
+            seconds,
+            now.timestamp_subsec_nanos(),
+        ))
+    });
+    (id, now)
+}
+
 impl NewEvent {
     /// Serializes a domain event with a fresh UUID v7 id and the current time.
     pub fn from_event<E: DomainEvent>(event: &E, metadata: Metadata) -> Result<Self> {
@@ -147,11 +168,12 @@ impl NewEvent {
             event_type: event_type.to_owned(),
             source,
         })?;
+        let (event_id, occurred_at) = fresh_id();
         Ok(NewEvent {
-            event_id: Uuid::now_v7(),
+            event_id,
             event_type: event_type.to_owned(),
             schema_version: event.schema_version(),
-            occurred_at: Utc::now(),
+            occurred_at,
             metadata,
             payload,
         })
@@ -406,4 +428,27 @@ pub struct StoreStatistics {
     pub snapshots: u64,
     /// Size on disk in bytes, for a backend that has one.
     pub size_bytes: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_ids_increase_on_a_thread_and_carry_their_time() {
+        let mut last = Uuid::nil();
+        for _ in 0..10_000 {
+            let (id, at) = fresh_id();
+            assert!(id > last, "{id} after {last}");
+            assert_eq!(id.get_version_num(), 7);
+            let (seconds, nanos) = id.get_timestamp().unwrap().to_unix();
+            assert_eq!(
+                seconds * 1_000 + u64::from(nanos) / 1_000_000,
+                at.timestamp_millis() as u64
+            );
+            last = id;
+        }
+        let other = std::thread::spawn(|| fresh_id().0).join().unwrap();
+        assert_ne!(other, last);
+    }
 }

@@ -737,10 +737,15 @@ impl Worker {
                     position = record.position,
                     attempt,
                 );
-                CatchUnwind(handler)
-                    .instrument(span)
-                    .await
-                    .map_err(|e| (e.to_string(), true))
+                // A disabled span costs nothing to create, but entering it around every
+                // poll and drop does: instrument only when a subscriber wants it.
+                let delivery = CatchUnwind(handler);
+                let outcome = if span.is_disabled() {
+                    delivery.await
+                } else {
+                    delivery.instrument(span).await
+                };
+                outcome.map_err(|e| (e.to_string(), true))
             }
             // An event that does not decode will not decode on a retry either.
             Err(error) => Err((error.to_string(), false)),

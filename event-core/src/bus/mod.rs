@@ -29,7 +29,6 @@ use std::time::Duration;
 use chrono::Utc;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
-use uuid::Uuid;
 
 pub use config::{Clock, RetryPolicy, SystemClock};
 pub use handler::{BoxFuture, Delivery, Handler};
@@ -42,6 +41,7 @@ use stats::{Counters, Histogram};
 use crate::error::{BoxError, Error, Result};
 use crate::event::DomainEvent;
 use crate::memory::InMemoryEventStore;
+use crate::record::fresh_id;
 use crate::record::{
     AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, Metadata, NewEvent, RecordedEvent,
     StreamId,
@@ -683,10 +683,10 @@ impl EventBus {
         let table = Arc::clone(&engine.routing.borrow());
         engine.in_flight.fetch_add(n as u64, Ordering::SeqCst);
         let first = self.inner.sequence.fetch_add(n as u64, Ordering::Relaxed) + 1;
-        let now = Utc::now();
         for (i, (aggregate_id, event, metadata)) in events.enumerate() {
+            let (event_id, now) = fresh_id();
             let record = RecordedEvent {
-                event_id: Uuid::now_v7(),
+                event_id,
                 aggregate_type: Cow::Borrowed(E::AGGREGATE_TYPE),
                 aggregate_id,
                 version: 0,
