@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -329,22 +329,101 @@ impl Track {
     }
 }
 
+/// A worker's queue: the router pushes jobs, the worker takes all of them at once.
+///
+/// Cheaper per event than a channel: one uncontended lock per push, a wake-up only when
+/// the queue was empty, and buffers swapped rather than allocated.
+pub(crate) struct Inbox {
+    state: Mutex<InboxState>,
+    ready: Notify,
+}
+
+#[derive(Default)]
+struct InboxState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+/// The most jobs a worker takes at once, so retries that come due are not held up long.
+const TAKE_AT_MOST: usize = 256;
+
+impl Inbox {
+    pub(crate) fn new() -> Self {
+        Inbox {
+            state: Mutex::new(InboxState::default()),
+            ready: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn push(&self, job: Job) {
+        let was_empty = {
+            let mut state = self.lock();
+            let was_empty = state.jobs.is_empty();
+            state.jobs.push_back(job);
+            was_empty
+        };
+        if was_empty {
+            // Stores a wake-up if the worker is not waiting yet, so none is lost.
+            self.ready.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits for jobs and moves up to [`TAKE_AT_MOST`] of them into `into` (which must be
+    /// empty; when all fit, the buffers are swapped); false once closed and drained.
+    async fn take(&self, into: &mut VecDeque<Job>) -> bool {
+        loop {
+            {
+                let mut state = self.lock();
+                if state.jobs.len() > TAKE_AT_MOST {
+                    into.extend(state.jobs.drain(..TAKE_AT_MOST));
+                    return true;
+                }
+                if !state.jobs.is_empty() {
+                    std::mem::swap(&mut state.jobs, into);
+                    return true;
+                }
+                if state.closed {
+                    return false;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
 /// Sends jobs to the worker that owns their aggregate. A job goes out at once; a worker
-/// that is busy takes what has piled up in one go.
+/// that is busy takes what has piled up in one go. Dropping the router closes the
+/// workers' inboxes: they end once drained.
 pub(crate) struct Router {
-    workers: Vec<mpsc::UnboundedSender<Job>>,
+    workers: Vec<Arc<Inbox>>,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        for inbox in &self.workers {
+            inbox.close();
+        }
+    }
 }
 
 impl Router {
-    pub(crate) fn new(workers: Vec<mpsc::UnboundedSender<Job>>) -> Self {
+    pub(crate) fn new(workers: Vec<Arc<Inbox>>) -> Self {
         Router { workers }
     }
 
     fn push(&mut self, event: BusEvent, subs: Arc<[Arc<Sub>]>) {
         let stream_hash = event.stream_hash();
         let worker = (stream_hash % self.workers.len() as u64) as usize;
-        // A worker only ends after its sender is dropped, so this cannot fail.
-        let _ = self.workers[worker].send(Job {
+        self.workers[worker].push(Job {
             event,
             subs,
             stream_hash,
@@ -618,7 +697,7 @@ type Key = (usize, u64);
 /// Runs the deliveries of the aggregates routed to it.
 pub(crate) struct Worker {
     engine: Arc<Engine>,
-    inbox: mpsc::UnboundedReceiver<Job>,
+    inbox: Arc<Inbox>,
     /// Per (subscription, aggregate): deliveries parked behind one that waits for a retry.
     parked: HashMap<Key, VecDeque<Pending>>,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
@@ -626,7 +705,7 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub(crate) fn new(engine: Arc<Engine>, inbox: mpsc::UnboundedReceiver<Job>, n: u64) -> Self {
+    pub(crate) fn new(engine: Arc<Engine>, inbox: Arc<Inbox>, n: u64) -> Self {
         let jitter = Jitter::new(engine.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         Worker {
             engine,
@@ -640,7 +719,8 @@ impl Worker {
     /// Runs until the dispatcher is gone and every parked delivery is finished.
     pub(crate) async fn run(mut self) {
         let mut open = true;
-        let mut jobs = Vec::with_capacity(256);
+        let mut jobs = VecDeque::new();
+        let inbox = Arc::clone(&self.inbox);
         loop {
             let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
             if !open && next_timer.is_none() {
@@ -653,8 +733,8 @@ impl Worker {
                         self.resume(key).await;
                     }
                 }
-                received = self.inbox.recv_many(&mut jobs, 256), if open => {
-                    if received == 0 {
+                received = inbox.take(&mut jobs), if open => {
+                    if !received {
                         open = false;
                     }
                     for job in jobs.drain(..) {

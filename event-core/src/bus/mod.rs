@@ -27,14 +27,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 pub use config::{Clock, RetryPolicy, SystemClock};
 pub use handler::{BoxFuture, Delivery, Handler};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
-use engine::{BusEvent, Engine, Router, Routing, Sub, Tracker, Worker};
+use engine::{BusEvent, Engine, Inbox, Router, Routing, Sub, Tracker, Worker};
 use handler::{Blocking, CatchUnwind, EventSource, Published, PublishedEvent, Typed};
 use stats::{Counters, Histogram};
 
@@ -481,14 +481,14 @@ impl EventBus {
         }
         let engine = &self.inner.engine;
         let mut tasks = Vec::new();
-        let mut senders = Vec::new();
+        let mut inboxes = Vec::new();
         for n in 0..self.inner.workers {
-            let (tx, rx) = mpsc::unbounded_channel();
-            senders.push(tx);
-            let worker = Worker::new(Arc::clone(engine), rx, n as u64);
+            let inbox = Arc::new(Inbox::new());
+            inboxes.push(Arc::clone(&inbox));
+            let worker = Worker::new(Arc::clone(engine), inbox, n as u64);
             tasks.push(tokio::spawn(worker.run()));
         }
-        let mut router = Router::new(senders);
+        let mut router = Router::new(inboxes);
         if engine.store.is_some() {
             tasks.push(tokio::spawn(engine::dispatch_log(
                 Arc::clone(engine),
