@@ -643,6 +643,62 @@ async fn a_full_queue_refuses_try_publish_and_whole_batches() {
     assert_eq!(bus.statistics().await.unwrap().delivered, 4);
 }
 
+/// Handlers that publish into their own full bus do not deadlock it: every slot is held by
+/// an event whose handler publishes, so those publishes go beyond the capacity instead of
+/// waiting for a slot that would never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_publishing_into_their_own_full_queue_do_not_deadlock_it() {
+    let bus = EventBus::builder()
+        .queue_capacity(8)
+        .workers(2)
+        .build()
+        .unwrap();
+    let cancelled = Arc::new(AtomicU32::new(0));
+    let relay = bus.clone();
+    bus.subscribe("relay", move |d: Delivery<OrderEvent>| {
+        let relay = relay.clone();
+        async move {
+            if let OrderEvent::Placed { order, .. } = d.event() {
+                relay
+                    .publish(OrderEvent::Cancelled {
+                        order: order.clone(),
+                    })
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        }
+    })
+    .retry(RetryPolicy::never())
+    .register()
+    .unwrap();
+    let seen = Arc::clone(&cancelled);
+    bus.subscribe("count", move |d: Delivery<OrderEvent>| {
+        if matches!(d.event(), OrderEvent::Cancelled { .. }) {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }
+        std::future::ready(Ok::<_, Error>(()))
+    })
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    // A deadlock would hang here: fail instead (a guard, not a measurement).
+    let run = async {
+        for i in 0..200 {
+            bus.publish(placed(&format!("o-{}", i % 10), i))
+                .await
+                .unwrap();
+        }
+        bus.wait_idle().await.unwrap();
+    };
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the bus deadlocked");
+    assert_eq!(cancelled.load(Ordering::SeqCst), 200);
+    let stats = bus.statistics().await.unwrap();
+    assert_eq!((stats.published, stats.queue_depth), (400, 0));
+    assert_eq!((stats.failed, stats.dead_lettered), (0, 0));
+}
+
 #[tokio::test]
 async fn events_need_an_aggregate_id() {
     #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]

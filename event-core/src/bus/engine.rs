@@ -102,6 +102,9 @@ pub(crate) struct BusEvent {
     /// Deliveries of this event still to finish, shared by its deliveries when it goes to
     /// more than one subscription (with one, its only delivery finishing finishes it).
     remaining: Option<Arc<AtomicUsize>>,
+    /// Whether the event holds a slot of the queue, to give back when it is done (events
+    /// that a handler published into its own full bus hold none).
+    holds_room: bool,
 }
 
 impl BusEvent {
@@ -109,7 +112,14 @@ impl BusEvent {
         BusEvent {
             source,
             remaining: None,
+            holds_room: true,
         }
+    }
+
+    /// An event published beyond the queue's capacity, holding no slot of it.
+    pub(crate) fn without_room(mut self) -> Self {
+        self.holds_room = false;
+        self
     }
 
     pub(crate) fn record(&self) -> &RecordedEvent {
@@ -185,33 +195,45 @@ impl Engine {
         }
     }
 
-    /// One delivery of `event` is finished (handled, dead-lettered or dropped because its
-    /// subscription left).
-    fn finish(&self, event: &BusEvent, sub: &Sub) {
-        sub.queued.fetch_sub(1, Ordering::Relaxed);
-        if self.store.is_some() {
-            let advanced = self
-                .lock_tracker()
-                .complete(sub.index, event.record().position);
-            if advanced {
-                self.checkpoints_dirty.notify_one();
-            }
-        }
-        let last = match &event.remaining {
-            Some(remaining) => remaining.fetch_sub(1, Ordering::AcqRel) == 1,
-            None => true,
-        };
-        if last {
-            self.event_done();
-        }
+    /// Identifies this bus for [`DELIVERING`].
+    pub(crate) fn id(&self) -> usize {
+        std::ptr::from_ref(self).addr()
     }
 
-    fn event_done(&self) {
-        self.permits.add_permits(1);
-        if self.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
+    /// `n` events are done, `room` of which held a slot of the queue: the slots come
+    /// back, and `wait_idle` wakes if nothing is left.
+    fn events_done(&self, n: u64, room: u64) {
+        if room > 0 {
+            self.permits.add_permits(room as usize);
+        }
+        if self.in_flight.fetch_sub(n, Ordering::SeqCst) == n {
             self.progress.notify_waiters();
         }
     }
+
+    fn event_done(&self, event: &BusEvent) {
+        self.events_done(1, u64::from(event.holds_room));
+    }
+}
+
+tokio::task_local! {
+    /// Set while a worker runs a handler: the identity of the bus delivering.
+    pub(crate) static DELIVERING: usize;
+}
+
+/// Deliveries a worker finished and has not yet reported: it reports them together, so
+/// the counters that publishers and the dispatcher also touch change once per batch of
+/// jobs rather than once per event.
+#[derive(Default)]
+struct Finished {
+    /// Events whose last delivery finished.
+    events: u64,
+    /// Those of them that held a slot of the queue.
+    room: u64,
+    /// Finished deliveries per subscription (their `queued` counters).
+    by_sub: Vec<(Arc<Sub>, u64)>,
+    /// (subscription, position) of finished deliveries, for the checkpoints.
+    positions: Vec<(usize, u64)>,
 }
 
 /// Per durable subscription: which positions are out for delivery, and the checkpoint
@@ -344,6 +366,10 @@ struct InboxState {
     closed: bool,
 }
 
+/// Below this much free room in the queue, workers report finished deliveries at once
+/// instead of once per batch.
+const LOW_ROOM: usize = 64;
+
 /// The most jobs a worker takes at once, so retries that come due are not held up long.
 const TAKE_AT_MOST: usize = 256;
 
@@ -440,7 +466,7 @@ fn admit(engine: &Engine, event: &mut BusEvent, subs: &[Arc<Sub>]) -> bool {
         sub.queued.fetch_add(1, Ordering::Relaxed);
     }
     if subs.is_empty() {
-        engine.event_done();
+        engine.event_done(event);
         return false;
     }
     true
@@ -460,7 +486,7 @@ impl Router {
                 self.push(event, Arc::clone(subs));
             }
             Some(_) => {}
-            None => engine.event_done(),
+            None => engine.event_done(&event),
         }
     }
 }
@@ -702,6 +728,7 @@ pub(crate) struct Worker {
     parked: HashMap<Key, VecDeque<Pending>>,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
     jitter: Jitter,
+    finished: Finished,
 }
 
 impl Worker {
@@ -713,6 +740,7 @@ impl Worker {
             parked: HashMap::new(),
             timers: BinaryHeap::new(),
             jitter,
+            finished: Finished::default(),
         }
     }
 
@@ -732,6 +760,7 @@ impl Worker {
                     if let Some(Reverse((_, key))) = self.timers.pop() {
                         self.resume(key).await;
                     }
+                    self.report_finished();
                 }
                 received = inbox.take(&mut jobs), if open => {
                     if !received {
@@ -740,8 +769,62 @@ impl Worker {
                     for job in jobs.drain(..) {
                         self.run_job(job).await;
                     }
+                    self.report_finished();
                 }
             }
+        }
+    }
+
+    /// One delivery of `event` is finished (handled, dead-lettered or dropped because its
+    /// subscription left); reported with the others by [`report_finished`](Self::report_finished).
+    fn finish(&mut self, event: &BusEvent, sub: &Arc<Sub>) {
+        let finished = &mut self.finished;
+        match finished
+            .by_sub
+            .iter_mut()
+            .find(|(s, _)| Arc::ptr_eq(s, sub))
+        {
+            Some((_, n)) => *n += 1,
+            None => finished.by_sub.push((Arc::clone(sub), 1)),
+        }
+        if self.engine.store.is_some() {
+            finished
+                .positions
+                .push((sub.index, event.record().position));
+        }
+        let last = match &event.remaining {
+            Some(remaining) => remaining.fetch_sub(1, Ordering::AcqRel) == 1,
+            None => true,
+        };
+        if last {
+            finished.events += 1;
+            finished.room += u64::from(event.holds_room);
+        }
+    }
+
+    /// Reports the finished deliveries: subscription counters and checkpoints first, then
+    /// the events' room in the queue and idleness, so that `wait_idle` returns to settled
+    /// statistics.
+    fn report_finished(&mut self) {
+        let engine = &self.engine;
+        let finished = &mut self.finished;
+        for (sub, n) in finished.by_sub.drain(..) {
+            sub.queued.fetch_sub(n, Ordering::Relaxed);
+        }
+        if !finished.positions.is_empty() {
+            let mut advanced = false;
+            let mut tracker = engine.lock_tracker();
+            for (index, position) in finished.positions.drain(..) {
+                advanced |= tracker.complete(index, position);
+            }
+            drop(tracker);
+            if advanced {
+                engine.checkpoints_dirty.notify_one();
+            }
+        }
+        if finished.events > 0 {
+            let room = std::mem::take(&mut finished.room);
+            engine.events_done(std::mem::take(&mut finished.events), room);
         }
     }
 
@@ -797,11 +880,16 @@ impl Worker {
         let engine = Arc::clone(&self.engine);
         let sub = Arc::clone(&pending.sub);
         if !sub.active.load(Ordering::Acquire) {
-            engine.finish(&pending.event, &sub);
+            self.finish(&pending.event, &sub);
             return Outcome::Done;
         }
         if pending.give_up {
             return self.dead_letter(pending).await;
+        }
+        if self.finished.events > 0 && engine.permits.available_permits() < LOW_ROOM {
+            // The queue is nearly full: report the room these deliveries hold now, since
+            // a handler (this one, say) may be waiting to publish into it.
+            self.report_finished();
         }
         let attempt = pending.failures + 1;
         // The wall clock, not tokio's (which paused time stops, and which takes a lock per
@@ -819,7 +907,8 @@ impl Worker {
                 );
                 // A disabled span costs nothing to create, but entering it around every
                 // poll and drop does: instrument only when a subscriber wants it.
-                let delivery = CatchUnwind(handler);
+                // Marks the handler's task as delivering for this bus (see `publish`).
+                let delivery = DELIVERING.scope(engine.id(), CatchUnwind(handler));
                 let outcome = if span.is_disabled() {
                     delivery.await
                 } else {
@@ -836,7 +925,7 @@ impl Worker {
             Ok(()) => {
                 Counters::add(&sub.counters.delivered, 1);
                 Counters::add(&engine.counters.delivered, 1);
-                engine.finish(&pending.event, &sub);
+                self.finish(&pending.event, &sub);
                 return Outcome::Done;
             }
             Err(failure) => failure,
@@ -911,7 +1000,7 @@ impl Worker {
             Ok(()) => {
                 Counters::add(&pending.sub.counters.dead_lettered, 1);
                 Counters::add(&engine.counters.dead_lettered, 1);
-                engine.finish(&pending.event, &pending.sub);
+                self.finish(&pending.event, &pending.sub);
                 Outcome::Done
             }
             Err(error) => {

@@ -34,7 +34,7 @@ pub use config::{Clock, RetryPolicy, SystemClock};
 pub use handler::{BoxFuture, Delivery, Handler};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
-use engine::{BusEvent, Engine, Inbox, Router, Routing, Sub, Tracker, Worker};
+use engine::{BusEvent, DELIVERING, Engine, Inbox, Router, Routing, Sub, Tracker, Worker};
 use handler::{Blocking, CatchUnwind, EventSource, Published, PublishedEvent, Typed};
 use stats::{Counters, Histogram};
 
@@ -576,6 +576,12 @@ impl EventBus {
     /// Publishes one event. With a store it returns once the event is stored, with its
     /// global position; without, once it is queued (waiting for room), with its sequence
     /// number.
+    ///
+    /// A handler of a bus without a store that publishes into the same bus never waits for
+    /// room (nor gets [`Error::QueueFull`]): when the queue is full, its events go in
+    /// beyond the capacity. Waiting there could deadlock, with every slot held by an event
+    /// whose handler waits for one; so the queue can exceed its capacity by what handlers
+    /// publish.
     pub async fn publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
         self.publish_one(event.into_outgoing(), true).await
     }
@@ -653,29 +659,44 @@ impl EventBus {
         if n > engine.capacity {
             return Err(full());
         }
-        if !self.take_reserved(n) {
-            if wait {
-                // Room freed one event at a time would wake a waiting publisher once per
-                // event a worker finishes; waiting for a chunk and reserving the surplus
-                // for the next publishes wakes it once per chunk.
-                let chunk = n.max((engine.capacity / 16).min(64));
-                engine
-                    .permits
-                    .acquire_many(chunk as u32)
-                    .await
-                    .map_err(|_| Error::BusStopped)?
-                    .forget();
-                if chunk > n {
-                    self.inner.reserved.fetch_add(chunk - n, Ordering::AcqRel);
+        // A handler publishing into its own bus must not wait for room: every slot may be
+        // held by an event whose handler waits. Its events go beyond the capacity instead.
+        let in_handler = DELIVERING
+            .try_with(|bus| *bus == engine.id())
+            .unwrap_or(false);
+        let holds_room = if self.take_reserved(n) {
+            true
+        } else if in_handler {
+            match engine.permits.try_acquire_many(n as u32) {
+                Ok(permits) => {
+                    permits.forget();
+                    true
                 }
-            } else {
-                engine
-                    .permits
-                    .try_acquire_many(n as u32)
-                    .map_err(|_| full())?
-                    .forget();
+                Err(_) => false,
             }
-        }
+        } else if wait {
+            // Room freed one event at a time would wake a waiting publisher once per
+            // event a worker finishes; waiting for a chunk and reserving the surplus
+            // for the next publishes wakes it once per chunk.
+            let chunk = n.max((engine.capacity / 16).min(64));
+            engine
+                .permits
+                .acquire_many(chunk as u32)
+                .await
+                .map_err(|_| Error::BusStopped)?
+                .forget();
+            if chunk > n {
+                self.inner.reserved.fetch_add(chunk - n, Ordering::AcqRel);
+            }
+            true
+        } else {
+            engine
+                .permits
+                .try_acquire_many(n as u32)
+                .map_err(|_| full())?
+                .forget();
+            true
+        };
         let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*intake, Intake::Closed) {
             return Err(Error::BusStopped);
@@ -700,6 +721,11 @@ impl EventBus {
             };
             let published: Arc<dyn PublishedEvent> = Arc::new(Published { record, event });
             let event = BusEvent::new(EventSource::Published(published));
+            let event = if holds_room {
+                event
+            } else {
+                event.without_room()
+            };
             match &mut *intake {
                 Intake::Waiting(waiting) => waiting.push(event),
                 Intake::Routing(router) => router.route_published(engine, &table, event),
