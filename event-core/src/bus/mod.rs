@@ -161,6 +161,8 @@ impl EventBusBuilder {
             checkpoints_dirty: Notify::new(),
             stopping: watch::channel(false).0,
             seed,
+            returned: Mutex::new(Vec::new()),
+            returned_len: AtomicUsize::new(0),
         };
         Ok(EventBus {
             inner: Arc::new(Inner {
@@ -732,6 +734,8 @@ impl EventBus {
                 Intake::Closed => unreachable!("checked above, under the same lock"),
             }
         }
+        drop(intake);
+        engine.reclaim();
         Ok(first..=first + n as u64 - 1)
     }
 
