@@ -3,7 +3,7 @@
 //! same process; each is repeated, and the table shows medians and the ratio eventfold / raw.
 //!
 //! ```sh
-//! cargo run --release --example perf_report              # the full report (about 5 minutes)
+//! cargo run --release --example perf_report              # the full report (about 3 minutes)
 //! cargo run --release --example perf_report -- --quick   # smaller counts, under a minute
 //! cargo run --release --example perf_report -- --json    # one JSON object per scenario
 //! cargo run --release --example perf_report -- --only rehydrate --repeats 30   # to profile
