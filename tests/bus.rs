@@ -1004,3 +1004,46 @@ async fn a_publisher_waiting_for_room_is_told_when_the_bus_stops() {
     bus.stop().await.unwrap();
     assert!(matches!(waiting.await.unwrap(), Err(Error::BusStopped)));
 }
+
+/// Counts drops of the events of `handled_events_are_all_dropped_by_the_time_the_bus_stops`.
+static DROPPED: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Debug, Default)]
+struct DropCounter;
+
+impl Drop for DropCounter {
+    fn drop(&mut self) {
+        DROPPED.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, DomainEvent)]
+#[domain_event(aggregate = "Meter", name = "MeterRead")]
+struct MeterRead {
+    #[domain_event(aggregate_id)]
+    meter: String,
+    #[serde(skip)]
+    counter: DropCounter,
+}
+
+/// Workers hand finished events back for a publisher to drop; none is kept past `stop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handled_events_are_all_dropped_by_the_time_the_bus_stops() {
+    let bus = transient(2);
+    bus.subscribe("reader", |_: Delivery<MeterRead>| {
+        std::future::ready(Ok::<_, Error>(()))
+    })
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    for i in 0..1_000 {
+        let event = MeterRead {
+            meter: format!("m-{}", i % 7),
+            counter: DropCounter,
+        };
+        bus.publish(event).await.unwrap();
+    }
+    bus.wait_idle().await.unwrap();
+    bus.stop().await.unwrap();
+    assert_eq!(DROPPED.load(Ordering::SeqCst), 1_000);
+}

@@ -207,9 +207,13 @@ impl Engine {
     /// and spares the allocator's lock, which a worker freeing them would share with every
     /// publish (profiling found that lock in nearly every futex call the bus made).
     pub(crate) fn reclaim(&self) {
-        if self.returned_len.load(Ordering::Relaxed) < RECLAIM_BATCH {
-            return;
+        if self.returned_len.load(Ordering::Relaxed) >= RECLAIM_BATCH {
+            self.reclaim_all();
         }
+    }
+
+    /// Drops every finished event handed back (when the bus stops).
+    pub(crate) fn reclaim_all(&self) {
         let returned = {
             let mut returned = self.returned.lock().unwrap_or_else(|e| e.into_inner());
             self.returned_len.store(0, Ordering::Relaxed);
@@ -218,8 +222,8 @@ impl Engine {
         drop(returned);
     }
 
-    /// Hands finished published events back (see [`reclaim`](Self::reclaim)); beyond the
-    /// queue's capacity, or on a bus nobody publishes to any more, they are dropped here.
+    /// Hands finished published events back (see [`reclaim`](Self::reclaim)). What waits
+    /// there is bounded like the queue: beyond its capacity, the worker drops them itself.
     fn hand_back(&self, done: &mut Vec<Arc<dyn PublishedEvent>>) {
         let mut returned = self.returned.lock().unwrap_or_else(|e| e.into_inner());
         if returned.len() + done.len() <= self.capacity {

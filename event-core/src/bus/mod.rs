@@ -545,6 +545,8 @@ impl EventBus {
             }
         }
         engine::save_checkpoints(engine).await?;
+        // Finished events still waiting for a publisher to drop them.
+        engine.reclaim_all();
         Ok(StopReport {
             drained,
             unfinished: engine.in_flight.load(Ordering::SeqCst),
