@@ -1023,7 +1023,7 @@ struct MeterRead {
     #[domain_event(aggregate_id)]
     meter: String,
     #[serde(skip)]
-    counter: DropCounter,
+    _counter: DropCounter,
 }
 
 /// Workers hand finished events back for a publisher to drop; none is kept past `stop`.
@@ -1039,7 +1039,7 @@ async fn handled_events_are_all_dropped_by_the_time_the_bus_stops() {
     for i in 0..1_000 {
         let event = MeterRead {
             meter: format!("m-{}", i % 7),
-            counter: DropCounter,
+            _counter: DropCounter,
         };
         bus.publish(event).await.unwrap();
     }
