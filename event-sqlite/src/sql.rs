@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use eventfold_core::{
-    Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, Registry, ReplayVisitor,
+    Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, ReplayVisitor,
     ReplayedEvent, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId, registry,
 };
 use rusqlite::types::ValueRef;
@@ -77,6 +77,15 @@ fn uuid_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<Uuid>> {
     })
 }
 
+/// A text column, lent as it is when it is valid UTF-8 and repaired otherwise (decoding
+/// the repaired text then says what is wrong); `None` if the column is not text.
+fn text_at<'r>(row: &'r Row<'_>, index: usize) -> rusqlite::Result<Option<Cow<'r, str>>> {
+    Ok(match row.get_ref(index)? {
+        ValueRef::Text(bytes) => Some(String::from_utf8_lossy(bytes)),
+        _ => None,
+    })
+}
+
 /// Reads an event row selected by [`select_events!`].
 fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
     let read = |e| store_error("reading an event", e);
@@ -85,11 +94,8 @@ fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
     let event_id = uuid_at(row, 1)
         .map_err(read)?
         .ok_or_else(|| bad("no valid event id"))?;
-    let text = |index: usize, what: &str| -> Result<String> {
-        match row.get_ref(index).map_err(read)? {
-            ValueRef::Text(bytes) => Ok(String::from_utf8_lossy(bytes).into_owned()),
-            _ => Err(bad(what)),
-        }
+    let text = |index: usize, what: &str| -> Result<Cow<'_, str>> {
+        text_at(row, index).map_err(read)?.ok_or_else(|| bad(what))
     };
     let metadata = match row.get_ref(9).map_err(read)? {
         ValueRef::Null => Metadata::default(),
@@ -97,33 +103,23 @@ fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
             .map_err(|e| bad(&format!("metadata that does not decode ({e})")))?,
         _ => return Err(bad("metadata that is not text")),
     };
-    // Registered type names are borrowed from the registry rather than copied per row.
-    let name =
-        |index: usize, what: &str, intern: fn(&Registry, &str) -> Cow<'static, str>| match row
-            .get_ref(index)
-            .map_err(read)?
-        {
-            ValueRef::Text(bytes) => match std::str::from_utf8(bytes) {
-                Ok(name) => Ok(intern(registry(), name)),
-                Err(_) => Ok(Cow::Owned(String::from_utf8_lossy(bytes).into_owned())),
-            },
-            _ => Err(bad(what)),
-        };
     let schema_version = u32::try_from(row.get::<_, i64>(6).map_err(read)?)
         .map_err(|_| bad("a schema version out of range"))?;
+    let registry = registry();
     Ok(RecordedEvent {
         event_id,
-        aggregate_type: name(2, "no aggregate type", Registry::aggregate_type_name)?,
-        aggregate_id: text(3, "no aggregate id")?,
+        // Registered type names are borrowed from the registry rather than copied per row.
+        aggregate_type: registry.aggregate_type_name(&text(2, "no aggregate type")?),
+        aggregate_id: text(3, "no aggregate id")?.into_owned(),
         version: to_u64(row.get::<_, i64>(4).map_err(read)?),
         position,
-        event_type: name(5, "no event type", Registry::event_type_name)?,
+        event_type: registry.event_type_name(&text(5, "no event type")?),
         schema_version,
         occurred_at: time(row.get(7).map_err(read)?),
         recorded_at: time(row.get(8).map_err(read)?),
         metadata,
         // Kept even if it is not JSON: decoding says so, and a subscriber can dead-letter it.
-        payload: text(10, "no payload")?,
+        payload: text(10, "no payload")?.into_owned(),
     })
 }
 
@@ -186,16 +182,8 @@ pub(crate) fn replay_stream(
                 "the event at version {version} of {stream} has {what}"
             ))
         };
-        let text = |index: usize, what: &str| -> Result<std::borrow::Cow<'_, str>> {
-            match row.get_ref(index).map_err(fail)? {
-                // Valid UTF-8 is lent as it is; anything else is handed on repaired, and
-                // decoding it says what is wrong.
-                ValueRef::Text(bytes) => Ok(match std::str::from_utf8(bytes) {
-                    Ok(text) => std::borrow::Cow::Borrowed(text),
-                    Err(_) => String::from_utf8_lossy(bytes),
-                }),
-                _ => Err(bad(what)),
-            }
+        let text = |index: usize, what: &str| -> Result<Cow<'_, str>> {
+            text_at(row, index).map_err(fail)?.ok_or_else(|| bad(what))
         };
         let event_type = text(1, "no event type")?;
         let payload = text(3, "no payload")?;
