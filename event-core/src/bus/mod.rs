@@ -665,20 +665,14 @@ impl EventBus {
         }
         // A handler publishing into its own bus must not wait for room: every slot may be
         // held by an event whose handler waits. Its events go beyond the capacity instead.
-        let in_handler = DELIVERING
-            .try_with(|bus| *bus == engine.id())
-            .unwrap_or(false);
+        let in_own_handler = || {
+            DELIVERING
+                .try_with(|bus| *bus == engine.id())
+                .unwrap_or(false)
+        };
         let holds_room = if self.take_reserved(n) {
             true
-        } else if in_handler {
-            match engine.permits.try_acquire_many(n as u32) {
-                Ok(permits) => {
-                    permits.forget();
-                    true
-                }
-                Err(_) => false,
-            }
-        } else if wait {
+        } else if wait && !in_own_handler() {
             // Room freed one event at a time would wake a waiting publisher once per
             // event a worker finishes; waiting for a chunk and reserving the surplus
             // for the next publishes wakes it once per chunk.
@@ -694,12 +688,14 @@ impl EventBus {
             }
             true
         } else {
-            engine
-                .permits
-                .try_acquire_many(n as u32)
-                .map_err(|_| full())?
-                .forget();
-            true
+            match engine.permits.try_acquire_many(n as u32) {
+                Ok(permits) => {
+                    permits.forget();
+                    true
+                }
+                Err(_) if in_own_handler() => false,
+                Err(_) => return Err(full()),
+            }
         };
         let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*intake, Intake::Closed) {
