@@ -411,9 +411,10 @@ struct InboxState {
 /// How many finished events a publisher drops at once (see [`Engine::reclaim`]).
 const RECLAIM_BATCH: usize = 64;
 
-/// Below this much free room in the queue, workers report finished deliveries at once
-/// instead of once per batch.
-const LOW_ROOM: usize = 64;
+/// How much queue room a waiting publisher takes at once. Below this much free room,
+/// workers report finished deliveries at once instead of once per batch, so the room a
+/// publisher waits for is never held back by a worker.
+pub(crate) const ROOM_CHUNK: usize = 64;
 
 /// The most jobs a worker takes at once, so retries that come due are not held up long.
 const TAKE_AT_MOST: usize = 256;
@@ -937,7 +938,7 @@ impl Worker {
         if pending.give_up {
             return self.dead_letter(pending).await;
         }
-        if self.finished.events > 0 && engine.permits.available_permits() < LOW_ROOM {
+        if self.finished.events > 0 && engine.permits.available_permits() < ROOM_CHUNK {
             // The queue is nearly full: report the room these deliveries hold now, since
             // a handler (this one, say) may be waiting to publish into it.
             self.report_finished();

@@ -34,7 +34,9 @@ pub use config::{Clock, RetryPolicy, SystemClock};
 pub use handler::{BoxFuture, Delivery, Handler};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
-use engine::{BusEvent, DELIVERING, Engine, Inbox, Router, Routing, Sub, Tracker, Worker};
+use engine::{
+    BusEvent, DELIVERING, Engine, Inbox, ROOM_CHUNK, Router, Routing, Sub, Tracker, Worker,
+};
 use handler::{Blocking, CatchUnwind, EventSource, Published, PublishedEvent, Typed};
 use stats::{Counters, Histogram};
 
@@ -676,7 +678,7 @@ impl EventBus {
             // Room freed one event at a time would wake a waiting publisher once per
             // event a worker finishes; waiting for a chunk and reserving the surplus
             // for the next publishes wakes it once per chunk.
-            let chunk = n.max((engine.capacity / 16).min(64));
+            let chunk = n.max((engine.capacity / 16).min(ROOM_CHUNK));
             engine
                 .permits
                 .acquire_many(chunk as u32)
