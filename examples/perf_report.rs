@@ -613,6 +613,30 @@ impl Samples {
     }
 }
 
+/// Waits for the writing tasks of a concurrent scenario, returns the time since `started`,
+/// reports how the writer grouped their appends, and closes the store.
+async fn join_writers<E>(
+    scenario: &str,
+    store: &SqliteEventStore,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), E>>>,
+    started: Instant,
+) -> Res<Duration>
+where
+    E: Error + Send + Sync + 'static,
+{
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = started.elapsed();
+    let stats = store.writer_statistics();
+    eprintln!(
+        "  {scenario}: {} appends in {} transactions",
+        stats.appends, stats.transactions
+    );
+    store.close().await?;
+    Ok(elapsed)
+}
+
 async fn append_concurrent(sizes: Sizes, dir: &Path) -> Res<Row> {
     let mut samples = Samples::default();
     let total = sizes.concurrent_tasks * sizes.concurrent_appends;
@@ -642,16 +666,7 @@ async fn append_concurrent(sizes: Sizes, dir: &Path) -> Res<Row> {
                             })
                         })
                         .collect();
-                    for task in tasks {
-                        task.await??;
-                    }
-                    let elapsed = started.elapsed();
-                    let stats = store.writer_statistics();
-                    eprintln!(
-                        "  append_concurrent: {} appends in {} transactions",
-                        stats.appends, stats.transactions
-                    );
-                    store.close().await?;
+                    let elapsed = join_writers("append_concurrent", &store, tasks, started).await?;
                     per_second(total, elapsed)
                 }
                 Side::Raw => {
@@ -825,16 +840,7 @@ async fn command_many(sizes: Sizes, dir: &Path) -> Res<Row> {
                             })
                         })
                         .collect();
-                    for task in tasks {
-                        task.await??;
-                    }
-                    let elapsed = started.elapsed();
-                    let stats = store.writer_statistics();
-                    eprintln!(
-                        "  command_many: {} appends in {} transactions",
-                        stats.appends, stats.transactions
-                    );
-                    store.close().await?;
+                    let elapsed = join_writers("command_many", &store, tasks, started).await?;
                     per_second(rounds * ids.len(), elapsed)
                 }
                 Side::Raw => {
