@@ -117,6 +117,20 @@ pub enum Error {
         position: Option<u64>,
     },
 
+    /// A stored event is damaged: its checksum does not match its fields, or a field cannot
+    /// be read back as it was written (text that is not UTF-8, an id of the wrong length, a
+    /// number out of range). Nothing is returned in its place; the rest of the store is
+    /// unaffected.
+    #[error("stored event is damaged{}: {reason}", at(.event_id, .position))]
+    CorruptEvent {
+        /// The damaged event's id, when it can still be read.
+        event_id: Option<Uuid>,
+        /// Its global position, when known.
+        position: Option<u64>,
+        /// What is damaged, in a sentence.
+        reason: String,
+    },
+
     /// An event could not be serialized into a payload.
     #[error("cannot serialize `{event_type}`: {source}")]
     Serialize {
@@ -250,10 +264,12 @@ impl Error {
         }
     }
 
-    /// The kind of a [`Error::Store`] failure.
+    /// The kind of a [`Error::Store`] failure ([`StoreErrorKind::Corrupt`] for an
+    /// [`Error::CorruptEvent`]).
     pub fn store_kind(&self) -> Option<StoreErrorKind> {
         match self {
             Error::Store { kind, .. } => Some(*kind),
+            Error::CorruptEvent { .. } => Some(StoreErrorKind::Corrupt),
             _ => None,
         }
     }
@@ -284,6 +300,9 @@ impl Error {
                 event_id, position, ..
             }
             | Error::Upcast {
+                event_id, position, ..
+            }
+            | Error::CorruptEvent {
                 event_id, position, ..
             } => {
                 if id.is_some() {
@@ -322,6 +341,13 @@ pub enum StoreErrorKind {
     CannotOpen,
     /// The store was closed or its worker stopped.
     Closed,
+    /// The disk or file system failed to read or write (`EIO`, a vanished file). The store
+    /// checks itself before it takes the next write.
+    Io,
+    /// A commit failed in a way that leaves unknown whether it was stored (the connection
+    /// broke, or the file system failed, during `COMMIT`). Re-append the same events with
+    /// the same event ids: the append is idempotent, so it is stored exactly once.
+    OutcomeUnknown,
     /// Any other I/O or backend failure.
     Other,
 }
@@ -336,6 +362,8 @@ impl std::fmt::Display for StoreErrorKind {
             StoreErrorKind::SchemaTooNew => "schema too new",
             StoreErrorKind::CannotOpen => "cannot open",
             StoreErrorKind::Closed => "closed",
+            StoreErrorKind::Io => "I/O error",
+            StoreErrorKind::OutcomeUnknown => "outcome unknown",
             StoreErrorKind::Other => "backend failure",
         })
     }
