@@ -1,6 +1,7 @@
 //! [`SqliteEventStore`]: the handle, its read connections, and the [`EventStore`] impl.
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,7 +16,7 @@ use rusqlite::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use crate::error::{Error, Result, closed, store_error};
+use crate::error::{Error, Result, closed, panicked, store_error};
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
@@ -149,7 +150,7 @@ impl SqliteEventStore {
         };
         let conn = schema::open_writer(location, &options)?;
         let head = sql::head(&conn)
-            .map_err(|e| Error::from_sqlite(&location.describe(), "reading the head", e))?;
+            .map_err(|e| Error::from_core(&location.describe(), "reading the head", e))?;
         let readers = match &path {
             Some(path) if options.read_connections > 0 => {
                 let connections = (0..options.read_connections)
@@ -273,7 +274,11 @@ impl SqliteEventStore {
     {
         let (reply, result) = oneshot::channel();
         self.send(Command::Run(Box::new(move |conn| {
-            let _ = reply.send(work(conn));
+            // A panic is this call's error; the writer goes on with the next command.
+            let result = catch_unwind(AssertUnwindSafe(|| work(conn))).unwrap_or_else(|payload| {
+                Err(panicked("work on the writer connection", &*payload))
+            });
+            let _ = reply.send(result);
         })))
         .await?;
         result.await.map_err(|_| closed())?
@@ -403,16 +408,12 @@ impl EventStore for SqliteEventStore {
 
     async fn stream_version(&self, stream: &StreamId) -> eventfold_core::Result<u64> {
         let stream = stream.clone();
-        self.read(move |conn| {
-            sql::stream_version(conn, &stream)
-                .map_err(|e| store_error("reading a stream version", e))
-        })
-        .await
+        self.read(move |conn| sql::stream_version(conn, &stream))
+            .await
     }
 
     async fn head_position(&self) -> eventfold_core::Result<u64> {
-        self.read(|conn| sql::head(conn).map_err(|e| store_error("reading the head", e)))
-            .await
+        self.read(sql::head).await
     }
 
     fn watch_head(&self) -> watch::Receiver<u64> {
@@ -487,5 +488,33 @@ impl EventStore for SqliteEventStore {
     async fn statistics(&self) -> eventfold_core::Result<StoreStatistics> {
         let on_disk = self.shared.path.is_some();
         self.read(move |conn| sql::statistics(conn, on_disk)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use eventfold_core::StoreErrorKind;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn work_on_the_writer_that_panics_is_its_error_and_the_store_goes_on() {
+        let store = SqliteEventStore::open_in_memory(SqliteOptions::new())
+            .await
+            .unwrap();
+        let error = store
+            .on_writer(|_| -> eventfold_core::Result<()> { panic!("the work went wrong") })
+            .await
+            .unwrap_err();
+        assert_eq!(error.store_kind(), Some(StoreErrorKind::Other), "{error}");
+        assert!(
+            error.to_string().contains("panicked: the work went wrong"),
+            "{error}"
+        );
+        // Reads of an in-memory store run on the writer: they still work, and so do writes.
+        assert_eq!(store.head_position().await.unwrap(), 0);
+        store.save_checkpoint("after", 7).await.unwrap();
+        assert_eq!(store.load_checkpoint("after").await.unwrap(), Some(7));
+        store.close().await.unwrap();
     }
 }

@@ -70,6 +70,12 @@ pub(crate) enum Command {
     /// Stops the writer after the writes queued before it; replies once the connection is
     /// closed.
     Close(oneshot::Sender<()>),
+    /// A write that saves the checkpoint `panic` and then panics: the unit tests' stand-in
+    /// for a bug in a write.
+    #[cfg(test)]
+    Panic {
+        reply: Reply<()>,
+    },
 }
 
 impl Command {
@@ -103,6 +109,8 @@ impl Command {
             | Command::AddDeadLetter { .. }
             | Command::RemoveDeadLetter { .. }
             | Command::RecordFailure { .. } => true,
+            #[cfg(test)]
+            Command::Panic { .. } => true,
             Command::Run(_) | Command::Close(_) => false,
         }
     }
@@ -121,6 +129,8 @@ impl Command {
                 | Command::RecordFailure { reply, .. },
                 Answer::Done(result),
             ) => send(reply, result),
+            #[cfg(test)]
+            (Command::Panic { reply }, Answer::Done(result)) => send(reply, result),
             (Command::AddDeadLetter { reply, .. }, Answer::Added(result)) => send(reply, result),
             (Command::RemoveDeadLetter { reply, .. }, Answer::Removed(result)) => {
                 send(reply, result)
@@ -132,6 +142,8 @@ impl Command {
                 | Command::RecordFailure { reply, .. } => send(reply, Err(failure)),
                 Command::AddDeadLetter { reply, .. } => send(reply, Err(failure)),
                 Command::RemoveDeadLetter { reply, .. } => send(reply, Err(failure)),
+                #[cfg(test)]
+                Command::Panic { reply } => send(reply, Err(failure)),
                 Command::Run(_) | Command::Close(_) => {}
             },
             _ => unreachable!("a write answered with another kind of result"),
@@ -150,6 +162,17 @@ impl Failure {
         match self {
             Failure::Refused(error) => error,
             Failure::Backend(fault) => fault.to_error(),
+        }
+    }
+}
+
+impl Failure {
+    /// A core error from a query: a backend failure keeps its kind (and marks the
+    /// connection for a re-check where it says so); anything else refuses the write.
+    fn from_core(error: Error) -> Self {
+        match error {
+            Error::Store { .. } => Failure::Backend(Fault::from_core(&error)),
+            error => Failure::Refused(error),
         }
     }
 }
@@ -266,8 +289,13 @@ impl Writer {
             };
             match command {
                 Command::Run(work) => {
+                    // The work answers its own panics (see `on_writer`); this is the last line.
                     if catch_unwind(AssertUnwindSafe(|| work(&self.conn))).is_err() {
-                        tracing::error!("a read on the writer connection panicked");
+                        tracing::error!("work on the writer connection panicked");
+                    }
+                    // Work runs between transactions and leaves none open for the next write.
+                    if !self.conn.is_autocommit() {
+                        let _ = self.conn.execute_batch("ROLLBACK");
                     }
                 }
                 Command::Close(reply) => break Some(reply),
@@ -277,7 +305,16 @@ impl Writer {
                         commands: vec![write],
                     };
                     while self.pull(&mut group) {}
-                    self.commit_group(group);
+                    // Each write catches its own panic (see `run_write`); should the group's
+                    // own bookkeeping panic, the writer still goes on with the next command
+                    // (that group's callers see their replies dropped).
+                    if catch_unwind(AssertUnwindSafe(|| self.commit_group(group))).is_err() {
+                        tracing::error!("the writer's group commit panicked; it goes on");
+                        self.counters.in_progress.store(0, Ordering::Relaxed);
+                        if !self.conn.is_autocommit() {
+                            let _ = self.conn.execute_batch("ROLLBACK");
+                        }
+                    }
                 }
             }
         };
@@ -430,12 +467,31 @@ impl Writer {
         }
     }
 
+    /// Runs one write, catching a panic: the panicking write fails with its message, and
+    /// its transaction is rolled back whole (what the write did before it panicked is not
+    /// known), so the group runs the other writes again in a new one.
+    fn execute_caught(&self, command: &Command, state: &mut Group) -> Answer {
+        match catch_unwind(AssertUnwindSafe(|| self.execute(command, state))) {
+            Ok(answer) => answer,
+            Err(payload) => {
+                tracing::error!(
+                    panic = crate::error::panic_message(&*payload),
+                    "a write panicked; its transaction is rolled back"
+                );
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                Answer::Failed(Fault::panicked("the write", &*payload).into())
+            }
+        }
+    }
+
     /// Runs one write in its own savepoint, undoing it alone if it fails.
     fn run_write(&self, command: &Command, state: &mut Group) -> Answer {
         let head_before = state.head;
         if command.single_statement() {
             // Two statements fewer: about a quarter of the writer's time per one-event append.
-            let answer = self.execute(command, state);
+            let answer = self.execute_caught(command, state);
             if answer.failed() {
                 state.head = head_before;
             }
@@ -444,7 +500,7 @@ impl Writer {
         if let Err(fault) = self.savepoint("SAVEPOINT write") {
             return Answer::Failed(fault.into());
         }
-        let mut answer = self.execute(command, state);
+        let mut answer = self.execute_caught(command, state);
         if !answer.failed() {
             if let Err(fault) = self.savepoint("RELEASE write") {
                 answer = Answer::Failed(fault.into());
@@ -468,7 +524,7 @@ impl Writer {
             Ok(head) => head,
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                return Err(Fault::new("reading the head position", e));
+                return Err(Fault::from_core(&e));
             }
         };
         let now = nanos(Utc::now()).unwrap_or(i64::MAX);
@@ -513,6 +569,11 @@ impl Writer {
             }
             Command::RemoveDeadLetter { id, .. } => Answer::Removed(self.remove_dead_letter(*id)),
             Command::RecordFailure { failure, .. } => Answer::Done(self.record_failure(failure)),
+            #[cfg(test)]
+            Command::Panic { .. } => {
+                let _ = self.save_checkpoint("panic", 1, state.recorded_at);
+                panic!("a write went wrong");
+            }
             Command::Run(_) | Command::Close(_) => unreachable!("only writes are grouped"),
         }
     }
@@ -527,8 +588,7 @@ impl Writer {
         events: &[NewEvent],
         state: &mut Group,
     ) -> Result<AppendOutcome, Failure> {
-        let actual =
-            sql::stream_version(&self.conn, stream).map_err(fault("reading the stream version"))?;
+        let actual = sql::stream_version(&self.conn, stream).map_err(Failure::from_core)?;
         if !expected.matches(actual) {
             // A repeat of a stored append carries a stale expectation: recognize it first.
             if let Some(outcome) = self.replayed(stream, events)? {
@@ -542,6 +602,34 @@ impl Writer {
             }));
         }
 
+        // Versions and positions are stored as SQLite integers: none goes past `i64::MAX`.
+        let count = events.len() as u64;
+        let last_version = actual
+            .checked_add(count)
+            .filter(|v| *v <= sql::MAX_STORED)
+            .ok_or_else(|| {
+                Failure::Refused(Error::InvalidAppend {
+                    reason: format!(
+                        "{stream} is at version {actual}: {count} more events would take it \
+                         past the last version the SQLite store keeps ({})",
+                        sql::MAX_STORED
+                    ),
+                })
+            })?;
+        let last_position = state
+            .head
+            .checked_add(count)
+            .filter(|p| *p <= sql::MAX_STORED)
+            .ok_or_else(|| {
+                Failure::Refused(Error::InvalidAppend {
+                    reason: format!(
+                        "the log is at position {}: {count} more events would take it past the \
+                         last position the SQLite store keeps ({})",
+                        state.head,
+                        sql::MAX_STORED
+                    ),
+                })
+            })?;
         let first_position = state.head + 1;
         let mut insert = self
             .conn
@@ -599,11 +687,11 @@ impl Writer {
                 };
             }
         }
-        state.head += events.len() as u64;
+        state.head = last_position;
         Ok(AppendOutcome {
-            version: actual + events.len() as u64,
+            version: last_version,
             first_position,
-            last_position: state.head,
+            last_position,
         })
     }
 
@@ -643,7 +731,7 @@ impl Writer {
         }
         let positions_follow = stored
             .windows(2)
-            .all(|w| w[1].position == w[0].position + 1);
+            .all(|w| w[0].position.checked_add(1) == Some(w[1].position));
         if !positions_follow {
             return Err(Failure::Refused(Error::DuplicateEventId {
                 event_id: events[0].event_id,
@@ -761,5 +849,94 @@ fn transaction_lost() -> Error {
         kind: eventfold_core::StoreErrorKind::Other,
         message: "SQLite rolled back the transaction".to_owned(),
         source: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use eventfold_core::{Metadata, StoreErrorKind};
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::options::SqliteOptions;
+    use crate::schema::{self, Location};
+
+    fn event() -> NewEvent {
+        NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: "Noted".to_owned(),
+            schema_version: 1,
+            occurred_at: Utc::now(),
+            metadata: Metadata::new(),
+            payload: "{}".to_owned(),
+        }
+    }
+
+    /// Queues an append of one event to stream `id`.
+    fn append(
+        commands: &mpsc::Sender<Command>,
+        id: &str,
+    ) -> oneshot::Receiver<eventfold_core::Result<Vec<AppendOutcome>>> {
+        let (reply, answer) = oneshot::channel();
+        let requests = vec![AppendRequest {
+            stream: StreamId::new("Note", id),
+            expected: ExpectedVersion::Any,
+            events: vec![event()],
+        }];
+        assert!(
+            commands
+                .try_send(Command::Append { requests, reply })
+                .is_ok()
+        );
+        answer
+    }
+
+    /// Every command is queued before the writer starts, so the first three form one group
+    /// whatever the timing: the panic happens in the middle of a transaction with other
+    /// writes in it.
+    #[test]
+    fn a_write_that_panics_fails_alone_and_the_writer_serves_the_others() {
+        let conn = schema::open_writer(Location::Memory, &SqliteOptions::new()).unwrap();
+        let (commands, queue) = mpsc::channel(16);
+        let head = Arc::new(watch::channel(0).0);
+        let writer = Writer::new(conn, queue, Arc::clone(&head), Arc::default(), 256, 10_000);
+
+        let first = append(&commands, "a");
+        let (reply, panicked) = oneshot::channel();
+        assert!(commands.try_send(Command::Panic { reply }).is_ok());
+        let second = append(&commands, "b");
+        let (reply, checkpoint) = oneshot::channel();
+        let read = Command::Run(Box::new(move |conn| {
+            let _ = reply.send(sql::load_checkpoint(conn, "panic"));
+        }));
+        assert!(commands.try_send(read).is_ok());
+        let later = append(&commands, "a");
+        let (reply, closed) = oneshot::channel();
+        assert!(commands.try_send(Command::Close(reply)).is_ok());
+
+        let thread = std::thread::spawn(move || writer.run());
+        let error = panicked.blocking_recv().unwrap().unwrap_err();
+        assert_eq!(error.store_kind(), Some(StoreErrorKind::Other), "{error}");
+        assert!(
+            error.to_string().contains("panicked: a write went wrong"),
+            "{error}"
+        );
+        let first = first.blocking_recv().unwrap().unwrap();
+        let second = second.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            (first[0].last_position, second[0].last_position),
+            (1, 2),
+            "the other writes of the group are stored, without a gap"
+        );
+        assert_eq!(
+            checkpoint.blocking_recv().unwrap().unwrap(),
+            None,
+            "what the panicking write did before it panicked is rolled back"
+        );
+        let later = later.blocking_recv().unwrap().unwrap();
+        assert_eq!((later[0].version, later[0].last_position), (2, 3));
+        assert_eq!(*head.borrow(), 3);
+        closed.blocking_recv().unwrap();
+        thread.join().unwrap();
     }
 }
