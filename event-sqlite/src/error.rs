@@ -279,3 +279,43 @@ pub(crate) fn corrupt_row(what: String) -> eventfold_core::Error {
         source: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(extended_code: std::ffi::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(extended_code), None)
+    }
+
+    #[test]
+    fn every_sqlite_io_error_is_the_io_kind_not_corrupt_or_other() {
+        use rusqlite::ffi;
+        for code in [
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_IOERR_READ,
+            ffi::SQLITE_IOERR_SHORT_READ,
+            ffi::SQLITE_IOERR_WRITE,
+            ffi::SQLITE_IOERR_FSYNC,
+            ffi::SQLITE_IOERR_TRUNCATE,
+            ffi::SQLITE_IOERR_SHMMAP,
+        ] {
+            assert_eq!(kind_of(&failure(code)), StoreErrorKind::Io, "code {code}");
+        }
+        assert_eq!(kind_of(&failure(ffi::SQLITE_FULL)), StoreErrorKind::Full);
+        assert_eq!(
+            kind_of(&failure(ffi::SQLITE_CORRUPT)),
+            StoreErrorKind::Corrupt
+        );
+    }
+
+    #[test]
+    fn a_failed_commit_is_an_unknown_outcome_that_names_its_cause_and_the_remedy() {
+        let fault = Fault::new("COMMIT", failure(rusqlite::ffi::SQLITE_IOERR_FSYNC)).at_commit();
+        let error = fault.to_error();
+        assert_eq!(error.store_kind(), Some(StoreErrorKind::OutcomeUnknown));
+        let message = error.to_string();
+        assert!(message.contains("I/O error"), "{message}");
+        assert!(message.contains("same event ids"), "{message}");
+    }
+}

@@ -53,8 +53,9 @@
 //!   transaction, and those that arrive while it runs join it before it commits: *group
 //!   commit*, one disk sync for many appends. Each write runs in its own savepoint, so a
 //!   version conflict or a full disk fails only its own append, and each caller is answered
-//!   only after the transaction committed. If the commit fails, every write of the group
-//!   fails and none is stored. [`EventStore::append_batch`](eventfold_core::EventStore::append_batch)
+//!   only after the transaction committed. If the `COMMIT` itself fails, every write of the
+//!   group fails as `OutcomeUnknown` (see [Errors](#errors)). A write that panics fails
+//!   alone, as `Other`, and the writer goes on. [`EventStore::append_batch`](eventfold_core::EventStore::append_batch)
 //!   stores appends to several streams all or none.
 //! - **Reads in parallel.** [`SqliteOptions::read_connections`] read connections serve
 //!   reads on blocking threads; WAL mode lets them read while the writer writes. An
@@ -74,8 +75,23 @@
 //! [`eventfold_core::Error`] like every backend; SQLite's failures are
 //! [`eventfold_core::Error::Store`] with a [`StoreErrorKind`](eventfold_core::StoreErrorKind):
 //! `Full` (disk or [`SqliteOptions::max_page_count`]), `ReadOnly`, `Busy` (another process
-//! held the database past [`SqliteOptions::busy_timeout`]), `Corrupt`, `Closed`, `Other`.
-//! A failed write stores nothing.
+//! held the database past [`SqliteOptions::busy_timeout`]), `Io` (the disk or file system
+//! failed to read or write: SQLite's `SQLITE_IOERR` family), `OutcomeUnknown`, `Corrupt`,
+//! `Closed`, `Other`. A stored row that cannot be read back (a version or position below 1,
+//! say) is [`eventfold_core::Error::CorruptEvent`], naming the row; an append that would
+//! take a version or position past `i64::MAX` is
+//! [`eventfold_core::Error::InvalidAppend`].
+//!
+//! A failed write stores nothing, with one exception: when the `COMMIT` itself fails (an
+//! I/O error or a full disk while SQLite writes or syncs the WAL, the connection breaking),
+//! SQLite may already have written the whole group, so it may be stored, now or after the
+//! next recovery. Every write of that group fails as
+//! [`StoreErrorKind::OutcomeUnknown`](eventfold_core::StoreErrorKind::OutcomeUnknown). The
+//! remedy is to re-append the same events with the same event ids: a repeated append is
+//! recognised by its ids, so they end up stored exactly once (and the re-append's outcome
+//! says where). After an I/O error, a failed `COMMIT` or a report of corruption, the writer
+//! checks its connection before the next write (and reopens it if it must), so a healthy
+//! database serves the next append normally.
 
 #![forbid(unsafe_code)]
 

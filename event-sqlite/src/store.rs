@@ -169,8 +169,8 @@ impl SqliteEventStore {
             queue,
             Arc::clone(&head),
             Arc::clone(&counters),
-            options.max_batch_appends,
-            options.max_batch_events,
+            path.clone(),
+            options.clone(),
         )
         .spawn()
         .map_err(|e| Error::Open {

@@ -6,11 +6,19 @@
 //! single statement (a one-event append, a snapshot, a checkpoint...) needs none, as SQLite
 //! undoes a failed statement by itself. Writes that arrive while the transaction runs join
 //! it before its `COMMIT`. Replies go out only after the `COMMIT` succeeded; if
-//! the `COMMIT` fails, every write of the group gets its error and nothing of the group is
-//! stored. If SQLite rolls the whole transaction back on a write's failure (it does on a
-//! full disk), that write fails and the others run again in a new transaction.
+//! the `COMMIT` fails, every write of the group fails as `OutcomeUnknown`: SQLite may have
+//! written the group to the WAL before the failure (a failed sync), so it may be stored.
+//! If SQLite rolls the whole transaction back on a write's failure (it does on a full
+//! disk), that write fails and the others run again in a new transaction; so does a write
+//! that panics (its transaction is rolled back, the panic is its error).
+//!
+//! After a failure that may have left the connection in a bad state (an I/O error, a failed
+//! `COMMIT`, a report of corruption), the writer checks itself before the next write: it
+//! rolls back, drops its prepared statements, re-reads the head and the schema, and opens
+//! a new connection if that fails.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +33,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Fault;
+use crate::options::SqliteOptions;
+use crate::schema::{self, Location};
 use crate::sql::{self, bound, nanos, nanos_of, to_i64};
 
 /// How long the idle writer keeps polling its queue, yielding its CPU in between, before it
@@ -199,6 +209,19 @@ enum Answer {
 }
 
 impl Answer {
+    /// True when the write failed in a way that may have left the connection unusable.
+    fn shakes_the_connection(&self) -> bool {
+        let failure = match self {
+            Answer::Appended(Err(failure))
+            | Answer::Done(Err(failure))
+            | Answer::Added(Err(failure))
+            | Answer::Removed(Err(failure))
+            | Answer::Failed(failure) => failure,
+            _ => return false,
+        };
+        matches!(failure, Failure::Backend(fault) if shakes_the_connection(fault))
+    }
+
     fn failed(&self) -> bool {
         match self {
             Answer::Appended(result) => result.is_err(),
@@ -246,6 +269,13 @@ pub(crate) struct Writer {
     max_events: usize,
     /// The last commit time given out, so recorded times never run backwards here.
     last_recorded_at: i64,
+    /// The database file (`None`: in memory), to reopen the connection after an I/O error.
+    path: Option<PathBuf>,
+    options: SqliteOptions,
+    /// Set by a failure that may have left the connection in a bad state (an I/O error, a
+    /// failed `COMMIT`, a report of corruption): the writer checks itself before the next
+    /// write.
+    suspect: bool,
 }
 
 impl Writer {
@@ -254,8 +284,8 @@ impl Writer {
         commands: mpsc::Receiver<Command>,
         head: Arc<watch::Sender<u64>>,
         counters: Arc<Counters>,
-        max_appends: usize,
-        max_events: usize,
+        path: Option<PathBuf>,
+        options: SqliteOptions,
     ) -> Self {
         Writer {
             conn,
@@ -263,9 +293,12 @@ impl Writer {
             next: None,
             head,
             counters,
-            max_appends,
-            max_events,
+            max_appends: options.max_batch_appends,
+            max_events: options.max_batch_events,
             last_recorded_at: i64::MIN,
+            path,
+            options,
+            suspect: false,
         }
     }
 
@@ -373,6 +406,16 @@ impl Writer {
         self.counters
             .in_progress
             .store(group.commands.len(), Ordering::Relaxed);
+        if self.suspect {
+            if let Err(fault) = self.recheck() {
+                tracing::warn!(error = %fault.to_error(), "the SQLite writer is not usable yet");
+                self.counters.in_progress.store(0, Ordering::Relaxed);
+                for command in group.commands {
+                    command.answer(Answer::Failed(fault.clone().into()));
+                }
+                return;
+            }
+        }
         // Answers that stand whatever happens to the rest of the group.
         let mut settled: Vec<Option<Answer>> = group.commands.iter().map(|_| None).collect();
         let committed = 'attempt: loop {
@@ -419,11 +462,20 @@ impl Writer {
                     if !self.conn.is_autocommit() {
                         let _ = self.conn.execute_batch("ROLLBACK");
                     }
-                    Err(fault)
+                    // Whatever the failure, SQLite may have written the whole group to the
+                    // WAL before it failed (a failed sync after the commit frame, say): the
+                    // outcome is not known, only that a re-append of the same events stores
+                    // them exactly once.
+                    Err(fault.at_commit())
                 }
             };
         };
         let group = group.commands;
+        let shaken = match &committed {
+            Ok((answers, _)) => answers.iter().flatten().any(Answer::shakes_the_connection),
+            Err(fault) => shakes_the_connection(fault),
+        } || settled.iter().flatten().any(Answer::shakes_the_connection);
+        self.suspect |= shaken;
 
         match committed {
             Ok((answers, head)) => {
@@ -514,6 +566,47 @@ impl Writer {
             }
         }
         answer
+    }
+
+    /// Checks the connection after a failure that may have broken it: rolls back what may
+    /// be left of a transaction, drops the prepared statements, and reads the head and the
+    /// schema. If that fails, opens a new connection to the file. Publishes the head it
+    /// finds (a group whose outcome was unknown may be stored).
+    fn recheck(&mut self) -> Result<(), Fault> {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        self.conn.flush_prepared_statement_cache();
+        let head = match check(&self.conn) {
+            Ok(head) => head,
+            Err(first) => {
+                let Some(path) = &self.path else {
+                    return Err(first);
+                };
+                tracing::warn!(error = %first.to_error(), "the SQLite writer reopens its connection");
+                let conn = schema::open_writer(Location::File(path), &self.options)
+                    .map_err(|e| Fault::from_core(&e.into()))?;
+                let head = check(&conn)?;
+                let old = std::mem::replace(&mut self.conn, conn);
+                if let Err((_, e)) = old.close() {
+                    tracing::warn!(error = %e, "closing the old SQLite writer connection failed");
+                }
+                head
+            }
+        };
+        self.suspect = false;
+        tracing::info!(
+            head,
+            "the SQLite writer checked its connection after a failure"
+        );
+        self.head.send_if_modified(|published| {
+            let moved = head > *published;
+            if moved {
+                *published = head;
+            }
+            moved
+        });
+        Ok(())
     }
 
     /// Begins a write transaction and reads the head inside it: another process may have
@@ -843,6 +936,24 @@ impl Writer {
     }
 }
 
+/// Reads what every write needs, the head and the schema.
+fn check(conn: &Connection) -> Result<u64, Fault> {
+    let head = sql::head(conn).map_err(|e| Fault::from_core(&e))?;
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |row| {
+        row.get::<_, i64>(0)
+    })
+    .map_err(|e| Fault::new("reading the schema", e))?;
+    Ok(head)
+}
+
+/// True for a backend failure after which the writer checks its connection: an I/O error,
+/// a failed `COMMIT`, or a report of corruption (which an I/O error can leave behind in a
+/// connection's cached state although the file is healthy).
+fn shakes_the_connection(fault: &Fault) -> bool {
+    use eventfold_core::StoreErrorKind::{Corrupt, Io, OutcomeUnknown};
+    matches!(fault.kind(), Io | OutcomeUnknown | Corrupt)
+}
+
 /// The error of writes whose transaction SQLite rolled back without saying why.
 fn transaction_lost() -> Error {
     Error::Store {
@@ -858,8 +969,6 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::options::SqliteOptions;
-    use crate::schema::{self, Location};
 
     fn event() -> NewEvent {
         NewEvent {
@@ -899,7 +1008,14 @@ mod tests {
         let conn = schema::open_writer(Location::Memory, &SqliteOptions::new()).unwrap();
         let (commands, queue) = mpsc::channel(16);
         let head = Arc::new(watch::channel(0).0);
-        let writer = Writer::new(conn, queue, Arc::clone(&head), Arc::default(), 256, 10_000);
+        let writer = Writer::new(
+            conn,
+            queue,
+            Arc::clone(&head),
+            Arc::default(),
+            None,
+            SqliteOptions::new(),
+        );
 
         let first = append(&commands, "a");
         let (reply, panicked) = oneshot::channel();
