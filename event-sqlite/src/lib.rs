@@ -65,6 +65,32 @@
 //!   finds an event at or below `p`.
 //! - **Durability.** [`Synchronous::Full`] by default: an acknowledged append survives a
 //!   crash of the process or of the machine.
+//! - **Files.** While the store is open, commits go to the write-ahead log (`events.db-wal`,
+//!   with its index `events.db-shm`), and SQLite copies them into `events.db` at
+//!   checkpoints, every 1,000 pages or so. [`close`](SqliteEventStore::close) copies the
+//!   rest (`wal_checkpoint(TRUNCATE)`) and takes the file out of WAL mode, so the `.db` file
+//!   alone holds every commit: copy it, move it, or open it from read-only media. (If
+//!   another process still has the file open, or a reader still holds a read transaction,
+//!   the file stays in WAL mode, and what a reader pins stays in `-wal`.) The next open
+//!   switches back to WAL. For a copy of a live store, use
+//!   [`backup`](SqliteEventStore::backup): SQLite's online backup, one consistent moment,
+//!   without stopping appends.
+//! - **Long readers and the WAL.** A checkpoint cannot copy past the oldest read
+//!   transaction still open on the file, and the WAL cannot start over while one is open,
+//!   so a connection that holds a read transaction for long (another process's report
+//!   query, a backup tool, a `sqlite3` shell left in `BEGIN`) makes the WAL grow with every
+//!   commit, hundreds of MiB under heavy appends, and slows reads, which must search the
+//!   longer WAL. Nothing is lost, and the store does not block. Once the reader lets go, the
+//!   WAL comes back to [`SqliteOptions::wal_size_limit`] (64 MiB by default): the writer,
+//!   whenever its queue is empty and the WAL is over the limit, runs a checkpoint that never
+//!   waits for readers and truncates the WAL when nothing pins it, and a WAL restarted after
+//!   a checkpoint is cut to the limit (`journal_size_limit`).
+//!   [`checkpoint`](SqliteEventStore::checkpoint) does it on demand. Keep external read
+//!   transactions short; the store's own reads each hold one only while they run.
+//! - **Read-only media.** With [`SqliteOptions::read_only`], a database on read-only
+//!   media opens for reading: one closed cleanly is no longer in WAL mode, and one left
+//!   in WAL mode opens as immutable as long as its WAL is empty or missing. (A WAL with
+//!   commits in it needs a writable directory, or a read-write open to check it in.)
 //! - **Schema.** Versioned with `PRAGMA user_version` and migrated on open; a database
 //!   written by a newer version of this library is refused ([`Error::SchemaTooNew`]), and a
 //!   file that is not this store's database is refused as [`Error::Corrupt`].

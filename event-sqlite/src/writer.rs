@@ -239,6 +239,8 @@ pub(crate) struct Counters {
     pub(crate) transactions: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) appends: AtomicU64,
+    /// Checkpoints the idle writer ran that brought the WAL back to its limit.
+    pub(crate) checkpoints: AtomicU64,
     /// Writes taken into the transaction under way.
     pub(crate) in_progress: AtomicUsize,
 }
@@ -272,6 +274,9 @@ pub(crate) struct Writer {
     /// The database file (`None`: in memory), to reopen the connection after an I/O error.
     path: Option<PathBuf>,
     options: SqliteOptions,
+    /// The write-ahead log of a file database opened for writing, which the idle writer
+    /// keeps to [`SqliteOptions::wal_size_limit`] and `close` truncates.
+    wal: Option<PathBuf>,
     /// Set by a failure that may have left the connection in a bad state (an I/O error, a
     /// failed `COMMIT`, a report of corruption): the writer checks itself before the next
     /// write.
@@ -296,6 +301,10 @@ impl Writer {
             max_appends: options.max_batch_appends,
             max_events: options.max_batch_events,
             last_recorded_at: i64::MIN,
+            wal: path
+                .as_deref()
+                .filter(|_| !options.read_only)
+                .map(schema::wal_path),
             path,
             options,
             suspect: false,
@@ -355,6 +364,7 @@ impl Writer {
         self.commands.close();
         self.next = None;
         while self.commands.try_recv().is_ok() {}
+        self.leave_one_file();
         let Writer { conn, .. } = self;
         if let Err((_, e)) = conn.close() {
             tracing::warn!(error = %e, "closing the SQLite writer connection failed");
@@ -377,9 +387,75 @@ impl Writer {
                     // busy loop without yielding delays the very writes it waits for.
                     std::thread::yield_now();
                 }
-                Err(TryRecvError::Empty) => return self.commands.blocking_recv(),
+                Err(TryRecvError::Empty) => {
+                    // Nothing to do: the moment to bring a grown WAL back to its limit.
+                    self.idle_checkpoint();
+                    return self.commands.blocking_recv();
+                }
             }
         }
+    }
+
+    /// Copies the WAL into the database file and truncates it, if it is larger than its
+    /// limit; never waits for a reader (what a reader pins stays in the WAL).
+    fn idle_checkpoint(&mut self) {
+        let Some(wal) = &self.wal else {
+            return;
+        };
+        match std::fs::metadata(wal) {
+            Ok(meta) if meta.len() > self.options.wal_size_limit => {}
+            _ => return,
+        }
+        let checkpointed = self
+            .conn
+            .busy_timeout(Duration::ZERO)
+            .and_then(|()| checkpoint(&self.conn));
+        let _ = self.conn.busy_timeout(self.options.busy_timeout);
+        match checkpointed {
+            Ok(true) => {
+                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("the idle SQLite writer checkpointed and truncated the WAL");
+            }
+            Ok(false) => {
+                tracing::debug!("a reader pins the WAL; the idle checkpoint copied what it could")
+            }
+            Err(e) => tracing::warn!(error = %e, "the idle WAL checkpoint failed"),
+        }
+    }
+
+    /// On close: copies the whole WAL into the database file and switches the file out of
+    /// WAL mode (best effort, when no other connection has it open), so the `.db` file
+    /// alone holds every commit and opens on read-only media; the next open switches it
+    /// back to WAL.
+    fn leave_one_file(&mut self) {
+        if self.wal.is_none() {
+            return;
+        }
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        match checkpoint(&self.conn) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "closing the SQLite store: a reader still pins the WAL, so the last \
+                     commits stay in the -wal file next to the database"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "closing the SQLite store: the WAL checkpoint failed");
+                return;
+            }
+        }
+        // Another connection to the file (another process) keeps it in WAL mode: fine.
+        let _ = self.conn.busy_timeout(Duration::ZERO);
+        let mode = self
+            .conn
+            .query_row("PRAGMA journal_mode = DELETE", [], |row| {
+                row.get::<_, String>(0)
+            });
+        tracing::debug!(?mode, "closing the SQLite store: journal mode");
     }
 
     /// Takes one more queued write into the group if it has room; false when there is
@@ -934,6 +1010,15 @@ impl Writer {
             .map(drop)
             .map_err(fault("recording a failure"))
     }
+}
+
+/// Copies every frame of the WAL into the database file and truncates the WAL, waiting
+/// for readers up to the connection's busy timeout; false if a reader still pins part of
+/// it (what can be copied is copied).
+pub(crate) fn checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0).map(|busy| busy == 0)
+    })
 }
 
 /// Reads what every write needs, the head and the schema.
