@@ -277,7 +277,8 @@ pub(crate) fn stream_version(conn: &Connection, stream: &StreamId) -> Result<u64
     let fail = |e| store_error("reading a stream version", e);
     let mut stmt = conn
         .prepare_cached(
-            "SELECT version, position, event_id FROM events \
+            // Both columns are in the stream index (the position is the rowid): no table read.
+            "SELECT version, position FROM events \
              WHERE aggregate_type = ?1 AND aggregate_id = ?2 ORDER BY version DESC LIMIT 1",
         )
         .map_err(fail)?;
@@ -292,8 +293,16 @@ pub(crate) fn stream_version(conn: &Connection, stream: &StreamId) -> Result<u64
         return Ok(version as u64);
     }
     let position: i64 = row.get(1).map_err(fail)?;
+    let event_id = conn
+        .query_row(
+            "SELECT event_id FROM events WHERE position = ?1",
+            [position],
+            |row| uuid_at(row, 0),
+        )
+        .ok()
+        .flatten();
     Err(Error::CorruptEvent {
-        event_id: uuid_at(row, 2).ok().flatten(),
+        event_id,
         position: u64::try_from(position).ok().filter(|p| *p >= 1),
         reason: format!("the last event of {stream} has version {version}, not a version >= 1"),
     })

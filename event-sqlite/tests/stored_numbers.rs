@@ -31,6 +31,11 @@ async fn a_row_with_version_minus_one_and_an_append_with_any_no_longer_kill_the_
     seed(&store, "m-1", 2).await;
     let before = seed(&store, "m-2", 1).await;
     insert_row(&path, 4, "bad", -1);
+    let damaged_id: Vec<u8> = raw(&path)
+        .query_row("SELECT event_id FROM events WHERE position = 4", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
     let damaged = store.read_all(4, 1).await;
 
     for attempt in 0..2 {
@@ -39,9 +44,16 @@ async fn a_row_with_version_minus_one_and_an_append_with_any_no_longer_kill_the_
             .await;
         match refused {
             Err(Error::CorruptEvent {
-                position, reason, ..
+                position,
+                reason,
+                event_id,
             }) => {
                 assert_eq!(position, Some(4), "attempt {attempt}");
+                assert_eq!(
+                    event_id.map(|id| id.as_bytes().to_vec()),
+                    Some(damaged_id.clone()),
+                    "the error names the damaged row"
+                );
                 assert!(reason.contains("version -1"), "{reason}");
             }
             other => panic!("expected a corrupt event, got {other:?}"),
