@@ -663,6 +663,13 @@ impl Writer {
                 let conn = schema::open_writer(Location::File(path), &self.options)
                     .map_err(|e| Fault::from_core(&e.into()))?;
                 let head = check(&conn)?;
+                // Keep a size cap moved since the open (`set_max_page_count`).
+                let cap = self
+                    .conn
+                    .query_row("PRAGMA max_page_count", [], |row| row.get::<_, i64>(0));
+                if let Ok(cap) = cap {
+                    let _ = schema::set_max_page_count(&conn, cap.max(1) as u64);
+                }
                 let old = std::mem::replace(&mut self.conn, conn);
                 if let Err((_, e)) = old.close() {
                     tracing::warn!(error = %e, "closing the old SQLite writer connection failed");
@@ -1139,5 +1146,54 @@ mod tests {
         assert_eq!(*head.borrow(), 3);
         closed.blocking_recv().unwrap();
         thread.join().unwrap();
+    }
+
+    /// The writer's connection fails its check (here: it is not connected to the store's
+    /// file at all), so the writer opens a new one to the file and serves the append there.
+    #[test]
+    fn a_writer_whose_connection_fails_its_check_reopens_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        let options = SqliteOptions::new().max_page_count(10_000);
+        drop(schema::open_writer(Location::File(&path), &options).unwrap());
+        let broken = Connection::open_in_memory().unwrap();
+        broken.pragma_update(None, "max_page_count", 5_000).unwrap();
+        let (commands, queue) = mpsc::channel(16);
+        let head = Arc::new(watch::channel(0).0);
+        let mut writer = Writer::new(
+            broken,
+            queue,
+            Arc::clone(&head),
+            Arc::default(),
+            Some(path.clone()),
+            options,
+        );
+        writer.suspect = true;
+
+        let appended = append(&commands, "a");
+        let (reply, cap) = oneshot::channel();
+        let read = Command::Run(Box::new(move |conn| {
+            let _ =
+                reply.send(conn.query_row("PRAGMA max_page_count", [], |row| row.get::<_, i64>(0)));
+        }));
+        assert!(commands.try_send(read).is_ok());
+        let (reply, closed) = oneshot::channel();
+        assert!(commands.try_send(Command::Close(reply)).is_ok());
+        let thread = std::thread::spawn(move || writer.run());
+
+        let appended = appended.blocking_recv().unwrap().unwrap();
+        assert_eq!((appended[0].version, appended[0].last_position), (1, 1));
+        assert_eq!(
+            cap.blocking_recv().unwrap().unwrap(),
+            5_000,
+            "the size cap in force is kept"
+        );
+        closed.blocking_recv().unwrap();
+        thread.join().unwrap();
+        let stored: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(stored, 1, "the append went to the file");
     }
 }

@@ -61,6 +61,12 @@ async fn after_close_the_db_file_alone_holds_every_event() {
     assert_eq!(log.len(), 2_020);
     store.close().await.unwrap();
     assert_eq!(wal_size(&path), 0, "no commit is left in the -wal file");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["events.db"], "no -wal or -shm file is left");
 
     // The .db file alone, copied elsewhere (as a backup tool or a move would).
     let elsewhere = tempfile::tempdir().unwrap();
