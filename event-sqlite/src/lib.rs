@@ -79,14 +79,16 @@
 //!   transaction still open on the file, and the WAL cannot start over while one is open,
 //!   so a connection that holds a read transaction for long (another process's report
 //!   query, a backup tool, a `sqlite3` shell left in `BEGIN`) makes the WAL grow with every
-//!   commit, hundreds of MiB under heavy appends, and slows reads, which must search the
-//!   longer WAL. Nothing is lost, and the store does not block. Once the reader lets go, the
-//!   WAL comes back to [`SqliteOptions::wal_size_limit`] (64 MiB by default): the writer,
-//!   whenever its queue is empty and the WAL is over the limit, runs a checkpoint that never
-//!   waits for readers and truncates the WAL when nothing pins it, and a WAL restarted after
-//!   a checkpoint is cut to the limit (`journal_size_limit`).
-//!   [`checkpoint`](SqliteEventStore::checkpoint) does it on demand. Keep external read
-//!   transactions short; the store's own reads each hold one only while they run.
+//!   commit: hundreds of MiB under heavy appends. Nothing is lost, and the store does not
+//!   block. Once the reader lets go, the WAL comes back to
+//!   [`SqliteOptions::wal_size_limit`] (64 MiB by default): whenever the writer runs out of
+//!   work after a write and the WAL is over the limit, it runs a checkpoint that never waits
+//!   for readers and truncates the WAL when nothing pins it, and a WAL restarted after a
+//!   checkpoint is cut to the limit (`journal_size_limit`). With no write after the reader
+//!   let go, the WAL stays as it is until the next write,
+//!   [`checkpoint`](SqliteEventStore::checkpoint) (which does it on demand) or `close`.
+//!   Keep external read transactions short; the store's own reads each hold one only while
+//!   they run.
 //! - **Read-only media.** With [`SqliteOptions::read_only`], a database on read-only
 //!   media opens for reading: one closed cleanly is no longer in WAL mode, and one left
 //!   in WAL mode opens as immutable as long as its WAL is empty or missing. (A WAL with
