@@ -119,6 +119,29 @@ impl Error {
     }
 }
 
+impl Error {
+    /// The error of opening `path`, from a core error met while doing `doing`.
+    pub(crate) fn from_core(path: &str, doing: &str, error: eventfold_core::Error) -> Self {
+        let kind = error.store_kind().unwrap_or(StoreErrorKind::Other);
+        let path = path.to_owned();
+        let message = format!("{doing}: {error}");
+        let source = Some(Box::new(error) as BoxError);
+        match kind {
+            StoreErrorKind::Corrupt => Error::Corrupt {
+                path,
+                message,
+                source,
+            },
+            kind => Error::Open {
+                path,
+                kind,
+                message,
+                source,
+            },
+        }
+    }
+}
+
 impl From<Error> for eventfold_core::Error {
     fn from(error: Error) -> Self {
         eventfold_core::Error::Store {
@@ -137,6 +160,9 @@ pub(crate) fn kind_of(error: &rusqlite::Error) -> StoreErrorKind {
         Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreErrorKind::Busy,
         Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreErrorKind::Corrupt,
         Some(ErrorCode::CannotOpen | ErrorCode::PermissionDenied) => StoreErrorKind::CannotOpen,
+        // SQLITE_IOERR and every extended code of its family (SQLITE_IOERR_FSYNC,
+        // SQLITE_IOERR_WRITE, SQLITE_IOERR_SHORT_READ...), which rusqlite folds into one code.
+        Some(ErrorCode::SystemIoFailure) => StoreErrorKind::Io,
         _ => StoreErrorKind::Other,
     }
 }
@@ -160,6 +186,34 @@ impl Fault {
         }
     }
 
+    /// The kind of failure.
+    pub(crate) fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// A write that panicked; `payload` is what it panicked with.
+    pub(crate) fn panicked(doing: &str, payload: &(dyn std::any::Any + Send)) -> Self {
+        Fault {
+            kind: StoreErrorKind::Other,
+            message: format!("{doing} panicked: {}", panic_message(payload)),
+            source: None,
+        }
+    }
+
+    /// This failure, met by the `COMMIT` of a group: the writes may or may not be stored.
+    pub(crate) fn at_commit(self) -> Self {
+        Fault {
+            kind: StoreErrorKind::OutcomeUnknown,
+            message: format!(
+                "the COMMIT failed ({}: {}), so the writes of its group may or may not be \
+                 stored; re-append the same events with the same event ids to store them \
+                 exactly once",
+                self.kind, self.message
+            ),
+            source: self.source,
+        }
+    }
+
     /// The failure a core error describes (a store error keeps its kind).
     pub(crate) fn from_core(error: &eventfold_core::Error) -> Self {
         Fault {
@@ -180,6 +234,22 @@ impl Fault {
                 .map(|source| Box::new(Arc::clone(source)) as BoxError),
         }
     }
+}
+
+/// What a panic payload says, when it is a string.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(message) = payload.downcast_ref::<&'static str>() {
+        message
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message
+    } else {
+        "a value that is not a string"
+    }
+}
+
+/// The error of work on the writer connection that panicked.
+pub(crate) fn panicked(doing: &str, payload: &(dyn std::any::Any + Send)) -> eventfold_core::Error {
+    Fault::panicked(doing, payload).to_error()
 }
 
 /// A [`Fault`] turned straight into the core error.
@@ -207,5 +277,45 @@ pub(crate) fn corrupt_row(what: String) -> eventfold_core::Error {
         kind: StoreErrorKind::Corrupt,
         message: what,
         source: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(extended_code: std::ffi::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(extended_code), None)
+    }
+
+    #[test]
+    fn every_sqlite_io_error_is_the_io_kind_not_corrupt_or_other() {
+        use rusqlite::ffi;
+        for code in [
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_IOERR_READ,
+            ffi::SQLITE_IOERR_SHORT_READ,
+            ffi::SQLITE_IOERR_WRITE,
+            ffi::SQLITE_IOERR_FSYNC,
+            ffi::SQLITE_IOERR_TRUNCATE,
+            ffi::SQLITE_IOERR_SHMMAP,
+        ] {
+            assert_eq!(kind_of(&failure(code)), StoreErrorKind::Io, "code {code}");
+        }
+        assert_eq!(kind_of(&failure(ffi::SQLITE_FULL)), StoreErrorKind::Full);
+        assert_eq!(
+            kind_of(&failure(ffi::SQLITE_CORRUPT)),
+            StoreErrorKind::Corrupt
+        );
+    }
+
+    #[test]
+    fn a_failed_commit_is_an_unknown_outcome_that_names_its_cause_and_the_remedy() {
+        let fault = Fault::new("COMMIT", failure(rusqlite::ffi::SQLITE_IOERR_FSYNC)).at_commit();
+        let error = fault.to_error();
+        assert_eq!(error.store_kind(), Some(StoreErrorKind::OutcomeUnknown));
+        let message = error.to_string();
+        assert!(message.contains("I/O error"), "{message}");
+        assert!(message.contains("same event ids"), "{message}");
     }
 }

@@ -53,8 +53,9 @@
 //!   transaction, and those that arrive while it runs join it before it commits: *group
 //!   commit*, one disk sync for many appends. Each write runs in its own savepoint, so a
 //!   version conflict or a full disk fails only its own append, and each caller is answered
-//!   only after the transaction committed. If the commit fails, every write of the group
-//!   fails and none is stored. [`EventStore::append_batch`](eventfold_core::EventStore::append_batch)
+//!   only after the transaction committed. If the `COMMIT` itself fails, every write of the
+//!   group fails as `OutcomeUnknown` (see [Errors](#errors)). A write that panics fails
+//!   alone, as `Other`, and the writer goes on. [`EventStore::append_batch`](eventfold_core::EventStore::append_batch)
 //!   stores appends to several streams all or none.
 //! - **Reads in parallel.** [`SqliteOptions::read_connections`] read connections serve
 //!   reads on blocking threads; WAL mode lets them read while the writer writes. An
@@ -64,6 +65,34 @@
 //!   finds an event at or below `p`.
 //! - **Durability.** [`Synchronous::Full`] by default: an acknowledged append survives a
 //!   crash of the process or of the machine.
+//! - **Files.** While the store is open, commits go to the write-ahead log (`events.db-wal`,
+//!   with its index `events.db-shm`), and SQLite copies them into `events.db` at
+//!   checkpoints, every 1,000 pages or so. [`close`](SqliteEventStore::close) copies the
+//!   rest (`wal_checkpoint(TRUNCATE)`) and takes the file out of WAL mode, so the `.db` file
+//!   alone holds every commit: copy it, move it, or open it from read-only media. (If
+//!   another process still has the file open, or a reader still holds a read transaction,
+//!   the file stays in WAL mode, and what a reader pins stays in `-wal`.) The next open
+//!   switches back to WAL. For a copy of a live store, use
+//!   [`backup`](SqliteEventStore::backup): SQLite's online backup, one consistent moment,
+//!   without stopping appends.
+//! - **Long readers and the WAL.** A checkpoint cannot copy past the oldest read
+//!   transaction still open on the file, and the WAL cannot start over while one is open,
+//!   so a connection that holds a read transaction for long (another process's report
+//!   query, a backup tool, a `sqlite3` shell left in `BEGIN`) makes the WAL grow with every
+//!   commit: hundreds of MiB under heavy appends. Nothing is lost, and the store does not
+//!   block. Once the reader lets go, the WAL comes back to
+//!   [`SqliteOptions::wal_size_limit`] (64 MiB by default): whenever the writer runs out of
+//!   work after a write and the WAL is over the limit, it runs a checkpoint that never waits
+//!   for readers and truncates the WAL when nothing pins it, and a WAL restarted after a
+//!   checkpoint is cut to the limit (`journal_size_limit`). With no write after the reader
+//!   let go, the WAL stays as it is until the next write,
+//!   [`checkpoint`](SqliteEventStore::checkpoint) (which does it on demand) or `close`.
+//!   Keep external read transactions short; the store's own reads each hold one only while
+//!   they run.
+//! - **Read-only media.** With [`SqliteOptions::read_only`], a database on read-only
+//!   media opens for reading: one closed cleanly is no longer in WAL mode, and one left
+//!   in WAL mode opens as immutable as long as its WAL is empty or missing. (A WAL with
+//!   commits in it needs a writable directory, or a read-write open to check it in.)
 //! - **Schema.** Versioned with `PRAGMA user_version` and migrated on open; a database
 //!   written by a newer version of this library is refused ([`Error::SchemaTooNew`]), and a
 //!   file that is not this store's database is refused as [`Error::Corrupt`].
@@ -74,8 +103,23 @@
 //! [`eventfold_core::Error`] like every backend; SQLite's failures are
 //! [`eventfold_core::Error::Store`] with a [`StoreErrorKind`](eventfold_core::StoreErrorKind):
 //! `Full` (disk or [`SqliteOptions::max_page_count`]), `ReadOnly`, `Busy` (another process
-//! held the database past [`SqliteOptions::busy_timeout`]), `Corrupt`, `Closed`, `Other`.
-//! A failed write stores nothing.
+//! held the database past [`SqliteOptions::busy_timeout`]), `Io` (the disk or file system
+//! failed to read or write: SQLite's `SQLITE_IOERR` family), `OutcomeUnknown`, `Corrupt`,
+//! `Closed`, `Other`. A stored row that cannot be read back (a version or position below 1,
+//! say) is [`eventfold_core::Error::CorruptEvent`], naming the row; an append that would
+//! take a version or position past `i64::MAX` is
+//! [`eventfold_core::Error::InvalidAppend`].
+//!
+//! A failed write stores nothing, with one exception: when the `COMMIT` itself fails (an
+//! I/O error or a full disk while SQLite writes or syncs the WAL, the connection breaking),
+//! SQLite may already have written the whole group, so it may be stored, now or after the
+//! next recovery. Every write of that group fails as
+//! [`StoreErrorKind::OutcomeUnknown`](eventfold_core::StoreErrorKind::OutcomeUnknown). The
+//! remedy is to re-append the same events with the same event ids: a repeated append is
+//! recognised by its ids, so they end up stored exactly once (and the re-append's outcome
+//! says where). After an I/O error, a failed `COMMIT` or a report of corruption, the writer
+//! checks its connection before the next write (and reopens it if it must), so a healthy
+//! database serves the next append normally.
 
 #![forbid(unsafe_code)]
 

@@ -61,6 +61,7 @@ pub struct SqliteOptions {
     pub(crate) cache_size_kib: u32,
     pub(crate) read_only: bool,
     pub(crate) max_page_count: Option<u64>,
+    pub(crate) wal_size_limit: u64,
 }
 
 impl Default for SqliteOptions {
@@ -75,7 +76,7 @@ const SQLITE_MAX_PAGE_COUNT: u64 = 4_294_967_294;
 impl SqliteOptions {
     /// The defaults: [`Synchronous::Full`], a 5 s busy timeout, 2 read connections, group
     /// commits of at most 256 appends and 10,000 events, a 16 MiB page cache per
-    /// connection, read-write, no size limit.
+    /// connection, read-write, no size limit, a WAL kept to 64 MiB once no reader pins it.
     pub fn new() -> Self {
         SqliteOptions {
             synchronous: Synchronous::Full,
@@ -86,6 +87,7 @@ impl SqliteOptions {
             cache_size_kib: 16 * 1024,
             read_only: false,
             max_page_count: None,
+            wal_size_limit: 64 * 1024 * 1024,
         }
     }
 
@@ -151,6 +153,24 @@ impl SqliteOptions {
         self
     }
 
+    /// The size, in bytes, the write-ahead log (the `-wal` file) returns to once no reader
+    /// pins it (default 64 MiB; at most `i64::MAX`).
+    ///
+    /// SQLite copies the WAL into the database file at checkpoints (after every 1,000 pages
+    /// or so) and then writes the WAL again from its start, so it normally stays a few MiB
+    /// large. A checkpoint cannot go past the oldest read transaction still open, though,
+    /// so while a reader holds one (another process's long query, a backup tool) the WAL
+    /// grows with every commit. This limit brings it back: it is the store's
+    /// `PRAGMA journal_size_limit` (a WAL restarted after a complete checkpoint is cut to
+    /// it), and when the writer has nothing queued and the WAL is larger, the writer runs a
+    /// checkpoint that copies what no reader pins and truncates the WAL, without waiting for
+    /// any reader. [`SqliteEventStore::checkpoint`](crate::SqliteEventStore::checkpoint)
+    /// runs one on demand.
+    pub fn wal_size_limit(mut self, bytes: u64) -> Self {
+        self.wal_size_limit = bytes;
+        self
+    }
+
     /// Fails with [`Error::InvalidOption`] on the first option out of its range.
     pub(crate) fn validate(&self) -> Result<()> {
         let invalid =
@@ -169,6 +189,12 @@ impl SqliteOptions {
             return invalid(
                 "read_connections",
                 format!("{} is more than 64", self.read_connections),
+            );
+        }
+        if self.wal_size_limit > i64::MAX as u64 {
+            return invalid(
+                "wal_size_limit",
+                format!("{} is more than {}", self.wal_size_limit, i64::MAX),
             );
         }
         if self.max_batch_appends == 0 {
@@ -214,6 +240,10 @@ mod tests {
                 "read_connections",
             ),
             (SqliteOptions::new().max_page_count(0), "max_page_count"),
+            (
+                SqliteOptions::new().wal_size_limit(u64::MAX),
+                "wal_size_limit",
+            ),
             (
                 SqliteOptions::new().busy_timeout(Duration::from_secs(u64::MAX / 2)),
                 "busy_timeout",

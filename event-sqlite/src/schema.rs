@@ -123,11 +123,19 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
         Location::Memory => Connection::open_in_memory_with_flags(flags),
     }
     .map_err(fail("opening"))?;
-    configure(&conn, options).map_err(fail("configuring the connection"))?;
+    let conn = match (configure(&conn, options), location) {
+        (Err(e), Location::File(path)) if needs_immutable(path, options, &e) => {
+            open_immutable(path, options).map_err(fail("opening read-only media"))?
+        }
+        (configured, _) => {
+            configured.map_err(fail("configuring the connection"))?;
+            conn
+        }
+    };
 
     // The first read of the file: a file that is not a database fails here.
-    let (application_id, user_version, objects) = conn
-        .query_row(
+    let read_header = |conn: &Connection| {
+        conn.query_row(
             "SELECT (SELECT application_id FROM pragma_application_id),
                     (SELECT user_version FROM pragma_user_version),
                     (SELECT count(*) FROM sqlite_schema)",
@@ -140,7 +148,17 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
                 ))
             },
         )
-        .map_err(fail("reading the database header"))?;
+    };
+    let (conn, header) = match (read_header(&conn), location) {
+        (Err(e), Location::File(path)) if needs_immutable(path, options, &e) => {
+            let conn = open_immutable(path, options).map_err(fail("opening read-only media"))?;
+            let header = read_header(&conn);
+            (conn, header)
+        }
+        (header, _) => (conn, header),
+    };
+    let (application_id, user_version, objects) =
+        header.map_err(fail("reading the database header"))?;
     let fresh = application_id == 0 && user_version == 0 && objects == 0;
     if application_id != APPLICATION_ID && !fresh {
         return Err(Error::Corrupt {
@@ -172,6 +190,9 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
         }
         conn.pragma_update(None, "synchronous", options.synchronous.pragma_value())
             .map_err(fail("setting synchronous"))?;
+        // The WAL is cut back to this size when it restarts after a complete checkpoint.
+        conn.pragma_update(None, "journal_size_limit", options.wal_size_limit as i64)
+            .map_err(fail("setting journal_size_limit"))?;
         if let Some(pages) = options.max_page_count {
             set_max_page_count(&conn, pages).map_err(fail("setting max_page_count"))?;
         }
@@ -206,14 +227,72 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
     Ok(conn)
 }
 
+/// The write-ahead log of the database at `path`.
+pub(crate) fn wal_path(path: &Path) -> std::path::PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
+
 /// Opens a read connection to a file database that [`open_writer`] has set up.
 pub(crate) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connection> {
     let name = path.display().to_string();
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| Error::from_sqlite(&name, "opening a read connection", e))?;
-    configure(&conn, options)
-        .map_err(|e| Error::from_sqlite(&name, "configuring a read connection", e))?;
+    let checked = configure(&conn, options).and_then(|()| {
+        if options.read_only {
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+        }
+        Ok(())
+    });
+    match checked {
+        Ok(()) => Ok(conn),
+        Err(e) if needs_immutable(path, options, &e) => open_immutable(path, options)
+            .map_err(|e| Error::from_sqlite(&name, "opening read-only media", e)),
+        Err(e) => Err(Error::from_sqlite(
+            &name,
+            "configuring a read connection",
+            e,
+        )),
+    }
+}
+
+/// True when a read-only open failed only because SQLite cannot create the `-shm` file
+/// that a WAL database needs (read-only media) while the WAL holds nothing: the database
+/// file is then complete, and opens as an immutable file.
+fn needs_immutable(path: &Path, options: &SqliteOptions, error: &rusqlite::Error) -> bool {
+    let wal_is_empty = std::fs::metadata(wal_path(path)).map_or(true, |m| m.len() == 0);
+    options.read_only
+        && wal_is_empty
+        && matches!(
+            error.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+        )
+}
+
+/// Opens a database on read-only media as immutable (`?immutable=1`): no locks, no
+/// `-shm`; nobody can change the file there.
+fn open_immutable(path: &Path, options: &SqliteOptions) -> rusqlite::Result<Connection> {
+    let Some(text) = path.to_str() else {
+        return Err(rusqlite::Error::InvalidPath(path.to_owned()));
+    };
+    let mut uri = String::from("file:");
+    for c in text.chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(uri, flags)?;
+    configure(&conn, options)?;
+    tracing::info!(database = %path.display(), "opened a WAL database on read-only media as immutable");
     Ok(conn)
 }
 

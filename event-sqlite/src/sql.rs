@@ -65,6 +65,9 @@ fn to_u64(value: i64) -> u64 {
     value as u64
 }
 
+/// The largest version or position the store keeps (SQLite's integers are `i64`s).
+pub(crate) const MAX_STORED: u64 = i64::MAX as u64;
+
 /// A bound for a query on positions or versions, which the store keeps below `i64::MAX`.
 pub(crate) fn bound(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
@@ -270,22 +273,53 @@ pub(crate) fn event_by_id(conn: &Connection, event_id: Uuid) -> Result<Option<Re
 }
 
 /// The version of a stream's last event (0: no stream).
-pub(crate) fn stream_version(conn: &Connection, stream: &StreamId) -> rusqlite::Result<u64> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT version FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 \
-         ORDER BY version DESC LIMIT 1",
-    )?;
-    let mut rows = stmt.query(params![stream.aggregate_type, stream.aggregate_id])?;
-    match rows.next()? {
-        Some(row) => Ok(to_u64(row.get(0)?)),
-        None => Ok(0),
+pub(crate) fn stream_version(conn: &Connection, stream: &StreamId) -> Result<u64> {
+    let fail = |e| store_error("reading a stream version", e);
+    let mut stmt = conn
+        .prepare_cached(
+            // Both columns are in the stream index (the position is the rowid): no table read.
+            "SELECT version, position FROM events \
+             WHERE aggregate_type = ?1 AND aggregate_id = ?2 ORDER BY version DESC LIMIT 1",
+        )
+        .map_err(fail)?;
+    let mut rows = stmt
+        .query(params![stream.aggregate_type, stream.aggregate_id])
+        .map_err(fail)?;
+    let Some(row) = rows.next().map_err(fail)? else {
+        return Ok(0);
+    };
+    let version: i64 = row.get(0).map_err(fail)?;
+    if version >= 1 {
+        return Ok(version as u64);
     }
+    let position: i64 = row.get(1).map_err(fail)?;
+    let event_id = conn
+        .query_row(
+            "SELECT event_id FROM events WHERE position = ?1",
+            [position],
+            |row| uuid_at(row, 0),
+        )
+        .ok()
+        .flatten();
+    Err(Error::CorruptEvent {
+        event_id,
+        position: u64::try_from(position).ok().filter(|p| *p >= 1),
+        reason: format!("the last event of {stream} has version {version}, not a version >= 1"),
+    })
 }
 
 /// The position of the last event (0: empty log).
-pub(crate) fn head(conn: &Connection) -> rusqlite::Result<u64> {
-    let mut stmt = conn.prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")?;
-    stmt.query_row([], |row| row.get::<_, i64>(0)).map(to_u64)
+pub(crate) fn head(conn: &Connection) -> Result<u64> {
+    let fail = |e| store_error("reading the head position", e);
+    let mut stmt = conn
+        .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")
+        .map_err(fail)?;
+    let head: i64 = stmt.query_row([], |row| row.get(0)).map_err(fail)?;
+    u64::try_from(head).map_err(|_| Error::CorruptEvent {
+        event_id: None,
+        position: None,
+        reason: format!("the last event of the log has position {head}, not a position >= 1"),
+    })
 }
 
 /// A stream's snapshot.

@@ -1,6 +1,7 @@
 //! [`SqliteEventStore`]: the handle, its read connections, and the [`EventStore`] impl.
 
 use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -15,11 +16,11 @@ use rusqlite::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use crate::error::{Error, Result, closed, store_error};
+use crate::error::{Error, Result, closed, panicked, store_error};
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
-use crate::writer::{Command, Counters, Reply, Writer};
+use crate::writer::{Command, Counters, Reply, Writer, checkpoint};
 
 /// An [`EventStore`] in a SQLite database: durable, one file, no server.
 ///
@@ -43,12 +44,15 @@ pub struct SqliteEventStore {
 }
 
 struct Shared {
-    commands: mpsc::Sender<Command>,
     /// `None`: reads go through the writer (an in-memory database, or no read connections).
+    /// Declared (so dropped) before `commands`: the read connections are closed before the
+    /// writer, which finds itself the last connection and leaves one complete file.
     readers: Option<Arc<ReadPool>>,
+    commands: mpsc::Sender<Command>,
     head: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
     path: Option<PathBuf>,
+    options: SqliteOptions,
     closed: AtomicBool,
 }
 
@@ -64,6 +68,9 @@ pub struct WriterStatistics {
     pub writes: u64,
     /// Appends among those writes (repeated, idempotent appends included).
     pub appends: u64,
+    /// Checkpoints the idle writer ran that brought a grown WAL back to
+    /// [`SqliteOptions::wal_size_limit`].
+    pub checkpoints: u64,
     /// Writes in the transaction the writer is running right now.
     pub in_progress: usize,
     /// Commands waiting for the writer right now.
@@ -104,6 +111,10 @@ impl ReadPool {
 impl Drop for Checkout<'_> {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
+            if self.pool.permits.is_closed() {
+                // The store is closing: the connection closes now, not with the last handle.
+                return;
+            }
             self.pool
                 .idle
                 .lock()
@@ -149,7 +160,7 @@ impl SqliteEventStore {
         };
         let conn = schema::open_writer(location, &options)?;
         let head = sql::head(&conn)
-            .map_err(|e| Error::from_sqlite(&location.describe(), "reading the head", e))?;
+            .map_err(|e| Error::from_core(&location.describe(), "reading the head", e))?;
         let readers = match &path {
             Some(path) if options.read_connections > 0 => {
                 let connections = (0..options.read_connections)
@@ -168,8 +179,8 @@ impl SqliteEventStore {
             queue,
             Arc::clone(&head),
             Arc::clone(&counters),
-            options.max_batch_appends,
-            options.max_batch_events,
+            path.clone(),
+            options.clone(),
         )
         .spawn()
         .map_err(|e| Error::Open {
@@ -186,6 +197,7 @@ impl SqliteEventStore {
                 head,
                 counters,
                 path,
+                options,
                 closed: AtomicBool::new(false),
             }),
         })
@@ -204,6 +216,7 @@ impl SqliteEventStore {
             transactions: counters.transactions.load(Ordering::Relaxed),
             writes: counters.writes.load(Ordering::Relaxed),
             appends: counters.appends.load(Ordering::Relaxed),
+            checkpoints: counters.checkpoints.load(Ordering::Relaxed),
             in_progress: counters.in_progress.load(Ordering::Relaxed),
             queued: commands.max_capacity() - commands.capacity(),
         }
@@ -219,12 +232,28 @@ impl SqliteEventStore {
         .await
     }
 
-    /// Stops the store: the writer commits what was queued before, then closes its
-    /// connection; the read connections close too. Every later call fails with
+    /// Stops the store: the read connections close, the writer commits what was queued
+    /// before, copies the whole WAL into the database file and truncates it
+    /// (`wal_checkpoint(TRUNCATE)`, waiting for readers up to
+    /// [`SqliteOptions::busy_timeout`]), takes the file out of WAL mode when no other
+    /// connection has it open, and closes. The `.db` file alone then holds every commit
+    /// (see [Files](crate#how-it-works)). Every later call fails with
     /// [`StoreErrorKind::Closed`](eventfold_core::StoreErrorKind::Closed). Closing twice
     /// is fine.
+    ///
+    /// Dropping every clone of the store does the same, without waiting for it.
     pub async fn close(&self) -> eventfold_core::Result<()> {
         self.shared.closed.store(true, Ordering::SeqCst);
+        // The read connections first, so that the writer is the last connection of this
+        // store when it checkpoints (a read under way closes its connection when it ends).
+        if let Some(readers) = &self.shared.readers {
+            readers.permits.close();
+            readers
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
         let (reply, closed) = oneshot::channel();
         if self
             .shared
@@ -236,15 +265,79 @@ impl SqliteEventStore {
             // An error here means the writer was gone already: closed all the same.
             let _ = closed.await;
         }
-        if let Some(readers) = &self.shared.readers {
-            readers.permits.close();
-            readers
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clear();
-        }
         Ok(())
+    }
+
+    /// Copies the whole write-ahead log into the database file and truncates it to zero
+    /// bytes (`PRAGMA wal_checkpoint(TRUNCATE)`), between two write transactions.
+    ///
+    /// Returns `true` when it did; `false` when a read transaction (of another connection
+    /// or process) still pinned part of the WAL after [`SqliteOptions::busy_timeout`]:
+    /// what no reader pins is copied all the same, and the rest is copied by a later
+    /// checkpoint. The writer runs such checkpoints by itself when it is idle and the WAL
+    /// is over [`SqliteOptions::wal_size_limit`], and [`close`](Self::close) runs one; call
+    /// this to shrink the WAL at a moment of your choosing (after a long report query let
+    /// go, before copying the `.db` file). A read-only store fails with
+    /// [`StoreErrorKind::ReadOnly`](eventfold_core::StoreErrorKind::ReadOnly).
+    pub async fn checkpoint(&self) -> eventfold_core::Result<bool> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(closed());
+        }
+        self.on_writer(|conn| {
+            if conn.is_readonly(rusqlite::MAIN_DB).unwrap_or(false) {
+                return Err(eventfold_core::Error::Store {
+                    kind: eventfold_core::StoreErrorKind::ReadOnly,
+                    message: "a read-only store cannot checkpoint".to_owned(),
+                    source: None,
+                });
+            }
+            checkpoint(conn).map_err(|e| store_error("checkpointing the WAL", e))
+        })
+        .await
+    }
+
+    /// Writes a consistent copy of the store, as of one moment, to a new database file at
+    /// `target`, with SQLite's online backup API, while the store goes on: appends are not
+    /// blocked (the copy reads one snapshot, like any reader), and the copy holds every
+    /// event committed before it started. The copy is a complete database that
+    /// [`open`](Self::open) opens as a store.
+    ///
+    /// Fails with [`StoreErrorKind::CannotOpen`](eventfold_core::StoreErrorKind::CannotOpen)
+    /// if `target` exists (nothing is overwritten) or cannot be created, and with the
+    /// failure's kind otherwise (`Full`, `Io`...); a failed backup removes what it wrote.
+    pub async fn backup(&self, target: impl AsRef<Path>) -> eventfold_core::Result<()> {
+        if self.shared.closed.load(Ordering::SeqCst) {
+            return Err(closed());
+        }
+        let target = target.as_ref().to_owned();
+        if target.exists() {
+            return Err(eventfold_core::Error::Store {
+                kind: eventfold_core::StoreErrorKind::CannotOpen,
+                message: format!(
+                    "the backup target `{}` exists; a backup never overwrites a file",
+                    target.display()
+                ),
+                source: None,
+            });
+        }
+        match &self.shared.path {
+            // A connection of its own: the copy takes no read connection from the pool.
+            Some(path) => {
+                let path = path.clone();
+                let options = self.shared.options.clone();
+                tokio::task::spawn_blocking(move || {
+                    let source = schema::open_reader(&path, &options)?;
+                    backup_to(&source, &target, options.busy_timeout)
+                })
+                .await
+                .map_err(|_| closed())?
+            }
+            None => {
+                let patience = self.shared.options.busy_timeout;
+                self.on_writer(move |conn| backup_to(conn, &target, patience))
+                    .await
+            }
+        }
     }
 
     async fn send(&self, command: Command) -> eventfold_core::Result<()> {
@@ -273,7 +366,11 @@ impl SqliteEventStore {
     {
         let (reply, result) = oneshot::channel();
         self.send(Command::Run(Box::new(move |conn| {
-            let _ = reply.send(work(conn));
+            // A panic is this call's error; the writer goes on with the next command.
+            let result = catch_unwind(AssertUnwindSafe(|| work(conn))).unwrap_or_else(|payload| {
+                Err(panicked("work on the writer connection", &*payload))
+            });
+            let _ = reply.send(result);
         })))
         .await?;
         result.await.map_err(|_| closed())?
@@ -311,6 +408,63 @@ impl SqliteEventStore {
             Err(_) => Err(closed()),
         }
     }
+}
+
+/// Copies the database of `source` into a new file at `target`, in one step (one read
+/// snapshot), trying again for up to `patience` while a lock stops it; removes the file if
+/// that fails.
+fn backup_to(
+    source: &Connection,
+    target: &Path,
+    patience: std::time::Duration,
+) -> eventfold_core::Result<()> {
+    let fail = |doing: &'static str| move |e| store_error(doing, e);
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+        | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut copy = Connection::open_with_flags(target, flags).map_err(|e| {
+        let mut error = store_error("creating the backup file", e);
+        if let eventfold_core::Error::Store { kind, .. } = &mut error {
+            *kind = eventfold_core::StoreErrorKind::CannotOpen;
+        }
+        error
+    })?;
+    let copied = (|| {
+        let backup = rusqlite::backup::Backup::new(source, &mut copy)
+            .map_err(fail("starting the backup"))?;
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match backup.step(-1).map_err(fail("copying the database"))? {
+                rusqlite::backup::StepResult::Done => return Ok(()),
+                // All pages in one step: only a lock on the copy (another program opened
+                // it) or on the source makes it try again.
+                _ if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                _ => {
+                    return Err(eventfold_core::Error::Store {
+                        kind: eventfold_core::StoreErrorKind::Busy,
+                        message: format!(
+                            "the backup stayed locked out for the busy timeout ({patience:?})"
+                        ),
+                        source: None,
+                    });
+                }
+            }
+        }
+    })();
+    let closed = copy
+        .close()
+        .map_err(|(_, e)| store_error("closing the backup file", e));
+    let result = copied.and(closed);
+    if result.is_err() {
+        for suffix in ["", "-journal", "-wal", "-shm"] {
+            let mut file = target.as_os_str().to_owned();
+            file.push(suffix);
+            let _ = std::fs::remove_file(std::path::PathBuf::from(file));
+        }
+    }
+    result
 }
 
 /// The writer answers an append with one outcome per request.
@@ -403,16 +557,12 @@ impl EventStore for SqliteEventStore {
 
     async fn stream_version(&self, stream: &StreamId) -> eventfold_core::Result<u64> {
         let stream = stream.clone();
-        self.read(move |conn| {
-            sql::stream_version(conn, &stream)
-                .map_err(|e| store_error("reading a stream version", e))
-        })
-        .await
+        self.read(move |conn| sql::stream_version(conn, &stream))
+            .await
     }
 
     async fn head_position(&self) -> eventfold_core::Result<u64> {
-        self.read(|conn| sql::head(conn).map_err(|e| store_error("reading the head", e)))
-            .await
+        self.read(sql::head).await
     }
 
     fn watch_head(&self) -> watch::Receiver<u64> {
@@ -487,5 +637,33 @@ impl EventStore for SqliteEventStore {
     async fn statistics(&self) -> eventfold_core::Result<StoreStatistics> {
         let on_disk = self.shared.path.is_some();
         self.read(move |conn| sql::statistics(conn, on_disk)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use eventfold_core::StoreErrorKind;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn work_on_the_writer_that_panics_is_its_error_and_the_store_goes_on() {
+        let store = SqliteEventStore::open_in_memory(SqliteOptions::new())
+            .await
+            .unwrap();
+        let error = store
+            .on_writer(|_| -> eventfold_core::Result<()> { panic!("the work went wrong") })
+            .await
+            .unwrap_err();
+        assert_eq!(error.store_kind(), Some(StoreErrorKind::Other), "{error}");
+        assert!(
+            error.to_string().contains("panicked: the work went wrong"),
+            "{error}"
+        );
+        // Reads of an in-memory store run on the writer: they still work, and so do writes.
+        assert_eq!(store.head_position().await.unwrap(), 0);
+        store.save_checkpoint("after", 7).await.unwrap();
+        assert_eq!(store.load_checkpoint("after").await.unwrap(), Some(7));
+        store.close().await.unwrap();
     }
 }

@@ -6,11 +6,19 @@
 //! single statement (a one-event append, a snapshot, a checkpoint...) needs none, as SQLite
 //! undoes a failed statement by itself. Writes that arrive while the transaction runs join
 //! it before its `COMMIT`. Replies go out only after the `COMMIT` succeeded; if
-//! the `COMMIT` fails, every write of the group gets its error and nothing of the group is
-//! stored. If SQLite rolls the whole transaction back on a write's failure (it does on a
-//! full disk), that write fails and the others run again in a new transaction.
+//! the `COMMIT` fails, every write of the group fails as `OutcomeUnknown`: SQLite may have
+//! written the group to the WAL before the failure (a failed sync), so it may be stored.
+//! If SQLite rolls the whole transaction back on a write's failure (it does on a full
+//! disk), that write fails and the others run again in a new transaction; so does a write
+//! that panics (its transaction is rolled back, the panic is its error).
+//!
+//! After a failure that may have left the connection in a bad state (an I/O error, a failed
+//! `COMMIT`, a report of corruption), the writer checks itself before the next write: it
+//! rolls back, drops its prepared statements, re-reads the head and the schema, and opens
+//! a new connection if that fails.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -25,6 +33,8 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Fault;
+use crate::options::SqliteOptions;
+use crate::schema::{self, Location};
 use crate::sql::{self, bound, nanos, nanos_of, to_i64};
 
 /// How long the idle writer keeps polling its queue, yielding its CPU in between, before it
@@ -70,6 +80,12 @@ pub(crate) enum Command {
     /// Stops the writer after the writes queued before it; replies once the connection is
     /// closed.
     Close(oneshot::Sender<()>),
+    /// A write that saves the checkpoint `panic` and then panics: the unit tests' stand-in
+    /// for a bug in a write.
+    #[cfg(test)]
+    Panic {
+        reply: Reply<()>,
+    },
 }
 
 impl Command {
@@ -103,6 +119,8 @@ impl Command {
             | Command::AddDeadLetter { .. }
             | Command::RemoveDeadLetter { .. }
             | Command::RecordFailure { .. } => true,
+            #[cfg(test)]
+            Command::Panic { .. } => true,
             Command::Run(_) | Command::Close(_) => false,
         }
     }
@@ -121,6 +139,8 @@ impl Command {
                 | Command::RecordFailure { reply, .. },
                 Answer::Done(result),
             ) => send(reply, result),
+            #[cfg(test)]
+            (Command::Panic { reply }, Answer::Done(result)) => send(reply, result),
             (Command::AddDeadLetter { reply, .. }, Answer::Added(result)) => send(reply, result),
             (Command::RemoveDeadLetter { reply, .. }, Answer::Removed(result)) => {
                 send(reply, result)
@@ -132,6 +152,8 @@ impl Command {
                 | Command::RecordFailure { reply, .. } => send(reply, Err(failure)),
                 Command::AddDeadLetter { reply, .. } => send(reply, Err(failure)),
                 Command::RemoveDeadLetter { reply, .. } => send(reply, Err(failure)),
+                #[cfg(test)]
+                Command::Panic { reply } => send(reply, Err(failure)),
                 Command::Run(_) | Command::Close(_) => {}
             },
             _ => unreachable!("a write answered with another kind of result"),
@@ -150,6 +172,17 @@ impl Failure {
         match self {
             Failure::Refused(error) => error,
             Failure::Backend(fault) => fault.to_error(),
+        }
+    }
+}
+
+impl Failure {
+    /// A core error from a query: a backend failure keeps its kind (and marks the
+    /// connection for a re-check where it says so); anything else refuses the write.
+    fn from_core(error: Error) -> Self {
+        match error {
+            Error::Store { .. } => Failure::Backend(Fault::from_core(&error)),
+            error => Failure::Refused(error),
         }
     }
 }
@@ -176,6 +209,19 @@ enum Answer {
 }
 
 impl Answer {
+    /// True when the write failed in a way that may have left the connection unusable.
+    fn shakes_the_connection(&self) -> bool {
+        let failure = match self {
+            Answer::Appended(Err(failure))
+            | Answer::Done(Err(failure))
+            | Answer::Added(Err(failure))
+            | Answer::Removed(Err(failure))
+            | Answer::Failed(failure) => failure,
+            _ => return false,
+        };
+        matches!(failure, Failure::Backend(fault) if shakes_the_connection(fault))
+    }
+
     fn failed(&self) -> bool {
         match self {
             Answer::Appended(result) => result.is_err(),
@@ -193,6 +239,8 @@ pub(crate) struct Counters {
     pub(crate) transactions: AtomicU64,
     pub(crate) writes: AtomicU64,
     pub(crate) appends: AtomicU64,
+    /// Checkpoints the idle writer ran that brought the WAL back to its limit.
+    pub(crate) checkpoints: AtomicU64,
     /// Writes taken into the transaction under way.
     pub(crate) in_progress: AtomicUsize,
 }
@@ -223,6 +271,16 @@ pub(crate) struct Writer {
     max_events: usize,
     /// The last commit time given out, so recorded times never run backwards here.
     last_recorded_at: i64,
+    /// The database file (`None`: in memory), to reopen the connection after an I/O error.
+    path: Option<PathBuf>,
+    options: SqliteOptions,
+    /// The write-ahead log of a file database opened for writing, which the idle writer
+    /// keeps to [`SqliteOptions::wal_size_limit`] and `close` truncates.
+    wal: Option<PathBuf>,
+    /// Set by a failure that may have left the connection in a bad state (an I/O error, a
+    /// failed `COMMIT`, a report of corruption): the writer checks itself before the next
+    /// write.
+    suspect: bool,
 }
 
 impl Writer {
@@ -231,8 +289,8 @@ impl Writer {
         commands: mpsc::Receiver<Command>,
         head: Arc<watch::Sender<u64>>,
         counters: Arc<Counters>,
-        max_appends: usize,
-        max_events: usize,
+        path: Option<PathBuf>,
+        options: SqliteOptions,
     ) -> Self {
         Writer {
             conn,
@@ -240,9 +298,16 @@ impl Writer {
             next: None,
             head,
             counters,
-            max_appends,
-            max_events,
+            max_appends: options.max_batch_appends,
+            max_events: options.max_batch_events,
             last_recorded_at: i64::MIN,
+            wal: path
+                .as_deref()
+                .filter(|_| !options.read_only)
+                .map(schema::wal_path),
+            path,
+            options,
+            suspect: false,
         }
     }
 
@@ -266,8 +331,13 @@ impl Writer {
             };
             match command {
                 Command::Run(work) => {
+                    // The work answers its own panics (see `on_writer`); this is the last line.
                     if catch_unwind(AssertUnwindSafe(|| work(&self.conn))).is_err() {
-                        tracing::error!("a read on the writer connection panicked");
+                        tracing::error!("work on the writer connection panicked");
+                    }
+                    // Work runs between transactions and leaves none open for the next write.
+                    if !self.conn.is_autocommit() {
+                        let _ = self.conn.execute_batch("ROLLBACK");
                     }
                 }
                 Command::Close(reply) => break Some(reply),
@@ -277,7 +347,16 @@ impl Writer {
                         commands: vec![write],
                     };
                     while self.pull(&mut group) {}
-                    self.commit_group(group);
+                    // Each write catches its own panic (see `run_write`); should the group's
+                    // own bookkeeping panic, the writer still goes on with the next command
+                    // (that group's callers see their replies dropped).
+                    if catch_unwind(AssertUnwindSafe(|| self.commit_group(group))).is_err() {
+                        tracing::error!("the writer's group commit panicked; it goes on");
+                        self.counters.in_progress.store(0, Ordering::Relaxed);
+                        if !self.conn.is_autocommit() {
+                            let _ = self.conn.execute_batch("ROLLBACK");
+                        }
+                    }
                 }
             }
         };
@@ -285,6 +364,7 @@ impl Writer {
         self.commands.close();
         self.next = None;
         while self.commands.try_recv().is_ok() {}
+        self.leave_one_file();
         let Writer { conn, .. } = self;
         if let Err((_, e)) = conn.close() {
             tracing::warn!(error = %e, "closing the SQLite writer connection failed");
@@ -307,9 +387,75 @@ impl Writer {
                     // busy loop without yielding delays the very writes it waits for.
                     std::thread::yield_now();
                 }
-                Err(TryRecvError::Empty) => return self.commands.blocking_recv(),
+                Err(TryRecvError::Empty) => {
+                    // Nothing to do: the moment to bring a grown WAL back to its limit.
+                    self.idle_checkpoint();
+                    return self.commands.blocking_recv();
+                }
             }
         }
+    }
+
+    /// Copies the WAL into the database file and truncates it, if it is larger than its
+    /// limit; never waits for a reader (what a reader pins stays in the WAL).
+    fn idle_checkpoint(&mut self) {
+        let Some(wal) = &self.wal else {
+            return;
+        };
+        match std::fs::metadata(wal) {
+            Ok(meta) if meta.len() > self.options.wal_size_limit => {}
+            _ => return,
+        }
+        let checkpointed = self
+            .conn
+            .busy_timeout(Duration::ZERO)
+            .and_then(|()| checkpoint(&self.conn));
+        let _ = self.conn.busy_timeout(self.options.busy_timeout);
+        match checkpointed {
+            Ok(true) => {
+                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("the idle SQLite writer checkpointed and truncated the WAL");
+            }
+            Ok(false) => {
+                tracing::debug!("a reader pins the WAL; the idle checkpoint copied what it could")
+            }
+            Err(e) => tracing::warn!(error = %e, "the idle WAL checkpoint failed"),
+        }
+    }
+
+    /// On close: copies the whole WAL into the database file and switches the file out of
+    /// WAL mode (best effort, when no other connection has it open), so the `.db` file
+    /// alone holds every commit and opens on read-only media; the next open switches it
+    /// back to WAL.
+    fn leave_one_file(&mut self) {
+        if self.wal.is_none() {
+            return;
+        }
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        match checkpoint(&self.conn) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "closing the SQLite store: a reader still pins the WAL, so the last \
+                     commits stay in the -wal file next to the database"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "closing the SQLite store: the WAL checkpoint failed");
+                return;
+            }
+        }
+        // Another connection to the file (another process) keeps it in WAL mode: fine.
+        let _ = self.conn.busy_timeout(Duration::ZERO);
+        let mode = self
+            .conn
+            .query_row("PRAGMA journal_mode = DELETE", [], |row| {
+                row.get::<_, String>(0)
+            });
+        tracing::debug!(?mode, "closing the SQLite store: journal mode");
     }
 
     /// Takes one more queued write into the group if it has room; false when there is
@@ -336,6 +482,16 @@ impl Writer {
         self.counters
             .in_progress
             .store(group.commands.len(), Ordering::Relaxed);
+        if self.suspect {
+            if let Err(fault) = self.recheck() {
+                tracing::warn!(error = %fault.to_error(), "the SQLite writer is not usable yet");
+                self.counters.in_progress.store(0, Ordering::Relaxed);
+                for command in group.commands {
+                    command.answer(Answer::Failed(fault.clone().into()));
+                }
+                return;
+            }
+        }
         // Answers that stand whatever happens to the rest of the group.
         let mut settled: Vec<Option<Answer>> = group.commands.iter().map(|_| None).collect();
         let committed = 'attempt: loop {
@@ -382,11 +538,20 @@ impl Writer {
                     if !self.conn.is_autocommit() {
                         let _ = self.conn.execute_batch("ROLLBACK");
                     }
-                    Err(fault)
+                    // Whatever the failure, SQLite may have written the whole group to the
+                    // WAL before it failed (a failed sync after the commit frame, say): the
+                    // outcome is not known, only that a re-append of the same events stores
+                    // them exactly once.
+                    Err(fault.at_commit())
                 }
             };
         };
         let group = group.commands;
+        let shaken = match &committed {
+            Ok((answers, _)) => answers.iter().flatten().any(Answer::shakes_the_connection),
+            Err(fault) => shakes_the_connection(fault),
+        } || settled.iter().flatten().any(Answer::shakes_the_connection);
+        self.suspect |= shaken;
 
         match committed {
             Ok((answers, head)) => {
@@ -430,12 +595,31 @@ impl Writer {
         }
     }
 
+    /// Runs one write, catching a panic: the panicking write fails with its message, and
+    /// its transaction is rolled back whole (what the write did before it panicked is not
+    /// known), so the group runs the other writes again in a new one.
+    fn execute_caught(&self, command: &Command, state: &mut Group) -> Answer {
+        match catch_unwind(AssertUnwindSafe(|| self.execute(command, state))) {
+            Ok(answer) => answer,
+            Err(payload) => {
+                tracing::error!(
+                    panic = crate::error::panic_message(&*payload),
+                    "a write panicked; its transaction is rolled back"
+                );
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                Answer::Failed(Fault::panicked("the write", &*payload).into())
+            }
+        }
+    }
+
     /// Runs one write in its own savepoint, undoing it alone if it fails.
     fn run_write(&self, command: &Command, state: &mut Group) -> Answer {
         let head_before = state.head;
         if command.single_statement() {
             // Two statements fewer: about a quarter of the writer's time per one-event append.
-            let answer = self.execute(command, state);
+            let answer = self.execute_caught(command, state);
             if answer.failed() {
                 state.head = head_before;
             }
@@ -444,7 +628,7 @@ impl Writer {
         if let Err(fault) = self.savepoint("SAVEPOINT write") {
             return Answer::Failed(fault.into());
         }
-        let mut answer = self.execute(command, state);
+        let mut answer = self.execute_caught(command, state);
         if !answer.failed() {
             if let Err(fault) = self.savepoint("RELEASE write") {
                 answer = Answer::Failed(fault.into());
@@ -460,6 +644,54 @@ impl Writer {
         answer
     }
 
+    /// Checks the connection after a failure that may have broken it: rolls back what may
+    /// be left of a transaction, drops the prepared statements, and reads the head and the
+    /// schema. If that fails, opens a new connection to the file. Publishes the head it
+    /// finds (a group whose outcome was unknown may be stored).
+    fn recheck(&mut self) -> Result<(), Fault> {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        self.conn.flush_prepared_statement_cache();
+        let head = match check(&self.conn) {
+            Ok(head) => head,
+            Err(first) => {
+                let Some(path) = &self.path else {
+                    return Err(first);
+                };
+                tracing::warn!(error = %first.to_error(), "the SQLite writer reopens its connection");
+                let conn = schema::open_writer(Location::File(path), &self.options)
+                    .map_err(|e| Fault::from_core(&e.into()))?;
+                let head = check(&conn)?;
+                // Keep a size cap moved since the open (`set_max_page_count`).
+                let cap = self
+                    .conn
+                    .query_row("PRAGMA max_page_count", [], |row| row.get::<_, i64>(0));
+                if let Ok(cap) = cap {
+                    let _ = schema::set_max_page_count(&conn, cap.max(1) as u64);
+                }
+                let old = std::mem::replace(&mut self.conn, conn);
+                if let Err((_, e)) = old.close() {
+                    tracing::warn!(error = %e, "closing the old SQLite writer connection failed");
+                }
+                head
+            }
+        };
+        self.suspect = false;
+        tracing::info!(
+            head,
+            "the SQLite writer checked its connection after a failure"
+        );
+        self.head.send_if_modified(|published| {
+            let moved = head > *published;
+            if moved {
+                *published = head;
+            }
+            moved
+        });
+        Ok(())
+    }
+
     /// Begins a write transaction and reads the head inside it: another process may have
     /// appended since this writer's last commit.
     fn begin(&mut self) -> Result<Group, Fault> {
@@ -468,7 +700,7 @@ impl Writer {
             Ok(head) => head,
             Err(e) => {
                 let _ = self.conn.execute_batch("ROLLBACK");
-                return Err(Fault::new("reading the head position", e));
+                return Err(Fault::from_core(&e));
             }
         };
         let now = nanos(Utc::now()).unwrap_or(i64::MAX);
@@ -513,6 +745,11 @@ impl Writer {
             }
             Command::RemoveDeadLetter { id, .. } => Answer::Removed(self.remove_dead_letter(*id)),
             Command::RecordFailure { failure, .. } => Answer::Done(self.record_failure(failure)),
+            #[cfg(test)]
+            Command::Panic { .. } => {
+                let _ = self.save_checkpoint("panic", 1, state.recorded_at);
+                panic!("a write went wrong");
+            }
             Command::Run(_) | Command::Close(_) => unreachable!("only writes are grouped"),
         }
     }
@@ -527,8 +764,7 @@ impl Writer {
         events: &[NewEvent],
         state: &mut Group,
     ) -> Result<AppendOutcome, Failure> {
-        let actual =
-            sql::stream_version(&self.conn, stream).map_err(fault("reading the stream version"))?;
+        let actual = sql::stream_version(&self.conn, stream).map_err(Failure::from_core)?;
         if !expected.matches(actual) {
             // A repeat of a stored append carries a stale expectation: recognize it first.
             if let Some(outcome) = self.replayed(stream, events)? {
@@ -542,6 +778,34 @@ impl Writer {
             }));
         }
 
+        // Versions and positions are stored as SQLite integers: none goes past `i64::MAX`.
+        let count = events.len() as u64;
+        let last_version = actual
+            .checked_add(count)
+            .filter(|v| *v <= sql::MAX_STORED)
+            .ok_or_else(|| {
+                Failure::Refused(Error::InvalidAppend {
+                    reason: format!(
+                        "{stream} is at version {actual}: {count} more events would take it \
+                         past the last version the SQLite store keeps ({})",
+                        sql::MAX_STORED
+                    ),
+                })
+            })?;
+        let last_position = state
+            .head
+            .checked_add(count)
+            .filter(|p| *p <= sql::MAX_STORED)
+            .ok_or_else(|| {
+                Failure::Refused(Error::InvalidAppend {
+                    reason: format!(
+                        "the log is at position {}: {count} more events would take it past the \
+                         last position the SQLite store keeps ({})",
+                        state.head,
+                        sql::MAX_STORED
+                    ),
+                })
+            })?;
         let first_position = state.head + 1;
         let mut insert = self
             .conn
@@ -599,11 +863,11 @@ impl Writer {
                 };
             }
         }
-        state.head += events.len() as u64;
+        state.head = last_position;
         Ok(AppendOutcome {
-            version: actual + events.len() as u64,
+            version: last_version,
             first_position,
-            last_position: state.head,
+            last_position,
         })
     }
 
@@ -643,7 +907,7 @@ impl Writer {
         }
         let positions_follow = stored
             .windows(2)
-            .all(|w| w[1].position == w[0].position + 1);
+            .all(|w| w[0].position.checked_add(1) == Some(w[1].position));
         if !positions_follow {
             return Err(Failure::Refused(Error::DuplicateEventId {
                 event_id: events[0].event_id,
@@ -755,11 +1019,181 @@ impl Writer {
     }
 }
 
+/// Copies every frame of the WAL into the database file and truncates the WAL, waiting
+/// for readers up to the connection's busy timeout; false if a reader still pins part of
+/// it (what can be copied is copied).
+pub(crate) fn checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |row| {
+        row.get::<_, i64>(0).map(|busy| busy == 0)
+    })
+}
+
+/// Reads what every write needs, the head and the schema.
+fn check(conn: &Connection) -> Result<u64, Fault> {
+    let head = sql::head(conn).map_err(|e| Fault::from_core(&e))?;
+    conn.query_row("SELECT count(*) FROM sqlite_schema", [], |row| {
+        row.get::<_, i64>(0)
+    })
+    .map_err(|e| Fault::new("reading the schema", e))?;
+    Ok(head)
+}
+
+/// True for a backend failure after which the writer checks its connection: an I/O error,
+/// a failed `COMMIT`, or a report of corruption (which an I/O error can leave behind in a
+/// connection's cached state although the file is healthy).
+fn shakes_the_connection(fault: &Fault) -> bool {
+    use eventfold_core::StoreErrorKind::{Corrupt, Io, OutcomeUnknown};
+    matches!(fault.kind(), Io | OutcomeUnknown | Corrupt)
+}
+
 /// The error of writes whose transaction SQLite rolled back without saying why.
 fn transaction_lost() -> Error {
     Error::Store {
         kind: eventfold_core::StoreErrorKind::Other,
         message: "SQLite rolled back the transaction".to_owned(),
         source: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use eventfold_core::{Metadata, StoreErrorKind};
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn event() -> NewEvent {
+        NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: "Noted".to_owned(),
+            schema_version: 1,
+            occurred_at: Utc::now(),
+            metadata: Metadata::new(),
+            payload: "{}".to_owned(),
+        }
+    }
+
+    /// Queues an append of one event to stream `id`.
+    fn append(
+        commands: &mpsc::Sender<Command>,
+        id: &str,
+    ) -> oneshot::Receiver<eventfold_core::Result<Vec<AppendOutcome>>> {
+        let (reply, answer) = oneshot::channel();
+        let requests = vec![AppendRequest {
+            stream: StreamId::new("Note", id),
+            expected: ExpectedVersion::Any,
+            events: vec![event()],
+        }];
+        assert!(
+            commands
+                .try_send(Command::Append { requests, reply })
+                .is_ok()
+        );
+        answer
+    }
+
+    /// Every command is queued before the writer starts, so the first three form one group
+    /// whatever the timing: the panic happens in the middle of a transaction with other
+    /// writes in it.
+    #[test]
+    fn a_write_that_panics_fails_alone_and_the_writer_serves_the_others() {
+        let conn = schema::open_writer(Location::Memory, &SqliteOptions::new()).unwrap();
+        let (commands, queue) = mpsc::channel(16);
+        let head = Arc::new(watch::channel(0).0);
+        let writer = Writer::new(
+            conn,
+            queue,
+            Arc::clone(&head),
+            Arc::default(),
+            None,
+            SqliteOptions::new(),
+        );
+
+        let first = append(&commands, "a");
+        let (reply, panicked) = oneshot::channel();
+        assert!(commands.try_send(Command::Panic { reply }).is_ok());
+        let second = append(&commands, "b");
+        let (reply, checkpoint) = oneshot::channel();
+        let read = Command::Run(Box::new(move |conn| {
+            let _ = reply.send(sql::load_checkpoint(conn, "panic"));
+        }));
+        assert!(commands.try_send(read).is_ok());
+        let later = append(&commands, "a");
+        let (reply, closed) = oneshot::channel();
+        assert!(commands.try_send(Command::Close(reply)).is_ok());
+
+        let thread = std::thread::spawn(move || writer.run());
+        let error = panicked.blocking_recv().unwrap().unwrap_err();
+        assert_eq!(error.store_kind(), Some(StoreErrorKind::Other), "{error}");
+        assert!(
+            error.to_string().contains("panicked: a write went wrong"),
+            "{error}"
+        );
+        let first = first.blocking_recv().unwrap().unwrap();
+        let second = second.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            (first[0].last_position, second[0].last_position),
+            (1, 2),
+            "the other writes of the group are stored, without a gap"
+        );
+        assert_eq!(
+            checkpoint.blocking_recv().unwrap().unwrap(),
+            None,
+            "what the panicking write did before it panicked is rolled back"
+        );
+        let later = later.blocking_recv().unwrap().unwrap();
+        assert_eq!((later[0].version, later[0].last_position), (2, 3));
+        assert_eq!(*head.borrow(), 3);
+        closed.blocking_recv().unwrap();
+        thread.join().unwrap();
+    }
+
+    /// The writer's connection fails its check (here: it is not connected to the store's
+    /// file at all), so the writer opens a new one to the file and serves the append there.
+    #[test]
+    fn a_writer_whose_connection_fails_its_check_reopens_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        let options = SqliteOptions::new().max_page_count(10_000);
+        drop(schema::open_writer(Location::File(&path), &options).unwrap());
+        let broken = Connection::open_in_memory().unwrap();
+        broken.pragma_update(None, "max_page_count", 5_000).unwrap();
+        let (commands, queue) = mpsc::channel(16);
+        let head = Arc::new(watch::channel(0).0);
+        let mut writer = Writer::new(
+            broken,
+            queue,
+            Arc::clone(&head),
+            Arc::default(),
+            Some(path.clone()),
+            options,
+        );
+        writer.suspect = true;
+
+        let appended = append(&commands, "a");
+        let (reply, cap) = oneshot::channel();
+        let read = Command::Run(Box::new(move |conn| {
+            let _ =
+                reply.send(conn.query_row("PRAGMA max_page_count", [], |row| row.get::<_, i64>(0)));
+        }));
+        assert!(commands.try_send(read).is_ok());
+        let (reply, closed) = oneshot::channel();
+        assert!(commands.try_send(Command::Close(reply)).is_ok());
+        let thread = std::thread::spawn(move || writer.run());
+
+        let appended = appended.blocking_recv().unwrap().unwrap();
+        assert_eq!((appended[0].version, appended[0].last_position), (1, 1));
+        assert_eq!(
+            cap.blocking_recv().unwrap().unwrap(),
+            5_000,
+            "the size cap in force is kept"
+        );
+        closed.blocking_recv().unwrap();
+        thread.join().unwrap();
+        let stored: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM events", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(stored, 1, "the append went to the file");
     }
 }

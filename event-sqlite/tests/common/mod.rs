@@ -1,6 +1,8 @@
 //! What the SQLite store's tests share: a real event type, events, and comparisons.
 #![allow(dead_code)] // Each test file uses part of it.
 
+pub mod disk;
+
 use std::path::Path;
 
 use eventfold_core::{
