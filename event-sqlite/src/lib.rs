@@ -65,12 +65,16 @@
 //! - **Durability.** [`Synchronous::Full`] by default: an acknowledged append survives a
 //!   crash of the process or of the machine.
 //! - **Checksums.** SQLite keeps no checksum of a row, so the writer stores one with each
-//!   event: 64-bit XXH3 over every stored field (position, event id, aggregate type and id,
+//!   event: XXH3-based, over every stored field (position, event id, aggregate type and id,
 //!   version, event type, schema version, both times, metadata, payload). Every read of an
-//!   event (a stream, a replay, the global log, `get`) recomputes it from the stored bytes
-//!   and checks that its text is UTF-8 and its numbers in range; a damaged row is
+//!   event (a stream, the global log, `get`) recomputes it from the stored bytes and checks
+//!   that its text is UTF-8 and its numbers in range; a damaged row is
 //!   [`eventfold_core::Error::CorruptEvent`] naming its id and position, never handed back
-//!   as if it had been stored that way. Stream reads also fail when a version is missing.
+//!   as if it had been stored that way. A replay (how a repository rebuilds an aggregate)
+//!   checks the half of the checksum that covers what it hands out (stream, version, event
+//!   type, schema version, payload), so it reads no column it does not need; the rest of a
+//!   row it reads, and checks, only to name a refused event. Stream reads and replays also
+//!   fail when a version is missing.
 //!   [`SqliteEventStore::verify`] scans every event, the numbering of the log and of each
 //!   stream, and `PRAGMA integrity_check`, and lists all it finds in a [`VerifyReport`].
 //!   Databases of schema version 1 get the checksums of their events when they migrate.

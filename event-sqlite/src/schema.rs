@@ -94,7 +94,7 @@ fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
         let mut update = conn.prepare("UPDATE events SET checksum = ?2 WHERE position = ?1")?;
         let mut rows = select.query([])?;
         while let Some(row) = rows.next()? {
-            match crate::sql::stored_event(row, None) {
+            match crate::sql::stored_event(row) {
                 Ok((stored, _)) => {
                     update.execute([stored.position, stored.checksum()])?;
                 }

@@ -16,7 +16,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, Rows, params};
 use uuid::Uuid;
 
-use crate::checksum::{StoredEvent, corrupt_event, decode_metadata};
+use crate::checksum::{self, StoredEvent, corrupt_event, decode_metadata};
 use crate::error::{corrupt_row, store_error};
 
 /// Selects the columns [`stored_event`] reads, then the given SQL.
@@ -93,21 +93,11 @@ fn text_at(row: &Row<'_>, index: usize, what: impl Fn() -> String) -> Result<Str
     }
 }
 
-/// The stored fields of an event row selected by [`select_events!`], or by
-/// [`REPLAY_STREAM`] when `stream` is given (the stream the row was found by, whose type
-/// and id stand for the columns left out), lent by SQLite; and its stored checksum
-/// (`None`: there is none). A column of the wrong type (which a STRICT table only holds
-/// when its file is damaged) is an [`Error::CorruptEvent`].
-pub(crate) fn stored_event<'r>(
-    row: &'r Row<'_>,
-    stream: Option<&'r StreamId>,
-) -> Result<(StoredEvent<'r>, Option<i64>)> {
+/// The stored fields of an event row selected by [`select_events!`], lent by SQLite, and
+/// its stored checksum (`None`: there is none). A column of the wrong type (which a STRICT
+/// table only holds when its file is damaged) is an [`Error::CorruptEvent`].
+pub(crate) fn stored_event<'r>(row: &'r Row<'_>) -> Result<(StoredEvent<'r>, Option<i64>)> {
     let read = |e| store_error("reading an event", e);
-    // Where the columns after the aggregate's are when those are left out.
-    let at = |index: usize| match stream {
-        Some(_) if index > 3 => index - 2,
-        _ => index,
-    };
     let position = match row.get_ref(0).map_err(read)? {
         ValueRef::Integer(position) => position,
         _ => {
@@ -125,39 +115,32 @@ pub(crate) fn stored_event<'r>(
         };
         corrupt_event(id, position, &[format!("its {what}")])
     };
-    let int = |index: usize, what: &str| match row.get_ref(at(index)).map_err(read)? {
+    let int = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
         ValueRef::Integer(value) => Ok(value),
         _ => Err(wrong(&format!("{what} is not an integer"))),
     };
-    let bytes = |index: usize, what: &str| match row.get_ref(at(index)).map_err(read)? {
+    let bytes = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
         ValueRef::Text(bytes) | ValueRef::Blob(bytes) => Ok(bytes),
         _ => Err(wrong(&format!("{what} is missing"))),
-    };
-    let (aggregate_type, aggregate_id) = match stream {
-        Some(stream) => (
-            stream.aggregate_type.as_bytes(),
-            stream.aggregate_id.as_bytes(),
-        ),
-        None => (bytes(2, "aggregate type")?, bytes(3, "aggregate id")?),
     };
     let stored = StoredEvent {
         position,
         event_id: bytes(1, "event id")?,
-        aggregate_type,
-        aggregate_id,
+        aggregate_type: bytes(2, "aggregate type")?,
+        aggregate_id: bytes(3, "aggregate id")?,
         version: int(4, "version")?,
         event_type: bytes(5, "event type")?,
         schema_version: int(6, "schema version")?,
         occurred_at: int(7, "occurrence time")?,
         recorded_at: int(8, "recording time")?,
-        metadata: match row.get_ref(at(9)).map_err(read)? {
+        metadata: match row.get_ref(9).map_err(read)? {
             ValueRef::Null => None,
             ValueRef::Text(bytes) => Some(bytes),
             _ => return Err(wrong("metadata is not text")),
         },
         payload: bytes(10, "payload")?,
     };
-    let checksum = match row.get_ref(at(11)).map_err(read)? {
+    let checksum = match row.get_ref(11).map_err(read)? {
         ValueRef::Integer(checksum) => Some(checksum),
         ValueRef::Null => None,
         _ => return Err(wrong("checksum is not an integer")),
@@ -167,7 +150,7 @@ pub(crate) fn stored_event<'r>(
 
 /// Reads an event row selected by [`select_events!`], checking it first.
 fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
-    let (stored, checksum) = stored_event(row, None)?;
+    let (stored, checksum) = stored_event(row)?;
     let mut problems = Vec::new();
     let checked = stored.check(checksum, &mut problems);
     let metadata = decode_metadata(stored.metadata).map_err(|problem| problems.push(problem));
@@ -228,18 +211,20 @@ pub(crate) fn read_stream(
     Ok(events)
 }
 
-/// The columns of [`stored_event`] but the aggregate's, of a stream from a version on.
-const REPLAY_STREAM: &str = "SELECT position, event_id, version, event_type, schema_version, \
-     occurred_at, recorded_at, metadata, payload, checksum FROM events \
-     WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 ORDER BY version";
+/// What a replay reads of each event of a stream from a version on.
+const REPLAY_STREAM: &str = "SELECT version, event_type, schema_version, payload, checksum \
+     FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 \
+     ORDER BY version";
 
 /// Hands a stream's events from a version on to `visitor`, each borrowed from its row
-/// once its checksum and fields are checked, and checks that no version is missing.
+/// once the core half of its checksum (over the stream, the version, the event type, the
+/// schema version and the payload: all a replay hands out) matches, and checks that no
+/// version is missing.
 ///
-/// The rows are found by the stream's index, so their aggregate type and id are the
-/// stream's (the index holds them): they are hashed from the query rather than read from
-/// each row, two columns fewer per event. A row whose own copy disagrees with the index is
-/// a damaged file, which `verify` reports (`PRAGMA integrity_check`).
+/// A replay rebuilds an aggregate for every command, and each column read through
+/// SQLite's API costs about as much as hashing a whole row: so it reads the five columns it
+/// needs, and the rest of a row (its id and position, its other fields) only when the row
+/// is refused, by its checksum or by the visitor, and then checks the whole row.
 pub(crate) fn replay_stream(
     conn: &Connection,
     stream: &StreamId,
@@ -255,36 +240,163 @@ pub(crate) fn replay_stream(
             bound(from_version)
         ])
         .map_err(fail)?;
-    // Stays empty, so unallocated, while the rows are sound.
-    let mut problems = Vec::new();
+    let stream_hash = checksum::stream_hash(
+        stream.aggregate_type.as_bytes(),
+        stream.aggregate_id.as_bytes(),
+    );
     let mut expected = from_version.max(1);
     while let Some(row) = rows.next().map_err(fail)? {
-        let (stored, checksum) = stored_event(row, Some(stream))?;
-        let Some(event) = stored.check(checksum, &mut problems) else {
-            return Err(stored.corrupt(&problems));
+        let int = |index: usize| -> Result<Option<i64>> {
+            match row.get_ref(index).map_err(fail)? {
+                ValueRef::Integer(value) => Ok(Some(value)),
+                _ => Ok(None),
+            }
+        };
+        let bytes = |index: usize| -> Result<Option<&[u8]>> {
+            match row.get_ref(index).map_err(fail)? {
+                ValueRef::Text(bytes) => Ok(Some(bytes)),
+                _ => Ok(None),
+            }
+        };
+        let version = int(0)?;
+        let sound = match (version, bytes(1)?, int(2)?, bytes(3)?, int(4)?) {
+            (Some(version), Some(event_type), Some(schema_version), Some(payload), Some(sum))
+                if checksum::core_matches(
+                    sum,
+                    checksum::core_hash(stream_hash, version, event_type, schema_version, payload),
+                ) =>
+            {
+                match (
+                    u64::try_from(version).ok().filter(|v| *v > 0),
+                    std::str::from_utf8(event_type),
+                    u32::try_from(schema_version).ok().filter(|v| *v > 0),
+                    std::str::from_utf8(payload),
+                ) {
+                    (Some(version), Ok(event_type), Some(schema_version), Ok(payload)) => {
+                        Some(ReplayedEvent {
+                            version,
+                            event_type,
+                            schema_version,
+                            payload,
+                        })
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let Some(event) = sound else {
+            return Err(damaged_at_version(conn, stream, version));
         };
         if event.version != expected {
             let found = event.version;
             // A row damaged further on may be why (its version changed): name it first.
             while let Some(row) = rows.next().map_err(fail)? {
-                let (stored, checksum) = stored_event(row, Some(stream))?;
-                if stored.check(checksum, &mut problems).is_none() {
-                    return Err(stored.corrupt(&problems));
+                let version = row.get_ref(0).ok().and_then(|v| v.as_i64().ok());
+                if let Some(error) = row_damage(conn, stream, version)? {
+                    return Err(error);
                 }
             }
             return Err(missing_version(stream, expected, found));
         }
         expected += 1;
-        visitor
-            .visit(ReplayedEvent {
-                version: event.version,
-                event_type: event.event_type,
-                schema_version: event.schema_version,
-                payload: event.payload,
-            })
-            .map_err(|error| error.at_event(event.event_id, to_u64(stored.position)))?;
+        let version = event.version;
+        if let Err(error) = visitor.visit(event) {
+            // The id and position are read only now: a replay that succeeds never needs
+            // them, and a row lent without them is cheaper.
+            return Err(match event_at_version(conn, stream, version)? {
+                Ok((id, position)) => error.at_event(id, position),
+                Err(damaged) => damaged,
+            });
+        }
     }
     Ok(visitor)
+}
+
+/// Reads the row at `version` of a stream in full and checks it: the error naming what is
+/// damaged in it, `None` if it is sound (or gone).
+fn row_damage(conn: &Connection, stream: &StreamId, version: Option<i64>) -> Result<Option<Error>> {
+    let Some(version) = version else {
+        return Ok(Some(unreadable_row(stream)));
+    };
+    let fail = |e| store_error("reading an event", e);
+    let mut stmt = conn
+        .prepare_cached(select_events!(
+            "WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version = ?3"
+        ))
+        .map_err(fail)?;
+    let mut rows = stmt
+        .query(params![stream.aggregate_type, stream.aggregate_id, version])
+        .map_err(fail)?;
+    let Some(row) = rows.next().map_err(fail)? else {
+        return Ok(None);
+    };
+    let (stored, checksum) = match stored_event(row) {
+        Ok(read) => read,
+        Err(error) => return Ok(Some(error)),
+    };
+    let mut problems = Vec::new();
+    stored.check(checksum, &mut problems);
+    Ok((!problems.is_empty()).then(|| stored.corrupt(&problems)))
+}
+
+/// The error of a row of a stream that cannot be read back at all.
+fn unreadable_row(stream: &StreamId) -> Error {
+    Error::CorruptEvent {
+        event_id: None,
+        position: None,
+        reason: format!("a row of stream {stream} has no version that can be read"),
+    }
+}
+
+/// The error of the row at `version` of a stream that a replay refused.
+fn damaged_at_version(conn: &Connection, stream: &StreamId, version: Option<i64>) -> Error {
+    match row_damage(conn, stream, version) {
+        Ok(Some(error)) | Err(error) => error,
+        // Sound when read again in full: it changed while the replay ran.
+        Ok(None) => Error::CorruptEvent {
+            event_id: None,
+            position: None,
+            reason: format!(
+                "the event at version {} of stream {stream} read back damaged once",
+                version.unwrap_or_default()
+            ),
+        },
+    }
+}
+
+/// The id and position of the sound event at a version of a stream, or the error naming
+/// its damage.
+fn event_at_version(
+    conn: &Connection,
+    stream: &StreamId,
+    version: u64,
+) -> Result<Result<(Uuid, u64), Error>> {
+    let fail = |e| store_error("reading an event", e);
+    let mut stmt = conn
+        .prepare_cached(select_events!(
+            "WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version = ?3"
+        ))
+        .map_err(fail)?;
+    let mut rows = stmt
+        .query(params![
+            stream.aggregate_type,
+            stream.aggregate_id,
+            bound(version)
+        ])
+        .map_err(fail)?;
+    let Some(row) = rows.next().map_err(fail)? else {
+        return Ok(Err(unreadable_row(stream)));
+    };
+    let (stored, checksum) = match stored_event(row) {
+        Ok(read) => read,
+        Err(error) => return Ok(Err(error)),
+    };
+    let mut problems = Vec::new();
+    Ok(match stored.check(checksum, &mut problems) {
+        Some(event) => Ok((event.event_id, to_u64(stored.position))),
+        None => Err(stored.corrupt(&problems)),
+    })
 }
 
 /// The error of a stream whose next stored version is not the one expected: an event of

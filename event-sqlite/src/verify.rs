@@ -91,7 +91,7 @@ fn scan_events(conn: &Connection, report: &mut VerifyReport) -> rusqlite::Result
     while let Some(row) = rows.next()? {
         report.events += 1;
         let mut problems = Vec::new();
-        let (position, event_id) = match stored_event(row, None) {
+        let (position, event_id) = match stored_event(row) {
             Ok((stored, checksum)) => {
                 stored.check(checksum, &mut problems);
                 if let Err(problem) = decode_metadata(stored.metadata) {
