@@ -189,7 +189,8 @@ impl<'r> StoredEvent<'r> {
 pub(crate) fn corrupt_event(event_id: Option<Uuid>, position: i64, problems: &[String]) -> Error {
     Error::CorruptEvent {
         event_id,
-        position: u64::try_from(position).ok(),
+        // Positions start at 1: 0 stands for one that cannot be read.
+        position: u64::try_from(position).ok().filter(|p| *p > 0),
         reason: problems.join("; "),
     }
 }
