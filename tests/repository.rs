@@ -92,11 +92,17 @@ impl EventStore for Hooked {
     async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
         self.inner.remove_dead_letter(id).await
     }
-    async fn record_failure(&self, f: FailureRecord) -> eventfold::Result<()> {
-        self.inner.record_failure(f).await
+    async fn clear_dead_letters(&self, s: Option<&str>) -> eventfold::Result<u64> {
+        self.inner.clear_dead_letters(s).await
+    }
+    async fn record_failure(&self, f: FailureRecord, retain: usize) -> eventfold::Result<()> {
+        self.inner.record_failure(f, retain).await
     }
     async fn failures(&self, s: &str, limit: usize) -> eventfold::Result<Vec<FailureRecord>> {
         self.inner.failures(s, limit).await
+    }
+    async fn clear_failures(&self, s: Option<&str>) -> eventfold::Result<u64> {
+        self.inner.clear_failures(s).await
     }
     async fn statistics(&self) -> eventfold::Result<StoreStatistics> {
         self.inner.statistics().await

@@ -1,6 +1,6 @@
 //! An event store in memory: for tests, examples and transient set-ups.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -37,8 +37,11 @@ struct Inner {
     snapshots: HashMap<StreamId, Snapshot>,
     checkpoints: BTreeMap<String, u64>,
     dead_letters: BTreeMap<u64, DeadLetter>,
+    /// The id of each (subscription, event)'s dead letter: there is one at most.
+    dead_letter_ids: HashMap<(String, Uuid), u64>,
     next_dead_letter: u64,
-    failures: Vec<FailureRecord>,
+    /// Each subscription's failure records, oldest first.
+    failures: HashMap<String, VecDeque<FailureRecord>>,
 }
 
 impl Default for InMemoryEventStore {
@@ -297,13 +300,25 @@ impl EventStore for InMemoryEventStore {
 
     async fn add_dead_letter(&self, dl: NewDeadLetter) -> Result<u64> {
         let mut inner = self.lock();
+        let key = (dl.subscription, dl.event_id);
+        if let Some(&id) = inner.dead_letter_ids.get(&key) {
+            if let Some(stored) = inner.dead_letters.get_mut(&id) {
+                stored.position = dl.position;
+                stored.event_type = dl.event_type;
+                stored.error = dl.error;
+                stored.attempts = stored.attempts.saturating_add(dl.attempts);
+                stored.last_failed_at = dl.last_failed_at;
+                return Ok(id);
+            }
+        }
+        let (subscription, _) = key;
         inner.next_dead_letter += 1;
         let id = inner.next_dead_letter;
         inner.dead_letters.insert(
             id,
             DeadLetter {
                 id,
-                subscription: dl.subscription,
+                subscription: subscription.clone(),
                 event_id: dl.event_id,
                 position: dl.position,
                 event_type: dl.event_type,
@@ -313,6 +328,9 @@ impl EventStore for InMemoryEventStore {
                 last_failed_at: dl.last_failed_at,
             },
         );
+        inner
+            .dead_letter_ids
+            .insert((subscription, dl.event_id), id);
         Ok(id)
     }
 
@@ -327,11 +345,38 @@ impl EventStore for InMemoryEventStore {
     }
 
     async fn remove_dead_letter(&self, id: u64) -> Result<bool> {
-        Ok(self.lock().dead_letters.remove(&id).is_some())
+        let mut inner = self.lock();
+        let Some(removed) = inner.dead_letters.remove(&id) else {
+            return Ok(false);
+        };
+        inner
+            .dead_letter_ids
+            .remove(&(removed.subscription, removed.event_id));
+        Ok(true)
     }
 
-    async fn record_failure(&self, failure: FailureRecord) -> Result<()> {
-        self.lock().failures.push(failure);
+    async fn clear_dead_letters(&self, subscription: Option<&str>) -> Result<u64> {
+        let mut inner = self.lock();
+        let before = inner.dead_letters.len();
+        inner
+            .dead_letters
+            .retain(|_, d| subscription.is_some_and(|s| d.subscription != s));
+        inner
+            .dead_letter_ids
+            .retain(|(s, _), _| subscription.is_some_and(|only| s != only));
+        Ok((before - inner.dead_letters.len()) as u64)
+    }
+
+    async fn record_failure(&self, failure: FailureRecord, retain: usize) -> Result<()> {
+        let mut inner = self.lock();
+        let records = inner
+            .failures
+            .entry(failure.subscription.clone())
+            .or_default();
+        records.push_back(failure);
+        while records.len() > retain {
+            records.pop_front();
+        }
         Ok(())
     }
 
@@ -339,11 +384,19 @@ impl EventStore for InMemoryEventStore {
         let inner = self.lock();
         Ok(inner
             .failures
-            .iter()
-            .filter(|f| f.subscription == subscription)
-            .take(limit)
-            .cloned()
-            .collect())
+            .get(subscription)
+            .map_or_else(Vec::new, |records| {
+                records.iter().rev().take(limit).cloned().collect()
+            }))
+    }
+
+    async fn clear_failures(&self, subscription: Option<&str>) -> Result<u64> {
+        let mut inner = self.lock();
+        let removed = match subscription {
+            Some(subscription) => inner.failures.remove(subscription).map_or(0, |r| r.len()),
+            None => inner.failures.drain().map(|(_, r)| r.len()).sum(),
+        };
+        Ok(removed as u64)
     }
 
     async fn statistics(&self) -> Result<StoreStatistics> {
@@ -371,7 +424,7 @@ impl EventStore for InMemoryEventStore {
                 })
                 .collect(),
             dead_letters: inner.dead_letters.len() as u64,
-            failures: inner.failures.len() as u64,
+            failures: inner.failures.values().map(|r| r.len() as u64).sum(),
             snapshots: inner.snapshots.len() as u64,
             size_bytes: None,
         })

@@ -20,6 +20,10 @@ pub trait ReplayVisitor: Send + 'static {
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
 
+/// How many failure records [`EventStore::record_failure`] keeps per subscription when the
+/// bus records a failed attempt: the newest 1,000; older ones are removed as new ones come.
+pub const DEFAULT_FAILURE_RETENTION: usize = 1_000;
+
 /// Durable storage of event streams, the global log, snapshots, subscription checkpoints,
 /// dead letters and failure records.
 ///
@@ -119,7 +123,11 @@ pub trait EventStore: Send + Sync + 'static {
     /// Records that a subscription has handled everything up to `position`.
     async fn save_checkpoint(&self, subscription: &str, position: u64) -> Result<()>;
 
-    /// Stores a dead letter and returns its id.
+    /// Stores a dead letter and returns its id. A subscription holds one dead letter per
+    /// event: if it has one of this event already, that one is updated and its id
+    /// returned: the new error, position, event type and last failure time replace the
+    /// stored ones, the attempts are added to the stored ones (up to `u32::MAX`), and the
+    /// first failure time stays.
     async fn add_dead_letter(&self, dead_letter: NewDeadLetter) -> Result<u64>;
 
     /// Dead letters, oldest first; only one subscription's when `subscription` is given.
@@ -128,11 +136,21 @@ pub trait EventStore: Send + Sync + 'static {
     /// Removes a dead letter; false if there was none with this id.
     async fn remove_dead_letter(&self, id: u64) -> Result<bool>;
 
-    /// Records one failed handler attempt.
-    async fn record_failure(&self, failure: FailureRecord) -> Result<()>;
+    /// Removes the dead letters of one subscription, or every dead letter when
+    /// `subscription` is `None`; returns how many were removed.
+    async fn clear_dead_letters(&self, subscription: Option<&str>) -> Result<u64>;
 
-    /// Failed attempts recorded for one subscription, oldest first, at most `limit`.
+    /// Records one failed handler attempt and, in the same write, removes that
+    /// subscription's older records beyond the newest `retain` (the new one included), so
+    /// the records stay bounded. The bus passes [`DEFAULT_FAILURE_RETENTION`].
+    async fn record_failure(&self, failure: FailureRecord, retain: usize) -> Result<()>;
+
+    /// Failed attempts recorded for one subscription, newest first, at most `limit`.
     async fn failures(&self, subscription: &str, limit: usize) -> Result<Vec<FailureRecord>>;
+
+    /// Removes the failure records of one subscription, or every record when
+    /// `subscription` is `None`; returns how many were removed.
+    async fn clear_failures(&self, subscription: Option<&str>) -> Result<u64>;
 
     /// What the store holds.
     async fn statistics(&self) -> Result<StoreStatistics>;

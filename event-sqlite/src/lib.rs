@@ -93,6 +93,23 @@
 //!   media opens for reading: one closed cleanly is no longer in WAL mode, and one left
 //!   in WAL mode opens as immutable as long as its WAL is empty or missing. (A WAL with
 //!   commits in it needs a writable directory, or a read-write open to check it in.)
+//! - **Checksums.** SQLite keeps no checksum of a row, so the writer stores one with each
+//!   event: XXH3-based, over every stored field (position, event id, aggregate type and id,
+//!   version, event type, schema version, both times, metadata, payload). Every read of an
+//!   event (a stream, the global log, `get`) recomputes it from the stored bytes and checks
+//!   that its text is UTF-8 and its numbers in range; a damaged row is
+//!   [`eventfold_core::Error::CorruptEvent`] naming its id and position, never handed back
+//!   as if it had been stored that way. A replay (how a repository rebuilds an aggregate)
+//!   checks the half of the checksum that covers what it hands out (stream, version, event
+//!   type, schema version, payload), so it reads no column it does not need; the rest of a
+//!   row it reads, and checks, only to name a refused event. Stream reads and replays also
+//!   fail when a version is missing.
+//!   [`SqliteEventStore::verify`] scans every event, the numbering of the log and of each
+//!   stream, and `PRAGMA integrity_check`, and lists all it finds in a [`VerifyReport`].
+//!   Databases of schema version 1 get the checksums of their events when they migrate.
+//! - **Dead letters and failure records.** One dead letter per (subscription, event):
+//!   adding it again updates it. Each failure record removes its subscription's records
+//!   beyond the retention it is given, in the same write.
 //! - **Schema.** Versioned with `PRAGMA user_version` and migrated on open; a database
 //!   written by a newer version of this library is refused ([`Error::SchemaTooNew`]), and a
 //!   file that is not this store's database is refused as [`Error::Corrupt`].
@@ -123,13 +140,16 @@
 
 #![forbid(unsafe_code)]
 
+mod checksum;
 mod error;
 mod options;
 mod schema;
 mod sql;
 mod store;
+mod verify;
 mod writer;
 
 pub use error::{Error, Result};
 pub use options::{SqliteOptions, Synchronous};
 pub use store::{SqliteEventStore, WriterStatistics};
+pub use verify::{DamagedEvent, VerifyReport};

@@ -11,12 +11,20 @@ use crate::options::SqliteOptions;
 /// file is refused instead of being altered. The bytes spell "EvFd".
 const APPLICATION_ID: i32 = 0x4576_4664;
 
+/// One step of the schema: SQL, or Rust code for what SQL cannot do (computing a
+/// checksum). Each runs inside the migrating transaction.
+enum Migration {
+    Sql(&'static str),
+    Code(fn(&Connection) -> rusqlite::Result<()>),
+}
+
 /// The schema migrations, in order: migration `i` takes the schema from version `i` to
 /// `i + 1`. A migration is only ever appended, never edited once released.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // Version 1. Times are nanoseconds since the Unix epoch; ids are 16-byte UUIDs.
     // `position` is the rowid, assigned by the writer as head + 1, so the log is gap-free.
-    "CREATE TABLE events (
+    Migration::Sql(
+        "CREATE TABLE events (
         position       INTEGER PRIMARY KEY,
         event_id       BLOB    NOT NULL UNIQUE,
         aggregate_type TEXT    NOT NULL,
@@ -67,7 +75,50 @@ const MIGRATIONS: &[&str] = &[
         failed_at       INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX failures_by_subscription ON failures (subscription, id);",
+    ),
+    // Version 2: each event's checksum, and one dead letter per (subscription, event).
+    Migration::Code(migrate_to_2),
 ];
+
+/// Adds the `checksum` column and fills it for every stored event, so events written
+/// before it are protected from then on too; merges the dead letters of one subscription
+/// and one event into the newest of them (adding up their attempts, keeping the first
+/// failure time) and makes the pair unique.
+///
+/// The column allows NULL because SQLite adds a NOT NULL column only with a default; the
+/// store reads a row without a checksum as damaged.
+fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("ALTER TABLE events ADD COLUMN checksum INTEGER")?;
+    {
+        let mut select = conn.prepare(crate::sql::SCAN_EVENTS)?;
+        let mut update = conn.prepare("UPDATE events SET checksum = ?2 WHERE position = ?1")?;
+        let mut rows = select.query([])?;
+        while let Some(row) = rows.next()? {
+            match crate::sql::stored_event(row) {
+                Ok((stored, _)) => {
+                    update.execute([stored.position, stored.checksum()])?;
+                }
+                // A row whose columns have the wrong types cannot be hashed; it keeps no
+                // checksum, and every read of it (and `verify`) reports it damaged.
+                Err(error) => {
+                    tracing::warn!(%error, "an event row cannot be given a checksum");
+                }
+            }
+        }
+    }
+    conn.execute_batch(
+        "UPDATE dead_letters SET attempts = merged.attempts, \
+             first_failed_at = merged.first_failed_at, last_failed_at = merged.last_failed_at \
+         FROM (SELECT MAX(id) AS id, MIN(SUM(attempts), 4294967295) AS attempts, \
+                      MIN(first_failed_at) AS first_failed_at, \
+                      MAX(last_failed_at) AS last_failed_at \
+               FROM dead_letters GROUP BY subscription, event_id HAVING COUNT(*) > 1) AS merged \
+         WHERE dead_letters.id = merged.id;
+         DELETE FROM dead_letters WHERE id NOT IN \
+             (SELECT MAX(id) FROM dead_letters GROUP BY subscription, event_id);
+         CREATE UNIQUE INDEX dead_letters_by_event ON dead_letters (subscription, event_id);",
+    )
+}
 
 /// The schema version this library writes and reads.
 pub(crate) const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -336,7 +387,10 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
                 to = version + 1,
                 "migrating the event store schema"
             );
-            conn.execute_batch(migration)?;
+            match migration {
+                Migration::Sql(sql) => conn.execute_batch(sql)?,
+                Migration::Code(code) => code(conn)?,
+            }
         }
         conn.pragma_update(None, "application_id", APPLICATION_ID)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;

@@ -5,35 +5,38 @@
 //! store never compares (checkpoint positions, durations) are stored bit for bit as
 //! `i64`, so every value round-trips.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use eventfold_core::{
-    Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, ReplayVisitor,
-    ReplayedEvent, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId, registry,
+    Checkpoint, DeadLetter, Error, FailureRecord, RecordedEvent, ReplayVisitor, ReplayedEvent,
+    Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId, registry,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, Rows, params};
 use uuid::Uuid;
 
+use crate::checksum::{self, StoredEvent, corrupt_event, decode_metadata};
 use crate::error::{corrupt_row, store_error};
 
-/// Selects the columns [`event_from_row`] reads, then the given SQL.
+/// Selects the columns [`stored_event`] reads, then the given SQL.
 macro_rules! select_events {
     ($($rest:literal)+) => {
         concat!(
             "SELECT position, event_id, aggregate_type, aggregate_id, version, event_type, \
-             schema_version, occurred_at, recorded_at, metadata, payload FROM events ",
+             schema_version, occurred_at, recorded_at, metadata, payload, checksum FROM events ",
             $($rest),+
         )
     };
 }
 
+/// Every event row, in position order, as [`stored_event`] reads them.
+pub(crate) const SCAN_EVENTS: &str = select_events!("ORDER BY position");
+
 /// Inserts one event; the parameters follow the columns' order.
 pub(crate) const INSERT_EVENT: &str = "INSERT INTO events (position, event_id, aggregate_type, \
      aggregate_id, version, event_type, schema_version, occurred_at, recorded_at, metadata, \
-     payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+     payload, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
 
 /// The oldest and newest times the store can keep exactly.
 pub(crate) fn nanos(time: DateTime<Utc>) -> Option<i64> {
@@ -80,49 +83,98 @@ fn uuid_at(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<Uuid>> {
     })
 }
 
-/// A text column, lent as it is when it is valid UTF-8 and repaired otherwise (decoding
-/// the repaired text then says what is wrong); `None` if the column is not text.
-fn text_at<'r>(row: &'r Row<'_>, index: usize) -> rusqlite::Result<Option<Cow<'r, str>>> {
-    Ok(match row.get_ref(index)? {
-        ValueRef::Text(bytes) => Some(String::from_utf8_lossy(bytes)),
-        _ => None,
-    })
+/// A text column of a row that is not an event (a dead letter, a failure record, a
+/// snapshot), or an error naming `what` when it is not text or not UTF-8.
+fn text_at(row: &Row<'_>, index: usize, what: impl Fn() -> String) -> Result<String> {
+    match row.get_ref(index) {
+        Ok(ValueRef::Text(bytes)) => match std::str::from_utf8(bytes) {
+            Ok(text) => Ok(text.to_owned()),
+            Err(e) => Err(corrupt_row(format!("{} is not UTF-8 ({e})", what()))),
+        },
+        Ok(_) => Err(corrupt_row(format!("{} is not text", what()))),
+        Err(e) => Err(store_error("reading a row", e)),
+    }
 }
 
-/// Reads an event row selected by [`select_events!`].
-fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
+/// The stored fields of an event row selected by [`select_events!`], lent by SQLite, and
+/// its stored checksum (`None`: there is none). A column of the wrong type (which a STRICT
+/// table only holds when its file is damaged) is an [`Error::CorruptEvent`].
+pub(crate) fn stored_event<'r>(row: &'r Row<'_>) -> Result<(StoredEvent<'r>, Option<i64>)> {
     let read = |e| store_error("reading an event", e);
-    let position = to_u64(row.get::<_, i64>(0).map_err(read)?);
-    let bad = |what: &str| corrupt_row(format!("the event at position {position} has {what}"));
-    let event_id = uuid_at(row, 1)
-        .map_err(read)?
-        .ok_or_else(|| bad("no valid event id"))?;
-    let text = |index: usize, what: &str| -> Result<Cow<'_, str>> {
-        text_at(row, index).map_err(read)?.ok_or_else(|| bad(what))
+    let position = match row.get_ref(0).map_err(read)? {
+        ValueRef::Integer(position) => position,
+        _ => {
+            return Err(corrupt_event(
+                None,
+                0,
+                &["its position is not an integer".to_owned()],
+            ));
+        }
     };
-    let metadata = match row.get_ref(9).map_err(read)? {
-        ValueRef::Null => Metadata::default(),
-        ValueRef::Text(json) => serde_json::from_slice(json)
-            .map_err(|e| bad(&format!("metadata that does not decode ({e})")))?,
-        _ => return Err(bad("metadata that is not text")),
+    let wrong = |what: &str| {
+        let id = match row.get_ref(1) {
+            Ok(ValueRef::Blob(bytes)) => Uuid::from_slice(bytes).ok(),
+            _ => None,
+        };
+        corrupt_event(id, position, &[format!("its {what}")])
     };
-    let schema_version = u32::try_from(row.get::<_, i64>(6).map_err(read)?)
-        .map_err(|_| bad("a schema version out of range"))?;
+    let int = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
+        ValueRef::Integer(value) => Ok(value),
+        _ => Err(wrong(&format!("{what} is not an integer"))),
+    };
+    let bytes = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
+        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => Ok(bytes),
+        _ => Err(wrong(&format!("{what} is missing"))),
+    };
+    let stored = StoredEvent {
+        position,
+        event_id: bytes(1, "event id")?,
+        aggregate_type: bytes(2, "aggregate type")?,
+        aggregate_id: bytes(3, "aggregate id")?,
+        version: int(4, "version")?,
+        event_type: bytes(5, "event type")?,
+        schema_version: int(6, "schema version")?,
+        occurred_at: int(7, "occurrence time")?,
+        recorded_at: int(8, "recording time")?,
+        metadata: match row.get_ref(9).map_err(read)? {
+            ValueRef::Null => None,
+            ValueRef::Text(bytes) => Some(bytes),
+            _ => return Err(wrong("metadata is not text")),
+        },
+        payload: bytes(10, "payload")?,
+    };
+    let checksum = match row.get_ref(11).map_err(read)? {
+        ValueRef::Integer(checksum) => Some(checksum),
+        ValueRef::Null => None,
+        _ => return Err(wrong("checksum is not an integer")),
+    };
+    Ok((stored, checksum))
+}
+
+/// Reads an event row selected by [`select_events!`], checking it first.
+fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
+    let (stored, checksum) = stored_event(row)?;
+    let mut problems = Vec::new();
+    let checked = stored.check(checksum, &mut problems);
+    let metadata = decode_metadata(stored.metadata).map_err(|problem| problems.push(problem));
+    let (Some(event), Ok(metadata)) = (checked, metadata) else {
+        return Err(stored.corrupt(&problems));
+    };
     let registry = registry();
     Ok(RecordedEvent {
-        event_id,
+        event_id: event.event_id,
         // Registered type names are borrowed from the registry rather than copied per row.
-        aggregate_type: registry.aggregate_type_name(&text(2, "no aggregate type")?),
-        aggregate_id: text(3, "no aggregate id")?.into_owned(),
-        version: to_u64(row.get::<_, i64>(4).map_err(read)?),
-        position,
-        event_type: registry.event_type_name(&text(5, "no event type")?),
-        schema_version,
-        occurred_at: time(row.get(7).map_err(read)?),
-        recorded_at: time(row.get(8).map_err(read)?),
+        aggregate_type: registry.aggregate_type_name(event.aggregate_type),
+        aggregate_id: event.aggregate_id.to_owned(),
+        version: event.version,
+        position: to_u64(stored.position),
+        event_type: registry.event_type_name(event.event_type),
+        schema_version: event.schema_version,
+        occurred_at: time(stored.occurred_at),
+        recorded_at: time(stored.recorded_at),
         metadata,
         // Kept even if it is not JSON: decoding says so, and a subscriber can dead-letter it.
-        payload: text(10, "no payload")?.into_owned(),
+        payload: event.payload.to_owned(),
     })
 }
 
@@ -134,7 +186,7 @@ fn events_from_rows(mut rows: Rows<'_>, capacity: usize) -> Result<Vec<RecordedE
     Ok(events)
 }
 
-/// The events of a stream from a version on.
+/// The events of a stream from a version on, checking that none is missing.
 pub(crate) fn read_stream(
     conn: &Connection,
     stream: &StreamId,
@@ -153,10 +205,29 @@ pub(crate) fn read_stream(
             bound(from_version)
         ])
         .map_err(fail)?;
-    events_from_rows(rows, 16)
+    let events = events_from_rows(rows, 16)?;
+    for (expected, event) in (from_version.max(1)..).zip(&events) {
+        if event.version != expected {
+            return Err(missing_version(stream, expected, event.version));
+        }
+    }
+    Ok(events)
 }
 
-/// Hands a stream's events from a version on to `visitor`, each borrowed from its row.
+/// What a replay reads of each event of a stream from a version on.
+const REPLAY_STREAM: &str = "SELECT version, event_type, schema_version, payload, checksum \
+     FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 \
+     ORDER BY version";
+
+/// Hands a stream's events from a version on to `visitor`, each borrowed from its row
+/// once the core half of its checksum (over the stream, the version, the event type, the
+/// schema version and the payload: all a replay hands out) matches, and checks that no
+/// version is missing.
+///
+/// A replay rebuilds an aggregate for every command, and each column read through
+/// SQLite's API costs about as much as hashing a whole row: so it reads the five columns it
+/// needs, and the rest of a row (its id and position, its other fields) only when the row
+/// is refused, by its checksum or by the visitor, and then checks the whole row.
 pub(crate) fn replay_stream(
     conn: &Connection,
     stream: &StreamId,
@@ -164,13 +235,7 @@ pub(crate) fn replay_stream(
     mut visitor: Box<dyn ReplayVisitor>,
 ) -> Result<Box<dyn ReplayVisitor>> {
     let fail = |e| store_error("replaying a stream", e);
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT version, event_type, schema_version, payload \
-             FROM events WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 \
-             ORDER BY version",
-        )
-        .map_err(fail)?;
+    let mut stmt = conn.prepare_cached(REPLAY_STREAM).map_err(fail)?;
     let mut rows = stmt
         .query(params![
             stream.aggregate_type,
@@ -178,50 +243,143 @@ pub(crate) fn replay_stream(
             bound(from_version)
         ])
         .map_err(fail)?;
+    let stream_hash = checksum::stream_hash(
+        stream.aggregate_type.as_bytes(),
+        stream.aggregate_id.as_bytes(),
+    );
+    let mut expected = from_version.max(1);
     while let Some(row) = rows.next().map_err(fail)? {
-        let version = to_u64(row.get_ref(0).and_then(|v| Ok(v.as_i64()?)).map_err(fail)?);
-        let bad = |what: &str| {
-            corrupt_row(format!(
-                "the event at version {version} of {stream} has {what}"
-            ))
+        let int = |index: usize| -> Result<Option<i64>> {
+            match row.get_ref(index).map_err(fail)? {
+                ValueRef::Integer(value) => Ok(Some(value)),
+                _ => Ok(None),
+            }
         };
-        let text = |index: usize, what: &str| -> Result<Cow<'_, str>> {
-            text_at(row, index).map_err(fail)?.ok_or_else(|| bad(what))
+        let bytes = |index: usize| -> Result<Option<&[u8]>> {
+            match row.get_ref(index).map_err(fail)? {
+                ValueRef::Text(bytes) => Ok(Some(bytes)),
+                _ => Ok(None),
+            }
         };
-        let event_type = text(1, "no event type")?;
-        let payload = text(3, "no payload")?;
-        let schema_version = row.get_ref(2).and_then(|v| Ok(v.as_i64()?)).map_err(fail)?;
-        let visited = visitor.visit(ReplayedEvent {
-            version,
-            event_type: &event_type,
-            schema_version: u32::try_from(schema_version)
-                .map_err(|_| bad("a schema version out of range"))?,
-            payload: &payload,
-        });
-        if let Err(error) = visited {
+        let version = int(0)?;
+        let sound = match (version, bytes(1)?, int(2)?, bytes(3)?, int(4)?) {
+            (Some(version), Some(event_type), Some(schema_version), Some(payload), Some(sum))
+                if checksum::core_matches(
+                    sum,
+                    checksum::core_hash(stream_hash, version, event_type, schema_version, payload),
+                ) =>
+            {
+                match (
+                    u64::try_from(version).ok().filter(|v| *v > 0),
+                    std::str::from_utf8(event_type),
+                    u32::try_from(schema_version).ok().filter(|v| *v > 0),
+                    std::str::from_utf8(payload),
+                ) {
+                    (Some(version), Ok(event_type), Some(schema_version), Ok(payload)) => {
+                        Some(ReplayedEvent {
+                            version,
+                            event_type,
+                            schema_version,
+                            payload,
+                        })
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let Some(event) = sound else {
+            return Err(damaged_at_version(conn, stream, version));
+        };
+        if event.version != expected {
+            let found = event.version;
+            // A row damaged further on may be why (its version changed): name it first.
+            while let Some(row) = rows.next().map_err(fail)? {
+                let version = row.get_ref(0).ok().and_then(|v| v.as_i64().ok());
+                if let Some(error) = row_damage(conn, stream, version)? {
+                    return Err(error);
+                }
+            }
+            return Err(missing_version(stream, expected, found));
+        }
+        expected += 1;
+        let version = event.version;
+        if let Err(error) = visitor.visit(event) {
             // The id and position are read only now: a replay that succeeds never needs
             // them, and a row lent without them is cheaper.
             return Err(match event_at_version(conn, stream, version)? {
-                Some((id, position)) => error.at_event(id, position),
-                None => error,
+                Ok((id, position)) => error.at_event(id, position),
+                Err(damaged) => damaged,
             });
         }
     }
     Ok(visitor)
 }
 
-/// The id and position of the event at a version of a stream.
+/// Reads the row at `version` of a stream in full and checks it: the error naming what is
+/// damaged in it, `None` if it is sound (or gone).
+fn row_damage(conn: &Connection, stream: &StreamId, version: Option<i64>) -> Result<Option<Error>> {
+    let Some(version) = version else {
+        return Ok(Some(unreadable_row(stream)));
+    };
+    let fail = |e| store_error("reading an event", e);
+    let mut stmt = conn
+        .prepare_cached(select_events!(
+            "WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version = ?3"
+        ))
+        .map_err(fail)?;
+    let mut rows = stmt
+        .query(params![stream.aggregate_type, stream.aggregate_id, version])
+        .map_err(fail)?;
+    let Some(row) = rows.next().map_err(fail)? else {
+        return Ok(None);
+    };
+    let (stored, checksum) = match stored_event(row) {
+        Ok(read) => read,
+        Err(error) => return Ok(Some(error)),
+    };
+    let mut problems = Vec::new();
+    stored.check(checksum, &mut problems);
+    Ok((!problems.is_empty()).then(|| stored.corrupt(&problems)))
+}
+
+/// The error of a row of a stream that cannot be read back at all.
+fn unreadable_row(stream: &StreamId) -> Error {
+    Error::CorruptEvent {
+        event_id: None,
+        position: None,
+        reason: format!("a row of stream {stream} has no version that can be read"),
+    }
+}
+
+/// The error of the row at `version` of a stream that a replay refused.
+fn damaged_at_version(conn: &Connection, stream: &StreamId, version: Option<i64>) -> Error {
+    match row_damage(conn, stream, version) {
+        Ok(Some(error)) | Err(error) => error,
+        // Sound when read again in full: it changed while the replay ran.
+        Ok(None) => Error::CorruptEvent {
+            event_id: None,
+            position: None,
+            reason: format!(
+                "the event at version {} of stream {stream} read back damaged once",
+                version.unwrap_or_default()
+            ),
+        },
+    }
+}
+
+/// The id and position of the sound event at a version of a stream, or the error naming
+/// its damage.
 fn event_at_version(
     conn: &Connection,
     stream: &StreamId,
     version: u64,
-) -> Result<Option<(Uuid, u64)>> {
-    let fail = |e| store_error("reading an event id", e);
+) -> Result<Result<(Uuid, u64), Error>> {
+    let fail = |e| store_error("reading an event", e);
     let mut stmt = conn
-        .prepare_cached(
-            "SELECT event_id, position FROM events \
-             WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version = ?3",
-        )
+        .prepare_cached(select_events!(
+            "WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version = ?3"
+        ))
         .map_err(fail)?;
     let mut rows = stmt
         .query(params![
@@ -230,13 +388,29 @@ fn event_at_version(
             bound(version)
         ])
         .map_err(fail)?;
-    match rows.next().map_err(fail)? {
-        Some(row) => {
-            let id = uuid_at(row, 0).map_err(fail)?;
-            let position = to_u64(row.get::<_, i64>(1).map_err(fail)?);
-            Ok(id.map(|id| (id, position)))
-        }
-        None => Ok(None),
+    let Some(row) = rows.next().map_err(fail)? else {
+        return Ok(Err(unreadable_row(stream)));
+    };
+    let (stored, checksum) = match stored_event(row) {
+        Ok(read) => read,
+        Err(error) => return Ok(Err(error)),
+    };
+    let mut problems = Vec::new();
+    Ok(match stored.check(checksum, &mut problems) {
+        Some(event) => Ok((event.event_id, to_u64(stored.position))),
+        None => Err(stored.corrupt(&problems)),
+    })
+}
+
+/// The error of a stream whose next stored version is not the one expected: an event of
+/// it is missing (damaged into another stream, or deleted behind the store's back).
+fn missing_version(stream: &StreamId, expected: u64, found: u64) -> Error {
+    Error::CorruptEvent {
+        event_id: None,
+        position: None,
+        reason: format!(
+            "stream {stream} has no version {expected} (the next stored version is {found})"
+        ),
     }
 }
 
@@ -344,7 +518,7 @@ pub(crate) fn load_snapshot(conn: &Connection, stream: &StreamId) -> Result<Opti
         aggregate_id: stream.aggregate_id.clone(),
         version: to_u64(row.get(0).map_err(fail)?),
         schema_version,
-        state: row.get(2).map_err(fail)?,
+        state: text_at(row, 2, || format!("the state of the snapshot of {stream}"))?,
         taken_at: time(row.get(3).map_err(fail)?),
     }))
 }
@@ -381,13 +555,13 @@ pub(crate) fn dead_letters(
         let id = to_u64(row.get(0).map_err(fail)?);
         letters.push(DeadLetter {
             id,
-            subscription: row.get(1).map_err(fail)?,
+            subscription: text_at(row, 1, || format!("the subscription of dead letter {id}"))?,
             event_id: uuid_at(row, 2)
                 .map_err(fail)?
                 .ok_or_else(|| corrupt_row(format!("dead letter {id} has no valid event id")))?,
             position: to_u64(row.get(3).map_err(fail)?),
-            event_type: row.get(4).map_err(fail)?,
-            error: row.get(5).map_err(fail)?,
+            event_type: text_at(row, 4, || format!("the event type of dead letter {id}"))?,
+            error: text_at(row, 5, || format!("the error of dead letter {id}"))?,
             attempts: to_u64(row.get(6).map_err(fail)?) as u32,
             first_failed_at: time(row.get(7).map_err(fail)?),
             last_failed_at: time(row.get(8).map_err(fail)?),
@@ -396,7 +570,7 @@ pub(crate) fn dead_letters(
     Ok(letters)
 }
 
-/// One subscription's failure records, oldest first.
+/// One subscription's failure records, newest first.
 pub(crate) fn failures(
     conn: &Connection,
     subscription: &str,
@@ -406,7 +580,7 @@ pub(crate) fn failures(
     let mut stmt = conn
         .prepare_cached(
             "SELECT event_id, position, attempt, error, duration_micros, failed_at \
-             FROM failures WHERE subscription = ?1 ORDER BY id LIMIT ?2",
+             FROM failures WHERE subscription = ?1 ORDER BY id DESC LIMIT ?2",
         )
         .map_err(fail)?;
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -420,7 +594,9 @@ pub(crate) fn failures(
                 .ok_or_else(|| corrupt_row("a failure record has no valid event id".into()))?,
             position: to_u64(row.get(1).map_err(fail)?),
             attempt: to_u64(row.get(2).map_err(fail)?) as u32,
-            error: row.get(3).map_err(fail)?,
+            error: text_at(row, 3, || {
+                format!("the error of a failure record of `{subscription}`")
+            })?,
             duration_micros: to_u64(row.get(4).map_err(fail)?),
             failed_at: time(row.get(5).map_err(fail)?),
         });
@@ -449,7 +625,7 @@ pub(crate) fn statistics(conn: &Connection, on_disk: bool) -> Result<StoreStatis
         while let Some(row) = rows.next().map_err(fail)? {
             let n = to_u64(row.get(1).map_err(fail)?);
             events += n;
-            events_by_type.insert(row.get(0).map_err(fail)?, n);
+            events_by_type.insert(text_at(row, 0, || "an event type".to_owned())?, n);
         }
     }
     let aggregates =
@@ -480,7 +656,7 @@ pub(crate) fn statistics(conn: &Connection, on_disk: bool) -> Result<StoreStatis
         while let Some(row) = rows.next().map_err(fail)? {
             let position = to_u64(row.get(1).map_err(fail)?);
             checkpoints.push(Checkpoint {
-                subscription: row.get(0).map_err(fail)?,
+                subscription: text_at(row, 0, || "a checkpoint's subscription".to_owned())?,
                 position,
                 lag: head.saturating_sub(position),
             });

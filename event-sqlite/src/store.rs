@@ -20,6 +20,7 @@ use crate::error::{Error, Result, closed, panicked, store_error};
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
+use crate::verify::VerifyReport;
 use crate::writer::{Command, Counters, Reply, Writer, checkpoint};
 
 /// An [`EventStore`] in a SQLite database: durable, one file, no server.
@@ -230,6 +231,20 @@ impl SqliteEventStore {
                 .map_err(|e| store_error("setting max_page_count", e))
         })
         .await
+    }
+
+    /// Checks everything the store holds and reports what is damaged, without stopping at
+    /// the first problem and without repairing anything: every event row (its checksum,
+    /// its text, its id, its numbers, its metadata), the numbering (positions 1, 2, 3 … in
+    /// the log, versions 1, 2, 3 … in each stream), and the file (SQLite's
+    /// `PRAGMA integrity_check`).
+    ///
+    /// It reads every row in one read transaction, on a read connection: on a large store
+    /// it takes a while, and appends go on meanwhile (they are not in the report). It fails
+    /// only if the store cannot be read at all (closed, busy); damage, even a file SQLite
+    /// refuses to read past, is in the report.
+    pub async fn verify(&self) -> eventfold_core::Result<VerifyReport> {
+        self.read(crate::verify::verify).await
     }
 
     /// Stops the store: the read connections close, the writer commits what was queued
@@ -619,9 +634,37 @@ impl EventStore for SqliteEventStore {
             .await
     }
 
-    async fn record_failure(&self, failure: FailureRecord) -> eventfold_core::Result<()> {
-        self.write(|reply| Command::RecordFailure { failure, reply })
-            .await
+    async fn clear_dead_letters(&self, subscription: Option<&str>) -> eventfold_core::Result<u64> {
+        let subscription = subscription.map(str::to_owned);
+        self.write(|reply| Command::Clear {
+            failures: false,
+            subscription,
+            reply,
+        })
+        .await
+    }
+
+    async fn record_failure(
+        &self,
+        failure: FailureRecord,
+        retain: usize,
+    ) -> eventfold_core::Result<()> {
+        self.write(|reply| Command::RecordFailure {
+            failure,
+            retain,
+            reply,
+        })
+        .await
+    }
+
+    async fn clear_failures(&self, subscription: Option<&str>) -> eventfold_core::Result<u64> {
+        let subscription = subscription.map(str::to_owned);
+        self.write(|reply| Command::Clear {
+            failures: true,
+            subscription,
+            reply,
+        })
+        .await
     }
 
     async fn failures(

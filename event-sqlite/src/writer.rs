@@ -32,6 +32,7 @@ use rusqlite::{Connection, ErrorCode, params};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::checksum::StoredEvent;
 use crate::error::Fault;
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
@@ -72,7 +73,15 @@ pub(crate) enum Command {
     },
     RecordFailure {
         failure: FailureRecord,
+        retain: usize,
         reply: Reply<()>,
+    },
+    /// Removes the dead letters (`failures: false`) or failure records of a subscription,
+    /// or all.
+    Clear {
+        failures: bool,
+        subscription: Option<String>,
+        reply: Reply<u64>,
     },
     /// Runs on the writer's connection between transactions: the reads of a store without
     /// read connections, and settings. It sends its own reply.
@@ -118,7 +127,9 @@ impl Command {
             | Command::SaveCheckpoint { .. }
             | Command::AddDeadLetter { .. }
             | Command::RemoveDeadLetter { .. }
-            | Command::RecordFailure { .. } => true,
+            | Command::Clear { .. } => true,
+            // An INSERT, then a DELETE of the records beyond the retention.
+            Command::RecordFailure { .. } => false,
             #[cfg(test)]
             Command::Panic { .. } => true,
             Command::Run(_) | Command::Close(_) => false,
@@ -141,7 +152,10 @@ impl Command {
             ) => send(reply, result),
             #[cfg(test)]
             (Command::Panic { reply }, Answer::Done(result)) => send(reply, result),
-            (Command::AddDeadLetter { reply, .. }, Answer::Added(result)) => send(reply, result),
+            (
+                Command::AddDeadLetter { reply, .. } | Command::Clear { reply, .. },
+                Answer::Added(result),
+            ) => send(reply, result),
             (Command::RemoveDeadLetter { reply, .. }, Answer::Removed(result)) => {
                 send(reply, result)
             }
@@ -150,7 +164,9 @@ impl Command {
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
                 | Command::RecordFailure { reply, .. } => send(reply, Err(failure)),
-                Command::AddDeadLetter { reply, .. } => send(reply, Err(failure)),
+                Command::AddDeadLetter { reply, .. } | Command::Clear { reply, .. } => {
+                    send(reply, Err(failure))
+                }
                 Command::RemoveDeadLetter { reply, .. } => send(reply, Err(failure)),
                 #[cfg(test)]
                 Command::Panic { reply } => send(reply, Err(failure)),
@@ -202,6 +218,7 @@ fn fault(doing: &'static str) -> impl Fn(rusqlite::Error) -> Failure {
 enum Answer {
     Appended(Result<Vec<AppendOutcome>, Failure>),
     Done(Result<(), Failure>),
+    /// A dead letter's id, or how many rows a clear removed.
     Added(Result<u64, Failure>),
     Removed(Result<bool, Failure>),
     /// Failed before or after it ran, whatever it was.
@@ -744,7 +761,14 @@ impl Writer {
                 Answer::Added(self.add_dead_letter(dead_letter))
             }
             Command::RemoveDeadLetter { id, .. } => Answer::Removed(self.remove_dead_letter(*id)),
-            Command::RecordFailure { failure, .. } => Answer::Done(self.record_failure(failure)),
+            Command::RecordFailure {
+                failure, retain, ..
+            } => Answer::Done(self.record_failure(failure, *retain)),
+            Command::Clear {
+                failures,
+                subscription,
+                ..
+            } => Answer::Added(self.clear(*failures, subscription.as_deref())),
             #[cfg(test)]
             Command::Panic { .. } => {
                 let _ = self.save_checkpoint("panic", 1, state.recorded_at);
@@ -832,18 +856,32 @@ impl Writer {
                 })?)
             };
             let offset = i as u64;
+            let stored = StoredEvent {
+                position: bound(first_position + offset),
+                event_id: &event.event_id.as_bytes()[..],
+                aggregate_type: stream.aggregate_type.as_bytes(),
+                aggregate_id: stream.aggregate_id.as_bytes(),
+                version: bound(actual + 1 + offset),
+                event_type: event.event_type.as_bytes(),
+                schema_version: i64::from(event.schema_version),
+                occurred_at,
+                recorded_at: state.recorded_at,
+                metadata: metadata.as_deref().map(str::as_bytes),
+                payload: event.payload.as_bytes(),
+            };
             let inserted = insert.execute(params![
-                bound(first_position + offset),
-                &event.event_id.as_bytes()[..],
+                stored.position,
+                stored.event_id,
                 stream.aggregate_type,
                 stream.aggregate_id,
-                bound(actual + 1 + offset),
+                stored.version,
                 event.event_type,
                 event.schema_version,
                 occurred_at,
                 state.recorded_at,
                 metadata,
                 event.payload,
+                stored.checksum(),
             ]);
             if let Err(e) = inserted {
                 if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {
@@ -967,19 +1005,28 @@ impl Writer {
             .prepare_cached(
                 "INSERT INTO dead_letters (subscription, event_id, position, event_type, error, \
                  attempts, first_failed_at, last_failed_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                 ON CONFLICT (subscription, event_id) DO UPDATE SET \
+                 position = excluded.position, event_type = excluded.event_type, \
+                 error = excluded.error, \
+                 attempts = MIN(attempts + excluded.attempts, 4294967295), \
+                 last_failed_at = excluded.last_failed_at \
+                 RETURNING id",
             )
             .and_then(|mut stmt| {
-                stmt.insert(params![
-                    dead_letter.subscription,
-                    &dead_letter.event_id.as_bytes()[..],
-                    to_i64(dead_letter.position),
-                    dead_letter.event_type,
-                    dead_letter.error,
-                    dead_letter.attempts,
-                    first,
-                    last,
-                ])
+                stmt.query_row(
+                    params![
+                        dead_letter.subscription,
+                        &dead_letter.event_id.as_bytes()[..],
+                        to_i64(dead_letter.position),
+                        dead_letter.event_type,
+                        dead_letter.error,
+                        dead_letter.attempts,
+                        first,
+                        last,
+                    ],
+                    |row| row.get::<_, i64>(0),
+                )
             })
             .map(|id| id as u64)
             .map_err(fault("adding a dead letter"))
@@ -996,7 +1043,10 @@ impl Writer {
             .map_err(fault("removing a dead letter"))
     }
 
-    fn record_failure(&self, failure: &FailureRecord) -> Result<(), Failure> {
+    /// Stores a failure record and removes the subscription's records beyond the newest
+    /// `retain`: those at or below the id of the `retain + 1`-th newest, found by walking
+    /// the `(subscription, id)` index from its end.
+    fn record_failure(&self, failure: &FailureRecord, retain: usize) -> Result<(), Failure> {
         let failed_at = nanos_of(failure.failed_at, "failure time").map_err(Failure::Refused)?;
         self.conn
             .prepare_cached(
@@ -1014,8 +1064,35 @@ impl Writer {
                     failed_at,
                 ])
             })
+            .map_err(fault("recording a failure"))?;
+        self.conn
+            .prepare_cached(
+                "DELETE FROM failures WHERE subscription = ?1 AND id <= \
+                 (SELECT id FROM failures WHERE subscription = ?1 \
+                  ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    failure.subscription,
+                    i64::try_from(retain).unwrap_or(i64::MAX)
+                ])
+            })
             .map(drop)
-            .map_err(fault("recording a failure"))
+            .map_err(fault("pruning failure records"))
+    }
+
+    /// Removes the dead letters or the failure records of one subscription, or all.
+    fn clear(&self, failures: bool, subscription: Option<&str>) -> Result<u64, Failure> {
+        let sql = if failures {
+            "DELETE FROM failures WHERE ?1 IS NULL OR subscription = ?1"
+        } else {
+            "DELETE FROM dead_letters WHERE ?1 IS NULL OR subscription = ?1"
+        };
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut stmt| stmt.execute([subscription]))
+            .map(|removed| removed as u64)
+            .map_err(fault("clearing records"))
     }
 }
 

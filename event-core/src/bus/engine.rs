@@ -1005,7 +1005,11 @@ impl Worker {
             duration_micros: u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
             failed_at: now,
         };
-        if let Err(store_error) = engine.records.record_failure(failure).await {
+        if let Err(store_error) = engine
+            .records
+            .record_failure(failure, crate::store::DEFAULT_FAILURE_RETENTION)
+            .await
+        {
             tracing::error!(%store_error, "cannot store a failure record");
         }
         pending.last_error = error;

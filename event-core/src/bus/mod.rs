@@ -809,7 +809,7 @@ impl EventBus {
         self.inner.engine.records.dead_letters(subscription).await
     }
 
-    /// Failed attempts recorded for a subscription, oldest first, at most `limit`.
+    /// Failed attempts recorded for a subscription, newest first, at most `limit`.
     pub async fn failures(&self, subscription: &str, limit: usize) -> Result<Vec<FailureRecord>> {
         self.inner
             .engine
@@ -866,15 +866,18 @@ impl EventBus {
                 Counters::add(&engine.counters.failed, 1);
                 engine
                     .records
-                    .record_failure(FailureRecord {
-                        subscription: sub.name.to_string(),
-                        event_id: record.event_id,
-                        position: record.position,
-                        attempt,
-                        error: message.clone(),
-                        duration_micros: started.elapsed().as_micros() as u64,
-                        failed_at: engine.clock.now(),
-                    })
+                    .record_failure(
+                        FailureRecord {
+                            subscription: sub.name.to_string(),
+                            event_id: record.event_id,
+                            position: record.position,
+                            attempt,
+                            error: message.clone(),
+                            duration_micros: started.elapsed().as_micros() as u64,
+                            failed_at: engine.clock.now(),
+                        },
+                        crate::store::DEFAULT_FAILURE_RETENTION,
+                    )
                     .await?;
                 Err(Error::HandlerFailed {
                     subscription: sub.name.to_string(),

@@ -31,7 +31,7 @@ use crate::record::{
     AppendRequest, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter, NewEvent,
     RecordedEvent, Snapshot, StreamId,
 };
-use crate::store::EventStore;
+use crate::store::{DEFAULT_FAILURE_RETENTION, EventStore};
 
 /// A store for one case, with whatever must live as long as it (a temporary directory).
 pub struct StoreUnderTest {
@@ -105,6 +105,9 @@ macro_rules! store_conformance_tests {
             checkpoints_are_saved_and_overwritten,
             dead_letters_are_listed_filtered_and_removed,
             failures_are_recorded_per_subscription,
+            one_dead_letter_per_subscription_and_event,
+            failure_records_beyond_the_retention_are_removed,
+            bulk_clears_remove_dead_letters_and_failures,
             statistics_describe_the_store,
         );
     };
@@ -885,31 +888,151 @@ pub async fn dead_letters_are_listed_filtered_and_removed(store: Arc<dyn EventSt
     assert_eq!(store.dead_letters(Some("mailer")).await.unwrap().len(), 1);
 }
 
-/// Failure records are kept per subscription, oldest first.
+fn failure(subscription: &str, attempt: u32) -> FailureRecord {
+    FailureRecord {
+        subscription: subscription.to_owned(),
+        event_id: Uuid::nil(),
+        position: 7,
+        attempt,
+        error: format!("attempt {attempt} failed"),
+        duration_micros: 1500,
+        failed_at: at(attempt as i64),
+    }
+}
+
+/// Failure records are kept per subscription and listed newest first.
 pub async fn failures_are_recorded_per_subscription(store: Arc<dyn EventStore>) {
     for attempt in 1..=3 {
         store
-            .record_failure(FailureRecord {
-                subscription: "mailer".to_owned(),
-                event_id: Uuid::nil(),
-                position: 7,
-                attempt,
-                error: format!("attempt {attempt} failed"),
-                duration_micros: 1500,
-                failed_at: at(attempt as i64),
-            })
+            .record_failure(failure("mailer", attempt), DEFAULT_FAILURE_RETENTION)
             .await
             .unwrap();
     }
     let failures = store.failures("mailer", 10).await.unwrap();
     assert_eq!(
         failures.iter().map(|f| f.attempt).collect::<Vec<_>>(),
-        [1, 2, 3]
+        [3, 2, 1]
     );
-    assert_eq!(failures[2].error, "attempt 3 failed");
+    assert_eq!(failures[0].error, "attempt 3 failed");
+    assert_eq!(failures[2].failed_at, at(1));
     assert_eq!(failures[0].duration_micros, 1500);
-    assert_eq!(store.failures("mailer", 2).await.unwrap().len(), 2);
+    let newest = store.failures("mailer", 2).await.unwrap();
+    assert_eq!(newest.iter().map(|f| f.attempt).collect::<Vec<_>>(), [3, 2]);
     assert!(store.failures("audit", 10).await.unwrap().is_empty());
+}
+
+/// Dead-lettering an event a subscription has dead-lettered already (as a bus does again
+/// after a crash) updates that dead letter: same id, the new error and last failure time,
+/// the attempts added up, the first failure time kept. Another subscription's dead letter
+/// of the same event is its own.
+pub async fn one_dead_letter_per_subscription_and_event(store: Arc<dyn EventStore>) {
+    let first = dead_letter("mailer", 4);
+    let id = store.add_dead_letter(first.clone()).await.unwrap();
+    let again = NewDeadLetter {
+        error: "boom again".to_owned(),
+        attempts: 2,
+        first_failed_at: at(10),
+        last_failed_at: at(11),
+        ..first.clone()
+    };
+    assert_eq!(store.add_dead_letter(again).await.unwrap(), id);
+    let audit = NewDeadLetter {
+        subscription: "audit".to_owned(),
+        ..first.clone()
+    };
+    let audit_id = store.add_dead_letter(audit).await.unwrap();
+    assert_ne!(audit_id, id);
+
+    let mailer = store.dead_letters(Some("mailer")).await.unwrap();
+    assert_eq!(mailer.len(), 1, "{mailer:?}");
+    let letter = &mailer[0];
+    assert_eq!(
+        (letter.id, letter.event_id, letter.position),
+        (id, first.event_id, 4)
+    );
+    assert_eq!(letter.error, "boom again");
+    assert_eq!(
+        (
+            letter.attempts,
+            letter.first_failed_at,
+            letter.last_failed_at
+        ),
+        (5, at(1), at(11))
+    );
+    assert_eq!(store.dead_letters(None).await.unwrap().len(), 2);
+    assert_eq!(store.statistics().await.unwrap().dead_letters, 2);
+
+    // Once removed, the event can be dead-lettered anew, under a new id.
+    assert!(store.remove_dead_letter(id).await.unwrap());
+    let anew = store.add_dead_letter(first).await.unwrap();
+    assert!(anew != id && anew != audit_id);
+    assert_eq!(
+        store.dead_letters(Some("mailer")).await.unwrap()[0].attempts,
+        3
+    );
+}
+
+/// Each failure record removes its subscription's records beyond the newest `retain`;
+/// other subscriptions keep theirs.
+pub async fn failure_records_beyond_the_retention_are_removed(store: Arc<dyn EventStore>) {
+    for attempt in 1..=4 {
+        store
+            .record_failure(failure("audit", attempt), 10)
+            .await
+            .unwrap();
+    }
+    for attempt in 1..=20 {
+        store
+            .record_failure(failure("mailer", attempt), 5)
+            .await
+            .unwrap();
+    }
+    let mailer = store.failures("mailer", 100).await.unwrap();
+    assert_eq!(
+        mailer.iter().map(|f| f.attempt).collect::<Vec<_>>(),
+        [20, 19, 18, 17, 16]
+    );
+    assert_eq!(store.failures("audit", 100).await.unwrap().len(), 4);
+    assert_eq!(store.statistics().await.unwrap().failures, 9);
+    // A smaller retention takes effect at the next record.
+    store.record_failure(failure("audit", 5), 2).await.unwrap();
+    let audit = store.failures("audit", 100).await.unwrap();
+    assert_eq!(audit.iter().map(|f| f.attempt).collect::<Vec<_>>(), [5, 4]);
+}
+
+/// `clear_dead_letters` and `clear_failures` remove one subscription's records, or all,
+/// and say how many they removed.
+pub async fn bulk_clears_remove_dead_letters_and_failures(store: Arc<dyn EventStore>) {
+    for (subscription, position) in [("mailer", 1), ("mailer", 2), ("audit", 3)] {
+        store
+            .add_dead_letter(dead_letter(subscription, position))
+            .await
+            .unwrap();
+    }
+    for (subscription, attempt) in [("mailer", 1), ("audit", 1), ("audit", 2), ("audit", 3)] {
+        store
+            .record_failure(failure(subscription, attempt), DEFAULT_FAILURE_RETENTION)
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.clear_dead_letters(Some("mailer")).await.unwrap(), 2);
+    assert_eq!(store.clear_dead_letters(Some("mailer")).await.unwrap(), 0);
+    let left = store.dead_letters(None).await.unwrap();
+    assert_eq!(left.iter().map(|d| d.position).collect::<Vec<_>>(), [3]);
+    assert_eq!(store.clear_failures(Some("audit")).await.unwrap(), 3);
+    assert!(store.failures("audit", 10).await.unwrap().is_empty());
+    assert_eq!(store.failures("mailer", 10).await.unwrap().len(), 1);
+
+    assert_eq!(store.clear_dead_letters(None).await.unwrap(), 1);
+    assert_eq!(store.clear_failures(None).await.unwrap(), 1);
+    let stats = store.statistics().await.unwrap();
+    assert_eq!((stats.dead_letters, stats.failures), (0, 0));
+    // A cleared dead letter's event can be dead-lettered again.
+    store
+        .add_dead_letter(dead_letter("mailer", 1))
+        .await
+        .unwrap();
+    assert_eq!(store.dead_letters(None).await.unwrap().len(), 1);
 }
 
 /// Statistics count events by type, aggregates, the log's ends, checkpoints with lag,

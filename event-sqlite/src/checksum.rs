@@ -1,0 +1,388 @@
+//! The checksum of an event's stored fields, and the checks every read of an event row runs.
+//!
+//! SQLite keeps no checksum of a row: a flipped bit in a payload or an id reads back as if
+//! it had been stored that way. So the writer stores, with each event, a 64-bit checksum of
+//! every stored field of the row, and each read recomputes it from the bytes SQLite lends
+//! and compares. The fields are hashed with XXH3 in one unambiguous encoding, without
+//! copying them: each byte field (event id, aggregate type and id, event type, metadata,
+//! payload) is hashed on its own, then fixed sequences of little-endian words are hashed:
+//! the integer fields, whether there is metadata, and each byte field's length and hash.
+//!
+//! The checksum has two 32-bit halves (see [`StoredEvent::checksum`]): one over what a
+//! replay hands out, one over the whole row. A replay, the hot path of every command, reads
+//! and checks the five columns it needs and no more: each column read through SQLite's API
+//! costs about as much as hashing a whole row. Every other read checks both halves. 32 bits
+//! per half leave one damaged row in four billion undetected by it.
+
+use eventfold_core::{Error, Metadata};
+use uuid::Uuid;
+use xxhash_rust::xxh3::xxh3_64;
+
+/// The fields of an event row as they are stored, each lent by SQLite (or by the writer
+/// before the insert).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StoredEvent<'r> {
+    pub(crate) position: i64,
+    pub(crate) event_id: &'r [u8],
+    pub(crate) aggregate_type: &'r [u8],
+    pub(crate) aggregate_id: &'r [u8],
+    pub(crate) version: i64,
+    pub(crate) event_type: &'r [u8],
+    pub(crate) schema_version: i64,
+    pub(crate) occurred_at: i64,
+    pub(crate) recorded_at: i64,
+    pub(crate) metadata: Option<&'r [u8]>,
+    pub(crate) payload: &'r [u8],
+}
+
+/// XXH3 over a fixed sequence of little-endian words.
+fn hash_words<const N: usize>(words: [u64; N]) -> u64 {
+    // N is 4, 7 or 9: the buffer is on the stack and the loop unrolls.
+    let mut bytes = [[0u8; 8]; N];
+    for (chunk, word) in bytes.iter_mut().zip(words) {
+        *chunk = word.to_le_bytes();
+    }
+    xxh3_64(bytes.as_flattened())
+}
+
+/// A byte field as two words: its length and its hash.
+fn field(bytes: &[u8]) -> [u64; 2] {
+    [bytes.len() as u64, xxh3_64(bytes)]
+}
+
+/// The hash of a stream's identity, the same for all its events: a replay computes it
+/// once.
+pub(crate) fn stream_hash(aggregate_type: &[u8], aggregate_id: &[u8]) -> u64 {
+    let [type_len, type_hash] = field(aggregate_type);
+    let [id_len, id_hash] = field(aggregate_id);
+    hash_words([type_len, type_hash, id_len, id_hash])
+}
+
+/// The hash of what a replay hands out: the stream, the version, the event type, the
+/// schema version and the payload.
+pub(crate) fn core_hash(
+    stream_hash: u64,
+    version: i64,
+    event_type: &[u8],
+    schema_version: i64,
+    payload: &[u8],
+) -> u64 {
+    let [type_len, type_hash] = field(event_type);
+    let [payload_len, payload_hash] = field(payload);
+    hash_words([
+        stream_hash,
+        version as u64,
+        schema_version as u64,
+        type_len,
+        type_hash,
+        payload_len,
+        payload_hash,
+    ])
+}
+
+/// True when the core half of a stored checksum matches `core` (see
+/// [`StoredEvent::checksum`]).
+pub(crate) fn core_matches(checksum: i64, core: u64) -> bool {
+    (checksum as u64) >> 32 == core >> 32
+}
+
+impl<'r> StoredEvent<'r> {
+    /// The checksum of the fields, as the store keeps it: the high 32 bits are those of
+    /// the core hash ([`core_hash`]: what a replay hands out), the low 32 bits those of the
+    /// hash of the core hash with every other field (position, event id, both times,
+    /// metadata). A replay checks the core half without reading the other fields; every
+    /// other read checks both halves, so each read checks every field it returns.
+    pub(crate) fn checksum(&self) -> i64 {
+        let core = core_hash(
+            stream_hash(self.aggregate_type, self.aggregate_id),
+            self.version,
+            self.event_type,
+            self.schema_version,
+            self.payload,
+        );
+        let [id_len, id_hash] = field(self.event_id);
+        let [meta_len, meta_hash] = self.metadata.map_or([0, 0], field);
+        let full = hash_words([
+            core,
+            self.position as u64,
+            id_len,
+            id_hash,
+            self.occurred_at as u64,
+            self.recorded_at as u64,
+            u64::from(self.metadata.is_some()),
+            meta_len,
+            meta_hash,
+        ]);
+        ((core & 0xffff_ffff_0000_0000) | (full & 0xffff_ffff)) as i64
+    }
+
+    /// The event id, if it is one.
+    pub(crate) fn id(&self) -> Option<Uuid> {
+        Uuid::from_slice(self.event_id).ok()
+    }
+
+    /// Checks the row against its stored checksum and the store's ranges, and lends its
+    /// text fields as `str` (but the metadata: see [`decode_metadata`]). Every problem found goes to `problems` (which stays empty, and
+    /// so unallocated, for a sound row); the fields are returned only when there is none.
+    pub(crate) fn check(
+        &self,
+        checksum: Option<i64>,
+        problems: &mut Vec<String>,
+    ) -> Option<CheckedEvent<'r>> {
+        match checksum {
+            Some(stored) if stored == self.checksum() => {}
+            Some(_) => problems.push("its checksum does not match its fields".to_owned()),
+            None => problems.push("it has no checksum".to_owned()),
+        }
+        let event_id = self.id();
+        if event_id.is_none() {
+            problems.push(format!(
+                "its event id is {} bytes long, not 16",
+                self.event_id.len()
+            ));
+        }
+        let mut text = |bytes: &'r [u8], what: &str| match std::str::from_utf8(bytes) {
+            Ok(text) => Some(text),
+            Err(e) => {
+                problems.push(format!("its {what} is not UTF-8 ({e})"));
+                None
+            }
+        };
+        let aggregate_type = text(self.aggregate_type, "aggregate type");
+        let aggregate_id = text(self.aggregate_id, "aggregate id");
+        let event_type = text(self.event_type, "event type");
+        let payload = text(self.payload, "payload");
+        if self.position < 1 {
+            problems.push(format!("its position {} is below 1", self.position));
+        }
+        if self.version < 1 {
+            problems.push(format!("its version {} is below 1", self.version));
+        }
+        let schema_version = u32::try_from(self.schema_version).ok().filter(|v| *v >= 1);
+        if schema_version.is_none() {
+            problems.push(format!(
+                "its schema version {} is out of range",
+                self.schema_version
+            ));
+        }
+        if !problems.is_empty() {
+            return None;
+        }
+        Some(CheckedEvent {
+            event_id: event_id?,
+            aggregate_type: aggregate_type?,
+            aggregate_id: aggregate_id?,
+            version: self.version as u64,
+            event_type: event_type?,
+            schema_version: schema_version?,
+            payload: payload?,
+        })
+    }
+
+    /// The error of a row that failed [`check`](Self::check).
+    pub(crate) fn corrupt(&self, problems: &[String]) -> Error {
+        corrupt_event(self.id(), self.position, problems)
+    }
+}
+
+/// The error naming a damaged event row.
+pub(crate) fn corrupt_event(event_id: Option<Uuid>, position: i64, problems: &[String]) -> Error {
+    Error::CorruptEvent {
+        event_id,
+        // Positions start at 1: 0 stands for one that cannot be read.
+        position: u64::try_from(position).ok().filter(|p| *p > 0),
+        reason: problems.join("; "),
+    }
+}
+
+/// The fields of a row that passed its checks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CheckedEvent<'r> {
+    pub(crate) event_id: Uuid,
+    pub(crate) aggregate_type: &'r str,
+    pub(crate) aggregate_id: &'r str,
+    pub(crate) version: u64,
+    pub(crate) event_type: &'r str,
+    pub(crate) schema_version: u32,
+    pub(crate) payload: &'r str,
+}
+
+/// The stored metadata, or the problem that keeps it from decoding. Read apart from
+/// [`StoredEvent::check`]: a replay hashes the metadata but never hands it out.
+pub(crate) fn decode_metadata(stored: Option<&[u8]>) -> Result<Metadata, String> {
+    let Some(bytes) = stored else {
+        return Ok(Metadata::default());
+    };
+    let json =
+        std::str::from_utf8(bytes).map_err(|e| format!("its metadata is not UTF-8 ({e})"))?;
+    serde_json::from_str(json).map_err(|e| format!("its metadata does not decode ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row<'a>(payload: &'a [u8], metadata: Option<&'a [u8]>) -> StoredEvent<'a> {
+        StoredEvent {
+            position: 7,
+            event_id: &[1; 16],
+            aggregate_type: b"Meter",
+            aggregate_id: b"m-1",
+            version: 3,
+            event_type: b"MeterRead",
+            schema_version: 1,
+            occurred_at: 11,
+            recorded_at: 12,
+            metadata,
+            payload,
+        }
+    }
+
+    #[test]
+    fn one_flipped_bit_in_any_field_changes_the_checksum() {
+        let payload = br#"{"units":7}"#.to_vec();
+        let metadata = br#"{"values":{"by":"test"}}"#.to_vec();
+        let base = row(&payload, Some(&metadata));
+        let sum = base.checksum();
+        let ints: [for<'a, 'b> fn(&'a mut StoredEvent<'b>) -> &'a mut i64; 5] = [
+            |e| &mut e.position,
+            |e| &mut e.version,
+            |e| &mut e.schema_version,
+            |e| &mut e.occurred_at,
+            |e| &mut e.recorded_at,
+        ];
+        for field in ints {
+            for bit in 0..64 {
+                let mut event = base;
+                *field(&mut event) ^= 1 << bit;
+                assert_ne!(event.checksum(), sum);
+            }
+        }
+        type Set = fn(&mut StoredEvent<'_>, &'static [u8]);
+        let texts: [(&[u8], Set); 6] = [
+            (&[1; 16], |e, b| e.event_id = b),
+            (b"Meter", |e, b| e.aggregate_type = b),
+            (b"m-1", |e, b| e.aggregate_id = b),
+            (b"MeterRead", |e, b| e.event_type = b),
+            (br#"{"values":{"by":"test"}}"#, |e, b| e.metadata = Some(b)),
+            (br#"{"units":7}"#, |e, b| e.payload = b),
+        ];
+        for (bytes, set) in texts {
+            for i in 0..bytes.len() {
+                for bit in 0..8 {
+                    let mut flipped = bytes.to_vec();
+                    flipped[i] ^= 1 << bit;
+                    let mut event = base;
+                    set(&mut event, Vec::leak(flipped));
+                    assert_ne!(event.checksum(), sum);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_core_half_covers_what_a_replay_hands_out_and_only_that() {
+        let base = row(b"{}", Some(b"{}"));
+        let core = |e: &StoredEvent<'_>| e.checksum() as u64 >> 32;
+        let full = |e: &StoredEvent<'_>| e.checksum() as u64 & 0xffff_ffff;
+        for other in [
+            StoredEvent {
+                position: 8,
+                ..base
+            },
+            StoredEvent {
+                event_id: &[2; 16],
+                ..base
+            },
+            StoredEvent {
+                occurred_at: 10,
+                ..base
+            },
+            StoredEvent {
+                recorded_at: 10,
+                ..base
+            },
+            StoredEvent {
+                metadata: None,
+                ..base
+            },
+        ] {
+            assert_eq!(core(&other), core(&base));
+            assert_ne!(full(&other), full(&base));
+        }
+        for handed_out in [
+            StoredEvent {
+                aggregate_id: b"m-2",
+                ..base
+            },
+            StoredEvent { version: 4, ..base },
+            StoredEvent {
+                event_type: b"MeterNoted",
+                ..base
+            },
+            StoredEvent {
+                schema_version: 2,
+                ..base
+            },
+            StoredEvent {
+                payload: b"[]",
+                ..base
+            },
+        ] {
+            assert_ne!(core(&handed_out), core(&base));
+            assert_ne!(full(&handed_out), full(&base));
+        }
+        let replayed = core_hash(
+            stream_hash(base.aggregate_type, base.aggregate_id),
+            base.version,
+            base.event_type,
+            base.schema_version,
+            base.payload,
+        );
+        assert!(core_matches(base.checksum(), replayed));
+    }
+
+    #[test]
+    fn moving_bytes_between_fields_changes_the_checksum() {
+        let a = StoredEvent {
+            aggregate_id: b"m-1x",
+            event_type: b"Read",
+            ..row(b"{}", None)
+        };
+        let b = StoredEvent {
+            aggregate_id: b"m-1",
+            event_type: b"xRead",
+            ..row(b"{}", None)
+        };
+        assert_ne!(a.checksum(), b.checksum());
+        // No metadata and empty metadata differ too.
+        assert_ne!(
+            row(b"{}", None).checksum(),
+            row(b"{}", Some(b"")).checksum()
+        );
+    }
+
+    #[test]
+    fn every_problem_of_a_row_is_listed() {
+        let bad = StoredEvent {
+            event_id: &[1; 3],
+            payload: b"\xff",
+            version: -1,
+            schema_version: 0,
+            ..row(b"{}", None)
+        };
+        let mut problems = Vec::new();
+        assert!(bad.check(Some(bad.checksum()), &mut problems).is_none());
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        let good = row(b"{}", None);
+        let mut problems = Vec::new();
+        assert!(
+            good.check(Some(good.checksum() ^ 1), &mut problems)
+                .is_none()
+        );
+        assert_eq!(problems, ["its checksum does not match its fields"]);
+        let mut problems = Vec::new();
+        assert!(good.check(Some(good.checksum()), &mut problems).is_some());
+        assert!(problems.is_empty());
+    }
+}
