@@ -258,10 +258,10 @@ impl RawStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let actual = raw_stream_version(&tx, aggregate_id)?;
-        if let Some(expected) = expected {
-            if expected != actual {
-                return Err(format!("version conflict: {expected} != {actual}").into());
-            }
+        if let Some(expected) = expected
+            && expected != actual
+        {
+            return Err(format!("version conflict: {expected} != {actual}").into());
         }
         let metadata = match correlation {
             Some(correlation_id) => Some(serde_json::to_string(&RawMetadata { correlation_id })?),
@@ -509,7 +509,7 @@ fn median(values: &[f64]) -> f64 {
 
 /// Alternates which side runs first, so drift on a shared machine hits both alike.
 fn sides(repeat: usize) -> [Side; 2] {
-    if repeat % 2 == 0 {
+    if repeat.is_multiple_of(2) {
         [Side::Eventfold, Side::Raw]
     } else {
         [Side::Raw, Side::Eventfold]

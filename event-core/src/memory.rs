@@ -301,15 +301,15 @@ impl EventStore for InMemoryEventStore {
     async fn add_dead_letter(&self, dl: NewDeadLetter) -> Result<u64> {
         let mut inner = self.lock();
         let key = (dl.subscription, dl.event_id);
-        if let Some(&id) = inner.dead_letter_ids.get(&key) {
-            if let Some(stored) = inner.dead_letters.get_mut(&id) {
-                stored.position = dl.position;
-                stored.event_type = dl.event_type;
-                stored.error = dl.error;
-                stored.attempts = stored.attempts.saturating_add(dl.attempts);
-                stored.last_failed_at = dl.last_failed_at;
-                return Ok(id);
-            }
+        if let Some(&id) = inner.dead_letter_ids.get(&key)
+            && let Some(stored) = inner.dead_letters.get_mut(&id)
+        {
+            stored.position = dl.position;
+            stored.event_type = dl.event_type;
+            stored.error = dl.error;
+            stored.attempts = stored.attempts.saturating_add(dl.attempts);
+            stored.last_failed_at = dl.last_failed_at;
+            return Ok(id);
         }
         let (subscription, _) = key;
         inner.next_dead_letter += 1;

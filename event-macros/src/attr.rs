@@ -266,10 +266,10 @@ fn peel(mut expr: &Expr) -> &Expr {
 }
 
 fn string(cx: &Ctxt, key: &str, value: &Expr, example: &str) -> Option<LitStr> {
-    if let Expr::Lit(lit) = peel(value) {
-        if let Lit::Str(s) = &lit.lit {
-            return Some(s.clone());
-        }
+    if let Expr::Lit(lit) = peel(value)
+        && let Lit::Str(s) = &lit.lit
+    {
+        return Some(s.clone());
     }
     cx.error_spanned_by(
         value,
@@ -302,14 +302,14 @@ fn version(cx: &Ctxt, value: &Expr) -> Option<u32> {
             }
         }
         Expr::Unary(unary) if matches!(unary.op, UnOp::Neg(_)) => {
-            if let Expr::Lit(lit) = peel(&unary.expr) {
-                if let Lit::Int(_) = lit.lit {
-                    cx.error_spanned_by(
-                        value,
-                        "schema versions start at 1: use `version = 1` or more",
-                    );
-                    return None;
-                }
+            if let Expr::Lit(lit) = peel(&unary.expr)
+                && let Lit::Int(_) = lit.lit
+            {
+                cx.error_spanned_by(
+                    value,
+                    "schema versions start at 1: use `version = 1` or more",
+                );
+                return None;
             }
         }
         _ => {}

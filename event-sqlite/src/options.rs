@@ -203,13 +203,13 @@ impl SqliteOptions {
         if self.max_batch_events == 0 {
             return invalid("max_batch_events", "must be at least 1".into());
         }
-        if let Some(pages) = self.max_page_count {
-            if pages == 0 || pages > SQLITE_MAX_PAGE_COUNT {
-                return invalid(
-                    "max_page_count",
-                    format!("{pages} is not between 1 and {SQLITE_MAX_PAGE_COUNT}"),
-                );
-            }
+        if let Some(pages) = self.max_page_count
+            && (pages == 0 || pages > SQLITE_MAX_PAGE_COUNT)
+        {
+            return invalid(
+                "max_page_count",
+                format!("{pages} is not between 1 and {SQLITE_MAX_PAGE_COUNT}"),
+            );
         }
         Ok(())
     }

@@ -160,14 +160,14 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
     };
     let conn = match location {
         Location::File(path) => {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                if !dir.is_dir() {
-                    return Err(Error::CannotOpen {
-                        path: name,
-                        message: format!("the directory `{}` does not exist", dir.display()),
-                        source: None,
-                    });
-                }
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                && !dir.is_dir()
+            {
+                return Err(Error::CannotOpen {
+                    path: name,
+                    message: format!("the directory `{}` does not exist", dir.display()),
+                    source: None,
+                });
             }
             Connection::open_with_flags(path, flags)
         }

@@ -499,15 +499,15 @@ impl Writer {
         self.counters
             .in_progress
             .store(group.commands.len(), Ordering::Relaxed);
-        if self.suspect {
-            if let Err(fault) = self.recheck() {
-                tracing::warn!(error = %fault.to_error(), "the SQLite writer is not usable yet");
-                self.counters.in_progress.store(0, Ordering::Relaxed);
-                for command in group.commands {
-                    command.answer(Answer::Failed(fault.clone().into()));
-                }
-                return;
+        if self.suspect
+            && let Err(fault) = self.recheck()
+        {
+            tracing::warn!(error = %fault.to_error(), "the SQLite writer is not usable yet");
+            self.counters.in_progress.store(0, Ordering::Relaxed);
+            for command in group.commands {
+                command.answer(Answer::Failed(fault.clone().into()));
             }
+            return;
         }
         // Answers that stand whatever happens to the rest of the group.
         let mut settled: Vec<Option<Answer>> = group.commands.iter().map(|_| None).collect();
@@ -646,10 +646,10 @@ impl Writer {
             return Answer::Failed(fault.into());
         }
         let mut answer = self.execute_caught(command, state);
-        if !answer.failed() {
-            if let Err(fault) = self.savepoint("RELEASE write") {
-                answer = Answer::Failed(fault.into());
-            }
+        if !answer.failed()
+            && let Err(fault) = self.savepoint("RELEASE write")
+        {
+            answer = Answer::Failed(fault.into());
         }
         if answer.failed() {
             state.head = head_before;
