@@ -33,7 +33,6 @@ use crate::registry::registry;
 /// struct Overflow;
 ///
 /// impl Aggregate for Counter {
-///     const TYPE: &'static str = "Counter";
 ///     type Event = CounterEvent;
 ///     type Command = u32;
 ///     type Error = Overflow;
@@ -60,6 +59,12 @@ pub struct AggregateTest<A: Aggregate> {
 impl<A: Aggregate> AggregateTest<A> {
     /// Starts from the state these events fold into.
     pub fn given(events: impl IntoIterator<Item = A::Event>) -> Self {
+        const {
+            assert!(
+                crate::aggregate::aggregate_type_agrees::<A>(),
+                crate::aggregate::aggregate_type_differs!()
+            )
+        };
         let mut state = A::default();
         for event in events {
             state.apply(&event);
