@@ -132,8 +132,22 @@ fn a_group_stands_for_the_event_types_of_its_members() {
         ]
     );
     for (event, member_payload) in [
-        (opened("w-1"), Opened { wallet: "w-1".into(), owner: "ada".into() }.to_payload()),
-        (credited("w-1", 5), Credited { wallet: "w-1".into(), cents: 5 }.to_payload()),
+        (
+            opened("w-1"),
+            Opened {
+                wallet: "w-1".into(),
+                owner: "ada".into(),
+            }
+            .to_payload(),
+        ),
+        (
+            credited("w-1", 5),
+            Credited {
+                wallet: "w-1".into(),
+                cents: 5,
+            }
+            .to_payload(),
+        ),
         (WalletEvent::Closed(Closed), Closed.to_payload()),
     ] {
         // Each event keeps its member's name, version, aggregate id and payload.
@@ -187,7 +201,11 @@ fn upcasters_run_by_the_member_name_when_decoding_the_group() {
     assert_eq!(group, credited("w-1", 300));
     assert!(matches!(
         registry().decode::<WalletEvent>("GroupWalletCredited", 3, "{}"),
-        Err(Error::SchemaTooNew { stored: 3, known: 2, .. })
+        Err(Error::SchemaTooNew {
+            stored: 3,
+            known: 2,
+            ..
+        })
     ));
 }
 
@@ -250,7 +268,11 @@ async fn the_repository_stores_members_and_replays_them_into_the_group() {
     let names: Vec<&str> = rows.iter().map(|r| &*r.event_type).collect();
     assert_eq!(
         names,
-        ["GroupWalletOpened", "GroupWalletCredited", "GroupWalletCredited"]
+        [
+            "GroupWalletOpened",
+            "GroupWalletCredited",
+            "GroupWalletCredited"
+        ]
     );
     assert_eq!(rows[1].schema_version, 2);
     assert_eq!(rows[0].decode::<WalletEvent>().unwrap(), opened("w-1"));
@@ -296,7 +318,10 @@ type Log = Arc<Mutex<Vec<String>>>;
 #[tokio::test]
 async fn the_durable_bus_delivers_members_to_group_and_member_subscriptions() {
     let store = store();
-    let bus = EventBus::builder().store(Arc::clone(&store)).build().unwrap();
+    let bus = EventBus::builder()
+        .store(Arc::clone(&store))
+        .build()
+        .unwrap();
     let by_group: Log = Arc::default();
     let by_member: Log = Arc::default();
     let log = Arc::clone(&by_group);
@@ -308,7 +333,9 @@ async fn the_durable_bus_delivers_members_to_group_and_member_subscriptions() {
     .unwrap();
     let log = Arc::clone(&by_member);
     bus.subscribe("wallet-credits", move |d: Delivery<Credited>| {
-        log.lock().unwrap().push(format!("{}:{}", d.record().aggregate_id, d.event().cents));
+        log.lock()
+            .unwrap()
+            .push(format!("{}:{}", d.record().aggregate_id, d.event().cents));
         async { Ok::<_, Error>(()) }
     })
     .register()
@@ -386,7 +413,11 @@ async fn the_transient_bus_hands_a_group_to_member_subscriptions_and_back() {
     bus.wait_idle().await.unwrap();
     assert_eq!(
         *by_group.lock().unwrap(),
-        ["GroupWalletOpened", "GroupWalletOpened", "GroupWalletClosed"]
+        [
+            "GroupWalletOpened",
+            "GroupWalletOpened",
+            "GroupWalletClosed"
+        ]
     );
     assert_eq!(*by_member.lock().unwrap(), ["ada", "eve"]);
     bus.stop().await.unwrap();

@@ -80,9 +80,7 @@ extern crate self as eventfold;
 /// without notice, in lockstep with `eventfold-macros`.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::event::group::{
-        concat_event_types, has_event_type, names_are_distinct, str_eq,
-    };
+    pub use crate::event::group::{concat_event_types, has_event_type, names_are_distinct, str_eq};
     pub use crate::event::payload::{deserialize_variant, enum_payload};
     pub use crate::event::{DomainEvent, EventType};
     pub use crate::registry::{EventRegistration, UpcasterRegistration};

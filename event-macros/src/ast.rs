@@ -98,9 +98,9 @@ impl<'a> Input<'a> {
     }
 
     /// Whether this is a group: an enum whose variants each hold one event type of its own
-    /// (`#[domain_event(group)]`).
+    /// (`#[domain_event(group)]`, even with a value refused: its checks apply).
     pub(crate) fn is_group(&self) -> bool {
-        self.attrs.group.is_some()
+        self.attrs.has("group")
     }
 
     /// The version an event type has unless it says otherwise.

@@ -117,8 +117,6 @@ pub(crate) struct Attrs {
     pub(crate) krate: Option<Path>,
     /// The `aggregate_id` flag, by the span of the word.
     pub(crate) aggregate_id: Option<Span>,
-    /// The `group` flag, by the span of the word.
-    pub(crate) group: Option<Span>,
     /// Every key given in its place, with a valid value or not.
     given: Vec<&'static str>,
 }
@@ -167,12 +165,10 @@ pub(crate) fn parse(cx: &Ctxt, attrs: &[Attribute], position: Position) -> Attrs
                     );
                     return skip_value(&meta);
                 }
-                let flag = if key == "group" {
-                    &mut out.group
-                } else {
-                    &mut out.aggregate_id
-                };
-                *flag = Some(meta.path.span());
+                // `group` is known by `has("group")`; `aggregate_id` keeps its span.
+                if key == "aggregate_id" {
+                    out.aggregate_id = Some(meta.path.span());
+                }
                 return Ok(());
             }
 

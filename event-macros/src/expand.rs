@@ -240,13 +240,12 @@ fn expand_group(input: &Input<'_>) -> TokenStream {
         .map(|(variant, _)| quote!(Self::#variant(__member)))
         .collect();
     let variant_idents: Vec<&Ident> = variants.iter().map(|(v, _)| *v).collect();
-    let members: Vec<&Type> = variants.iter().map(|(_, ty)| *ty).collect();
 
     let (aggregate, checked, against) = match &input.attrs.aggregate {
         Some(lit) => (quote!(#lit), &variants[..], format!("`{}`", lit.value())),
         None => {
             let first = &impls[0];
-            let first_name = members[0].to_token_stream().to_string();
+            let first_name = variants[0].1.to_token_stream().to_string();
             (
                 quote!(#first::AGGREGATE_TYPE),
                 &variants[1..],
@@ -271,6 +270,17 @@ fn expand_group(input: &Input<'_>) -> TokenStream {
                 ),
                 #message,
             );
+        }
+    });
+    // At the member's tokens: two names of one type (an alias) conflict there.
+    let from_impls = variants.iter().map(|(variant, ty)| {
+        quote_spanned! {ty.span()=>
+            #[automatically_derived]
+            impl #private::From<#ty> for #ident #where_clause {
+                fn from(__member: #ty) -> Self {
+                    Self::#variant(__member)
+                }
+            }
         }
     });
     let distinct_message = format!(
@@ -340,14 +350,7 @@ fn expand_group(input: &Input<'_>) -> TokenStream {
                 }
             }
 
-            #(
-                #[automatically_derived]
-                impl #private::From<#members> for #ident #where_clause {
-                    fn from(__member: #members) -> Self {
-                        Self::#variant_idents(__member)
-                    }
-                }
-            )*
+            #(#from_impls)*
 
             #(#aggregate_checks)*
             const _: () = ::core::assert!(

@@ -95,8 +95,8 @@ fn check_group(cx: &Ctxt, input: &Input<'_>) {
         );
     }
     if input.attrs.has("version") {
-        cx.error_at(
-            input.attrs.group.expect("a group has the flag"),
+        cx.error_spanned_by(
+            input.ident,
             "a group takes no `version`: each member keeps the schema version of its own type",
         );
     }
