@@ -137,6 +137,38 @@ pub(crate) mod group {
     pub fn has_event_type(types: &[EventType], name: &str) -> bool {
         types.iter().any(|t| t.name == name)
     }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const A: &[EventType] = &[EventType::new("Opened", 1)];
+        const B: &[EventType] = &[EventType::new("Credited", 2), EventType::new("Closed", 1)];
+        const BOTH: &[EventType] = &concat_event_types::<3>(&[A, B]);
+
+        #[test]
+        fn strings_compare_at_compile_time() {
+            const { assert!(str_eq("Account", "Account")) };
+            assert!(!str_eq("Account", "Acount"));
+            assert!(!str_eq("Account", "Accounts"));
+            assert!(str_eq("", ""));
+        }
+
+        #[test]
+        fn members_event_types_are_concatenated_in_order() {
+            assert_eq!(BOTH, [A[0], B[0], B[1]]);
+            assert!(has_event_type(BOTH, "Closed"));
+            assert!(!has_event_type(A, "Closed"));
+        }
+
+        #[test]
+        fn a_name_twice_is_found() {
+            assert!(names_are_distinct(BOTH));
+            assert!(names_are_distinct(&[]));
+            let twice = concat_event_types::<4>(&[BOTH, A]);
+            assert!(!names_are_distinct(&twice));
+        }
+    }
 }
 
 /// Helpers for the code `#[derive(DomainEvent)]` generates.

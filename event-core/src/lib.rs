@@ -22,7 +22,6 @@
 //! struct Counter { total: u64 }
 //!
 //! impl Aggregate for Counter {
-//!     const TYPE: &'static str = "Counter";
 //!     type Event = CounterEvent;
 //!     type Command = u64;
 //!     type Error = std::convert::Infallible;

@@ -452,7 +452,6 @@ struct Meter {
 }
 
 impl eventfold_core::Aggregate for Meter {
-    const TYPE: &'static str = "Meter";
     type Event = MeterEvent;
     type Command = ();
     type Error = std::convert::Infallible;
