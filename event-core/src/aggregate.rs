@@ -29,8 +29,8 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     ///
     /// It is the events' aggregate type (`#[domain_event(aggregate = "..")]`), so the
     /// repository and the bus name a stream alike; leave it out. An override that differs
-    /// from the events' fails to compile where a [`Repository`] or an
-    /// [`AggregateTest`](crate::testing::AggregateTest) of the aggregate is built.
+    /// from the events' fails to compile where a [`Repository`] of the aggregate is built
+    /// or an [`AggregateTest`](crate::testing::AggregateTest) of it runs a command.
     const TYPE: &'static str = <Self::Event as DomainEvent>::AGGREGATE_TYPE;
 
     /// The snapshot schema version. Raise it when the state's shape changes: snapshots of

@@ -59,12 +59,6 @@ pub struct AggregateTest<A: Aggregate> {
 impl<A: Aggregate> AggregateTest<A> {
     /// Starts from the state these events fold into.
     pub fn given(events: impl IntoIterator<Item = A::Event>) -> Self {
-        const {
-            assert!(
-                crate::aggregate::aggregate_type_agrees::<A>(),
-                crate::aggregate::aggregate_type_differs!()
-            )
-        };
         let mut state = A::default();
         for event in events {
             state.apply(&event);
@@ -79,6 +73,14 @@ impl<A: Aggregate> AggregateTest<A> {
 
     /// Handles the command.
     pub fn when(self, command: A::Command) -> Then<A> {
+        // Here, not in `given`, which `given_nothing` calls: the error then names the
+        // test's own call.
+        const {
+            assert!(
+                crate::aggregate::aggregate_type_agrees::<A>(),
+                crate::aggregate::aggregate_type_differs!()
+            )
+        };
         let result = self.state.handle(command);
         Then {
             state: self.state,
