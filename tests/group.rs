@@ -473,3 +473,50 @@ async fn a_dead_letter_of_a_member_published_as_the_group_replays() {
     assert!(bus.dead_letters(Some("credits")).await.unwrap().is_empty());
     bus.stop().await.unwrap();
 }
+
+/// An enum deriving `DomainEvent` can be a member too, next to structs, and the group can
+/// name its aggregate type itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+#[domain_event(aggregate = "GroupWallet")]
+enum Limits {
+    #[domain_event(name = "GroupWalletLimitRaised")]
+    Raised { to: u64 },
+    #[domain_event(name = "GroupWalletLimitCleared")]
+    Cleared,
+}
+
+#[derive(Debug, Clone, PartialEq, DomainEvent)]
+#[domain_event(aggregate = "GroupWallet", group)]
+enum WalletAdminEvent {
+    Limits(Limits),
+    Closed(Closed),
+}
+
+#[test]
+fn an_enum_member_brings_all_its_event_types() {
+    assert_eq!(
+        WalletAdminEvent::EVENT_TYPES,
+        &[
+            EventType::new("GroupWalletLimitRaised", 1),
+            EventType::new("GroupWalletLimitCleared", 1),
+            EventType::new("GroupWalletClosed", 1),
+        ]
+    );
+    let raised = WalletAdminEvent::Limits(Limits::Raised { to: 9 });
+    assert_eq!(raised.to_payload().unwrap(), r#"{"to":9}"#);
+    for event in [
+        raised,
+        WalletAdminEvent::Limits(Limits::Cleared),
+        WalletAdminEvent::Closed(Closed),
+    ] {
+        let payload = event.to_payload().unwrap();
+        let back: WalletAdminEvent = registry()
+            .decode(event.event_type(), event.schema_version(), &payload)
+            .unwrap();
+        assert_eq!(back, event);
+    }
+    // Two groups may share a member: neither registers anything.
+    let closed: WalletEvent = registry().decode("GroupWalletClosed", 1, "null").unwrap();
+    assert_eq!(closed, WalletEvent::Closed(Closed));
+    registry().validate().unwrap();
+}
