@@ -272,17 +272,7 @@ fn expand_group(input: &Input<'_>) -> TokenStream {
             );
         }
     });
-    // At the member's tokens: two names of one type (an alias) conflict there.
-    let from_impls = variants.iter().map(|(variant, ty)| {
-        quote_spanned! {ty.span()=>
-            #[automatically_derived]
-            impl #private::From<#ty> for #ident #where_clause {
-                fn from(__member: #ty) -> Self {
-                    Self::#variant(__member)
-                }
-            }
-        }
-    });
+    let from_impls = group_from_impls(input, &private);
     let distinct_message = format!(
         "two members of the group `{ident}` share an event type name; \
          each event type is a member once"
@@ -350,7 +340,7 @@ fn expand_group(input: &Input<'_>) -> TokenStream {
                 }
             }
 
-            #(#from_impls)*
+            #from_impls
 
             #(#aggregate_checks)*
             const _: () = ::core::assert!(
@@ -359,4 +349,38 @@ fn expand_group(input: &Input<'_>) -> TokenStream {
             );
         };
     }
+}
+
+/// `From` each member for a group: for every newtype variant whose member no earlier
+/// variant holds (the derive's fallback emits them too, so that a mistake in one variant
+/// does not turn every `.into()` into an error).
+pub(crate) fn group_from_impls(input: &Input<'_>, private: &TokenStream) -> TokenStream {
+    let Data::Enum(data) = &input.data else {
+        return TokenStream::new();
+    };
+    let ident = input.ident;
+    let where_clause = &input.original.generics.where_clause;
+    let mut seen: Vec<String> = Vec::new();
+    let mut impls = TokenStream::new();
+    for variant in &data.variants {
+        let Some(ty) = variant.member() else {
+            continue;
+        };
+        let key = ty.to_token_stream().to_string();
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let variant = variant.ident;
+        // At the member's tokens: two names of one type (an alias) conflict there.
+        impls.extend(quote_spanned! {ty.span()=>
+            #[automatically_derived]
+            impl #private::From<#ty> for #ident #where_clause {
+                fn from(__member: #ty) -> Self {
+                    Self::#variant(__member)
+                }
+            }
+        });
+    }
+    impls
 }
