@@ -52,7 +52,8 @@ pub trait Aggregate: Default + Send + Sync + 'static {
 }
 
 /// Whether `A::TYPE` is its events' aggregate type; evaluated at compile time wherever a
-/// repository or a test of `A` is built, so that the two cannot drift apart.
+/// repository of `A` is built or a test of `A` runs a command, so that the two cannot drift
+/// apart.
 pub(crate) const fn aggregate_type_agrees<A: Aggregate>() -> bool {
     crate::event::group::str_eq(A::TYPE, <A::Event as DomainEvent>::AGGREGATE_TYPE)
 }
