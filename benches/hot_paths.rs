@@ -50,7 +50,6 @@ struct Account {
 struct Deposit(u64);
 
 impl Aggregate for Account {
-    const TYPE: &'static str = "Account";
     type Event = AccountEvent;
     type Command = Deposit;
     type Error = Infallible;

@@ -90,7 +90,6 @@ enum AccountCommand {
 }
 
 impl Aggregate for Account {
-    const TYPE: &'static str = "Account";
     type Event = AccountEvent;
     type Command = AccountCommand;
     type Error = Infallible;

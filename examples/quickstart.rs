@@ -54,7 +54,6 @@ enum AccountError {
 }
 
 impl Aggregate for Account {
-    const TYPE: &'static str = "Account";
     type Event = AccountEvent;
     type Command = AccountCommand;
     type Error = AccountError;

@@ -92,7 +92,6 @@ enum OrderError {
 }
 
 impl Aggregate for Order {
-    const TYPE: &'static str = "Order";
     type Event = OrderEvent;
     type Command = OrderCommand;
     type Error = OrderError;

@@ -37,7 +37,6 @@
 //! }
 //!
 //! impl Aggregate for Account {
-//!     const TYPE: &'static str = "Account";
 //!     type Event = AccountEvent;
 //!     type Command = AccountCommand;
 //!     type Error = AccountError;

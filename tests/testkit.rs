@@ -99,7 +99,6 @@ mod lossy {
     pub struct Lossy;
 
     impl Aggregate for Lossy {
-        const TYPE: &'static str = "Lossy";
         type Event = LossyEvent;
         type Command = String;
         type Error = std::convert::Infallible;

@@ -26,7 +26,12 @@ use cache::StateCache;
 /// `handle` decides which events a command causes, or refuses it with a domain error.
 pub trait Aggregate: Default + Send + Sync + 'static {
     /// The aggregate type name; streams are keyed by it and an id.
-    const TYPE: &'static str;
+    ///
+    /// It is the events' aggregate type (`#[domain_event(aggregate = "..")]`), so the
+    /// repository and the bus name a stream alike; leave it out. An override that differs
+    /// from the events' fails to compile where a [`Repository`] of the aggregate is built
+    /// or an [`AggregateTest`](crate::testing::AggregateTest) of it runs a command.
+    const TYPE: &'static str = <Self::Event as DomainEvent>::AGGREGATE_TYPE;
 
     /// The snapshot schema version. Raise it when the state's shape changes: snapshots of
     /// another version are ignored and the aggregate is rebuilt by full replay.
@@ -45,6 +50,23 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     /// Decides the events a command causes, from the current state.
     fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
 }
+
+/// Whether `A::TYPE` is its events' aggregate type; evaluated at compile time wherever a
+/// repository of `A` is built or a test of `A` runs a command, so that the two cannot drift
+/// apart.
+pub(crate) const fn aggregate_type_agrees<A: Aggregate>() -> bool {
+    crate::event::group::str_eq(A::TYPE, <A::Event as DomainEvent>::AGGREGATE_TYPE)
+}
+
+/// The message of a failed [`aggregate_type_agrees`].
+macro_rules! aggregate_type_differs {
+    () => {
+        "`Aggregate::TYPE` differs from the `aggregate` of its events \
+         (`DomainEvent::AGGREGATE_TYPE`); remove the `const TYPE` line, whose default is \
+         the events' aggregate type, or make the two agree"
+    };
+}
+pub(crate) use aggregate_type_differs;
 
 /// The result of [`Repository::execute`]: a domain refusal, or a failure to load or store.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +189,7 @@ impl<A: Aggregate> Repository<A> {
 
     /// A repository over `store`.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
+        const { assert!(aggregate_type_agrees::<A>(), aggregate_type_differs!()) };
         Repository {
             store,
             max_retries: Self::DEFAULT_MAX_RETRIES,

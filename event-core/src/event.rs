@@ -1,7 +1,6 @@
 //! The [`DomainEvent`] trait that `#[derive(DomainEvent)]` implements.
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use std::any::TypeId;
 
 /// One event type a Rust type stands for: its stored name and current schema version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,8 +25,15 @@ impl EventType {
 ///
 /// An enum stands for one event type per variant, a struct for one event type. The stored
 /// payload is the variant's (or struct's) own fields as JSON, without the enum's tag, so a
-/// variant can be renamed in Rust while its stored name stays put.
-pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
+/// variant can be renamed in Rust while its stored name stays put; such a type also
+/// implements serde's `Serialize` and `Deserialize`.
+///
+/// A *group* (`#[domain_event(group)]` on an enum of newtype variants) stands for the event
+/// types of its members, each itself a `DomainEvent`: it registers nothing of its own, and
+/// each event keeps its member's name, schema version, payload and aggregate id. A stored
+/// event of a member decodes into the group as well as into the member. A group needs no
+/// serde impls, which is why they are not supertraits here.
+pub trait DomainEvent: Send + Sync + 'static {
     /// The aggregate type the events belong to, e.g. `"Account"`.
     const AGGREGATE_TYPE: &'static str;
 
@@ -57,6 +63,112 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
     where
         D: serde::Deserializer<'de>,
         Self: Sized;
+
+    /// Whether the event types registered by the Rust type `registered` decode into this
+    /// type: the type itself, or for a group one of its members.
+    ///
+    /// Called by the registry before decoding; a group's derive overrides it.
+    #[doc(hidden)]
+    fn __decodes_from(registered: TypeId) -> bool
+    where
+        Self: Sized,
+    {
+        registered == TypeId::of::<Self>()
+    }
+}
+
+/// Helpers for the code `#[derive(DomainEvent)]` generates for a group, and for the
+/// compile-time check of an aggregate's type.
+pub(crate) mod group {
+    use super::EventType;
+
+    /// Whether two strings are equal, at compile time.
+    pub const fn str_eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    /// The event types of a group's members, one after the other; `N` is their count.
+    pub const fn concat_event_types<const N: usize>(
+        members: &[&'static [EventType]],
+    ) -> [EventType; N] {
+        let mut out = [EventType::new("", 0); N];
+        let (mut m, mut k) = (0, 0);
+        while m < members.len() {
+            let mut t = 0;
+            while t < members[m].len() {
+                out[k] = members[m][t];
+                k += 1;
+                t += 1;
+            }
+            m += 1;
+        }
+        assert!(k == N, "the count of a group's event types is their sum");
+        out
+    }
+
+    /// Whether no two event types share a name.
+    pub const fn names_are_distinct(types: &[EventType]) -> bool {
+        let mut i = 0;
+        while i < types.len() {
+            let mut j = i + 1;
+            while j < types.len() {
+                if str_eq(types[i].name, types[j].name) {
+                    return false;
+                }
+                j += 1;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    /// Whether `name` is one of `types`: which member of a group an event type is.
+    pub fn has_event_type(types: &[EventType], name: &str) -> bool {
+        types.iter().any(|t| t.name == name)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const A: &[EventType] = &[EventType::new("Opened", 1)];
+        const B: &[EventType] = &[EventType::new("Credited", 2), EventType::new("Closed", 1)];
+        const BOTH: &[EventType] = &concat_event_types::<3>(&[A, B]);
+
+        #[test]
+        fn strings_compare_at_compile_time() {
+            const { assert!(str_eq("Account", "Account")) };
+            assert!(!str_eq("Account", "Acount"));
+            assert!(!str_eq("Account", "Accounts"));
+            assert!(str_eq("", ""));
+        }
+
+        #[test]
+        fn members_event_types_are_concatenated_in_order() {
+            assert_eq!(BOTH, [A[0], B[0], B[1]]);
+            assert!(has_event_type(BOTH, "Closed"));
+            assert!(!has_event_type(A, "Closed"));
+        }
+
+        #[test]
+        fn a_name_twice_is_found() {
+            assert!(names_are_distinct(BOTH));
+            assert!(names_are_distinct(&[]));
+            let twice = concat_event_types::<4>(&[BOTH, A]);
+            assert!(!names_are_distinct(&twice));
+        }
+    }
 }
 
 /// Helpers for the code `#[derive(DomainEvent)]` generates.

@@ -22,7 +22,6 @@
 //! struct Counter { total: u64 }
 //!
 //! impl Aggregate for Counter {
-//!     const TYPE: &'static str = "Counter";
 //!     type Event = CounterEvent;
 //!     type Command = u64;
 //!     type Error = std::convert::Infallible;
@@ -80,9 +79,12 @@ extern crate self as eventfold;
 /// without notice, in lockstep with `eventfold-macros`.
 #[doc(hidden)]
 pub mod __private {
+    pub use crate::event::group::{concat_event_types, has_event_type, names_are_distinct, str_eq};
     pub use crate::event::payload::{deserialize_variant, enum_payload};
     pub use crate::event::{DomainEvent, EventType};
     pub use crate::registry::{EventRegistration, UpcasterRegistration};
+    pub use core::any::TypeId;
+    pub use core::convert::From;
     pub use core::result::Result;
     pub use inventory;
     pub use serde;

@@ -337,7 +337,9 @@ impl Registry {
             })
     }
 
-    /// Decodes a stored payload of event type `name` at schema version `stored` into `E`.
+    /// Decodes a stored payload of event type `name` at schema version `stored` into `E`:
+    /// the Rust type that registers `name`, or a group with that type among its members.
+    /// Upcasters run by the stored name, whichever of the two `E` is.
     ///
     /// Distinguishes an unknown type name, a name registered by another Rust type, a schema
     /// newer than the code, a failed upcast, and a payload that does not fit.
@@ -368,10 +370,11 @@ impl Registry {
         decode_source::<E>(reg.name, source)
     }
 
-    /// The registration of `name`, if the Rust type `E` is the one that registers it.
+    /// The registration of `name`, if it decodes into the Rust type `E`: `E` registers it,
+    /// or `E` is a group and one of its members does.
     fn checked<E: DomainEvent>(&self, name: &str) -> Result<&'static EventRegistration> {
         let reg = self.lookup(name)?;
-        if (reg.type_id)() != TypeId::of::<E>() {
+        if !E::__decodes_from((reg.type_id)()) {
             return Err(Error::WrongEventType {
                 event_type: name.to_owned(),
                 registered: (reg.rust_type)(),
@@ -383,7 +386,8 @@ impl Registry {
         Ok(reg)
     }
 
-    /// Decodes a stored payload into whichever Rust type registers `name`.
+    /// Decodes a stored payload into whichever Rust type registers `name` (a group's member,
+    /// never the group: a group registers nothing).
     pub fn decode_any(
         &self,
         name: &str,

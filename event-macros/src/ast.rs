@@ -97,6 +97,12 @@ impl<'a> Input<'a> {
         }
     }
 
+    /// Whether this is a group: an enum whose variants each hold one event type of its own
+    /// (`#[domain_event(group)]`, even with a value refused: its checks apply).
+    pub(crate) fn is_group(&self) -> bool {
+        self.attrs.has("group")
+    }
+
     /// The version an event type has unless it says otherwise.
     fn default_version(&self) -> u32 {
         self.attrs.version.unwrap_or(1)
@@ -142,6 +148,16 @@ fn fields<'a>(cx: &Ctxt, fields: &'a Fields) -> Vec<Field<'a>> {
             attrs: attr::parse(cx, &field.attrs, Position::Field),
         })
         .collect()
+}
+
+impl<'a> Variant<'a> {
+    /// The type a variant of a group holds: its only field, if it is a newtype variant.
+    pub(crate) fn member(&self) -> Option<&'a Type> {
+        match self.fields.as_slice() {
+            [field] if matches!(field.member, Member::Unnamed(_)) => Some(field.ty),
+            _ => None,
+        }
+    }
 }
 
 /// The field marked `aggregate_id` (the first, if several are).

@@ -63,7 +63,7 @@ impl Position {
     fn keys(self) -> &'static [&'static str] {
         match self {
             Position::Struct => &["aggregate", "name", "version", "crate"],
-            Position::Enum => &["aggregate", "version", "crate"],
+            Position::Enum => &["aggregate", "version", "crate", "group"],
             Position::Variant => &["name", "version"],
             Position::Field => &["aggregate_id"],
         }
@@ -91,6 +91,10 @@ impl Position {
             ),
             (Position::Struct | Position::Enum | Position::Variant, "aggregate_id") => Some(
                 "`aggregate_id` goes on a field: it marks the field that holds the aggregate id",
+            ),
+            (Position::Struct | Position::Variant | Position::Field, "group") => Some(
+                "`group` goes on an enum whose variants each hold one event struct: \
+                 #[domain_event(group)] above `enum ... { Opened(Opened), .. }`",
             ),
             (Position::Field, "aggregate" | "name" | "version" | "crate") => Some(
                 "a field takes only the flag `aggregate_id`; the other keys go on the type or variant",
@@ -153,15 +157,18 @@ pub(crate) fn parse(cx: &Ctxt, attrs: &[Attribute], position: Position) -> Attrs
             }
             out.given.push(key);
 
-            if key == "aggregate_id" {
+            if key == "aggregate_id" || key == "group" {
                 if !at_end(&meta) {
                     cx.error_spanned_by(
                         &meta.path,
-                        "`aggregate_id` is a flag and takes no value: #[domain_event(aggregate_id)]",
+                        format!("`{key}` is a flag and takes no value: #[domain_event({key})]"),
                     );
                     return skip_value(&meta);
                 }
-                out.aggregate_id = Some(meta.path.span());
+                // `group` is known by `has("group")`; `aggregate_id` keeps its span.
+                if key == "aggregate_id" {
+                    out.aggregate_id = Some(meta.path.span());
+                }
                 return Ok(());
             }
 

@@ -1,9 +1,10 @@
-//! Code generation: the `DomainEvent` impl and one registration per event type.
+//! Code generation: the `DomainEvent` impl and one registration per event type, or for a
+//! group the impl that delegates to its members, with compile-time checks of the members.
 
 use proc_macro2::TokenStream;
-use quote::{quote, quote_spanned};
+use quote::{ToTokens, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{DeriveInput, Path};
+use syn::{DeriveInput, Ident, Path, Type};
 
 use crate::ast::{self, Data, EventType, Field, Input};
 use crate::attr::Ctxt;
@@ -31,6 +32,9 @@ pub(crate) fn runtime_path(input: &Input<'_>) -> Path {
 }
 
 fn expand(input: &Input<'_>) -> TokenStream {
+    if input.is_group() {
+        return expand_group(input);
+    }
     let krate = runtime_path(input);
     let private = quote!(#krate::__private);
     let ident = input.ident;
@@ -207,4 +211,176 @@ fn enum_body(private: &TokenStream, events: &[(EventType, &ast::Variant<'_>)]) -
             }
         }
     }
+}
+
+/// A group: `DomainEvent` by delegation to the member each variant holds, `From` each
+/// member, and compile-time checks that the members share the group's aggregate type and no
+/// event type name. It registers nothing: its members do.
+fn expand_group(input: &Input<'_>) -> TokenStream {
+    let krate = runtime_path(input);
+    let private = quote!(#krate::__private);
+    let ident = input.ident;
+    let where_clause = &input.original.generics.where_clause;
+    let Data::Enum(data) = &input.data else {
+        unreachable!("checked by valid::check")
+    };
+    let variants: Vec<(&Ident, &Type)> = data
+        .variants
+        .iter()
+        .map(|v| (v.ident, v.member().expect("checked by valid::check")))
+        .collect();
+    // Each member's impl, named at the member's own tokens, so that an error about the
+    // member (not a DomainEvent, another aggregate) points there.
+    let impls: Vec<TokenStream> = variants
+        .iter()
+        .map(|(_, ty)| quote_spanned!(ty.span()=> <#ty as #private::DomainEvent>))
+        .collect();
+    let arms: Vec<TokenStream> = variants
+        .iter()
+        .map(|(variant, _)| quote!(Self::#variant(__member)))
+        .collect();
+    let variant_idents: Vec<&Ident> = variants.iter().map(|(v, _)| *v).collect();
+
+    let (aggregate, checked, against) = match &input.attrs.aggregate {
+        Some(lit) => (quote!(#lit), &variants[..], format!("`{}`", lit.value())),
+        None => {
+            let first = &impls[0];
+            let first_name = variants[0].1.to_token_stream().to_string();
+            (
+                quote!(#first::AGGREGATE_TYPE),
+                &variants[1..],
+                format!("that of the group's first member `{first_name}`"),
+            )
+        }
+    };
+    let aggregate_checks = checked.iter().map(|(_, ty)| {
+        let message = format!(
+            "`{}` is an event of another aggregate type than {against}: every member of the \
+             group `{ident}` belongs to one aggregate",
+            ty.to_token_stream()
+        )
+        // A literal format string: braces in a type's tokens are not placeholders.
+        .replace('{', "{{")
+        .replace('}', "}}");
+        quote_spanned! {ty.span()=>
+            const _: () = ::core::assert!(
+                #private::str_eq(
+                    <#ty as #private::DomainEvent>::AGGREGATE_TYPE,
+                    <#ident as #private::DomainEvent>::AGGREGATE_TYPE,
+                ),
+                #message,
+            );
+        }
+    });
+    let from_impls = group_from_impls(input, &private);
+    let distinct_message = format!(
+        "two members of the group `{ident}` share an event type name; \
+         each event type is a member once"
+    );
+    let not_a_member = format!("event type `{{}}` is not one of the members of `{ident}`");
+
+    quote! {
+        const _: () = {
+            #[automatically_derived]
+            // Naming a deprecated variant here is not the user's use of it.
+            #[allow(deprecated)]
+            impl #private::DomainEvent for #ident #where_clause {
+                const AGGREGATE_TYPE: &'static str = #aggregate;
+                const EVENT_TYPES: &'static [#private::EventType] =
+                    &#private::concat_event_types::<{ 0 #(+ #impls::EVENT_TYPES.len())* }>(
+                        &[#(#impls::EVENT_TYPES),*],
+                    );
+
+                fn event_type(&self) -> &'static str {
+                    match self {
+                        #(#arms => #impls::event_type(__member),)*
+                    }
+                }
+
+                fn schema_version(&self) -> u32 {
+                    match self {
+                        #(#arms => #impls::schema_version(__member),)*
+                    }
+                }
+
+                fn aggregate_id(&self) -> #private::Option<#private::String> {
+                    match self {
+                        #(#arms => #impls::aggregate_id(__member),)*
+                    }
+                }
+
+                fn to_payload(&self) -> #private::serde_json::Result<#private::String> {
+                    match self {
+                        #(#arms => #impls::to_payload(__member),)*
+                    }
+                }
+
+                fn __deserialize_payload<'de, __D>(
+                    __event_type: &str,
+                    __deserializer: __D,
+                ) -> #private::Result<Self, __D::Error>
+                where
+                    __D: #private::serde::Deserializer<'de>,
+                {
+                    #(
+                        if #private::has_event_type(#impls::EVENT_TYPES, __event_type) {
+                            return #private::Result::map(
+                                #impls::__deserialize_payload(__event_type, __deserializer),
+                                Self::#variant_idents,
+                            );
+                        }
+                    )*
+                    #private::Result::Err(<__D::Error as #private::serde::de::Error>::custom(
+                        ::core::format_args!(#not_a_member, __event_type),
+                    ))
+                }
+
+                fn __decodes_from(__registered: #private::TypeId) -> bool {
+                    false #(|| #impls::__decodes_from(__registered))*
+                }
+            }
+
+            #from_impls
+
+            #(#aggregate_checks)*
+            const _: () = ::core::assert!(
+                #private::names_are_distinct(<#ident as #private::DomainEvent>::EVENT_TYPES),
+                #distinct_message,
+            );
+        };
+    }
+}
+
+/// `From` each member for a group: for every newtype variant whose member no earlier
+/// variant holds (the derive's fallback emits them too, so that a mistake in one variant
+/// does not turn every `.into()` into an error).
+pub(crate) fn group_from_impls(input: &Input<'_>, private: &TokenStream) -> TokenStream {
+    let Data::Enum(data) = &input.data else {
+        return TokenStream::new();
+    };
+    let ident = input.ident;
+    let where_clause = &input.original.generics.where_clause;
+    let mut seen: Vec<String> = Vec::new();
+    let mut impls = TokenStream::new();
+    for variant in &data.variants {
+        let Some(ty) = variant.member() else {
+            continue;
+        };
+        let key = ty.to_token_stream().to_string();
+        if seen.contains(&key) {
+            continue;
+        }
+        seen.push(key);
+        let variant = variant.ident;
+        // At the member's tokens: two names of one type (an alias) conflict there.
+        impls.extend(quote_spanned! {ty.span()=>
+            #[automatically_derived]
+            impl #private::From<#ty> for #ident #where_clause {
+                fn from(__member: #ty) -> Self {
+                    Self::#variant(__member)
+                }
+            }
+        });
+    }
+    impls
 }

@@ -5,10 +5,10 @@ use proc_macro2::TokenStream;
 use quote::quote;
 
 use crate::ast::{Data, Input};
-use crate::expand::runtime_path;
+use crate::expand::{group_from_impls, runtime_path};
 
 /// The errors, and a stub `DomainEvent` impl for a non-generic struct or enum whose
-/// runtime path is known.
+/// runtime path is known (for a group, with its `From` impls).
 pub(crate) fn expand(input: &Input<'_>, error: syn::Error) -> TokenStream {
     let error = error.into_compile_error();
     let generics = &input.original.generics;
@@ -23,6 +23,11 @@ pub(crate) fn expand(input: &Input<'_>, error: syn::Error) -> TokenStream {
     let ident = input.ident;
     let where_clause = &generics.where_clause;
     let message = format!("`{ident}` did not compile as a DomainEvent");
+    let from_impls = if input.is_group() {
+        group_from_impls(input, &private)
+    } else {
+        TokenStream::new()
+    };
     quote! {
         #error
         const _: () = {
@@ -55,6 +60,7 @@ pub(crate) fn expand(input: &Input<'_>, error: syn::Error) -> TokenStream {
                     #private::Result::Err(<__D::Error as #private::serde::de::Error>::custom(#message))
                 }
             }
+            #from_impls
         };
     }
 }

@@ -36,6 +36,10 @@ pub(crate) fn check(cx: &Ctxt, input: &Input<'_>) {
         );
     }
     check_aggregate(cx, input);
+    if input.is_group() {
+        check_group(cx, input);
+        return;
+    }
 
     match &input.data {
         Data::Struct(fields) => {
@@ -77,10 +81,72 @@ pub(crate) fn check(cx: &Ctxt, input: &Input<'_>) {
     }
 }
 
+/// A group: an enum of newtype variants, each holding a distinct event type that keeps its
+/// own name and version.
+fn check_group(cx: &Ctxt, input: &Input<'_>) {
+    let Data::Enum(data) = &input.data else {
+        unreachable!("`group` is refused on a struct by attr::parse")
+    };
+    if data.variants.is_empty() {
+        cx.error_spanned_by(
+            input.ident,
+            "a group without variants has no event types; add one variant per event struct, \
+             like `Opened(Opened)`",
+        );
+    }
+    if input.attrs.has("version") {
+        cx.error_spanned_by(
+            input.ident,
+            "a group takes no `version`: each member keeps the schema version of its own type",
+        );
+    }
+    let mut seen: Vec<(String, &syn::Ident)> = Vec::new();
+    for variant in &data.variants {
+        if variant.attrs.has("name") || variant.attrs.has("version") {
+            cx.error_spanned_by(
+                variant.ident,
+                "a variant of a group takes no `name` or `version`: the event type it holds \
+                 keeps its own; set them on that type's #[domain_event]",
+            );
+        }
+        for span in variant.fields.iter().filter_map(|f| f.attrs.aggregate_id) {
+            cx.error_at(
+                span,
+                "`aggregate_id` goes on a field of the member's own type, not on a variant of a \
+                 group: the group takes each member's aggregate id",
+            );
+        }
+        let Some(member) = variant.member() else {
+            cx.error_spanned_by(
+                variant.ident,
+                format!(
+                    "each variant of a group holds one event type, like `{0}({0})`; \
+                     `{0}` is not a one-field tuple variant",
+                    variant.ident
+                ),
+            );
+            continue;
+        };
+        let key = quote::ToTokens::to_token_stream(member).to_string();
+        match seen.iter().find(|(seen, _)| *seen == key) {
+            Some((_, first)) => cx.error_spanned_by(
+                member,
+                format!(
+                    "`{key}` is already a member of this group, in variant `{first}`; \
+                     each event type is a member once"
+                ),
+            ),
+            None => seen.push((key, variant.ident)),
+        }
+    }
+}
+
 fn check_aggregate(cx: &Ctxt, input: &Input<'_>) {
     match &input.attrs.aggregate {
         // Given, but refused with an error of its own.
         None if input.attrs.has("aggregate") => {}
+        // A group takes its members' aggregate type unless it names one.
+        None if input.is_group() => {}
         None => cx.error_spanned_by(
             input.ident,
             format!(

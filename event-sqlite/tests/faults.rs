@@ -470,7 +470,6 @@ struct Meter {
 }
 
 impl eventfold_core::Aggregate for Meter {
-    const TYPE: &'static str = "Meter";
     type Event = MeterEvent;
     type Command = ();
     type Error = std::convert::Infallible;

@@ -50,7 +50,6 @@ pub enum AccountError {
 }
 
 impl Aggregate for Account {
-    const TYPE: &'static str = "Account";
     type Event = AccountEvent;
     type Command = AccountCommand;
     type Error = AccountError;

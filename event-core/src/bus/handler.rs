@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use crate::error::{BoxError, Error, Result};
 use crate::event::DomainEvent;
 use crate::record::RecordedEvent;
+use crate::registry::registry;
 
 /// A boxed, sendable future, as handlers return them.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -42,18 +43,22 @@ pub(crate) struct Published<E> {
 /// A [`Published`] event with its type erased, as the workers carry it.
 pub(crate) trait PublishedEvent: Send + Sync + 'static {
     fn record(&self) -> &RecordedEvent;
+    /// The event's stored form (a transient bus fills no payload into its record).
+    fn to_payload(&self) -> Result<String>;
     fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
-    fn as_any(&self) -> &dyn Any;
 }
 
-impl<E: Send + Sync + 'static> PublishedEvent for Published<E> {
+impl<E: DomainEvent> PublishedEvent for Published<E> {
     fn record(&self) -> &RecordedEvent {
         &self.record
     }
-    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
-        self
+    fn to_payload(&self) -> Result<String> {
+        self.event.to_payload().map_err(|source| Error::Serialize {
+            event_type: self.event.event_type().to_owned(),
+            source,
+        })
     }
-    fn as_any(&self) -> &dyn Any {
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync> {
         self
     }
 }
@@ -207,11 +212,25 @@ impl<E: DomainEvent, H: Handler<E>> Invoke for Typed<E, H> {
             EventSource::Published(published) => {
                 match Arc::clone(published).into_any().downcast::<Published<E>>() {
                     Ok(published) => Source::Published(published),
-                    // Another Rust type under this event's name: decoding says why not.
+                    // Another Rust type under this event's name (a group and its member, or a
+                    // type that decoding refuses): through the stored form, which a
+                    // transient bus's record does not carry.
                     Err(_) => {
                         let record = published.record();
+                        let payload;
+                        let payload = if record.payload.is_empty() {
+                            payload = published.to_payload()?;
+                            &payload
+                        } else {
+                            &record.payload
+                        };
+                        let event = registry().decode::<E>(
+                            &record.event_type,
+                            record.schema_version,
+                            payload,
+                        )?;
                         Source::Stored {
-                            event: Arc::new(record.decode::<E>()?),
+                            event: Arc::new(event),
                             record: Arc::new(record.clone()),
                         }
                     }
@@ -226,15 +245,9 @@ impl<E: DomainEvent, H: Handler<E>> Invoke for Typed<E, H> {
     }
 
     fn encode(&self, event: &dyn PublishedEvent) -> Result<String> {
-        let event = &event
-            .as_any()
-            .downcast_ref::<Published<E>>()
-            .expect("a subscription only receives its own event type")
-            .event;
-        event.to_payload().map_err(|source| Error::Serialize {
-            event_type: event.event_type().to_owned(),
-            source,
-        })
+        // The published event, which may be of another Rust type than `E` (a group's
+        // member published to a subscription of the group, or the other way round).
+        event.to_payload()
     }
 }
 

@@ -33,7 +33,6 @@ use crate::registry::registry;
 /// struct Overflow;
 ///
 /// impl Aggregate for Counter {
-///     const TYPE: &'static str = "Counter";
 ///     type Event = CounterEvent;
 ///     type Command = u32;
 ///     type Error = Overflow;
@@ -74,6 +73,14 @@ impl<A: Aggregate> AggregateTest<A> {
 
     /// Handles the command.
     pub fn when(self, command: A::Command) -> Then<A> {
+        // Here, not in `given`, which `given_nothing` calls: the error then names the
+        // test's own call.
+        const {
+            assert!(
+                crate::aggregate::aggregate_type_agrees::<A>(),
+                crate::aggregate::aggregate_type_differs!()
+            )
+        };
         let result = self.state.handle(command);
         Then {
             state: self.state,
