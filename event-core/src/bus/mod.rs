@@ -15,10 +15,19 @@
 //! room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
 //! process dies. Dead letters (with their events) are kept in memory.
 
+mod blocking;
 mod config;
+mod deliver;
+mod dispatch;
 mod engine;
 mod handler;
+mod inbox;
+mod records;
+mod room;
+mod routing;
 mod stats;
+mod tracker;
+mod worker;
 
 use std::borrow::Cow;
 use std::ops::RangeInclusive;
@@ -30,19 +39,22 @@ use chrono::Utc;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
-pub use config::{Clock, RetryPolicy, SystemClock};
+pub use config::{Clock, RetryPolicy, SystemClock, UnknownEventPolicy};
 pub use handler::{BoxFuture, Delivery, Handler};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
-use engine::{
-    BusEvent, DELIVERING, Engine, Inbox, ROOM_CHUNK, Router, Routing, Sub, Tracker, Worker,
-};
-use handler::{Blocking, CatchUnwind, EventSource, Published, PublishedEvent, Typed};
+use engine::{DELIVERING, Engine};
+use handler::{Blocking, EventSource, Published, PublishedEvent, Typed};
+use inbox::{Inbox, Router};
+use records::Records;
+use room::Room;
+use routing::{BusEvent, Routing, Sub};
 use stats::{Counters, Histogram};
+use tracker::Tracker;
+use worker::Worker;
 
 use crate::error::{BoxError, Error, Result};
 use crate::event::DomainEvent;
-use crate::memory::InMemoryEventStore;
 use crate::record::fresh_id;
 use crate::record::{
     AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, Metadata, NewEvent, RecordedEvent,
@@ -138,9 +150,9 @@ impl EventBusBuilder {
         if self.batch_size == 0 {
             return invalid("the batch size must be at least 1");
         }
-        let records: Arc<dyn EventStore> = match &self.store {
-            Some(store) => Arc::clone(store),
-            None => Arc::new(InMemoryEventStore::new()),
+        let records = match &self.store {
+            Some(store) => Records::Store(Arc::clone(store)),
+            None => Records::Memory(Mutex::default()),
         };
         let seed = self
             .seed
@@ -150,10 +162,8 @@ impl EventBusBuilder {
             records,
             clock: self.clock,
             routing: watch::channel(Arc::new(Routing::default())).0,
-            capacity: self.queue_capacity,
             batch_size: self.batch_size,
-            permits: Semaphore::new(self.queue_capacity),
-            in_flight: AtomicU64::new(0),
+            room: Room::new(self.queue_capacity),
             read_next: AtomicU64::new(0),
             routing_seen: AtomicU64::new(0),
             progress: Notify::new(),
@@ -175,7 +185,6 @@ impl EventBusBuilder {
                 next_index: AtomicUsize::new(0),
                 sequence: AtomicU64::new(0),
                 intake: Mutex::new(Intake::Waiting(Vec::new())),
-                reserved: AtomicUsize::new(0),
                 state: Mutex::new(Lifecycle::Built),
                 stopped: AtomicBool::new(false),
             }),
@@ -209,9 +218,6 @@ struct Inner {
     sequence: AtomicU64,
     /// Where published events go on a bus without a store.
     intake: Mutex<Intake>,
-    /// Queue room a publisher took beyond its own events, for the next publishes (it is
-    /// part of the capacity: in flight plus reserved never exceeds it).
-    reserved: AtomicUsize,
     state: Mutex<Lifecycle>,
     stopped: AtomicBool,
 }
@@ -286,7 +292,7 @@ impl std::fmt::Debug for EventBus {
         f.debug_struct("EventBus")
             .field("durable", &self.inner.engine.store.is_some())
             .field("workers", &self.inner.workers)
-            .field("queue_capacity", &self.inner.engine.capacity)
+            .field("queue_capacity", &self.inner.engine.room.capacity())
             .finish_non_exhaustive()
     }
 }
@@ -348,9 +354,19 @@ pub struct SubscriptionBuilder<'a> {
     name: String,
     priority: i32,
     retry: RetryPolicy,
+    timeout: Duration,
+    unknown: UnknownEventPolicy,
+    failure_retention: usize,
+    aggregate_type: &'static str,
     event_types: Vec<&'static str>,
     invoke: Box<dyn handler::Invoke>,
 }
+
+/// How long one attempt of a handler may run by default before it counts as failed.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How many failure records are kept per subscription by default.
+pub const DEFAULT_FAILURE_RETENTION: usize = 1_000;
 
 impl SubscriptionBuilder<'_> {
     /// Its priority: for each event, subscriptions with a lower number run first
@@ -363,6 +379,30 @@ impl SubscriptionBuilder<'_> {
     /// Its retry policy (default: [`RetryPolicy::default`]).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// How long one attempt may run (default [`DEFAULT_HANDLER_TIMEOUT`], 30 s): an
+    /// attempt still running then is stopped (its future dropped) and counts as a failed
+    /// attempt, retried by the retry policy. A blocking handler cannot be stopped: its
+    /// attempt fails all the same, and its thread is left to finish on its own.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What it does with stored events of its aggregate type that no code registers
+    /// (default [`UnknownEventPolicy::DeadLetter`]).
+    pub fn unknown_events(mut self, policy: UnknownEventPolicy) -> Self {
+        self.unknown = policy;
+        self
+    }
+
+    /// How many records of failed attempts to keep for it, the newest (default
+    /// [`DEFAULT_FAILURE_RETENTION`], 1,000; at least 1). A bus without a store keeps
+    /// exactly these in memory; a durable bus passes it to its store's failure records.
+    pub fn failure_retention(mut self, records: usize) -> Self {
+        self.failure_retention = records.max(1);
         self
     }
 
@@ -383,6 +423,10 @@ impl SubscriptionBuilder<'_> {
             name: Arc::clone(&name),
             priority: self.priority,
             retry: self.retry,
+            timeout: self.timeout,
+            unknown: self.unknown,
+            failure_retention: self.failure_retention,
+            aggregate_type: self.aggregate_type,
             event_types: self.event_types,
             invoke: self.invoke,
             counters: Counters::default(),
@@ -411,10 +455,14 @@ impl SubscriptionHandle {
 /// How [`EventBus::stop`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopReport {
-    /// True if all in-flight work finished before the timeout.
+    /// True if every accepted event was handled (or dead-lettered) by every
+    /// subscription before the timeout.
     pub drained: bool,
     /// Events left unfinished (with a store they are delivered again after a restart).
     pub unfinished: u64,
+    /// Deliveries left unfinished, one per (event, subscription): running, waiting for a
+    /// retry, or not started.
+    pub unfinished_deliveries: u64,
 }
 
 impl EventBus {
@@ -435,6 +483,10 @@ impl EventBus {
             name: name.into(),
             priority: 0,
             retry: RetryPolicy::default(),
+            timeout: DEFAULT_HANDLER_TIMEOUT,
+            unknown: UnknownEventPolicy::default(),
+            failure_retention: DEFAULT_FAILURE_RETENTION,
+            aggregate_type: E::AGGREGATE_TYPE,
             event_types: E::EVENT_TYPES.iter().map(|t| t.name).collect(),
             invoke: Box::new(Typed {
                 handler,
@@ -443,8 +495,10 @@ impl EventBus {
         }
     }
 
-    /// Subscribes a blocking handler (synchronous I/O, heavy work): it runs on tokio's
-    /// blocking pool, so it never stalls the workers.
+    /// Subscribes a blocking handler (synchronous I/O, heavy work): it runs on a thread
+    /// of the bus's own blocking pool, so it never stalls the workers, and a handler stuck
+    /// in a blocking call never keeps the process from exiting (tokio's blocking pool
+    /// would: a runtime waits for its blocking tasks when it shuts down).
     pub fn subscribe_blocking<E, F, Err>(
         &self,
         name: impl Into<String>,
@@ -494,11 +548,13 @@ impl EventBus {
         }
         let mut router = Router::new(inboxes);
         if engine.store.is_some() {
-            tasks.push(tokio::spawn(engine::dispatch_log(
+            tasks.push(tokio::spawn(dispatch::dispatch_log(
                 Arc::clone(engine),
                 router,
             )));
-            tasks.push(tokio::spawn(engine::flush_checkpoints(Arc::clone(engine))));
+            tasks.push(tokio::spawn(dispatch::flush_checkpoints(Arc::clone(
+                engine,
+            ))));
         } else {
             let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
             let waiting = match std::mem::replace(&mut *intake, Intake::Closed) {
@@ -534,30 +590,36 @@ impl EventBus {
         let engine = &inner.engine;
         engine.stopping.send_replace(true);
         // Publishers still waiting for room get `BusStopped` rather than wait forever.
-        engine.permits.close();
+        engine.room.close();
         let deadline = tokio::time::Instant::now() + inner.stop_timeout;
-        let mut drained = true;
         for mut task in tasks {
-            match tokio::time::timeout_at(deadline, &mut task).await {
-                Ok(_) => {}
-                Err(_) => {
-                    drained = false;
-                    task.abort();
-                }
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                // Aborting a worker drops the attempts it still runs.
+                task.abort();
+                let _ = task.await;
             }
         }
-        engine::save_checkpoints(engine).await?;
+        dispatch::save_checkpoints(engine).await?;
         // Finished events still waiting for a publisher to drop them.
         engine.reclaim_all();
+        // Counted, not taken from how the tasks ended: a task that ended early (or was
+        // aborted) leaves its deliveries unfinished all the same.
+        let unfinished = engine.room.in_flight();
+        let unfinished_deliveries = {
+            let subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+            subs.iter().map(|s| s.queued.load(Ordering::Relaxed)).sum()
+        };
         Ok(StopReport {
-            drained,
-            unfinished: engine.in_flight.load(Ordering::SeqCst),
+            drained: unfinished == 0 && unfinished_deliveries == 0,
+            unfinished,
+            unfinished_deliveries,
         })
     }
 
     /// Waits until every published event is handled (or dead-lettered) by every
-    /// subscription and, with a store, the bus has read the log up to its head. For tests
-    /// and orderly shutdowns.
+    /// subscription and, with a store, the bus has read the log up to its head and saved
+    /// every checkpoint that moved: once it returns, `store.load_checkpoint` agrees with
+    /// [`statistics`](Self::statistics). For tests and orderly shutdowns.
     pub async fn wait_idle(&self) -> Result<()> {
         loop {
             {
@@ -571,7 +633,7 @@ impl EventBus {
             tokio::pin!(progress);
             progress.as_mut().enable();
             if engine.is_idle() {
-                return Ok(());
+                return dispatch::save_checkpoints(engine).await;
             }
             // The head can move without a notification from the bus (another writer);
             // look again now and then.
@@ -613,8 +675,11 @@ impl EventBus {
     }
 
     /// Publishes several events, all or nothing: with a store they are appended in one
-    /// atomic step; without, they are queued together once there is room for all of them
-    /// (a batch larger than the queue is refused with [`Error::QueueFull`]).
+    /// atomic step; without, they are queued together once there is room for all of them.
+    /// Without a store, a batch larger than the queue's capacity is refused with
+    /// [`Error::QueueFull`], from anywhere; a batch that fits, published by a handler into
+    /// its own bus, never waits and may go beyond the capacity (see
+    /// [`publish`](Self::publish)).
     pub async fn publish_batch<E, I>(&self, events: I) -> Result<RangeInclusive<u64>>
     where
         E: DomainEvent,
@@ -659,52 +724,21 @@ impl EventBus {
     ) -> Result<RangeInclusive<u64>> {
         let engine = &self.inner.engine;
         let n = events.len();
-        let full = || Error::QueueFull {
-            capacity: engine.capacity,
-        };
-        if n > engine.capacity {
-            return Err(full());
-        }
-        // A handler publishing into its own bus must not wait for room: every slot may be
-        // held by an event whose handler waits. Its events go beyond the capacity instead.
         let in_own_handler = || {
             DELIVERING
                 .try_with(|bus| *bus == engine.id())
                 .unwrap_or(false)
         };
-        let holds_room = if self.take_reserved(n) {
-            true
-        } else if wait && !in_own_handler() {
-            // Room freed one event at a time would wake a waiting publisher once per
-            // event a worker finishes; waiting for a chunk and reserving the surplus
-            // for the next publishes wakes it once per chunk.
-            let chunk = n.max((engine.capacity / 16).min(ROOM_CHUNK));
-            engine
-                .permits
-                .acquire_many(chunk as u32)
-                .await
-                .map_err(|_| Error::BusStopped)?
-                .forget();
-            if chunk > n {
-                self.inner.reserved.fetch_add(chunk - n, Ordering::AcqRel);
-            }
-            true
-        } else {
-            match engine.permits.try_acquire_many(n as u32) {
-                Ok(permits) => {
-                    permits.forget();
-                    true
-                }
-                Err(_) if in_own_handler() => false,
-                Err(_) => return Err(full()),
-            }
-        };
+        let holds_room = engine
+            .room
+            .take_for_publish(n, wait, in_own_handler)
+            .await?;
         let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*intake, Intake::Closed) {
             return Err(Error::BusStopped);
         }
         let table = Arc::clone(&engine.routing.borrow());
-        engine.in_flight.fetch_add(n as u64, Ordering::SeqCst);
+        engine.room.entered(n as u64);
         let first = self.inner.sequence.fetch_add(n as u64, Ordering::Relaxed) + 1;
         for (i, (aggregate_id, event, metadata)) in events.enumerate() {
             let (event_id, now) = fresh_id();
@@ -737,15 +771,6 @@ impl EventBus {
         drop(intake);
         engine.reclaim();
         Ok(first..=first + n as u64 - 1)
-    }
-
-    /// Takes room for `n` events from what an earlier publisher reserved, if there is
-    /// enough.
-    fn take_reserved(&self, n: usize) -> bool {
-        self.inner
-            .reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(n))
-            .is_ok()
     }
 
     /// What the bus has done, and each subscription's progress.
@@ -781,6 +806,7 @@ impl EventBus {
                 failed: sub.counters.failed.load(Ordering::Relaxed),
                 retried: sub.counters.retried.load(Ordering::Relaxed),
                 dead_lettered: sub.counters.dead_lettered.load(Ordering::Relaxed),
+                skipped: sub.counters.skipped.load(Ordering::Relaxed),
                 checkpoint,
                 lag,
                 latency_p50_micros: sub.latency.percentile(0.50),
@@ -789,7 +815,7 @@ impl EventBus {
         }
         let queue_depth = match head {
             Some(_) => subscriptions.iter().map(|s| s.lag).max().unwrap_or(0),
-            None => engine.in_flight.load(Ordering::SeqCst),
+            None => engine.room.in_flight(),
         };
         Ok(BusStatistics {
             published: engine.published.load(Ordering::Relaxed),
@@ -798,8 +824,9 @@ impl EventBus {
             retried: engine.counters.retried.load(Ordering::Relaxed),
             dead_lettered: engine.counters.dead_lettered.load(Ordering::Relaxed),
             queue_depth,
-            queue_capacity: engine.capacity as u64,
-            in_flight: engine.in_flight.load(Ordering::SeqCst),
+            queue_capacity: engine.room.capacity() as u64,
+            in_flight: engine.room.in_flight(),
+            worker_restarts: engine.counters.worker_restarts.load(Ordering::Relaxed),
             subscriptions,
         })
     }
@@ -809,7 +836,9 @@ impl EventBus {
         self.inner.engine.records.dead_letters(subscription).await
     }
 
-    /// Failed attempts recorded for a subscription, oldest first, at most `limit`.
+    /// Failed attempts recorded for a subscription, at most `limit`: on a bus without a
+    /// store the newest first, at most its `failure_retention`; with a store, as the store
+    /// lists them.
     pub async fn failures(&self, subscription: &str, limit: usize) -> Result<Vec<FailureRecord>> {
         self.inner
             .engine
@@ -833,56 +862,56 @@ impl EventBus {
                     name: dead_letter.subscription.clone(),
                 })?
         };
-        let record = engine
-            .records
-            .get(dead_letter.event_id)
-            .await?
-            .ok_or_else(|| Error::Store {
-                kind: crate::error::StoreErrorKind::Other,
-                message: format!(
-                    "event {} of dead letter {id} is not stored",
-                    dead_letter.event_id
-                ),
-                source: None,
-            })?;
+        let record = self.dead_letter_event(&dead_letter).await?;
         let event = EventSource::Stored(Arc::new(record));
         let record = event.record();
         let attempt = dead_letter.attempts + 1;
-        let started = tokio::time::Instant::now();
-        let result = match sub.invoke.invoke(&event, attempt) {
-            Ok(handler) => CatchUnwind(handler).await.map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
-        sub.latency.record(started.elapsed());
-        match result {
+        let outcome = deliver::begin(engine.id(), &sub, &event, attempt).await;
+        let failure = match outcome.result {
             Ok(()) => {
-                Counters::add(&sub.counters.delivered, 1);
-                Counters::add(&engine.counters.delivered, 1);
+                deliver::delivered(engine, &sub, outcome.elapsed);
                 engine.records.remove_dead_letter(id).await?;
-                Ok(())
+                return Ok(());
             }
-            Err(message) => {
-                Counters::add(&sub.counters.failed, 1);
-                Counters::add(&engine.counters.failed, 1);
-                engine
-                    .records
-                    .record_failure(FailureRecord {
-                        subscription: sub.name.to_string(),
-                        event_id: record.event_id,
-                        position: record.position,
-                        attempt,
-                        error: message.clone(),
-                        duration_micros: started.elapsed().as_micros() as u64,
-                        failed_at: engine.clock.now(),
-                    })
-                    .await?;
-                Err(Error::HandlerFailed {
-                    subscription: sub.name.to_string(),
-                    event_id: record.event_id,
-                    message,
-                })
-            }
+            Err(failure) => failure,
+        };
+        let (failure, _) =
+            deliver::failed(engine, &sub, record, attempt, failure, outcome.elapsed).await;
+        Err(Error::HandlerFailed {
+            subscription: sub.name.to_string(),
+            event_id: record.event_id,
+            message: failure.message,
+        })
+    }
+
+    /// The event of a dead letter: kept beside it without a store; in the store by its id,
+    /// or by its position for a row that could not be read (its id is nil), which fails
+    /// again with the store's error while the row stays damaged.
+    async fn dead_letter_event(&self, dead_letter: &DeadLetter) -> Result<RecordedEvent> {
+        let engine = &self.inner.engine;
+        let missing = || Error::Store {
+            kind: crate::error::StoreErrorKind::Other,
+            message: format!(
+                "event {} of dead letter {} is not stored",
+                dead_letter.event_id, dead_letter.id
+            ),
+            source: None,
+        };
+        let Records::Store(store) = &engine.records else {
+            return engine
+                .records
+                .kept_event(dead_letter.event_id)
+                .ok_or_else(missing);
+        };
+        if dead_letter.event_id.is_nil() {
+            return store
+                .read_all(dead_letter.position, 1)
+                .await?
+                .into_iter()
+                .find(|e| e.position == dead_letter.position)
+                .ok_or_else(missing);
         }
+        store.get(dead_letter.event_id).await?.ok_or_else(missing)
     }
 
     /// Removes a dead letter without delivering it.
