@@ -65,7 +65,7 @@ impl Engine {
     /// True when nothing is queued, in flight or waiting for a retry, and, with a store,
     /// the dispatcher has read up to the head of the log.
     pub(crate) fn is_idle(&self) -> bool {
-        if self.room.in_flight() != 0 {
+        if !self.room.is_empty() {
             return false;
         }
         match &self.store {
@@ -123,6 +123,13 @@ impl Engine {
     /// back, and `wait_idle` wakes if nothing is left.
     pub(crate) fn events_done(&self, n: u64, room: u64) {
         if self.room.done(n, room) {
+            self.progress.notify_waiters();
+        }
+    }
+
+    /// `n` deliveries that waited without a slot are done.
+    pub(crate) fn waited_done(&self, n: u64) {
+        if self.room.waited_done(n) {
             self.progress.notify_waiters();
         }
     }

@@ -433,6 +433,7 @@ impl SubscriptionBuilder<'_> {
             latency: Histogram::default(),
             active: AtomicBool::new(true),
             queued: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
         }));
         inner.publish_routing(&subs);
         Ok(SubscriptionHandle { name })
@@ -604,7 +605,7 @@ impl EventBus {
         engine.reclaim_all();
         // Counted, not taken from how the tasks ended: a task that ended early (or was
         // aborted) leaves its deliveries unfinished all the same.
-        let unfinished = engine.room.in_flight();
+        let unfinished = engine.room.in_flight() + engine.room.waiting();
         let unfinished_deliveries = {
             let subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
             subs.iter().map(|s| s.queued.load(Ordering::Relaxed)).sum()

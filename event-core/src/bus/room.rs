@@ -25,6 +25,9 @@ pub(crate) struct Room {
     reserved: AtomicUsize,
     /// Events accepted and not yet done.
     in_flight: AtomicU64,
+    /// Deliveries that gave their event's slot back while they wait behind a busy lane
+    /// (see the worker), not yet done.
+    waiting: AtomicU64,
 }
 
 impl Room {
@@ -34,6 +37,7 @@ impl Room {
             permits: Semaphore::new(capacity),
             reserved: AtomicUsize::new(0),
             in_flight: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
         }
     }
 
@@ -43,6 +47,27 @@ impl Room {
 
     pub(crate) fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Deliveries waiting outside the queue's slots (behind a busy lane), not yet done.
+    pub(crate) fn waiting(&self) -> u64 {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// True when nothing is in flight and no delivery waits.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.in_flight() == 0 && self.waiting() == 0
+    }
+
+    /// `n` deliveries go on waiting without a slot (counted before their events' slots
+    /// come back, so the bus never looks idle in between).
+    pub(crate) fn wait_outside(&self, n: u64) {
+        self.waiting.fetch_add(n, Ordering::SeqCst);
+    }
+
+    /// `n` deliveries that waited without a slot are done. True if the bus is now empty.
+    pub(crate) fn waited_done(&self, n: u64) -> bool {
+        self.waiting.fetch_sub(n, Ordering::SeqCst) == n && self.in_flight() == 0
     }
 
     /// Free slots now.
@@ -120,13 +145,13 @@ impl Room {
         self.in_flight.fetch_add(n, Ordering::SeqCst);
     }
 
-    /// `n` events are done, `room` of which held a slot: the slots come back. True if
-    /// nothing is in flight any more.
+    /// `n` events are done (or all their deliveries wait without a slot), `room` of which
+    /// held a slot: the slots come back. True if the bus is now empty.
     pub(crate) fn done(&self, n: u64, room: u64) -> bool {
         if room > 0 {
             self.permits.add_permits(room as usize);
         }
-        self.in_flight.fetch_sub(n, Ordering::SeqCst) == n
+        self.in_flight.fetch_sub(n, Ordering::SeqCst) == n && self.waiting() == 0
     }
 
     /// Publishers waiting for room get `BusStopped` rather than wait forever.

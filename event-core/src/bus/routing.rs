@@ -33,6 +33,8 @@ pub(crate) struct Sub {
     pub(crate) active: AtomicBool,
     /// Deliveries routed to it and not yet done (its lag on a bus without a store).
     pub(crate) queued: AtomicU64,
+    /// Its deliveries kept in memory behind a busy lane without a slot of the queue.
+    pub(crate) parked: AtomicU64,
 }
 
 /// The subscriptions by event type, each list in priority order. Replaced whole on every

@@ -65,6 +65,15 @@ impl Tracker {
             .is_some_and(|t| position > t.routed_upto)
     }
 
+    /// Whether the position went out to the subscription and is not finished.
+    pub(crate) fn is_open(&self, index: usize, position: u64) -> bool {
+        self.subs.get(&index).is_some_and(|t| {
+            t.out
+                .binary_search_by_key(&position, |&(p, _)| p)
+                .is_ok_and(|i| !t.out[i].1)
+        })
+    }
+
     /// The position goes out for delivery to the subscription.
     pub(crate) fn route(&mut self, index: usize, position: u64) {
         if let Some(track) = self.subs.get_mut(&index) {

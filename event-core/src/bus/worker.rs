@@ -6,6 +6,12 @@
 //! deliveries of the lane wait behind it, and every other lane goes on. So a slow, stuck
 //! or retrying handler holds back only the later events of its own aggregate for its own
 //! subscription.
+//!
+//! Deliveries waiting behind a busy lane give their event's slot of the queue back, so a
+//! retrying or slow lane never takes room from other aggregates or other subscriptions.
+//! With a store they leave memory too: the lane notes the range of its stream they cover
+//! and reads them again from the store when it gets to them. Without a store they stay
+//! in memory, up to `queue_capacity` per subscription; beyond that they keep their slots.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -16,7 +22,7 @@ use chrono::{DateTime, Utc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::config::Jitter;
+use super::config::{Jitter, UnknownEventPolicy};
 use super::deliver::{self, Attempt, GiveUp, Outcome};
 use super::engine::Engine;
 use super::handler::{EventSource, PublishedEvent, panic_message};
@@ -24,6 +30,8 @@ use super::inbox::Inbox;
 use super::room::ROOM_CHUNK;
 use super::routing::{BusEvent, Job, Sub};
 use super::stats::Counters;
+use crate::record::StreamId;
+use crate::registry::registry;
 
 /// A lane: (subscription index, aggregate hash).
 type Key = (usize, u64);
@@ -37,6 +45,30 @@ struct Pending {
     last_error: String,
     /// The last attempt was made; only the dead letter is left to store.
     give_up: bool,
+    /// Whether it holds its event's slot of the queue.
+    hold: Hold,
+}
+
+/// What keeps a delivery counted until it is done.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Its event, in flight (and in the queue's slot if the event holds one).
+    Queue,
+    /// It waits in memory behind a busy lane, counted as waiting and as parked for its
+    /// subscription.
+    Parked,
+    /// It was read again from the store for its lane, counted as waiting.
+    Reread,
+}
+
+/// The deliveries of a lane that left memory: its stream's events from `from_version` up
+/// to position `upto`, for `sub`, read again from the store when the lane gets to them.
+struct Deferred {
+    sub: Arc<Sub>,
+    stream: StreamId,
+    from_version: u64,
+    upto: u64,
+    count: u64,
 }
 
 impl Pending {
@@ -48,15 +80,19 @@ impl Pending {
             first_failed_at: None,
             last_error: String::new(),
             give_up: false,
+            hold: Hold::Queue,
         }
     }
 }
 
 /// A busy lane: its first delivery, running or waiting for its next attempt, and the
-/// deliveries behind it.
+/// deliveries behind it, in memory, then deferred.
+#[derive(Default)]
 struct Lane {
-    head: Pending,
+    /// None only while the lane waits to read its deferred deliveries again.
+    head: Option<Pending>,
     behind: VecDeque<Pending>,
+    deferred: Option<Deferred>,
 }
 
 /// Where a lane's first delivery is after a move.
@@ -84,15 +120,17 @@ struct Finished {
     positions: Vec<(usize, u64)>,
     /// Finished published events, to hand back to their publisher.
     published: Vec<Arc<dyn PublishedEvent>>,
+    /// Deliveries that began to wait without a slot.
+    waiting: u64,
+    /// Deliveries that waited without a slot and are done.
+    waited_done: u64,
 }
 
 /// The lane a worker is carrying on inline, kept in the worker (not on the stack of the
-/// future) so a panic there loses nothing.
+/// future) so a panic there loses nothing. Its head is the delivery being moved.
 struct InHand {
     key: Key,
-    /// The delivery being moved, while it is.
-    head: Option<Pending>,
-    behind: VecDeque<Pending>,
+    lane: Lane,
 }
 
 pub(crate) struct Worker {
@@ -206,25 +244,133 @@ impl Worker {
 
     /// A new delivery: behind its lane if the lane is busy, else attempted now.
     async fn offer(&mut self, key: Key, pending: Pending) {
-        if let Some(lane) = self.busy_lane(key) {
-            lane.behind.push_back(pending);
+        // Skips hashing when no lane is busy.
+        if !self.lanes.is_empty() && self.lanes.contains_key(&key) {
+            self.wait_behind(key, pending);
             return;
         }
         self.in_hand = Some(InHand {
             key,
-            head: Some(pending),
-            behind: VecDeque::new(),
+            lane: Lane {
+                head: Some(pending),
+                ..Lane::default()
+            },
         });
         self.carry_on().await;
     }
 
-    /// The busy lane of `key`, if any (skips hashing when no lane is busy).
-    fn busy_lane(&mut self, key: Key) -> Option<&mut Lane> {
-        if self.lanes.is_empty() {
-            None
-        } else {
-            self.lanes.get_mut(&key)
+    /// Puts a delivery behind its busy lane, giving its event's slot back: with a store
+    /// it leaves memory (the lane's deferred range grows), without one it is parked in
+    /// memory while its subscription has parking room (`queue_capacity` deliveries).
+    fn wait_behind(&mut self, key: Key, mut pending: Pending) {
+        let durable = self.engine.store.is_some();
+        let capacity = self.engine.room.capacity() as u64;
+        let lane = self.lanes.get_mut(&key).expect("a busy lane");
+        if durable
+            && pending.hold == Hold::Queue
+            && matches!(pending.event.source, EventSource::Stored(_))
+        {
+            let record = pending.event.record();
+            let same_stream = |d: &Deferred| {
+                d.stream.aggregate_id == record.aggregate_id
+                    && *d.stream.aggregate_type == *record.aggregate_type
+            };
+            // Two streams of one hash share a lane: the second one's stay in memory.
+            let deferred = match &mut lane.deferred {
+                None => Some(lane.deferred.insert(Deferred {
+                    sub: Arc::clone(&pending.sub),
+                    stream: record.stream_id(),
+                    from_version: record.version,
+                    upto: record.position,
+                    count: 0,
+                })),
+                Some(d) if same_stream(d) => Some(d),
+                Some(_) => None,
+            };
+            if let Some(deferred) = deferred {
+                deferred.upto = record.position;
+                deferred.count += 1;
+                self.release(&pending.event);
+                return;
+            }
         }
+        if pending.hold == Hold::Queue && pending.sub.parked.load(Ordering::Relaxed) < capacity {
+            pending.sub.parked.fetch_add(1, Ordering::Relaxed);
+            pending.hold = Hold::Parked;
+            self.release(&pending.event);
+        }
+        self.lanes
+            .get_mut(&key)
+            .expect("a busy lane")
+            .behind
+            .push_back(pending);
+    }
+
+    /// A delivery gives its event's slot back and goes on waiting: the event counts as
+    /// done for the queue once this was its last delivery holding it.
+    fn release(&mut self, event: &BusEvent) {
+        self.finished.waiting += 1;
+        let last = match &event.remaining {
+            Some(remaining) => remaining.fetch_sub(1, Ordering::AcqRel) == 1,
+            None => true,
+        };
+        if last {
+            self.finished.events += 1;
+            self.finished.room += u64::from(event.holds_room);
+        }
+    }
+
+    /// Reads a lane's deferred deliveries back from the store, in order.
+    async fn reread(&mut self, deferred: &Deferred) -> crate::error::Result<VecDeque<Pending>> {
+        let store = self
+            .engine
+            .store
+            .as_ref()
+            .expect("deferred only with a store");
+        let events = store
+            .read_stream(&deferred.stream, deferred.from_version)
+            .await?;
+        let sub = &deferred.sub;
+        let mut reread = VecDeque::new();
+        for record in events {
+            if record.position > deferred.upto {
+                break;
+            }
+            // The dispatcher's choice, made again: its types, or an unregistered type of
+            // its aggregate type that it dead-letters.
+            let for_sub = sub.event_types.contains(&&*record.event_type)
+                || (sub.unknown == UnknownEventPolicy::DeadLetter
+                    && *record.aggregate_type == *sub.aggregate_type
+                    && registry().get(&record.event_type).is_none());
+            if !for_sub
+                || !self
+                    .engine
+                    .lock_tracker()
+                    .is_open(sub.index, record.position)
+            {
+                continue;
+            }
+            let mut event = BusEvent::new(EventSource::Stored(Arc::new(record))).without_room();
+            event.remaining = None;
+            let mut pending = Pending::new(event, Arc::clone(sub));
+            pending.hold = Hold::Reread;
+            reread.push_back(pending);
+        }
+        let found = reread.len() as u64;
+        if found != deferred.count {
+            // Counted as waiting when they left; settle the count with what came back.
+            tracing::error!(
+                expected = deferred.count,
+                found,
+                "deferred deliveries read again do not match"
+            );
+            if found > deferred.count {
+                self.engine.room.wait_outside(found - deferred.count);
+            } else {
+                self.finished.waited_done += deferred.count - found;
+            }
+        }
+        Ok(reread)
     }
 
     /// A retry is due: the lane's first delivery is attempted again.
@@ -232,12 +378,13 @@ impl Worker {
         let Some(lane) = self.lanes.remove(&key) else {
             return;
         };
-        self.in_hand = Some(InHand {
-            key,
-            head: Some(lane.head),
-            behind: lane.behind,
-        });
-        self.carry_on().await;
+        let waits_to_reread = lane.head.is_none();
+        self.in_hand = Some(InHand { key, lane });
+        if waits_to_reread {
+            self.carry_on_from(Step::Done).await;
+        } else {
+            self.carry_on().await;
+        }
     }
 
     /// An attempt that ran as its own task is over.
@@ -245,11 +392,7 @@ impl Worker {
         let Some(lane) = self.lanes.remove(&key) else {
             return;
         };
-        self.in_hand = Some(InHand {
-            key,
-            head: Some(lane.head),
-            behind: lane.behind,
-        });
+        self.in_hand = Some(InHand { key, lane });
         let step = self.after(outcome).await;
         self.carry_on_from(step).await;
     }
@@ -265,46 +408,52 @@ impl Worker {
             let Some(hand) = self.in_hand.as_mut() else {
                 return;
             };
-            match step {
-                Step::Done => match hand.behind.pop_front() {
-                    Some(next) => {
-                        hand.head = Some(next);
+            let (pending, wait_until) = match step {
+                Step::Done => {
+                    if let Some(next) = hand.lane.behind.pop_front() {
+                        hand.lane.head = Some(next);
                         step = self.step().await;
+                        continue;
                     }
-                    None => {
+                    let Some(deferred) = hand.lane.deferred.take() else {
                         self.in_hand = None;
                         return;
+                    };
+                    match self.reread(&deferred).await {
+                        Ok(reread) => {
+                            if let Some(hand) = self.in_hand.as_mut() {
+                                hand.lane.behind = reread;
+                            }
+                            continue;
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "cannot read deferred deliveries again; trying again in a second");
+                            if let Some(hand) = self.in_hand.as_mut() {
+                                hand.lane.deferred = Some(deferred);
+                            }
+                            (
+                                None,
+                                Some(Instant::now() + std::time::Duration::from_secs(1)),
+                            )
+                        }
                     }
-                },
+                }
                 Step::Running(pending, attempt) => {
                     let key = hand.key;
-                    let behind = std::mem::take(&mut hand.behind);
-                    self.in_hand = None;
                     self.running.spawn(async move { (key, attempt.await) });
-                    self.lanes.insert(
-                        key,
-                        Lane {
-                            head: pending,
-                            behind,
-                        },
-                    );
-                    return;
+                    (Some(pending), None)
                 }
-                Step::Wait(pending, at) => {
-                    let key = hand.key;
-                    let behind = std::mem::take(&mut hand.behind);
-                    self.in_hand = None;
-                    self.timers.push(Reverse((at, key)));
-                    self.lanes.insert(
-                        key,
-                        Lane {
-                            head: pending,
-                            behind,
-                        },
-                    );
-                    return;
-                }
+                Step::Wait(pending, at) => (Some(pending), Some(at)),
+            };
+            let Some(InHand { key, mut lane }) = self.in_hand.take() else {
+                return;
+            };
+            lane.head = pending;
+            if let Some(at) = wait_until {
+                self.timers.push(Reverse((at, key)));
             }
+            self.lanes.insert(key, lane);
+            return;
         }
     }
 
@@ -312,7 +461,7 @@ impl Worker {
     fn held(&mut self) -> &mut Pending {
         self.in_hand
             .as_mut()
-            .and_then(|h| h.head.as_mut())
+            .and_then(|h| h.lane.head.as_mut())
             .expect("a delivery in hand")
     }
 
@@ -320,7 +469,7 @@ impl Worker {
     fn take_held(&mut self) -> Pending {
         self.in_hand
             .as_mut()
-            .and_then(|h| h.head.take())
+            .and_then(|h| h.lane.head.take())
             .expect("a delivery in hand")
     }
 
@@ -330,7 +479,7 @@ impl Worker {
         let held = self.held();
         if !held.sub.active.load(Ordering::Acquire) {
             let pending = self.take_held();
-            self.finish(&pending.event, &pending.sub);
+            self.finish(&pending);
             return Step::Done;
         }
         if held.give_up {
@@ -358,7 +507,7 @@ impl Worker {
             Ok(()) => {
                 let pending = self.take_held();
                 deliver::delivered(&engine, &pending.sub, outcome.elapsed);
-                self.finish(&pending.event, &pending.sub);
+                self.finish(&pending);
                 return Step::Done;
             }
             Err(failure) => failure,
@@ -404,7 +553,7 @@ impl Worker {
         match deliver::dead_letter(&engine, &sub, &event.source, give_up).await {
             Ok(()) => {
                 let pending = self.take_held();
-                self.finish(&pending.event, &pending.sub);
+                self.finish(&pending);
                 Step::Done
             }
             Err(error) => {
@@ -421,47 +570,42 @@ impl Worker {
     /// attempt (with the panic as its error), and its lane waits for the retry; the job
     /// in hand goes on from its next subscription.
     fn recover(&mut self, message: &str) {
-        let Some(hand) = self.in_hand.take() else {
+        let Some(InHand { key, mut lane }) = self.in_hand.take() else {
             return;
         };
-        let Some(mut pending) = hand.head else {
-            // The attempt's outcome was lost between its task and the lane: the lane
-            // starts again from the delivery behind it.
-            if !hand.behind.is_empty() {
-                let mut behind = hand.behind;
-                if let Some(head) = behind.pop_front() {
-                    self.timers.push(Reverse((Instant::now(), hand.key)));
-                    self.lanes.insert(hand.key, Lane { head, behind });
+        let at = match lane.head.as_mut() {
+            Some(pending) => {
+                pending.failures += 1;
+                pending.first_failed_at.get_or_insert_with(Utc::now);
+                pending.last_error = format!("the bus worker panicked: {message}");
+                if pending.failures < pending.sub.retry.max_attempts() {
+                    Instant::now()
+                        + pending
+                            .sub
+                            .retry
+                            .delay(pending.failures, self.jitter.next())
+                } else {
+                    pending.give_up = true;
+                    Instant::now() + std::time::Duration::from_secs(1)
                 }
             }
+            // Lost between its task and the lane: the lane goes on behind it.
+            None => {
+                lane.head = lane.behind.pop_front();
+                Instant::now()
+            }
+        };
+        if lane.head.is_none() && lane.deferred.is_none() {
             return;
-        };
-        pending.failures += 1;
-        pending.first_failed_at.get_or_insert_with(Utc::now);
-        pending.last_error = format!("the bus worker panicked: {message}");
-        let delay = if pending.failures < pending.sub.retry.max_attempts() {
-            pending
-                .sub
-                .retry
-                .delay(pending.failures, self.jitter.next())
-        } else {
-            pending.give_up = true;
-            std::time::Duration::from_secs(1)
-        };
-        self.timers
-            .push(Reverse((Instant::now() + delay, hand.key)));
-        self.lanes.insert(
-            hand.key,
-            Lane {
-                head: pending,
-                behind: hand.behind,
-            },
-        );
+        }
+        self.timers.push(Reverse((at, key)));
+        self.lanes.insert(key, lane);
     }
 
     /// One delivery of `event` is finished (handled, dead-lettered or dropped because its
     /// subscription left); reported with the others by [`report_finished`](Self::report_finished).
-    fn finish(&mut self, event: &BusEvent, sub: &Arc<Sub>) {
+    fn finish(&mut self, pending: &Pending) {
+        let (event, sub) = (&pending.event, &pending.sub);
         let finished = &mut self.finished;
         match finished
             .by_sub
@@ -475,6 +619,17 @@ impl Worker {
             finished
                 .positions
                 .push((sub.index, event.record().position));
+        }
+        if pending.hold != Hold::Queue {
+            // Its event left the queue when it began to wait.
+            finished.waited_done += 1;
+            if pending.hold == Hold::Parked {
+                sub.parked.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let EventSource::Published(published) = &event.source {
+                finished.published.push(Arc::clone(published));
+            }
+            return;
         }
         let last = match &event.remaining {
             Some(remaining) => remaining.fetch_sub(1, Ordering::AcqRel) == 1,
@@ -512,9 +667,19 @@ impl Worker {
         if !finished.published.is_empty() {
             engine.hand_back(&mut finished.published);
         }
+        // Waiting deliveries are counted before their events' slots come back, so the
+        // bus never looks idle in between.
+        if finished.waiting > 0 {
+            engine
+                .room
+                .wait_outside(std::mem::take(&mut finished.waiting));
+        }
         if finished.events > 0 {
             let room = std::mem::take(&mut finished.room);
             engine.events_done(std::mem::take(&mut finished.events), room);
+        }
+        if finished.waited_done > 0 {
+            engine.waited_done(std::mem::take(&mut finished.waited_done));
         }
     }
 }
