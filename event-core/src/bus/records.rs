@@ -170,3 +170,104 @@ impl Records {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Metadata;
+    use chrono::Utc;
+
+    fn event() -> RecordedEvent {
+        let now = Utc::now();
+        RecordedEvent {
+            event_id: Uuid::now_v7(),
+            aggregate_type: "Parcel".into(),
+            aggregate_id: "p".into(),
+            version: 0,
+            position: 1,
+            event_type: "Sent".into(),
+            schema_version: 1,
+            occurred_at: now,
+            recorded_at: now,
+            metadata: Metadata::default(),
+            payload: "{}".into(),
+        }
+    }
+
+    fn dead_letter(subscription: &str, event: &RecordedEvent, attempts: u32) -> NewDeadLetter {
+        NewDeadLetter {
+            subscription: subscription.into(),
+            event_id: event.event_id,
+            position: event.position,
+            event_type: event.event_type.to_string(),
+            error: format!("failed {attempts} times"),
+            attempts,
+            first_failed_at: event.recorded_at,
+            last_failed_at: event.recorded_at,
+        }
+    }
+
+    /// Regression: the transient bus kept the events of discarded or replayed dead
+    /// letters forever, and one (subscription, event) could be dead-lettered twice.
+    #[tokio::test]
+    async fn an_event_kept_for_dead_letters_is_freed_with_the_last_of_them() {
+        let records = Records::Memory(Mutex::default());
+        let e = event();
+        for sub in ["a", "b"] {
+            records
+                .add_dead_letter(dead_letter(sub, &e, 3), Some(e.clone()))
+                .await
+                .unwrap();
+        }
+        // The same (subscription, event) again updates its dead letter.
+        records
+            .add_dead_letter(dead_letter("a", &e, 4), Some(e.clone()))
+            .await
+            .unwrap();
+        let dead = records.dead_letters(None).await.unwrap();
+        assert_eq!(dead.len(), 2);
+        assert_eq!((dead[0].subscription.as_str(), dead[0].attempts), ("a", 4));
+        assert_eq!(records.kept_events(), 1);
+        assert!(records.remove_dead_letter(dead[0].id).await.unwrap());
+        assert_eq!(
+            records.kept_event(e.event_id).map(|k| k.event_id),
+            Some(e.event_id)
+        );
+        assert!(records.remove_dead_letter(dead[1].id).await.unwrap());
+        assert_eq!(records.kept_events(), 0);
+        assert!(records.kept_event(e.event_id).is_none());
+        // A new dead letter of the same event after the removal keeps it again.
+        records
+            .add_dead_letter(dead_letter("a", &e, 1), Some(e.clone()))
+            .await
+            .unwrap();
+        assert_eq!(records.kept_events(), 1);
+    }
+
+    #[tokio::test]
+    async fn failure_records_keep_the_newest_up_to_the_retention() {
+        let records = Records::Memory(Mutex::default());
+        let e = event();
+        for attempt in 1..=10 {
+            let failure = FailureRecord {
+                subscription: "a".into(),
+                event_id: e.event_id,
+                position: 1,
+                attempt,
+                error: String::new(),
+                duration_micros: 0,
+                failed_at: e.recorded_at,
+            };
+            records.record_failure(failure, 4).await.unwrap();
+        }
+        let kept: Vec<u32> = records
+            .failures("a", 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|f| f.attempt)
+            .collect();
+        assert_eq!(kept, [10, 9, 8, 7]);
+        assert!(records.failures("b", 100).await.unwrap().is_empty());
+    }
+}
