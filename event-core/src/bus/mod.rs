@@ -14,6 +14,17 @@
 //! `queue_capacity` events until every subscription has handled them, `publish` waits for
 //! room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
 //! process dies. Dead letters (with their events) are kept in memory.
+//!
+//! **Under faults** every delivery ends: handled, or dead-lettered after its last attempt.
+//! Deliveries wait for each other only per subscription and aggregate (a *lane*): a
+//! failing, slow or stuck handler holds back only its own aggregate's later events for its
+//! own subscription, and the deliveries waiting behind it give their queue slot back (with a
+//! store they leave memory and are read again from their stream; without one they stay in
+//! memory, up to `queue_capacity` per subscription). A handler's error, its panic (also
+//! before it returns its future) and an attempt past its
+//! [`handler_timeout`](SubscriptionBuilder::handler_timeout) are failed attempts. With a
+//! store, an event that does not decode, and a row the store cannot read at all, are
+//! dead-lettered at once (see [`UnknownEventPolicy`] for types no code registers).
 
 mod blocking;
 mod config;
@@ -104,7 +115,9 @@ impl EventBusBuilder {
         self
     }
 
-    /// How many events may wait in memory (default 10,000).
+    /// How many events may wait in memory (default 10,000). Without a store, deliveries
+    /// waiting behind a retry or a slow handler may keep up to as many again per
+    /// subscription in memory outside the queue (see [`EventBus`]).
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity;
         self
@@ -250,6 +263,17 @@ impl Inner {
 /// room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
 /// process dies. Dead letters (with their events) are kept in memory.
 ///
+/// **Under faults** every delivery ends: handled, or dead-lettered after its last attempt.
+/// Deliveries wait for each other only per subscription and aggregate (a *lane*): a
+/// failing, slow or stuck handler holds back only its own aggregate's later events for its
+/// own subscription, and the deliveries waiting behind it give their queue slot back (with a
+/// store they leave memory and are read again from their stream; without one they stay in
+/// memory, up to `queue_capacity` per subscription). A handler's error, its panic (also
+/// before it returns its future) and an attempt past its
+/// [`handler_timeout`](SubscriptionBuilder::handler_timeout) are failed attempts. With a
+/// store, an event that does not decode, and a row the store cannot read at all, are
+/// dead-lettered at once (see [`UnknownEventPolicy`] for types no code registers).
+///
 /// ```
 /// use std::sync::Arc;
 /// use std::sync::atomic::{AtomicU64, Ordering};
@@ -369,8 +393,9 @@ pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_FAILURE_RETENTION: usize = 1_000;
 
 impl SubscriptionBuilder<'_> {
-    /// Its priority: for each event, subscriptions with a lower number run first
-    /// (default 0). A subscription waiting for a retry does not hold the others back.
+    /// Its priority: for each event, subscriptions with a lower number start first
+    /// (default 0). A subscription that is slow, or waits for a retry, does not hold the
+    /// others back.
     pub fn priority(mut self, priority: i32) -> Self {
         self.priority = priority;
         self
@@ -399,8 +424,8 @@ impl SubscriptionBuilder<'_> {
     }
 
     /// How many records of failed attempts to keep for it, the newest (default
-    /// [`DEFAULT_FAILURE_RETENTION`], 1,000; at least 1). A bus without a store keeps
-    /// exactly these in memory; a durable bus passes it to its store's failure records.
+    /// [`DEFAULT_FAILURE_RETENTION`], 1,000; at least 1). A bus without a store keeps at
+    /// most these in memory; with a store, the store keeps the failure records.
     pub fn failure_retention(mut self, records: usize) -> Self {
         self.failure_retention = records.max(1);
         self
@@ -574,8 +599,9 @@ impl EventBus {
 
     /// Stops the bus: refuses new events at once, lets in-flight deliveries (and, without
     /// a store, the queued events) finish for up to the stop timeout, then saves the
-    /// checkpoints. Retries still waiting at the timeout are abandoned; with a store they
-    /// are delivered again after a restart.
+    /// checkpoints. Retries still waiting, and attempts still running, at the timeout are
+    /// abandoned (the attempts' futures dropped); with a store they are delivered again
+    /// after a restart. The report counts what was left unfinished.
     pub async fn stop(&self) -> Result<StopReport> {
         let inner = &self.inner;
         inner.stopped.store(true, Ordering::SeqCst);
