@@ -14,6 +14,9 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// How long an idle thread waits for a job before it ends.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
+/// The most threads at once (as many as tokio's blocking pool); beyond, jobs wait for one.
+const MAX_THREADS: usize = 512;
+
 #[derive(Default)]
 struct Pool {
     state: Mutex<State>,
@@ -25,6 +28,8 @@ struct State {
     jobs: VecDeque<Job>,
     /// Threads waiting for a job.
     idle: usize,
+    /// Threads running.
+    threads: usize,
 }
 
 fn pool() -> &'static Pool {
@@ -43,20 +48,24 @@ impl Pool {
 pub(crate) fn run(job: Job) -> std::io::Result<()> {
     let pool = pool();
     let mut state = pool.lock();
-    if state.idle > state.jobs.len() {
+    if state.idle > state.jobs.len() || state.threads >= MAX_THREADS {
         state.jobs.push_back(job);
         drop(state);
         pool.ready.notify_one();
         return Ok(());
     }
+    state.threads += 1;
     drop(state);
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("eventfold-blocking".into())
         .spawn(move || {
             job();
             serve(pool);
-        })
-        .map(drop)
+        });
+    if spawned.is_err() {
+        pool.lock().threads -= 1;
+    }
+    spawned.map(drop)
 }
 
 /// A pool thread: runs jobs until none comes for [`KEEP_ALIVE`].
@@ -79,6 +88,7 @@ fn serve(pool: &'static Pool) {
         state = next;
         state.idle -= 1;
         if timeout.timed_out() && state.jobs.is_empty() {
+            state.threads -= 1;
             return;
         }
     }

@@ -170,6 +170,10 @@ where
         Box::pin(async move {
             let (tx, rx) = tokio::sync::oneshot::channel();
             super::blocking::run(Box::new(move || {
+                // The attempt timed out (or the bus stopped) before a thread was free.
+                if tx.is_closed() {
+                    return;
+                }
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(delivery)))
                     .map_err(|panic| BoxError::from(panic_message(panic)))
                     .and_then(|r| r.map_err(Into::into));

@@ -853,6 +853,7 @@ impl EventBus {
             queue_depth,
             queue_capacity: engine.room.capacity() as u64,
             in_flight: engine.room.in_flight(),
+            waiting: engine.room.waiting(),
             worker_restarts: engine.counters.worker_restarts.load(Ordering::Relaxed),
             subscriptions,
         })

@@ -26,6 +26,9 @@ pub struct BusStatistics {
     /// Events the bus holds in memory (accepted or read, not yet done); never above the
     /// capacity, but for what handlers publish into their own full bus.
     pub in_flight: u64,
+    /// Deliveries waiting behind a busy lane (a retry or a slow handler of the same
+    /// subscription and aggregate) outside the queue's capacity.
+    pub waiting: u64,
     /// Times a worker's loop was restarted after a panic that escaped it (a handler's
     /// panic is a failed attempt and never counts here); the worker goes on with its
     /// deliveries, and the one it held counts as a failed attempt.
