@@ -827,3 +827,193 @@ async fn a_worker_that_panics_outside_a_handler_goes_on_and_is_reported() {
     assert_eq!((stats.delivered, stats.failed), (2, 1));
     assert!(bus.stop().await.unwrap().drained);
 }
+
+/// A store whose rows at some positions read back damaged: with the error the SQLite
+/// store is getting (`CorruptEvent` naming the position and id) or with one that names
+/// nothing (a `Corrupt` store error, as the SQLite store gives today).
+struct DamagedAt {
+    inner: InMemoryEventStore,
+    damaged: Vec<u64>,
+    names_the_row: bool,
+}
+
+impl DamagedAt {
+    fn damage(&self, events: &[RecordedEvent]) -> Result<(), Error> {
+        match events.iter().find(|e| self.damaged.contains(&e.position)) {
+            None => Ok(()),
+            Some(e) if self.names_the_row => Err(Error::CorruptEvent {
+                event_id: Some(e.event_id),
+                position: Some(e.position),
+                reason: "its checksum does not match".into(),
+            }),
+            Some(e) => Err(Error::Store {
+                kind: eventfold::StoreErrorKind::Corrupt,
+                message: format!("the event at position {} has no valid event id", e.position),
+                source: None,
+            }),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for DamagedAt {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> eventfold::Result<eventfold::AppendOutcome> {
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+    ) -> eventfold::Result<Vec<RecordedEvent>> {
+        let events = self.inner.read_stream(stream, from).await?;
+        self.damage(&events)?;
+        Ok(events)
+    }
+    async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
+        let events = self.inner.read_all(from, limit).await?;
+        self.damage(&events)?;
+        Ok(events)
+    }
+    async fn get(&self, id: uuid::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
+        let event = self.inner.get(id).await?;
+        self.damage(event.as_slice())?;
+        Ok(event)
+    }
+    async fn stream_version(&self, stream: &StreamId) -> eventfold::Result<u64> {
+        self.inner.stream_version(stream).await
+    }
+    async fn head_position(&self) -> eventfold::Result<u64> {
+        self.inner.head_position().await
+    }
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch_head()
+    }
+    async fn save_snapshot(&self, snapshot: eventfold::Snapshot) -> eventfold::Result<()> {
+        self.inner.save_snapshot(snapshot).await
+    }
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> eventfold::Result<Option<eventfold::Snapshot>> {
+        self.inner.load_snapshot(stream).await
+    }
+    async fn load_checkpoint(&self, name: &str) -> eventfold::Result<Option<u64>> {
+        self.inner.load_checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
+        self.inner.save_checkpoint(name, position).await
+    }
+    async fn add_dead_letter(
+        &self,
+        dead_letter: eventfold::NewDeadLetter,
+    ) -> eventfold::Result<u64> {
+        self.inner.add_dead_letter(dead_letter).await
+    }
+    async fn dead_letters(
+        &self,
+        name: Option<&str>,
+    ) -> eventfold::Result<Vec<eventfold::DeadLetter>> {
+        self.inner.dead_letters(name).await
+    }
+    async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
+        self.inner.remove_dead_letter(id).await
+    }
+    async fn record_failure(&self, failure: eventfold::FailureRecord) -> eventfold::Result<()> {
+        self.inner.record_failure(failure).await
+    }
+    async fn failures(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> eventfold::Result<Vec<eventfold::FailureRecord>> {
+        self.inner.failures(name, limit).await
+    }
+    async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+        self.inner.statistics().await
+    }
+}
+
+/// The bus finds a damaged row both ways: by the position a `CorruptEvent` names (and
+/// then keeps its event id), and by reading fewer rows at a time when the error names
+/// none (then the dead letter's event id is nil).
+#[tokio::test]
+async fn a_damaged_row_is_found_whether_or_not_the_error_names_it() {
+    for names_the_row in [true, false] {
+        let inner = InMemoryEventStore::new();
+        let mut ids = Vec::new();
+        for seq in 1..=6 {
+            let event = NewEvent::from_event(&sent("p", seq), Metadata::new()).unwrap();
+            ids.push(event.event_id);
+            append(&inner, event, "Parcel", "p").await;
+        }
+        let store = Arc::new(DamagedAt {
+            inner: inner.clone(),
+            damaged: vec![2, 5],
+            names_the_row,
+        });
+        let bus = EventBus::builder().store(store).build().unwrap();
+        let seen = Seen::default();
+        bus.subscribe("audit", recorder(&seen)).register().unwrap();
+        bus.start().await.unwrap();
+        bus.wait_idle().await.unwrap();
+        assert_eq!(seqs(&seen), [1, 3, 4, 6], "names the row: {names_the_row}");
+        let dead = bus.dead_letters(None).await.unwrap();
+        let found: Vec<(u64, uuid::Uuid)> = dead.iter().map(|d| (d.position, d.event_id)).collect();
+        let expected = if names_the_row {
+            vec![(2, ids[1]), (5, ids[4])]
+        } else {
+            vec![(2, uuid::Uuid::nil()), (5, uuid::Uuid::nil())]
+        };
+        assert_eq!(found, expected);
+        assert!(
+            dead.iter()
+                .all(|d| d.error.contains("damaged") || d.error.contains("no valid event id"))
+        );
+        assert_eq!(inner.load_checkpoint("audit").await.unwrap(), Some(6));
+        bus.stop().await.unwrap();
+    }
+}
+
+/// Deliveries waiting behind a retry are read again from their stream; a damaged row in
+/// that stream (dead-lettered already) does not keep the others from coming back.
+#[tokio::test(start_paused = true)]
+async fn waiting_deliveries_come_back_around_a_damaged_row_of_their_stream() {
+    let inner = InMemoryEventStore::new();
+    for seq in 1..=5 {
+        let event = NewEvent::from_event(&sent("p", seq), Metadata::new()).unwrap();
+        append(&inner, event, "Parcel", "p").await;
+    }
+    let store = Arc::new(DamagedAt {
+        inner: inner.clone(),
+        damaged: vec![3],
+        names_the_row: false,
+    });
+    let bus = EventBus::builder().store(store).build().unwrap();
+    let seen = Seen::default();
+    let recorded = Arc::clone(&seen);
+    bus.subscribe("flaky", move |d: Delivery<ParcelEvent>| {
+        let fail = seq_of(&d) == 1 && d.attempt() == 1;
+        if !fail {
+            recorded.lock().unwrap().push(("p".into(), seq_of(&d)));
+        }
+        std::future::ready(if fail { Err("not yet") } else { Ok(()) })
+    })
+    .retry(RetryPolicy::exponential(
+        3,
+        Duration::from_secs(1),
+        Duration::from_secs(1),
+    ))
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    bus.wait_idle().await.unwrap();
+    assert_eq!(seqs(&seen), [1, 2, 4, 5]);
+    let dead = bus.dead_letters(None).await.unwrap();
+    assert_eq!(dead.iter().map(|d| d.position).collect::<Vec<_>>(), [3]);
+    assert_eq!(inner.load_checkpoint("flaky").await.unwrap(), Some(5));
+}

@@ -212,17 +212,17 @@ async fn route_admitted(
 }
 
 /// A stored row the store cannot read back.
-struct Damaged {
-    position: u64,
+pub(crate) struct Damaged {
+    pub(crate) position: u64,
     event_id: Option<Uuid>,
     error: String,
 }
 
 /// What one read of the log gave: the readable events, and the damaged row that ended
 /// the read early, if one did.
-struct Page {
-    events: Vec<RecordedEvent>,
-    damaged: Option<Damaged>,
+pub(crate) struct Page {
+    pub(crate) events: Vec<RecordedEvent>,
+    pub(crate) damaged: Option<Damaged>,
 }
 
 /// The stored event an error names, as (id when known, position), if it names one.
@@ -255,7 +255,7 @@ fn located(error: &Error) -> Option<(Option<Uuid>, u64)> {
 /// or, if the store's error names none, the one found by reading fewer rows at a time
 /// (the shortest read that fails ends with it). Other errors (busy, I/O, closed) are
 /// returned, to be tried again.
-async fn read_page(store: &dyn EventStore, from: u64, limit: usize) -> Result<Page> {
+pub(crate) async fn read_page(store: &dyn EventStore, from: u64, limit: usize) -> Result<Page> {
     let error = match store.read_all(from, limit).await {
         Ok(events) => {
             return Ok(Page {

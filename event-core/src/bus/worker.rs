@@ -24,13 +24,15 @@ use tokio::time::Instant;
 
 use super::config::{Jitter, UnknownEventPolicy};
 use super::deliver::{self, Attempt, GiveUp, Outcome};
+use super::dispatch::read_page;
 use super::engine::Engine;
 use super::handler::{EventSource, PublishedEvent, panic_message};
 use super::inbox::Inbox;
 use super::room::ROOM_CHUNK;
 use super::routing::{BusEvent, Job, Sub};
 use super::stats::Counters;
-use crate::record::StreamId;
+use crate::error::StoreErrorKind;
+use crate::record::{RecordedEvent, StreamId};
 use crate::registry::registry;
 
 /// A lane: (subscription index, aggregate hash).
@@ -67,6 +69,8 @@ struct Deferred {
     sub: Arc<Sub>,
     stream: StreamId,
     from_version: u64,
+    /// The position of the first of them.
+    from_position: u64,
     upto: u64,
     count: u64,
 }
@@ -281,6 +285,7 @@ impl Worker {
                     sub: Arc::clone(&pending.sub),
                     stream: record.stream_id(),
                     from_version: record.version,
+                    from_position: record.position,
                     upto: record.position,
                     count: 0,
                 })),
@@ -320,6 +325,37 @@ impl Worker {
         }
     }
 
+    /// The events of a deferred range read from the log, passing over damaged rows.
+    async fn read_log_around_damage(
+        &self,
+        deferred: &Deferred,
+    ) -> crate::error::Result<Vec<RecordedEvent>> {
+        let store = self
+            .engine
+            .store
+            .as_ref()
+            .expect("deferred only with a store");
+        let mut events = Vec::new();
+        let mut next = deferred.from_position;
+        while next <= deferred.upto {
+            let limit = usize::try_from(deferred.upto - next + 1)
+                .unwrap_or(usize::MAX)
+                .min(self.engine.batch_size);
+            let page = read_page(store.as_ref(), next, limit).await?;
+            let last = page.events.last().map(|e| e.position);
+            next = match (&page.damaged, last) {
+                (Some(damaged), _) => damaged.position + 1,
+                (None, Some(last)) => last + 1,
+                (None, None) => break,
+            };
+            events.extend(page.events.into_iter().filter(|e| {
+                e.aggregate_id == deferred.stream.aggregate_id
+                    && *e.aggregate_type == *deferred.stream.aggregate_type
+            }));
+        }
+        Ok(events)
+    }
+
     /// Reads a lane's deferred deliveries back from the store, in order.
     async fn reread(&mut self, deferred: &Deferred) -> crate::error::Result<VecDeque<Pending>> {
         let store = self
@@ -327,9 +363,18 @@ impl Worker {
             .store
             .as_ref()
             .expect("deferred only with a store");
-        let events = store
+        let events = match store
             .read_stream(&deferred.stream, deferred.from_version)
-            .await?;
+            .await
+        {
+            Ok(events) => events,
+            // A damaged row of the stream (dead-lettered by the dispatcher already) spoils
+            // the stream's read: read the log around it instead.
+            Err(error) if error.store_kind() == Some(StoreErrorKind::Corrupt) => {
+                self.read_log_around_damage(deferred).await?
+            }
+            Err(error) => return Err(error),
+        };
         let sub = &deferred.sub;
         let mut reread = VecDeque::new();
         for record in events {
