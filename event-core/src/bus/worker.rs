@@ -15,8 +15,10 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use chrono::{DateTime, Utc};
 use tokio::task::JoinSet;
@@ -107,6 +109,16 @@ enum Step {
     Running(Pending, Attempt),
     /// Waits until then for its next attempt (or for its dead letter to be stored).
     Wait(Pending, Instant),
+}
+
+/// What is left of a fresh delivery's first attempt, when it did not simply succeed.
+enum First {
+    /// It failed (or timed out, or did not decode).
+    Outcome(Outcome),
+    /// Its handler did not finish at once.
+    Running(Attempt),
+    /// It needs the full step (its subscription left, or only its dead letter is left).
+    Step,
 }
 
 /// Deliveries a worker finished and has not yet reported: it reports them together, so
@@ -260,7 +272,55 @@ impl Worker {
                 ..Lane::default()
             },
         });
-        self.carry_on().await;
+        // Most attempts finish at once and well: that path stays small. The rest (a
+        // failure, a handler still running) goes on in a boxed future, so the large state
+        // of retries and dead letters is neither built nor moved for every delivery.
+        match self.first_attempt().await {
+            None => {}
+            Some(First::Outcome(outcome)) => {
+                Box::pin(async {
+                    let step = self.after(outcome).await;
+                    self.carry_on_from(step).await;
+                })
+                .await;
+            }
+            Some(First::Running(attempt)) => {
+                let step = Step::Running(self.take_held(), attempt);
+                Box::pin(self.carry_on_from(step)).await;
+            }
+            Some(First::Step) => Box::pin(self.carry_on()).await,
+        }
+    }
+
+    /// Attempts the fresh delivery in hand once, inline. None if it was handled (its lane
+    /// is free again); else what is left to carry on.
+    async fn first_attempt(&mut self) -> Option<First> {
+        if self.finished.events > 0 && self.engine.room.available() < ROOM_CHUNK {
+            // The queue is nearly full: report the room these deliveries hold now, since
+            // a handler (this one, say) may be waiting to publish into it.
+            self.report_finished();
+        }
+        let bus = self.engine.id();
+        let held = self.held();
+        if !held.sub.active.load(Ordering::Acquire) || held.give_up {
+            return Some(First::Step);
+        }
+        let mut attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut attempt).poll(cx))).await;
+        match polled {
+            Poll::Ready(Outcome {
+                result: Ok(()),
+                elapsed,
+            }) => {
+                let pending = self.take_held();
+                deliver::delivered(&self.engine, &pending.sub, elapsed);
+                self.finish(&pending);
+                self.in_hand = None;
+                None
+            }
+            Poll::Ready(outcome) => Some(First::Outcome(outcome)),
+            Poll::Pending => Some(First::Running(attempt)),
+        }
     }
 
     /// Puts a delivery behind its busy lane, giving its event's slot back: with a store
