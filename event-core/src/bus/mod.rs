@@ -26,6 +26,7 @@
 //! store, an event that does not decode, and a row the store cannot read at all, are
 //! dead-lettered at once (see [`UnknownEventPolicy`] for types no code registers).
 
+mod admin;
 mod blocking;
 mod config;
 mod deliver;
@@ -33,6 +34,7 @@ mod dispatch;
 mod engine;
 mod handler;
 mod inbox;
+mod publish;
 mod records;
 mod room;
 mod routing;
@@ -40,8 +42,6 @@ mod stats;
 mod tracker;
 mod worker;
 
-use std::borrow::Cow;
-use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,10 +52,11 @@ use tokio::task::JoinHandle;
 
 pub use config::{Clock, RetryPolicy, SystemClock, UnknownEventPolicy};
 pub use handler::{BoxFuture, Delivery, Handler};
+pub use publish::{DomainEventPublisher, IntoOutgoing, Outgoing};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
-use engine::{DELIVERING, Engine};
-use handler::{Blocking, EventSource, Published, PublishedEvent, Typed};
+use engine::Engine;
+use handler::{Blocking, Typed};
 use inbox::{Inbox, Router};
 use records::Records;
 use room::Room;
@@ -66,11 +67,6 @@ use worker::Worker;
 
 use crate::error::{BoxError, Error, Result};
 use crate::event::DomainEvent;
-use crate::record::fresh_id;
-use crate::record::{
-    AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, Metadata, NewEvent, RecordedEvent,
-    StreamId,
-};
 use crate::registry::registry;
 use crate::store::EventStore;
 
@@ -318,56 +314,6 @@ impl std::fmt::Debug for EventBus {
             .field("workers", &self.inner.workers)
             .field("queue_capacity", &self.inner.engine.room.capacity())
             .finish_non_exhaustive()
-    }
-}
-
-/// An event to publish, with the aggregate it belongs to and its metadata. Plain events
-/// are accepted too, so `publish(event)` works when the event marks its aggregate id.
-#[derive(Debug, Clone)]
-pub struct Outgoing<E> {
-    event: E,
-    aggregate_id: Option<String>,
-    metadata: Metadata,
-}
-
-/// What `publish` takes: an event, or an [`Outgoing`] with its aggregate id and metadata.
-pub trait IntoOutgoing<E> {
-    /// The event ready to publish.
-    fn into_outgoing(self) -> Outgoing<E>;
-}
-
-impl<E: DomainEvent> IntoOutgoing<E> for E {
-    fn into_outgoing(self) -> Outgoing<E> {
-        Outgoing::new(self)
-    }
-}
-
-impl<E> IntoOutgoing<E> for Outgoing<E> {
-    fn into_outgoing(self) -> Outgoing<E> {
-        self
-    }
-}
-
-impl<E> Outgoing<E> {
-    /// An event to publish.
-    pub fn new(event: E) -> Self {
-        Outgoing {
-            event,
-            aggregate_id: None,
-            metadata: Metadata::default(),
-        }
-    }
-
-    /// Names the aggregate it belongs to (instead of a field marked `aggregate_id`).
-    pub fn to(mut self, aggregate_id: impl Into<String>) -> Self {
-        self.aggregate_id = Some(aggregate_id.into());
-        self
-    }
-
-    /// Sets its metadata.
-    pub fn metadata(mut self, metadata: Metadata) -> Self {
-        self.metadata = metadata;
-        self
     }
 }
 
@@ -666,366 +612,5 @@ impl EventBus {
             // look again now and then.
             let _ = tokio::time::timeout(Duration::from_millis(50), progress).await;
         }
-    }
-
-    /// Publishes one event. With a store it returns once the event is stored, with its
-    /// global position; without, once it is queued (waiting for room), with its sequence
-    /// number.
-    ///
-    /// A handler of a bus without a store that publishes into the same bus never waits for
-    /// room (nor gets [`Error::QueueFull`]): when the queue is full, its events go in
-    /// beyond the capacity. Waiting there could deadlock, with every slot held by an event
-    /// whose handler waits for one; so the queue can exceed its capacity by what handlers
-    /// publish.
-    pub async fn publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
-        self.publish_one(event.into_outgoing(), true).await
-    }
-
-    /// Publishes one event, failing at once with [`Error::QueueFull`] instead of waiting for
-    /// room (a bus with a store never is full: its log is the queue).
-    pub async fn try_publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
-        self.publish_one(event.into_outgoing(), false).await
-    }
-
-    /// One event: without a store it goes straight to the queue, with no batch around it.
-    async fn publish_one<E: DomainEvent>(&self, event: Outgoing<E>, wait: bool) -> Result<u64> {
-        if self.inner.engine.store.is_some() {
-            return Ok(*self.publish_all(vec![event], wait).await?.start());
-        }
-        if self.inner.stopped.load(Ordering::SeqCst) {
-            return Err(Error::BusStopped);
-        }
-        let event = resolve(event)?;
-        let range = self.publish_transient(std::iter::once(event), wait).await?;
-        self.inner.engine.published.fetch_add(1, Ordering::Relaxed);
-        Ok(*range.start())
-    }
-
-    /// Publishes several events, all or nothing: with a store they are appended in one
-    /// atomic step; without, they are queued together once there is room for all of them.
-    /// Without a store, a batch larger than the queue's capacity is refused with
-    /// [`Error::QueueFull`], from anywhere; a batch that fits, published by a handler into
-    /// its own bus, never waits and may go beyond the capacity (see
-    /// [`publish`](Self::publish)).
-    pub async fn publish_batch<E, I>(&self, events: I) -> Result<RangeInclusive<u64>>
-    where
-        E: DomainEvent,
-        I: IntoIterator,
-        I::Item: IntoOutgoing<E>,
-    {
-        let events: Vec<Outgoing<E>> = events.into_iter().map(|e| e.into_outgoing()).collect();
-        self.publish_all(events, true).await
-    }
-
-    async fn publish_all<E: DomainEvent>(
-        &self,
-        events: Vec<Outgoing<E>>,
-        wait: bool,
-    ) -> Result<RangeInclusive<u64>> {
-        if self.inner.stopped.load(Ordering::SeqCst) {
-            return Err(Error::BusStopped);
-        }
-        if events.is_empty() {
-            return Err(Error::InvalidAppend {
-                reason: "nothing to publish".into(),
-            });
-        }
-        // Every event is checked before any is accepted: all or nothing.
-        let resolved = events
-            .into_iter()
-            .map(resolve)
-            .collect::<Result<Vec<_>>>()?;
-        let n = resolved.len() as u64;
-        let range = match &self.inner.engine.store {
-            Some(store) => publish_stored(store.as_ref(), resolved).await?,
-            None => self.publish_transient(resolved.into_iter(), wait).await?,
-        };
-        self.inner.engine.published.fetch_add(n, Ordering::Relaxed);
-        Ok(range)
-    }
-
-    async fn publish_transient<E: DomainEvent>(
-        &self,
-        events: impl ExactSizeIterator<Item = (String, E, Metadata)>,
-        wait: bool,
-    ) -> Result<RangeInclusive<u64>> {
-        let engine = &self.inner.engine;
-        let n = events.len();
-        let in_own_handler = || {
-            DELIVERING
-                .try_with(|bus| *bus == engine.id())
-                .unwrap_or(false)
-        };
-        let holds_room = engine
-            .room
-            .take_for_publish(n, wait, in_own_handler)
-            .await?;
-        let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(*intake, Intake::Closed) {
-            return Err(Error::BusStopped);
-        }
-        let table = Arc::clone(&engine.routing.borrow());
-        engine.room.entered(n as u64);
-        let first = self.inner.sequence.fetch_add(n as u64, Ordering::Relaxed) + 1;
-        for (i, (aggregate_id, event, metadata)) in events.enumerate() {
-            let (event_id, now) = fresh_id();
-            let record = RecordedEvent {
-                event_id,
-                aggregate_type: Cow::Borrowed(E::AGGREGATE_TYPE),
-                aggregate_id,
-                version: 0,
-                position: first + i as u64,
-                event_type: Cow::Borrowed(event.event_type()),
-                schema_version: event.schema_version(),
-                occurred_at: now,
-                recorded_at: now,
-                metadata,
-                payload: String::new(),
-            };
-            let published: Arc<dyn PublishedEvent> = Arc::new(Published { record, event });
-            let event = BusEvent::new(EventSource::Published(published));
-            let event = if holds_room {
-                event
-            } else {
-                event.without_room()
-            };
-            match &mut *intake {
-                Intake::Waiting(waiting) => waiting.push(event),
-                Intake::Routing(router) => router.route_published(engine, &table, event),
-                Intake::Closed => unreachable!("checked above, under the same lock"),
-            }
-        }
-        drop(intake);
-        engine.reclaim();
-        Ok(first..=first + n as u64 - 1)
-    }
-
-    /// What the bus has done, and each subscription's progress.
-    pub async fn statistics(&self) -> Result<BusStatistics> {
-        let engine = &self.inner.engine;
-        let routing = Arc::clone(&engine.routing.borrow());
-        let head = match &engine.store {
-            Some(store) => Some(store.head_position().await?),
-            None => None,
-        };
-        let checkpoints: Vec<Option<u64>> = {
-            let tracker = engine.lock_tracker();
-            routing
-                .subs
-                .iter()
-                .map(|s| tracker.checkpoint(s.index))
-                .collect()
-        };
-        let mut subscriptions = Vec::new();
-        for (sub, checkpoint) in routing.subs.iter().zip(checkpoints) {
-            let checkpoint = match (&engine.store, checkpoint) {
-                (Some(store), None) => store.load_checkpoint(&sub.name).await?,
-                (_, checkpoint) => checkpoint,
-            };
-            let lag = match head {
-                Some(head) => head.saturating_sub(checkpoint.unwrap_or(0)),
-                None => sub.queued.load(Ordering::Relaxed),
-            };
-            subscriptions.push(SubscriptionStatistics {
-                name: sub.name.to_string(),
-                priority: sub.priority,
-                delivered: sub.counters.delivered.load(Ordering::Relaxed),
-                failed: sub.counters.failed.load(Ordering::Relaxed),
-                retried: sub.counters.retried.load(Ordering::Relaxed),
-                dead_lettered: sub.counters.dead_lettered.load(Ordering::Relaxed),
-                skipped: sub.counters.skipped.load(Ordering::Relaxed),
-                checkpoint,
-                lag,
-                latency_p50_micros: sub.latency.percentile(0.50),
-                latency_p99_micros: sub.latency.percentile(0.99),
-            });
-        }
-        let queue_depth = match head {
-            Some(_) => subscriptions.iter().map(|s| s.lag).max().unwrap_or(0),
-            None => engine.room.in_flight(),
-        };
-        Ok(BusStatistics {
-            published: engine.published.load(Ordering::Relaxed),
-            delivered: engine.counters.delivered.load(Ordering::Relaxed),
-            failed: engine.counters.failed.load(Ordering::Relaxed),
-            retried: engine.counters.retried.load(Ordering::Relaxed),
-            dead_lettered: engine.counters.dead_lettered.load(Ordering::Relaxed),
-            queue_depth,
-            queue_capacity: engine.room.capacity() as u64,
-            in_flight: engine.room.in_flight(),
-            waiting: engine.room.waiting(),
-            worker_restarts: engine.counters.worker_restarts.load(Ordering::Relaxed),
-            subscriptions,
-        })
-    }
-
-    /// Dead letters, oldest first; one subscription's when `subscription` is given.
-    pub async fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
-        self.inner.engine.records.dead_letters(subscription).await
-    }
-
-    /// Failed attempts recorded for a subscription, at most `limit`: on a bus without a
-    /// store the newest first, at most its `failure_retention`; with a store, as the store
-    /// lists them.
-    pub async fn failures(&self, subscription: &str, limit: usize) -> Result<Vec<FailureRecord>> {
-        self.inner
-            .engine
-            .records
-            .failures(subscription, limit)
-            .await
-    }
-
-    /// Delivers a dead letter's event to its subscription once more, now, in the calling
-    /// task. On success the dead letter is removed; on failure it is kept, the attempt is
-    /// recorded, and [`Error::HandlerFailed`] says why.
-    pub async fn replay_dead_letter(&self, id: u64) -> Result<()> {
-        let engine = &self.inner.engine;
-        let dead_letter = self.find_dead_letter(id).await?;
-        let sub = {
-            let subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
-            subs.iter()
-                .find(|s| *s.name == *dead_letter.subscription)
-                .cloned()
-                .ok_or_else(|| Error::UnknownSubscription {
-                    name: dead_letter.subscription.clone(),
-                })?
-        };
-        let record = self.dead_letter_event(&dead_letter).await?;
-        let event = EventSource::Stored(Arc::new(record));
-        let record = event.record();
-        let attempt = dead_letter.attempts + 1;
-        let outcome = deliver::begin(engine.id(), &sub, &event, attempt).await;
-        let failure = match outcome.result {
-            Ok(()) => {
-                deliver::delivered(engine, &sub, outcome.elapsed);
-                engine.records.remove_dead_letter(id).await?;
-                return Ok(());
-            }
-            Err(failure) => failure,
-        };
-        let (failure, _) =
-            deliver::failed(engine, &sub, record, attempt, failure, outcome.elapsed).await;
-        Err(Error::HandlerFailed {
-            subscription: sub.name.to_string(),
-            event_id: record.event_id,
-            message: failure.message,
-        })
-    }
-
-    /// The event of a dead letter: kept beside it without a store; in the store by its id,
-    /// or by its position for a row that could not be read (its id is nil), which fails
-    /// again with the store's error while the row stays damaged.
-    async fn dead_letter_event(&self, dead_letter: &DeadLetter) -> Result<RecordedEvent> {
-        let engine = &self.inner.engine;
-        let missing = || Error::Store {
-            kind: crate::error::StoreErrorKind::Other,
-            message: format!(
-                "event {} of dead letter {} is not stored",
-                dead_letter.event_id, dead_letter.id
-            ),
-            source: None,
-        };
-        let Records::Store(store) = &engine.records else {
-            return engine
-                .records
-                .kept_event(dead_letter.event_id)
-                .ok_or_else(missing);
-        };
-        if dead_letter.event_id.is_nil() {
-            return store
-                .read_all(dead_letter.position, 1)
-                .await?
-                .into_iter()
-                .find(|e| e.position == dead_letter.position)
-                .ok_or_else(missing);
-        }
-        store.get(dead_letter.event_id).await?.ok_or_else(missing)
-    }
-
-    /// Removes a dead letter without delivering it.
-    pub async fn discard_dead_letter(&self, id: u64) -> Result<()> {
-        if self.inner.engine.records.remove_dead_letter(id).await? {
-            Ok(())
-        } else {
-            Err(Error::DeadLetterNotFound { id })
-        }
-    }
-
-    async fn find_dead_letter(&self, id: u64) -> Result<DeadLetter> {
-        self.dead_letters(None)
-            .await?
-            .into_iter()
-            .find(|d| d.id == id)
-            .ok_or(Error::DeadLetterNotFound { id })
-    }
-}
-
-/// An event with the aggregate id it is published to: given, or from its marked field.
-fn resolve<E: DomainEvent>(outgoing: Outgoing<E>) -> Result<(String, E, Metadata)> {
-    let id = match outgoing.aggregate_id {
-        Some(id) => id,
-        None => outgoing
-            .event
-            .aggregate_id()
-            .ok_or_else(|| Error::MissingAggregateId {
-                event_type: outgoing.event.event_type().to_owned(),
-            })?,
-    };
-    Ok((id, outgoing.event, outgoing.metadata))
-}
-
-/// Appends published events to the store in one atomic batch, one request per aggregate
-/// (in the order of their first event), and returns their positions.
-async fn publish_stored<E: DomainEvent>(
-    store: &dyn EventStore,
-    events: Vec<(String, E, Metadata)>,
-) -> Result<RangeInclusive<u64>> {
-    let mut requests: Vec<AppendRequest> = Vec::new();
-    let mut by_aggregate: std::collections::HashMap<String, usize> = Default::default();
-    for (aggregate_id, event, metadata) in events {
-        let new = NewEvent::from_event(&event, metadata)?;
-        match by_aggregate.get(&aggregate_id) {
-            Some(&i) => requests[i].events.push(new),
-            None => {
-                by_aggregate.insert(aggregate_id.clone(), requests.len());
-                requests.push(AppendRequest {
-                    stream: StreamId::new(E::AGGREGATE_TYPE, aggregate_id),
-                    expected: ExpectedVersion::Any,
-                    events: vec![new],
-                });
-            }
-        }
-    }
-    let outcomes = store.append_batch(requests).await?;
-    let first = outcomes.iter().map(|o| o.first_position).min();
-    let last = outcomes.iter().map(|o| o.last_position).max();
-    match (first, last) {
-        (Some(first), Some(last)) => Ok(first..=last),
-        _ => Err(Error::InvalidAppend {
-            reason: "the store stored nothing".into(),
-        }),
-    }
-}
-
-/// Publishes events of type `E` without knowing what carries them, so domain services can
-/// take an `Arc<dyn DomainEventPublisher<E>>` and tests can hand them a fake. [`EventBus`]
-/// implements it for every event type.
-#[async_trait::async_trait]
-pub trait DomainEventPublisher<E: DomainEvent>: Send + Sync {
-    /// Publishes one event; see [`EventBus::publish`].
-    async fn publish_event(&self, event: Outgoing<E>) -> Result<u64>;
-
-    /// Publishes events all or nothing; see [`EventBus::publish_batch`].
-    async fn publish_events(&self, events: Vec<Outgoing<E>>) -> Result<RangeInclusive<u64>>;
-}
-
-#[async_trait::async_trait]
-impl<E: DomainEvent> DomainEventPublisher<E> for EventBus {
-    async fn publish_event(&self, event: Outgoing<E>) -> Result<u64> {
-        self.publish(event).await
-    }
-
-    async fn publish_events(&self, events: Vec<Outgoing<E>>) -> Result<RangeInclusive<u64>> {
-        self.publish_batch(events).await
     }
 }
