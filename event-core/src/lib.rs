@@ -57,9 +57,10 @@ pub mod testing;
 
 pub use aggregate::{Aggregate, CacheStatistics, CommandError, Committed, Repository};
 pub use bus::{
-    BoxFuture, BusStatistics, Clock, Delivery, DomainEventPublisher, EventBus, EventBusBuilder,
-    Handler, IntoOutgoing, Outgoing, RetryPolicy, StopReport, SubscriptionBuilder,
-    SubscriptionHandle, SubscriptionStatistics, SystemClock,
+    BoxFuture, BusStatistics, Clock, DEFAULT_HANDLER_TIMEOUT, Delivery, DomainEventPublisher,
+    EventBus, EventBusBuilder, Handler, IntoOutgoing, Outgoing, RetryPolicy, StopReport,
+    SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics, SystemClock,
+    UnknownEventPolicy,
 };
 pub use error::{BoxError, Error, Result, StoreErrorKind};
 pub use event::{DomainEvent, EventType};

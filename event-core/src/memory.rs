@@ -38,7 +38,7 @@ struct Inner {
     checkpoints: BTreeMap<String, u64>,
     dead_letters: BTreeMap<u64, DeadLetter>,
     /// The id of each (subscription, event)'s dead letter: there is one at most.
-    dead_letter_ids: HashMap<(String, Uuid), u64>,
+    dead_letter_ids: HashMap<(String, Uuid, u64), u64>,
     next_dead_letter: u64,
     /// Each subscription's failure records, oldest first.
     failures: HashMap<String, VecDeque<FailureRecord>>,
@@ -300,18 +300,17 @@ impl EventStore for InMemoryEventStore {
 
     async fn add_dead_letter(&self, dl: NewDeadLetter) -> Result<u64> {
         let mut inner = self.lock();
-        let key = (dl.subscription, dl.event_id);
+        let key = (dl.subscription, dl.event_id, dl.position);
         if let Some(&id) = inner.dead_letter_ids.get(&key)
             && let Some(stored) = inner.dead_letters.get_mut(&id)
         {
-            stored.position = dl.position;
             stored.event_type = dl.event_type;
             stored.error = dl.error;
             stored.attempts = stored.attempts.saturating_add(dl.attempts);
             stored.last_failed_at = dl.last_failed_at;
             return Ok(id);
         }
-        let (subscription, _) = key;
+        let (subscription, _, _) = key;
         inner.next_dead_letter += 1;
         let id = inner.next_dead_letter;
         inner.dead_letters.insert(
@@ -330,7 +329,7 @@ impl EventStore for InMemoryEventStore {
         );
         inner
             .dead_letter_ids
-            .insert((subscription, dl.event_id), id);
+            .insert((subscription, dl.event_id, dl.position), id);
         Ok(id)
     }
 
@@ -351,7 +350,7 @@ impl EventStore for InMemoryEventStore {
         };
         inner
             .dead_letter_ids
-            .remove(&(removed.subscription, removed.event_id));
+            .remove(&(removed.subscription, removed.event_id, removed.position));
         Ok(true)
     }
 
@@ -363,7 +362,7 @@ impl EventStore for InMemoryEventStore {
             .retain(|_, d| subscription.is_some_and(|s| d.subscription != s));
         inner
             .dead_letter_ids
-            .retain(|(s, _), _| subscription.is_some_and(|only| s != only));
+            .retain(|(s, _, _), _| subscription.is_some_and(|only| s != only));
         Ok((before - inner.dead_letters.len()) as u64)
     }
 

@@ -124,10 +124,11 @@ pub trait EventStore: Send + Sync + 'static {
     async fn save_checkpoint(&self, subscription: &str, position: u64) -> Result<()>;
 
     /// Stores a dead letter and returns its id. A subscription holds one dead letter per
-    /// event: if it has one of this event already, that one is updated and its id
-    /// returned: the new error, position, event type and last failure time replace the
-    /// stored ones, the attempts are added to the stored ones (up to `u32::MAX`), and the
-    /// first failure time stays.
+    /// event (its event id and position: a row too damaged to read its id is dead-lettered
+    /// with the nil id, and two such rows stay two letters): if it has one of this event
+    /// already, that one is updated and its id returned: the new error, event type and last
+    /// failure time replace the stored ones, the attempts are added to the stored ones (up
+    /// to `u32::MAX`), and the first failure time stays.
     async fn add_dead_letter(&self, dead_letter: NewDeadLetter) -> Result<u64>;
 
     /// Dead letters, oldest first; only one subscription's when `subscription` is given.

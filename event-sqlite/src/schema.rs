@@ -112,11 +112,11 @@ fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
          FROM (SELECT MAX(id) AS id, MIN(SUM(attempts), 4294967295) AS attempts, \
                       MIN(first_failed_at) AS first_failed_at, \
                       MAX(last_failed_at) AS last_failed_at \
-               FROM dead_letters GROUP BY subscription, event_id HAVING COUNT(*) > 1) AS merged \
+               FROM dead_letters GROUP BY subscription, event_id, position HAVING COUNT(*) > 1) AS merged \
          WHERE dead_letters.id = merged.id;
          DELETE FROM dead_letters WHERE id NOT IN \
-             (SELECT MAX(id) FROM dead_letters GROUP BY subscription, event_id);
-         CREATE UNIQUE INDEX dead_letters_by_event ON dead_letters (subscription, event_id);",
+             (SELECT MAX(id) FROM dead_letters GROUP BY subscription, event_id, position);
+         CREATE UNIQUE INDEX dead_letters_by_event ON dead_letters (subscription, event_id, position);",
     )
 }
 

@@ -1006,8 +1006,8 @@ impl Writer {
                 "INSERT INTO dead_letters (subscription, event_id, position, event_type, error, \
                  attempts, first_failed_at, last_failed_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
-                 ON CONFLICT (subscription, event_id) DO UPDATE SET \
-                 position = excluded.position, event_type = excluded.event_type, \
+                 ON CONFLICT (subscription, event_id, position) DO UPDATE SET \
+                 event_type = excluded.event_type, \
                  error = excluded.error, \
                  attempts = MIN(attempts + excluded.attempts, 4294967295), \
                  last_failed_at = excluded.last_failed_at \

@@ -1,4 +1,4 @@
-//! Settings of the bus: retry policies and the clock.
+//! Settings of the bus: retry policies, the unknown-event policy and the clock.
 
 use std::time::Duration;
 
@@ -73,6 +73,26 @@ impl RetryPolicy {
         let spread = (nominal - half).as_nanos() as u64;
         half + Duration::from_nanos(random % (spread + 1))
     }
+}
+
+/// What a durable subscription does with a stored event of its aggregate type whose event
+/// type no code in this program registers (written by a newer program, say).
+///
+/// A subscription "would receive" such an event when its aggregate type is the one of the
+/// subscription's event type: it cannot be decoded, so it cannot be delivered, and it is
+/// never skipped in silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum UnknownEventPolicy {
+    /// Dead-letter it at once with the decoding error (the default): it stays visible in
+    /// [`EventBus::dead_letters`](crate::EventBus::dead_letters), and a program that
+    /// registers the type can replay it.
+    #[default]
+    DeadLetter,
+    /// Pass over it; the subscription's checkpoint moves past it, and
+    /// [`SubscriptionStatistics::skipped`](crate::SubscriptionStatistics::skipped)
+    /// counts it.
+    Skip,
 }
 
 /// Where the bus reads the time it stamps on dead letters and failure records. Backoff

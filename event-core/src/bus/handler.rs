@@ -6,7 +6,6 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use crate::error::{BoxError, Error, Result};
 use crate::event::DomainEvent;
@@ -160,8 +159,9 @@ where
     }
 }
 
-/// A handler that blocks (synchronous I/O, heavy computation); the bus runs it on tokio's
-/// blocking pool so it never stalls a worker.
+/// A handler that blocks (synchronous I/O, heavy computation); the bus runs it on a
+/// thread of its own (see [`blocking`](super::blocking)) so it never stalls a worker, and
+/// a stuck one never keeps the process from exiting.
 pub(crate) struct Blocking<F>(pub(crate) Arc<F>);
 
 impl<E, F, Err> Handler<E> for Blocking<F>
@@ -173,10 +173,20 @@ where
     fn handle(&self, delivery: Delivery<E>) -> BoxFuture<std::result::Result<(), BoxError>> {
         let f = Arc::clone(&self.0);
         Box::pin(async move {
-            match tokio::task::spawn_blocking(move || f(delivery).map_err(Into::into)).await {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            super::blocking::run(Box::new(move || {
+                // The attempt timed out (or the bus stopped) before a thread was free.
+                if tx.is_closed() {
+                    return;
+                }
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(delivery)))
+                    .map_err(|panic| BoxError::from(panic_message(panic)))
+                    .and_then(|r| r.map_err(Into::into));
+                let _ = tx.send(result);
+            }))?;
+            match rx.await {
                 Ok(result) => result,
-                Err(join) if join.is_panic() => Err(panic_message(join.into_panic()).into()),
-                Err(join) => Err(Box::new(join) as BoxError),
+                Err(_) => Err("the blocking handler's thread ended without an answer".into()),
             }
         })
     }
@@ -251,23 +261,8 @@ impl<E: DomainEvent, H: Handler<E>> Invoke for Typed<E, H> {
     }
 }
 
-/// Turns a panic inside a handler's future into an error, so a panicking handler is a
-/// failed attempt and never takes its worker down.
-pub(crate) struct CatchUnwind(pub(crate) BoxFuture<std::result::Result<(), BoxError>>);
-
-impl Future for CatchUnwind {
-    type Output = std::result::Result<(), BoxError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = &mut self.0;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
-            Ok(poll) => poll,
-            Err(panic) => Poll::Ready(Err(panic_message(panic).into())),
-        }
-    }
-}
-
-fn panic_message(panic: Box<dyn Any + Send>) -> String {
+/// A panic's payload as the text of a failed attempt.
+pub(crate) fn panic_message(panic: Box<dyn Any + Send>) -> String {
     let text = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())

@@ -14,14 +14,34 @@
 //! `queue_capacity` events until every subscription has handled them, `publish` waits for
 //! room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
 //! process dies. Dead letters (with their events) are kept in memory.
+//!
+//! **Under faults** every delivery ends: handled, or dead-lettered after its last attempt.
+//! Deliveries wait for each other only per subscription and aggregate (a *lane*): a
+//! failing, slow or stuck handler holds back only its own aggregate's later events for its
+//! own subscription, and the deliveries waiting behind it give their queue slot back (with a
+//! store they leave memory and are read again from their stream; without one they stay in
+//! memory, up to `queue_capacity` per subscription). A handler's error, its panic (also
+//! before it returns its future) and an attempt past its
+//! [`handler_timeout`](SubscriptionBuilder::handler_timeout) are failed attempts. With a
+//! store, an event that does not decode, and a row the store cannot read at all, are
+//! dead-lettered at once (see [`UnknownEventPolicy`] for types no code registers).
 
+mod admin;
+mod blocking;
 mod config;
+mod deliver;
+mod dispatch;
 mod engine;
 mod handler;
+mod inbox;
+mod publish;
+mod records;
+mod room;
+mod routing;
 mod stats;
+mod tracker;
+mod worker;
 
-use std::borrow::Cow;
-use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,26 +50,25 @@ use chrono::Utc;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
-pub use config::{Clock, RetryPolicy, SystemClock};
+pub use config::{Clock, RetryPolicy, SystemClock, UnknownEventPolicy};
 pub use handler::{BoxFuture, Delivery, Handler};
+pub use publish::{DomainEventPublisher, IntoOutgoing, Outgoing};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
-use engine::{
-    BusEvent, DELIVERING, Engine, Inbox, ROOM_CHUNK, Router, Routing, Sub, Tracker, Worker,
-};
-use handler::{Blocking, CatchUnwind, EventSource, Published, PublishedEvent, Typed};
+use engine::Engine;
+use handler::{Blocking, Typed};
+use inbox::{Inbox, Router};
+use records::Records;
+use room::Room;
+use routing::{BusEvent, Routing, Sub};
 use stats::{Counters, Histogram};
+use tracker::Tracker;
+use worker::Worker;
 
 use crate::error::{BoxError, Error, Result};
 use crate::event::DomainEvent;
-use crate::memory::InMemoryEventStore;
-use crate::record::fresh_id;
-use crate::record::{
-    AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, Metadata, NewEvent, RecordedEvent,
-    StreamId,
-};
 use crate::registry::registry;
-use crate::store::EventStore;
+use crate::store::{DEFAULT_FAILURE_RETENTION, EventStore};
 
 /// Builds an [`EventBus`].
 #[must_use = "call build() to get the bus"]
@@ -92,7 +111,9 @@ impl EventBusBuilder {
         self
     }
 
-    /// How many events may wait in memory (default 10,000).
+    /// How many events may wait in memory (default 10,000). Without a store, deliveries
+    /// waiting behind a retry or a slow handler may keep up to as many again per
+    /// subscription in memory outside the queue (see [`EventBus`]).
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
         self.queue_capacity = capacity;
         self
@@ -138,9 +159,9 @@ impl EventBusBuilder {
         if self.batch_size == 0 {
             return invalid("the batch size must be at least 1");
         }
-        let records: Arc<dyn EventStore> = match &self.store {
-            Some(store) => Arc::clone(store),
-            None => Arc::new(InMemoryEventStore::new()),
+        let records = match &self.store {
+            Some(store) => Records::Store(Arc::clone(store)),
+            None => Records::Memory(Mutex::default()),
         };
         let seed = self
             .seed
@@ -150,10 +171,8 @@ impl EventBusBuilder {
             records,
             clock: self.clock,
             routing: watch::channel(Arc::new(Routing::default())).0,
-            capacity: self.queue_capacity,
             batch_size: self.batch_size,
-            permits: Semaphore::new(self.queue_capacity),
-            in_flight: AtomicU64::new(0),
+            room: Room::new(self.queue_capacity),
             read_next: AtomicU64::new(0),
             routing_seen: AtomicU64::new(0),
             progress: Notify::new(),
@@ -175,7 +194,6 @@ impl EventBusBuilder {
                 next_index: AtomicUsize::new(0),
                 sequence: AtomicU64::new(0),
                 intake: Mutex::new(Intake::Waiting(Vec::new())),
-                reserved: AtomicUsize::new(0),
                 state: Mutex::new(Lifecycle::Built),
                 stopped: AtomicBool::new(false),
             }),
@@ -209,9 +227,6 @@ struct Inner {
     sequence: AtomicU64,
     /// Where published events go on a bus without a store.
     intake: Mutex<Intake>,
-    /// Queue room a publisher took beyond its own events, for the next publishes (it is
-    /// part of the capacity: in flight plus reserved never exceeds it).
-    reserved: AtomicUsize,
     state: Mutex<Lifecycle>,
     stopped: AtomicBool,
 }
@@ -243,6 +258,17 @@ impl Inner {
 /// `queue_capacity` events until every subscription has handled them, `publish` waits for
 /// room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
 /// process dies. Dead letters (with their events) are kept in memory.
+///
+/// **Under faults** every delivery ends: handled, or dead-lettered after its last attempt.
+/// Deliveries wait for each other only per subscription and aggregate (a *lane*): a
+/// failing, slow or stuck handler holds back only its own aggregate's later events for its
+/// own subscription, and the deliveries waiting behind it give their queue slot back (with a
+/// store they leave memory and are read again from their stream; without one they stay in
+/// memory, up to `queue_capacity` per subscription). A handler's error, its panic (also
+/// before it returns its future) and an attempt past its
+/// [`handler_timeout`](SubscriptionBuilder::handler_timeout) are failed attempts. With a
+/// store, an event that does not decode, and a row the store cannot read at all, are
+/// dead-lettered at once (see [`UnknownEventPolicy`] for types no code registers).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -286,58 +312,8 @@ impl std::fmt::Debug for EventBus {
         f.debug_struct("EventBus")
             .field("durable", &self.inner.engine.store.is_some())
             .field("workers", &self.inner.workers)
-            .field("queue_capacity", &self.inner.engine.capacity)
+            .field("queue_capacity", &self.inner.engine.room.capacity())
             .finish_non_exhaustive()
-    }
-}
-
-/// An event to publish, with the aggregate it belongs to and its metadata. Plain events
-/// are accepted too, so `publish(event)` works when the event marks its aggregate id.
-#[derive(Debug, Clone)]
-pub struct Outgoing<E> {
-    event: E,
-    aggregate_id: Option<String>,
-    metadata: Metadata,
-}
-
-/// What `publish` takes: an event, or an [`Outgoing`] with its aggregate id and metadata.
-pub trait IntoOutgoing<E> {
-    /// The event ready to publish.
-    fn into_outgoing(self) -> Outgoing<E>;
-}
-
-impl<E: DomainEvent> IntoOutgoing<E> for E {
-    fn into_outgoing(self) -> Outgoing<E> {
-        Outgoing::new(self)
-    }
-}
-
-impl<E> IntoOutgoing<E> for Outgoing<E> {
-    fn into_outgoing(self) -> Outgoing<E> {
-        self
-    }
-}
-
-impl<E> Outgoing<E> {
-    /// An event to publish.
-    pub fn new(event: E) -> Self {
-        Outgoing {
-            event,
-            aggregate_id: None,
-            metadata: Metadata::default(),
-        }
-    }
-
-    /// Names the aggregate it belongs to (instead of a field marked `aggregate_id`).
-    pub fn to(mut self, aggregate_id: impl Into<String>) -> Self {
-        self.aggregate_id = Some(aggregate_id.into());
-        self
-    }
-
-    /// Sets its metadata.
-    pub fn metadata(mut self, metadata: Metadata) -> Self {
-        self.metadata = metadata;
-        self
     }
 }
 
@@ -348,13 +324,21 @@ pub struct SubscriptionBuilder<'a> {
     name: String,
     priority: i32,
     retry: RetryPolicy,
+    timeout: Duration,
+    unknown: UnknownEventPolicy,
+    failure_retention: usize,
+    aggregate_type: &'static str,
     event_types: Vec<&'static str>,
     invoke: Box<dyn handler::Invoke>,
 }
 
+/// How long one attempt of a handler may run by default before it counts as failed.
+pub const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl SubscriptionBuilder<'_> {
-    /// Its priority: for each event, subscriptions with a lower number run first
-    /// (default 0). A subscription waiting for a retry does not hold the others back.
+    /// Its priority: for each event, subscriptions with a lower number start first
+    /// (default 0). A subscription that is slow, or waits for a retry, does not hold the
+    /// others back.
     pub fn priority(mut self, priority: i32) -> Self {
         self.priority = priority;
         self
@@ -363,6 +347,30 @@ impl SubscriptionBuilder<'_> {
     /// Its retry policy (default: [`RetryPolicy::default`]).
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
+        self
+    }
+
+    /// How long one attempt may run (default [`DEFAULT_HANDLER_TIMEOUT`], 30 s): an
+    /// attempt still running then is stopped (its future dropped) and counts as a failed
+    /// attempt, retried by the retry policy. A blocking handler cannot be stopped: its
+    /// attempt fails all the same, and its thread is left to finish on its own.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// What it does with stored events of its aggregate type that no code registers
+    /// (default [`UnknownEventPolicy::DeadLetter`]).
+    pub fn unknown_events(mut self, policy: UnknownEventPolicy) -> Self {
+        self.unknown = policy;
+        self
+    }
+
+    /// How many records of failed attempts to keep for it, the newest (default
+    /// [`DEFAULT_FAILURE_RETENTION`], 1,000; at least 1). The store (or, without one,
+    /// the bus's memory) keeps at most these, removing the oldest as new ones come.
+    pub fn failure_retention(mut self, records: usize) -> Self {
+        self.failure_retention = records.max(1);
         self
     }
 
@@ -383,12 +391,17 @@ impl SubscriptionBuilder<'_> {
             name: Arc::clone(&name),
             priority: self.priority,
             retry: self.retry,
+            timeout: self.timeout,
+            unknown: self.unknown,
+            failure_retention: self.failure_retention,
+            aggregate_type: self.aggregate_type,
             event_types: self.event_types,
             invoke: self.invoke,
             counters: Counters::default(),
             latency: Histogram::default(),
             active: AtomicBool::new(true),
             queued: AtomicU64::new(0),
+            parked: AtomicU64::new(0),
         }));
         inner.publish_routing(&subs);
         Ok(SubscriptionHandle { name })
@@ -411,10 +424,14 @@ impl SubscriptionHandle {
 /// How [`EventBus::stop`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopReport {
-    /// True if all in-flight work finished before the timeout.
+    /// True if every accepted event was handled (or dead-lettered) by every
+    /// subscription before the timeout.
     pub drained: bool,
     /// Events left unfinished (with a store they are delivered again after a restart).
     pub unfinished: u64,
+    /// Deliveries left unfinished, one per (event, subscription): running, waiting for a
+    /// retry, or not started.
+    pub unfinished_deliveries: u64,
 }
 
 impl EventBus {
@@ -435,6 +452,10 @@ impl EventBus {
             name: name.into(),
             priority: 0,
             retry: RetryPolicy::default(),
+            timeout: DEFAULT_HANDLER_TIMEOUT,
+            unknown: UnknownEventPolicy::default(),
+            failure_retention: DEFAULT_FAILURE_RETENTION,
+            aggregate_type: E::AGGREGATE_TYPE,
             event_types: E::EVENT_TYPES.iter().map(|t| t.name).collect(),
             invoke: Box::new(Typed {
                 handler,
@@ -443,8 +464,10 @@ impl EventBus {
         }
     }
 
-    /// Subscribes a blocking handler (synchronous I/O, heavy work): it runs on tokio's
-    /// blocking pool, so it never stalls the workers.
+    /// Subscribes a blocking handler (synchronous I/O, heavy work): it runs on a thread
+    /// of the bus's own blocking pool, so it never stalls the workers, and a handler stuck
+    /// in a blocking call never keeps the process from exiting (tokio's blocking pool
+    /// would: a runtime waits for its blocking tasks when it shuts down).
     pub fn subscribe_blocking<E, F, Err>(
         &self,
         name: impl Into<String>,
@@ -494,11 +517,13 @@ impl EventBus {
         }
         let mut router = Router::new(inboxes);
         if engine.store.is_some() {
-            tasks.push(tokio::spawn(engine::dispatch_log(
+            tasks.push(tokio::spawn(dispatch::dispatch_log(
                 Arc::clone(engine),
                 router,
             )));
-            tasks.push(tokio::spawn(engine::flush_checkpoints(Arc::clone(engine))));
+            tasks.push(tokio::spawn(dispatch::flush_checkpoints(Arc::clone(
+                engine,
+            ))));
         } else {
             let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
             let waiting = match std::mem::replace(&mut *intake, Intake::Closed) {
@@ -517,8 +542,9 @@ impl EventBus {
 
     /// Stops the bus: refuses new events at once, lets in-flight deliveries (and, without
     /// a store, the queued events) finish for up to the stop timeout, then saves the
-    /// checkpoints. Retries still waiting at the timeout are abandoned; with a store they
-    /// are delivered again after a restart.
+    /// checkpoints. Retries still waiting, and attempts still running, at the timeout are
+    /// abandoned (the attempts' futures dropped); with a store they are delivered again
+    /// after a restart. The report counts what was left unfinished.
     pub async fn stop(&self) -> Result<StopReport> {
         let inner = &self.inner;
         inner.stopped.store(true, Ordering::SeqCst);
@@ -534,30 +560,36 @@ impl EventBus {
         let engine = &inner.engine;
         engine.stopping.send_replace(true);
         // Publishers still waiting for room get `BusStopped` rather than wait forever.
-        engine.permits.close();
+        engine.room.close();
         let deadline = tokio::time::Instant::now() + inner.stop_timeout;
-        let mut drained = true;
         for mut task in tasks {
-            match tokio::time::timeout_at(deadline, &mut task).await {
-                Ok(_) => {}
-                Err(_) => {
-                    drained = false;
-                    task.abort();
-                }
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                // Aborting a worker drops the attempts it still runs.
+                task.abort();
+                let _ = task.await;
             }
         }
-        engine::save_checkpoints(engine).await?;
+        dispatch::save_checkpoints(engine).await?;
         // Finished events still waiting for a publisher to drop them.
         engine.reclaim_all();
+        // Counted, not taken from how the tasks ended: a task that ended early (or was
+        // aborted) leaves its deliveries unfinished all the same.
+        let unfinished = engine.room.in_flight() + engine.room.waiting();
+        let unfinished_deliveries = {
+            let subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+            subs.iter().map(|s| s.queued.load(Ordering::Relaxed)).sum()
+        };
         Ok(StopReport {
-            drained,
-            unfinished: engine.in_flight.load(Ordering::SeqCst),
+            drained: unfinished == 0 && unfinished_deliveries == 0,
+            unfinished,
+            unfinished_deliveries,
         })
     }
 
     /// Waits until every published event is handled (or dead-lettered) by every
-    /// subscription and, with a store, the bus has read the log up to its head. For tests
-    /// and orderly shutdowns.
+    /// subscription and, with a store, the bus has read the log up to its head and saved
+    /// every checkpoint that moved: once it returns, `store.load_checkpoint` agrees with
+    /// [`statistics`](Self::statistics). For tests and orderly shutdowns.
     pub async fn wait_idle(&self) -> Result<()> {
         loop {
             {
@@ -571,407 +603,11 @@ impl EventBus {
             tokio::pin!(progress);
             progress.as_mut().enable();
             if engine.is_idle() {
-                return Ok(());
+                return dispatch::save_checkpoints(engine).await;
             }
             // The head can move without a notification from the bus (another writer);
             // look again now and then.
             let _ = tokio::time::timeout(Duration::from_millis(50), progress).await;
         }
-    }
-
-    /// Publishes one event. With a store it returns once the event is stored, with its
-    /// global position; without, once it is queued (waiting for room), with its sequence
-    /// number.
-    ///
-    /// A handler of a bus without a store that publishes into the same bus never waits for
-    /// room (nor gets [`Error::QueueFull`]): when the queue is full, its events go in
-    /// beyond the capacity. Waiting there could deadlock, with every slot held by an event
-    /// whose handler waits for one; so the queue can exceed its capacity by what handlers
-    /// publish.
-    pub async fn publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
-        self.publish_one(event.into_outgoing(), true).await
-    }
-
-    /// Publishes one event, failing at once with [`Error::QueueFull`] instead of waiting for
-    /// room (a bus with a store never is full: its log is the queue).
-    pub async fn try_publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
-        self.publish_one(event.into_outgoing(), false).await
-    }
-
-    /// One event: without a store it goes straight to the queue, with no batch around it.
-    async fn publish_one<E: DomainEvent>(&self, event: Outgoing<E>, wait: bool) -> Result<u64> {
-        if self.inner.engine.store.is_some() {
-            return Ok(*self.publish_all(vec![event], wait).await?.start());
-        }
-        if self.inner.stopped.load(Ordering::SeqCst) {
-            return Err(Error::BusStopped);
-        }
-        let event = resolve(event)?;
-        let range = self.publish_transient(std::iter::once(event), wait).await?;
-        self.inner.engine.published.fetch_add(1, Ordering::Relaxed);
-        Ok(*range.start())
-    }
-
-    /// Publishes several events, all or nothing: with a store they are appended in one
-    /// atomic step; without, they are queued together once there is room for all of them
-    /// (a batch larger than the queue is refused with [`Error::QueueFull`]).
-    pub async fn publish_batch<E, I>(&self, events: I) -> Result<RangeInclusive<u64>>
-    where
-        E: DomainEvent,
-        I: IntoIterator,
-        I::Item: IntoOutgoing<E>,
-    {
-        let events: Vec<Outgoing<E>> = events.into_iter().map(|e| e.into_outgoing()).collect();
-        self.publish_all(events, true).await
-    }
-
-    async fn publish_all<E: DomainEvent>(
-        &self,
-        events: Vec<Outgoing<E>>,
-        wait: bool,
-    ) -> Result<RangeInclusive<u64>> {
-        if self.inner.stopped.load(Ordering::SeqCst) {
-            return Err(Error::BusStopped);
-        }
-        if events.is_empty() {
-            return Err(Error::InvalidAppend {
-                reason: "nothing to publish".into(),
-            });
-        }
-        // Every event is checked before any is accepted: all or nothing.
-        let resolved = events
-            .into_iter()
-            .map(resolve)
-            .collect::<Result<Vec<_>>>()?;
-        let n = resolved.len() as u64;
-        let range = match &self.inner.engine.store {
-            Some(store) => publish_stored(store.as_ref(), resolved).await?,
-            None => self.publish_transient(resolved.into_iter(), wait).await?,
-        };
-        self.inner.engine.published.fetch_add(n, Ordering::Relaxed);
-        Ok(range)
-    }
-
-    async fn publish_transient<E: DomainEvent>(
-        &self,
-        events: impl ExactSizeIterator<Item = (String, E, Metadata)>,
-        wait: bool,
-    ) -> Result<RangeInclusive<u64>> {
-        let engine = &self.inner.engine;
-        let n = events.len();
-        let full = || Error::QueueFull {
-            capacity: engine.capacity,
-        };
-        if n > engine.capacity {
-            return Err(full());
-        }
-        // A handler publishing into its own bus must not wait for room: every slot may be
-        // held by an event whose handler waits. Its events go beyond the capacity instead.
-        let in_own_handler = || {
-            DELIVERING
-                .try_with(|bus| *bus == engine.id())
-                .unwrap_or(false)
-        };
-        let holds_room = if self.take_reserved(n) {
-            true
-        } else if wait && !in_own_handler() {
-            // Room freed one event at a time would wake a waiting publisher once per
-            // event a worker finishes; waiting for a chunk and reserving the surplus
-            // for the next publishes wakes it once per chunk.
-            let chunk = n.max((engine.capacity / 16).min(ROOM_CHUNK));
-            engine
-                .permits
-                .acquire_many(chunk as u32)
-                .await
-                .map_err(|_| Error::BusStopped)?
-                .forget();
-            if chunk > n {
-                self.inner.reserved.fetch_add(chunk - n, Ordering::AcqRel);
-            }
-            true
-        } else {
-            match engine.permits.try_acquire_many(n as u32) {
-                Ok(permits) => {
-                    permits.forget();
-                    true
-                }
-                Err(_) if in_own_handler() => false,
-                Err(_) => return Err(full()),
-            }
-        };
-        let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(*intake, Intake::Closed) {
-            return Err(Error::BusStopped);
-        }
-        let table = Arc::clone(&engine.routing.borrow());
-        engine.in_flight.fetch_add(n as u64, Ordering::SeqCst);
-        let first = self.inner.sequence.fetch_add(n as u64, Ordering::Relaxed) + 1;
-        for (i, (aggregate_id, event, metadata)) in events.enumerate() {
-            let (event_id, now) = fresh_id();
-            let record = RecordedEvent {
-                event_id,
-                aggregate_type: Cow::Borrowed(E::AGGREGATE_TYPE),
-                aggregate_id,
-                version: 0,
-                position: first + i as u64,
-                event_type: Cow::Borrowed(event.event_type()),
-                schema_version: event.schema_version(),
-                occurred_at: now,
-                recorded_at: now,
-                metadata,
-                payload: String::new(),
-            };
-            let published: Arc<dyn PublishedEvent> = Arc::new(Published { record, event });
-            let event = BusEvent::new(EventSource::Published(published));
-            let event = if holds_room {
-                event
-            } else {
-                event.without_room()
-            };
-            match &mut *intake {
-                Intake::Waiting(waiting) => waiting.push(event),
-                Intake::Routing(router) => router.route_published(engine, &table, event),
-                Intake::Closed => unreachable!("checked above, under the same lock"),
-            }
-        }
-        drop(intake);
-        engine.reclaim();
-        Ok(first..=first + n as u64 - 1)
-    }
-
-    /// Takes room for `n` events from what an earlier publisher reserved, if there is
-    /// enough.
-    fn take_reserved(&self, n: usize) -> bool {
-        self.inner
-            .reserved
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(n))
-            .is_ok()
-    }
-
-    /// What the bus has done, and each subscription's progress.
-    pub async fn statistics(&self) -> Result<BusStatistics> {
-        let engine = &self.inner.engine;
-        let routing = Arc::clone(&engine.routing.borrow());
-        let head = match &engine.store {
-            Some(store) => Some(store.head_position().await?),
-            None => None,
-        };
-        let checkpoints: Vec<Option<u64>> = {
-            let tracker = engine.lock_tracker();
-            routing
-                .subs
-                .iter()
-                .map(|s| tracker.checkpoint(s.index))
-                .collect()
-        };
-        let mut subscriptions = Vec::new();
-        for (sub, checkpoint) in routing.subs.iter().zip(checkpoints) {
-            let checkpoint = match (&engine.store, checkpoint) {
-                (Some(store), None) => store.load_checkpoint(&sub.name).await?,
-                (_, checkpoint) => checkpoint,
-            };
-            let lag = match head {
-                Some(head) => head.saturating_sub(checkpoint.unwrap_or(0)),
-                None => sub.queued.load(Ordering::Relaxed),
-            };
-            subscriptions.push(SubscriptionStatistics {
-                name: sub.name.to_string(),
-                priority: sub.priority,
-                delivered: sub.counters.delivered.load(Ordering::Relaxed),
-                failed: sub.counters.failed.load(Ordering::Relaxed),
-                retried: sub.counters.retried.load(Ordering::Relaxed),
-                dead_lettered: sub.counters.dead_lettered.load(Ordering::Relaxed),
-                checkpoint,
-                lag,
-                latency_p50_micros: sub.latency.percentile(0.50),
-                latency_p99_micros: sub.latency.percentile(0.99),
-            });
-        }
-        let queue_depth = match head {
-            Some(_) => subscriptions.iter().map(|s| s.lag).max().unwrap_or(0),
-            None => engine.in_flight.load(Ordering::SeqCst),
-        };
-        Ok(BusStatistics {
-            published: engine.published.load(Ordering::Relaxed),
-            delivered: engine.counters.delivered.load(Ordering::Relaxed),
-            failed: engine.counters.failed.load(Ordering::Relaxed),
-            retried: engine.counters.retried.load(Ordering::Relaxed),
-            dead_lettered: engine.counters.dead_lettered.load(Ordering::Relaxed),
-            queue_depth,
-            queue_capacity: engine.capacity as u64,
-            in_flight: engine.in_flight.load(Ordering::SeqCst),
-            subscriptions,
-        })
-    }
-
-    /// Dead letters, oldest first; one subscription's when `subscription` is given.
-    pub async fn dead_letters(&self, subscription: Option<&str>) -> Result<Vec<DeadLetter>> {
-        self.inner.engine.records.dead_letters(subscription).await
-    }
-
-    /// Failed attempts recorded for a subscription, newest first, at most `limit`.
-    pub async fn failures(&self, subscription: &str, limit: usize) -> Result<Vec<FailureRecord>> {
-        self.inner
-            .engine
-            .records
-            .failures(subscription, limit)
-            .await
-    }
-
-    /// Delivers a dead letter's event to its subscription once more, now, in the calling
-    /// task. On success the dead letter is removed; on failure it is kept, the attempt is
-    /// recorded, and [`Error::HandlerFailed`] says why.
-    pub async fn replay_dead_letter(&self, id: u64) -> Result<()> {
-        let engine = &self.inner.engine;
-        let dead_letter = self.find_dead_letter(id).await?;
-        let sub = {
-            let subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
-            subs.iter()
-                .find(|s| *s.name == *dead_letter.subscription)
-                .cloned()
-                .ok_or_else(|| Error::UnknownSubscription {
-                    name: dead_letter.subscription.clone(),
-                })?
-        };
-        let record = engine
-            .records
-            .get(dead_letter.event_id)
-            .await?
-            .ok_or_else(|| Error::Store {
-                kind: crate::error::StoreErrorKind::Other,
-                message: format!(
-                    "event {} of dead letter {id} is not stored",
-                    dead_letter.event_id
-                ),
-                source: None,
-            })?;
-        let event = EventSource::Stored(Arc::new(record));
-        let record = event.record();
-        let attempt = dead_letter.attempts + 1;
-        let started = tokio::time::Instant::now();
-        let result = match sub.invoke.invoke(&event, attempt) {
-            Ok(handler) => CatchUnwind(handler).await.map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
-        sub.latency.record(started.elapsed());
-        match result {
-            Ok(()) => {
-                Counters::add(&sub.counters.delivered, 1);
-                Counters::add(&engine.counters.delivered, 1);
-                engine.records.remove_dead_letter(id).await?;
-                Ok(())
-            }
-            Err(message) => {
-                Counters::add(&sub.counters.failed, 1);
-                Counters::add(&engine.counters.failed, 1);
-                engine
-                    .records
-                    .record_failure(
-                        FailureRecord {
-                            subscription: sub.name.to_string(),
-                            event_id: record.event_id,
-                            position: record.position,
-                            attempt,
-                            error: message.clone(),
-                            duration_micros: started.elapsed().as_micros() as u64,
-                            failed_at: engine.clock.now(),
-                        },
-                        crate::store::DEFAULT_FAILURE_RETENTION,
-                    )
-                    .await?;
-                Err(Error::HandlerFailed {
-                    subscription: sub.name.to_string(),
-                    event_id: record.event_id,
-                    message,
-                })
-            }
-        }
-    }
-
-    /// Removes a dead letter without delivering it.
-    pub async fn discard_dead_letter(&self, id: u64) -> Result<()> {
-        if self.inner.engine.records.remove_dead_letter(id).await? {
-            Ok(())
-        } else {
-            Err(Error::DeadLetterNotFound { id })
-        }
-    }
-
-    async fn find_dead_letter(&self, id: u64) -> Result<DeadLetter> {
-        self.dead_letters(None)
-            .await?
-            .into_iter()
-            .find(|d| d.id == id)
-            .ok_or(Error::DeadLetterNotFound { id })
-    }
-}
-
-/// An event with the aggregate id it is published to: given, or from its marked field.
-fn resolve<E: DomainEvent>(outgoing: Outgoing<E>) -> Result<(String, E, Metadata)> {
-    let id = match outgoing.aggregate_id {
-        Some(id) => id,
-        None => outgoing
-            .event
-            .aggregate_id()
-            .ok_or_else(|| Error::MissingAggregateId {
-                event_type: outgoing.event.event_type().to_owned(),
-            })?,
-    };
-    Ok((id, outgoing.event, outgoing.metadata))
-}
-
-/// Appends published events to the store in one atomic batch, one request per aggregate
-/// (in the order of their first event), and returns their positions.
-async fn publish_stored<E: DomainEvent>(
-    store: &dyn EventStore,
-    events: Vec<(String, E, Metadata)>,
-) -> Result<RangeInclusive<u64>> {
-    let mut requests: Vec<AppendRequest> = Vec::new();
-    let mut by_aggregate: std::collections::HashMap<String, usize> = Default::default();
-    for (aggregate_id, event, metadata) in events {
-        let new = NewEvent::from_event(&event, metadata)?;
-        match by_aggregate.get(&aggregate_id) {
-            Some(&i) => requests[i].events.push(new),
-            None => {
-                by_aggregate.insert(aggregate_id.clone(), requests.len());
-                requests.push(AppendRequest {
-                    stream: StreamId::new(E::AGGREGATE_TYPE, aggregate_id),
-                    expected: ExpectedVersion::Any,
-                    events: vec![new],
-                });
-            }
-        }
-    }
-    let outcomes = store.append_batch(requests).await?;
-    let first = outcomes.iter().map(|o| o.first_position).min();
-    let last = outcomes.iter().map(|o| o.last_position).max();
-    match (first, last) {
-        (Some(first), Some(last)) => Ok(first..=last),
-        _ => Err(Error::InvalidAppend {
-            reason: "the store stored nothing".into(),
-        }),
-    }
-}
-
-/// Publishes events of type `E` without knowing what carries them, so domain services can
-/// take an `Arc<dyn DomainEventPublisher<E>>` and tests can hand them a fake. [`EventBus`]
-/// implements it for every event type.
-#[async_trait::async_trait]
-pub trait DomainEventPublisher<E: DomainEvent>: Send + Sync {
-    /// Publishes one event; see [`EventBus::publish`].
-    async fn publish_event(&self, event: Outgoing<E>) -> Result<u64>;
-
-    /// Publishes events all or nothing; see [`EventBus::publish_batch`].
-    async fn publish_events(&self, events: Vec<Outgoing<E>>) -> Result<RangeInclusive<u64>>;
-}
-
-#[async_trait::async_trait]
-impl<E: DomainEvent> DomainEventPublisher<E> for EventBus {
-    async fn publish_event(&self, event: Outgoing<E>) -> Result<u64> {
-        self.publish(event).await
-    }
-
-    async fn publish_events(&self, events: Vec<Outgoing<E>>) -> Result<RangeInclusive<u64>> {
-        self.publish_batch(events).await
     }
 }

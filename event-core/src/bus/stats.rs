@@ -24,8 +24,15 @@ pub struct BusStatistics {
     /// The queue's capacity.
     pub queue_capacity: u64,
     /// Events the bus holds in memory (accepted or read, not yet done); never above the
-    /// capacity.
+    /// capacity, but for what handlers publish into their own full bus.
     pub in_flight: u64,
+    /// Deliveries waiting behind a busy lane (a retry or a slow handler of the same
+    /// subscription and aggregate) outside the queue's capacity.
+    pub waiting: u64,
+    /// Times a worker's loop was restarted after a panic that escaped it (a handler's
+    /// panic is a failed attempt and never counts here); the worker goes on with its
+    /// deliveries, and the one it held counts as a failed attempt.
+    pub worker_restarts: u64,
     /// Each subscription's figures, in priority order.
     pub subscriptions: Vec<SubscriptionStatistics>,
 }
@@ -45,6 +52,9 @@ pub struct SubscriptionStatistics {
     pub retried: u64,
     /// Deliveries stored as dead letters.
     pub dead_lettered: u64,
+    /// Stored events of an unregistered type that it passed over
+    /// ([`UnknownEventPolicy::Skip`](crate::UnknownEventPolicy::Skip)).
+    pub skipped: u64,
     /// The last position it has fully handled (with a store; `None` before its first).
     pub checkpoint: Option<u64>,
     /// Events behind the head of the log (with a store) or waiting for it (without).
@@ -62,6 +72,8 @@ pub(crate) struct Counters {
     pub(crate) failed: AtomicU64,
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) worker_restarts: AtomicU64,
 }
 
 impl Counters {

@@ -962,6 +962,20 @@ pub async fn one_dead_letter_per_subscription_and_event(store: Arc<dyn EventStor
     assert_eq!(store.dead_letters(None).await.unwrap().len(), 2);
     assert_eq!(store.statistics().await.unwrap().dead_letters, 2);
 
+    // Rows whose id could not be read are dead-lettered with the nil id: one letter per
+    // position, never merged.
+    let unreadable = |position| NewDeadLetter {
+        event_id: Uuid::nil(),
+        position,
+        ..first.clone()
+    };
+    let nil_a = store.add_dead_letter(unreadable(7)).await.unwrap();
+    let nil_b = store.add_dead_letter(unreadable(9)).await.unwrap();
+    assert_ne!(nil_a, nil_b);
+    assert_eq!(store.add_dead_letter(unreadable(9)).await.unwrap(), nil_b);
+    assert!(store.remove_dead_letter(nil_a).await.unwrap());
+    assert!(store.remove_dead_letter(nil_b).await.unwrap());
+
     // Once removed, the event can be dead-lettered anew, under a new id.
     assert!(store.remove_dead_letter(id).await.unwrap());
     let anew = store.add_dead_letter(first).await.unwrap();

@@ -1,0 +1,218 @@
+//! Who receives what: the subscriptions as the engine sees them, the routing table by
+//! event type, and the events and jobs that travel from the intake to the workers.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::time::Duration;
+
+use super::config::{RetryPolicy, UnknownEventPolicy};
+use super::handler::{EventSource, Invoke};
+use super::stats::{Counters, Histogram};
+use crate::record::RecordedEvent;
+
+/// One subscription as the engine sees it.
+pub(crate) struct Sub {
+    pub(crate) index: usize,
+    pub(crate) name: Arc<str>,
+    pub(crate) priority: i32,
+    pub(crate) retry: RetryPolicy,
+    /// How long one attempt may run before it counts as failed.
+    pub(crate) timeout: Duration,
+    /// What happens to stored events of its aggregate type that no code registers.
+    pub(crate) unknown: UnknownEventPolicy,
+    /// How many failure records to keep for it.
+    pub(crate) failure_retention: usize,
+    /// The aggregate type of its event type.
+    pub(crate) aggregate_type: &'static str,
+    pub(crate) event_types: Vec<&'static str>,
+    pub(crate) invoke: Box<dyn Invoke>,
+    pub(crate) counters: Counters,
+    pub(crate) latency: Histogram,
+    pub(crate) active: AtomicBool,
+    /// Deliveries routed to it and not yet done (its lag on a bus without a store).
+    pub(crate) queued: AtomicU64,
+    /// Its deliveries kept in memory behind a busy lane without a slot of the queue.
+    pub(crate) parked: AtomicU64,
+}
+
+/// The subscriptions by event type, each list in priority order. Replaced whole on every
+/// change, so the dispatcher reads it without locks.
+#[derive(Default)]
+pub(crate) struct Routing {
+    /// Counts changes, so idleness can tell whether the dispatcher has seen the latest.
+    pub(crate) version: u64,
+    pub(crate) subs: Vec<Arc<Sub>>,
+    by_type: HashMap<&'static str, Arc<[Arc<Sub>]>, BuildHasherDefault<Fnv>>,
+    /// By aggregate type: the subscriptions that receive (to dead-letter them) stored
+    /// events of that aggregate type whose event type no code registers.
+    unknown_by_aggregate: HashMap<&'static str, Arc<[Arc<Sub>]>>,
+    /// By aggregate type: the subscriptions that skip such events.
+    skip_by_aggregate: HashMap<&'static str, Vec<Arc<Sub>>>,
+}
+
+/// FNV-1a, for the engine's per-event hashing of short keys (type names, aggregate ids):
+/// far cheaper than SipHash there, and the keys are not attacker-chosen in bulk.
+#[derive(Clone, Copy)]
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        // FNV's low bits mix poorly; fold the high half in before a remainder is taken.
+        self.0 ^ (self.0 >> 32)
+    }
+}
+
+impl Routing {
+    pub(crate) fn new(version: u64, mut subs: Vec<Arc<Sub>>) -> Self {
+        subs.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+        let mut by_type: HashMap<&'static str, Vec<Arc<Sub>>> = HashMap::new();
+        let mut unknown: HashMap<&'static str, Vec<Arc<Sub>>> = HashMap::new();
+        let mut skip_by_aggregate: HashMap<&'static str, Vec<Arc<Sub>>> = HashMap::new();
+        for sub in &subs {
+            for &event_type in &sub.event_types {
+                by_type.entry(event_type).or_default().push(Arc::clone(sub));
+            }
+            let by_policy = match sub.unknown {
+                UnknownEventPolicy::DeadLetter => &mut unknown,
+                UnknownEventPolicy::Skip => &mut skip_by_aggregate,
+            };
+            by_policy
+                .entry(sub.aggregate_type)
+                .or_default()
+                .push(Arc::clone(sub));
+        }
+        Routing {
+            version,
+            subs,
+            by_type: by_type.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            unknown_by_aggregate: unknown.into_iter().map(|(k, v)| (k, v.into())).collect(),
+            skip_by_aggregate,
+        }
+    }
+
+    /// The subscriptions of an event type, in priority order.
+    pub(crate) fn route(&self, event_type: &str) -> Option<&Arc<[Arc<Sub>]>> {
+        self.by_type.get(event_type)
+    }
+
+    /// The subscriptions that dead-letter an unregistered event type of this aggregate type.
+    pub(crate) fn route_unknown(&self, aggregate_type: &str) -> Option<&Arc<[Arc<Sub>]>> {
+        self.unknown_by_aggregate.get(aggregate_type)
+    }
+
+    /// The subscriptions that skip an unregistered event type of this aggregate type.
+    pub(crate) fn skipping_unknown(&self, aggregate_type: &str) -> &[Arc<Sub>] {
+        self.skip_by_aggregate
+            .get(aggregate_type)
+            .map_or(&[], Vec::as_slice)
+    }
+}
+
+/// An event on its way through the engine.
+#[derive(Clone)]
+pub(crate) struct BusEvent {
+    pub(crate) source: EventSource,
+    /// Deliveries of this event still to finish, shared by its deliveries when it goes to
+    /// more than one subscription (with one, its only delivery finishing finishes it).
+    pub(crate) remaining: Option<Arc<AtomicUsize>>,
+    /// Whether the event holds a slot of the queue, to give back when it is done (events
+    /// that a handler published into its own full bus hold none).
+    pub(crate) holds_room: bool,
+}
+
+impl BusEvent {
+    pub(crate) fn new(source: EventSource) -> Self {
+        BusEvent {
+            source,
+            remaining: None,
+            holds_room: true,
+        }
+    }
+
+    /// An event published beyond the queue's capacity, holding no slot of it.
+    pub(crate) fn without_room(mut self) -> Self {
+        self.holds_room = false;
+        self
+    }
+
+    pub(crate) fn record(&self) -> &RecordedEvent {
+        self.source.record()
+    }
+
+    /// FNV-1a over the stream's type and id: it only spreads aggregates over workers and
+    /// keys the deliveries that wait for each other, so it needs to be fast and stable,
+    /// not collision-proof.
+    pub(crate) fn stream_hash(&self) -> u64 {
+        let record = self.record();
+        let mut h = Fnv::default();
+        h.write(record.aggregate_type.as_bytes());
+        h.write_u8(0xff);
+        h.write(record.aggregate_id.as_bytes());
+        h.finish()
+    }
+}
+
+/// An event and the subscriptions it goes to, in priority order.
+pub(crate) struct Job {
+    pub(crate) event: BusEvent,
+    pub(crate) subs: Arc<[Arc<Sub>]>,
+    /// The aggregate's hash: picks the worker, and keys the deliveries that wait.
+    pub(crate) stream_hash: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Metadata;
+    use chrono::Utc;
+
+    fn event_of(aggregate_id: String) -> BusEvent {
+        let now = Utc::now();
+        BusEvent::new(EventSource::Stored(Arc::new(RecordedEvent {
+            event_id: uuid::Uuid::now_v7(),
+            aggregate_type: "Account".into(),
+            aggregate_id,
+            version: 1,
+            position: 1,
+            event_type: "Opened".into(),
+            schema_version: 1,
+            occurred_at: now,
+            recorded_at: now,
+            metadata: Metadata::default(),
+            payload: "{}".into(),
+        })))
+    }
+
+    #[test]
+    fn stream_hashes_spread_aggregates_evenly_over_workers() {
+        for workers in [2_u64, 3, 4, 8] {
+            let mut load = vec![0_u32; workers as usize];
+            for i in 0..4_000 {
+                let hash = event_of(format!("acc-{i}")).stream_hash();
+                load[(hash % workers) as usize] += 1;
+            }
+            let fair = 4_000 / workers as u32;
+            for n in &load {
+                assert!(n.abs_diff(fair) < fair / 5, "{workers} workers: {load:?}");
+            }
+        }
+        assert_eq!(
+            event_of("a".into()).stream_hash(),
+            event_of("a".into()).stream_hash()
+        );
+    }
+}

@@ -1,0 +1,818 @@
+//! The workers: each runs the deliveries of the aggregates routed to it.
+//!
+//! Deliveries wait for each other only within a *lane*: one subscription and one
+//! aggregate. A lane is busy while its first delivery runs (a handler that did not
+//! finish at once keeps running beside the others) or waits for a retry; later
+//! deliveries of the lane wait behind it, and every other lane goes on. So a slow, stuck
+//! or retrying handler holds back only the later events of its own aggregate for its own
+//! subscription.
+//!
+//! Deliveries waiting behind a busy lane give their event's slot of the queue back, so a
+//! retrying or slow lane never takes room from other aggregates or other subscriptions.
+//! With a store they leave memory too: the lane notes the range of its stream they cover
+//! and reads them again from the store when it gets to them. Without a store they stay
+//! in memory, up to `queue_capacity` per subscription; beyond that they keep their slots.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+
+use chrono::{DateTime, Utc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::config::{Jitter, UnknownEventPolicy};
+use super::deliver::{self, Attempt, GiveUp, Outcome};
+use super::dispatch::read_page;
+use super::engine::Engine;
+use super::handler::{EventSource, PublishedEvent, panic_message};
+use super::inbox::Inbox;
+use super::room::ROOM_CHUNK;
+use super::routing::{BusEvent, Job, Sub};
+use super::stats::Counters;
+use crate::error::StoreErrorKind;
+use crate::record::{RecordedEvent, StreamId};
+use crate::registry::registry;
+
+/// A lane: (subscription index, aggregate hash).
+type Key = (usize, u64);
+
+/// A delivery of one event to one subscription, with what its failures so far left.
+struct Pending {
+    event: BusEvent,
+    sub: Arc<Sub>,
+    failures: u32,
+    first_failed_at: Option<DateTime<Utc>>,
+    last_error: String,
+    /// The last attempt was made; only the dead letter is left to store.
+    give_up: bool,
+    /// Whether it holds its event's slot of the queue.
+    hold: Hold,
+}
+
+/// What keeps a delivery counted until it is done.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// Its event, in flight (and in the queue's slot if the event holds one).
+    Queue,
+    /// It waits in memory behind a busy lane, counted as waiting and as parked for its
+    /// subscription.
+    Parked,
+    /// It was read again from the store for its lane, counted as waiting.
+    Reread,
+}
+
+/// The deliveries of a lane that left memory: its stream's events from `from_version` up
+/// to position `upto`, for `sub`, read again from the store when the lane gets to them.
+struct Deferred {
+    sub: Arc<Sub>,
+    stream: StreamId,
+    from_version: u64,
+    /// The position of the first of them.
+    from_position: u64,
+    upto: u64,
+    count: u64,
+}
+
+impl Pending {
+    fn new(event: BusEvent, sub: Arc<Sub>) -> Self {
+        Pending {
+            event,
+            sub,
+            failures: 0,
+            first_failed_at: None,
+            last_error: String::new(),
+            give_up: false,
+            hold: Hold::Queue,
+        }
+    }
+}
+
+/// A busy lane: its first delivery, running or waiting for its next attempt, and the
+/// deliveries behind it, in memory, then deferred.
+#[derive(Default)]
+struct Lane {
+    /// None only while the lane waits to read its deferred deliveries again.
+    head: Option<Pending>,
+    behind: VecDeque<Pending>,
+    deferred: Option<Deferred>,
+}
+
+/// Where a lane's first delivery is after a move.
+enum Step {
+    /// Finished: handled, dead-lettered, or dropped because its subscription left.
+    Done,
+    /// Its handler did not finish at once: it runs on as its own task.
+    Running(Pending, Attempt),
+    /// Waits until then for its next attempt (or for its dead letter to be stored).
+    Wait(Pending, Instant),
+}
+
+/// What is left of a fresh delivery's first attempt, when it did not simply succeed.
+enum First {
+    /// It failed (or timed out, or did not decode).
+    Outcome(Outcome),
+    /// Its handler did not finish at once.
+    Running(Attempt),
+    /// It needs the full step (its subscription left, or only its dead letter is left).
+    Step,
+}
+
+/// Deliveries a worker finished and has not yet reported: it reports them together, so
+/// the counters that publishers and the dispatcher also touch change once per batch of
+/// jobs rather than once per event.
+#[derive(Default)]
+struct Finished {
+    /// Events whose last delivery finished.
+    events: u64,
+    /// Those of them that held a slot of the queue.
+    room: u64,
+    /// Finished deliveries per subscription (their `queued` counters).
+    by_sub: Vec<(Arc<Sub>, u64)>,
+    /// (subscription, position) of finished deliveries, for the checkpoints.
+    positions: Vec<(usize, u64)>,
+    /// Finished published events, to hand back to their publisher.
+    published: Vec<Arc<dyn PublishedEvent>>,
+    /// Deliveries that began to wait without a slot.
+    waiting: u64,
+    /// Deliveries that waited without a slot and are done.
+    waited_done: u64,
+}
+
+/// The lane a worker is carrying on inline, kept in the worker (not on the stack of the
+/// future) so a panic there loses nothing. Its head is the delivery being moved.
+struct InHand {
+    key: Key,
+    lane: Lane,
+}
+
+pub(crate) struct Worker {
+    engine: Arc<Engine>,
+    inbox: Arc<Inbox>,
+    /// The busy lanes, but the one in hand.
+    lanes: HashMap<Key, Lane>,
+    timers: BinaryHeap<Reverse<(Instant, Key)>>,
+    /// Attempts that did not finish at once.
+    running: JoinSet<(Key, Outcome)>,
+    /// Jobs taken from the inbox and not yet offered to their lanes.
+    jobs: VecDeque<Job>,
+    /// The job whose deliveries are being offered, and how many of them were.
+    job_in_hand: Option<(Job, usize)>,
+    in_hand: Option<InHand>,
+    open: bool,
+    jitter: Jitter,
+    finished: Finished,
+}
+
+impl Worker {
+    pub(crate) fn new(engine: Arc<Engine>, inbox: Arc<Inbox>, n: u64) -> Self {
+        let jitter = Jitter::new(engine.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        Worker {
+            engine,
+            inbox,
+            lanes: HashMap::new(),
+            timers: BinaryHeap::new(),
+            running: JoinSet::new(),
+            jobs: VecDeque::new(),
+            job_in_hand: None,
+            in_hand: None,
+            open: true,
+            jitter,
+            finished: Finished::default(),
+        }
+    }
+
+    /// Runs until the dispatcher is gone and every delivery is finished. A panic that
+    /// escapes (not a handler's: those are failed attempts) restarts the loop with the
+    /// worker's state intact; the restart is counted in the statistics.
+    pub(crate) async fn run(mut self) {
+        loop {
+            let escaped = {
+                let run = CatchPanic(Box::pin(self.serve()));
+                run.await
+            };
+            match escaped {
+                Ok(()) => return,
+                Err(panic) => {
+                    let message = panic_message(panic);
+                    tracing::error!(%message, "a bus worker panicked; it goes on");
+                    Counters::add(&self.engine.counters.worker_restarts, 1);
+                    self.recover(&message);
+                }
+            }
+        }
+    }
+
+    async fn serve(&mut self) {
+        let inbox = Arc::clone(&self.inbox);
+        loop {
+            self.offer_jobs().await;
+            self.report_finished();
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            if !self.open && next_timer.is_none() && self.running.is_empty() {
+                return;
+            }
+            tokio::select! {
+                biased;
+                _ = sleep_until(next_timer), if next_timer.is_some() => {
+                    if let Some(Reverse((_, key))) = self.timers.pop() {
+                        self.resume(key).await;
+                    }
+                }
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
+                    match done {
+                        Ok((key, outcome)) => self.attempt_over(key, outcome).await,
+                        // Attempts catch their panics; a task only fails when aborted.
+                        Err(error) => tracing::error!(%error, "a delivery task failed"),
+                    }
+                }
+                received = inbox.take(&mut self.jobs), if self.open => {
+                    if !received {
+                        self.open = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Offers every taken job's deliveries to their lanes.
+    async fn offer_jobs(&mut self) {
+        loop {
+            let (job, offered) = match self.job_in_hand.take() {
+                Some(in_hand) => in_hand,
+                None => match self.jobs.pop_front() {
+                    Some(job) => (job, 0),
+                    None => return,
+                },
+            };
+            let Some(sub) = job.subs.get(offered).cloned() else {
+                continue;
+            };
+            let key = (sub.index, job.stream_hash);
+            let pending = Pending::new(job.event.clone(), sub);
+            self.job_in_hand = Some((job, offered + 1));
+            self.offer(key, pending).await;
+        }
+    }
+
+    /// A new delivery: behind its lane if the lane is busy, else attempted now.
+    async fn offer(&mut self, key: Key, pending: Pending) {
+        // Skips hashing when no lane is busy.
+        if !self.lanes.is_empty() && self.lanes.contains_key(&key) {
+            self.wait_behind(key, pending);
+            return;
+        }
+        self.in_hand = Some(InHand {
+            key,
+            lane: Lane {
+                head: Some(pending),
+                ..Lane::default()
+            },
+        });
+        // Most attempts finish at once and well: that path stays small. The rest (a
+        // failure, a handler still running) goes on in a boxed future, so the large state
+        // of retries and dead letters is neither built nor moved for every delivery.
+        match self.first_attempt().await {
+            None => {}
+            Some(First::Outcome(outcome)) => {
+                Box::pin(async {
+                    let step = self.after(outcome).await;
+                    self.carry_on_from(step).await;
+                })
+                .await;
+            }
+            Some(First::Running(attempt)) => {
+                let step = Step::Running(self.take_held(), attempt);
+                Box::pin(self.carry_on_from(step)).await;
+            }
+            Some(First::Step) => Box::pin(self.carry_on()).await,
+        }
+    }
+
+    /// Attempts the fresh delivery in hand once, inline. None if it was handled (its lane
+    /// is free again); else what is left to carry on.
+    async fn first_attempt(&mut self) -> Option<First> {
+        if self.finished.events > 0 && self.engine.room.available() < ROOM_CHUNK {
+            // The queue is nearly full: report the room these deliveries hold now, since
+            // a handler (this one, say) may be waiting to publish into it.
+            self.report_finished();
+        }
+        let bus = self.engine.id();
+        let held = self.held();
+        if !held.sub.active.load(Ordering::Acquire) || held.give_up {
+            return Some(First::Step);
+        }
+        let mut attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
+        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut attempt).poll(cx))).await;
+        match polled {
+            Poll::Ready(Outcome {
+                result: Ok(()),
+                elapsed,
+            }) => {
+                let pending = self.take_held();
+                deliver::delivered(&self.engine, &pending.sub, elapsed);
+                self.finish(&pending);
+                self.in_hand = None;
+                None
+            }
+            Poll::Ready(outcome) => Some(First::Outcome(outcome)),
+            Poll::Pending => Some(First::Running(attempt)),
+        }
+    }
+
+    /// Puts a delivery behind its busy lane, giving its event's slot back: with a store
+    /// it leaves memory (the lane's deferred range grows), without one it is parked in
+    /// memory while its subscription has parking room (`queue_capacity` deliveries).
+    fn wait_behind(&mut self, key: Key, mut pending: Pending) {
+        let durable = self.engine.store.is_some();
+        let capacity = self.engine.room.capacity() as u64;
+        let lane = self.lanes.get_mut(&key).expect("a busy lane");
+        if durable
+            && pending.hold == Hold::Queue
+            && matches!(pending.event.source, EventSource::Stored(_))
+        {
+            let record = pending.event.record();
+            let same_stream = |d: &Deferred| {
+                d.stream.aggregate_id == record.aggregate_id
+                    && *d.stream.aggregate_type == *record.aggregate_type
+            };
+            // Two streams of one hash share a lane: the second one's stay in memory.
+            let deferred = match &mut lane.deferred {
+                None => Some(lane.deferred.insert(Deferred {
+                    sub: Arc::clone(&pending.sub),
+                    stream: record.stream_id(),
+                    from_version: record.version,
+                    from_position: record.position,
+                    upto: record.position,
+                    count: 0,
+                })),
+                Some(d) if same_stream(d) => Some(d),
+                Some(_) => None,
+            };
+            if let Some(deferred) = deferred {
+                deferred.upto = record.position;
+                deferred.count += 1;
+                self.release(&pending.event);
+                return;
+            }
+        }
+        if pending.hold == Hold::Queue && pending.sub.parked.load(Ordering::Relaxed) < capacity {
+            pending.sub.parked.fetch_add(1, Ordering::Relaxed);
+            pending.hold = Hold::Parked;
+            self.release(&pending.event);
+        }
+        self.lanes
+            .get_mut(&key)
+            .expect("a busy lane")
+            .behind
+            .push_back(pending);
+    }
+
+    /// A delivery gives its event's slot back and goes on waiting: the event counts as
+    /// done for the queue once this was its last delivery holding it.
+    fn release(&mut self, event: &BusEvent) {
+        self.finished.waiting += 1;
+        let last = match &event.remaining {
+            Some(remaining) => remaining.fetch_sub(1, Ordering::AcqRel) == 1,
+            None => true,
+        };
+        if last {
+            self.finished.events += 1;
+            self.finished.room += u64::from(event.holds_room);
+        }
+    }
+
+    /// The events of a deferred range read from the log, passing over damaged rows.
+    async fn read_log_around_damage(
+        &self,
+        deferred: &Deferred,
+    ) -> crate::error::Result<Vec<RecordedEvent>> {
+        let store = self
+            .engine
+            .store
+            .as_ref()
+            .expect("deferred only with a store");
+        let mut events = Vec::new();
+        let mut next = deferred.from_position;
+        while next <= deferred.upto {
+            let limit = usize::try_from(deferred.upto - next + 1)
+                .unwrap_or(usize::MAX)
+                .min(self.engine.batch_size);
+            let page = read_page(store.as_ref(), next, limit).await?;
+            let last = page.events.last().map(|e| e.position);
+            next = match (&page.damaged, last) {
+                (Some(damaged), _) => damaged.position + 1,
+                (None, Some(last)) => last + 1,
+                (None, None) => break,
+            };
+            events.extend(page.events.into_iter().filter(|e| {
+                e.aggregate_id == deferred.stream.aggregate_id
+                    && *e.aggregate_type == *deferred.stream.aggregate_type
+            }));
+        }
+        Ok(events)
+    }
+
+    /// Reads a lane's deferred deliveries back from the store, in order.
+    async fn reread(&mut self, deferred: &Deferred) -> crate::error::Result<VecDeque<Pending>> {
+        let store = self
+            .engine
+            .store
+            .as_ref()
+            .expect("deferred only with a store");
+        let events = match store
+            .read_stream(&deferred.stream, deferred.from_version)
+            .await
+        {
+            Ok(events) => events,
+            // A damaged row of the stream (dead-lettered by the dispatcher already) spoils
+            // the stream's read: read the log around it instead.
+            Err(error) if error.store_kind() == Some(StoreErrorKind::Corrupt) => {
+                self.read_log_around_damage(deferred).await?
+            }
+            Err(error) => return Err(error),
+        };
+        let sub = &deferred.sub;
+        let mut reread = VecDeque::new();
+        for record in events {
+            if record.position > deferred.upto {
+                break;
+            }
+            // The dispatcher's choice, made again: its types, or an unregistered type of
+            // its aggregate type that it dead-letters.
+            let for_sub = sub.event_types.contains(&&*record.event_type)
+                || (sub.unknown == UnknownEventPolicy::DeadLetter
+                    && *record.aggregate_type == *sub.aggregate_type
+                    && registry().get(&record.event_type).is_none());
+            if !for_sub
+                || !self
+                    .engine
+                    .lock_tracker()
+                    .is_open(sub.index, record.position)
+            {
+                continue;
+            }
+            let mut event = BusEvent::new(EventSource::Stored(Arc::new(record))).without_room();
+            event.remaining = None;
+            let mut pending = Pending::new(event, Arc::clone(sub));
+            pending.hold = Hold::Reread;
+            reread.push_back(pending);
+        }
+        let found = reread.len() as u64;
+        if found != deferred.count {
+            // Counted as waiting when they left; settle the count with what came back (a
+            // subscription that left finds none: the tracker dropped its positions).
+            if sub.active.load(Ordering::Acquire) {
+                tracing::error!(
+                    expected = deferred.count,
+                    found,
+                    "deferred deliveries read again do not match"
+                );
+            }
+            if found > deferred.count {
+                self.engine.room.wait_outside(found - deferred.count);
+            } else {
+                self.finished.waited_done += deferred.count - found;
+            }
+        }
+        Ok(reread)
+    }
+
+    /// A retry is due: the lane's first delivery is attempted again.
+    async fn resume(&mut self, key: Key) {
+        let Some(lane) = self.lanes.remove(&key) else {
+            return;
+        };
+        let waits_to_reread = lane.head.is_none();
+        self.in_hand = Some(InHand { key, lane });
+        if waits_to_reread {
+            self.carry_on_from(Step::Done).await;
+        } else {
+            self.carry_on().await;
+        }
+    }
+
+    /// An attempt that ran as its own task is over.
+    async fn attempt_over(&mut self, key: Key, outcome: Outcome) {
+        let Some(lane) = self.lanes.remove(&key) else {
+            return;
+        };
+        self.in_hand = Some(InHand { key, lane });
+        let step = self.after(outcome).await;
+        self.carry_on_from(step).await;
+    }
+
+    /// Moves the lane in hand on until it has to wait, or is empty.
+    async fn carry_on(&mut self) {
+        let step = self.step().await;
+        self.carry_on_from(step).await;
+    }
+
+    async fn carry_on_from(&mut self, mut step: Step) {
+        loop {
+            let Some(hand) = self.in_hand.as_mut() else {
+                return;
+            };
+            let (pending, wait_until) = match step {
+                Step::Done => {
+                    if let Some(next) = hand.lane.behind.pop_front() {
+                        hand.lane.head = Some(next);
+                        step = self.step().await;
+                        continue;
+                    }
+                    let Some(deferred) = hand.lane.deferred.take() else {
+                        self.in_hand = None;
+                        return;
+                    };
+                    match self.reread(&deferred).await {
+                        Ok(reread) => {
+                            if let Some(hand) = self.in_hand.as_mut() {
+                                hand.lane.behind = reread;
+                            }
+                            continue;
+                        }
+                        Err(error) => {
+                            tracing::error!(%error, "cannot read deferred deliveries again; trying again in a second");
+                            if let Some(hand) = self.in_hand.as_mut() {
+                                hand.lane.deferred = Some(deferred);
+                            }
+                            (
+                                None,
+                                Some(Instant::now() + std::time::Duration::from_secs(1)),
+                            )
+                        }
+                    }
+                }
+                Step::Running(pending, attempt) => {
+                    let key = hand.key;
+                    self.running.spawn(async move { (key, attempt.await) });
+                    (Some(pending), None)
+                }
+                Step::Wait(pending, at) => (Some(pending), Some(at)),
+            };
+            let Some(InHand { key, mut lane }) = self.in_hand.take() else {
+                return;
+            };
+            lane.head = pending;
+            if let Some(at) = wait_until {
+                self.timers.push(Reverse((at, key)));
+            }
+            self.lanes.insert(key, lane);
+            return;
+        }
+    }
+
+    /// The delivery in hand.
+    fn held(&mut self) -> &mut Pending {
+        self.in_hand
+            .as_mut()
+            .and_then(|h| h.lane.head.as_mut())
+            .expect("a delivery in hand")
+    }
+
+    /// Takes the delivery in hand out of the worker's keeping.
+    fn take_held(&mut self) -> Pending {
+        self.in_hand
+            .as_mut()
+            .and_then(|h| h.lane.head.take())
+            .expect("a delivery in hand")
+    }
+
+    /// One move of the delivery in hand: an attempt (or the dead letter it is left with).
+    /// The delivery stays in hand while user code runs, so a panic loses nothing.
+    async fn step(&mut self) -> Step {
+        let held = self.held();
+        if !held.sub.active.load(Ordering::Acquire) {
+            let pending = self.take_held();
+            self.finish(&pending);
+            return Step::Done;
+        }
+        if held.give_up {
+            return self.dead_letter().await;
+        }
+        if self.finished.events > 0 && self.engine.room.available() < ROOM_CHUNK {
+            // The queue is nearly full: report the room these deliveries hold now, since
+            // a handler (this one, say) may be waiting to publish into it.
+            self.report_finished();
+        }
+        let bus = self.engine.id();
+        let held = self.held();
+        let attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
+        match deliver::poll_once(attempt).await {
+            Ok(outcome) => self.after(outcome).await,
+            Err(attempt) => Step::Running(self.take_held(), attempt),
+        }
+    }
+
+    /// Counts the outcome of the attempt in hand and decides what comes next: done, a
+    /// retry, or the dead letter.
+    async fn after(&mut self, outcome: Outcome) -> Step {
+        let engine = Arc::clone(&self.engine);
+        let failure = match outcome.result {
+            Ok(()) => {
+                let pending = self.take_held();
+                deliver::delivered(&engine, &pending.sub, outcome.elapsed);
+                self.finish(&pending);
+                return Step::Done;
+            }
+            Err(failure) => failure,
+        };
+        let held = self.held();
+        let (sub, event, attempt) = (Arc::clone(&held.sub), held.event.clone(), held.failures + 1);
+        let (failure, failed_at) = deliver::failed(
+            &engine,
+            &sub,
+            event.record(),
+            attempt,
+            failure,
+            outcome.elapsed,
+        )
+        .await;
+        let held = self.held();
+        held.failures = attempt;
+        held.first_failed_at.get_or_insert(failed_at);
+        held.last_error = failure.message;
+        if failure.retryable && attempt < sub.retry.max_attempts() {
+            Counters::add(&sub.counters.retried, 1);
+            Counters::add(&engine.counters.retried, 1);
+            let delay = sub.retry.delay(attempt, self.jitter.next());
+            return Step::Wait(self.take_held(), Instant::now() + delay);
+        }
+        held.give_up = true;
+        self.dead_letter().await
+    }
+
+    /// Stores the dead letter of the delivery in hand, then counts it as finished. If the
+    /// store refuses, the delivery waits and the write is tried again later: a checkpoint
+    /// never passes an event whose dead letter is not stored.
+    async fn dead_letter(&mut self) -> Step {
+        let engine = Arc::clone(&self.engine);
+        let held = self.held();
+        let (sub, event) = (Arc::clone(&held.sub), held.event.clone());
+        let error = held.last_error.clone();
+        let give_up = GiveUp {
+            attempts: held.failures,
+            first_failed_at: held.first_failed_at,
+            error: &error,
+        };
+        match deliver::dead_letter(&engine, &sub, &event.source, give_up).await {
+            Ok(()) => {
+                let pending = self.take_held();
+                self.finish(&pending);
+                Step::Done
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot store a dead letter; trying again in a second");
+                Step::Wait(
+                    self.take_held(),
+                    Instant::now() + std::time::Duration::from_secs(1),
+                )
+            }
+        }
+    }
+
+    /// After a panic escaped the worker loop: the delivery in hand counts as a failed
+    /// attempt (with the panic as its error), and its lane waits for the retry; the job
+    /// in hand goes on from its next subscription.
+    fn recover(&mut self, message: &str) {
+        let Some(InHand { key, mut lane }) = self.in_hand.take() else {
+            return;
+        };
+        let at = match lane.head.as_mut() {
+            Some(pending) => {
+                pending.failures += 1;
+                pending.first_failed_at.get_or_insert_with(Utc::now);
+                pending.last_error = format!("the bus worker panicked: {message}");
+                if pending.failures < pending.sub.retry.max_attempts() {
+                    Instant::now()
+                        + pending
+                            .sub
+                            .retry
+                            .delay(pending.failures, self.jitter.next())
+                } else {
+                    pending.give_up = true;
+                    Instant::now() + std::time::Duration::from_secs(1)
+                }
+            }
+            // Lost between its task and the lane: the lane goes on behind it.
+            None => {
+                lane.head = lane.behind.pop_front();
+                Instant::now()
+            }
+        };
+        if lane.head.is_none() && lane.deferred.is_none() {
+            return;
+        }
+        self.timers.push(Reverse((at, key)));
+        self.lanes.insert(key, lane);
+    }
+
+    /// One delivery of `event` is finished (handled, dead-lettered or dropped because its
+    /// subscription left); reported with the others by [`report_finished`](Self::report_finished).
+    fn finish(&mut self, pending: &Pending) {
+        let (event, sub) = (&pending.event, &pending.sub);
+        let finished = &mut self.finished;
+        match finished
+            .by_sub
+            .iter_mut()
+            .find(|(s, _)| Arc::ptr_eq(s, sub))
+        {
+            Some((_, n)) => *n += 1,
+            None => finished.by_sub.push((Arc::clone(sub), 1)),
+        }
+        if self.engine.store.is_some() {
+            finished
+                .positions
+                .push((sub.index, event.record().position));
+        }
+        if pending.hold != Hold::Queue {
+            // Its event left the queue when it began to wait.
+            finished.waited_done += 1;
+            if pending.hold == Hold::Parked {
+                sub.parked.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let EventSource::Published(published) = &event.source {
+                finished.published.push(Arc::clone(published));
+            }
+            return;
+        }
+        let last = match &event.remaining {
+            Some(remaining) => remaining.fetch_sub(1, Ordering::AcqRel) == 1,
+            None => true,
+        };
+        if last {
+            finished.events += 1;
+            finished.room += u64::from(event.holds_room);
+            if let EventSource::Published(published) = &event.source {
+                finished.published.push(Arc::clone(published));
+            }
+        }
+    }
+
+    /// Reports the finished deliveries: subscription counters and checkpoints first, then
+    /// the events' room in the queue and idleness, so that `wait_idle` returns to settled
+    /// statistics.
+    fn report_finished(&mut self) {
+        let engine = &self.engine;
+        let finished = &mut self.finished;
+        for (sub, n) in finished.by_sub.drain(..) {
+            sub.queued.fetch_sub(n, Ordering::Relaxed);
+        }
+        if !finished.positions.is_empty() {
+            let mut advanced = false;
+            let mut tracker = engine.lock_tracker();
+            for (index, position) in finished.positions.drain(..) {
+                advanced |= tracker.complete(index, position);
+            }
+            drop(tracker);
+            if advanced {
+                engine.checkpoints_dirty.notify_one();
+            }
+        }
+        if !finished.published.is_empty() {
+            engine.hand_back(&mut finished.published);
+        }
+        // Waiting deliveries are counted before their events' slots come back, so the
+        // bus never looks idle in between.
+        if finished.waiting > 0 {
+            engine
+                .room
+                .wait_outside(std::mem::take(&mut finished.waiting));
+        }
+        if finished.events > 0 {
+            let room = std::mem::take(&mut finished.room);
+            engine.events_done(std::mem::take(&mut finished.events), room);
+        }
+        if finished.waited_done > 0 {
+            engine.waited_done(std::mem::take(&mut finished.waited_done));
+        }
+    }
+}
+
+/// Catches a panic of the worker loop, so the worker can go on.
+struct CatchPanic<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future<Output = ()>> std::future::Future for CatchPanic<F> {
+    type Output = std::result::Result<(), Box<dyn std::any::Any + Send>>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = &mut self.0;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.as_mut().poll(cx))) {
+            Ok(poll) => poll.map(Ok),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
