@@ -190,7 +190,7 @@ impl<A: Aggregate> Repository<A> {
     {
         self.snapshots = (every > 0).then_some(SnapshotPolicy {
             every,
-            encode: |a| serde_json::to_string(a),
+            encode: |a| crate::finite::to_json(a),
             decode: |s| serde_json::from_str(s),
         });
         self

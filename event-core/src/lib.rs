@@ -50,6 +50,7 @@ mod aggregate;
 mod bus;
 mod error;
 mod event;
+mod finite;
 mod memory;
 mod record;
 mod registry;

@@ -177,12 +177,21 @@ pub(crate) fn fresh_id() -> (Uuid, DateTime<Utc>) {
 
 impl NewEvent {
     /// Serializes a domain event with a fresh UUID v7 id and the current time.
+    ///
+    /// A float that JSON cannot hold (NaN, an infinity) anywhere in the event is
+    /// [`Error::Serialize`]: it would be stored as `null` and read back as something else.
     pub fn from_event<E: DomainEvent>(event: &E, metadata: Metadata) -> Result<Self> {
         let event_type = event.event_type();
-        let payload = event.to_payload().map_err(|source| Error::Serialize {
-            event_type: event_type.to_owned(),
-            source,
-        })?;
+        let payload = event
+            .to_payload()
+            .and_then(|payload| {
+                crate::finite::check_if_null(event, &payload)?;
+                Ok(payload)
+            })
+            .map_err(|source| Error::Serialize {
+                event_type: event_type.to_owned(),
+                source,
+            })?;
         let (event_id, occurred_at) = fresh_id();
         Ok(NewEvent {
             event_id,
