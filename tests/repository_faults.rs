@@ -1,4 +1,6 @@
-//! Snapshots that do not fit their stream (issue 9, point 3): one at `u64::MAX` made
+//! Stored data that does not fit the repository's expectations (issue 9, point 3).
+//!
+//! Snapshots that do not fit their stream: one at `u64::MAX` made
 //! `Repository::load` overflow, and one ahead of its stream was trusted, so every command
 //! on the aggregate conflicted for good and no snapshot could replace it. Now such a
 //! snapshot is ignored (full replay) and replaced by the next good one, on every store.
@@ -245,4 +247,59 @@ async fn a_snapshot_that_fits_is_used() {
             under.name
         );
     }
+}
+
+/// A stream whose versions jump (a row lost or damaged in the file) used to be folded as
+/// if whole: the state missed an event and carried the last version. Now the load fails
+/// with `CorruptEvent` naming the event after the gap.
+#[tokio::test]
+async fn a_stream_whose_versions_jump_is_corrupt_not_folded() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gap.db");
+    let store = SqliteEventStore::open(&file, SqliteOptions::new())
+        .await
+        .unwrap();
+    let repo = Repository::<Account>::new(Arc::new(store.clone()));
+    for id in ["gap", "headless"] {
+        repo.execute(
+            id,
+            AccountCommand::Open {
+                owner: "Ada".into(),
+            },
+        )
+        .await
+        .unwrap();
+        repo.execute(id, AccountCommand::Deposit(10)).await.unwrap();
+        repo.execute(id, AccountCommand::Deposit(20)).await.unwrap();
+    }
+    store.close().await.unwrap();
+    let conn = rusqlite::Connection::open(&file).unwrap();
+    conn.execute_batch(
+        "DELETE FROM events WHERE aggregate_id = 'gap' AND version = 2;
+         DELETE FROM events WHERE aggregate_id = 'headless' AND version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = SqliteEventStore::open(&file, SqliteOptions::new())
+        .await
+        .unwrap();
+    let repo = Repository::<Account>::new(Arc::new(store.clone()));
+    for (id, after_gap) in [("gap", 3), ("headless", 2)] {
+        let stream = StreamId::new("Account", id);
+        let expected = store.read_stream(&stream, after_gap).await.unwrap()[0].clone();
+        match repo.load(id).await {
+            Err(eventfold::Error::CorruptEvent {
+                event_id, position, ..
+            }) => {
+                assert_eq!(
+                    (event_id, position),
+                    (Some(expected.event_id), Some(expected.position)),
+                    "{id}: the error names the event after the gap"
+                );
+            }
+            other => panic!("{id}: expected CorruptEvent, got {other:?}"),
+        }
+    }
+    store.close().await.unwrap();
 }
