@@ -327,8 +327,8 @@ async fn snapshots_are_taken_every_n_events_and_loads_start_from_them() {
     );
     assert_eq!(
         *store.reads_from.lock().unwrap(),
-        [21],
-        "replay starts after the snapshot"
+        [20],
+        "replay starts at the snapshot's own event, which proves the snapshot fits"
     );
 
     // A repository without snapshots ignores them and replays everything.

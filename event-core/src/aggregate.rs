@@ -158,11 +158,53 @@ impl<A: Aggregate> fmt::Debug for Repository<A> {
 struct Fold<A> {
     state: A,
     version: u64,
+    /// When starting from a snapshot: its version, the event the replay starts with. That
+    /// event is already in the state; finding it proves the snapshot fits the stream.
+    anchor: Option<u64>,
+    /// The replay did not start at the snapshot's version: the rest is skipped, and the
+    /// aggregate is rebuilt by full replay.
+    misfit: bool,
     registrations: Vec<&'static crate::registry::EventRegistration>,
+}
+
+impl<A: Aggregate> Fold<A> {
+    fn new(state: A, version: u64, anchor: Option<u64>) -> Self {
+        Fold {
+            state,
+            version,
+            anchor,
+            misfit: false,
+            registrations: Vec::new(),
+        }
+    }
+
+    /// True when the replay found the snapshot's own event first (or was a full replay).
+    fn fits(&self) -> bool {
+        self.anchor.is_none() && !self.misfit
+    }
 }
 
 impl<A: Aggregate> ReplayVisitor for Fold<A> {
     fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()> {
+        if self.misfit {
+            return Ok(());
+        }
+        if let Some(anchor) = self.anchor.take() {
+            self.misfit = event.version != anchor;
+            return Ok(());
+        }
+        // Versions run 1, 2, 3 ... without gaps; a stream that does not is damaged, and
+        // folding it would give a state at a version the store does not have.
+        if self.version.checked_add(1) != Some(event.version) {
+            return Err(Error::CorruptEvent {
+                event_id: None,
+                position: None,
+                reason: format!(
+                    "the stream's version {} follows version {}",
+                    event.version, self.version
+                ),
+            });
+        }
         let decoded: A::Event = registry().decode_cached(
             &mut self.registrations,
             event.event_type,
@@ -213,7 +255,7 @@ impl<A: Aggregate> Repository<A> {
     {
         self.snapshots = (every > 0).then_some(SnapshotPolicy {
             every,
-            encode: |a| serde_json::to_string(a),
+            encode: |a| crate::finite::to_json(a),
             decode: |s| serde_json::from_str(s),
         });
         self
@@ -254,37 +296,72 @@ impl<A: Aggregate> Repository<A> {
 
     /// Rebuilds the aggregate `id`: from its latest readable snapshot if there is one, then
     /// by replaying the events after it. Returns the state and its version (0: no events).
+    ///
+    /// A snapshot is used only if it fits the stream: the replay starts at the snapshot's
+    /// own version and must find that event. A snapshot at version 0, of another schema
+    /// version, or whose state does not decode is ignored (full replay) until the next
+    /// snapshot the repository takes replaces it. One ahead of its stream is replaced at
+    /// once by a snapshot of the replayed state (the store takes it, see
+    /// [`EventStore::save_snapshot`]), or it would seem to fit once the stream caught up.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
         let stream = Self::stream(id);
-        let (state, version) = self.load_snapshot(&stream).await;
-        let fold = Box::new(Fold {
-            state,
-            version,
-            registrations: Vec::new(),
-        });
+        let Some((state, version)) = self.load_snapshot(&stream).await else {
+            return self.replay_in_full(&stream).await;
+        };
         let fold = self
-            .store
-            .replay_stream(&stream, version + 1, fold)
-            .await?
-            .into_any()
-            .downcast::<Fold<A>>()
-            .expect("a store hands back the visitor it was given");
+            .replay(&stream, Fold::new(state, version, Some(version)))
+            .await?;
+        if fold.fits() {
+            return Ok((fold.state, fold.version));
+        }
+        tracing::warn!(
+            %stream,
+            snapshot_version = version,
+            "snapshot does not fit its stream; replaying in full and replacing it"
+        );
+        let (state, version) = self.replay_in_full(&stream).await?;
+        self.save_snapshot(&stream, &state, version).await;
+        Ok((state, version))
+    }
+
+    async fn replay_in_full(&self, stream: &StreamId) -> Result<Loaded<A>> {
+        let fold = self
+            .replay(stream, Fold::new(A::default(), 0, None))
+            .await?;
         Ok((fold.state, fold.version))
     }
 
-    /// The snapshot's state and version, or the default state at 0. A snapshot that cannot
-    /// be read (store error, other schema version, state that does not decode) only costs a
-    /// full replay, so it is reported to `tracing` and skipped, never fatal.
-    async fn load_snapshot(&self, stream: &StreamId) -> Loaded<A> {
-        let Some(policy) = &self.snapshots else {
-            return (A::default(), 0);
-        };
+    /// Hands the stream from the fold's start on to the store and takes the fold back.
+    async fn replay(&self, stream: &StreamId, fold: Fold<A>) -> Result<Fold<A>> {
+        // From the snapshot's own event (see `Fold::anchor`), or from the first.
+        let from = fold.anchor.unwrap_or(1);
+        let visitor = self
+            .store
+            .replay_stream(stream, from, Box::new(fold))
+            .await?;
+        visitor
+            .into_any()
+            .downcast::<Fold<A>>()
+            .map(|fold| *fold)
+            .map_err(|_| Error::Store {
+                kind: crate::error::StoreErrorKind::Other,
+                message: "the store's replay handed back another visitor than it was given"
+                    .to_owned(),
+                source: None,
+            })
+    }
+
+    /// The snapshot's state and version, if there is one that can be used. A snapshot that
+    /// cannot be read (store error, other schema version, version 0, state that does not
+    /// decode) only costs a full replay, so it is reported to `tracing` and skipped, never
+    /// fatal.
+    async fn load_snapshot(&self, stream: &StreamId) -> Option<Loaded<A>> {
+        let policy = self.snapshots.as_ref()?;
         let snapshot = match self.store.load_snapshot(stream).await {
-            Ok(Some(s)) => s,
-            Ok(None) => return (A::default(), 0),
+            Ok(snapshot) => snapshot?,
             Err(error) => {
                 tracing::warn!(%stream, %error, "snapshot unreadable; replaying in full");
-                return (A::default(), 0);
+                return None;
             }
         };
         if snapshot.schema_version != A::SNAPSHOT_VERSION {
@@ -294,13 +371,18 @@ impl<A: Aggregate> Repository<A> {
                 current = A::SNAPSHOT_VERSION,
                 "snapshot of another schema version; replaying in full"
             );
-            return (A::default(), 0);
+            return None;
+        }
+        if snapshot.version == 0 {
+            // Version 0 is the empty stream, which no snapshot is taken of.
+            tracing::warn!(%stream, "snapshot at version 0; replaying in full");
+            return None;
         }
         match (policy.decode)(&snapshot.state) {
-            Ok(state) => (state, snapshot.version),
+            Ok(state) => Some((state, snapshot.version)),
             Err(error) => {
                 tracing::warn!(%stream, %error, "snapshot does not decode; replaying in full");
-                (A::default(), 0)
+                None
             }
         }
     }
@@ -428,12 +510,16 @@ impl<A: Aggregate> Repository<A> {
     /// crossed a multiple of the snapshot interval. A failed snapshot write is only
     /// logged: the events are stored, and the next load replays a little more.
     async fn maybe_snapshot(&self, stream: &StreamId, aggregate: &A, before: u64, after: u64) {
+        if self.snapshot_due(before, after) {
+            self.save_snapshot(stream, aggregate, after).await;
+        }
+    }
+
+    /// Saves a snapshot of `aggregate` at `version`; a failure is only logged.
+    async fn save_snapshot(&self, stream: &StreamId, aggregate: &A, version: u64) {
         let Some(policy) = &self.snapshots else {
             return;
         };
-        if !self.snapshot_due(before, after) {
-            return;
-        }
         let state = match (policy.encode)(aggregate) {
             Ok(state) => state,
             Err(source) => {
@@ -448,7 +534,7 @@ impl<A: Aggregate> Repository<A> {
         let snapshot = Snapshot {
             aggregate_type: stream.aggregate_type.clone(),
             aggregate_id: stream.aggregate_id.clone(),
-            version: after,
+            version,
             schema_version: A::SNAPSHOT_VERSION,
             state,
             taken_at: Utc::now(),

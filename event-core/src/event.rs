@@ -51,7 +51,8 @@ pub trait DomainEvent: Send + Sync + 'static {
         None
     }
 
-    /// The stored payload: the event's content as compact JSON.
+    /// The stored payload: the event's content as compact JSON. A float that JSON cannot
+    /// hold (a NaN or an infinity, which serde_json would write as `null`) is an error.
     fn to_payload(&self) -> serde_json::Result<String>;
 
     /// Deserializes the content of the event type `event_type` from `deserializer`.
@@ -176,12 +177,18 @@ pub(crate) mod payload {
     use serde::de::{self, DeserializeSeed, EnumAccess, VariantAccess, Visitor};
     use serde::{Deserialize, Deserializer, Serialize};
 
+    /// The payload of a struct event: its compact JSON, refusing a float JSON cannot hold.
+    pub fn struct_payload<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
+        crate::finite::to_json(value)
+    }
+
     /// The payload of an enum event: serde's externally tagged form with the tag cut off.
     ///
     /// `{"Deposited":{"amount":5}}` becomes `{"amount":5}`, and a unit variant's `"Closed"`
     /// becomes `null`. Serializing once and slicing costs one pass, not two.
     pub fn enum_payload<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<String> {
         let mut json = serde_json::to_string(value)?;
+        crate::finite::check_if_null(value, &json)?;
         if json.starts_with('"') {
             return Ok("null".to_owned());
         }

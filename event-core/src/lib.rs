@@ -49,6 +49,7 @@ mod aggregate;
 mod bus;
 mod error;
 mod event;
+mod finite;
 mod memory;
 mod record;
 mod registry;
@@ -81,7 +82,7 @@ extern crate self as eventfold;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::event::group::{concat_event_types, has_event_type, names_are_distinct, str_eq};
-    pub use crate::event::payload::{deserialize_variant, enum_payload};
+    pub use crate::event::payload::{deserialize_variant, enum_payload, struct_payload};
     pub use crate::event::{DomainEvent, EventType};
     pub use crate::registry::{EventRegistration, UpcasterRegistration};
     pub use core::any::TypeId;

@@ -177,6 +177,9 @@ pub(crate) fn fresh_id() -> (Uuid, DateTime<Utc>) {
 
 impl NewEvent {
     /// Serializes a domain event with a fresh UUID v7 id and the current time.
+    ///
+    /// A float that JSON cannot hold (NaN, an infinity) anywhere in the event is
+    /// [`Error::Serialize`]: it would be stored as `null` and read back as something else.
     pub fn from_event<E: DomainEvent>(event: &E, metadata: Metadata) -> Result<Self> {
         let event_type = event.event_type();
         let payload = event.to_payload().map_err(|source| Error::Serialize {

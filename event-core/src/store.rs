@@ -111,7 +111,9 @@ pub trait EventStore: Send + Sync + 'static {
     /// anything is appended, whoever appended it.
     fn watch_head(&self) -> watch::Receiver<u64>;
 
-    /// Stores a snapshot, replacing any older one of the stream.
+    /// Stores a snapshot. It replaces the stored one unless that one is newer and still fits
+    /// its stream (its version is at most the stream's); one ahead of its stream is always
+    /// replaced, so it cannot keep good snapshots out. Versions compare as `u64`.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
 
     /// The latest snapshot of a stream.

@@ -115,7 +115,7 @@ fn struct_body(private: &TokenStream, event_type: &EventType, fields: &[Field<'_
         #aggregate_id
 
         fn to_payload(&self) -> #private::serde_json::Result<#private::String> {
-            #private::serde_json::to_string(self)
+            #private::struct_payload(self)
         }
 
         fn __deserialize_payload<'de, __D>(

@@ -153,3 +153,13 @@ pub use error::{Error, Result};
 pub use options::{SqliteOptions, Synchronous};
 pub use store::{SqliteEventStore, WriterStatistics};
 pub use verify::{DamagedEvent, VerifyReport};
+
+/// Gives every event row of the database file at `path` the checksum of what it now holds,
+/// as if the store had written it. Only for the fuzz harness, which writes rows by hand to
+/// reach the code behind the checksum check: on a real store it would hide damage.
+#[doc(hidden)]
+pub fn __reseal_checksums(path: &std::path::Path) -> eventfold_core::Result<()> {
+    let conn = rusqlite::Connection::open(path)
+        .map_err(|e| error::store_error("opening the file to reseal", e))?;
+    schema::fill_checksums(&conn).map_err(|e| error::store_error("resealing checksums", e))
+}

@@ -89,23 +89,7 @@ const MIGRATIONS: &[Migration] = &[
 /// store reads a row without a checksum as damaged.
 fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("ALTER TABLE events ADD COLUMN checksum INTEGER")?;
-    {
-        let mut select = conn.prepare(crate::sql::SCAN_EVENTS)?;
-        let mut update = conn.prepare("UPDATE events SET checksum = ?2 WHERE position = ?1")?;
-        let mut rows = select.query([])?;
-        while let Some(row) = rows.next()? {
-            match crate::sql::stored_event(row) {
-                Ok((stored, _)) => {
-                    update.execute([stored.position, stored.checksum()])?;
-                }
-                // A row whose columns have the wrong types cannot be hashed; it keeps no
-                // checksum, and every read of it (and `verify`) reports it damaged.
-                Err(error) => {
-                    tracing::warn!(%error, "an event row cannot be given a checksum");
-                }
-            }
-        }
-    }
+    fill_checksums(conn)?;
     conn.execute_batch(
         "UPDATE dead_letters SET attempts = merged.attempts, \
              first_failed_at = merged.first_failed_at, last_failed_at = merged.last_failed_at \
@@ -118,6 +102,23 @@ fn migrate_to_2(conn: &Connection) -> rusqlite::Result<()> {
              (SELECT MAX(id) FROM dead_letters GROUP BY subscription, event_id, position);
          CREATE UNIQUE INDEX dead_letters_by_event ON dead_letters (subscription, event_id, position);",
     )
+}
+
+/// Gives every event row the checksum of what it holds (a row whose columns have the wrong
+/// types cannot be hashed: it keeps none, and every read of it reports it damaged).
+pub(crate) fn fill_checksums(conn: &Connection) -> rusqlite::Result<()> {
+    let mut select = conn.prepare(crate::sql::SCAN_EVENTS)?;
+    let mut update = conn.prepare("UPDATE events SET checksum = ?2 WHERE position = ?1")?;
+    let mut rows = select.query([])?;
+    while let Some(row) = rows.next()? {
+        match crate::sql::stored_event(row) {
+            Ok((stored, _)) => {
+                update.execute([stored.position, stored.checksum()])?;
+            }
+            Err(error) => tracing::warn!(%error, "an event row cannot be given a checksum"),
+        }
+    }
+    Ok(())
 }
 
 /// The schema version this library writes and reads.

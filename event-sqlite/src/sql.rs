@@ -122,13 +122,19 @@ pub(crate) fn stored_event<'r>(row: &'r Row<'_>) -> Result<(StoredEvent<'r>, Opt
         ValueRef::Integer(value) => Ok(value),
         _ => Err(wrong(&format!("{what} is not an integer"))),
     };
+    // The store writes the id as a blob and every other field as text; a value of
+    // another storage class (possible only in a damaged or hand-edited file) is damage.
+    let blob = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
+        ValueRef::Blob(bytes) => Ok(bytes),
+        _ => Err(wrong(&format!("{what} is not a blob"))),
+    };
     let bytes = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
-        ValueRef::Text(bytes) | ValueRef::Blob(bytes) => Ok(bytes),
-        _ => Err(wrong(&format!("{what} is missing"))),
+        ValueRef::Text(bytes) => Ok(bytes),
+        _ => Err(wrong(&format!("{what} is not text"))),
     };
     let stored = StoredEvent {
         position,
-        event_id: bytes(1, "event id")?,
+        event_id: blob(1, "event id")?,
         aggregate_type: bytes(2, "aggregate type")?,
         aggregate_id: bytes(3, "aggregate id")?,
         version: int(4, "version")?,
@@ -208,7 +214,8 @@ pub(crate) fn read_stream(
     let events = events_from_rows(rows, 16)?;
     for (expected, event) in (from_version.max(1)..).zip(&events) {
         if event.version != expected {
-            return Err(missing_version(stream, expected, event.version));
+            return Err(missing_version(stream, expected, event.version)
+                .at_event(event.event_id, event.position));
         }
     }
     Ok(events)
@@ -300,7 +307,13 @@ pub(crate) fn replay_stream(
                     return Err(error);
                 }
             }
-            return Err(missing_version(stream, expected, found));
+            // Named by the event found where the missing one should be.
+            return Err(match event_at_version(conn, stream, found)? {
+                Ok((id, position)) => {
+                    missing_version(stream, expected, found).at_event(id, position)
+                }
+                Err(damaged) => damaged,
+            });
         }
         expected += 1;
         let version = event.version;
@@ -403,7 +416,8 @@ fn event_at_version(
 }
 
 /// The error of a stream whose next stored version is not the one expected: an event of
-/// it is missing (damaged into another stream, or deleted behind the store's back).
+/// it is missing (damaged into another stream, or deleted behind the store's back). The
+/// caller names the event found in its place.
 fn missing_version(stream: &StreamId, expected: u64, found: u64) -> Error {
     Error::CorruptEvent {
         event_id: None,
@@ -562,7 +576,11 @@ pub(crate) fn dead_letters(
             position: to_u64(row.get(3).map_err(fail)?),
             event_type: text_at(row, 4, || format!("the event type of dead letter {id}"))?,
             error: text_at(row, 5, || format!("the error of dead letter {id}"))?,
-            attempts: to_u64(row.get(6).map_err(fail)?) as u32,
+            attempts: u32::try_from(row.get::<_, i64>(6).map_err(fail)?).map_err(|_| {
+                corrupt_row(format!(
+                    "dead letter {id} has an attempt count out of range"
+                ))
+            })?,
             first_failed_at: time(row.get(7).map_err(fail)?),
             last_failed_at: time(row.get(8).map_err(fail)?),
         });
@@ -593,7 +611,11 @@ pub(crate) fn failures(
                 .map_err(fail)?
                 .ok_or_else(|| corrupt_row("a failure record has no valid event id".into()))?,
             position: to_u64(row.get(1).map_err(fail)?),
-            attempt: to_u64(row.get(2).map_err(fail)?) as u32,
+            attempt: u32::try_from(row.get::<_, i64>(2).map_err(fail)?).map_err(|_| {
+                corrupt_row(format!(
+                    "a failure record of `{subscription}` has an attempt number out of range"
+                ))
+            })?,
             error: text_at(row, 3, || {
                 format!("the error of a failure record of `{subscription}`")
             })?,

@@ -958,7 +958,9 @@ impl Writer {
         }))
     }
 
-    /// Stores a snapshot unless a newer one is stored.
+    /// Stores a snapshot unless a newer one that fits its stream is stored (one ahead of
+    /// its stream is replaced). Versions are kept as `i64` bit patterns, so one at 2^63 or
+    /// more reads as negative here: the `>= 0` terms compare them as the `u64` they are.
     fn save_snapshot(&self, snapshot: &Snapshot) -> Result<(), Failure> {
         let taken_at = nanos_of(snapshot.taken_at, "snapshot time").map_err(Failure::Refused)?;
         self.conn
@@ -968,7 +970,10 @@ impl Writer {
                  ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE SET \
                  version = excluded.version, schema_version = excluded.schema_version, \
                  state = excluded.state, taken_at = excluded.taken_at \
-                 WHERE excluded.version >= snapshots.version",
+                 WHERE NOT (snapshots.version >= 0 AND excluded.version >= 0 \
+                     AND snapshots.version > excluded.version \
+                     AND snapshots.version <= (SELECT COALESCE(MAX(version), 0) FROM events \
+                         WHERE aggregate_type = ?1 AND aggregate_id = ?2))",
             )
             .and_then(|mut stmt| {
                 stmt.execute(params![

@@ -102,6 +102,7 @@ macro_rules! store_conformance_tests {
             head_position_and_its_watch_follow_commits,
             concurrent_appends_race_without_gaps_or_double_winners,
             snapshots_keep_the_latest,
+            a_snapshot_ahead_of_its_stream_is_replaced,
             checkpoints_are_saved_and_overwritten,
             dead_letters_are_listed_filtered_and_removed,
             failures_are_recorded_per_subscription,
@@ -800,10 +801,15 @@ fn snapshot(id: &str, version: u64, state: &str) -> Snapshot {
     }
 }
 
-/// A snapshot replaces an older one; an older one never replaces a newer one.
+/// A snapshot replaces an older one; an older one never replaces a newer one that fits
+/// its stream.
 pub async fn snapshots_keep_the_latest(store: Arc<dyn EventStore>) {
     let s = stream("snap");
     assert!(store.load_snapshot(&s).await.unwrap().is_none());
+    store
+        .append(&s, ExpectedVersion::NoStream, events(1..=20))
+        .await
+        .unwrap();
     store
         .save_snapshot(snapshot("snap", 10, r#"{"v":10}"#))
         .await
@@ -826,6 +832,64 @@ pub async fn snapshots_keep_the_latest(store: Arc<dyn EventStore>) {
             .await
             .unwrap()
             .is_none()
+    );
+}
+
+/// A snapshot ahead of its stream (its version beyond the stream's, `u64::MAX` included)
+/// is replaced by the next one saved, even an older one, so a bogus snapshot cannot keep
+/// the good ones out for good; one that fits still keeps older ones out.
+pub async fn a_snapshot_ahead_of_its_stream_is_replaced(store: Arc<dyn EventStore>) {
+    let s = stream("ahead");
+    store
+        .append(&s, ExpectedVersion::NoStream, events(1..=3))
+        .await
+        .unwrap();
+    // `snapshot` takes its time from the version, which u64::MAX would overflow.
+    let at_version = |version: u64, state: &str| Snapshot {
+        version,
+        ..snapshot("ahead", 1, state)
+    };
+    let latest = |store: Arc<dyn EventStore>| async move {
+        let snapshot = store.load_snapshot(&stream("ahead")).await.unwrap();
+        snapshot.map(|s| (s.version, s.state))
+    };
+    for bogus in [10, u64::MAX, i64::MAX as u64 + 1] {
+        store
+            .save_snapshot(at_version(bogus, r#"{"bogus":1}"#))
+            .await
+            .unwrap();
+        assert_eq!(
+            latest(Arc::clone(&store)).await,
+            Some((bogus, r#"{"bogus":1}"#.to_owned())),
+            "a store keeps what it is given; the repository decides whether it fits"
+        );
+        store
+            .save_snapshot(at_version(2, r#"{"v":2}"#))
+            .await
+            .unwrap();
+        assert_eq!(
+            latest(Arc::clone(&store)).await,
+            Some((2, r#"{"v":2}"#.to_owned())),
+            "a snapshot at {bogus}, ahead of the stream at 3, is replaced"
+        );
+    }
+    store
+        .save_snapshot(at_version(1, r#"{"v":1}"#))
+        .await
+        .unwrap();
+    assert_eq!(
+        latest(Arc::clone(&store)).await,
+        Some((2, r#"{"v":2}"#.to_owned())),
+        "an older snapshot does not replace one that fits"
+    );
+    store
+        .save_snapshot(at_version(u64::MAX, "{}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        latest(Arc::clone(&store)).await.map(|(v, _)| v),
+        Some(u64::MAX),
+        "versions compare as u64: u64::MAX is newer than 2"
     );
 }
 
