@@ -4,9 +4,11 @@
 //! it had been stored that way. So the writer stores, with each event, a 64-bit checksum of
 //! every stored field of the row, and each read recomputes it from the bytes SQLite lends
 //! and compares. The fields are hashed with XXH3 in one unambiguous encoding, without
-//! copying them: each byte field (event id, aggregate type and id, event type, metadata,
-//! payload) is hashed on its own, then fixed sequences of little-endian words are hashed:
-//! the integer fields, whether there is metadata, and each byte field's length and hash.
+//! copying them: the payload is hashed with a seed folded from the stream, the version,
+//! the schema version and the event type's hash (see [`core_hash`]); the other byte fields
+//! (event id, metadata) are hashed on their own, then a fixed sequence of little-endian
+//! words: that core hash, the position, both times, whether there is metadata, and each
+//! byte field's length and hash.
 //!
 //! The checksum has two 32-bit halves (see [`StoredEvent::checksum`]): one over what a
 //! replay hands out, one over the whole row. A replay, the hot path of every command, reads
