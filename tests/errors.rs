@@ -1,8 +1,6 @@
 //! Errors: one type and kind for opening a store, whichever way; no message repeats its
 //! source's text.
 
-use std::error::Error as _;
-
 use eventfold::{Error, EventSystem, SqliteEventStore, SqliteOptions, StoreErrorKind};
 
 /// Both ways of opening the same location, and the kind each gives.

@@ -458,10 +458,7 @@ async fn a_database_with_a_newer_schema_is_refused_and_kept() {
         message.contains("99") && message.contains("version 2"),
         "{message}"
     );
-    assert_eq!(
-        Error::from(error).store_kind(),
-        Some(StoreErrorKind::SchemaTooNew)
-    );
+    assert_eq!(error.store_kind(), Some(StoreErrorKind::SchemaTooNew));
 
     // Nothing was changed: back at version 2, everything is there.
     set(&path, "PRAGMA user_version = 2");

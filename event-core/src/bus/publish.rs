@@ -343,6 +343,8 @@ impl EventBus {
 
 /// An event with the aggregate id it is published to: given, or from its marked field.
 /// Without one, the event comes back with the error.
+// Returned by value, not boxed: the refusal is the rare path, and the event must come back.
+#[allow(clippy::result_large_err)]
 fn resolve<E: DomainEvent>(
     mut outgoing: Outgoing<E>,
 ) -> std::result::Result<Resolved<E>, (Outgoing<E>, Error)> {
