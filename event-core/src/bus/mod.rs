@@ -461,7 +461,7 @@ impl EventBus {
     /// # use serde::{Deserialize, Serialize};
     /// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
     /// # #[domain_event(aggregate = "Order", crate = "eventfold_core")]
-    /// # enum OrderEvent { Placed { #[domain_event(aggregate_id)] id: String } }
+    /// # enum OrderEvent { Shipped { #[domain_event(aggregate_id)] id: String } }
     /// # async fn send_mail(_: &OrderEvent) -> std::io::Result<()> { Ok(()) }
     /// # fn main() -> eventfold_core::Result<()> {
     /// let bus = EventBus::builder().build()?;
