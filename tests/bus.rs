@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventfold::prelude::*;
-use eventfold::{Delivery, Error, EventBus, NewEvent, Outgoing, RetryPolicy};
+use eventfold::{Delivery, Error, EventBus, NewEvent, Outgoing, RetryPolicy, TryPublishError};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -621,10 +621,10 @@ async fn a_full_queue_refuses_try_publish_and_whole_batches() {
     bus.publish_batch([placed("o", 2), placed("o", 3)])
         .await
         .unwrap();
-    assert!(matches!(
-        bus.try_publish(placed("o", 4)).await,
-        Err(Error::QueueFull { capacity: 3 })
-    ));
+    match bus.try_publish(placed("o", 4)).await {
+        Err(TryPublishError::Full(event)) => assert_eq!(event.into_event(), placed("o", 4)),
+        other => panic!("expected a full queue, got {other:?}"),
+    }
     assert!(matches!(
         bus.publish_batch((0..4).map(|i| placed("o", i))).await,
         Err(Error::QueueFull { capacity: 3 })
@@ -1046,4 +1046,185 @@ async fn handled_events_are_all_dropped_by_the_time_the_bus_stops() {
     bus.wait_idle().await.unwrap();
     bus.stop().await.unwrap();
     assert_eq!(DROPPED.load(Ordering::SeqCst), 1_000);
+}
+
+// ----- Small typed errors, handlers without annotations -----
+
+/// Regression: `try_publish` consumed the event when the queue was full or the bus stopped,
+/// so the caller could not publish it again; every refusal now gives it back, with its
+/// aggregate id and metadata.
+#[tokio::test]
+async fn try_publish_gives_the_event_back_when_full_stopped_or_failed() {
+    let bus = EventBus::builder().queue_capacity(1).build().unwrap();
+    bus.try_publish(placed("o", 1)).await.unwrap();
+    let given = Outgoing::new(placed("o", 2))
+        .to("elsewhere")
+        .metadata(Metadata::default().with("k", "v"));
+    let full = bus.try_publish(given).await.unwrap_err();
+    assert!(matches!(full, TryPublishError::Full(_)), "{full:?}");
+    assert_eq!(full.to_string(), "the bus queue is full");
+    let back = full.into_inner();
+    assert_eq!(back.event(), &placed("o", 2));
+
+    // Published again as it came back: to the aggregate it named, with its metadata.
+    let log = log();
+    let seen = Arc::clone(&log);
+    bus.subscribe::<OrderEvent, _>("audit", move |d| {
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.lock().unwrap().push((
+                d.record().aggregate_id.clone(),
+                d.record().metadata.values.get("k").cloned(),
+            ));
+        }
+    })
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    bus.publish(back).await.unwrap();
+    bus.wait_idle().await.unwrap();
+    assert_eq!(
+        log.lock().unwrap()[1],
+        ("elsewhere".to_owned(), Some("v".to_owned()))
+    );
+
+    // Not about room: the error says why, and the event still comes back.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+    #[domain_event(aggregate = "Order", name = "OrderNoted")]
+    struct Noted {
+        text: String,
+    }
+    let failed = bus
+        .try_publish(Noted { text: "t".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(failed.error(), Some(Error::MissingAggregateId { .. })),
+        "{failed:?}"
+    );
+    assert_eq!(failed.into_inner().into_event(), Noted { text: "t".into() });
+
+    bus.stop().await.unwrap();
+    let stopped = bus.try_publish(placed("o", 3)).await.unwrap_err();
+    assert!(
+        matches!(stopped, TryPublishError::Stopped(_)),
+        "{stopped:?}"
+    );
+    assert_eq!(stopped.into_inner().into_event(), placed("o", 3));
+}
+
+/// Regression: a store's failure under `try_publish` consumed the event too.
+#[tokio::test]
+async fn try_publish_on_a_closed_store_gives_the_event_back_with_the_store_error() {
+    let store = eventfold::SqliteEventStore::open_in_memory(Default::default())
+        .await
+        .unwrap();
+    let bus = EventBus::builder()
+        .store(Arc::new(store.clone()))
+        .build()
+        .unwrap();
+    store.close().await.unwrap();
+    let failed = bus.try_publish(placed("o", 1)).await.unwrap_err();
+    assert_eq!(
+        failed.error().and_then(Error::store_kind),
+        Some(eventfold::StoreErrorKind::Closed),
+        "{failed:?}"
+    );
+    assert_eq!(failed.into_inner().into_event(), placed("o", 1));
+}
+
+/// Regression: bad bus settings reported `InvalidAppend`, as if an append were malformed.
+#[test]
+fn bad_bus_settings_are_a_settings_error_naming_the_setting() {
+    for (builder, name) in [
+        (EventBus::builder().workers(0), "workers"),
+        (EventBus::builder().queue_capacity(0), "queue_capacity"),
+        (EventBus::builder().batch_size(0), "batch_size"),
+    ] {
+        match builder.build() {
+            Err(Error::InvalidSetting { setting, .. }) => assert_eq!(setting, name),
+            other => panic!("expected an invalid {name}, got {other:?}"),
+        }
+    }
+}
+
+/// Regression: an empty subscription name reported `UnknownSubscription`.
+#[test]
+fn an_empty_subscription_name_is_a_name_error_not_an_unknown_subscription() {
+    let bus = transient(1);
+    let refused = bus.subscribe::<OrderEvent, _>("", |_| async {}).register();
+    assert!(
+        matches!(refused, Err(Error::InvalidSubscriptionName { ref name, .. }) if name.is_empty()),
+        "{refused:?}"
+    );
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the mail server is down")]
+struct MailDown;
+
+/// Handlers as people write them: no annotation on the closure, and `()`, any error type
+/// or none; the old annotated form still compiles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_need_no_annotations_and_return_unit_or_any_error() {
+    let bus = transient(2);
+    let count = Arc::new(AtomicU32::new(0));
+    let c = Arc::clone(&count);
+    bus.subscribe::<OrderEvent, _>("unit", move |_| {
+        let c = Arc::clone(&c);
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .register()
+    .unwrap();
+    bus.subscribe::<OrderEvent, _>("own-error", |_| async { Err(MailDown) })
+        .retry(RetryPolicy::never())
+        .register()
+        .unwrap();
+    bus.subscribe::<OrderEvent, _>("io-error", |d| async move {
+        if d.attempt() > 0 {
+            return Err(std::io::Error::other("disk on fire"));
+        }
+        Ok(())
+    })
+    .retry(RetryPolicy::never())
+    .register()
+    .unwrap();
+    bus.subscribe("annotated", |_: Delivery<OrderEvent>| async move {
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .register()
+    .unwrap();
+    let b = Arc::clone(&count);
+    bus.subscribe_blocking::<OrderEvent, _>("blocking-unit", move |_| {
+        b.fetch_add(1, Ordering::SeqCst);
+    })
+    .register()
+    .unwrap();
+    bus.subscribe_blocking::<OrderEvent, _>("blocking-error", |_| Err("no"))
+        .retry(RetryPolicy::never())
+        .register()
+        .unwrap();
+    bus.start().await.unwrap();
+    bus.publish(placed("o", 1)).await.unwrap();
+    bus.wait_idle().await.unwrap();
+    assert_eq!(count.load(Ordering::SeqCst), 2);
+    let mut dead: Vec<(String, String)> = bus
+        .dead_letters(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.subscription, d.error))
+        .collect();
+    dead.sort();
+    assert_eq!(
+        dead,
+        [
+            ("blocking-error".to_owned(), "no".to_owned()),
+            ("io-error".to_owned(), "disk on fire".to_owned()),
+            ("own-error".to_owned(), "the mail server is down".to_owned()),
+        ]
+    );
+    bus.stop().await.unwrap();
 }

@@ -72,9 +72,10 @@ pub(crate) use aggregate_type_differs;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CommandError<E> {
-    /// The aggregate refused the command; nothing was stored.
-    #[error("command rejected: {0}")]
-    Rejected(#[source] E),
+    /// The aggregate refused the command; nothing was stored. It reads as the domain error
+    /// itself (a pure wrapper: the variant says it is a refusal).
+    #[error(transparent)]
+    Rejected(E),
     /// Loading or storing failed, or conflicts outlasted the retries
     /// ([`Error::VersionConflict`] then carries the expected and actual versions).
     #[error(transparent)]

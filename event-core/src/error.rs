@@ -71,7 +71,7 @@ pub enum Error {
     },
 
     /// A stored payload is not valid JSON or does not fit its event type.
-    #[error("payload of `{event_type}` does not decode{}: {source}", at(.event_id, .position))]
+    #[error("payload of `{event_type}` does not decode{}", at(.event_id, .position))]
     Payload {
         /// The stored type name.
         event_type: String,
@@ -132,7 +132,7 @@ pub enum Error {
     },
 
     /// An event could not be serialized into a payload.
-    #[error("cannot serialize `{event_type}`: {source}")]
+    #[error("cannot serialize `{event_type}`")]
     Serialize {
         /// The event type name.
         event_type: String,
@@ -158,7 +158,7 @@ pub enum Error {
     },
 
     /// A snapshot could not be written.
-    #[error("cannot serialize snapshot of {aggregate_type}: {source}")]
+    #[error("cannot serialize snapshot of {aggregate_type}")]
     Snapshot {
         /// The aggregate type.
         aggregate_type: String,
@@ -209,11 +209,30 @@ pub enum Error {
         name: String,
     },
 
-    /// No subscription has this name (or its name is empty).
+    /// No subscription has this name.
     #[error("no subscription named `{name}`")]
     UnknownSubscription {
         /// The name asked for.
         name: String,
+    },
+
+    /// A subscription cannot take this name (an empty one, say); nothing was registered.
+    #[error("invalid subscription name `{name}`: {reason}")]
+    InvalidSubscriptionName {
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A setting is out of its range (a bus builder's, a store's options); nothing was
+    /// built or opened.
+    #[error("invalid setting `{setting}`: {reason}")]
+    InvalidSetting {
+        /// The setter's name (`workers`, `queue_capacity`, `busy_timeout`...).
+        setting: &'static str,
+        /// What is wrong with its value.
+        reason: String,
     },
 
     /// A handler failed when a dead letter was replayed; the dead letter is kept.
@@ -227,18 +246,50 @@ pub enum Error {
         message: String,
     },
 
+    /// A store could not be opened: its location is unreachable
+    /// ([`StoreErrorKind::CannotOpen`]), holds no database of this store
+    /// ([`StoreErrorKind::Corrupt`]), was written by a newer version of the library
+    /// ([`StoreErrorKind::SchemaTooNew`]), or opening failed otherwise (`ReadOnly`, `Busy`,
+    /// `Io`...). The same for every backend and every way of opening one; nothing was
+    /// changed.
+    #[error("cannot open the store at `{location}` ({kind}): {reason}")]
+    Open {
+        /// What kind of failure, the same set as [`Error::Store`]'s.
+        kind: StoreErrorKind,
+        /// Where the store is (a file path, for SQLite).
+        location: String,
+        /// What failed, in a sentence (the backend's own words are in `source`).
+        reason: String,
+        /// The backend's error.
+        #[source]
+        source: Option<BoxError>,
+    },
+
     /// The storage backend failed (I/O, a full disk, a read-only file, a lock held too long).
     /// Nothing of the failed operation is stored.
     #[error("store error ({kind}): {message}")]
     Store {
         /// What kind of failure, to decide what to do about it.
         kind: StoreErrorKind,
-        /// What the backend reported, in a sentence.
+        /// What failed, in a sentence (the backend's own words are in `source`).
         message: String,
         /// The backend's error.
         #[source]
         source: Option<BoxError>,
     },
+}
+
+/// An error and its sources, one after another (`outer: inner: innermost`), as dead
+/// letters and failure records keep it.
+pub(crate) fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn at(event_id: &Option<Uuid>, position: &Option<u64>) -> String {
@@ -264,11 +315,11 @@ impl Error {
         }
     }
 
-    /// The kind of a [`Error::Store`] failure ([`StoreErrorKind::Corrupt`] for an
-    /// [`Error::CorruptEvent`]).
+    /// The kind of a [`Error::Store`] or [`Error::Open`] failure
+    /// ([`StoreErrorKind::Corrupt`] for an [`Error::CorruptEvent`]).
     pub fn store_kind(&self) -> Option<StoreErrorKind> {
         match self {
-            Error::Store { kind, .. } => Some(*kind),
+            Error::Store { kind, .. } | Error::Open { kind, .. } => Some(*kind),
             Error::CorruptEvent { .. } => Some(StoreErrorKind::Corrupt),
             _ => None,
         }

@@ -59,9 +59,9 @@ pub mod testing;
 pub use aggregate::{Aggregate, CacheStatistics, CommandError, Committed, Repository};
 pub use bus::{
     BoxFuture, BusStatistics, Clock, DEFAULT_HANDLER_TIMEOUT, Delivery, DomainEventPublisher,
-    EventBus, EventBusBuilder, Handler, IntoOutgoing, Outgoing, RetryPolicy, StopReport,
-    SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics, SystemClock,
-    UnknownEventPolicy,
+    EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, RetryPolicy,
+    StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics, SystemClock,
+    TryPublishError, UnknownEventPolicy,
 };
 pub use error::{BoxError, Error, Result, StoreErrorKind};
 pub use event::{DomainEvent, EventType};

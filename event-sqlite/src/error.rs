@@ -1,155 +1,53 @@
-//! The errors of opening a store, and how SQLite's failures map to
-//! [`StoreErrorKind`]s.
+//! How SQLite's failures become [`eventfold_core::Error`]s: their [`StoreErrorKind`]s, and
+//! the errors of opening a store. Messages say what failed; SQLite's own words stay in the
+//! error's `source`, so a `{:#}` chain prints them once.
 
 use std::sync::Arc;
 
-use eventfold_core::{BoxError, StoreErrorKind};
+use eventfold_core::{BoxError, Error, StoreErrorKind};
 use rusqlite::ErrorCode;
 
-/// A `Result` whose error defaults to this crate's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// What can go wrong opening a [`SqliteEventStore`](crate::SqliteEventStore).
-///
-/// Once open, the store's operations return [`eventfold_core::Error`], like every
-/// backend; this error converts into it with the matching
-/// [`StoreErrorKind`] (see [`Error::kind`]).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// An option is out of its range; nothing was opened.
-    #[error("invalid option `{option}`: {reason}")]
-    InvalidOption {
-        /// The option's setter name.
-        option: &'static str,
-        /// What is wrong with its value.
-        reason: String,
-    },
-
-    /// The database cannot be opened or created: its directory is missing, access is
-    /// denied, or (read-only) the file does not exist.
-    #[error("cannot open database `{path}`: {message}")]
-    CannotOpen {
-        /// The database's path.
-        path: String,
-        /// What SQLite or the system reported.
-        message: String,
-        /// The underlying error.
-        #[source]
-        source: Option<BoxError>,
-    },
-
-    /// The file is not a SQLite database, is damaged, or is another program's database.
-    #[error("`{path}` is not an eventfold database or is damaged: {message}")]
-    Corrupt {
-        /// The database's path.
-        path: String,
-        /// What is wrong.
-        message: String,
-        /// The underlying error.
-        #[source]
-        source: Option<BoxError>,
-    },
-
-    /// The database's schema was written by a newer version of this library.
-    #[error(
-        "database `{path}` has schema version {found}, newer than version {supported} known to this library"
-    )]
-    SchemaTooNew {
-        /// The database's path.
-        path: String,
-        /// The schema version stored in the database.
-        found: u32,
-        /// The newest schema version this library knows.
-        supported: u32,
-    },
-
-    /// Opening failed otherwise (a lock held past the busy timeout, a read-only database
-    /// that needs a migration, an I/O error).
-    #[error("cannot open database `{path}` ({kind}): {message}")]
-    Open {
-        /// The database's path.
-        path: String,
-        /// What kind of failure it is.
-        kind: StoreErrorKind,
-        /// What SQLite or the system reported.
-        message: String,
-        /// The underlying error.
-        #[source]
-        source: Option<BoxError>,
-    },
-}
-
-impl Error {
-    /// The [`StoreErrorKind`] this error converts to in [`eventfold_core::Error::Store`].
-    pub fn kind(&self) -> StoreErrorKind {
-        match self {
-            Error::InvalidOption { .. } => StoreErrorKind::Other,
-            Error::CannotOpen { .. } => StoreErrorKind::CannotOpen,
-            Error::Corrupt { .. } => StoreErrorKind::Corrupt,
-            Error::SchemaTooNew { .. } => StoreErrorKind::SchemaTooNew,
-            Error::Open { kind, .. } => *kind,
-        }
-    }
-
-    /// The error of opening `path`, from what SQLite said while doing `doing`.
-    pub(crate) fn from_sqlite(path: &str, doing: &str, error: rusqlite::Error) -> Self {
-        let kind = kind_of(&error);
-        let path = path.to_owned();
-        let message = format!("{doing}: {error}");
-        let source = Some(Box::new(error) as BoxError);
-        match kind {
-            StoreErrorKind::CannotOpen => Error::CannotOpen {
-                path,
-                message,
-                source,
-            },
-            StoreErrorKind::Corrupt => Error::Corrupt {
-                path,
-                message,
-                source,
-            },
-            kind => Error::Open {
-                path,
-                kind,
-                message,
-                source,
-            },
-        }
+/// The error of opening the store at `location`, from what SQLite said while doing `doing`.
+pub(crate) fn open_failed(location: &str, doing: &str, error: rusqlite::Error) -> Error {
+    Error::Open {
+        kind: kind_of(&error),
+        location: location.to_owned(),
+        reason: doing.to_owned(),
+        source: Some(Box::new(error)),
     }
 }
 
-impl Error {
-    /// The error of opening `path`, from a core error met while doing `doing`.
-    pub(crate) fn from_core(path: &str, doing: &str, error: eventfold_core::Error) -> Self {
-        let kind = error.store_kind().unwrap_or(StoreErrorKind::Other);
-        let path = path.to_owned();
-        let message = format!("{doing}: {error}");
-        let source = Some(Box::new(error) as BoxError);
-        match kind {
-            StoreErrorKind::Corrupt => Error::Corrupt {
-                path,
-                message,
-                source,
-            },
-            kind => Error::Open {
-                path,
-                kind,
-                message,
-                source,
-            },
-        }
+/// The error of opening the store at `location`, from a core error met while doing `doing`.
+pub(crate) fn open_failed_core(location: &str, doing: &str, error: Error) -> Error {
+    Error::Open {
+        kind: error.store_kind().unwrap_or(StoreErrorKind::Other),
+        location: location.to_owned(),
+        reason: doing.to_owned(),
+        source: Some(Box::new(error)),
     }
 }
 
-impl From<Error> for eventfold_core::Error {
-    fn from(error: Error) -> Self {
-        eventfold_core::Error::Store {
-            kind: error.kind(),
-            message: error.to_string(),
-            source: Some(Box::new(error)),
-        }
+/// The error of opening the store at `location`, refused for `reason` (no lower error).
+pub(crate) fn open_refused(kind: StoreErrorKind, location: &str, reason: String) -> Error {
+    Error::Open {
+        kind,
+        location: location.to_owned(),
+        reason,
+        source: None,
     }
+}
+
+/// An error and its sources in one line (`outer: inner`), for a failure that keeps no
+/// source of its own.
+fn report(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// The kind of a SQLite failure, the same for every backend.
@@ -181,7 +79,7 @@ impl Fault {
     pub(crate) fn new(doing: &str, error: rusqlite::Error) -> Self {
         Fault {
             kind: kind_of(&error),
-            message: format!("{doing}: {error}"),
+            message: doing.to_owned(),
             source: Some(Arc::new(error)),
         }
     }
@@ -218,7 +116,7 @@ impl Fault {
     pub(crate) fn from_core(error: &eventfold_core::Error) -> Self {
         Fault {
             kind: error.store_kind().unwrap_or(StoreErrorKind::Other),
-            message: error.to_string(),
+            message: report(error),
             source: None,
         }
     }
@@ -257,7 +155,7 @@ pub(crate) fn store_error(doing: &str, error: rusqlite::Error) -> eventfold_core
     let kind = kind_of(&error);
     eventfold_core::Error::Store {
         kind,
-        message: format!("{doing}: {error}"),
+        message: doing.to_owned(),
         source: Some(Box::new(error)),
     }
 }

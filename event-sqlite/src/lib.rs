@@ -111,13 +111,19 @@
 //!   adding it again updates it. Each failure record removes its subscription's records
 //!   beyond the retention it is given, in the same write.
 //! - **Schema.** Versioned with `PRAGMA user_version` and migrated on open; a database
-//!   written by a newer version of this library is refused ([`Error::SchemaTooNew`]), and a
-//!   file that is not this store's database is refused as [`Error::Corrupt`].
+//!   written by a newer version of this library is refused ([`Error::Open`] of kind
+//!   `SchemaTooNew`), and a file that is not this store's database as [`Error::Open`] of
+//!   kind `Corrupt`.
 //!
 //! # Errors
 //!
-//! Opening returns this crate's [`Error`]. Once open, the store returns
-//! [`eventfold_core::Error`] like every backend; SQLite's failures are
+//! Every operation returns [`eventfold_core::Error`] (re-exported as [`Error`]), like every
+//! backend. Opening fails with [`Error::InvalidSetting`] for an option out of its range and
+//! with [`Error::Open`] otherwise, carrying the path and a
+//! [`StoreErrorKind`](eventfold_core::StoreErrorKind): `CannotOpen` (a missing directory,
+//! no permission), `Corrupt` (not a database of this store), `SchemaTooNew`, `ReadOnly`
+//! (a read-only store whose schema needs migrating), `Busy`, `Io`, `Other`. Once open,
+//! SQLite's failures are
 //! [`eventfold_core::Error::Store`] with a [`StoreErrorKind`](eventfold_core::StoreErrorKind):
 //! `Full` (disk or [`SqliteOptions::max_page_count`]), `ReadOnly`, `Busy` (another process
 //! held the database past [`SqliteOptions::busy_timeout`]), `Io` (the disk or file system
@@ -149,7 +155,9 @@ mod store;
 mod verify;
 mod writer;
 
-pub use error::{Error, Result};
+/// The error of every operation, opening included: `eventfold_core`'s, so a store opened
+/// directly and one opened by the facade's `EventSystem` fail alike.
+pub use eventfold_core::{Error, Result};
 pub use options::{SqliteOptions, Synchronous};
 pub use store::{SqliteEventStore, WriterStatistics};
 pub use verify::{DamagedEvent, VerifyReport};

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use eventfold_core::{Error, Result};
 
 /// How hard SQLite works to make each commit durable (`PRAGMA synchronous`).
 ///
@@ -171,10 +171,10 @@ impl SqliteOptions {
         self
     }
 
-    /// Fails with [`Error::InvalidOption`] on the first option out of its range.
+    /// Fails with [`Error::InvalidSetting`] on the first option out of its range.
     pub(crate) fn validate(&self) -> Result<()> {
         let invalid =
-            |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
+            |setting: &'static str, reason: String| Err(Error::InvalidSetting { setting, reason });
         if self.busy_timeout.as_millis() > i32::MAX as u128 {
             return invalid(
                 "busy_timeout",
@@ -251,7 +251,7 @@ mod tests {
         ];
         for (options, name) in cases {
             match options.validate() {
-                Err(Error::InvalidOption { option, .. }) => assert_eq!(option, name),
+                Err(Error::InvalidSetting { setting, .. }) => assert_eq!(setting, name),
                 other => panic!("expected an invalid {name}, got {other:?}"),
             }
         }

@@ -4,7 +4,9 @@ use std::path::Path;
 
 use rusqlite::{Connection, OpenFlags};
 
-use crate::error::{Error, Result};
+use eventfold_core::{Error, Result, StoreErrorKind};
+
+use crate::error::{open_failed, open_refused};
 use crate::options::SqliteOptions;
 
 /// Marks a database as eventfold's (`PRAGMA application_id`), so another program's SQLite
@@ -150,7 +152,7 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
     let fail = |doing: &str| {
         let name = name.clone();
         let doing = doing.to_owned();
-        move |e| Error::from_sqlite(&name, &doing, e)
+        move |e| open_failed(&name, &doing, e)
     };
     let flags = if options.read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
@@ -164,11 +166,11 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
                 && !dir.is_dir()
             {
-                return Err(Error::CannotOpen {
-                    path: name,
-                    message: format!("the directory `{}` does not exist", dir.display()),
-                    source: None,
-                });
+                return Err(open_refused(
+                    StoreErrorKind::CannotOpen,
+                    &name,
+                    format!("the directory `{}` does not exist", dir.display()),
+                ));
             }
             Connection::open_with_flags(path, flags)
         }
@@ -213,22 +215,18 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
         header.map_err(fail("reading the database header"))?;
     let fresh = application_id == 0 && user_version == 0 && objects == 0;
     if application_id != APPLICATION_ID && !fresh {
-        return Err(Error::Corrupt {
-            path: name,
-            message: format!(
-                "it belongs to another program (application id {application_id:#x}, \
-                 schema version {user_version}, {objects} schema objects)"
+        return Err(open_refused(
+            StoreErrorKind::Corrupt,
+            &name,
+            format!(
+                "the database belongs to another program (application id \
+                 {application_id:#x}, schema version {user_version}, {objects} schema objects)"
             ),
-            source: None,
-        });
+        ));
     }
     let found = u32::try_from(user_version).unwrap_or(u32::MAX);
     if found > SCHEMA_VERSION {
-        return Err(Error::SchemaTooNew {
-            path: name,
-            found,
-            supported: SCHEMA_VERSION,
-        });
+        return Err(schema_too_new(&name, found));
     }
 
     if !options.read_only {
@@ -252,15 +250,14 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
 
     if found < SCHEMA_VERSION {
         if options.read_only {
-            return Err(Error::Open {
-                path: name,
-                kind: eventfold_core::StoreErrorKind::ReadOnly,
-                message: format!(
+            return Err(open_refused(
+                StoreErrorKind::ReadOnly,
+                &name,
+                format!(
                     "the schema is at version {found} and needs migrating to version \
                      {SCHEMA_VERSION}, which a read-only store cannot do"
                 ),
-                source: None,
-            });
+            ));
         }
         migrate(&conn).map_err(fail("migrating the schema"))?;
         // Another process may have migrated further in between.
@@ -269,14 +266,22 @@ pub(crate) fn open_writer(location: Location<'_>, options: &SqliteOptions) -> Re
             .map_err(fail("reading the schema version"))?;
         let now = u32::try_from(now).unwrap_or(u32::MAX);
         if now > SCHEMA_VERSION {
-            return Err(Error::SchemaTooNew {
-                path: name,
-                found: now,
-                supported: SCHEMA_VERSION,
-            });
+            return Err(schema_too_new(&name, now));
         }
     }
     Ok(conn)
+}
+
+/// The error of a database whose schema version `found` is newer than this library's.
+fn schema_too_new(name: &str, found: u32) -> Error {
+    open_refused(
+        StoreErrorKind::SchemaTooNew,
+        name,
+        format!(
+            "the database has schema version {found}, newer than version {SCHEMA_VERSION} \
+             known to this library"
+        ),
+    )
 }
 
 /// The write-ahead log of the database at `path`.
@@ -291,7 +296,7 @@ pub(crate) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
     let name = path.display().to_string();
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| Error::from_sqlite(&name, "opening a read connection", e))?;
+        .map_err(|e| open_failed(&name, "opening a read connection", e))?;
     let checked = configure(&conn, options).and_then(|()| {
         if options.read_only {
             conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
@@ -301,12 +306,8 @@ pub(crate) fn open_reader(path: &Path, options: &SqliteOptions) -> Result<Connec
     match checked {
         Ok(()) => Ok(conn),
         Err(e) if needs_immutable(path, options, &e) => open_immutable(path, options)
-            .map_err(|e| Error::from_sqlite(&name, "opening read-only media", e)),
-        Err(e) => Err(Error::from_sqlite(
-            &name,
-            "configuring a read connection",
-            e,
-        )),
+            .map_err(|e| open_failed(&name, "opening read-only media", e)),
+        Err(e) => Err(open_failed(&name, "configuring a read connection", e)),
     }
 }
 

@@ -16,7 +16,9 @@ use rusqlite::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use uuid::Uuid;
 
-use crate::error::{Error, Result, closed, panicked, store_error};
+use eventfold_core::{Error, Result};
+
+use crate::error::{closed, open_failed_core, panicked, store_error};
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
@@ -138,9 +140,11 @@ impl SqliteEventStore {
     /// Opens the store in the database file at `path`, creating the file if it is missing
     /// (unless the options say read-only), and migrating its schema if it is older.
     ///
-    /// Fails with [`Error::CannotOpen`] when the directory is missing,
-    /// [`Error::Corrupt`] when the file is not a database of this store, and
-    /// [`Error::SchemaTooNew`] when a newer version of this library wrote it.
+    /// Fails with [`Error::InvalidSetting`] for an option out of its range, and otherwise
+    /// with [`Error::Open`] carrying the path and its
+    /// [`StoreErrorKind`](eventfold_core::StoreErrorKind): `CannotOpen` when the directory
+    /// is missing, `Corrupt` when the file is not a database of this store, `SchemaTooNew`
+    /// when a newer version of this library wrote it.
     pub async fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
         options.validate()?;
         let path = path.as_ref().to_owned();
@@ -161,7 +165,7 @@ impl SqliteEventStore {
         };
         let conn = schema::open_writer(location, &options)?;
         let head = sql::head(&conn)
-            .map_err(|e| Error::from_core(&location.describe(), "reading the head", e))?;
+            .map_err(|e| open_failed_core(&location.describe(), "reading the head", e))?;
         let readers = match &path {
             Some(path) if options.read_connections > 0 => {
                 let connections = (0..options.read_connections)
@@ -185,9 +189,9 @@ impl SqliteEventStore {
         )
         .spawn()
         .map_err(|e| Error::Open {
-            path: location.describe(),
             kind: eventfold_core::StoreErrorKind::Other,
-            message: format!("cannot start the writer thread: {e}"),
+            location: location.describe(),
+            reason: "starting the writer thread".to_owned(),
             source: Some(Box::new(e)),
         })?;
         tracing::debug!(database = %location.describe(), head = *head.borrow(), "opened the SQLite event store");

@@ -678,7 +678,7 @@ impl Writer {
                 };
                 tracing::warn!(error = %first.to_error(), "the SQLite writer reopens its connection");
                 let conn = schema::open_writer(Location::File(path), &self.options)
-                    .map_err(|e| Fault::from_core(&e.into()))?;
+                    .map_err(|e| Fault::from_core(&e))?;
                 let head = check(&conn)?;
                 // Keep a size cap moved since the open (`set_max_page_count`).
                 let cap = self

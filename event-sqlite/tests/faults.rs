@@ -215,7 +215,7 @@ async fn a_read_only_database_serves_reads_and_refuses_every_write() {
             }
             Err(error) => assert!(
                 matches!(
-                    error.kind(),
+                    error.store_kind().unwrap(),
                     StoreErrorKind::ReadOnly | StoreErrorKind::CannotOpen
                 ),
                 "{error}"
@@ -242,7 +242,13 @@ async fn a_read_only_open_of_a_missing_file_cannot_open() {
         .await
         .unwrap_err();
     assert!(
-        matches!(error, eventfold_sqlite::Error::CannotOpen { .. }),
+        matches!(
+            error,
+            eventfold_sqlite::Error::Open {
+                kind: StoreErrorKind::CannotOpen,
+                ..
+            }
+        ),
         "{error:?}"
     );
     assert!(!path.exists(), "a read-only open creates nothing");
@@ -340,15 +346,20 @@ async fn a_missing_directory_cannot_open_and_names_the_path() {
         .await
         .unwrap_err();
     assert!(
-        matches!(error, eventfold_sqlite::Error::CannotOpen { .. }),
+        matches!(
+            error,
+            eventfold_sqlite::Error::Open {
+                kind: StoreErrorKind::CannotOpen,
+                ..
+            }
+        ),
         "{error:?}"
     );
     assert!(
         error.to_string().contains(&path.display().to_string()),
         "{error}"
     );
-    let core: Error = error.into();
-    assert_eq!(core.store_kind(), Some(StoreErrorKind::CannotOpen));
+    assert_eq!(error.store_kind(), Some(StoreErrorKind::CannotOpen));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -370,10 +381,16 @@ async fn a_file_that_is_not_a_database_is_corrupt_and_left_alone() {
         .await
         .unwrap_err();
     assert!(
-        matches!(error, eventfold_sqlite::Error::Corrupt { .. }),
+        matches!(
+            error,
+            eventfold_sqlite::Error::Open {
+                kind: StoreErrorKind::Corrupt,
+                ..
+            }
+        ),
         "{error:?}"
     );
-    assert_eq!(error.kind(), StoreErrorKind::Corrupt);
+    assert_eq!(error.store_kind().unwrap(), StoreErrorKind::Corrupt);
     assert_eq!(
         std::fs::read(&path).unwrap(),
         garbage,
@@ -393,7 +410,13 @@ async fn another_programs_database_is_refused_as_corrupt() {
         .await
         .unwrap_err();
     assert!(
-        matches!(error, eventfold_sqlite::Error::Corrupt { .. }),
+        matches!(
+            error,
+            eventfold_sqlite::Error::Open {
+                kind: StoreErrorKind::Corrupt,
+                ..
+            }
+        ),
         "{error:?}"
     );
     let tables: i64 = raw(&path)
@@ -418,10 +441,15 @@ async fn a_database_with_a_newer_schema_is_refused_and_kept() {
         .await
         .unwrap_err();
     match &error {
-        eventfold_sqlite::Error::SchemaTooNew {
-            found, supported, ..
+        eventfold_sqlite::Error::Open {
+            kind: StoreErrorKind::SchemaTooNew,
+            reason,
+            ..
         } => {
-            assert_eq!((*found, *supported), (99, 2));
+            assert!(
+                reason.contains("99") && reason.contains("version 2"),
+                "{reason}"
+            );
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
@@ -430,10 +458,7 @@ async fn a_database_with_a_newer_schema_is_refused_and_kept() {
         message.contains("99") && message.contains("version 2"),
         "{message}"
     );
-    assert_eq!(
-        Error::from(error).store_kind(),
-        Some(StoreErrorKind::SchemaTooNew)
-    );
+    assert_eq!(error.store_kind(), Some(StoreErrorKind::SchemaTooNew));
 
     // Nothing was changed: back at version 2, everything is there.
     set(&path, "PRAGMA user_version = 2");

@@ -301,7 +301,7 @@ async fn a_clean_database_on_read_only_media_opens_with_read_only() {
         }
         Err(error) => assert!(
             matches!(
-                error.kind(),
+                error.store_kind().unwrap(),
                 StoreErrorKind::ReadOnly | StoreErrorKind::CannotOpen
             ),
             "{error}"

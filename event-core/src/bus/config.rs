@@ -10,6 +10,11 @@ use chrono::{DateTime, Utc};
 /// `cap`. With jitter (the default) the delay is drawn uniformly from its upper half, so
 /// handlers failing together do not retry in lockstep; it is never below half the nominal
 /// delay. After `max_attempts` attempts the event goes to the dead letters.
+///
+/// [`RetryPolicy::default()`], what a subscription uses unless told otherwise, is
+/// `exponential(3, 100 ms, 10 s)` with jitter: 3 attempts in all, the second 50–100 ms
+/// after the first fails, the third 100–200 ms after the second (nominal delays 100 ms
+/// and 200 ms), then the dead letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     max_attempts: u32,
@@ -19,7 +24,10 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// Three attempts, 100 ms then 200 ms apart (with jitter), capped at 10 s.
+    /// `exponential(3, Duration::from_millis(100), Duration::from_secs(10))`, with jitter:
+    /// three attempts in all, the retries 100 ms then 200 ms (nominal; with jitter 50–100 ms
+    /// and 100–200 ms) after the failure before them; the 10 s cap is never reached with
+    /// three attempts.
     fn default() -> Self {
         RetryPolicy::exponential(3, Duration::from_millis(100), Duration::from_secs(10))
     }
@@ -159,6 +167,23 @@ mod tests {
                     "{d:?} outside {nominal:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_default_policy_is_what_its_documentation_says() {
+        let policy = RetryPolicy::default();
+        assert_eq!(policy.max_attempts(), 3);
+        assert_eq!(policy.nominal_delay(1), Duration::from_millis(100));
+        assert_eq!(policy.nominal_delay(2), Duration::from_millis(200));
+        assert_eq!(
+            policy,
+            RetryPolicy::exponential(3, Duration::from_millis(100), Duration::from_secs(10))
+        );
+        let mut rng = Jitter::new(7);
+        for _ in 0..1000 {
+            let d = policy.delay(1, rng.next());
+            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100));
         }
     }
 

@@ -295,7 +295,7 @@ pub(crate) async fn read_page(store: &dyn EventStore, from: u64, limit: usize) -
         damaged: Some(Damaged {
             position,
             event_id: None,
-            error: bad_error.to_string(),
+            error: crate::error::report(&bad_error),
         }),
     })
 }
@@ -318,7 +318,7 @@ async fn before_located(store: &dyn EventStore, from: u64, error: &Error) -> Res
         damaged: Some(Damaged {
             position,
             event_id,
-            error: error.to_string(),
+            error: crate::error::report(error),
         }),
     }))
 }

@@ -136,8 +136,36 @@ impl<E> std::ops::Deref for Delivery<E> {
     }
 }
 
-/// An async event handler. Any `Fn(Delivery<E>) -> impl Future<Output = Result<(), Err>>`
-/// is one, for any error type that converts into [`BoxError`].
+/// What a handler returns: `()`, or `Result<(), E>` for any error type `E` that converts
+/// into [`BoxError`] (`std::io::Error`, `String`, `&str`, `Box<dyn Error>`, your own error,
+/// `anyhow::Error` through `Into<BoxError>`...). An `Err` is a failed attempt.
+///
+/// Sealed: the bus decides what counts as a failure.
+pub trait HandlerOutcome: sealed::Sealed + Send + 'static {
+    /// The outcome as the bus keeps it.
+    fn into_result(self) -> std::result::Result<(), BoxError>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for () {}
+    impl<Err> Sealed for Result<(), Err> {}
+}
+
+impl HandlerOutcome for () {
+    fn into_result(self) -> std::result::Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+impl<Err: Into<BoxError> + Send + 'static> HandlerOutcome for std::result::Result<(), Err> {
+    fn into_result(self) -> std::result::Result<(), BoxError> {
+        self.map_err(Into::into)
+    }
+}
+
+/// An async event handler. Any `Fn(Delivery<E>) -> impl Future` whose output is a
+/// [`HandlerOutcome`] (`()`, or `Result<(), Err>` with `Err: Into<BoxError>`) is one.
 ///
 /// Delivery is at least once: after a crash, or a failed checkpoint write, a handler may
 /// see an event again. Use `delivery.record().event_id` to make it idempotent.
@@ -146,16 +174,16 @@ pub trait Handler<E>: Send + Sync + 'static {
     fn handle(&self, delivery: Delivery<E>) -> BoxFuture<std::result::Result<(), BoxError>>;
 }
 
-impl<E, F, Fut, Err> Handler<E> for F
+impl<E, F, Fut> Handler<E> for F
 where
     E: Send + Sync + 'static,
     F: Fn(Delivery<E>) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = std::result::Result<(), Err>> + Send + 'static,
-    Err: Into<BoxError>,
+    Fut: Future + Send + 'static,
+    Fut::Output: HandlerOutcome,
 {
     fn handle(&self, delivery: Delivery<E>) -> BoxFuture<std::result::Result<(), BoxError>> {
         let fut = self(delivery);
-        Box::pin(async move { fut.await.map_err(Into::into) })
+        Box::pin(async move { fut.await.into_result() })
     }
 }
 
@@ -164,11 +192,11 @@ where
 /// a stuck one never keeps the process from exiting.
 pub(crate) struct Blocking<F>(pub(crate) Arc<F>);
 
-impl<E, F, Err> Handler<E> for Blocking<F>
+impl<E, F, Out> Handler<E> for Blocking<F>
 where
     E: Send + Sync + 'static,
-    F: Fn(Delivery<E>) -> std::result::Result<(), Err> + Send + Sync + 'static,
-    Err: Into<BoxError>,
+    F: Fn(Delivery<E>) -> Out + Send + Sync + 'static,
+    Out: HandlerOutcome,
 {
     fn handle(&self, delivery: Delivery<E>) -> BoxFuture<std::result::Result<(), BoxError>> {
         let f = Arc::clone(&self.0);
@@ -181,7 +209,7 @@ where
                 }
                 let result = std::panic::catch_unwind(AssertUnwindSafe(|| f(delivery)))
                     .map_err(|panic| BoxError::from(panic_message(panic)))
-                    .and_then(|r| r.map_err(Into::into));
+                    .and_then(HandlerOutcome::into_result);
                 let _ = tx.send(result);
             }))?;
             match rx.await {

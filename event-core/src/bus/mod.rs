@@ -12,7 +12,7 @@
 //!
 //! **Without a store** the bus is *transient*: events live in a bounded in-memory queue of
 //! `queue_capacity` events until every subscription has handled them, `publish` waits for
-//! room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
+//! room, `try_publish` fails with [`TryPublishError::Full`], and what is queued is lost if the
 //! process dies. Dead letters (with their events) are kept in memory.
 //!
 //! **Under faults** every delivery ends: handled, or dead-lettered after its last attempt.
@@ -51,8 +51,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 pub use config::{Clock, RetryPolicy, SystemClock, UnknownEventPolicy};
-pub use handler::{BoxFuture, Delivery, Handler};
-pub use publish::{DomainEventPublisher, IntoOutgoing, Outgoing};
+pub use handler::{BoxFuture, Delivery, Handler, HandlerOutcome};
+pub use publish::{DomainEventPublisher, IntoOutgoing, Outgoing, TryPublishError};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
 use engine::Engine;
@@ -65,7 +65,7 @@ use stats::{Counters, Histogram};
 use tracker::Tracker;
 use worker::Worker;
 
-use crate::error::{BoxError, Error, Result};
+use crate::error::{Error, Result};
 use crate::event::DomainEvent;
 use crate::registry::registry;
 use crate::store::{DEFAULT_FAILURE_RETENTION, EventStore};
@@ -145,19 +145,23 @@ impl EventBusBuilder {
 
     /// Builds the bus; it delivers nothing until [`EventBus::start`].
     pub fn build(self) -> Result<EventBus> {
-        let invalid = |reason: &str| {
-            Err(Error::InvalidAppend {
-                reason: format!("invalid bus settings: {reason}"),
-            })
-        };
+        let invalid =
+            |setting: &'static str, reason: String| Err(Error::InvalidSetting { setting, reason });
         if self.workers == 0 {
-            return invalid("at least one worker is needed");
+            return invalid("workers", "at least one worker is needed".into());
         }
         if self.queue_capacity == 0 || self.queue_capacity > Semaphore::MAX_PERMITS {
-            return invalid("the queue capacity must be at least 1");
+            return invalid(
+                "queue_capacity",
+                format!(
+                    "{} is outside 1..={}",
+                    self.queue_capacity,
+                    Semaphore::MAX_PERMITS
+                ),
+            );
         }
         if self.batch_size == 0 {
-            return invalid("the batch size must be at least 1");
+            return invalid("batch_size", "the batch size must be at least 1".into());
         }
         let records = match &self.store {
             Some(store) => Records::Store(Arc::clone(store)),
@@ -256,7 +260,7 @@ impl Inner {
 ///
 /// **Without a store** the bus is *transient*: events live in a bounded in-memory queue of
 /// `queue_capacity` events until every subscription has handled them, `publish` waits for
-/// room, `try_publish` fails with [`Error::QueueFull`], and what is queued is lost if the
+/// room, `try_publish` fails with [`TryPublishError::Full`], and what is queued is lost if the
 /// process dies. Dead letters (with their events) are kept in memory.
 ///
 /// **Under faults** every delivery ends: handled, or dead-lettered after its last attempt.
@@ -379,7 +383,10 @@ impl SubscriptionBuilder<'_> {
     pub fn register(self) -> Result<SubscriptionHandle> {
         let inner = &self.bus.inner;
         if self.name.is_empty() {
-            return Err(Error::UnknownSubscription { name: self.name });
+            return Err(Error::InvalidSubscriptionName {
+                name: self.name,
+                reason: "a subscription needs a name, which keys its checkpoint".into(),
+            });
         }
         let mut subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
         if subs.iter().any(|s| *s.name == *self.name) {
@@ -442,11 +449,53 @@ impl EventBus {
 
     /// Subscribes an async handler to the events of type `E` (every event type of `E`).
     /// The name must be unique on this bus, and stable across restarts.
-    pub fn subscribe<E, H>(&self, name: impl Into<String>, handler: H) -> SubscriptionBuilder<'_>
+    ///
+    /// The handler is a closure `|delivery| async move { .. }` that returns `()` or
+    /// `Result<(), Err>` for any `Err: Into<BoxError>` (see [`HandlerOutcome`]). Name the
+    /// event type once, on the subscription (`subscribe::<OrderEvent, _>`, the `_` being
+    /// the handler's future) or on the closure's argument (`|d: Delivery<OrderEvent>|`):
+    ///
+    /// ```
+    /// # use eventfold_core::EventBus;
+    /// # use eventfold_macros::DomainEvent;
+    /// # use serde::{Deserialize, Serialize};
+    /// # #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+    /// # #[domain_event(aggregate = "Order", crate = "eventfold_core")]
+    /// # enum OrderEvent { Shipped { #[domain_event(aggregate_id)] id: String } }
+    /// # async fn send_mail(_: &OrderEvent) -> std::io::Result<()> { Ok(()) }
+    /// # fn main() -> eventfold_core::Result<()> {
+    /// let bus = EventBus::builder().build()?;
+    /// bus.subscribe::<OrderEvent, _>("mailer", |d| async move { send_mail(d.event()).await })
+    ///     .register()?;
+    /// bus.subscribe::<OrderEvent, _>("log", |d| async move {
+    ///     println!("{:?} at {}", d.event(), d.record().position);
+    /// })
+    /// .register()?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// A type that implements [`Handler`] itself subscribes with
+    /// [`subscribe_handler`](Self::subscribe_handler).
+    pub fn subscribe<E, Fut>(
+        &self,
+        name: impl Into<String>,
+        handler: impl Fn(Delivery<E>) -> Fut + Send + Sync + 'static,
+    ) -> SubscriptionBuilder<'_>
     where
         E: DomainEvent,
-        H: Handler<E>,
+        Fut: std::future::Future + Send + 'static,
+        Fut::Output: HandlerOutcome,
     {
+        self.subscribe_handler::<E>(name, handler)
+    }
+
+    /// Subscribes a [`Handler`] to the events of type `E`; see [`subscribe`](Self::subscribe).
+    pub fn subscribe_handler<E: DomainEvent>(
+        &self,
+        name: impl Into<String>,
+        handler: impl Handler<E>,
+    ) -> SubscriptionBuilder<'_> {
         SubscriptionBuilder {
             bus: self,
             name: name.into(),
@@ -468,17 +517,20 @@ impl EventBus {
     /// of the bus's own blocking pool, so it never stalls the workers, and a handler stuck
     /// in a blocking call never keeps the process from exiting (tokio's blocking pool
     /// would: a runtime waits for its blocking tasks when it shuts down).
-    pub fn subscribe_blocking<E, F, Err>(
+    ///
+    /// Like [`subscribe`](Self::subscribe), the handler returns `()` or `Result<(), Err>`,
+    /// and the event type is named once: `subscribe_blocking::<OrderEvent, _>("n", |d| ..)`
+    /// (the `_` being what the handler returns) or `|d: Delivery<OrderEvent>|`.
+    pub fn subscribe_blocking<E, Out>(
         &self,
         name: impl Into<String>,
-        handler: F,
+        handler: impl Fn(Delivery<E>) -> Out + Send + Sync + 'static,
     ) -> SubscriptionBuilder<'_>
     where
         E: DomainEvent,
-        F: Fn(Delivery<E>) -> std::result::Result<(), Err> + Send + Sync + 'static,
-        Err: Into<BoxError>,
+        Out: HandlerOutcome,
     {
-        self.subscribe::<E, _>(name, Blocking(Arc::new(handler)))
+        self.subscribe_handler::<E>(name, Blocking(Arc::new(handler)))
     }
 
     /// Removes a subscription; deliveries to it that are queued or waiting for a retry are

@@ -64,7 +64,96 @@ impl<E> Outgoing<E> {
         self.metadata = metadata;
         self
     }
+
+    /// The event.
+    pub fn event(&self) -> &E {
+        &self.event
+    }
+
+    /// The event, without its aggregate id and metadata.
+    pub fn into_event(self) -> E {
+        self.event
+    }
+
+    /// An event resolved for publishing, as it was given (its aggregate id now explicit).
+    fn resolved((aggregate_id, event, metadata): Resolved<E>) -> Self {
+        Outgoing {
+            event,
+            aggregate_id: Some(aggregate_id),
+            metadata,
+        }
+    }
 }
+
+/// Why [`EventBus::try_publish`] did not publish an event; every case gives the event back
+/// (with its aggregate id and metadata), to publish again or keep, as tokio's
+/// `TrySendError` does. Nothing was published.
+#[non_exhaustive]
+pub enum TryPublishError<E> {
+    /// The queue of a bus without a store has no room now.
+    Full(Outgoing<E>),
+    /// The bus is stopped (or stopping): it accepts no more events.
+    Stopped(Outgoing<E>),
+    /// Publishing failed for another reason than room: the store refused or failed the
+    /// append, the event has no aggregate id, or it does not serialize. The error says
+    /// which.
+    Failed(Outgoing<E>, Error),
+}
+
+impl<E> TryPublishError<E> {
+    /// The event that was not published.
+    pub fn into_inner(self) -> Outgoing<E> {
+        match self {
+            TryPublishError::Full(event)
+            | TryPublishError::Stopped(event)
+            | TryPublishError::Failed(event, _) => event,
+        }
+    }
+
+    /// The error of a [`Failed`](Self::Failed) publication.
+    pub fn error(&self) -> Option<&Error> {
+        match self {
+            TryPublishError::Failed(_, error) => Some(error),
+            TryPublishError::Full(_) | TryPublishError::Stopped(_) => None,
+        }
+    }
+}
+
+// Not derived: the event type need not be `Debug` for the error to be an error.
+impl<E> std::fmt::Debug for TryPublishError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TryPublishError::Full(_) => f.write_str("Full(..)"),
+            TryPublishError::Stopped(_) => f.write_str("Stopped(..)"),
+            TryPublishError::Failed(_, error) => {
+                f.debug_tuple("Failed").field(&"..").field(error).finish()
+            }
+        }
+    }
+}
+
+impl<E> std::fmt::Display for TryPublishError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TryPublishError::Full(_) => f.write_str("the bus queue is full"),
+            TryPublishError::Stopped(_) => f.write_str("the event bus is stopped"),
+            // A pure wrapper: the error speaks for itself.
+            TryPublishError::Failed(_, error) => std::fmt::Display::fmt(error, f),
+        }
+    }
+}
+
+impl<E> std::error::Error for TryPublishError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TryPublishError::Failed(_, error) => std::error::Error::source(error),
+            TryPublishError::Full(_) | TryPublishError::Stopped(_) => None,
+        }
+    }
+}
+
+/// An event with the aggregate id it is published to, and its metadata.
+type Resolved<E> = (String, E, Metadata);
 
 impl EventBus {
     /// Publishes one event. With a store it returns once the event is stored, with its
@@ -80,10 +169,54 @@ impl EventBus {
         self.publish_one(event.into_outgoing(), true).await
     }
 
-    /// Publishes one event, failing at once with [`Error::QueueFull`] instead of waiting for
-    /// room (a bus with a store never is full: its log is the queue).
-    pub async fn try_publish<E: DomainEvent>(&self, event: impl IntoOutgoing<E>) -> Result<u64> {
-        self.publish_one(event.into_outgoing(), false).await
+    /// Publishes one event without waiting for room: when the queue is full it fails at
+    /// once with [`TryPublishError::Full`], giving the event back (a bus with a store never
+    /// is full: its log is the queue). Every failure gives the event back.
+    pub async fn try_publish<E: DomainEvent>(
+        &self,
+        event: impl IntoOutgoing<E>,
+    ) -> std::result::Result<u64, TryPublishError<E>> {
+        let outgoing = event.into_outgoing();
+        if self.inner.stopped.load(Ordering::SeqCst) {
+            return Err(TryPublishError::Stopped(outgoing));
+        }
+        let (aggregate_id, event, metadata) = resolve(outgoing)
+            .map_err(|(outgoing, error)| TryPublishError::Failed(outgoing, error))?;
+        let engine = &self.inner.engine;
+        let position = match &engine.store {
+            Some(store) => {
+                // The metadata is copied so that a failed append can give it back.
+                let stored =
+                    append_one(store.as_ref(), &aggregate_id, &event, metadata.clone()).await;
+                stored.map_err(|error| {
+                    TryPublishError::Failed(
+                        Outgoing::resolved((aggregate_id, event, metadata)),
+                        error,
+                    )
+                })?
+            }
+            None => {
+                match self
+                    .publish_transient(std::iter::once((aggregate_id, event, metadata)), false)
+                    .await
+                {
+                    Ok(range) => *range.start(),
+                    Err((error, mut events)) => {
+                        let Some(resolved) = events.next() else {
+                            unreachable!("a refused publication gives its events back untouched")
+                        };
+                        let outgoing = Outgoing::resolved(resolved);
+                        return Err(match error {
+                            Error::QueueFull { .. } => TryPublishError::Full(outgoing),
+                            Error::BusStopped => TryPublishError::Stopped(outgoing),
+                            error => TryPublishError::Failed(outgoing, error),
+                        });
+                    }
+                }
+            }
+        };
+        engine.published.fetch_add(1, Ordering::Relaxed);
+        Ok(position)
     }
 
     /// One event: without a store it goes straight to the queue, with no batch around it.
@@ -94,8 +227,11 @@ impl EventBus {
         if self.inner.stopped.load(Ordering::SeqCst) {
             return Err(Error::BusStopped);
         }
-        let event = resolve(event)?;
-        let range = self.publish_transient(std::iter::once(event), wait).await?;
+        let event = resolve(event).map_err(|(_, error)| error)?;
+        let range = self
+            .publish_transient(std::iter::once(event), wait)
+            .await
+            .map_err(|(error, _)| error)?;
         self.inner.engine.published.fetch_add(1, Ordering::Relaxed);
         Ok(*range.start())
     }
@@ -132,22 +268,27 @@ impl EventBus {
         // Every event is checked before any is accepted: all or nothing.
         let resolved = events
             .into_iter()
-            .map(resolve)
+            .map(|event| resolve(event).map_err(|(_, error)| error))
             .collect::<Result<Vec<_>>>()?;
         let n = resolved.len() as u64;
         let range = match &self.inner.engine.store {
             Some(store) => publish_stored(store.as_ref(), resolved).await?,
-            None => self.publish_transient(resolved.into_iter(), wait).await?,
+            None => self
+                .publish_transient(resolved.into_iter(), wait)
+                .await
+                .map_err(|(error, _)| error)?,
         };
         self.inner.engine.published.fetch_add(n, Ordering::Relaxed);
         Ok(range)
     }
 
-    async fn publish_transient<E: DomainEvent>(
+    /// Queues events on a bus without a store. A refusal (no room, stopped) gives the
+    /// events back untouched.
+    async fn publish_transient<E: DomainEvent, I: ExactSizeIterator<Item = Resolved<E>>>(
         &self,
-        events: impl ExactSizeIterator<Item = (String, E, Metadata)>,
+        events: I,
         wait: bool,
-    ) -> Result<RangeInclusive<u64>> {
+    ) -> std::result::Result<RangeInclusive<u64>, (Error, I)> {
         let engine = &self.inner.engine;
         let n = events.len();
         let in_own_handler = || {
@@ -155,13 +296,13 @@ impl EventBus {
                 .try_with(|bus| *bus == engine.id())
                 .unwrap_or(false)
         };
-        let holds_room = engine
-            .room
-            .take_for_publish(n, wait, in_own_handler)
-            .await?;
+        let holds_room = match engine.room.take_for_publish(n, wait, in_own_handler).await {
+            Ok(holds_room) => holds_room,
+            Err(error) => return Err((error, events)),
+        };
         let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*intake, Intake::Closed) {
-            return Err(Error::BusStopped);
+            return Err((Error::BusStopped, events));
         }
         let table = Arc::clone(&engine.routing.borrow());
         engine.room.entered(n as u64);
@@ -201,17 +342,46 @@ impl EventBus {
 }
 
 /// An event with the aggregate id it is published to: given, or from its marked field.
-fn resolve<E: DomainEvent>(outgoing: Outgoing<E>) -> Result<(String, E, Metadata)> {
-    let id = match outgoing.aggregate_id {
-        Some(id) => id,
-        None => outgoing
-            .event
-            .aggregate_id()
-            .ok_or_else(|| Error::MissingAggregateId {
+/// Without one, the event comes back with the error.
+// Returned by value, not boxed: the refusal is the rare path, and the event must come back.
+#[allow(clippy::result_large_err)]
+fn resolve<E: DomainEvent>(
+    mut outgoing: Outgoing<E>,
+) -> std::result::Result<Resolved<E>, (Outgoing<E>, Error)> {
+    match outgoing
+        .aggregate_id
+        .take()
+        .or_else(|| outgoing.event.aggregate_id())
+    {
+        Some(id) => Ok((id, outgoing.event, outgoing.metadata)),
+        None => {
+            let error = Error::MissingAggregateId {
                 event_type: outgoing.event.event_type().to_owned(),
-            })?,
+            };
+            Err((outgoing, error))
+        }
+    }
+}
+
+/// Appends one published event to the store, and returns its position.
+async fn append_one<E: DomainEvent>(
+    store: &dyn EventStore,
+    aggregate_id: &str,
+    event: &E,
+    metadata: Metadata,
+) -> Result<u64> {
+    let request = AppendRequest {
+        stream: StreamId::new(E::AGGREGATE_TYPE, aggregate_id),
+        expected: ExpectedVersion::Any,
+        events: vec![NewEvent::from_event(event, metadata)?],
     };
-    Ok((id, outgoing.event, outgoing.metadata))
+    let outcomes = store.append_batch(vec![request]).await?;
+    match outcomes.first() {
+        Some(outcome) => Ok(outcome.first_position),
+        None => Err(Error::InvalidAppend {
+            reason: "the store stored nothing".into(),
+        }),
+    }
 }
 
 /// Appends published events to the store in one atomic batch, one request per aggregate
