@@ -571,3 +571,28 @@ async fn snapshots_are_still_taken_when_commands_run_from_the_cache() {
     assert_eq!((state.balance, state.applied), (38, 20));
     assert_eq!(repo.cache_statistics().unwrap().hits, 24);
 }
+
+/// The README's tour: `Repository::<Account>::new(store)` with `store` straight from
+/// `SqliteEventStore::open`, no `Arc::new`; the store stays usable as a handle, and the
+/// bus and the repository share it by clone.
+#[tokio::test]
+async fn a_store_handle_from_open_builds_a_repository_and_a_bus_without_arc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = eventfold::SqliteEventStore::open(dir.path().join("tour.db"), Default::default())
+        .await
+        .unwrap();
+    let bus = eventfold::EventBus::builder()
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let repo = Repository::<Account>::new(store.clone()).snapshot_every(100);
+    repo.execute("acc-1", open()).await.unwrap();
+    repo.execute("acc-1", AccountCommand::Deposit(10))
+        .await
+        .unwrap();
+    let (account, version) = repo.load("acc-1").await.unwrap();
+    assert_eq!((account.balance, version), (10, 2));
+    assert_eq!(store.head_position().await.unwrap(), 2);
+    bus.stop().await.unwrap();
+    store.close().await.unwrap();
+}
