@@ -178,70 +178,71 @@ pub use eventfold_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 #[cfg(feature = "sqlite")]
 pub use eventfold_sqlite as sqlite;
 
-/// What a store backend implements and uses; applications need none of it.
-///
-/// A backend implements the three parts of the store contract, [`EventLog`],
-/// [`SnapshotStore`] and [`SubscriptionStore`], with [`async_trait`]; the umbrella
-/// [`EventStore`](crate::EventStore) that applications pass around is then implemented
-/// for it. It checks appends with [`check_append`] and [`check_batch`] before it stores
-/// anything, builds its errors with [`Error::store`](crate::Error::store), and proves the
-/// contract with the conformance suite (`eventfold::testing::conformance`, feature
-/// `testing`). Everything the contract's signatures name is here or at the crate root, so
-/// a backend needs no other dependency than `eventfold`:
-///
-/// ```
-/// use eventfold::backend::{
-///     EventLog, ReplayVisitor, SnapshotStore, SubscriptionStore, async_trait, check_append,
-/// };
-/// use eventfold::{AppendOutcome, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
-///
-/// /// A store that forwards its log to another and counts appends.
-/// struct Counting<S> { inner: S, appends: std::sync::atomic::AtomicU64 }
-///
-/// #[async_trait]
-/// impl<S: EventLog> EventLog for Counting<S> {
-///     async fn append(
-///         &self,
-///         stream: &StreamId,
-///         expected: ExpectedVersion,
-///         events: Vec<NewEvent>,
-///     ) -> eventfold::Result<AppendOutcome> {
-///         check_append(stream, &events)?;
-///         self.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-///         self.inner.append(stream, expected, events).await
-///     }
-///     async fn read_stream(&self, s: &StreamId, from: u64) -> eventfold::Result<Vec<RecordedEvent>> {
-///         self.inner.read_stream(s, from).await
-///     }
-///     async fn replay_stream(
-///         &self,
-///         s: &StreamId,
-///         from: u64,
-///         visitor: Box<dyn ReplayVisitor>,
-///     ) -> eventfold::Result<Box<dyn ReplayVisitor>> {
-///         self.inner.replay_stream(s, from, visitor).await
-///     }
-///     async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
-///         self.inner.read_all(from, limit).await
-///     }
-///     async fn get(&self, id: eventfold::backend::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
-///         self.inner.get(id).await
-///     }
-///     async fn stream_version(&self, s: &StreamId) -> eventfold::Result<u64> {
-///         self.inner.stream_version(s).await
-///     }
-///     async fn head_position(&self) -> eventfold::Result<u64> {
-///         self.inner.head_position().await
-///     }
-///     fn watch_head(&self) -> eventfold::backend::watch::Receiver<u64> {
-///         self.inner.watch_head()
-///     }
-///     async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
-///         self.inner.statistics().await
-///     }
-/// }
-/// ```
 pub mod backend {
+    //! What a store backend implements and uses; applications need none of it.
+    //!
+    //! A backend implements the three parts of the store contract, [`EventLog`],
+    //! [`SnapshotStore`] and [`SubscriptionStore`], with [`async_trait`](macro@async_trait); the umbrella
+    //! [`EventStore`](crate::EventStore) that applications pass around is then implemented
+    //! for it. It checks appends with [`check_append`] and [`check_batch`] before it stores
+    //! anything, builds its errors with [`Error::store`](crate::Error::store), and proves the
+    //! contract with the conformance suite (`eventfold::testing::conformance`, feature
+    //! `testing`). Everything the contract's signatures name is here or at the crate root, so
+    //! a backend needs no other dependency than `eventfold`:
+    //!
+    //! ```
+    //! use eventfold::backend::{
+    //!     EventLog, ReplayVisitor, SnapshotStore, SubscriptionStore, async_trait, check_append,
+    //! };
+    //! use eventfold::{AppendOutcome, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+    //!
+    //! /// A store that forwards its log to another and counts appends.
+    //! struct Counting<S> { inner: S, appends: std::sync::atomic::AtomicU64 }
+    //!
+    //! #[async_trait]
+    //! impl<S: EventLog> EventLog for Counting<S> {
+    //!     async fn append(
+    //!         &self,
+    //!         stream: &StreamId,
+    //!         expected: ExpectedVersion,
+    //!         events: Vec<NewEvent>,
+    //!     ) -> eventfold::Result<AppendOutcome> {
+    //!         check_append(stream, &events)?;
+    //!         self.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    //!         self.inner.append(stream, expected, events).await
+    //!     }
+    //!     async fn read_stream(&self, s: &StreamId, from: u64) -> eventfold::Result<Vec<RecordedEvent>> {
+    //!         self.inner.read_stream(s, from).await
+    //!     }
+    //!     async fn replay_stream(
+    //!         &self,
+    //!         s: &StreamId,
+    //!         from: u64,
+    //!         visitor: Box<dyn ReplayVisitor>,
+    //!     ) -> eventfold::Result<Box<dyn ReplayVisitor>> {
+    //!         self.inner.replay_stream(s, from, visitor).await
+    //!     }
+    //!     async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
+    //!         self.inner.read_all(from, limit).await
+    //!     }
+    //!     async fn get(&self, id: eventfold::backend::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
+    //!         self.inner.get(id).await
+    //!     }
+    //!     async fn stream_version(&self, s: &StreamId) -> eventfold::Result<u64> {
+    //!         self.inner.stream_version(s).await
+    //!     }
+    //!     async fn head_position(&self) -> eventfold::Result<u64> {
+    //!         self.inner.head_position().await
+    //!     }
+    //!     fn watch_head(&self) -> eventfold::backend::watch::Receiver<u64> {
+    //!         self.inner.watch_head()
+    //!     }
+    //!     async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+    //!         self.inner.statistics().await
+    //!     }
+    //! }
+    //! ```
+
     pub use eventfold_core::{
         AppendRequest, DEFAULT_FAILURE_RETENTION, EventLog, NewDeadLetter, ReplayVisitor,
         ReplayedEvent, SnapshotStore, SubscriptionStore, check_append, check_batch,
