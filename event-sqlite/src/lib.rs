@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use chrono::Utc;
-//! use eventfold_core::{EventStore, ExpectedVersion, Metadata, NewEvent, StreamId};
+//! use eventfold_core::{EventLog, ExpectedVersion, Metadata, NewEvent, StreamId};
 //! use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 //! use uuid::Uuid;
 //!
