@@ -85,10 +85,14 @@
 //! ## Crates
 //! `eventfold` is the one dependency an application needs (with `serde` for the events'
 //! own derives). It re-exports:
-//! - `eventfold-core`: events, the registry, aggregates, repositories, the [`EventStore`]
-//!   contract, the in-memory store and the test kit ([`testing`]);
-//! - `eventfold-macros`: `#[derive(DomainEvent)]`;
-//! - `eventfold-sqlite` (feature `sqlite`, on by default): [`SqliteEventStore`].
+//! - from `eventfold-core`: events, the registry, aggregates, repositories, the
+//!   [`EventStore`] contract, the in-memory store and the event bus;
+//! - from `eventfold-macros`: `#[derive(DomainEvent)]`;
+//! - from `eventfold-sqlite` (feature `sqlite`, on by default): [`SqliteEventStore`].
+//!
+//! Two modules hold what not every application needs: [`backend`], what a store backend
+//! implements and uses, and `testing` (feature `testing`, off by default: enable it in
+//! your dev-dependencies), the given/when/then test kit and the store conformance suite.
 //!
 //! ## The registry and the linker
 //! Registrations are collected with `inventory` at start-up. A linker may drop a crate
@@ -96,7 +100,31 @@
 //! [`Registry::validate`] and [`Registry::expect`] (or [`Registry::expect_type`]), which turn
 //! a missing event type into an error before any event is read.
 
-pub use eventfold_core::*;
+// Events and the registry.
+pub use eventfold_core::{
+    DomainEvent, EventType, EventTypeInfo, Registry, UpcastFn, registry, upcaster,
+};
+// Aggregates and repositories.
+pub use eventfold_core::{Aggregate, CacheStatistics, CommandError, Committed, Repository};
+// Stores and what they hold.
+pub use eventfold_core::{
+    AppendOutcome, Checkpoint, DeadLetter, EventStore, ExpectedVersion, FailureRecord,
+    InMemoryEventStore, IntoStore, Metadata, NewEvent, RecordedEvent, Snapshot, StoreStatistics,
+    StreamId,
+};
+// The event bus.
+pub use eventfold_core::{
+    BoxFuture, BusStatistics, Clock, DEFAULT_HANDLER_TIMEOUT, Delivery, DomainEventPublisher,
+    EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, RetryPolicy,
+    StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics, SystemClock,
+    TryPublishError, UnknownEventPolicy,
+};
+// Errors.
+pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};
+
+/// What `#[derive(DomainEvent)]` and `upcaster!` expand to. Not a public API.
+#[doc(hidden)]
+pub use eventfold_core::__private;
 
 /// `#[derive(DomainEvent)]`: see the trait [`DomainEvent`] and the
 /// [crate documentation](crate) for the attribute keys.
@@ -116,6 +144,109 @@ pub use eventfold_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 #[cfg(feature = "sqlite")]
 pub use eventfold_sqlite as sqlite;
 
+pub mod backend {
+    //! What a store backend implements and uses; applications need none of it.
+    //!
+    //! A backend implements the three parts of the store contract, [`EventLog`],
+    //! [`SnapshotStore`] and [`SubscriptionStore`], with [`async_trait`](macro@async_trait); the umbrella
+    //! [`EventStore`](crate::EventStore) that applications pass around is then implemented
+    //! for it. It checks appends with [`check_append`] and [`check_batch`] before it stores
+    //! anything, builds its errors with [`Error::store`](crate::Error::store), and proves the
+    //! contract with the conformance suite (`eventfold::testing::conformance`, feature
+    //! `testing`). Everything the contract's signatures name is here or at the crate root, so
+    //! a backend needs no other dependency than `eventfold`:
+    //!
+    //! ```
+    //! use eventfold::backend::{
+    //!     EventLog, ReplayVisitor, SnapshotStore, SubscriptionStore, async_trait, check_append,
+    //! };
+    //! use eventfold::{AppendOutcome, ExpectedVersion, NewEvent, RecordedEvent, StreamId};
+    //!
+    //! /// A store that forwards its log to another and counts appends.
+    //! struct Counting<S> { inner: S, appends: std::sync::atomic::AtomicU64 }
+    //!
+    //! #[async_trait]
+    //! impl<S: EventLog> EventLog for Counting<S> {
+    //!     async fn append(
+    //!         &self,
+    //!         stream: &StreamId,
+    //!         expected: ExpectedVersion,
+    //!         events: Vec<NewEvent>,
+    //!     ) -> eventfold::Result<AppendOutcome> {
+    //!         check_append(stream, &events)?;
+    //!         self.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    //!         self.inner.append(stream, expected, events).await
+    //!     }
+    //!     async fn read_stream(&self, s: &StreamId, from: u64) -> eventfold::Result<Vec<RecordedEvent>> {
+    //!         self.inner.read_stream(s, from).await
+    //!     }
+    //!     async fn replay_stream(
+    //!         &self,
+    //!         s: &StreamId,
+    //!         from: u64,
+    //!         visitor: Box<dyn ReplayVisitor>,
+    //!     ) -> eventfold::Result<Box<dyn ReplayVisitor>> {
+    //!         self.inner.replay_stream(s, from, visitor).await
+    //!     }
+    //!     async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
+    //!         self.inner.read_all(from, limit).await
+    //!     }
+    //!     async fn get(&self, id: eventfold::backend::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
+    //!         self.inner.get(id).await
+    //!     }
+    //!     async fn stream_version(&self, s: &StreamId) -> eventfold::Result<u64> {
+    //!         self.inner.stream_version(s).await
+    //!     }
+    //!     async fn head_position(&self) -> eventfold::Result<u64> {
+    //!         self.inner.head_position().await
+    //!     }
+    //!     fn watch_head(&self) -> eventfold::backend::watch::Receiver<u64> {
+    //!         self.inner.watch_head()
+    //!     }
+    //!     async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+    //!         self.inner.statistics().await
+    //!     }
+    //! }
+    //! ```
+
+    pub use eventfold_core::{
+        AppendRequest, DEFAULT_FAILURE_RETENTION, EventLog, NewDeadLetter, ReplayVisitor,
+        ReplayedEvent, SnapshotStore, SubscriptionStore, check_append, check_batch,
+    };
+
+    /// The attribute the store contract's traits are written with.
+    pub use async_trait::async_trait;
+
+    /// The event and dead-letter ids of the contract.
+    pub use uuid::Uuid;
+
+    /// The timestamps of the contract.
+    pub use chrono::{DateTime, Utc};
+
+    /// The head watch of [`EventLog::watch_head`].
+    pub use tokio::sync::watch;
+}
+
+/// Testing helpers (feature `testing`): a given/when/then kit for aggregates, and the store
+/// conformance suite every backend runs.
+///
+/// ```toml
+/// [dev-dependencies]
+/// eventfold = { version = "0.1", features = ["testing"] }
+/// ```
+#[cfg(feature = "testing")]
+pub mod testing {
+    pub use eventfold_core::testing::{AggregateTest, Then};
+
+    /// The store conformance suite: run it on a backend with
+    /// [`store_conformance_tests!`](crate::testing::store_conformance_tests).
+    pub mod conformance {
+        pub use eventfold_core::testing::conformance::*;
+    }
+
+    pub use eventfold_core::store_conformance_tests;
+}
+
 /// The items most programs use, to import with `use eventfold::prelude::*`.
 pub mod prelude {
     pub use eventfold_core::{
@@ -123,4 +254,9 @@ pub mod prelude {
         InMemoryEventStore, Metadata, RecordedEvent, Repository, StreamId, registry,
     };
     pub use eventfold_macros::DomainEvent;
+
+    // The parts of the store contract, unnamed: their methods (`store.read_all(..)`,
+    // `store.load_checkpoint(..)`) are then callable on any store.
+    #[doc(hidden)]
+    pub use eventfold_core::{EventLog as _, SnapshotStore as _, SubscriptionStore as _};
 }

@@ -856,7 +856,7 @@ impl DamagedAt {
 }
 
 #[async_trait::async_trait]
-impl EventStore for DamagedAt {
+impl eventfold::backend::EventLog for DamagedAt {
     async fn append(
         &self,
         stream: &StreamId,
@@ -865,6 +865,7 @@ impl EventStore for DamagedAt {
     ) -> eventfold::Result<eventfold::AppendOutcome> {
         self.inner.append(stream, expected, events).await
     }
+
     async fn read_stream(
         &self,
         stream: &StreamId,
@@ -874,55 +875,78 @@ impl EventStore for DamagedAt {
         self.damage(&events)?;
         Ok(events)
     }
+
     async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
         let events = self.inner.read_all(from, limit).await?;
         self.damage(&events)?;
         Ok(events)
     }
+
     async fn get(&self, id: uuid::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
         let event = self.inner.get(id).await?;
         self.damage(event.as_slice())?;
         Ok(event)
     }
+
     async fn stream_version(&self, stream: &StreamId) -> eventfold::Result<u64> {
         self.inner.stream_version(stream).await
     }
+
     async fn head_position(&self) -> eventfold::Result<u64> {
         self.inner.head_position().await
     }
+
     fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.watch_head()
     }
+
+    async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+        self.inner.statistics().await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::SnapshotStore for DamagedAt {
     async fn save_snapshot(&self, snapshot: eventfold::Snapshot) -> eventfold::Result<()> {
         self.inner.save_snapshot(snapshot).await
     }
+
     async fn load_snapshot(
         &self,
         stream: &StreamId,
     ) -> eventfold::Result<Option<eventfold::Snapshot>> {
         self.inner.load_snapshot(stream).await
     }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::SubscriptionStore for DamagedAt {
     async fn load_checkpoint(&self, name: &str) -> eventfold::Result<Option<u64>> {
         self.inner.load_checkpoint(name).await
     }
+
     async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
         self.inner.save_checkpoint(name, position).await
     }
+
     async fn add_dead_letter(
         &self,
-        dead_letter: eventfold::NewDeadLetter,
+        dead_letter: eventfold::backend::NewDeadLetter,
     ) -> eventfold::Result<u64> {
         self.inner.add_dead_letter(dead_letter).await
     }
+
     async fn dead_letters(
         &self,
         name: Option<&str>,
     ) -> eventfold::Result<Vec<eventfold::DeadLetter>> {
         self.inner.dead_letters(name).await
     }
+
     async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
         self.inner.remove_dead_letter(id).await
     }
+
     async fn record_failure(
         &self,
         failure: eventfold::FailureRecord,
@@ -930,21 +954,21 @@ impl EventStore for DamagedAt {
     ) -> eventfold::Result<()> {
         self.inner.record_failure(failure, retain).await
     }
+
     async fn clear_dead_letters(&self, name: Option<&str>) -> eventfold::Result<u64> {
         self.inner.clear_dead_letters(name).await
     }
+
     async fn clear_failures(&self, name: Option<&str>) -> eventfold::Result<u64> {
         self.inner.clear_failures(name).await
     }
+
     async fn failures(
         &self,
         name: &str,
         limit: usize,
     ) -> eventfold::Result<Vec<eventfold::FailureRecord>> {
         self.inner.failures(name, limit).await
-    }
-    async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
-        self.inner.statistics().await
     }
 }
 

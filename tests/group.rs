@@ -5,11 +5,10 @@
 
 use std::sync::{Arc, Mutex};
 
+use eventfold::backend::{ReplayVisitor, ReplayedEvent};
 use eventfold::prelude::*;
 use eventfold::testing::AggregateTest;
-use eventfold::{
-    Delivery, Error, EventBus, EventType, NewEvent, Outgoing, ReplayVisitor, ReplayedEvent,
-};
+use eventfold::{Delivery, Error, EventBus, EventType, NewEvent, Outgoing};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]

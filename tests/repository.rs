@@ -5,16 +5,14 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
-use chrono::Utc;
 use common::{Account, AccountCommand, AccountError, AccountEvent};
+use eventfold::backend::{
+    EventLog, NewDeadLetter, SnapshotStore, SubscriptionStore, Utc, Uuid, async_trait, watch,
+};
 use eventfold::prelude::*;
 use eventfold::{
-    AppendOutcome, DeadLetter, Error, FailureRecord, NewDeadLetter, NewEvent, Snapshot,
-    StoreStatistics,
+    AppendOutcome, DeadLetter, Error, FailureRecord, NewEvent, Snapshot, StoreStatistics,
 };
-use tokio::sync::watch;
-use uuid::Uuid;
 
 /// The real in-memory store, with two hooks: a competing writer that sneaks a deposit in
 /// before each of the next `conflicts` appends, and a log of `read_stream` calls.
@@ -37,7 +35,7 @@ impl Hooked {
 }
 
 #[async_trait]
-impl EventStore for Hooked {
+impl EventLog for Hooked {
     async fn append(
         &self,
         stream: &StreamId,
@@ -52,60 +50,84 @@ impl EventStore for Hooked {
         }
         self.inner.append(stream, expected, events).await
     }
+
     async fn read_stream(&self, s: &StreamId, from: u64) -> eventfold::Result<Vec<RecordedEvent>> {
         self.reads_from.lock().unwrap().push(from);
         self.inner.read_stream(s, from).await
     }
+
     async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
         self.inner.read_all(from, limit).await
     }
+
     async fn get(&self, id: Uuid) -> eventfold::Result<Option<RecordedEvent>> {
         self.inner.get(id).await
     }
+
     async fn stream_version(&self, s: &StreamId) -> eventfold::Result<u64> {
         self.inner.stream_version(s).await
     }
+
     async fn head_position(&self) -> eventfold::Result<u64> {
         self.inner.head_position().await
     }
+
     fn watch_head(&self) -> watch::Receiver<u64> {
         self.inner.watch_head()
     }
+
+    async fn statistics(&self) -> eventfold::Result<StoreStatistics> {
+        self.inner.statistics().await
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for Hooked {
     async fn save_snapshot(&self, s: Snapshot) -> eventfold::Result<()> {
         self.inner.save_snapshot(s).await
     }
+
     async fn load_snapshot(&self, s: &StreamId) -> eventfold::Result<Option<Snapshot>> {
         self.inner.load_snapshot(s).await
     }
+}
+
+#[async_trait]
+impl SubscriptionStore for Hooked {
     async fn load_checkpoint(&self, n: &str) -> eventfold::Result<Option<u64>> {
         self.inner.load_checkpoint(n).await
     }
+
     async fn save_checkpoint(&self, n: &str, p: u64) -> eventfold::Result<()> {
         self.inner.save_checkpoint(n, p).await
     }
+
     async fn add_dead_letter(&self, d: NewDeadLetter) -> eventfold::Result<u64> {
         self.inner.add_dead_letter(d).await
     }
+
     async fn dead_letters(&self, s: Option<&str>) -> eventfold::Result<Vec<DeadLetter>> {
         self.inner.dead_letters(s).await
     }
+
     async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
         self.inner.remove_dead_letter(id).await
     }
+
     async fn clear_dead_letters(&self, s: Option<&str>) -> eventfold::Result<u64> {
         self.inner.clear_dead_letters(s).await
     }
+
     async fn record_failure(&self, f: FailureRecord, retain: usize) -> eventfold::Result<()> {
         self.inner.record_failure(f, retain).await
     }
+
     async fn failures(&self, s: &str, limit: usize) -> eventfold::Result<Vec<FailureRecord>> {
         self.inner.failures(s, limit).await
     }
+
     async fn clear_failures(&self, s: Option<&str>) -> eventfold::Result<u64> {
         self.inner.clear_failures(s).await
-    }
-    async fn statistics(&self) -> eventfold::Result<StoreStatistics> {
-        self.inner.statistics().await
     }
 }
 
@@ -548,4 +570,29 @@ async fn snapshots_are_still_taken_when_commands_run_from_the_cache() {
     let state: Account = serde_json::from_str(&snapshot.state).unwrap();
     assert_eq!((state.balance, state.applied), (38, 20));
     assert_eq!(repo.cache_statistics().unwrap().hits, 24);
+}
+
+/// The README's tour: `Repository::<Account>::new(store)` with `store` straight from
+/// `SqliteEventStore::open`, no `Arc::new`; the store stays usable as a handle, and the
+/// bus and the repository share it by clone.
+#[tokio::test]
+async fn a_store_handle_from_open_builds_a_repository_and_a_bus_without_arc() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = eventfold::SqliteEventStore::open(dir.path().join("tour.db"), Default::default())
+        .await
+        .unwrap();
+    let bus = eventfold::EventBus::builder()
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let repo = Repository::<Account>::new(store.clone()).snapshot_every(100);
+    repo.execute("acc-1", open()).await.unwrap();
+    repo.execute("acc-1", AccountCommand::Deposit(10))
+        .await
+        .unwrap();
+    let (account, version) = repo.load("acc-1").await.unwrap();
+    assert_eq!((account.balance, version), (10, 2));
+    assert_eq!(store.head_position().await.unwrap(), 2);
+    bus.stop().await.unwrap();
+    store.close().await.unwrap();
 }

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::event::DomainEvent;
 use crate::record::{ExpectedVersion, Metadata, NewEvent, ReplayedEvent, Snapshot, StreamId};
 use crate::registry::registry;
-use crate::store::{EventStore, ReplayVisitor};
+use crate::store::{EventStore, IntoStore, ReplayVisitor};
 
 pub use cache::CacheStatistics;
 use cache::StateCache;
@@ -230,11 +230,13 @@ impl<A: Aggregate> Repository<A> {
     /// conflict, unless changed with [`max_retries`](Self::max_retries).
     pub const DEFAULT_MAX_RETRIES: u32 = 3;
 
-    /// A repository over `store`.
-    pub fn new(store: Arc<dyn EventStore>) -> Self {
+    /// A repository over `store`: a store handle (`SqliteEventStore`,
+    /// [`InMemoryEventStore`](crate::InMemoryEventStore)), an `Arc` of one, or an
+    /// `Arc<dyn EventStore>` (see [`IntoStore`]).
+    pub fn new(store: impl IntoStore) -> Self {
         const { assert!(aggregate_type_agrees::<A>(), aggregate_type_differs!()) };
         Repository {
-            store,
+            store: store.into_store(),
             max_retries: Self::DEFAULT_MAX_RETRIES,
             snapshots: None,
             cache: None,

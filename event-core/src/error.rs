@@ -326,12 +326,15 @@ impl Error {
     }
 
     /// Attaches the stored event's id and position to a decoding error; other errors pass
-    /// through unchanged.
+    /// through unchanged. For store backends.
+    #[doc(hidden)]
     pub fn at_event(self, id: Uuid, pos: u64) -> Self {
         self.locate(Some(id), pos)
     }
 
-    /// Attaches the stored event's position to a decoding error, keeping an id it has.
+    /// Attaches the stored event's position to a decoding error, keeping an id it has. For
+    /// store backends.
+    #[doc(hidden)]
     pub fn at_position(self, pos: u64) -> Self {
         self.locate(None, pos)
     }

@@ -71,7 +71,10 @@ pub use record::{
     NewDeadLetter, NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
 };
 pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
-pub use store::{DEFAULT_FAILURE_RETENTION, EventStore, ReplayVisitor, check_append, check_batch};
+pub use store::{
+    DEFAULT_FAILURE_RETENTION, EventLog, EventStore, IntoStore, ReplayVisitor, SnapshotStore,
+    SubscriptionStore, check_append, check_batch,
+};
 
 // Lets the derive's generated code in this crate's own tests name `::eventfold`.
 #[cfg(test)]

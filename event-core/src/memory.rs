@@ -14,9 +14,9 @@ use crate::record::{
     NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
 };
 use crate::registry::registry;
-use crate::store::{EventStore, check_batch};
+use crate::store::{EventLog, SnapshotStore, SubscriptionStore, check_batch};
 
-/// An [`EventStore`] that keeps everything in memory and loses it when dropped.
+/// An [`EventStore`](crate::EventStore) that keeps everything in memory and loses it when dropped.
 ///
 /// It keeps the whole store contract (it passes the same conformance suite as the SQLite
 /// store), so code tested against it behaves the same on a durable store. Cloning is cheap
@@ -189,7 +189,7 @@ impl Inner {
 }
 
 #[async_trait]
-impl EventStore for InMemoryEventStore {
+impl EventLog for InMemoryEventStore {
     async fn append(
         &self,
         stream: &StreamId,
@@ -270,6 +270,40 @@ impl EventStore for InMemoryEventStore {
         self.head.subscribe()
     }
 
+    async fn statistics(&self) -> Result<StoreStatistics> {
+        let inner = self.lock();
+        let head = inner.log.len() as u64;
+        let mut events_by_type = BTreeMap::new();
+        for e in &inner.log {
+            *events_by_type.entry(e.event_type.to_string()).or_insert(0) += 1;
+        }
+        Ok(StoreStatistics {
+            events: head,
+            events_by_type,
+            aggregates: inner.streams.len() as u64,
+            first_position: inner.log.first().map(|e| e.position),
+            last_position: inner.log.last().map(|e| e.position),
+            first_recorded_at: inner.log.first().map(|e| e.recorded_at),
+            last_recorded_at: inner.log.last().map(|e| e.recorded_at),
+            checkpoints: inner
+                .checkpoints
+                .iter()
+                .map(|(name, &position)| Checkpoint {
+                    subscription: name.clone(),
+                    position,
+                    lag: head.saturating_sub(position),
+                })
+                .collect(),
+            dead_letters: inner.dead_letters.len() as u64,
+            failures: inner.failures.values().map(|r| r.len() as u64).sum(),
+            snapshots: inner.snapshots.len() as u64,
+            size_bytes: None,
+        })
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for InMemoryEventStore {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
         let stream = StreamId::new(&snapshot.aggregate_type, &snapshot.aggregate_id);
         let mut inner = self.lock();
@@ -290,7 +324,10 @@ impl EventStore for InMemoryEventStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>> {
         Ok(self.lock().snapshots.get(stream).cloned())
     }
+}
 
+#[async_trait]
+impl SubscriptionStore for InMemoryEventStore {
     async fn load_checkpoint(&self, subscription: &str) -> Result<Option<u64>> {
         Ok(self.lock().checkpoints.get(subscription).copied())
     }
@@ -400,36 +437,5 @@ impl EventStore for InMemoryEventStore {
             None => inner.failures.drain().map(|(_, r)| r.len()).sum(),
         };
         Ok(removed as u64)
-    }
-
-    async fn statistics(&self) -> Result<StoreStatistics> {
-        let inner = self.lock();
-        let head = inner.log.len() as u64;
-        let mut events_by_type = BTreeMap::new();
-        for e in &inner.log {
-            *events_by_type.entry(e.event_type.to_string()).or_insert(0) += 1;
-        }
-        Ok(StoreStatistics {
-            events: head,
-            events_by_type,
-            aggregates: inner.streams.len() as u64,
-            first_position: inner.log.first().map(|e| e.position),
-            last_position: inner.log.last().map(|e| e.position),
-            first_recorded_at: inner.log.first().map(|e| e.recorded_at),
-            last_recorded_at: inner.log.last().map(|e| e.recorded_at),
-            checkpoints: inner
-                .checkpoints
-                .iter()
-                .map(|(name, &position)| Checkpoint {
-                    subscription: name.clone(),
-                    position,
-                    lag: head.saturating_sub(position),
-                })
-                .collect(),
-            dead_letters: inner.dead_letters.len() as u64,
-            failures: inner.failures.values().map(|r| r.len() as u64).sum(),
-            snapshots: inner.snapshots.len() as u64,
-            size_bytes: None,
-        })
     }
 }

@@ -271,7 +271,7 @@ impl RecordedEvent {
     }
 }
 
-/// One stream's part of an [`EventStore::append_batch`](crate::EventStore::append_batch).
+/// One stream's part of an [`EventLog::append_batch`](crate::EventLog::append_batch).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendRequest {
     /// The stream to append to.

@@ -255,6 +255,7 @@ impl Registry {
     /// The registry's own copy of an event type name, borrowed for the program's
     /// lifetime; an unknown name is copied. Stores use it so that records of registered
     /// types do not each allocate their type name.
+    #[doc(hidden)]
     pub fn event_type_name(&self, name: &str) -> Cow<'static, str> {
         match self.by_name.get_key_value(name) {
             Some((&known, _)) => Cow::Borrowed(known),
@@ -263,6 +264,7 @@ impl Registry {
     }
 
     /// [`event_type_name`](Self::event_type_name) for aggregate type names.
+    #[doc(hidden)]
     pub fn aggregate_type_name(&self, name: &str) -> Cow<'static, str> {
         match self.aggregate_types.get_key_value(name) {
             Some((&known, _)) => Cow::Borrowed(known),

@@ -1,4 +1,7 @@
-//! The [`EventStore`] trait: the contract every backend keeps.
+//! The store contract every backend keeps: the parts [`EventLog`], [`SnapshotStore`] and
+//! [`SubscriptionStore`], and the umbrella [`EventStore`] of a complete store.
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -11,7 +14,7 @@ use crate::record::{
 };
 
 /// Receives a stream's events one by one during
-/// [`EventStore::replay_stream`]; it may run on a blocking thread of the store's.
+/// [`EventLog::replay_stream`]; it may run on a blocking thread of the store's.
 pub trait ReplayVisitor: Send + 'static {
     /// Takes the next event; an error ends the replay and is returned from it.
     fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()>;
@@ -20,15 +23,67 @@ pub trait ReplayVisitor: Send + 'static {
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
 
-/// How many failure records [`EventStore::record_failure`] keeps per subscription when the
+/// How many failure records [`SubscriptionStore::record_failure`] keeps per subscription when the
 /// bus records a failed attempt: the newest 1,000; older ones are removed as new ones come.
 pub const DEFAULT_FAILURE_RETENTION: usize = 1_000;
 
 /// Durable storage of event streams, the global log, snapshots, subscription checkpoints,
-/// dead letters and failure records.
+/// dead letters and failure records: a complete store, as applications pass it to a
+/// [`Repository`](crate::Repository), an [`EventBus`](crate::EventBus) or an `EventSystem`.
 ///
-/// Every backend keeps this contract, and proves it by passing the conformance suite
-/// (`eventfold_core::testing::conformance`, feature `testing`):
+/// The contract comes in three parts, each what one user needs: [`EventLog`] (the
+/// streams and the global log, which repositories and the bus read), [`SnapshotStore`]
+/// (a repository's snapshots) and [`SubscriptionStore`] (a durable bus's checkpoints,
+/// dead letters and failure records). A backend implements the three parts; `EventStore`
+/// is then implemented for it, and an `Arc<dyn EventStore>` upcasts to any part
+/// (`Arc<dyn EventLog>` and so on).
+///
+/// Every backend keeps the contract, and proves it by passing the conformance suite
+/// (`eventfold::testing::conformance`, feature `testing`), grouped by the same parts.
+pub trait EventStore: EventLog + SnapshotStore + SubscriptionStore {}
+
+impl<T: EventLog + SnapshotStore + SubscriptionStore + ?Sized> EventStore for T {}
+
+/// A store as [`Repository::new`](crate::Repository::new),
+/// [`EventBusBuilder::store`](crate::EventBusBuilder::store) and `EventSystem` take it: a
+/// store value (the stores are cheap `Clone` handles), an `Arc` of one, or an
+/// `Arc<dyn EventStore>`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use eventfold_core::{EventStore, InMemoryEventStore, IntoStore};
+///
+/// let store = InMemoryEventStore::new();
+/// let shared: Arc<dyn EventStore> = store.clone().into_store();
+/// let same: Arc<dyn EventStore> = Arc::new(store).into_store();
+/// let again: Arc<dyn EventStore> = Arc::clone(&shared).into_store();
+/// assert!(Arc::ptr_eq(&shared, &again));
+/// # drop(same);
+/// ```
+pub trait IntoStore {
+    /// The store as a shared handle.
+    fn into_store(self) -> Arc<dyn EventStore>;
+}
+
+impl<S: EventStore> IntoStore for S {
+    fn into_store(self) -> Arc<dyn EventStore> {
+        Arc::new(self)
+    }
+}
+
+impl<S: EventStore> IntoStore for Arc<S> {
+    fn into_store(self) -> Arc<dyn EventStore> {
+        self
+    }
+}
+
+impl IntoStore for Arc<dyn EventStore> {
+    fn into_store(self) -> Arc<dyn EventStore> {
+        self
+    }
+}
+
+/// The event log: streams of events with versions, and the global log with positions.
 ///
 /// - [`append`](Self::append) is atomic: all of its events are stored, or none.
 ///   It checks [`ExpectedVersion`] against the stream and fails with
@@ -40,7 +95,7 @@ pub const DEFAULT_FAILURE_RETENTION: usize = 1_000;
 ///   without gaps; positions follow commit order, so a reader that has seen position `p`
 ///   never later finds a new event at or below `p`.
 #[async_trait]
-pub trait EventStore: Send + Sync + 'static {
+pub trait EventLog: Send + Sync + 'static {
     /// Appends `events` to `stream` atomically if its version satisfies `expected`.
     async fn append(
         &self,
@@ -111,6 +166,15 @@ pub trait EventStore: Send + Sync + 'static {
     /// anything is appended, whoever appended it.
     fn watch_head(&self) -> watch::Receiver<u64>;
 
+    /// What the store holds: events, aggregates, the log's ends, and the snapshots,
+    /// checkpoints, dead letters and failure records of the other parts.
+    async fn statistics(&self) -> Result<StoreStatistics>;
+}
+
+/// Snapshots of aggregate states, which a [`Repository`](crate::Repository) saves and
+/// loads to skip replaying a long stream's beginning.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync + 'static {
     /// Stores a snapshot. It replaces the stored one unless that one is newer and still fits
     /// its stream (its version is at most the stream's); one ahead of its stream is always
     /// replaced, so it cannot keep good snapshots out. Versions compare as `u64`.
@@ -118,7 +182,12 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The latest snapshot of a stream.
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>>;
+}
 
+/// The state of a durable bus's subscriptions: checkpoints, dead letters and failure
+/// records.
+#[async_trait]
+pub trait SubscriptionStore: Send + Sync + 'static {
     /// The last position a subscription has handled, if it has a checkpoint.
     async fn load_checkpoint(&self, subscription: &str) -> Result<Option<u64>>;
 
@@ -154,9 +223,6 @@ pub trait EventStore: Send + Sync + 'static {
     /// Removes the failure records of one subscription, or every record when
     /// `subscription` is `None`; returns how many were removed.
     async fn clear_failures(&self, subscription: Option<&str>) -> Result<u64>;
-
-    /// What the store holds.
-    async fn statistics(&self) -> Result<StoreStatistics>;
 }
 
 /// Checks what every backend checks before it stores anything: at least one event, a

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use eventfold_core::{EventStore, ExpectedVersion, Metadata, NewEvent, RecordedEvent, StreamId};
+use eventfold_core::{EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, StreamId};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 use rusqlite::{Connection, params};
 use tokio::runtime::Runtime;

@@ -3,7 +3,7 @@
 //!
 //! ```
 //! use chrono::Utc;
-//! use eventfold_core::{EventStore, ExpectedVersion, Metadata, NewEvent, StreamId};
+//! use eventfold_core::{EventLog, ExpectedVersion, Metadata, NewEvent, StreamId};
 //! use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 //! use uuid::Uuid;
 //!
@@ -55,7 +55,7 @@
 //!   version conflict or a full disk fails only its own append, and each caller is answered
 //!   only after the transaction committed. If the `COMMIT` itself fails, every write of the
 //!   group fails as `OutcomeUnknown` (see [Errors](#errors)). A write that panics fails
-//!   alone, as `Other`, and the writer goes on. [`EventStore::append_batch`](eventfold_core::EventStore::append_batch)
+//!   alone, as `Other`, and the writer goes on. [`EventLog::append_batch`](eventfold_core::EventLog::append_batch)
 //!   stores appends to several streams all or none.
 //! - **Reads in parallel.** [`SqliteOptions::read_connections`] read connections serve
 //!   reads on blocking threads; WAL mode lets them read while the writer writes. An

@@ -1,4 +1,4 @@
-//! [`SqliteEventStore`]: the handle, its read connections, and the [`EventStore`] impl.
+//! [`SqliteEventStore`]: the handle, its read connections, and its store contract parts.
 
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use eventfold_core::{
-    AppendOutcome, AppendRequest, DeadLetter, EventStore, ExpectedVersion, FailureRecord,
-    NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Snapshot, StoreStatistics, StreamId,
-    check_append, check_batch,
+    AppendOutcome, AppendRequest, DeadLetter, EventLog, ExpectedVersion, FailureRecord,
+    NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Snapshot, SnapshotStore,
+    StoreStatistics, StreamId, SubscriptionStore, check_append, check_batch,
 };
 use rusqlite::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -25,7 +25,7 @@ use crate::sql;
 use crate::verify::VerifyReport;
 use crate::writer::{Command, Counters, Reply, Writer, checkpoint};
 
-/// An [`EventStore`] in a SQLite database: durable, one file, no server.
+/// An [`EventStore`](eventfold_core::EventStore) in a SQLite database: durable, one file, no server.
 ///
 /// One writer connection, on its own thread, commits every write; appends that arrive
 /// together are committed in one transaction (group commit), each with its own checks and
@@ -37,7 +37,7 @@ use crate::writer::{Command, Counters, Reply, Writer, checkpoint};
 ///
 /// Several processes may open the same file: each append checks and numbers its events
 /// inside its write transaction, so versions and positions stay gap-free across processes.
-/// [`watch_head`](EventStore::watch_head) follows this store's own commits; another
+/// [`watch_head`](EventLog::watch_head) follows this store's own commits; another
 /// process's appends show up in reads at once, and in the watch at this store's next commit.
 ///
 /// See the [crate docs](crate) for an example.
@@ -505,7 +505,7 @@ async fn spawn_blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'st
 }
 
 #[async_trait]
-impl EventStore for SqliteEventStore {
+impl EventLog for SqliteEventStore {
     async fn append(
         &self,
         stream: &StreamId,
@@ -588,6 +588,14 @@ impl EventStore for SqliteEventStore {
         self.shared.head.subscribe()
     }
 
+    async fn statistics(&self) -> eventfold_core::Result<StoreStatistics> {
+        let on_disk = self.shared.path.is_some();
+        self.read(move |conn| sql::statistics(conn, on_disk)).await
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for SqliteEventStore {
     async fn save_snapshot(&self, snapshot: Snapshot) -> eventfold_core::Result<()> {
         self.write(|reply| Command::SaveSnapshot { snapshot, reply })
             .await
@@ -598,7 +606,10 @@ impl EventStore for SqliteEventStore {
         self.read(move |conn| sql::load_snapshot(conn, &stream))
             .await
     }
+}
 
+#[async_trait]
+impl SubscriptionStore for SqliteEventStore {
     async fn load_checkpoint(&self, subscription: &str) -> eventfold_core::Result<Option<u64>> {
         let subscription = subscription.to_owned();
         self.read(move |conn| sql::load_checkpoint(conn, &subscription))
@@ -679,11 +690,6 @@ impl EventStore for SqliteEventStore {
         let subscription = subscription.to_owned();
         self.read(move |conn| sql::failures(conn, &subscription, limit))
             .await
-    }
-
-    async fn statistics(&self) -> eventfold_core::Result<StoreStatistics> {
-        let on_disk = self.shared.path.is_some();
-        self.read(move |conn| sql::statistics(conn, on_disk)).await
     }
 }
 

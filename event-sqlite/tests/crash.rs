@@ -20,7 +20,7 @@ use std::sync::mpsc::RecvTimeoutError;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use eventfold_core::{EventStore, ExpectedVersion};
+use eventfold_core::{EventLog, ExpectedVersion};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 use uuid::Uuid;
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use common::disk::{FailingDisk, SmallTmpfs};
 use common::*;
-use eventfold_core::{Error, EventStore, ExpectedVersion, NewEvent, StoreErrorKind};
+use eventfold_core::{Error, EventLog, ExpectedVersion, NewEvent, StoreErrorKind};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 use uuid::Uuid;
 

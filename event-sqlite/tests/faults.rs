@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use eventfold_core::{Error, EventStore, ExpectedVersion, StoreErrorKind};
+use eventfold_core::{Error, EventLog, ExpectedVersion, StoreErrorKind, SubscriptionStore};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 use tempfile::TempDir;
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::disk::SmallTmpfs;
 use common::*;
-use eventfold_core::{AppendRequest, EventStore, ExpectedVersion, StoreErrorKind};
+use eventfold_core::{AppendRequest, EventLog, ExpectedVersion, StoreErrorKind, SubscriptionStore};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 
 fn wal_size(db: &Path) -> u64 {

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use eventfold_core::{AppendOutcome, Error, EventStore, ExpectedVersion, StoreErrorKind};
+use eventfold_core::{
+    AppendOutcome, Error, EventLog, ExpectedVersion, StoreErrorKind, SubscriptionStore,
+};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 use tokio::task::JoinHandle;
 

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::*;
-use eventfold_core::{Error, EventStore, ExpectedVersion, RecordedEvent, Repository, StreamId};
+use eventfold_core::{
+    Error, EventLog, ExpectedVersion, RecordedEvent, Repository, SnapshotStore, StreamId,
+    SubscriptionStore,
+};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 use rusqlite::params;
 use tempfile::TempDir;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use eventfold_core::{Error, EventStore, ExpectedVersion};
+use eventfold_core::{Error, EventLog, ExpectedVersion, SubscriptionStore};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 
 /// Inserts a row by hand, as a damaged file or another program would leave it.

@@ -98,9 +98,10 @@ impl Default for EventBusBuilder {
 
 impl EventBusBuilder {
     /// Makes the bus durable: `publish` appends to this store, and subscriptions read its
-    /// log from their checkpoints (see [`EventBus`]).
-    pub fn store(mut self, store: Arc<dyn EventStore>) -> Self {
-        self.store = Some(store);
+    /// log from their checkpoints (see [`EventBus`]). Takes a store handle, an `Arc` of
+    /// one, or an `Arc<dyn EventStore>` (see [`IntoStore`](crate::IntoStore)).
+    pub fn store(mut self, store: impl crate::IntoStore) -> Self {
+        self.store = Some(store.into_store());
         self
     }
 

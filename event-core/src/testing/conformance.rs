@@ -1,5 +1,11 @@
 //! The store conformance suite: the [`EventStore`] contract as executable cases.
 //!
+//! The cases follow the contract's parts, and each takes the part it tests: most take an
+//! [`EventLog`] (appends, versions, positions, reads, replay, the head watch), one a
+//! [`SnapshotStore`], three a [`SubscriptionStore`] (checkpoints, dead letters, failure
+//! records), and four the whole [`EventStore`], where one part's records show in the log's
+//! [`statistics`](EventLog::statistics).
+//!
 //! A backend runs every case against fresh stores from its own factory with
 //! [`store_conformance_tests!`](crate::store_conformance_tests), which expands to one
 //! `#[test]` per case so failures are reported by name:
@@ -31,7 +37,7 @@ use crate::record::{
     AppendRequest, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter, NewEvent,
     RecordedEvent, Snapshot, StreamId,
 };
-use crate::store::{DEFAULT_FAILURE_RETENTION, EventStore};
+use crate::store::{DEFAULT_FAILURE_RETENTION, EventLog, EventStore, IntoStore, SubscriptionStore};
 
 /// A store for one case, with whatever must live as long as it (a temporary directory).
 pub struct StoreUnderTest {
@@ -41,24 +47,26 @@ pub struct StoreUnderTest {
 }
 
 impl StoreUnderTest {
-    /// A store that needs nothing else.
-    pub fn new(store: impl EventStore) -> Self {
+    /// A store that needs nothing else: a store handle, an `Arc` of one, or an
+    /// `Arc<dyn EventStore>`.
+    pub fn new(store: impl IntoStore) -> Self {
         StoreUnderTest {
-            store: Arc::new(store),
+            store: store.into_store(),
             _guard: None,
         }
     }
 
     /// A store with a guard dropped after the case (after the store).
-    pub fn with_guard(store: impl EventStore, guard: impl Any + Send + Sync) -> Self {
+    pub fn with_guard(store: impl IntoStore, guard: impl Any + Send + Sync) -> Self {
         StoreUnderTest {
-            store: Arc::new(store),
+            store: store.into_store(),
             _guard: Some(Box::new(guard)),
         }
     }
 }
 
-/// Runs one case on a fresh store from `factory`, on a multi-threaded runtime.
+/// Runs one case on a fresh store from `factory`, on a multi-threaded runtime. A case of
+/// one part takes the store as that part: `run(factory, |store| case(store))` upcasts it.
 pub fn run<F, Fut, C, CFut>(factory: F, case: C)
 where
     F: FnOnce() -> Fut,
@@ -84,6 +92,7 @@ where
 macro_rules! store_conformance_tests {
     ($factory:path) => {
         $crate::store_conformance_tests!(@cases $factory;
+            // EventLog
             append_assigns_gap_free_versions_and_positions,
             multi_event_append_is_atomic,
             batch_appends_to_several_streams_atomically,
@@ -101,11 +110,14 @@ macro_rules! store_conformance_tests {
             recorded_fields_round_trip_exactly,
             head_position_and_its_watch_follow_commits,
             concurrent_appends_race_without_gaps_or_double_winners,
+            // SnapshotStore
             snapshots_keep_the_latest,
             a_snapshot_ahead_of_its_stream_is_replaced,
+            // SubscriptionStore
             checkpoints_are_saved_and_overwritten,
             dead_letters_are_listed_filtered_and_removed,
             failures_are_recorded_per_subscription,
+            // the parts together (their counts in the log's statistics)
             one_dead_letter_per_subscription_and_event,
             failure_records_beyond_the_retention_are_removed,
             bulk_clears_remove_dead_letters_and_failures,
@@ -116,7 +128,9 @@ macro_rules! store_conformance_tests {
         $(
             #[test]
             fn $case() {
-                $crate::testing::conformance::run($factory, $crate::testing::conformance::$case);
+                $crate::testing::conformance::run($factory, |store| {
+                    $crate::testing::conformance::$case(store)
+                });
             }
         )+
     };
@@ -170,7 +184,7 @@ fn assert_conflict(result: crate::Result<impl std::fmt::Debug>, want: ExpectedVe
 }
 
 /// Versions run 1.. per stream and positions 1.. over the log, interleaved streams too.
-pub async fn append_assigns_gap_free_versions_and_positions(store: Arc<dyn EventStore>) {
+pub async fn append_assigns_gap_free_versions_and_positions(store: Arc<dyn EventLog>) {
     let (a, b) = (stream("a"), stream("b"));
     let out = store
         .append(&a, ExpectedVersion::NoStream, events(1..=3))
@@ -208,7 +222,7 @@ pub async fn append_assigns_gap_free_versions_and_positions(store: Arc<dyn Event
 }
 
 /// A failing multi-event append stores none of its events.
-pub async fn multi_event_append_is_atomic(store: Arc<dyn EventStore>) {
+pub async fn multi_event_append_is_atomic(store: Arc<dyn EventLog>) {
     let s = stream("atomic");
     store
         .append(&s, ExpectedVersion::Any, events(1..=2))
@@ -246,7 +260,7 @@ pub async fn multi_event_append_is_atomic(store: Arc<dyn EventStore>) {
 }
 
 /// `append_batch` stores several streams' events together, or none of them.
-pub async fn batch_appends_to_several_streams_atomically(store: Arc<dyn EventStore>) {
+pub async fn batch_appends_to_several_streams_atomically(store: Arc<dyn EventLog>) {
     let (a, b, c) = (stream("batch-a"), stream("batch-b"), stream("batch-c"));
     let request = |s: &StreamId, expected, range| AppendRequest {
         stream: s.clone(),
@@ -295,7 +309,7 @@ pub async fn batch_appends_to_several_streams_atomically(store: Arc<dyn EventSto
 }
 
 /// `Any` appends whatever the version.
-pub async fn expected_version_any(store: Arc<dyn EventStore>) {
+pub async fn expected_version_any(store: Arc<dyn EventLog>) {
     let s = stream("any");
     assert_eq!(
         store
@@ -316,7 +330,7 @@ pub async fn expected_version_any(store: Arc<dyn EventStore>) {
 }
 
 /// `NoStream` succeeds once, then conflicts with the actual version.
-pub async fn expected_version_no_stream(store: Arc<dyn EventStore>) {
+pub async fn expected_version_no_stream(store: Arc<dyn EventLog>) {
     let s = stream("new");
     store
         .append(&s, ExpectedVersion::NoStream, events(1..=2))
@@ -329,7 +343,7 @@ pub async fn expected_version_no_stream(store: Arc<dyn EventStore>) {
 }
 
 /// `Exact` succeeds at the version, and conflicts above or below it; `Exact(0)` is a new stream.
-pub async fn expected_version_exact(store: Arc<dyn EventStore>) {
+pub async fn expected_version_exact(store: Arc<dyn EventLog>) {
     let s = stream("exact");
     store
         .append(&s, ExpectedVersion::Exact(0), events(1..=1))
@@ -365,7 +379,7 @@ pub async fn expected_version_exact(store: Arc<dyn EventStore>) {
 
 /// Sending an append again (say, after a lost reply) returns the first outcome and stores
 /// nothing new, even though its expected version is stale by then.
-pub async fn reappending_the_same_events_is_idempotent(store: Arc<dyn EventStore>) {
+pub async fn reappending_the_same_events_is_idempotent(store: Arc<dyn EventLog>) {
     let s = stream("idem");
     store
         .append(&s, ExpectedVersion::Any, events(1..=1))
@@ -393,7 +407,7 @@ pub async fn reappending_the_same_events_is_idempotent(store: Arc<dyn EventStore
 }
 
 /// An event id stored with other content (payload, type, metadata, stream) is refused.
-pub async fn same_event_id_with_other_content_is_refused(store: Arc<dyn EventStore>) {
+pub async fn same_event_id_with_other_content_is_refused(store: Arc<dyn EventLog>) {
     let s = stream("dup");
     let original = event(1);
     store
@@ -430,7 +444,7 @@ pub async fn same_event_id_with_other_content_is_refused(store: Arc<dyn EventSto
 }
 
 /// No events, an empty stream name, schema version 0, one id twice: refused, nothing stored.
-pub async fn malformed_appends_are_refused(store: Arc<dyn EventStore>) {
+pub async fn malformed_appends_are_refused(store: Arc<dyn EventLog>) {
     let s = stream("bad");
     let invalid = |r: crate::Result<_>| matches!(r, Err(Error::InvalidAppend { .. }));
     assert!(invalid(
@@ -460,7 +474,7 @@ pub async fn malformed_appends_are_refused(store: Arc<dyn EventStore>) {
 }
 
 /// Streams with the same id under other aggregate types are distinct.
-pub async fn streams_are_isolated(store: Arc<dyn EventStore>) {
+pub async fn streams_are_isolated(store: Arc<dyn EventLog>) {
     let account = StreamId::new("Account", "42");
     let order = StreamId::new("Order", "42");
     store
@@ -478,7 +492,7 @@ pub async fn streams_are_isolated(store: Arc<dyn EventStore>) {
 }
 
 /// `read_stream` starts at the given version; past the end it is empty.
-pub async fn read_stream_from_a_version(store: Arc<dyn EventStore>) {
+pub async fn read_stream_from_a_version(store: Arc<dyn EventLog>) {
     let s = stream("from");
     store
         .append(&s, ExpectedVersion::Any, events(1..=10))
@@ -534,7 +548,7 @@ impl crate::store::ReplayVisitor for Collect {
 /// version on, and ends at the first error of its visitor, naming the event's id and
 /// position in it.
 pub async fn replay_stream_lends_the_stream_in_order_and_stops_at_an_error(
-    store: Arc<dyn EventStore>,
+    store: Arc<dyn EventLog>,
 ) {
     let s = stream("replay");
     store
@@ -587,7 +601,7 @@ pub async fn replay_stream_lends_the_stream_in_order_and_stops_at_an_error(
 }
 
 /// `read_all` pages through the log in commit order.
-pub async fn read_all_in_commit_order_from_a_position_with_a_limit(store: Arc<dyn EventStore>) {
+pub async fn read_all_in_commit_order_from_a_position_with_a_limit(store: Arc<dyn EventLog>) {
     for i in 0..5 {
         let s = stream(&format!("s{}", i % 2));
         store
@@ -614,7 +628,7 @@ pub async fn read_all_in_commit_order_from_a_position_with_a_limit(store: Arc<dy
 }
 
 /// `get` finds an event by id; an unknown id is `None`.
-pub async fn get_by_event_id(store: Arc<dyn EventStore>) {
+pub async fn get_by_event_id(store: Arc<dyn EventLog>) {
     let batch = events(1..=3);
     store
         .append(&stream("get"), ExpectedVersion::Any, batch.clone())
@@ -627,7 +641,7 @@ pub async fn get_by_event_id(store: Arc<dyn EventStore>) {
 
 /// Every field comes back exactly as appended: ids, times to the microsecond and below,
 /// metadata, payload text with escapes and non-ASCII.
-pub async fn recorded_fields_round_trip_exactly(store: Arc<dyn EventStore>) {
+pub async fn recorded_fields_round_trip_exactly(store: Arc<dyn EventLog>) {
     let correlation = Uuid::now_v7();
     let new = NewEvent {
         event_id: Uuid::now_v7(),
@@ -667,7 +681,7 @@ pub async fn recorded_fields_round_trip_exactly(store: Arc<dyn EventStore>) {
 }
 
 /// The head position and its watch move with each commit.
-pub async fn head_position_and_its_watch_follow_commits(store: Arc<dyn EventStore>) {
+pub async fn head_position_and_its_watch_follow_commits(store: Arc<dyn EventLog>) {
     let mut head = store.watch_head();
     assert_eq!(*head.borrow_and_update(), 0);
     assert_eq!(store.head_position().await.unwrap(), 0);
@@ -694,7 +708,7 @@ pub async fn head_position_and_its_watch_follow_commits(store: Arc<dyn EventStor
 /// `Exact` expectation, while a reader tails the log. Exactly one append wins per stream
 /// version; no version or position is missing or doubled; positions only grow, and the
 /// tailing reader never finds a gap that is filled later.
-pub async fn concurrent_appends_race_without_gaps_or_double_winners(store: Arc<dyn EventStore>) {
+pub async fn concurrent_appends_race_without_gaps_or_double_winners(store: Arc<dyn EventLog>) {
     const TASKS: usize = 8;
     const STREAMS: usize = 10;
     const ROUNDS: usize = 25;
@@ -894,7 +908,7 @@ pub async fn a_snapshot_ahead_of_its_stream_is_replaced(store: Arc<dyn EventStor
 }
 
 /// Checkpoints are per subscription and can move.
-pub async fn checkpoints_are_saved_and_overwritten(store: Arc<dyn EventStore>) {
+pub async fn checkpoints_are_saved_and_overwritten(store: Arc<dyn SubscriptionStore>) {
     assert_eq!(store.load_checkpoint("projection").await.unwrap(), None);
     store.save_checkpoint("projection", 5).await.unwrap();
     store.save_checkpoint("mailer", 2).await.unwrap();
@@ -917,7 +931,7 @@ fn dead_letter(subscription: &str, position: u64) -> NewDeadLetter {
 }
 
 /// Dead letters get ids, list oldest first, filter by subscription, and can be removed.
-pub async fn dead_letters_are_listed_filtered_and_removed(store: Arc<dyn EventStore>) {
+pub async fn dead_letters_are_listed_filtered_and_removed(store: Arc<dyn SubscriptionStore>) {
     let a = store
         .add_dead_letter(dead_letter("mailer", 1))
         .await
@@ -965,7 +979,7 @@ fn failure(subscription: &str, attempt: u32) -> FailureRecord {
 }
 
 /// Failure records are kept per subscription and listed newest first.
-pub async fn failures_are_recorded_per_subscription(store: Arc<dyn EventStore>) {
+pub async fn failures_are_recorded_per_subscription(store: Arc<dyn SubscriptionStore>) {
     for attempt in 1..=3 {
         store
             .record_failure(failure("mailer", attempt), DEFAULT_FAILURE_RETENTION)
