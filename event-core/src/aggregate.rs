@@ -305,7 +305,7 @@ impl<A: Aggregate> Repository<A> {
     /// version, or whose state does not decode is ignored (full replay) until the next
     /// snapshot the repository takes replaces it. One ahead of its stream is replaced at
     /// once by a snapshot of the replayed state (the store takes it, see
-    /// [`EventStore::save_snapshot`]), or it would seem to fit once the stream caught up.
+    /// [`SnapshotStore::save_snapshot`](crate::SnapshotStore::save_snapshot)), or it would seem to fit once the stream caught up.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
         let stream = Self::stream(id);
         let Some((state, version)) = self.load_snapshot(&stream).await else {
