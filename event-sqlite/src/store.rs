@@ -213,6 +213,24 @@ impl SqliteEventStore {
         self.shared.path.as_deref()
     }
 
+    /// Waits until the idle writer has run more than `count` of the checkpoints that
+    /// [`WriterStatistics::checkpoints`] counts. For tests of the WAL's bound, which
+    /// otherwise could only poll the statistics.
+    #[doc(hidden)]
+    pub async fn __idle_checkpoints_past(&self, count: u64) {
+        let counters = &self.shared.counters;
+        loop {
+            let notified = counters.checkpointed.notified();
+            tokio::pin!(notified);
+            // Registered before the count is read, so a checkpoint in between wakes it.
+            notified.as_mut().enable();
+            if counters.checkpoints.load(Ordering::SeqCst) > count {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// What the writer has done: transactions and writes committed, commands queued.
     pub fn writer_statistics(&self) -> WriterStatistics {
         let counters = &self.shared.counters;

@@ -258,6 +258,8 @@ pub(crate) struct Counters {
     pub(crate) appends: AtomicU64,
     /// Checkpoints the idle writer ran that brought the WAL back to its limit.
     pub(crate) checkpoints: AtomicU64,
+    /// Wakes whoever waits for the next of those checkpoints.
+    pub(crate) checkpointed: tokio::sync::Notify,
     /// Writes taken into the transaction under way.
     pub(crate) in_progress: AtomicUsize,
 }
@@ -430,7 +432,8 @@ impl Writer {
         let _ = self.conn.busy_timeout(self.options.busy_timeout);
         match checkpointed {
             Ok(true) => {
-                self.counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+                self.counters.checkpoints.fetch_add(1, Ordering::SeqCst);
+                self.counters.checkpointed.notify_waiters();
                 tracing::debug!("the idle SQLite writer checkpointed and truncated the WAL");
             }
             Ok(false) => {
