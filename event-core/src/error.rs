@@ -339,6 +339,32 @@ impl Error {
         self.locate(None, pos)
     }
 
+    /// The stored event the error names, as (its id when known, its position), if it names
+    /// one: the variants [`locate`](Self::locate) fills.
+    pub(crate) fn stored_event(&self) -> Option<(Option<Uuid>, u64)> {
+        match self {
+            Error::CorruptEvent {
+                event_id, position, ..
+            }
+            | Error::UnknownEventType {
+                event_id, position, ..
+            }
+            | Error::WrongEventType {
+                event_id, position, ..
+            }
+            | Error::Payload {
+                event_id, position, ..
+            }
+            | Error::SchemaTooNew {
+                event_id, position, ..
+            }
+            | Error::Upcast {
+                event_id, position, ..
+            } => position.map(|p| (*event_id, p)),
+            _ => None,
+        }
+    }
+
     fn locate(mut self, id: Option<Uuid>, pos: u64) -> Self {
         match &mut self {
             Error::UnknownEventType {

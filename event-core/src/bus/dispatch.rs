@@ -225,31 +225,6 @@ pub(crate) struct Page {
     pub(crate) damaged: Option<Damaged>,
 }
 
-/// The stored event an error names, as (id when known, position), if it names one.
-fn located(error: &Error) -> Option<(Option<Uuid>, u64)> {
-    match error {
-        Error::CorruptEvent {
-            event_id, position, ..
-        }
-        | Error::UnknownEventType {
-            event_id, position, ..
-        }
-        | Error::WrongEventType {
-            event_id, position, ..
-        }
-        | Error::Payload {
-            event_id, position, ..
-        }
-        | Error::SchemaTooNew {
-            event_id, position, ..
-        }
-        | Error::Upcast {
-            event_id, position, ..
-        } => position.map(|p| (*event_id, p)),
-        _ => None,
-    }
-}
-
 /// Reads up to `limit` events from `from`. When a row cannot be read, the read stops
 /// there: the rows before it are returned with it. The row is the one the error names,
 /// or, if the store's error names none, the one found by reading fewer rows at a time
@@ -302,7 +277,7 @@ pub(crate) async fn read_page(store: &dyn EventStore, from: u64, limit: usize) -
 
 /// If `error` names a damaged row at or after `from`: the page of the rows before it.
 async fn before_located(store: &dyn EventStore, from: u64, error: &Error) -> Result<Option<Page>> {
-    let Some((event_id, position)) = located(error) else {
+    let Some((event_id, position)) = error.stored_event() else {
         return Ok(None);
     };
     if position < from {
