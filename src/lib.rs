@@ -122,6 +122,13 @@ pub use eventfold_core::{
 // Errors.
 pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};
 
+/// The README's code blocks, compiled and run as doc tests so that it cannot drift from
+/// the API. Blocks that define event types are `standalone_crate`: merged doc tests share
+/// one binary, and with it one event registry.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// What `#[derive(DomainEvent)]` and `upcaster!` expand to. Not a public API.
 #[doc(hidden)]
 pub use eventfold_core::__private;
