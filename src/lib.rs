@@ -105,7 +105,9 @@ pub use eventfold_core::{
     DomainEvent, EventType, EventTypeInfo, Registry, UpcastFn, registry, upcaster,
 };
 // Aggregates and repositories.
-pub use eventfold_core::{Aggregate, CacheStatistics, CommandError, Committed, Repository};
+pub use eventfold_core::{
+    Aggregate, CacheStatistics, CommandError, Committed, Decide, DecisionError, Repository,
+};
 // Stores and what they hold.
 pub use eventfold_core::{
     AppendOutcome, Checkpoint, DeadLetter, EventStore, ExpectedVersion, FailureRecord,
@@ -257,8 +259,9 @@ pub mod testing {
 /// The items most programs use, to import with `use eventfold::prelude::*`.
 pub mod prelude {
     pub use eventfold_core::{
-        Aggregate, CommandError, Committed, DomainEvent, EventStore, ExpectedVersion,
-        InMemoryEventStore, Metadata, RecordedEvent, Repository, StreamId, registry,
+        Aggregate, CommandError, Committed, Decide, DecisionError, DomainEvent, EventStore,
+        ExpectedVersion, InMemoryEventStore, Metadata, RecordedEvent, Repository, StreamId,
+        registry,
     };
     pub use eventfold_macros::DomainEvent;
 

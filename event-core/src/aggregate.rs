@@ -3,7 +3,9 @@
 
 mod cache;
 
+use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 
@@ -51,6 +53,112 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
 }
 
+/// A command of type `C` that asks services before it decides (a price feed, a uniqueness
+/// check): the asynchronous counterpart of [`Aggregate::handle`], run by
+/// [`Repository::decide`].
+///
+/// The decision borrows the command, so `C` need not be `Clone`: on a version conflict the
+/// repository reloads the aggregate and calls `decide` again with the same command, and
+/// the services are asked again about the state as it now is. An aggregate may implement
+/// `Decide` for several command types, each with its own services; its pure commands stay
+/// in [`Aggregate::handle`], whose path this adds nothing to.
+///
+/// ```
+/// use eventfold_core::{Aggregate, Decide, DecisionError, InMemoryEventStore, Repository};
+/// # use eventfold_macros::DomainEvent;
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
+/// # #[domain_event(aggregate = "Signup", crate = "eventfold_core")]
+/// # enum SignupEvent { Registered { email: String } }
+/// # #[derive(Debug, thiserror::Error)]
+/// # #[error("already registered")]
+/// # struct AlreadyRegistered;
+/// # #[derive(Default)]
+/// # struct Signup { registered: bool }
+/// # impl Aggregate for Signup {
+/// #     type Event = SignupEvent;
+/// #     type Command = std::convert::Infallible;
+/// #     type Error = AlreadyRegistered;
+/// #     fn apply(&mut self, _: &SignupEvent) { self.registered = true; }
+/// #     fn handle(&self, never: Self::Command) -> Result<Vec<SignupEvent>, AlreadyRegistered> {
+/// #         match never {}
+/// #     }
+/// # }
+///
+/// /// Tells whether an email address is taken, by asking a directory.
+/// struct Directory { taken: Vec<String> }
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("the directory did not answer")]
+/// struct DirectoryDown;
+///
+/// impl Directory {
+///     async fn is_taken(&self, email: &str) -> Result<bool, DirectoryDown> {
+///         Ok(self.taken.iter().any(|t| t == email))
+///     }
+/// }
+///
+/// struct Register { email: String }              // not Clone
+///
+/// impl Decide<Register> for Signup {
+///     type Services = Directory;
+///     type ServiceError = DirectoryDown;
+///
+///     async fn decide(
+///         &self,
+///         command: &Register,
+///         directory: &Directory,
+///     ) -> Result<Vec<SignupEvent>, DecisionError<AlreadyRegistered, DirectoryDown>> {
+///         let taken = directory.is_taken(&command.email).await.map_err(DecisionError::Service)?;
+///         if self.registered || taken {
+///             return Err(DecisionError::Rejected(AlreadyRegistered));
+///         }
+///         Ok(vec![SignupEvent::Registered { email: command.email.clone() }])
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let directory = Directory { taken: vec!["bob@example.com".into()] };
+/// let repo = Repository::<Signup>::new(InMemoryEventStore::new());
+/// let register = |email: &str| Register { email: email.into() };
+/// repo.decide("s-1", register("ada@example.com"), &directory).await?;
+/// let refused = repo.decide("s-2", register("bob@example.com"), &directory).await;
+/// assert!(refused.unwrap_err().rejection().is_some());
+/// # Ok(())
+/// # }
+/// ```
+pub trait Decide<C>: Aggregate {
+    /// What the decision asks: a client, a read model, a `dyn` trait of your own.
+    type Services: ?Sized + Sync;
+    /// Why a service could not answer. It is not a refusal: the repository returns it as
+    /// [`CommandError::Service`] at once, without retrying.
+    type ServiceError: std::error::Error + Send + Sync + 'static;
+
+    /// Decides the events `command` causes, from the current state and what the services
+    /// answer; never mutates. Write it as an `async fn`; the future must be `Send`.
+    #[allow(clippy::type_complexity)] // spelled out, as an `async fn` implementing it writes it
+    fn decide(
+        &self,
+        command: &C,
+        services: &Self::Services,
+    ) -> impl Future<
+        Output = Result<Vec<Self::Event>, DecisionError<Self::Error, Self::ServiceError>>,
+    > + Send;
+}
+
+/// Why a [`Decide::decide`] caused no events: the aggregate refused the command, or a
+/// service it asked failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionError<E, S> {
+    /// The aggregate refused the command (a domain error).
+    #[error(transparent)]
+    Rejected(E),
+    /// A service the decision asked failed.
+    #[error(transparent)]
+    Service(S),
+}
+
 /// Whether `A::TYPE` is its events' aggregate type; evaluated at compile time wherever a
 /// repository of `A` is built or a test of `A` runs a command, so that the two cannot drift
 /// apart.
@@ -68,10 +176,12 @@ macro_rules! aggregate_type_differs {
 }
 pub(crate) use aggregate_type_differs;
 
-/// The result of [`Repository::execute`]: a domain refusal, or a failure to load or store.
+/// The result of [`Repository::execute`]: a domain refusal, or a failure to load or store;
+/// of [`Repository::decide`] also a service's failure (`S`, which for `execute` is
+/// [`Infallible`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum CommandError<E> {
+pub enum CommandError<E, S = Infallible> {
     /// The aggregate refused the command; nothing was stored. It reads as the domain error
     /// itself (a pure wrapper: the variant says it is a refusal).
     #[error(transparent)]
@@ -80,15 +190,88 @@ pub enum CommandError<E> {
     /// ([`Error::VersionConflict`] then carries the expected and actual versions).
     #[error(transparent)]
     Store(#[from] Error),
+    /// A service the decision asked failed ([`Decide::ServiceError`]); nothing was stored.
+    #[error(transparent)]
+    Service(S),
 }
 
-impl<E> CommandError<E> {
+impl<E, S> CommandError<E, S> {
     /// The domain error, if the aggregate refused the command.
     pub fn rejection(&self) -> Option<&E> {
         match self {
             CommandError::Rejected(e) => Some(e),
-            CommandError::Store(_) => None,
+            CommandError::Store(_) | CommandError::Service(_) => None,
         }
+    }
+
+    /// The service's error, if a service the decision asked failed.
+    pub fn service_error(&self) -> Option<&S> {
+        match self {
+            CommandError::Service(e) => Some(e),
+            CommandError::Rejected(_) | CommandError::Store(_) => None,
+        }
+    }
+}
+
+impl<E, S> From<DecisionError<E, S>> for CommandError<E, S> {
+    fn from(error: DecisionError<E, S>) -> Self {
+        match error {
+            DecisionError::Rejected(e) => CommandError::Rejected(e),
+            DecisionError::Service(e) => CommandError::Service(e),
+        }
+    }
+}
+
+/// One attempt's decision, made again after every reload: [`Aggregate::handle`] on a clone
+/// of the command, or [`Decide::decide`] with the services. Monomorphised per path, so the
+/// pure path's future is `ready` and nothing is boxed.
+trait Decider<A: Aggregate> {
+    type ServiceError;
+    #[allow(clippy::type_complexity)] // the same type as `Decide::decide`'s
+    fn decide(
+        &self,
+        state: &A,
+    ) -> impl Future<Output = Result<Vec<A::Event>, DecisionError<A::Error, Self::ServiceError>>> + Send;
+}
+
+/// The pure path: `handle` takes the command by value, so each attempt takes a clone.
+struct Handle<C>(C);
+
+impl<A: Aggregate> Decider<A> for Handle<A::Command>
+where
+    A::Command: Clone,
+{
+    type ServiceError = Infallible;
+    fn decide(
+        &self,
+        state: &A,
+    ) -> impl Future<Output = Result<Vec<A::Event>, DecisionError<A::Error, Infallible>>> + Send
+    {
+        std::future::ready(
+            state
+                .handle(self.0.clone())
+                .map_err(DecisionError::Rejected),
+        )
+    }
+}
+
+/// The asking path: the command is borrowed by each attempt, the services too.
+struct Ask<'s, C, S: ?Sized> {
+    command: C,
+    services: &'s S,
+}
+
+impl<A, C> Decider<A> for Ask<'_, C, A::Services>
+where
+    A: Decide<C>,
+{
+    type ServiceError = A::ServiceError;
+    fn decide(
+        &self,
+        state: &A,
+    ) -> impl Future<Output = Result<Vec<A::Event>, DecisionError<A::Error, A::ServiceError>>> + Send
+    {
+        state.decide(&self.command, self.services)
     }
 }
 
@@ -414,6 +597,51 @@ impl<A: Aggregate> Repository<A> {
     where
         A::Command: Clone,
     {
+        self.run(id, Handle(command), metadata).await
+    }
+
+    /// Runs a command that asks `services` before it decides (see [`Decide`]): load,
+    /// decide, append expecting the loaded version. On a version conflict it reloads and
+    /// decides again (asking the services again) up to [`max_retries`](Self::max_retries)
+    /// times. A service's failure is [`CommandError::Service`], returned at once. The
+    /// command is borrowed by every attempt, so it need not be `Clone`.
+    pub async fn decide<C>(
+        &self,
+        id: &str,
+        command: C,
+        services: &A::Services,
+    ) -> Result<Committed<A::Event>, CommandError<A::Error, A::ServiceError>>
+    where
+        A: Decide<C>,
+        C: Send,
+    {
+        self.decide_with(id, command, services, Metadata::default())
+            .await
+    }
+
+    /// [`decide`](Self::decide) with metadata stored on every event the command causes.
+    pub async fn decide_with<C>(
+        &self,
+        id: &str,
+        command: C,
+        services: &A::Services,
+        metadata: Metadata,
+    ) -> Result<Committed<A::Event>, CommandError<A::Error, A::ServiceError>>
+    where
+        A: Decide<C>,
+        C: Send,
+    {
+        self.run(id, Ask { command, services }, metadata).await
+    }
+
+    /// Load, decide, append, and on a conflict reload and decide again: the one loop of
+    /// both [`execute_with`](Self::execute_with) and [`decide_with`](Self::decide_with).
+    async fn run<D: Decider<A> + Send>(
+        &self,
+        id: &str,
+        decider: D,
+        metadata: Metadata,
+    ) -> Result<Committed<A::Event>, CommandError<A::Error, D::ServiceError>> {
         let stream = Self::stream(id);
         let mut retries_left = self.max_retries;
         // Cleared once the cache has been found out of date for this command: from then on
@@ -429,9 +657,14 @@ impl<A: Aggregate> Repository<A> {
                 Some(entry) => entry,
                 None => self.load(id).await?,
             };
-            let decided = aggregate.handle(command.clone());
+            let decided = decider.decide(&aggregate).await;
             let events = match decided {
                 Ok(events) if !events.is_empty() => events,
+                // Not a decision about the state: returned as it is, the state kept.
+                Err(DecisionError::Service(error)) => {
+                    self.keep(id, aggregate, version);
+                    return Err(CommandError::Service(error));
+                }
                 // A refusal or a no-op stands only if the state it was decided on is current.
                 outcome => {
                     if from_cache && self.store.stream_version(&stream).await? != version {
@@ -446,7 +679,7 @@ impl<A: Aggregate> Repository<A> {
                             version,
                             positions: None,
                         }),
-                        Err(rejection) => Err(CommandError::Rejected(rejection)),
+                        Err(rejection) => Err(CommandError::from(rejection)),
                     };
                 }
             };

@@ -56,7 +56,9 @@ mod registry;
 mod store;
 pub mod testing;
 
-pub use aggregate::{Aggregate, CacheStatistics, CommandError, Committed, Repository};
+pub use aggregate::{
+    Aggregate, CacheStatistics, CommandError, Committed, Decide, DecisionError, Repository,
+};
 pub use bus::{
     BoxFuture, BusStatistics, Clock, DEFAULT_HANDLER_TIMEOUT, Delivery, DomainEventPublisher,
     EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, RetryPolicy,

@@ -1,8 +1,9 @@
 //! Given/when/then tests for aggregates, with no store involved.
 
+use std::convert::Infallible;
 use std::fmt::Debug;
 
-use crate::aggregate::Aggregate;
+use crate::aggregate::{Aggregate, Decide, DecisionError};
 use crate::event::DomainEvent;
 use crate::registry::registry;
 
@@ -81,7 +82,30 @@ impl<A: Aggregate> AggregateTest<A> {
                 crate::aggregate::aggregate_type_differs!()
             )
         };
-        let result = self.state.handle(command);
+        let result = self.state.handle(command).map_err(DecisionError::Rejected);
+        Then {
+            state: self.state,
+            result,
+        }
+    }
+
+    /// Decides a command that asks services (see [`Decide`]), with the services given:
+    /// your real ones, or test doubles of the same type.
+    pub async fn when_deciding<C>(
+        self,
+        command: C,
+        services: &A::Services,
+    ) -> Then<A, A::ServiceError>
+    where
+        A: Decide<C>,
+    {
+        const {
+            assert!(
+                crate::aggregate::aggregate_type_agrees::<A>(),
+                crate::aggregate::aggregate_type_differs!()
+            )
+        };
+        let result = self.state.decide(&command, services).await;
         Then {
             state: self.state,
             result,
@@ -89,13 +113,14 @@ impl<A: Aggregate> AggregateTest<A> {
     }
 }
 
-/// What a command led to, to check with the `then_*` methods.
-pub struct Then<A: Aggregate> {
+/// What a command led to, to check with the `then_*` methods. `S` is the error of the
+/// services a [`when_deciding`](AggregateTest::when_deciding) asked.
+pub struct Then<A: Aggregate, S = Infallible> {
     state: A,
-    result: Result<Vec<A::Event>, A::Error>,
+    result: Result<Vec<A::Event>, DecisionError<A::Error, S>>,
 }
 
-impl<A: Aggregate> Then<A>
+impl<A: Aggregate, S: Debug> Then<A, S>
 where
     A::Event: Debug,
     A::Error: Debug,
@@ -137,7 +162,12 @@ where
             Ok(events) => {
                 panic!("expected error {expected:?}, but the command produced {events:?}")
             }
-            Err(error) => assert_eq!(error, expected, "the command failed otherwise"),
+            Err(DecisionError::Rejected(error)) => {
+                assert_eq!(error, expected, "the command failed otherwise")
+            }
+            Err(DecisionError::Service(error)) => {
+                panic!("expected error {expected:?}, but a service failed: {error:?}")
+            }
         }
     }
 
@@ -146,7 +176,28 @@ where
     pub fn then_error_matches(self, check: impl FnOnce(&A::Error) -> bool) {
         match self.result {
             Ok(events) => panic!("expected an error, but the command produced {events:?}"),
-            Err(error) => assert!(check(&error), "unexpected error {error:?}"),
+            Err(DecisionError::Rejected(error)) => {
+                assert!(check(&error), "unexpected error {error:?}")
+            }
+            Err(DecisionError::Service(error)) => {
+                panic!("expected a refusal, but a service failed: {error:?}")
+            }
+        }
+    }
+
+    /// Asserts a service the decision asked failed, and hands its error to `check`.
+    #[track_caller]
+    pub fn then_service_error_matches(self, check: impl FnOnce(&S) -> bool) {
+        match self.result {
+            Ok(events) => {
+                panic!("expected a service error, but the command produced {events:?}")
+            }
+            Err(DecisionError::Rejected(error)) => {
+                panic!("expected a service error, but the command was refused: {error:?}")
+            }
+            Err(DecisionError::Service(error)) => {
+                assert!(check(&error), "unexpected service error {error:?}")
+            }
         }
     }
 
@@ -161,8 +212,18 @@ where
         check(&state);
     }
 
+    /// The raw result of a decision, for checks of your own.
+    pub fn into_decision(self) -> Result<Vec<A::Event>, DecisionError<A::Error, S>> {
+        self.result
+    }
+}
+
+impl<A: Aggregate> Then<A> {
     /// The raw result, for checks of your own.
     pub fn into_result(self) -> Result<Vec<A::Event>, A::Error> {
-        self.result
+        self.result.map_err(|error| match error {
+            DecisionError::Rejected(error) => error,
+            DecisionError::Service(never) => match never {},
+        })
     }
 }
