@@ -139,11 +139,9 @@ pub use eventfold_core::__private;
 /// [crate documentation](crate) for the attribute keys.
 pub use eventfold_macros::DomainEvent;
 
-#[cfg(feature = "sqlite")]
 mod system;
 
-#[cfg(feature = "sqlite")]
-pub use system::{EventSystem, EventSystemBuilder};
+pub use system::{EventSystem, EventSystemBuilder, StoreUrl};
 
 /// The SQLite store: the embedded default.
 #[cfg(feature = "sqlite")]

@@ -235,6 +235,28 @@ pub enum Error {
         reason: String,
     },
 
+    /// A store URL's scheme names no store this build opens (`sqlite:` needs the feature
+    /// `sqlite`); nothing was opened.
+    #[error("unknown store URL scheme `{scheme}` in `{url}`; this build opens {known}")]
+    UnknownStoreScheme {
+        /// The URL as given.
+        url: String,
+        /// Its scheme, the part before the first `:`.
+        scheme: String,
+        /// The schemes this build opens, for the message (`sqlite:, memory:`).
+        known: &'static str,
+    },
+
+    /// A store URL is malformed: no scheme, no path, or a part its store does not take
+    /// (a query, a fragment, a bad `%` escape); nothing was opened.
+    #[error("malformed store URL `{url}`: {reason}")]
+    InvalidStoreUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it, and the form that is expected.
+        reason: String,
+    },
+
     /// A handler failed when a dead letter was replayed; the dead letter is kept.
     #[error("subscription `{subscription}` failed on event {event_id}: {message}")]
     HandlerFailed {
