@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use eventfold::prelude::*;
-use eventfold::{Delivery, EventBus, NewEvent, Outgoing, SqliteEventStore, SqliteOptions};
+use eventfold::{
+    Delivery, EventBus, InMemoryEventStore, NewEvent, Outgoing, SqliteEventStore, SqliteOptions,
+};
 use rusqlite::{Connection, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -365,6 +367,9 @@ struct Sizes {
     /// `append_concurrent`: tasks × one-event appends each.
     concurrent_tasks: usize,
     concurrent_appends: usize,
+    /// `append_concurrent_64`: one-event appends per task, of 64 tasks.
+    concurrent_64_appends: usize,
+    /// `rehydrate` and `memory_rehydrate`: the aggregate's events.
     rehydrate_events: usize,
     /// `command_long_stream`: commands, and the size of the first and last windows.
     long_commands: usize,
@@ -384,6 +389,7 @@ const FULL: Sizes = Sizes {
     batch_aggregates: 1_000,
     concurrent_tasks: 8,
     concurrent_appends: 2_000,
+    concurrent_64_appends: 250,
     rehydrate_events: 10_000,
     long_commands: 10_000,
     long_window: 1_000,
@@ -401,6 +407,7 @@ const QUICK: Sizes = Sizes {
     batch_aggregates: 200,
     concurrent_tasks: 8,
     concurrent_appends: 250,
+    concurrent_64_appends: 32,
     rehydrate_events: 10_000,
     long_commands: 3_000,
     long_window: 1_000,
@@ -417,10 +424,15 @@ const PER_APPEND: usize = 100;
 /// The queue capacity of the transient bus and of the raw channel.
 const QUEUE_CAPACITY: usize = 10_000;
 
-const SCENARIOS: [&str; 9] = [
+/// The tasks of `append_concurrent_64`.
+const TASKS_64: usize = 64;
+
+const SCENARIOS: [&str; 11] = [
     "append_batch",
     "append_concurrent",
+    "append_concurrent_64",
     "rehydrate",
+    "memory_rehydrate",
     "command_long_stream",
     "command_many",
     "bus_transient",
@@ -637,9 +649,46 @@ where
 }
 
 async fn append_concurrent(sizes: Sizes, dir: &Path) -> Res<Row> {
+    let (tasks, appends) = (sizes.concurrent_tasks, sizes.concurrent_appends);
+    let goal = Goal::RatioAtLeast(5.0);
+    concurrent_appends(
+        "append_concurrent",
+        tasks,
+        appends,
+        goal,
+        sizes.repeats,
+        dir,
+    )
+    .await
+}
+
+async fn append_concurrent_64(sizes: Sizes, dir: &Path) -> Res<Row> {
+    let (tasks, appends) = (TASKS_64, sizes.concurrent_64_appends);
+    let goal = Goal::RatioAtLeast(16.0);
+    concurrent_appends(
+        "append_concurrent_64",
+        tasks,
+        appends,
+        goal,
+        sizes.repeats,
+        dir,
+    )
+    .await
+}
+
+/// `tasks` tasks of `appends` one-event appends each, each awaiting its durable commit;
+/// raw: the same appends one transaction each, in sequence, on one connection.
+async fn concurrent_appends(
+    scenario: &'static str,
+    tasks: usize,
+    appends: usize,
+    goal: Goal,
+    repeats: usize,
+    dir: &Path,
+) -> Res<Row> {
     let mut samples = Samples::default();
-    let total = sizes.concurrent_tasks * sizes.concurrent_appends;
-    for repeat in 0..sizes.repeats {
+    let total = tasks * appends;
+    for repeat in 0..repeats {
         for side in sides(repeat) {
             let run = tempfile::tempdir_in(dir)?;
             let path = run.path().join("events.db");
@@ -647,10 +696,9 @@ async fn append_concurrent(sizes: Sizes, dir: &Path) -> Res<Row> {
                 Side::Eventfold => {
                     let store = open_store(&path).await?;
                     let started = Instant::now();
-                    let tasks: Vec<_> = (0..sizes.concurrent_tasks)
+                    let writers: Vec<_> = (0..tasks)
                         .map(|t| {
                             let store = Arc::clone(&store);
-                            let appends = sizes.concurrent_appends;
                             tokio::spawn(async move {
                                 let stream = StreamId::new(Account::TYPE, format!("task-{t}"));
                                 for n in 0..appends as u64 {
@@ -665,14 +713,14 @@ async fn append_concurrent(sizes: Sizes, dir: &Path) -> Res<Row> {
                             })
                         })
                         .collect();
-                    let elapsed = join_writers("append_concurrent", &store, tasks, started).await?;
+                    let elapsed = join_writers(scenario, &store, writers, started).await?;
                     per_second(total, elapsed)
                 }
                 Side::Raw => {
                     let mut raw = RawStore::create(&path).await?;
                     let started = Instant::now();
-                    for n in 0..sizes.concurrent_appends as u64 {
-                        for t in 0..sizes.concurrent_tasks {
+                    for n in 0..appends as u64 {
+                        for t in 0..tasks {
                             raw.append(
                                 &format!("task-{t}"),
                                 Some(n),
@@ -684,21 +732,16 @@ async fn append_concurrent(sizes: Sizes, dir: &Path) -> Res<Row> {
                     per_second(total, started.elapsed())
                 }
             };
-            progress("append_concurrent", repeat, side, value, "events/s");
+            progress(scenario, repeat, side, value, "events/s");
             samples.push(side, value);
         }
     }
-    Ok(Row::new(
-        "append_concurrent",
-        "events/s",
-        Goal::RatioAtLeast(5.0),
-        &samples,
+    Ok(
+        Row::new(scenario, "events/s", goal, &samples).baseline(format!(
+            "{tasks} tasks x {appends} one-event appends, each awaiting its commit; raw: the \
+             same appends one transaction each, in sequence"
+        )),
     )
-    .baseline(format!(
-        "{} tasks x {} one-event appends, each awaiting its commit; raw: the same \
-                 appends one transaction each, in sequence",
-        sizes.concurrent_tasks, sizes.concurrent_appends
-    )))
 }
 
 async fn rehydrate(sizes: Sizes, dir: &Path) -> Res<Row> {
@@ -754,6 +797,68 @@ async fn rehydrate(sizes: Sizes, dir: &Path) -> Res<Row> {
             sizes.rehydrate_events
         )),
     )
+}
+
+/// `memory_rehydrate`: the in-memory store's `Repository::load` of one long aggregate
+/// against folding a `Vec` of the same typed events, cloned for each load as a store that
+/// keeps typed events hands out copies.
+async fn memory_rehydrate(sizes: Sizes) -> Res<Row> {
+    let id = "acc-long";
+    let store = InMemoryEventStore::new();
+    let stream = StreamId::new(Account::TYPE, id);
+    let events: Vec<AccountEvent> = (0..sizes.rehydrate_events)
+        .map(|a| deposit(a as u64))
+        .collect();
+    for chunk in events.chunks(1_000) {
+        let new = chunk
+            .iter()
+            .map(|e| NewEvent::from_event(e, Metadata::default()))
+            .collect::<Result<Vec<_>, _>>()?;
+        store.append(&stream, ExpectedVersion::Any, new).await?;
+    }
+    let repo = Repository::<Account>::new(store);
+    let raw_load = |events: &Vec<AccountEvent>| {
+        let copy = std::hint::black_box(events.clone());
+        let mut account = Account::default();
+        for event in &copy {
+            account.fold(event);
+        }
+        (account, copy.len() as u64)
+    };
+    let (warm, version) = repo.load(id).await?;
+    let (raw_warm, raw_version) = raw_load(&events);
+    assert_eq!((warm.balance, version), (raw_warm.balance, raw_version));
+
+    let mut samples = Samples::default();
+    for repeat in 0..sizes.repeats * 20 {
+        for side in sides(repeat) {
+            let started = Instant::now();
+            let (account, version) = match side {
+                Side::Eventfold => repo.load(id).await?,
+                Side::Raw => raw_load(&events),
+            };
+            let value = per_second(sizes.rehydrate_events, started.elapsed());
+            assert_eq!(version, sizes.rehydrate_events as u64);
+            assert_eq!(account.deposits, sizes.rehydrate_events as u64);
+            samples.push(side, value);
+        }
+    }
+    eprintln!(
+        "  memory_rehydrate: eventfold {} events/s, raw {} events/s",
+        fmt_value(median(&samples.eventfold)),
+        fmt_value(median(&samples.raw))
+    );
+    Ok(Row::new(
+        "memory_rehydrate",
+        "events/s",
+        Goal::RatioAtLeast(0.8),
+        &samples,
+    )
+    .baseline(format!(
+        "InMemoryEventStore, Repository::load of one aggregate of {} events; raw: a Vec of \
+         the typed events cloned and folded",
+        sizes.rehydrate_events
+    )))
 }
 
 async fn command_long_stream(sizes: Sizes, dir: &Path) -> Res<Row> {
@@ -1244,16 +1349,16 @@ fn print_table(rows: &[Row], mode: &str, repeats: usize) {
     }
     println!();
     println!(
-        "| {:<19} | {:>12} | {:>12} | {:<12} | {:>6} | {:<12} | {:<4} |",
+        "| {:<20} | {:>12} | {:>12} | {:<12} | {:>6} | {:<12} | {:<4} |",
         "scenario", "eventfold", "raw", "unit", "ratio", "goal", "met"
     );
     println!(
-        "|{:-<21}|{:->14}|{:->14}|{:-<14}|{:->8}|{:-<14}|{:-<6}|",
+        "|{:-<22}|{:->14}|{:->14}|{:-<14}|{:->8}|{:-<14}|{:-<6}|",
         "", "", "", "", "", "", ""
     );
     for row in rows {
         println!(
-            "| {:<19} | {:>12} | {:>12} | {:<12} | {:>6.2} | {:<12} | {:<4} |",
+            "| {:<20} | {:>12} | {:>12} | {:<12} | {:>6.2} | {:<12} | {:<4} |",
             row.scenario,
             fmt_value(row.eventfold),
             fmt_value(row.raw),
@@ -1344,7 +1449,9 @@ async fn run(name: &str, sizes: Sizes, dir: &Path) -> Res<Row> {
     match name {
         "append_batch" => append_batch(sizes, dir).await,
         "append_concurrent" => append_concurrent(sizes, dir).await,
+        "append_concurrent_64" => append_concurrent_64(sizes, dir).await,
         "rehydrate" => rehydrate(sizes, dir).await,
+        "memory_rehydrate" => memory_rehydrate(sizes).await,
         "command_long_stream" => command_long_stream(sizes, dir).await,
         "command_many" => command_many(sizes, dir).await,
         "bus_transient" => bus_transient(sizes).await,

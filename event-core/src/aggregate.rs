@@ -368,26 +368,37 @@ impl<A: Aggregate> Fold<A> {
     }
 }
 
-impl<A: Aggregate> ReplayVisitor for Fold<A> {
-    fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()> {
+impl<A: Aggregate> Fold<A> {
+    /// Whether the event at `version` is to be folded in: not when the replay is skipping
+    /// (a misfit snapshot) or at the snapshot's own event, which the state holds already.
+    fn admits(&mut self, version: u64) -> Result<bool> {
         if self.misfit {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(anchor) = self.anchor.take() {
-            self.misfit = event.version != anchor;
-            return Ok(());
+            self.misfit = version != anchor;
+            return Ok(false);
         }
         // Versions run 1, 2, 3 ... without gaps; a stream that does not is damaged, and
         // folding it would give a state at a version the store does not have.
-        if self.version.checked_add(1) != Some(event.version) {
+        if self.version.checked_add(1) != Some(version) {
             return Err(Error::CorruptEvent {
                 event_id: None,
                 position: None,
                 reason: format!(
-                    "the stream's version {} follows version {}",
-                    event.version, self.version
+                    "the stream's version {version} follows version {}",
+                    self.version
                 ),
             });
+        }
+        Ok(true)
+    }
+}
+
+impl<A: Aggregate> ReplayVisitor for Fold<A> {
+    fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()> {
+        if !self.admits(event.version)? {
+            return Ok(());
         }
         let decoded: A::Event = registry().decode_cached(
             &mut self.registrations,
@@ -397,6 +408,23 @@ impl<A: Aggregate> ReplayVisitor for Fold<A> {
         )?;
         self.state.apply(&decoded);
         self.version = event.version;
+        Ok(())
+    }
+
+    fn visit_decoded(
+        &mut self,
+        event: ReplayedEvent<'_>,
+        decoded: &dyn std::any::Any,
+    ) -> Result<()> {
+        // The registered type is the aggregate's event type (not, say, a member of its
+        // group): fold it as it is, the very value a decode of the payload gives.
+        let Some(decoded) = decoded.downcast_ref::<A::Event>() else {
+            return self.visit(event);
+        };
+        if self.admits(event.version)? {
+            self.state.apply(decoded);
+            self.version = event.version;
+        }
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! An event store in memory: for tests, examples and transient set-ups.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -11,16 +12,20 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::record::{
     AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord,
-    NewDeadLetter, NewEvent, RecordedEvent, Snapshot, StoreStatistics, StreamId,
+    NewDeadLetter, NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
 };
 use crate::registry::registry;
-use crate::store::{EventLog, SnapshotStore, SubscriptionStore, check_batch};
+use crate::store::{EventLog, ReplayVisitor, SnapshotStore, SubscriptionStore, check_batch};
 
 /// An [`EventStore`](crate::EventStore) that keeps everything in memory and loses it when dropped.
 ///
 /// It keeps the whole store contract (it passes the same conformance suite as the SQLite
 /// store), so code tested against it behaves the same on a durable store. Cloning is cheap
 /// and shares the data.
+///
+/// Each event is also kept decoded, as the registry decodes its stored payload when it is
+/// appended, so a repository's load folds the decoded events without cloning or parsing
+/// them; every read still hands out the payload exactly as stored.
 #[derive(Clone)]
 pub struct InMemoryEventStore {
     inner: Arc<Mutex<Inner>>,
@@ -30,7 +35,7 @@ pub struct InMemoryEventStore {
 #[derive(Default)]
 struct Inner {
     /// The global log; the event at position `p` is at index `p - 1`.
-    log: Vec<RecordedEvent>,
+    log: Vec<Stored>,
     /// Each stream's positions, in version order.
     streams: HashMap<StreamId, Vec<u64>>,
     by_id: HashMap<Uuid, u64>,
@@ -42,6 +47,24 @@ struct Inner {
     next_dead_letter: u64,
     /// Each subscription's failure records, oldest first.
     failures: HashMap<String, VecDeque<FailureRecord>>,
+}
+
+/// An event as stored, and what its payload decodes into.
+struct Stored {
+    record: RecordedEvent,
+    /// The registry's decode of the stored payload (at the current schema), made once when
+    /// it is appended; `None` when it does not decode (an unregistered type, a payload that
+    /// does not fit), and replays then decode the payload and report why.
+    decoded: Option<Box<dyn Any + Send>>,
+}
+
+impl Stored {
+    fn new(record: RecordedEvent) -> Self {
+        let decoded = registry()
+            .decode_any(&record.event_type, record.schema_version, &record.payload)
+            .ok();
+        Stored { record, decoded }
+    }
 }
 
 impl Default for InMemoryEventStore {
@@ -116,7 +139,7 @@ impl Inner {
             let position = first_position + i as u64;
             self.by_id.insert(event.event_id, position);
             positions.push(position);
-            self.log.push(RecordedEvent {
+            self.log.push(Stored::new(RecordedEvent {
                 event_id: event.event_id,
                 aggregate_type: registry().aggregate_type_name(&request.stream.aggregate_type),
                 aggregate_id: request.stream.aggregate_id.clone(),
@@ -128,7 +151,7 @@ impl Inner {
                 recorded_at,
                 metadata: event.metadata,
                 payload: event.payload,
-            });
+            }));
         }
         let stream = self.streams.entry(request.stream).or_default();
         stream.extend(positions);
@@ -149,7 +172,7 @@ impl Inner {
         let mut stored = Vec::new();
         for event in events {
             if let Some(&pos) = self.by_id.get(&event.event_id) {
-                let recorded = &self.log[pos as usize - 1];
+                let recorded = &self.log[pos as usize - 1].record;
                 if !event.same_content(stream, recorded) {
                     return Err(Error::DuplicateEventId {
                         event_id: event.event_id,
@@ -240,14 +263,46 @@ impl EventLog for InMemoryEventStore {
         Ok(positions
             .iter()
             .skip(skip)
-            .map(|&p| inner.log[p as usize - 1].clone())
+            .map(|&p| inner.log[p as usize - 1].record.clone())
             .collect())
+    }
+
+    async fn replay_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        mut visitor: Box<dyn ReplayVisitor>,
+    ) -> Result<Box<dyn ReplayVisitor>> {
+        // Lent under the lock, nothing cloned: appends wait for the fold, as a SQLite
+        // replay's read transaction holds its snapshot of the file.
+        let inner = self.lock();
+        let Some(positions) = inner.streams.get(stream) else {
+            return Ok(visitor);
+        };
+        let skip = from_version.saturating_sub(1) as usize;
+        for &p in positions.iter().skip(skip) {
+            let stored = &inner.log[p as usize - 1];
+            let event = ReplayedEvent::from(&stored.record);
+            match &stored.decoded {
+                Some(decoded) => visitor.visit_decoded(event, decoded.as_ref()),
+                None => visitor.visit(event),
+            }
+            .map_err(|e| e.at_event(stored.record.event_id, stored.record.position))?;
+        }
+        drop(inner);
+        Ok(visitor)
     }
 
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
         let inner = self.lock();
         let start = (from_position.max(1) - 1) as usize;
-        Ok(inner.log.iter().skip(start).take(limit).cloned().collect())
+        Ok(inner
+            .log
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|e| e.record.clone())
+            .collect())
     }
 
     async fn get(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {
@@ -255,7 +310,7 @@ impl EventLog for InMemoryEventStore {
         Ok(inner
             .by_id
             .get(&event_id)
-            .map(|&p| inner.log[p as usize - 1].clone()))
+            .map(|&p| inner.log[p as usize - 1].record.clone()))
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64> {
@@ -274,17 +329,17 @@ impl EventLog for InMemoryEventStore {
         let inner = self.lock();
         let head = inner.log.len() as u64;
         let mut events_by_type = BTreeMap::new();
-        for e in &inner.log {
+        for Stored { record: e, .. } in &inner.log {
             *events_by_type.entry(e.event_type.to_string()).or_insert(0) += 1;
         }
         Ok(StoreStatistics {
             events: head,
             events_by_type,
             aggregates: inner.streams.len() as u64,
-            first_position: inner.log.first().map(|e| e.position),
-            last_position: inner.log.last().map(|e| e.position),
-            first_recorded_at: inner.log.first().map(|e| e.recorded_at),
-            last_recorded_at: inner.log.last().map(|e| e.recorded_at),
+            first_position: inner.log.first().map(|e| e.record.position),
+            last_position: inner.log.last().map(|e| e.record.position),
+            first_recorded_at: inner.log.first().map(|e| e.record.recorded_at),
+            last_recorded_at: inner.log.last().map(|e| e.record.recorded_at),
             checkpoints: inner
                 .checkpoints
                 .iter()

@@ -19,6 +19,20 @@ pub trait ReplayVisitor: Send + 'static {
     /// Takes the next event; an error ends the replay and is returned from it.
     fn visit(&mut self, event: ReplayedEvent<'_>) -> Result<()>;
 
+    /// Takes the next event together with `decoded`, what the registry decodes its payload
+    /// into (the Rust type that registers its event type, upcast to the current schema),
+    /// from a backend that keeps events decoded (the in-memory store), so the visitor can
+    /// skip decoding it again. The default ignores `decoded` and calls
+    /// [`visit`](Self::visit).
+    fn visit_decoded(
+        &mut self,
+        event: ReplayedEvent<'_>,
+        decoded: &dyn std::any::Any,
+    ) -> Result<()> {
+        let _ = decoded;
+        self.visit(event)
+    }
+
     /// The visitor as `Any`, to take it back after the replay.
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
