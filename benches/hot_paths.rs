@@ -3,13 +3,17 @@
 //! ```sh
 //! cargo bench --bench hot_paths                 # about a minute
 //! cargo bench --bench hot_paths -- dispatch     # one group
+//! cargo bench --bench hot_paths -- routing_hash # the bus's hash: FNV-1a against foldhash
 //! ```
 //!
 //! SQLite runs with `synchronous = NORMAL` here (in WAL mode: no disk sync per commit), so
 //! the numbers show eventfold's own code path rather than the disk; the durable
 //! (`FULL`) numbers, next to raw baselines, are in `cargo run --release --example perf_report`.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -216,12 +220,99 @@ fn dispatch(c: &mut Criterion) {
     group.finish();
 }
 
+/// The bus's routing hash as `event-core/src/bus/routing.rs` has it (crate-private there):
+/// FNV-1a with the high half folded in.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0 ^ (self.0 >> 32)
+    }
+}
+
+/// The stream hash of the bus (`BusEvent::stream_hash`) with either hasher.
+fn stream_hash(mut h: impl Hasher, aggregate_type: &str, aggregate_id: &str) -> u64 {
+    h.write(aggregate_type.as_bytes());
+    h.write_u8(0xff);
+    h.write(aggregate_id.as_bytes());
+    h.finish()
+}
+
+/// The two uses of the routing hash per event: the stream hash of its aggregate, and the
+/// routing table's lookup by event type; FNV-1a (what the bus uses) against foldhash.
+fn routing_hash(c: &mut Criterion) {
+    let mut group = c.benchmark_group("routing_hash");
+    let ids: Vec<String> = (0..1_000).map(|i| format!("acc-{i}")).collect();
+    group.throughput(Throughput::Elements(ids.len() as u64));
+    group.bench_function("stream_fnv", |b| {
+        b.iter(|| {
+            ids.iter().fold(0_u64, |acc, id| {
+                acc ^ stream_hash(Fnv::default(), black_box("Account"), id)
+            })
+        })
+    });
+    let fold = foldhash::fast::FixedState::with_seed(0);
+    group.bench_function("stream_foldhash", |b| {
+        b.iter(|| {
+            ids.iter().fold(0_u64, |acc, id| {
+                acc ^ stream_hash(fold.build_hasher(), black_box("Account"), id)
+            })
+        })
+    });
+
+    let names: Vec<&'static str> = vec![
+        "Deposited",
+        "Withdrawn",
+        "Opened",
+        "Closed",
+        "OrderPlaced",
+        "OrderFilled",
+        "OrderCancelled",
+        "StrategyStarted",
+    ];
+    let lookups: Vec<&str> = (0..1_000).map(|i| names[i % names.len()]).collect();
+    let fnv_table: HashMap<&str, usize, BuildHasherDefault<Fnv>> =
+        names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let fold_table: HashMap<&str, usize, foldhash::fast::FixedState> =
+        names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    group.bench_function("route_fnv", |b| {
+        b.iter(|| {
+            lookups
+                .iter()
+                .map(|n| fnv_table[black_box(n)])
+                .sum::<usize>()
+        })
+    });
+    group.bench_function("route_foldhash", |b| {
+        b.iter(|| {
+            lookups
+                .iter()
+                .map(|n| fold_table[black_box(n)])
+                .sum::<usize>()
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = hot_paths;
     config = Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(300))
         .measurement_time(Duration::from_secs(2));
-    targets = append, load, dispatch
+    targets = append, load, dispatch, routing_hash
 }
 criterion_main!(hot_paths);
