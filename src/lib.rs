@@ -147,7 +147,8 @@ pub use system::{EventSystem, EventSystemBuilder, StoreUrl};
 #[cfg(feature = "sqlite")]
 pub use eventfold_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 
-/// The SQLite store's crate, for its error type and the rest of its API.
+/// The SQLite store's crate, for the rest of its API: `WriterStatistics`, and the
+/// `VerifyReport` of `SqliteEventStore::verify`.
 #[cfg(feature = "sqlite")]
 pub use eventfold_sqlite as sqlite;
 

@@ -53,9 +53,9 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     fn handle(&self, command: Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
 }
 
-/// A command of type `C` that asks services before it decides (a price feed, a uniqueness
-/// check): the asynchronous counterpart of [`Aggregate::handle`], run by
-/// [`Repository::decide`].
+/// An aggregate's asynchronous decision of commands of type `C`, which ask services before
+/// they decide (a price feed, a uniqueness check): the counterpart of
+/// [`Aggregate::handle`], run by [`Repository::decide`].
 ///
 /// The decision borrows the command, so `C` need not be `Clone`: on a version conflict the
 /// repository reloads the aggregate and calls `decide` again with the same command, and
@@ -176,9 +176,9 @@ macro_rules! aggregate_type_differs {
 }
 pub(crate) use aggregate_type_differs;
 
-/// The result of [`Repository::execute`]: a domain refusal, or a failure to load or store;
-/// of [`Repository::decide`] also a service's failure (`S`, which for `execute` is
-/// [`Infallible`]).
+/// Why a command stored nothing: the aggregate refused it, loading or storing failed, or
+/// (for [`Repository::decide`]) a service it asked failed; `S` is the service's error,
+/// [`Infallible`] for [`Repository::execute`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CommandError<E, S = Infallible> {

@@ -58,9 +58,10 @@ pub trait EventStore: EventLog + SnapshotStore + SubscriptionStore {}
 
 impl<T: EventLog + SnapshotStore + SubscriptionStore + ?Sized> EventStore for T {}
 
-/// A store as [`Repository::new`](crate::Repository::new),
-/// [`EventBusBuilder::store`](crate::EventBusBuilder::store) and `EventSystem` take it: a
-/// store value (the stores are cheap `Clone` handles), an `Arc` of one, or an
+/// Anything that converts into a shared store, `Arc<dyn EventStore>`: what
+/// [`Repository::new`](crate::Repository::new),
+/// [`EventBusBuilder::store`](crate::EventBusBuilder::store) and `EventSystem::with_store`
+/// take. A store value (the stores are cheap `Clone` handles), an `Arc` of one, or an
 /// `Arc<dyn EventStore>`.
 ///
 /// ```
