@@ -650,7 +650,7 @@ where
 
 async fn append_concurrent(sizes: Sizes, dir: &Path) -> Res<Row> {
     let (tasks, appends) = (sizes.concurrent_tasks, sizes.concurrent_appends);
-    let goal = Goal::RatioAtLeast(5.0);
+    let goal = Goal::RatioAtLeast(4.0);
     concurrent_appends(
         "append_concurrent",
         tasks,
