@@ -99,8 +99,18 @@ impl<'r> StoredEvent<'r> {
     /// metadata). A replay checks the core half without reading the other fields; every
     /// other read checks both halves, so each read checks every field it returns.
     pub(crate) fn checksum(&self) -> i64 {
+        self.checksum_in(stream_hash(self.aggregate_type, self.aggregate_id))
+    }
+
+    /// [`checksum`](Self::checksum), given the [`stream_hash`] of the row's stream: the
+    /// writer computes it once per append rather than once per event.
+    pub(crate) fn checksum_in(&self, stream_hash: u64) -> i64 {
+        debug_assert_eq!(
+            stream_hash,
+            self::stream_hash(self.aggregate_type, self.aggregate_id)
+        );
         let core = core_hash(
-            stream_hash(self.aggregate_type, self.aggregate_id),
+            stream_hash,
             self.version,
             self.event_type,
             self.schema_version,
