@@ -161,6 +161,10 @@ pub(crate) struct Worker {
     jobs: VecDeque<Job>,
     /// The job whose deliveries are being offered, and how many of them were.
     job_in_hand: Option<(Job, usize)>,
+    /// The fresh delivery being attempted inline, kept here (not on the stack of the
+    /// future) so a panic there loses nothing. It gets a lane, in `in_hand`, only if it
+    /// does not simply succeed at once: most never need one.
+    fresh: Option<(Key, Pending)>,
     in_hand: Option<InHand>,
     open: bool,
     jitter: Jitter,
@@ -178,6 +182,7 @@ impl Worker {
             running: JoinSet::new(),
             jobs: VecDeque::new(),
             job_in_hand: None,
+            fresh: None,
             in_hand: None,
             open: true,
             jitter,
@@ -252,8 +257,15 @@ impl Worker {
                 continue;
             };
             let key = (sub.index, job.stream_hash);
-            let pending = Pending::new(job.event.clone(), sub);
-            self.job_in_hand = Some((job, offered + 1));
+            let pending = if offered + 1 == job.subs.len() {
+                // The job's last delivery takes its event: no reference to count up and
+                // down again (the event's count is shared with the publisher's thread).
+                Pending::new(job.event, sub)
+            } else {
+                let pending = Pending::new(job.event.clone(), sub);
+                self.job_in_hand = Some((job, offered + 1));
+                pending
+            };
             self.offer(key, pending).await;
         }
     }
@@ -265,35 +277,45 @@ impl Worker {
             self.wait_behind(key, pending);
             return;
         }
-        self.in_hand = Some(InHand {
-            key,
-            lane: Lane {
-                head: Some(pending),
-                ..Lane::default()
-            },
-        });
+        self.fresh = Some((key, pending));
         // Most attempts finish at once and well: that path stays small. The rest (a
         // failure, a handler still running) goes on in a boxed future, so the large state
         // of retries and dead letters is neither built nor moved for every delivery.
-        match self.first_attempt().await {
-            None => {}
-            Some(First::Outcome(outcome)) => {
+        let Some(rest) = self.first_attempt().await else {
+            return;
+        };
+        self.fresh_to_lane();
+        match rest {
+            First::Outcome(outcome) => {
                 Box::pin(async {
                     let step = self.after(outcome).await;
                     self.carry_on_from(step).await;
                 })
                 .await;
             }
-            Some(First::Running(attempt)) => {
+            First::Running(attempt) => {
                 let step = Step::Running(self.take_held(), attempt);
                 Box::pin(self.carry_on_from(step)).await;
             }
-            Some(First::Step) => Box::pin(self.carry_on()).await,
+            First::Step => Box::pin(self.carry_on()).await,
         }
     }
 
-    /// Attempts the fresh delivery in hand once, inline. None if it was handled (its lane
-    /// is free again); else what is left to carry on.
+    /// The fresh delivery becomes the head of its lane, in hand.
+    fn fresh_to_lane(&mut self) {
+        if let Some((key, pending)) = self.fresh.take() {
+            self.in_hand = Some(InHand {
+                key,
+                lane: Lane {
+                    head: Some(pending),
+                    ..Lane::default()
+                },
+            });
+        }
+    }
+
+    /// Attempts the fresh delivery once, inline. None if it was handled (its lane stays
+    /// free); else what is left to carry on.
     async fn first_attempt(&mut self) -> Option<First> {
         if self.finished.events > 0 && self.engine.room.available() < ROOM_CHUNK {
             // The queue is nearly full: report the room these deliveries hold now, since
@@ -301,7 +323,7 @@ impl Worker {
             self.report_finished();
         }
         let bus = self.engine.id();
-        let held = self.held();
+        let (_, held) = self.fresh.as_ref().expect("a fresh delivery");
         if !held.sub.active.load(Ordering::Acquire) || held.give_up {
             return Some(First::Step);
         }
@@ -312,10 +334,9 @@ impl Worker {
                 result: Ok(()),
                 elapsed,
             }) => {
-                let pending = self.take_held();
+                let (_, pending) = self.fresh.take().expect("a fresh delivery");
                 deliver::delivered(&self.engine, &pending.sub, elapsed);
                 self.finish(&pending);
-                self.in_hand = None;
                 None
             }
             Poll::Ready(outcome) => Some(First::Outcome(outcome)),
@@ -678,6 +699,7 @@ impl Worker {
     /// attempt (with the panic as its error), and its lane waits for the retry; the job
     /// in hand goes on from its next subscription.
     fn recover(&mut self, message: &str) {
+        self.fresh_to_lane();
         let Some(InHand { key, mut lane }) = self.in_hand.take() else {
             return;
         };
