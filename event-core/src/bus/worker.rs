@@ -15,7 +15,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
@@ -305,26 +304,34 @@ impl Worker {
             return;
         }
         self.fresh = Some((key, pending));
-        // Most attempts finish at once and well: that path stays small. The rest (a
-        // failure, a handler still running) goes on in a boxed future, so the large state
+        // Most attempts finish at once and well: that path stays small. A handler still
+        // running goes on beside the others while its lane waits for it (what
+        // `carry_on_from(Step::Running(..))` does, without a lane in hand). The rest (a
+        // failure, a subscription that left) goes on in a boxed future, so the large state
         // of retries and dead letters is neither built nor moved for every delivery.
-        let Some(rest) = self.first_attempt().await else {
-            return;
-        };
-        self.fresh_to_lane();
-        match rest {
-            First::Outcome(outcome) => {
+        match self.first_attempt().await {
+            None => {}
+            Some(First::Running(attempt)) => {
+                let (key, pending) = self.fresh.take().expect("a fresh delivery");
+                self.running.push(key, attempt);
+                let lane = Lane {
+                    head: Some(pending),
+                    ..Lane::default()
+                };
+                self.lanes.insert(key, lane);
+            }
+            Some(First::Outcome(outcome)) => {
+                self.fresh_to_lane();
                 Box::pin(async {
                     let step = self.after(outcome).await;
                     self.carry_on_from(step).await;
                 })
                 .await;
             }
-            First::Running(attempt) => {
-                let step = Step::Running(self.take_held(), attempt);
-                Box::pin(self.carry_on_from(step)).await;
+            Some(First::Step) => {
+                self.fresh_to_lane();
+                Box::pin(self.carry_on()).await;
             }
-            First::Step => Box::pin(self.carry_on()).await,
         }
     }
 
@@ -355,7 +362,8 @@ impl Worker {
             return Some(First::Step);
         }
         let mut attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
-        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut attempt).poll(cx))).await;
+        // Unarmed: a pending attempt goes to `running`, which polls it again at once.
+        let polled = std::future::poll_fn(|cx| Poll::Ready(attempt.poll_unarmed(cx))).await;
         match polled {
             Poll::Ready(Outcome {
                 result: Ok(()),
