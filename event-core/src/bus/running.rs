@@ -117,7 +117,11 @@ impl<T, F: Future + Unpin> Running<T, F> {
         let slot = &mut self.slots[index];
         slot.running = Some((tag, future));
         self.len += 1;
-        slot.waker.wake_by_ref();
+        // Queued for the next poll directly: the worker polls its running attempts next
+        // anyway, so waking its task (and taking the lock) would be a spurious round.
+        if !slot.flag.queued.swap(true, Ordering::AcqRel) {
+            self.woken.push(index);
+        }
     }
 
     /// Polls the futures woken since the last call (each once) and returns the first
