@@ -133,7 +133,7 @@ struct Lane {
 enum Step {
     /// Finished: handled, dead-lettered, or dropped because its subscription left.
     Done,
-    /// Its handler did not finish at once: it runs on as its own task.
+    /// Its handler did not finish at once: it runs on in the worker's `running` attempts.
     Running(Pending, Attempt),
     /// Waits until then for its next attempt (or for its dead letter to be stored).
     Wait(Pending, Instant),
@@ -549,7 +549,7 @@ impl Worker {
         }
     }
 
-    /// An attempt that ran as its own task is over.
+    /// An attempt that ran on in `running` is over.
     async fn attempt_over(&mut self, key: Key, outcome: Outcome) {
         let Some(lane) = self.lanes.remove(&key) else {
             return;
