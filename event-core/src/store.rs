@@ -252,6 +252,7 @@ pub fn check_append(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
     if stream.aggregate_type.is_empty() || stream.aggregate_id.is_empty() {
         return invalid(format!("stream `{stream}` needs an aggregate type and id"));
     }
+    let first_repeat = first_repeated_id(events);
     for (i, event) in events.iter().enumerate() {
         if event.event_type.is_empty() {
             return invalid(format!("event {} has no event type", event.event_id));
@@ -259,16 +260,40 @@ pub fn check_append(stream: &StreamId, events: &[NewEvent]) -> Result<()> {
         if event.schema_version == 0 {
             return invalid(format!("event {} has schema version 0", event.event_id));
         }
-        if events[..i].iter().any(|e| e.event_id == event.event_id) {
+        if first_repeat == Some(i) {
             return invalid(format!("event id {} appears twice", event.event_id));
         }
     }
     Ok(())
 }
 
+/// The index of the first event whose id an earlier event has. Pairwise for a few events;
+/// sorted for more, since a batch of 100 compared pairwise cost about 2% of an append.
+fn first_repeated_id(events: &[NewEvent]) -> Option<usize> {
+    if events.len() <= 16 {
+        return (1..events.len())
+            .find(|&i| events[..i].iter().any(|e| e.event_id == events[i].event_id));
+    }
+    let mut ids: Vec<(u128, usize)> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.event_id.as_u128(), i))
+        .collect();
+    ids.sort_unstable();
+    // Equal ids sort by index: the second of each pair is a repeat.
+    ids.windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[1].1)
+        .min()
+}
+
 /// Checks a batch as [`check_append`] checks one append, and that no stream appears twice
 /// and no event id repeats across the batch.
 pub fn check_batch(requests: &[AppendRequest]) -> Result<()> {
+    if let [request] = requests {
+        // One append: `check_append` already finds every repeated id.
+        return check_append(&request.stream, &request.events);
+    }
     let mut streams = std::collections::HashSet::new();
     let mut ids = std::collections::HashSet::new();
     for request in requests {
@@ -287,4 +312,47 @@ pub fn check_batch(requests: &[AppendRequest]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(ids: &[u128]) -> Vec<NewEvent> {
+        ids.iter()
+            .map(|&id| NewEvent {
+                event_id: Uuid::from_u128(id),
+                event_type: "Opened".into(),
+                schema_version: 1,
+                occurred_at: chrono::Utc::now(),
+                metadata: Default::default(),
+                payload: "{}".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_first_repeated_event_id_is_found_in_short_and_long_appends() {
+        let stream = StreamId::new("Account", "a-1");
+        for n in [2_u128, 15, 16, 17, 100] {
+            let mut ids: Vec<u128> = (1..=n).collect();
+            assert_eq!(first_repeated_id(&events(&ids)), None);
+            assert!(check_append(&stream, &events(&ids)).is_ok());
+            // The last id again, then the first: the repeat at index n comes first.
+            ids.push(n);
+            ids.push(1);
+            assert_eq!(
+                first_repeated_id(&events(&ids)),
+                Some(n as usize),
+                "{n} events"
+            );
+            let error = check_append(&stream, &events(&ids))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("{} appears twice", Uuid::from_u128(n))),
+                "{error}"
+            );
+        }
+    }
 }

@@ -99,8 +99,18 @@ impl<'r> StoredEvent<'r> {
     /// metadata). A replay checks the core half without reading the other fields; every
     /// other read checks both halves, so each read checks every field it returns.
     pub(crate) fn checksum(&self) -> i64 {
+        self.checksum_in(stream_hash(self.aggregate_type, self.aggregate_id))
+    }
+
+    /// [`checksum`](Self::checksum), given the [`stream_hash`] of the row's stream: the
+    /// writer computes it once per append rather than once per event.
+    pub(crate) fn checksum_in(&self, stream_hash: u64) -> i64 {
+        debug_assert_eq!(
+            stream_hash,
+            self::stream_hash(self.aggregate_type, self.aggregate_id)
+        );
         let core = core_hash(
-            stream_hash(self.aggregate_type, self.aggregate_id),
+            stream_hash,
             self.version,
             self.event_type,
             self.schema_version,
@@ -135,8 +145,20 @@ impl<'r> StoredEvent<'r> {
         checksum: Option<i64>,
         problems: &mut Vec<String>,
     ) -> Option<CheckedEvent<'r>> {
+        let stream_hash = stream_hash(self.aggregate_type, self.aggregate_id);
+        self.check_in(stream_hash, checksum, problems)
+    }
+
+    /// [`check`](Self::check), given the [`stream_hash`] of the row's stream (see
+    /// [`LastStream`]).
+    pub(crate) fn check_in(
+        &self,
+        stream_hash: u64,
+        checksum: Option<i64>,
+        problems: &mut Vec<String>,
+    ) -> Option<CheckedEvent<'r>> {
         match checksum {
-            Some(stored) if stored == self.checksum() => {}
+            Some(stored) if stored == self.checksum_in(stream_hash) => {}
             Some(_) => problems.push("its checksum does not match its fields".to_owned()),
             None => problems.push("it has no checksum".to_owned()),
         }
@@ -198,6 +220,38 @@ pub(crate) fn corrupt_event(event_id: Option<Uuid>, position: i64, problems: &[S
         // Positions start at 1: 0 stands for one that cannot be read.
         position: u64::try_from(position).ok().filter(|p| *p > 0),
         reason: problems.join("; "),
+    }
+}
+
+/// The [`stream_hash`] of the stream of the last row read, so that a read of consecutive
+/// rows of one stream (a stream, or a page of the log written by batched appends) hashes
+/// the stream once rather than once per row.
+#[derive(Debug, Default)]
+pub(crate) struct LastStream {
+    aggregate_type: Vec<u8>,
+    aggregate_id: Vec<u8>,
+    hash: Option<u64>,
+}
+
+impl LastStream {
+    /// The [`stream_hash`] of this stream: the last one's if it is the same stream.
+    pub(crate) fn hash(&mut self, aggregate_type: &[u8], aggregate_id: &[u8]) -> u64 {
+        match self.hash {
+            Some(hash)
+                if self.aggregate_type == aggregate_type && self.aggregate_id == aggregate_id =>
+            {
+                hash
+            }
+            _ => {
+                let hash = stream_hash(aggregate_type, aggregate_id);
+                self.aggregate_type.clear();
+                self.aggregate_type.extend_from_slice(aggregate_type);
+                self.aggregate_id.clear();
+                self.aggregate_id.extend_from_slice(aggregate_id);
+                self.hash = Some(hash);
+                hash
+            }
+        }
     }
 }
 
@@ -366,6 +420,23 @@ mod tests {
             row(b"{}", None).checksum(),
             row(b"{}", Some(b"")).checksum()
         );
+    }
+
+    #[test]
+    fn the_last_stream_hash_is_reused_only_for_the_same_stream() {
+        let mut last = LastStream::default();
+        for (aggregate_type, aggregate_id) in [
+            (&b"Meter"[..], &b"m-1"[..]),
+            (b"Meter", b"m-1"),
+            (b"Meter", b"m-2"),
+            (b"Mete", b"rm-2"),
+            (b"Meter", b"m-1"),
+        ] {
+            assert_eq!(
+                last.hash(aggregate_type, aggregate_id),
+                stream_hash(aggregate_type, aggregate_id)
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, Rows, params};
 use uuid::Uuid;
 
-use crate::checksum::{self, StoredEvent, corrupt_event, decode_metadata};
+use crate::checksum::{self, LastStream, StoredEvent, corrupt_event, decode_metadata};
 use crate::error::{corrupt_row, store_error};
 
 /// Selects the columns [`stored_event`] reads, then the given SQL.
@@ -158,10 +158,15 @@ pub(crate) fn stored_event<'r>(row: &'r Row<'_>) -> Result<(StoredEvent<'r>, Opt
 }
 
 /// Reads an event row selected by [`select_events!`], checking it first.
-fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
+/// `last`: the stream of the row before, when reading several.
+fn event_from_row(row: &Row<'_>, last: Option<&mut LastStream>) -> Result<RecordedEvent> {
     let (stored, checksum) = stored_event(row)?;
     let mut problems = Vec::new();
-    let checked = stored.check(checksum, &mut problems);
+    let stream_hash = match last {
+        Some(last) => last.hash(stored.aggregate_type, stored.aggregate_id),
+        None => checksum::stream_hash(stored.aggregate_type, stored.aggregate_id),
+    };
+    let checked = stored.check_in(stream_hash, checksum, &mut problems);
     let metadata = decode_metadata(stored.metadata).map_err(|problem| problems.push(problem));
     let (Some(event), Ok(metadata)) = (checked, metadata) else {
         return Err(stored.corrupt(&problems));
@@ -186,8 +191,9 @@ fn event_from_row(row: &Row<'_>) -> Result<RecordedEvent> {
 
 fn events_from_rows(mut rows: Rows<'_>, capacity: usize) -> Result<Vec<RecordedEvent>> {
     let mut events = Vec::with_capacity(capacity);
+    let mut last = LastStream::default();
     while let Some(row) = rows.next().map_err(|e| store_error("reading events", e))? {
-        events.push(event_from_row(row)?);
+        events.push(event_from_row(row, Some(&mut last))?);
     }
     Ok(events)
 }
@@ -455,7 +461,7 @@ pub(crate) fn event_by_id(conn: &Connection, event_id: Uuid) -> Result<Option<Re
         .map_err(fail)?;
     let mut rows = stmt.query([&event_id.as_bytes()[..]]).map_err(fail)?;
     match rows.next().map_err(fail)? {
-        Some(row) => event_from_row(row).map(Some),
+        Some(row) => event_from_row(row, None).map(Some),
         None => Ok(None),
     }
 }

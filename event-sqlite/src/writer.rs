@@ -25,14 +25,14 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use eventfold_core::{
-    AppendOutcome, AppendRequest, Error, ExpectedVersion, FailureRecord, NewDeadLetter, NewEvent,
-    Snapshot, StreamId,
+    AppendOutcome, AppendRequest, Error, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter,
+    NewEvent, Snapshot, StreamId,
 };
 use rusqlite::{Connection, ErrorCode, params};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::checksum::StoredEvent;
+use crate::checksum::{self, StoredEvent};
 use crate::error::Fault;
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
@@ -834,10 +834,16 @@ impl Writer {
                 })
             })?;
         let first_position = state.head + 1;
+        let stream_hash = checksum::stream_hash(
+            stream.aggregate_type.as_bytes(),
+            stream.aggregate_id.as_bytes(),
+        );
         let mut insert = self
             .conn
             .prepare_cached(sql::INSERT_EVENT)
             .map_err(fault("preparing the insert"))?;
+        let mut metadata: Option<String> = None;
+        let mut metadata_of: Option<&Metadata> = None;
         for (i, event) in events.iter().enumerate() {
             let occurred_at = nanos(event.occurred_at).ok_or_else(|| {
                 Failure::Refused(Error::InvalidAppend {
@@ -848,16 +854,21 @@ impl Writer {
                     ),
                 })
             })?;
-            let metadata = if event.metadata.is_empty() {
-                None
-            } else {
-                Some(serde_json::to_string(&event.metadata).map_err(|source| {
-                    Failure::Refused(Error::Serialize {
-                        event_type: event.event_type.clone(),
-                        source,
-                    })
-                })?)
-            };
+            // The events of one append mostly carry equal metadata (one command's
+            // correlation): it is serialized once per run of equal values, not per event.
+            if metadata_of != Some(&event.metadata) {
+                metadata = if event.metadata.is_empty() {
+                    None
+                } else {
+                    Some(serde_json::to_string(&event.metadata).map_err(|source| {
+                        Failure::Refused(Error::Serialize {
+                            event_type: event.event_type.clone(),
+                            source,
+                        })
+                    })?)
+                };
+                metadata_of = Some(&event.metadata);
+            }
             let offset = i as u64;
             let stored = StoredEvent {
                 position: bound(first_position + offset),
@@ -884,7 +895,7 @@ impl Writer {
                 state.recorded_at,
                 metadata,
                 event.payload,
-                stored.checksum(),
+                stored.checksum_in(stream_hash),
             ]);
             if let Err(e) = inserted {
                 if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {

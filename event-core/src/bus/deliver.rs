@@ -47,9 +47,12 @@ pub(crate) struct Attempt {
     bus: usize,
     state: State,
     timeout: Duration,
-    /// Started at the attempt's first wait, so a handler that finishes at once never
+    /// Started at the attempt's first wait (or its second, see
+    /// [`poll_unarmed`](Attempt::poll_unarmed)), so a handler that finishes at once never
     /// touches the timer wheel.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The poll under way is one that does not start the deadline.
+    unarmed: bool,
     span: Option<Span>,
     // The wall clock, not tokio's (which paused time stops, and which takes a lock per
     // reading when tokio's test-util is on): latency is real time.
@@ -85,6 +88,7 @@ pub(crate) fn begin(bus: usize, sub: &Sub, event: &EventSource, attempt: u32) ->
         state,
         timeout: sub.timeout,
         deadline: None,
+        unarmed: false,
         // A disabled span costs nothing to create, but entering it around every poll
         // does: keep it only when a subscriber wants it.
         span: (!span.is_disabled()).then_some(span),
@@ -120,6 +124,9 @@ impl Future for Attempt {
                         message: panic_message(panic),
                         retryable: true,
                     }),
+                    Ok(Poll::Pending) if this.unarmed && this.deadline.is_none() => {
+                        return Poll::Pending;
+                    }
                     Ok(Poll::Pending) => {
                         let timeout = this.timeout;
                         let deadline = this
@@ -154,10 +161,25 @@ impl Future for Attempt {
     }
 }
 
-/// Polls an attempt once: its outcome if it finished at once (most handlers do), or the
-/// attempt to run on.
+impl Attempt {
+    /// Polls the attempt without starting its deadline if the handler is pending: for a
+    /// caller that polls it again at once, with the waker it keeps it under (the worker's
+    /// running attempts). Most handlers that wait at all are done by that second poll
+    /// (they waited for a yield or a message already there), so they never touch the timer
+    /// wheel; the deadline starts at the first pending poll after this one.
+    pub(crate) fn poll_unarmed(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        self.unarmed = true;
+        let polled = Pin::new(&mut *self).poll(cx);
+        self.unarmed = false;
+        polled
+    }
+}
+
+/// Polls an attempt once, without starting its deadline ([`Attempt::poll_unarmed`]): its
+/// outcome if it finished at once (most handlers do), or the attempt to run on, which the
+/// caller polls again at once.
 pub(crate) async fn poll_once(mut attempt: Attempt) -> std::result::Result<Outcome, Attempt> {
-    let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut attempt).poll(cx))).await;
+    let polled = std::future::poll_fn(|cx| Poll::Ready(attempt.poll_unarmed(cx))).await;
     match polled {
         Poll::Ready(outcome) => Ok(outcome),
         Poll::Pending => Err(attempt),

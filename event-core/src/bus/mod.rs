@@ -38,6 +38,7 @@ mod publish;
 mod records;
 mod room;
 mod routing;
+mod running;
 mod stats;
 mod tracker;
 mod worker;

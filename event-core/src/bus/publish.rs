@@ -394,6 +394,13 @@ async fn publish_stored<E: DomainEvent>(
     let mut by_aggregate: std::collections::HashMap<String, usize> = Default::default();
     for (aggregate_id, event, metadata) in events {
         let new = NewEvent::from_event(&event, metadata)?;
+        // A run of events of one aggregate (the usual batch) needs no lookup.
+        if let Some(last) = requests.last_mut()
+            && last.stream.aggregate_id == aggregate_id
+        {
+            last.events.push(new);
+            continue;
+        }
         match by_aggregate.get(&aggregate_id) {
             Some(&i) => requests[i].events.push(new),
             None => {

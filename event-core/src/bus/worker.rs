@@ -15,13 +15,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use chrono::{DateTime, Utc};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::config::{Jitter, UnknownEventPolicy};
@@ -32,6 +30,7 @@ use super::handler::{EventSource, PublishedEvent, panic_message};
 use super::inbox::Inbox;
 use super::room::ROOM_CHUNK;
 use super::routing::{BusEvent, Job, Sub};
+use super::running::Running;
 use super::stats::Counters;
 use crate::error::StoreErrorKind;
 use crate::record::{RecordedEvent, StreamId};
@@ -39,6 +38,35 @@ use crate::registry::registry;
 
 /// A lane: (subscription index, aggregate hash).
 type Key = (usize, u64);
+
+/// Hashes a lane's key for the worker's map of busy lanes: its aggregate hash is a hash
+/// already, so one multiply-rotate round per word (FxHash's) spreads it. SipHash cost
+/// about 650 instructions per delivery of a handler that awaits (an insert, a lookup and a
+/// removal per delivery).
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn write_usize(&mut self, word: usize) {
+        self.write_u64(word as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Lanes = HashMap<Key, Lane, std::hash::BuildHasherDefault<KeyHasher>>;
 
 /// A delivery of one event to one subscription, with what its failures so far left.
 struct Pending {
@@ -105,7 +133,7 @@ struct Lane {
 enum Step {
     /// Finished: handled, dead-lettered, or dropped because its subscription left.
     Done,
-    /// Its handler did not finish at once: it runs on as its own task.
+    /// Its handler did not finish at once: it runs on in the worker's `running` attempts.
     Running(Pending, Attempt),
     /// Waits until then for its next attempt (or for its dead letter to be stored).
     Wait(Pending, Instant),
@@ -153,14 +181,18 @@ pub(crate) struct Worker {
     engine: Arc<Engine>,
     inbox: Arc<Inbox>,
     /// The busy lanes, but the one in hand.
-    lanes: HashMap<Key, Lane>,
+    lanes: Lanes,
     timers: BinaryHeap<Reverse<(Instant, Key)>>,
-    /// Attempts that did not finish at once.
-    running: JoinSet<(Key, Outcome)>,
+    /// Attempts that did not finish at once, polled by this worker's task.
+    running: Running<Key, Attempt>,
     /// Jobs taken from the inbox and not yet offered to their lanes.
     jobs: VecDeque<Job>,
     /// The job whose deliveries are being offered, and how many of them were.
     job_in_hand: Option<(Job, usize)>,
+    /// The fresh delivery being attempted inline, kept here (not on the stack of the
+    /// future) so a panic there loses nothing. It gets a lane, in `in_hand`, only if it
+    /// does not simply succeed at once: most never need one.
+    fresh: Option<(Key, Pending)>,
     in_hand: Option<InHand>,
     open: bool,
     jitter: Jitter,
@@ -173,11 +205,12 @@ impl Worker {
         Worker {
             engine,
             inbox,
-            lanes: HashMap::new(),
+            lanes: Lanes::default(),
             timers: BinaryHeap::new(),
-            running: JoinSet::new(),
+            running: Running::default(),
             jobs: VecDeque::new(),
             job_in_hand: None,
+            fresh: None,
             in_hand: None,
             open: true,
             jitter,
@@ -222,12 +255,10 @@ impl Worker {
                         self.resume(key).await;
                     }
                 }
-                Some(done) = self.running.join_next(), if !self.running.is_empty() => {
-                    match done {
-                        Ok((key, outcome)) => self.attempt_over(key, outcome).await,
-                        // Attempts catch their panics; a task only fails when aborted.
-                        Err(error) => tracing::error!(%error, "a delivery task failed"),
-                    }
+                (key, outcome) = std::future::poll_fn(|cx| self.running.poll_done(cx)),
+                    if !self.running.is_empty() =>
+                {
+                    self.attempt_over(key, outcome).await;
                 }
                 received = inbox.take(&mut self.jobs), if self.open => {
                     if !received {
@@ -252,8 +283,15 @@ impl Worker {
                 continue;
             };
             let key = (sub.index, job.stream_hash);
-            let pending = Pending::new(job.event.clone(), sub);
-            self.job_in_hand = Some((job, offered + 1));
+            let pending = if offered + 1 == job.subs.len() {
+                // The job's last delivery takes its event: no reference to count up and
+                // down again (the event's count is shared with the publisher's thread).
+                Pending::new(job.event, sub)
+            } else {
+                let pending = Pending::new(job.event.clone(), sub);
+                self.job_in_hand = Some((job, offered + 1));
+                pending
+            };
             self.offer(key, pending).await;
         }
     }
@@ -265,35 +303,53 @@ impl Worker {
             self.wait_behind(key, pending);
             return;
         }
-        self.in_hand = Some(InHand {
-            key,
-            lane: Lane {
-                head: Some(pending),
-                ..Lane::default()
-            },
-        });
-        // Most attempts finish at once and well: that path stays small. The rest (a
-        // failure, a handler still running) goes on in a boxed future, so the large state
+        self.fresh = Some((key, pending));
+        // Most attempts finish at once and well: that path stays small. A handler still
+        // running goes on beside the others while its lane waits for it (what
+        // `carry_on_from(Step::Running(..))` does, without a lane in hand). The rest (a
+        // failure, a subscription that left) goes on in a boxed future, so the large state
         // of retries and dead letters is neither built nor moved for every delivery.
         match self.first_attempt().await {
             None => {}
+            Some(First::Running(attempt)) => {
+                let (key, pending) = self.fresh.take().expect("a fresh delivery");
+                self.running.push(key, attempt);
+                let lane = Lane {
+                    head: Some(pending),
+                    ..Lane::default()
+                };
+                self.lanes.insert(key, lane);
+            }
             Some(First::Outcome(outcome)) => {
+                self.fresh_to_lane();
                 Box::pin(async {
                     let step = self.after(outcome).await;
                     self.carry_on_from(step).await;
                 })
                 .await;
             }
-            Some(First::Running(attempt)) => {
-                let step = Step::Running(self.take_held(), attempt);
-                Box::pin(self.carry_on_from(step)).await;
+            Some(First::Step) => {
+                self.fresh_to_lane();
+                Box::pin(self.carry_on()).await;
             }
-            Some(First::Step) => Box::pin(self.carry_on()).await,
         }
     }
 
-    /// Attempts the fresh delivery in hand once, inline. None if it was handled (its lane
-    /// is free again); else what is left to carry on.
+    /// The fresh delivery becomes the head of its lane, in hand.
+    fn fresh_to_lane(&mut self) {
+        if let Some((key, pending)) = self.fresh.take() {
+            self.in_hand = Some(InHand {
+                key,
+                lane: Lane {
+                    head: Some(pending),
+                    ..Lane::default()
+                },
+            });
+        }
+    }
+
+    /// Attempts the fresh delivery once, inline. None if it was handled (its lane stays
+    /// free); else what is left to carry on.
     async fn first_attempt(&mut self) -> Option<First> {
         if self.finished.events > 0 && self.engine.room.available() < ROOM_CHUNK {
             // The queue is nearly full: report the room these deliveries hold now, since
@@ -301,21 +357,21 @@ impl Worker {
             self.report_finished();
         }
         let bus = self.engine.id();
-        let held = self.held();
+        let (_, held) = self.fresh.as_ref().expect("a fresh delivery");
         if !held.sub.active.load(Ordering::Acquire) || held.give_up {
             return Some(First::Step);
         }
         let mut attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
-        let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut attempt).poll(cx))).await;
+        // Unarmed: a pending attempt goes to `running`, which polls it again at once.
+        let polled = std::future::poll_fn(|cx| Poll::Ready(attempt.poll_unarmed(cx))).await;
         match polled {
             Poll::Ready(Outcome {
                 result: Ok(()),
                 elapsed,
             }) => {
-                let pending = self.take_held();
+                let (_, pending) = self.fresh.take().expect("a fresh delivery");
                 deliver::delivered(&self.engine, &pending.sub, elapsed);
                 self.finish(&pending);
-                self.in_hand = None;
                 None
             }
             Poll::Ready(outcome) => Some(First::Outcome(outcome)),
@@ -386,21 +442,19 @@ impl Worker {
     }
 
     /// The events of a deferred range read from the log, passing over damaged rows.
+    // Takes the engine, not the worker: the worker is not `Sync` (its running attempts
+    // are not), so no reference to it may be held across an await.
     async fn read_log_around_damage(
-        &self,
+        engine: &Engine,
         deferred: &Deferred,
     ) -> crate::error::Result<Vec<RecordedEvent>> {
-        let store = self
-            .engine
-            .store
-            .as_ref()
-            .expect("deferred only with a store");
+        let store = engine.store.as_ref().expect("deferred only with a store");
         let mut events = Vec::new();
         let mut next = deferred.from_position;
         while next <= deferred.upto {
             let limit = usize::try_from(deferred.upto - next + 1)
                 .unwrap_or(usize::MAX)
-                .min(self.engine.batch_size);
+                .min(engine.batch_size);
             let page = read_page(store.as_ref(), next, limit).await?;
             let last = page.events.last().map(|e| e.position);
             next = match (&page.damaged, last) {
@@ -431,7 +485,7 @@ impl Worker {
             // A damaged row of the stream (dead-lettered by the dispatcher already) spoils
             // the stream's read: read the log around it instead.
             Err(error) if error.store_kind() == Some(StoreErrorKind::Corrupt) => {
-                self.read_log_around_damage(deferred).await?
+                Self::read_log_around_damage(&self.engine, deferred).await?
             }
             Err(error) => return Err(error),
         };
@@ -495,7 +549,7 @@ impl Worker {
         }
     }
 
-    /// An attempt that ran as its own task is over.
+    /// An attempt that ran on in `running` is over.
     async fn attempt_over(&mut self, key: Key, outcome: Outcome) {
         let Some(lane) = self.lanes.remove(&key) else {
             return;
@@ -548,7 +602,7 @@ impl Worker {
                 }
                 Step::Running(pending, attempt) => {
                     let key = hand.key;
-                    self.running.spawn(async move { (key, attempt.await) });
+                    self.running.push(key, attempt);
                     (Some(pending), None)
                 }
                 Step::Wait(pending, at) => (Some(pending), Some(at)),
@@ -678,6 +732,7 @@ impl Worker {
     /// attempt (with the panic as its error), and its lane waits for the retry; the job
     /// in hand goes on from its next subscription.
     fn recover(&mut self, message: &str) {
+        self.fresh_to_lane();
         let Some(InHand { key, mut lane }) = self.in_hand.take() else {
             return;
         };
