@@ -39,34 +39,10 @@ use crate::registry::registry;
 /// A lane: (subscription index, aggregate hash).
 type Key = (usize, u64);
 
-/// Hashes a lane's key for the worker's map of busy lanes: its aggregate hash is a hash
-/// already, so one multiply-rotate round per word (FxHash's) spreads it. SipHash cost
-/// about 650 instructions per delivery of a handler that awaits (an insert, a lookup and a
-/// removal per delivery).
-#[derive(Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.write_u64(u64::from(b));
-        }
-    }
-
-    fn write_u64(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
-    }
-
-    fn write_usize(&mut self, word: usize) {
-        self.write_u64(word as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type Lanes = HashMap<Key, Lane, std::hash::BuildHasherDefault<KeyHasher>>;
+/// The worker's map of busy lanes hashes with foldhash (fixed seed), as the routing table
+/// does: SipHash cost about 650 instructions per delivery of a handler that awaits (an
+/// insert, a lookup and a removal per delivery).
+type Lanes = HashMap<Key, Lane, foldhash::fast::FixedState>;
 
 /// A delivery of one event to one subscription, with what its failures so far left.
 struct Pending {
