@@ -117,9 +117,9 @@ pub use eventfold_core::{
 // The event bus.
 pub use eventfold_core::{
     BoxFuture, BusStatistics, Clock, DEFAULT_HANDLER_TIMEOUT, Delivery, DomainEventPublisher,
-    EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, RetryPolicy,
-    StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics, SystemClock,
-    TryPublishError, UnknownEventPolicy,
+    EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, ReplayReport,
+    RetryPolicy, StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics,
+    SystemClock, TryPublishError, UnknownEventPolicy,
 };
 // Errors.
 pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};

@@ -61,9 +61,9 @@ pub use aggregate::{
 };
 pub use bus::{
     BoxFuture, BusStatistics, Clock, DEFAULT_HANDLER_TIMEOUT, Delivery, DomainEventPublisher,
-    EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, RetryPolicy,
-    StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics, SystemClock,
-    TryPublishError, UnknownEventPolicy,
+    EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, ReplayReport,
+    RetryPolicy, StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics,
+    SystemClock, TryPublishError, UnknownEventPolicy,
 };
 pub use error::{BoxError, Error, Result, StoreErrorKind};
 pub use event::{DomainEvent, EventType};

@@ -1,14 +1,33 @@
 //! What operators use: statistics, failure records and dead letters.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::deliver;
 use super::handler::EventSource;
 use super::records::Records;
+use super::routing::Sub;
 use super::{BusStatistics, EventBus, SubscriptionStatistics};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, StoreErrorKind};
 use crate::record::{DeadLetter, FailureRecord, RecordedEvent};
+
+/// What [`EventBus::replay_dead_letters`] did, counted in dead letters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReplayReport {
+    /// Delivered successfully, and so removed.
+    pub replayed: u64,
+    /// Failed again, or their event could not be read: kept, each failed attempt recorded
+    /// as a failure record.
+    pub failed: u64,
+    /// Not tried, because an earlier dead letter of the same aggregate in the same
+    /// subscription failed: kept, so that aggregate's events stay in order.
+    pub held_back: u64,
+    /// Not tried, because their subscription is not registered on this bus (only when
+    /// every dead letter is replayed): kept.
+    pub no_subscription: u64,
+}
 
 impl EventBus {
     /// What the bus has done, and each subscription's progress.
@@ -90,37 +109,126 @@ impl EventBus {
     /// task. On success the dead letter is removed; on failure it is kept, the attempt is
     /// recorded, and [`Error::HandlerFailed`] says why.
     pub async fn replay_dead_letter(&self, id: u64) -> Result<()> {
-        let engine = &self.inner.engine;
         let dead_letter = self.find_dead_letter(id).await?;
-        let sub = {
-            let subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
-            subs.iter()
-                .find(|s| *s.name == *dead_letter.subscription)
-                .cloned()
-                .ok_or_else(|| Error::UnknownSubscription {
-                    name: dead_letter.subscription.clone(),
-                })?
-        };
+        let sub = self.subscription(&dead_letter.subscription)?;
         let record = self.dead_letter_event(&dead_letter).await?;
+        self.redeliver(&sub, &dead_letter, record).await
+    }
+
+    /// Replays the dead letters of one subscription, or every dead letter when
+    /// `subscription` is `None`, one after the other in the calling task, in the order of
+    /// their events' positions (so each aggregate's events arrive in order), each as
+    /// [`replay_dead_letter`](Self::replay_dead_letter) does.
+    ///
+    /// A failed replay keeps its dead letter and the replay goes on with the next one,
+    /// except that the later dead letters of the same aggregate in the same subscription
+    /// are then not tried (they are *held back*, and kept), so that aggregate's events are
+    /// never delivered out of order. A dead letter whose event cannot be read (damaged or
+    /// missing) counts as failed. When every dead letter is replayed, those of
+    /// subscriptions not registered on this bus are left as they are. See
+    /// [`ReplayReport`] for the counts.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSubscription`] if `subscription` names no subscription of this bus;
+    /// a store error other than a damaged or missing event ends the replay with that error
+    /// (dead letters replayed until then stay removed).
+    pub async fn replay_dead_letters(&self, subscription: Option<&str>) -> Result<ReplayReport> {
+        let only = subscription
+            .map(|name| self.subscription(name))
+            .transpose()?;
+        let mut dead = self.dead_letters(subscription).await?;
+        // Per aggregate, positions follow its versions; ids need not (a dead letter of an
+        // earlier event may have been written later).
+        dead.sort_by_key(|d| (d.position, d.id));
+        let mut report = ReplayReport::default();
+        // (subscription, aggregate type, aggregate id) of the replays that failed.
+        let mut failed: HashSet<(Arc<str>, String, String)> = HashSet::new();
+        for dead_letter in dead {
+            let sub = match &only {
+                Some(sub) => Arc::clone(sub),
+                None => match self.subscription(&dead_letter.subscription) {
+                    Ok(sub) => sub,
+                    Err(_) => {
+                        report.no_subscription += 1;
+                        continue;
+                    }
+                },
+            };
+            let record = match self.dead_letter_event(&dead_letter).await {
+                Ok(record) => record,
+                Err(
+                    Error::CorruptEvent { .. }
+                    | Error::Store {
+                        kind: StoreErrorKind::Corrupt | StoreErrorKind::Other,
+                        ..
+                    },
+                ) => {
+                    // Its aggregate is not known, so nothing can be held back behind it.
+                    report.failed += 1;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            let aggregate = (
+                Arc::clone(&sub.name),
+                record.aggregate_type.to_string(),
+                record.aggregate_id.clone(),
+            );
+            if failed.contains(&aggregate) {
+                report.held_back += 1;
+                continue;
+            }
+            match self.redeliver(&sub, &dead_letter, record).await {
+                Ok(()) => report.replayed += 1,
+                Err(Error::HandlerFailed { .. }) => {
+                    report.failed += 1;
+                    failed.insert(aggregate);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(report)
+    }
+
+    /// The one delivery of a dead letter's event, shared by the replays: on success the
+    /// dead letter is removed, on failure the attempt is recorded and the dead letter kept.
+    async fn redeliver(
+        &self,
+        sub: &Sub,
+        dead_letter: &DeadLetter,
+        record: RecordedEvent,
+    ) -> Result<()> {
+        let engine = &self.inner.engine;
         let event = EventSource::Stored(Arc::new(record));
         let record = event.record();
-        let attempt = dead_letter.attempts + 1;
-        let outcome = deliver::begin(engine.id(), &sub, &event, attempt).await;
+        let attempt = dead_letter.attempts.saturating_add(1);
+        let outcome = deliver::begin(engine.id(), sub, &event, attempt).await;
         let failure = match outcome.result {
             Ok(()) => {
-                deliver::delivered(engine, &sub, outcome.elapsed);
-                engine.records.remove_dead_letter(id).await?;
+                deliver::delivered(engine, sub, outcome.elapsed);
+                engine.records.remove_dead_letter(dead_letter.id).await?;
                 return Ok(());
             }
             Err(failure) => failure,
         };
         let (failure, _) =
-            deliver::failed(engine, &sub, record, attempt, failure, outcome.elapsed).await;
+            deliver::failed(engine, sub, record, attempt, failure, outcome.elapsed).await;
         Err(Error::HandlerFailed {
             subscription: sub.name.to_string(),
             event_id: record.event_id,
             message: failure.message,
         })
+    }
+
+    /// The registered subscription of this name.
+    fn subscription(&self, name: &str) -> Result<Arc<Sub>> {
+        let subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+        subs.iter()
+            .find(|s| *s.name == *name)
+            .cloned()
+            .ok_or_else(|| Error::UnknownSubscription {
+                name: name.to_string(),
+            })
     }
 
     /// The event of a dead letter: kept beside it without a store; in the store by its id,
@@ -160,6 +268,35 @@ impl EventBus {
         } else {
             Err(Error::DeadLetterNotFound { id })
         }
+    }
+
+    /// Removes the dead letters of one subscription without delivering them, or every
+    /// dead letter when `subscription` is `None`; returns how many were removed. On a bus
+    /// without a store, the events kept for them go with them.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSubscription`] if `subscription` names no subscription of this bus.
+    pub async fn discard_dead_letters(&self, subscription: Option<&str>) -> Result<u64> {
+        if let Some(name) = subscription {
+            self.subscription(name)?;
+        }
+        self.inner
+            .engine
+            .records
+            .clear_dead_letters(subscription)
+            .await
+    }
+
+    /// Removes the failure records of one subscription, or every failure record when
+    /// `subscription` is `None`; returns how many were removed. Dead letters stay.
+    ///
+    /// # Errors
+    /// [`Error::UnknownSubscription`] if `subscription` names no subscription of this bus.
+    pub async fn clear_failures(&self, subscription: Option<&str>) -> Result<u64> {
+        if let Some(name) = subscription {
+            self.subscription(name)?;
+        }
+        self.inner.engine.records.clear_failures(subscription).await
     }
 
     async fn find_dead_letter(&self, id: u64) -> Result<DeadLetter> {

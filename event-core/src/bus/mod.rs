@@ -51,6 +51,7 @@ use chrono::Utc;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
+pub use admin::ReplayReport;
 pub use config::{Clock, RetryPolicy, SystemClock, UnknownEventPolicy};
 pub use handler::{BoxFuture, Delivery, Handler, HandlerOutcome};
 pub use publish::{DomainEventPublisher, IntoOutgoing, Outgoing, TryPublishError};

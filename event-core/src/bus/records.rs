@@ -124,6 +124,36 @@ impl Records {
         }
     }
 
+    /// Removes the dead letters of one subscription, or all of them when `subscription` is
+    /// `None` (and, in memory, the events kept for them); returns how many were removed.
+    pub(crate) async fn clear_dead_letters(&self, subscription: Option<&str>) -> Result<u64> {
+        let mut m = match self {
+            Records::Store(store) => return store.clear_dead_letters(subscription).await,
+            Records::Memory(_) => self.memory().expect("in memory"),
+        };
+        let MemoryRecords {
+            dead_letters,
+            by_event,
+            events,
+            ..
+        } = &mut *m;
+        let before = dead_letters.len();
+        dead_letters.retain(|_, d| {
+            if subscription.is_some_and(|s| d.subscription != s) {
+                return true;
+            }
+            by_event.remove(&(d.subscription.clone(), d.event_id));
+            if let Some((_, refs)) = events.get_mut(&d.event_id) {
+                *refs -= 1;
+                if *refs == 0 {
+                    events.remove(&d.event_id);
+                }
+            }
+            false
+        });
+        Ok((before - dead_letters.len()) as u64)
+    }
+
     /// The event of a dead letter kept in memory.
     pub(crate) fn kept_event(&self, event_id: Uuid) -> Option<RecordedEvent> {
         self.memory()?.events.get(&event_id).map(|(e, _)| e.clone())
@@ -149,6 +179,20 @@ impl Records {
                 Ok(())
             }
         }
+    }
+
+    /// Removes the failure records of one subscription, or all of them when `subscription`
+    /// is `None`; returns how many were removed.
+    pub(crate) async fn clear_failures(&self, subscription: Option<&str>) -> Result<u64> {
+        let mut m = match self {
+            Records::Store(store) => return store.clear_failures(subscription).await,
+            Records::Memory(_) => self.memory().expect("in memory"),
+        };
+        let removed = match subscription {
+            Some(s) => m.failures.remove(s).map_or(0, |kept| kept.len()),
+            None => m.failures.drain().map(|(_, kept)| kept.len()).sum(),
+        };
+        Ok(removed as u64)
     }
 
     /// Failure records of a subscription, at most `limit` (in memory: newest first).
@@ -241,6 +285,35 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(records.kept_events(), 1);
+    }
+
+    #[tokio::test]
+    async fn clearing_one_subscriptions_dead_letters_frees_the_events_only_they_kept() {
+        let records = Records::Memory(Mutex::default());
+        let (shared, own) = (event(), event());
+        for (sub, e) in [("a", &shared), ("b", &shared), ("a", &own)] {
+            records
+                .add_dead_letter(dead_letter(sub, e, 1), Some(e.clone()))
+                .await
+                .unwrap();
+        }
+        assert_eq!(records.kept_events(), 2);
+        assert_eq!(records.clear_dead_letters(Some("a")).await.unwrap(), 2);
+        // `b` still refers to the shared event; `a`'s own event is gone.
+        assert_eq!(records.kept_events(), 1);
+        assert!(records.kept_event(own.event_id).is_none());
+        let left = records.dead_letters(None).await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].subscription, "b");
+        // A cleared (subscription, event) can be dead-lettered anew.
+        records
+            .add_dead_letter(dead_letter("a", &own, 1), Some(own.clone()))
+            .await
+            .unwrap();
+        assert_eq!(records.dead_letters(Some("a")).await.unwrap().len(), 1);
+        assert_eq!(records.clear_dead_letters(None).await.unwrap(), 2);
+        assert_eq!(records.kept_events(), 0);
+        assert_eq!(records.clear_dead_letters(None).await.unwrap(), 0);
     }
 
     #[tokio::test]
