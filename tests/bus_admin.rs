@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use eventfold::prelude::*;
 use eventfold::{
-    Delivery, Error, EventBus, ReplayReport, RetryPolicy, SqliteEventStore, SqliteOptions,
+    Delivery, Error, EventBus, NewEvent, ReplayReport, RetryPolicy, SqliteEventStore, SqliteOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -379,4 +379,78 @@ async fn a_replay_of_all_leaves_the_letters_of_a_subscription_no_longer_register
         assert_eq!(bus.discard_dead_letters(None).await.unwrap(), 2);
         bus.stop().await.unwrap();
     }
+}
+
+/// A dead letter whose stored row is damaged cannot be replayed: it counts as failed and
+/// stays, and the replay goes on with the others, its own aggregate's included (what the
+/// row holds, its aggregate too, cannot be read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_row_counts_as_failed_and_the_replay_goes_on() {
+    let dir = tempfile::Builder::new()
+        .prefix("eventfold-bus-admin-damaged-")
+        .tempdir()
+        .unwrap();
+    let path = dir.path().join("bus.db");
+    let store = SqliteEventStore::open(&path, SqliteOptions::new())
+        .await
+        .unwrap();
+    for (invoice, seq) in [("i-1", 1), ("i-2", 1), ("i-1", 2), ("i-2", 2)] {
+        let event = NewEvent::from_event(&issued(invoice, seq), Metadata::new()).unwrap();
+        store
+            .append(
+                &StreamId::new("Invoice", invoice),
+                ExpectedVersion::Any,
+                vec![event],
+            )
+            .await
+            .unwrap();
+    }
+    store.close().await.unwrap();
+    // Damage the row at position 2 (i-2's first event) behind the store's back: its id
+    // cannot be read.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE events SET event_id = x'0102' WHERE position = 2",
+            [],
+        )
+        .unwrap();
+    let store = SqliteEventStore::open(&path, SqliteOptions::new())
+        .await
+        .unwrap();
+    let mailer = Gate::new();
+    let bus = EventBus::builder().store(store).build().unwrap();
+    bus.subscribe("mailer", mailer.handler())
+        .retry(RetryPolicy::never())
+        .register()
+        .unwrap();
+    bus.start().await.unwrap();
+    bus.wait_idle().await.unwrap();
+    // Listed by id, which need not follow the positions (the damaged row is dead-lettered
+    // at once, the others by a worker).
+    let positions = |dead: Vec<eventfold::DeadLetter>| -> Vec<u64> {
+        let mut positions: Vec<u64> = dead.iter().map(|d| d.position).collect();
+        positions.sort();
+        positions
+    };
+    assert_eq!(
+        positions(bus.dead_letters(None).await.unwrap()),
+        [1, 2, 3, 4]
+    );
+
+    mailer.set(Broken::Nothing);
+    assert_eq!(
+        bus.replay_dead_letters(None).await.unwrap(),
+        report(3, 1, 0, 0)
+    );
+    assert_eq!(positions(bus.dead_letters(None).await.unwrap()), [2]);
+    assert_eq!(
+        mailer.delivered(),
+        [
+            ("i-1".to_string(), 1, 2),
+            ("i-1".to_string(), 2, 2),
+            ("i-2".to_string(), 2, 2)
+        ]
+    );
+    bus.stop().await.unwrap();
 }
