@@ -18,8 +18,8 @@ use crate::record::{DeadLetter, FailureRecord, RecordedEvent};
 pub struct ReplayReport {
     /// Delivered successfully, and so removed.
     pub replayed: u64,
-    /// Failed again, or their event could not be read: kept, each failed attempt recorded
-    /// as a failure record.
+    /// Failed again (the attempt is recorded as a failure record), or their event could
+    /// not be read: kept.
     pub failed: u64,
     /// Not tried, because an earlier dead letter of the same aggregate in the same
     /// subscription failed: kept, so that aggregate's events stay in order.
