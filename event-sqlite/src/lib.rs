@@ -148,6 +148,7 @@
 
 mod checksum;
 mod error;
+mod follow;
 mod options;
 mod schema;
 mod sql;

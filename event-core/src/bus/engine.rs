@@ -79,6 +79,11 @@ impl Engine {
         }
     }
 
+    /// Where the dispatcher reads next: every position below it is routed.
+    pub(crate) fn read_next(&self) -> u64 {
+        self.read_next.load(Ordering::SeqCst)
+    }
+
     /// Drops the published events that workers handed back, on the publisher's thread,
     /// once there are at least [`RECLAIM_BATCH`] of them.
     ///

@@ -643,7 +643,16 @@ impl EventBus {
     /// subscription and, with a store, the bus has read the log up to its head and saved
     /// every checkpoint that moved: once it returns, `store.load_checkpoint` agrees with
     /// [`statistics`](Self::statistics). For tests and orderly shutdowns.
+    ///
+    /// The head is the store's ([`EventLog::head_position`](crate::EventLog::head_position)
+    /// when the call starts), so events other processes appended before it count too; the
+    /// bus reads them once the store's head watch reports them (on SQLite within its poll
+    /// interval). Fails with the store's error if the head cannot be read.
     pub async fn wait_idle(&self) -> Result<()> {
+        let target = match &self.inner.engine.store {
+            Some(store) => Some(store.head_position().await?),
+            None => None,
+        };
         loop {
             {
                 let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -655,7 +664,8 @@ impl EventBus {
             let progress = engine.progress.notified();
             tokio::pin!(progress);
             progress.as_mut().enable();
-            if engine.is_idle() {
+            let read_target = target.is_none_or(|head| engine.read_next() > head);
+            if read_target && engine.is_idle() {
                 return dispatch::save_checkpoints(engine).await;
             }
             // The head can move without a notification from the bus (another writer);
