@@ -1,7 +1,8 @@
 //! A bus that only listens sees the appends of another process: a child process appends
 //! 200 events to the SQLite file while this process runs nothing but a bus subscription
 //! on it. Every event is delivered (the store's head watch follows the file by its
-//! poll), and `wait_idle` waits for the head as the store reports it.
+//! poll), and `wait_idle` waits for the head as the store reports it, even where the
+//! head watch does not follow the other writer (polling off).
 //!
 //! The poll needs real time: the waits have a generous timeout as a guard against a hang,
 //! and nothing asserts how long they took.
@@ -190,4 +191,63 @@ async fn wait_idle_waits_for_the_head_the_store_reports_after_another_process_ap
     );
     bus.stop().await.unwrap();
     store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_idle_reads_up_to_the_stores_head_even_where_the_head_watch_does_not_follow() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    // Polling off: the listener's head watch never sees the other store's appends.
+    let options = SqliteOptions::new().external_change_poll(Duration::ZERO);
+    let listener = Arc::new(
+        SqliteEventStore::open(&path, options.clone())
+            .await
+            .unwrap(),
+    );
+    let writer = SqliteEventStore::open(&path, options).await.unwrap();
+    let bus = EventBus::builder()
+        .store(listener.clone())
+        .workers(2)
+        .build()
+        .unwrap();
+    let count = Arc::new(Mutex::new(0_u64));
+    let counted = Arc::clone(&count);
+    bus.subscribe("listener", move |_: Delivery<MeterEvent>| {
+        *counted.lock().unwrap() += 1;
+        std::future::ready(Ok::<_, eventfold::Error>(()))
+    })
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    for n in 0..20 {
+        let event = NewEvent::from_event(
+            &MeterEvent::Ticked {
+                meter: "m-1".into(),
+                n,
+            },
+            Metadata::new(),
+        )
+        .unwrap();
+        writer
+            .append(
+                &StreamId::new("Meter", "m-1"),
+                ExpectedVersion::Any,
+                vec![event],
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(*listener.watch_head().borrow(), 0);
+    tokio::time::timeout(GUARD, bus.wait_idle())
+        .await
+        .expect("wait_idle returned before the guard")
+        .unwrap();
+    assert_eq!(*count.lock().unwrap(), 20);
+    assert_eq!(
+        listener.load_checkpoint("listener").await.unwrap(),
+        Some(20)
+    );
+    bus.stop().await.unwrap();
+    writer.close().await.unwrap();
+    listener.close().await.unwrap();
 }

@@ -179,6 +179,8 @@ impl EventBusBuilder {
             batch_size: self.batch_size,
             room: Room::new(self.queue_capacity),
             read_next: AtomicU64::new(0),
+            reported_head: AtomicU64::new(0),
+            head_reported: Notify::new(),
             routing_seen: AtomicU64::new(0),
             progress: Notify::new(),
             counters: Counters::default(),
@@ -646,13 +648,10 @@ impl EventBus {
     ///
     /// The head is the store's ([`EventLog::head_position`](crate::EventLog::head_position)
     /// when the call starts), so events other processes appended before it count too; the
-    /// bus reads them once the store's head watch reports them (on SQLite within its poll
-    /// interval). Fails with the store's error if the head cannot be read.
+    /// bus reads up to it even if the store's head watch has not reported it yet. Fails
+    /// with the store's error if the head cannot be read.
     pub async fn wait_idle(&self) -> Result<()> {
-        let target = match &self.inner.engine.store {
-            Some(store) => Some(store.head_position().await?),
-            None => None,
-        };
+        let mut head_read = false;
         loop {
             {
                 let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -661,11 +660,14 @@ impl EventBus {
                 }
             }
             let engine = &self.inner.engine;
+            if !head_read && let Some(store) = &engine.store {
+                engine.report_head(store.head_position().await?);
+                head_read = true;
+            }
             let progress = engine.progress.notified();
             tokio::pin!(progress);
             progress.as_mut().enable();
-            let read_target = target.is_none_or(|head| engine.read_next() > head);
-            if read_target && engine.is_idle() {
+            if engine.is_idle() {
                 return dispatch::save_checkpoints(engine).await;
             }
             // The head can move without a notification from the bus (another writer);
