@@ -190,9 +190,10 @@ impl SqliteOptions {
     /// watch (so a bus's subscriptions) within this interval plus the time of one check:
     /// a `PRAGMA data_version` on a read connection of the poller's own, which reads
     /// SQLite's commit counter in the WAL index (shared memory) and touches no table; the
-    /// head is read only when the counter moved. The poller runs only while a receiver
-    /// of the watch lives (a running bus holds one), so a store nobody watches does no
-    /// work, and the append path never waits for it. It stops at
+    /// head is read only when the counter moved. A check costs about 60 µs of CPU, most of
+    /// it the hop to a blocking thread: 0.06% of a core at 100 ms. The poller runs only
+    /// while a receiver of the watch lives (a running bus holds one), so a store nobody
+    /// watches does no work, and the append path never waits for it. It stops at
     /// [`close`](crate::SqliteEventStore::close). An in-memory store has no other
     /// connection and never polls.
     pub fn external_change_poll(mut self, interval: Duration) -> Self {
