@@ -198,3 +198,54 @@ fn check(
     };
     Ok((conn, version, head))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only a hang reaches it.
+    const GUARD: Duration = Duration::from_secs(30);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_poller_ends_once_nobody_watches_and_starts_again_for_the_next_watcher() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        // The file with the store's schema, closed again.
+        crate::SqliteEventStore::open(&path, SqliteOptions::new())
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        let head = Arc::new(watch::channel(0).0);
+        let options = SqliteOptions::new().external_change_poll(Duration::from_millis(1));
+        let follower = Follower::new(
+            Arc::clone(&head),
+            path,
+            options,
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap();
+        let watcher = head.subscribe();
+        follower.ensure_running();
+        // Held here, so the task can end only by itself, not by a stop.
+        let running = follower.slot.lock().unwrap().running.take().unwrap();
+        drop(watcher);
+        tokio::time::timeout(GUARD, running.task)
+            .await
+            .expect("the poller ended before the guard")
+            .unwrap();
+
+        let _watcher = head.subscribe();
+        follower.ensure_running();
+        let started = {
+            let slot = follower.slot.lock().unwrap();
+            slot.running.as_ref().is_some_and(|r| !r.task.is_finished())
+        };
+        assert!(started, "a poller runs for the new watcher");
+        follower.stop().await;
+        // Closed: a watcher after this starts nothing.
+        follower.ensure_running();
+        assert!(follower.slot.lock().unwrap().running.is_none());
+    }
+}
