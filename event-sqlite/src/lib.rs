@@ -63,6 +63,11 @@
 //! - **Positions.** The writer gives each event the next global position (head + 1), in
 //!   commit order and without gaps, so a reader that has seen position `p` never later
 //!   finds an event at or below `p`.
+//! - **Other writers.** Other processes (and other stores on the same file) may append
+//!   too. Reads see their commits at once; [`EventLog::watch_head`](eventfold_core::EventLog::watch_head),
+//!   which a bus follows, sees them within [`SqliteOptions::external_change_poll`]
+//!   (100 ms by default): while someone watches, a poller checks `PRAGMA data_version`
+//!   on a connection of its own at that interval and reads the head when it moved.
 //! - **Durability.** [`Synchronous::Full`] by default: an acknowledged append survives a
 //!   crash of the process or of the machine.
 //! - **Files.** While the store is open, commits go to the write-ahead log (`events.db-wal`,
@@ -148,6 +153,7 @@
 
 mod checksum;
 mod error;
+mod follow;
 mod options;
 mod schema;
 mod sql;

@@ -19,6 +19,7 @@ use uuid::Uuid;
 use eventfold_core::{Error, Result};
 
 use crate::error::{closed, open_failed_core, panicked, store_error};
+use crate::follow::Follower;
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
@@ -37,8 +38,10 @@ use crate::writer::{Command, Counters, Reply, Writer, checkpoint};
 ///
 /// Several processes may open the same file: each append checks and numbers its events
 /// inside its write transaction, so versions and positions stay gap-free across processes.
-/// [`watch_head`](EventLog::watch_head) follows this store's own commits; another
-/// process's appends show up in reads at once, and in the watch at this store's next commit.
+/// [`watch_head`](EventLog::watch_head) follows this store's own commits at once, and
+/// those of other processes (and of other stores on the same file) within
+/// [`SqliteOptions::external_change_poll`] (100 ms by default), by a cheap check that
+/// runs only while someone watches; reads see them at once.
 ///
 /// See the [crate docs](crate) for an example.
 #[derive(Clone)]
@@ -47,6 +50,9 @@ pub struct SqliteEventStore {
 }
 
 struct Shared {
+    /// Follows other connections' commits into `head` while someone watches; `None` for
+    /// an in-memory store or with polling off.
+    follower: Option<Arc<Follower>>,
     /// `None`: reads go through the writer (an in-memory database, or no read connections).
     /// Declared (so dropped) before `commands`: the read connections are closed before the
     /// writer, which finds itself the last connection and leaves one complete file.
@@ -148,17 +154,22 @@ impl SqliteEventStore {
     pub async fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self> {
         options.validate()?;
         let path = path.as_ref().to_owned();
-        spawn_blocking(move || Self::start(Some(path), options)).await
+        let runtime = tokio::runtime::Handle::current();
+        spawn_blocking(move || Self::start(Some(path), options, Some(runtime))).await
     }
 
     /// Opens a store in a fresh in-memory database, gone when the store is dropped. Reads
     /// go through the writer connection (the option `read_connections` is ignored).
     pub async fn open_in_memory(options: SqliteOptions) -> Result<Self> {
         options.validate()?;
-        spawn_blocking(move || Self::start(None, options)).await
+        spawn_blocking(move || Self::start(None, options, None)).await
     }
 
-    fn start(path: Option<PathBuf>, options: SqliteOptions) -> Result<Self> {
+    fn start(
+        path: Option<PathBuf>,
+        options: SqliteOptions,
+        runtime: Option<tokio::runtime::Handle>,
+    ) -> Result<Self> {
         let location = match &path {
             Some(path) => Location::File(path),
             None => Location::Memory,
@@ -195,8 +206,15 @@ impl SqliteEventStore {
             source: Some(Box::new(e)),
         })?;
         tracing::debug!(database = %location.describe(), head = *head.borrow(), "opened the SQLite event store");
+        let follower = match (&path, runtime) {
+            (Some(path), Some(runtime)) => {
+                Follower::new(Arc::clone(&head), path.clone(), options.clone(), runtime)
+            }
+            _ => None,
+        };
         Ok(SqliteEventStore {
             shared: Arc::new(Shared {
+                follower,
                 commands,
                 readers,
                 head,
@@ -281,6 +299,10 @@ impl SqliteEventStore {
     /// Dropping every clone of the store does the same, without waiting for it.
     pub async fn close(&self) -> eventfold_core::Result<()> {
         self.shared.closed.store(true, Ordering::SeqCst);
+        // The poller's connection first of all, and no poller starts after this.
+        if let Some(follower) = &self.shared.follower {
+            follower.stop().await;
+        }
         // The read connections first, so that the writer is the last connection of this
         // store when it checkpoints (a read under way closes its connection when it ends).
         if let Some(readers) = &self.shared.readers {
@@ -603,7 +625,14 @@ impl EventLog for SqliteEventStore {
     }
 
     fn watch_head(&self) -> watch::Receiver<u64> {
-        self.shared.head.subscribe()
+        let receiver = self.shared.head.subscribe();
+        // After subscribing: a poller that finds no receiver ends only before this.
+        if let Some(follower) = &self.shared.follower
+            && !self.shared.closed.load(Ordering::SeqCst)
+        {
+            follower.ensure_running();
+        }
+        receiver
     }
 
     async fn statistics(&self) -> eventfold_core::Result<StoreStatistics> {

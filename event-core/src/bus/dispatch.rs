@@ -62,7 +62,7 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
             engine.read_next.store(next, Ordering::SeqCst);
             engine.routing_seen.store(table.version, Ordering::SeqCst);
         }
-        let head_now = *head.borrow_and_update();
+        let head_now = engine.head(*head.borrow_and_update());
         if table.subs.is_empty() || next > head_now {
             let caught_up = if table.subs.is_empty() {
                 head_now + 1
@@ -73,6 +73,7 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
             engine.progress.notify_waiters();
             tokio::select! {
                 _ = head.changed() => {}
+                () = engine.head_reported.notified() => {}
                 _ = routing.changed() => {}
                 _ = stopping.changed() => {}
             }

@@ -32,6 +32,12 @@ pub(crate) struct Engine {
     pub(crate) room: Room,
     /// Where the dispatcher reads next, with a store.
     pub(crate) read_next: AtomicU64,
+    /// The highest head `wait_idle` read from the store itself (`head_position`): the
+    /// dispatcher reads up to it even where the store's head watch has not reported it
+    /// (another process's appends, on a store whose watch follows them late or never).
+    pub(crate) reported_head: AtomicU64,
+    /// Wakes the dispatcher when `reported_head` moved.
+    pub(crate) head_reported: Notify,
     /// The routing version the dispatcher has taken into account.
     pub(crate) routing_seen: AtomicU64,
     /// Wakes `wait_idle` and the checkpoint flusher when work finishes.
@@ -70,12 +76,26 @@ impl Engine {
         }
         match &self.store {
             Some(store) => {
-                let head = *store.watch_head().borrow();
+                let head = self.head(*store.watch_head().borrow());
                 let routing = self.routing.borrow().version;
                 self.routing_seen.load(Ordering::SeqCst) == routing
                     && self.read_next.load(Ordering::SeqCst) > head
             }
             None => true,
+        }
+    }
+
+    /// The head the dispatcher reads up to: the watch's, or the one `wait_idle` read from
+    /// the store if that is ahead.
+    pub(crate) fn head(&self, watched: u64) -> u64 {
+        watched.max(self.reported_head.load(Ordering::SeqCst))
+    }
+
+    /// A head read from the store: the dispatcher reads up to it.
+    pub(crate) fn report_head(&self, head: u64) {
+        if self.reported_head.fetch_max(head, Ordering::SeqCst) < head {
+            // A permit, kept if the dispatcher is not waiting right now.
+            self.head_reported.notify_one();
         }
     }
 

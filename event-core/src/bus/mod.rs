@@ -181,6 +181,8 @@ impl EventBusBuilder {
             batch_size: self.batch_size,
             room: Room::new(self.queue_capacity),
             read_next: AtomicU64::new(0),
+            reported_head: AtomicU64::new(0),
+            head_reported: Notify::new(),
             routing_seen: AtomicU64::new(0),
             progress: Notify::new(),
             counters: Counters::default(),
@@ -645,7 +647,13 @@ impl EventBus {
     /// subscription and, with a store, the bus has read the log up to its head and saved
     /// every checkpoint that moved: once it returns, `store.load_checkpoint` agrees with
     /// [`statistics`](Self::statistics). For tests and orderly shutdowns.
+    ///
+    /// The head is the store's ([`EventLog::head_position`](crate::EventLog::head_position)
+    /// when the call starts), so events other processes appended before it count too; the
+    /// bus reads up to it even if the store's head watch has not reported it yet. Fails
+    /// with the store's error if the head cannot be read.
     pub async fn wait_idle(&self) -> Result<()> {
+        let mut head_read = false;
         loop {
             {
                 let state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -654,6 +662,10 @@ impl EventBus {
                 }
             }
             let engine = &self.inner.engine;
+            if !head_read && let Some(store) = &engine.store {
+                engine.report_head(store.head_position().await?);
+                head_read = true;
+            }
             let progress = engine.progress.notified();
             tokio::pin!(progress);
             progress.as_mut().enable();
