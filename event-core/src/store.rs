@@ -177,8 +177,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// The position of the last committed event (0: empty log).
     async fn head_position(&self) -> Result<u64>;
 
-    /// A watch on the head position, updated after each commit, so a subscriber wakes when
-    /// anything is appended, whoever appended it.
+    /// A watch on the head position, so a subscriber wakes when anything is appended. The
+    /// store's own appends update it at once; appends by other processes or other handles
+    /// on the same storage reach it within a delay the backend documents (SQLite polls for
+    /// changes, PostgreSQL listens for notifications), which is why the bus's `wait_idle`
+    /// also asks [`head_position`](Self::head_position).
     fn watch_head(&self) -> watch::Receiver<u64>;
 
     /// What the store holds: events, aggregates, the log's ends, and the snapshots,
