@@ -65,6 +65,8 @@ pub struct WriterStatistics {
     pub appends: u64,
     /// Times the writer connected again after its connection broke.
     pub reconnects: u64,
+    /// Appends waiting for the writer right now (not counting the call under way).
+    pub queued: usize,
 }
 
 impl fmt::Debug for PostgresEventStore {
@@ -177,6 +179,7 @@ impl PostgresEventStore {
             calls: counters.calls.load(Ordering::Relaxed),
             appends: counters.appends.load(Ordering::Relaxed),
             reconnects: counters.reconnects.load(Ordering::Relaxed),
+            queued: self.shared.commands.max_capacity() - self.shared.commands.capacity(),
         }
     }
 
