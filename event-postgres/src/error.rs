@@ -151,6 +151,11 @@ impl Fault {
         }
     }
 
+    /// True when the session is gone (the outcome of its call is unknown).
+    pub(crate) fn lost_the_session(&self) -> bool {
+        self.kind == StoreErrorKind::OutcomeUnknown
+    }
+
     /// A failure before the call was sent (no connection): nothing is stored.
     pub(crate) fn before_call(error: &Error) -> Self {
         Fault {

@@ -247,8 +247,13 @@ impl PostgresEventStore {
                 Err(e) => Err(e),
             };
             match result {
-                Err(e) if !retried && client.is_closed() => {
-                    tracing::debug!(error = %e, "a pooled PostgreSQL connection broke; reading again");
+                Err(e) if e.store_kind() == Some(StoreErrorKind::Io) => {
+                    // Not back into the pool: the session is gone.
+                    drop(deadpool_postgres::Object::take(client));
+                    if retried {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, "a pooled PostgreSQL session broke; reading again");
                     retried = true;
                 }
                 other => return other,
@@ -268,10 +273,17 @@ impl PostgresEventStore {
             .prepare_cached(sql)
             .await
             .map_err(|e| store_error(doing, e))?;
-        client
+        let result = client
             .execute(&statement, params)
             .await
-            .map_err(|e| store_error(doing, e))
+            .map_err(|e| store_error(doing, e));
+        if let Err(e) = &result
+            && e.store_kind() == Some(StoreErrorKind::Io)
+        {
+            // Not back into the pool: the session is gone.
+            drop(deadpool_postgres::Object::take(client));
+        }
+        result
     }
 
     async fn write(&self, requests: Vec<AppendRequest>) -> Result<Vec<AppendOutcome>> {

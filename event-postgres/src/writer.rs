@@ -374,8 +374,11 @@ impl Writer {
             Ok(rows) => rows,
             Err(error) => {
                 let fault = Fault::of_call(error);
-                if self.client.as_ref().is_none_or(Client::is_closed) {
+                if fault.lost_the_session() || self.client.as_ref().is_none_or(Client::is_closed) {
+                    // The next group connects anew (the driver may not know yet that the
+                    // server ended the session).
                     self.client = None;
+                    self.statement = None;
                 }
                 tracing::warn!(error = %fault.to_error(), appends = units.len(), "a group commit failed");
                 for (unit, _) in units {

@@ -1,0 +1,292 @@
+//! Faults against the real server: a session killed mid-append, a retried append whose
+//! outcome was unknown, a server that does not answer, a statement timeout, a pooled
+//! session that the server ended.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use eventfold_core::{
+    Error, EventLog, ExpectedVersion, Metadata, NewEvent, StoreErrorKind, StreamId,
+};
+use eventfold_postgres::{PostgresEventStore, PostgresOptions};
+use uuid::Uuid;
+
+fn event(n: u64) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "Counted".to_owned(),
+        schema_version: 1,
+        occurred_at: Utc::now(),
+        metadata: Metadata::new(),
+        payload: format!(r#"{{"n":{n}}}"#),
+    }
+}
+
+fn stream(id: &str) -> StreamId {
+    StreamId::new("Tested", id)
+}
+
+/// Waits until `condition` holds, checking every millisecond, for at most 30 s.
+async fn until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Options whose sessions carry a name of their own, so the test finds them.
+fn named(schema: &common::Schema) -> (PostgresOptions, String) {
+    let name = format!("{}_app", schema.name);
+    let url = format!("{}?application_name={name}", common::url());
+    (PostgresOptions::new(url).schema(&schema.name), name)
+}
+
+/// The backend of the store's append call once it waits for a lock.
+async fn waiting_append(raw: &tokio_postgres::Client, name: &str) -> i32 {
+    let mut pid = 0;
+    until("the append call to wait for the lock", async || {
+        let rows = raw
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+                 AND wait_event_type = 'Lock' AND query LIKE '%ef_append(%'",
+                &[&name],
+            )
+            .await
+            .unwrap();
+        match rows.first() {
+            Some(row) => {
+                pid = row.get(0);
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    pid
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_answer_fails_the_open_as_cannot_open() {
+    // No server is needed: nothing listens on port 1.
+    let options = PostgresOptions::new("postgres://postgres@127.0.0.1:1/test")
+        .connect_timeout(Duration::from_secs(5));
+    match PostgresEventStore::open(options).await {
+        Err(Error::Open { kind, location, .. }) => {
+            assert_eq!(kind, StoreErrorKind::CannotOpen);
+            assert!(location.contains("127.0.0.1:1"), "{location}");
+        }
+        other => panic!("expected CannotOpen, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_database_fails_the_open_as_cannot_open() {
+    if common::no_server() {
+        return;
+    }
+    let mut config: tokio_postgres::Config = common::url().parse().unwrap();
+    config.dbname("eventfold_no_such_database");
+    let host = match &config.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(host) => host.clone(),
+        #[allow(unreachable_patterns)]
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres").to_owned();
+    let url = format!("postgres://{user}@{host}:{port}/eventfold_no_such_database");
+    match PostgresEventStore::open(PostgresOptions::new(url)).await {
+        Err(Error::Open { kind, .. }) => assert_eq!(kind, StoreErrorKind::CannotOpen),
+        other => panic!("expected CannotOpen, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_killed_mid_append_is_an_unknown_outcome_and_the_retry_stores_once() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    let (options, name) = named(&schema);
+    let store = PostgresEventStore::open(options).await.unwrap();
+    store
+        .append(&stream("s"), ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .unwrap();
+
+    // Another session holds the head row, so the append call waits inside the server.
+    let lock = common::raw().await;
+    lock.batch_execute(&format!(
+        "BEGIN; SELECT position FROM {}.ef_head FOR UPDATE",
+        schema.name
+    ))
+    .await
+    .unwrap();
+    let events = vec![event(2), event(3)];
+    let append = {
+        let store = store.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            store
+                .append(&stream("s"), ExpectedVersion::Exact(1), events)
+                .await
+        })
+    };
+    let watcher = common::raw().await;
+    let pid = waiting_append(&watcher, &name).await;
+    watcher
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let error = append.await.unwrap().unwrap_err();
+    assert_eq!(
+        error.store_kind(),
+        Some(StoreErrorKind::OutcomeUnknown),
+        "{error}"
+    );
+    assert!(error.to_string().contains("same event ids"), "{error}");
+    lock.batch_execute("ROLLBACK").await.unwrap();
+
+    // The retry with the same ids stores them once; a second retry finds them stored.
+    let retried = store
+        .append(&stream("s"), ExpectedVersion::Exact(1), events.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            retried.version,
+            retried.first_position,
+            retried.last_position
+        ),
+        (3, 2, 3)
+    );
+    let again = store
+        .append(&stream("s"), ExpectedVersion::Exact(1), events)
+        .await
+        .unwrap();
+    assert_eq!(again, retried);
+    assert_eq!(store.writer_statistics().reconnects, 1);
+    // And the writer goes on.
+    let later = store
+        .append(&stream("s"), ExpectedVersion::Exact(3), vec![event(4)])
+        .await
+        .unwrap();
+    assert_eq!((later.version, later.last_position), (4, 4));
+    let log = store.read_all(1, 10).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_the_timeout_is_a_timeout_and_stores_nothing() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    let options = schema
+        .options()
+        .statement_timeout(Duration::from_millis(200));
+    let store = PostgresEventStore::open(options).await.unwrap();
+    store
+        .append(&stream("s"), ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .unwrap();
+
+    // A read waits for a table another session locked, past the timeout.
+    let lock = common::raw().await;
+    lock.batch_execute(&format!(
+        "BEGIN; LOCK TABLE {}.ef_events IN ACCESS EXCLUSIVE MODE",
+        schema.name
+    ))
+    .await
+    .unwrap();
+    let error = store.read_stream(&stream("s"), 1).await.unwrap_err();
+    assert_eq!(error.store_kind(), Some(StoreErrorKind::Timeout), "{error}");
+    // An append waits for the head row past its lock timeout (or the statement
+    // timeout, whichever the server notices first): refused, nothing stored.
+    let error = store
+        .append(&stream("s"), ExpectedVersion::Exact(1), vec![event(2)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error.store_kind(),
+            Some(StoreErrorKind::Timeout | StoreErrorKind::Busy)
+        ),
+        "{error}"
+    );
+    lock.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(store.stream_version(&stream("s")).await.unwrap(), 1);
+    let out = store
+        .append(&stream("s"), ExpectedVersion::Exact(1), vec![event(2)])
+        .await
+        .unwrap();
+    assert_eq!((out.version, out.last_position), (2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_on_after_the_server_ends_every_session_of_the_store() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    let (options, name) = named(&schema);
+    let store = PostgresEventStore::open(options).await.unwrap();
+    store
+        .append(&stream("s"), ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .unwrap();
+    assert_eq!(store.read_stream(&stream("s"), 1).await.unwrap().len(), 1);
+    let raw = common::raw().await;
+    let ended: i64 = raw
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1) AS ended",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        ended >= 2,
+        "the writer, the listener and a pooled session: {ended}"
+    );
+    // The pooled session is found broken and the read runs again on a new one.
+    assert_eq!(store.read_stream(&stream("s"), 1).await.unwrap().len(), 1);
+    // The writer's next group finds its session broken before it calls: it reconnects.
+    let out = store
+        .append(&stream("s"), ExpectedVersion::Exact(1), vec![event(2)])
+        .await
+        .unwrap();
+    assert_eq!(out.last_position, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_postgresql_cannot_hold_fails_only_its_own_append() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    let store = schema.open().await;
+    let mut bad = event(1);
+    bad.payload = "{\"a\":\"\0\"}".to_owned();
+    let refused = store
+        .append(&stream("s"), ExpectedVersion::Any, vec![bad])
+        .await;
+    assert!(
+        matches!(refused, Err(Error::InvalidAppend { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    store
+        .append(&stream("s"), ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .unwrap();
+}
