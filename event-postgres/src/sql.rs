@@ -35,6 +35,11 @@ pub(crate) const BY_ID: &str = select_events!("WHERE event_id = $1");
 pub(crate) const BY_IDS: &str = select_events!("WHERE event_id = ANY($1) ORDER BY position");
 pub(crate) const STREAM_VERSION: &str =
     "SELECT COALESCE(max(version), 0) FROM ef_events WHERE stream_type = $1 AND stream_id = $2";
+/// What a replay reads of each event of a stream from a version on: what it hands out,
+/// then the id and position that name an event it refuses.
+pub(crate) const REPLAY_STREAM: &str = "SELECT version, event_type, schema_version, payload, \
+     position, event_id FROM ef_events \
+     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version";
 pub(crate) const HEAD: &str = "SELECT position FROM ef_head";
 
 /// Nanoseconds since the epoch, if the time is within what the store keeps exactly.
@@ -351,4 +356,51 @@ pub(crate) fn check_field(text: &str, what: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Hands the rows of [`REPLAY_STREAM`] to `visitor`, borrowed from the rows, checking that
+/// no version is missing; an error names its event's id and position.
+pub(crate) fn replay_rows(
+    stream: &StreamId,
+    from_version: u64,
+    rows: &[Row],
+    mut visitor: Box<dyn eventfold_core::ReplayVisitor>,
+) -> Result<Box<dyn eventfold_core::ReplayVisitor>> {
+    let read = |e| store_error("replaying a stream", e);
+    for (expected, row) in (from_version.max(1)..).zip(rows) {
+        let version: i64 = row.try_get(0).map_err(read)?;
+        let event_type: &str = row.try_get(1).map_err(read)?;
+        let schema_version: i64 = row.try_get(2).map_err(read)?;
+        let payload: &str = row.try_get(3).map_err(read)?;
+        let position: i64 = row.try_get(4).map_err(read)?;
+        let event_id: Uuid = row.try_get(5).map_err(read)?;
+        let position = position.max(0) as u64;
+        let damaged = |reason: String| Error::CorruptEvent {
+            event_id: Some(event_id),
+            position: Some(position),
+            reason,
+        };
+        let schema_version = u32::try_from(schema_version)
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| {
+                damaged(format!(
+                    "its schema version {schema_version} is out of range"
+                ))
+            })?;
+        if version != expected as i64 {
+            return Err(damaged(format!(
+                "stream {stream} has no version {expected} (the next stored version is {version})"
+            )));
+        }
+        visitor
+            .visit(eventfold_core::ReplayedEvent {
+                version: expected,
+                event_type,
+                schema_version,
+                payload,
+            })
+            .map_err(|e| e.at_event(event_id, position))?;
+    }
+    Ok(visitor)
 }

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use eventfold_core::{
     AppendOutcome, AppendRequest, DeadLetter, Error, EventLog, ExpectedVersion, FailureRecord,
-    NewDeadLetter, NewEvent, RecordedEvent, Result, Snapshot, SnapshotStore, StoreErrorKind,
-    StoreStatistics, StreamId, SubscriptionStore, check_append, check_batch,
+    NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Result, Snapshot, SnapshotStore,
+    StoreErrorKind, StoreStatistics, StreamId, SubscriptionStore, check_append, check_batch,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
@@ -352,6 +352,26 @@ impl EventLog for PostgresEventStore {
         let events = sql::events_from_rows(&rows)?;
         sql::check_versions(stream, from_version, &events)?;
         Ok(events)
+    }
+
+    async fn replay_stream(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        visitor: Box<dyn ReplayVisitor>,
+    ) -> Result<Box<dyn ReplayVisitor>> {
+        let rows = self
+            .query(
+                "replaying a stream",
+                sql::REPLAY_STREAM,
+                &[
+                    &stream.aggregate_type,
+                    &stream.aggregate_id,
+                    &bound(from_version),
+                ],
+            )
+            .await?;
+        sql::replay_rows(stream, from_version, &rows, visitor)
     }
 
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {

@@ -14,6 +14,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use eventfold_core::{AppendOutcome, AppendRequest, Error, ExpectedVersion, NewEvent, StreamId};
@@ -23,6 +24,10 @@ use uuid::Uuid;
 
 use crate::error::{Fault, store_error};
 use crate::sql::{self, check_text, nanos};
+
+/// How long the writer waits, at most, for the appenders of its last call to send their
+/// next appends before it calls with fewer: a small part of a commit's few milliseconds.
+const GATHER: Duration = Duration::from_micros(250);
 
 /// Where an append's result goes.
 pub(crate) type Reply = oneshot::Sender<eventfold_core::Result<Vec<AppendOutcome>>>;
@@ -84,6 +89,8 @@ pub(crate) struct Writer {
     max_events: usize,
     /// The last commit time given out, so recorded times never run backwards here.
     last_recorded_at: i64,
+    /// How many appends the last call took.
+    last_group: usize,
 }
 
 /// The arrays of one `ef_append` call.
@@ -191,6 +198,7 @@ impl Writer {
             max_appends,
             max_events,
             last_recorded_at: i64::MIN,
+            last_group: 0,
         }
     }
 
@@ -214,6 +222,17 @@ impl Writer {
                 .flat_map(|r| r.events.iter().map(|e| e.event_id))
                 .collect();
             let mut group = vec![Unit { requests, reply }];
+            // The appenders the last call answered send their next appends a few
+            // microseconds after their answers: had the writer called at once with the
+            // first of them, the rest would wait for a whole call more. So it waits for as
+            // many as the last group held, briefly, yielding to them.
+            let expected = self.last_group.saturating_sub(1);
+            if expected > 0 {
+                let deadline = Instant::now() + GATHER;
+                while self.commands.len() < expected && Instant::now() < deadline {
+                    tokio::task::yield_now().await;
+                }
+            }
             // Whatever queued up while the last call ran joins this one.
             while group.len() < self.max_appends {
                 match self.commands.try_recv() {
@@ -244,6 +263,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.last_group = group.len();
             self.commit_group(group).await;
         };
         // Refuse what is still queued (callers see the store closed), then disconnect.
