@@ -168,11 +168,14 @@ const MIGRATIONS: &[&str] = &[
             INSERT INTO __SCHEMA__.ef_events (position, stream_type, stream_id, version,
                 event_id, event_type, schema_version, occurred_at, recorded_at, metadata,
                 payload)
-            SELECT r_pos[t.req] + t.off, s_type[r_stream[t.req]], s_id[r_stream[t.req]],
-                   r_ver[t.req] + t.off, t.id, t.typ, t.sv, t.occ, recorded, t.meta, t.pay
-              FROM unnest(e_req, e_off, e_id, e_type, e_schema, e_occurred, e_metadata,
+            SELECT r.pos + t.off, s.ty, s.id, r.ver + t.off, t.id, t.typ, t.sv, t.occ,
+                   recorded, t.meta, t.pay
+              FROM unnest(r_pos, r_ver, r_stream) WITH ORDINALITY AS r(pos, ver, st, idx)
+              JOIN unnest(s_type, s_id) WITH ORDINALITY AS s(ty, id, idx) ON s.idx = r.st
+              JOIN unnest(e_req, e_off, e_id, e_type, e_schema, e_occurred, e_metadata,
                           e_payload) AS t(req, off, id, typ, sv, occ, meta, pay)
-             WHERE r_pos[t.req] IS NOT NULL;
+                ON t.req = r.idx
+             WHERE r.pos IS NOT NULL;
             UPDATE __SCHEMA__.ef_head SET position = head;
             IF channel IS NOT NULL THEN
                 PERFORM pg_notify(channel, head::text);
