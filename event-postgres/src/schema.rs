@@ -218,12 +218,23 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str, location: &str) -
     )
     .await
     .map_err(failed("taking the migration lock"))?;
+    // Created only when missing: `CREATE SCHEMA IF NOT EXISTS` needs the right to create
+    // schemas in the database even when the schema exists (a role may own just its own).
+    let exists = tx
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await
+        .map_err(failed("looking for the schema"))?
+        .is_some();
+    if !exists {
+        tx.batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .map_err(failed("creating the schema"))?;
+    }
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema}; \
-         CREATE TABLE IF NOT EXISTS {schema}.ef_schema (version integer NOT NULL)"
+        "CREATE TABLE IF NOT EXISTS {schema}.ef_schema (version integer NOT NULL)"
     ))
     .await
-    .map_err(failed("creating the schema"))?;
+    .map_err(failed("creating the schema's version table"))?;
     let stored = tx
         .query_opt(&format!("SELECT max(version) FROM {schema}.ef_schema"), &[])
         .await

@@ -224,15 +224,16 @@ impl PostgresEventStore {
     }
 
     /// Runs a query on a pooled connection. A read whose connection turns out broken (the
-    /// server ended the session, say) runs once more on a fresh one: reads are safe to
-    /// repeat.
+    /// server ended the session, say) runs again on another, up to once per pooled
+    /// connection and once on a fresh one: reads are safe to repeat, and every idle
+    /// session of the pool may have been ended at once.
     async fn query(
         &self,
         doing: &'static str,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>> {
-        let mut retried = false;
+        let mut tries = self.shared.options.pool_size + 1;
         loop {
             let client = self.client(doing).await?;
             let statement = client
@@ -250,11 +251,11 @@ impl PostgresEventStore {
                 Err(e) if e.store_kind() == Some(StoreErrorKind::Io) => {
                     // Not back into the pool: the session is gone.
                     drop(deadpool_postgres::Object::take(client));
-                    if retried {
+                    tries -= 1;
+                    if tries == 0 {
                         return Err(e);
                     }
                     tracing::debug!(error = %e, "a pooled PostgreSQL session broke; reading again");
-                    retried = true;
                 }
                 other => return other,
             }

@@ -290,3 +290,90 @@ async fn text_postgresql_cannot_hold_fails_only_its_own_append() {
         .await
         .unwrap();
 }
+
+/// The server stops taking the store's sessions after it opened (its role may not log in
+/// any more, and its sessions are ended): appends and reads fail with typed errors, and
+/// once the server takes them again the store goes on by itself, the failed append stored
+/// once when it is retried with the same ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_the_store_later_gives_typed_errors_and_the_store_recovers() {
+    if common::no_server() {
+        return;
+    }
+    let role = common::Role::new();
+    let schema = common::Schema::new();
+    let name = &role.name;
+    common::run_sql(format!(
+        "CREATE SCHEMA {} AUTHORIZATION {name}",
+        schema.name
+    ))
+    .unwrap();
+    let options = PostgresOptions::new(role.url())
+        .schema(&schema.name)
+        .connect_timeout(Duration::from_secs(5));
+    let store = PostgresEventStore::open(options).await.unwrap();
+    store
+        .append(&stream("s"), ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .unwrap();
+
+    let raw = common::raw().await;
+    raw.batch_execute(&format!("ALTER ROLE {name} CONNECTION LIMIT 0"))
+        .await
+        .unwrap();
+    let sessions = format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{name}'");
+    raw.batch_execute(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'"
+    ))
+    .await
+    .unwrap();
+    until("the store's sessions to end", async || {
+        raw.query_one(&sessions, &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+
+    let events = vec![event(2)];
+    let mut kinds = Vec::new();
+    for _ in 0..3 {
+        let error = store
+            .append(&stream("s"), ExpectedVersion::Exact(1), events.clone())
+            .await
+            .unwrap_err();
+        kinds.push(error.store_kind());
+    }
+    assert!(
+        kinds.iter().all(|kind| matches!(
+            kind,
+            Some(StoreErrorKind::OutcomeUnknown | StoreErrorKind::Io | StoreErrorKind::CannotOpen)
+        )),
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.last(),
+        Some(&Some(StoreErrorKind::CannotOpen)),
+        "the writer cannot connect again: {kinds:?}"
+    );
+    let read = store.read_stream(&stream("s"), 1).await.unwrap_err();
+    assert!(
+        matches!(
+            read.store_kind(),
+            Some(StoreErrorKind::Io | StoreErrorKind::CannotOpen)
+        ),
+        "{read}"
+    );
+
+    raw.batch_execute(&format!("ALTER ROLE {name} CONNECTION LIMIT -1"))
+        .await
+        .unwrap();
+    let out = store
+        .append(&stream("s"), ExpectedVersion::Exact(1), events)
+        .await
+        .unwrap();
+    assert_eq!((out.version, out.last_position), (2, 2));
+    assert_eq!(store.read_stream(&stream("s"), 1).await.unwrap().len(), 2);
+    store.close().await.unwrap();
+}

@@ -172,3 +172,53 @@ impl Drop for Schema {
         }
     }
 }
+
+/// Runs SQL on a session of the tests' own, from anywhere (a `Drop` included).
+pub fn run_sql(sql: String) -> Result<(), tokio_postgres::Error> {
+    let url = url();
+    on_own_runtime(move || {
+        Box::pin(async move {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await
+        })
+    })
+}
+
+/// A login role of the test's own, dropped when the guard is (after the schemas it owns:
+/// declare it before them).
+pub struct Role {
+    pub name: String,
+}
+
+impl Role {
+    pub fn new() -> Self {
+        let name = format!("{}_role", schema_name());
+        run_sql(format!("CREATE ROLE {name} LOGIN")).expect("a role of the test's own");
+        Role { name }
+    }
+
+    /// The tests' server, logged in as this role.
+    pub fn url(&self) -> String {
+        let mut config: tokio_postgres::Config = url().parse().expect("EVENTFOLD_PG_URL parses");
+        config.user(&self.name);
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let dbname = config.get_dbname().unwrap_or("test").to_owned();
+        format!("postgres://{}@{host}:{port}/{dbname}", self.name)
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let name = &self.name;
+        let _ = run_sql(format!(
+            "ALTER ROLE {name} CONNECTION LIMIT -1; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}'; \
+             DROP OWNED BY {name} CASCADE; DROP ROLE IF EXISTS {name}"
+        ));
+    }
+}
