@@ -144,6 +144,19 @@ impl Fault {
                 source: Some(std::sync::Arc::new(error)),
             };
         }
+        let beyond_the_head = error.as_db_error().is_some_and(|db| {
+            *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some("ef_events_pkey")
+        });
+        if beyond_the_head {
+            return Fault {
+                kind: StoreErrorKind::Corrupt,
+                message: "appending: a position past the head of the log is taken, so a row \
+                          was written to ef_events outside the store; nothing of the group \
+                          is stored, and no append can be until that row is removed"
+                    .to_owned(),
+                source: Some(std::sync::Arc::new(error)),
+            };
+        }
         Fault {
             kind,
             message: "appending (the server refused the group; nothing of it is stored)".to_owned(),

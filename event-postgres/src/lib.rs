@@ -61,7 +61,13 @@
 //!   notifications sent while disconnected are lost. [`PostgresOptions::notify`] turns the
 //!   `NOTIFY` off (polling only) for shared clusters.
 //! - **Reads and other writes** go through a pool of [`PostgresOptions::pool_size`]
-//!   connections (deadpool). A read whose connection broke runs once more on a new one.
+//!   connections (deadpool). A read whose session the server ended runs again on another
+//!   (reads are safe to repeat); a broken session never goes back into the pool.
+//! - **Rows written outside the store.** Another program that inserts into `ef_events`
+//!   while an append call checks the same stream or event id makes the call's insert
+//!   violate a unique key once it commits: the writer calls once more, and the append is
+//!   judged against that row (a version conflict, say). A row put at a position past the
+//!   head is damage: appends fail as `Corrupt` until it is removed.
 //! - **Exact data.** Payloads and metadata are stored as `text`, byte for byte as
 //!   appended; times as nanoseconds since the Unix epoch, exact between the years 1677 and
 //!   2262. PostgreSQL's `text` cannot hold a NUL character: an append with one in a

@@ -377,3 +377,65 @@ async fn a_server_that_refuses_the_store_later_gives_typed_errors_and_the_store_
     assert_eq!(store.read_stream(&stream("s"), 1).await.unwrap().len(), 2);
     store.close().await.unwrap();
 }
+
+/// A writer outside the store (another program, by hand) inserts a row of a stream while
+/// the store's append call checks that stream: the insert waits for the other's commit and
+/// then violates the stream's unique version. The call runs again, sees the row, and the
+/// append fails as the version conflict it is; one expecting any version is stored after
+/// it. A row put at a position past the head is refused as damage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_written_outside_the_store_meanwhile_is_judged_not_a_failure() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    let (options, name) = named(&schema);
+    let store = PostgresEventStore::open(options).await.unwrap();
+    store
+        .append(&stream("s"), ExpectedVersion::NoStream, vec![event(1)])
+        .await
+        .unwrap();
+    let foreign = common::raw().await;
+    let insert = |position: i64, version: i64| {
+        format!(
+            "INSERT INTO {}.ef_events (position, stream_type, stream_id, version, event_id, \
+             event_type, schema_version, occurred_at, recorded_at, payload) VALUES \
+             ({position}, 'Tested', 's', {version}, gen_random_uuid(), 'Foreign', 1, 0, 0, '{{}}')",
+            schema.name
+        )
+    };
+    foreign
+        .batch_execute(&format!("BEGIN; {}", insert(1_000_000, 2)))
+        .await
+        .unwrap();
+    let append = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .append(&stream("s"), ExpectedVersion::Exact(1), vec![event(2)])
+                .await
+        })
+    };
+    let watcher = common::raw().await;
+    waiting_append(&watcher, &name).await;
+    foreign.batch_execute("COMMIT").await.unwrap();
+    match append.await.unwrap() {
+        Err(Error::VersionConflict { actual, .. }) => assert_eq!(actual, 2),
+        other => panic!("expected a version conflict, got {other:?}"),
+    }
+    let out = store
+        .append(&stream("s"), ExpectedVersion::Any, vec![event(3)])
+        .await
+        .unwrap();
+    assert_eq!((out.version, out.last_position), (3, 2));
+
+    // A row where the next position would go: every append is refused, as damage.
+    foreign.batch_execute(&insert(3, 99)).await.unwrap();
+    let error = store
+        .append(&stream("t"), ExpectedVersion::Any, vec![event(1)])
+        .await
+        .unwrap_err();
+    assert_eq!(error.store_kind(), Some(StoreErrorKind::Corrupt), "{error}");
+    assert!(error.to_string().contains("outside the store"), "{error}");
+    assert_eq!(store.stream_version(&stream("t")).await.unwrap(), 0);
+}
