@@ -51,6 +51,8 @@ struct Bench {
     raw: tokio_postgres::Client,
     round: usize,
     notify: bool,
+    /// Appends per writer call in the concurrent runs: group commit at work.
+    appends_per_call: Vec<f64>,
 }
 
 impl Bench {
@@ -176,6 +178,10 @@ async fn append_concurrent(bench: &mut Bench, events: usize) -> Res<(f64, f64)> 
         task.await??;
     }
     let ours = events as f64 / started.elapsed().as_secs_f64();
+    let writer = store.writer_statistics();
+    bench
+        .appends_per_call
+        .push(writer.appends as f64 / writer.calls.max(1) as f64);
     let statement = bench
         .raw
         .prepare(&INSERT_RAW.replace("{s}", &schema))
@@ -286,6 +292,7 @@ async fn main() -> Res<()> {
         raw: Arc::try_unwrap(raw).map_err(|_| "one client")?,
         round: 0,
         notify,
+        appends_per_call: Vec::new(),
     };
     println!("repeats: {repeats}; medians; events/s (store | raw | ratio)");
     type Scenario = (&'static str, usize, &'static str);
@@ -316,6 +323,13 @@ async fn main() -> Res<()> {
             median(&mut raws),
             median(&mut ratios)
         );
+        if name == "pg_append_concurrent" {
+            println!(
+                "{:<22} {:.1} appends per call (median)",
+                "",
+                median(&mut bench.appends_per_call)
+            );
+        }
     }
     Ok(())
 }
