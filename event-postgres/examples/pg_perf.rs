@@ -5,6 +5,10 @@
 //!   same rows, 100 per transaction, on one connection (goal: >= 0.8).
 //! - `pg_append_concurrent`: 8 tasks appending one event at a time, 2,000 in all, vs raw
 //!   one-event transactions on one connection (goal: >= 4x).
+//! - `pg_command_many`: the bank workload, 8,000 deposits over 1,000 accounts from 8 tasks
+//!   (each task owns its accounts), `Repository::execute` with a cache vs a hand-written
+//!   tokio-postgres handler, two round trips per command (load and fold, insert at the
+//!   next version), one connection per task (goal: >= 2x).
 //! - `pg_rehydrate`: replaying one stream of 10,000 events into a fold that decodes each
 //!   payload with serde vs a raw `SELECT` and the same fold (goal: >= 0.8).
 //!
@@ -268,6 +272,170 @@ async fn rehydrate(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
     Ok((ours, raw))
 }
 
+// The bank workload: deposits to many accounts from 8 tasks, each task owning its accounts
+// (no conflicts: this measures throughput, not retries).
+
+#[derive(
+    Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, eventfold_macros::DomainEvent,
+)]
+#[domain_event(aggregate = "Account", crate = "eventfold_core")]
+enum AccountEvent {
+    Deposited {
+        amount: u64,
+        currency: String,
+        memo: String,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Account {
+    balance: u64,
+}
+
+impl Account {
+    fn fold(&mut self, event: &AccountEvent) {
+        let AccountEvent::Deposited { amount, .. } = event;
+        self.balance += amount;
+    }
+
+    fn decide(&self, amount: u64) -> AccountEvent {
+        AccountEvent::Deposited {
+            amount,
+            currency: "EUR".to_owned(),
+            memo: "perf deposit".to_owned(),
+        }
+    }
+}
+
+impl eventfold_core::Aggregate for Account {
+    type Event = AccountEvent;
+    type Command = u64;
+    type Error = std::convert::Infallible;
+
+    fn apply(&mut self, event: &AccountEvent) {
+        self.fold(event);
+    }
+
+    fn handle(&self, amount: u64) -> Result<Vec<AccountEvent>, Self::Error> {
+        Ok(vec![self.decide(amount)])
+    }
+}
+
+const TASKS: usize = 8;
+const ACCOUNTS: usize = 1_000;
+
+/// The accounts task `t` owns.
+fn owned(t: usize) -> Vec<String> {
+    (0..ACCOUNTS)
+        .filter(|a| a % TASKS == t)
+        .map(|a| format!("acc-{a}"))
+        .collect()
+}
+
+/// One command the hand-written way, two round trips: read the stream and fold it, then
+/// insert the new event with the next version (a unique violation would be a conflict).
+async fn raw_command(
+    client: &tokio_postgres::Client,
+    load: &tokio_postgres::Statement,
+    insert: &tokio_postgres::Statement,
+    id: &str,
+    amount: u64,
+) -> Res<()> {
+    let rows = client.query(load, &[&id]).await?;
+    let mut account = Account::default();
+    let mut version = 0_i64;
+    for row in &rows {
+        let event: AccountEvent = serde_json::from_str(row.get(1))?;
+        account.fold(&event);
+        version = row.get(0);
+    }
+    let event = account.decide(amount);
+    let payload = serde_json::to_string(&event)?;
+    let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    client
+        .execute(
+            insert,
+            &[&id, &(version + 1), &Uuid::now_v7(), &now, &payload],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn command_many(bench: &mut Bench, commands: usize) -> Res<(f64, f64)> {
+    let (store, schema) = bench.fresh().await?;
+    let rounds = commands / ACCOUNTS;
+    let repo = eventfold_core::Repository::<Account>::new(store.clone()).cache(ACCOUNTS);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                for round in 0..rounds as u64 {
+                    for id in &owned(t) {
+                        repo.execute(id, round).await?;
+                    }
+                }
+                Ok::<_, eventfold_core::CommandError<std::convert::Infallible>>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let ours = (rounds * ACCOUNTS) as f64 / started.elapsed().as_secs_f64();
+
+    bench
+        .raw
+        .batch_execute(&format!(
+            "CREATE TABLE {schema}.raw_commands (position bigserial PRIMARY KEY, \
+             stream_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL UNIQUE, \
+             event_type text NOT NULL, recorded_at bigint NOT NULL, payload text NOT NULL, \
+             UNIQUE (stream_id, version))"
+        ))
+        .await?;
+    let mut clients = Vec::new();
+    for _ in 0..TASKS {
+        let (client, connection) = tokio_postgres::connect(&bench.url, NoTls).await?;
+        tokio::spawn(connection);
+        clients.push(client);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(t, client)| {
+            let schema = schema.clone();
+            tokio::spawn(async move {
+                let load = client
+                    .prepare(&format!(
+                        "SELECT version, payload FROM {schema}.raw_commands \
+                         WHERE stream_id = $1 ORDER BY version"
+                    ))
+                    .await?;
+                let insert = client
+                    .prepare(&format!(
+                        "INSERT INTO {schema}.raw_commands (stream_id, version, event_id, \
+                         event_type, recorded_at, payload) VALUES ($1, $2, $3, 'Deposited', $4, $5)"
+                    ))
+                    .await?;
+                for round in 0..rounds as u64 {
+                    for id in &owned(t) {
+                        raw_command(&client, &load, &insert, id, round).await?;
+                    }
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let raw = (rounds * ACCOUNTS) as f64 / started.elapsed().as_secs_f64();
+    store.close().await?;
+    bench.drop_schema(&schema).await?;
+    Ok((ours, raw))
+}
+
 #[tokio::main]
 async fn main() -> Res<()> {
     let mut repeats = 5;
@@ -294,12 +462,13 @@ async fn main() -> Res<()> {
         notify,
         appends_per_call: Vec::new(),
     };
-    println!("repeats: {repeats}; medians; events/s (store | raw | ratio)");
+    println!("repeats: {repeats}; medians; events/s or commands/s (store | raw | ratio)");
     type Scenario = (&'static str, usize, &'static str);
-    let scenarios: [Scenario; 3] = [
+    let scenarios: [Scenario; 4] = [
         ("pg_append_batch", 20_000, ">= 0.8"),
         ("pg_append_concurrent", 2_000, ">= 4"),
         ("pg_rehydrate", 10_000, ">= 0.8"),
+        ("pg_command_many", 8_000, ">= 2"),
     ];
     for (name, events, goal) in scenarios {
         if only.as_deref().is_some_and(|only| only != name) {
@@ -310,6 +479,7 @@ async fn main() -> Res<()> {
             let (o, r) = match name {
                 "pg_append_batch" => append_batch(&mut bench, events).await?,
                 "pg_append_concurrent" => append_concurrent(&mut bench, events).await?,
+                "pg_command_many" => command_many(&mut bench, events).await?,
                 _ => rehydrate(&mut bench, events).await?,
             };
             ours.push(o);
