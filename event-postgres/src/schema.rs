@@ -120,9 +120,13 @@ const MIGRATIONS: &[&str] = &[
                                    WHERE e.stream_type = t.st AND e.stream_id = t.si), 0)
                          ORDER BY t.ord)
           INTO cur FROM unnest(s_type, s_id) WITH ORDINALITY AS t(st, si, ord);
+        -- One index probe per id, whatever the table's statistics said when this session
+        -- planned the statement: a plan made while the table was small (a hash join over a
+        -- sequential scan) would otherwise read the whole table on every call as it grows.
         SELECT coalesce(array_agg(DISTINCT t.req), '{}') INTO taken
           FROM unnest(e_id, e_req) AS t(id, req)
-         WHERE EXISTS (SELECT 1 FROM __SCHEMA__.ef_events e WHERE e.event_id = t.id);
+         CROSS JOIN LATERAL (SELECT 1 FROM __SCHEMA__.ef_events e
+                              WHERE e.event_id = t.id LIMIT 1) AS stored;
         WHILE i <= n LOOP
             u_end := i;
             WHILE u_end < n AND r_unit[u_end + 1] = r_unit[i] LOOP
