@@ -49,6 +49,9 @@
 //!   [`PostgresOptions::max_batch_events`]) into one call of `ef_append`: one round trip and
 //!   one commit for all, with the events passed as arrays (`UNNEST`). Each append keeps its
 //!   own version check (in queue order) and its own result: a refused append fails alone.
+//!   After a call of several appends the writer waits up to 250 µs, yielding, for as many
+//!   to queue again: the appenders it answered send their next appends microseconds later,
+//!   and a call with the first alone would make the rest wait a whole commit.
 //!   [`EventLog::append_batch`](eventfold_core::EventLog::append_batch) stores appends to
 //!   several streams all or none.
 //! - **Idempotent appends.** An append whose event ids are stored already is judged
