@@ -92,11 +92,15 @@
 //! failure), `Io` (the connection broke, the server ended the session), `Full`,
 //! `ReadOnly`, `Corrupt`, `Closed`, `Other`.
 //!
-//! A failed append stores nothing, with one exception: when the connection breaks while
-//! the append call runs, the call may have committed. Every append of that group fails as
-//! [`StoreErrorKind::OutcomeUnknown`](eventfold_core::StoreErrorKind::OutcomeUnknown): re-append the
-//! same events with the same event ids, and they end up stored exactly once (the
-//! re-append's outcome says where). The writer connects again before its next group.
+//! A failed append stores nothing, with one exception: when the session breaks while the
+//! append call runs (the server restarted or ended it, the network failed), the call may
+//! have committed. The writer then runs the same call once more on a new session, which is
+//! safe because appends are recognised by their event ids: a group that was stored is
+//! answered with its outcomes, one that was not is stored now. Only when that second call
+//! cannot be made or fails too does every append of the group fail as
+//! [`StoreErrorKind::OutcomeUnknown`](eventfold_core::StoreErrorKind::OutcomeUnknown):
+//! re-append the same events with the same event ids, and they end up stored exactly once
+//! (the re-append's outcome says where).
 
 #![forbid(unsafe_code)]
 

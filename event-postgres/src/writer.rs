@@ -6,10 +6,11 @@
 //! append's expected version in queue order against the versions the group's earlier
 //! appends leave, refuses an append whose event ids are stored already (the writer then
 //! judges it: an exact repeat returns its first outcome), and numbers the stored events
-//! densely in commit order. A refused append fails alone; the group commits. If the call
-//! fails, every append of the group fails: as `OutcomeUnknown` when the connection broke
-//! (the commit may have happened), with the server's error kind otherwise (nothing is
-//! stored). The writer reconnects before its next group.
+//! densely in commit order. A refused append fails alone; the group commits. If the
+//! session breaks during the call (the commit may have happened), the writer runs the call
+//! again on a new session: the appends are recognised by their ids, so that is safe. If the
+//! call fails otherwise, every append of the group fails: with the server's error kind
+//! (nothing is stored), or as `OutcomeUnknown` when the second call could not settle it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -361,52 +362,75 @@ impl Writer {
                 }
                 saids.push(None);
             }
-            let (Some(client), Some(statement)) = (&self.client, &self.statement) else {
-                unreachable!("ensure_connected leaves a client and a statement");
-            };
-            let channel = self.channel.as_deref();
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 16] = [
-                &call.s_type,
-                &call.s_id,
-                &call.r_stream,
-                &call.r_expected,
-                &call.r_unit,
-                &call.r_count,
-                &call.e_req,
-                &call.e_off,
-                &call.e_id,
-                &call.e_type,
-                &call.e_schema,
-                &call.e_occurred,
-                &call.e_metadata,
-                &call.e_payload,
-                &self.last_recorded_at,
-                &channel,
-            ];
-            let mut result = client.query(statement, &params).await;
-            if result.as_ref().is_err_and(foreign_row) {
-                // A writer outside the store inserted a row that this call's checks could
-                // not see yet (it was not committed): the call was rolled back whole. Run
-                // again, it sees the row now and judges each append against it.
+            // The first failure that lost the session, once the call is run again.
+            let mut lost: Option<Fault> = None;
+            loop {
+                let (Some(client), Some(statement)) = (&self.client, &self.statement) else {
+                    unreachable!("ensure_connected leaves a client and a statement");
+                };
+                let channel = self.channel.as_deref();
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 16] = [
+                    &call.s_type,
+                    &call.s_id,
+                    &call.r_stream,
+                    &call.r_expected,
+                    &call.r_unit,
+                    &call.r_count,
+                    &call.e_req,
+                    &call.e_off,
+                    &call.e_id,
+                    &call.e_type,
+                    &call.e_schema,
+                    &call.e_occurred,
+                    &call.e_metadata,
+                    &call.e_payload,
+                    &self.last_recorded_at,
+                    &channel,
+                ];
+                let mut result = client.query(statement, &params).await;
                 self.counters.calls.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    "a row written outside the store collided with a group; calling again"
-                );
-                result = client.query(statement, &params).await;
-            }
-            result
-        };
-        self.counters.calls.fetch_add(1, Ordering::Relaxed);
-        let rows = match result {
-            Ok(rows) => rows,
-            Err(error) => {
+                if result.as_ref().is_err_and(foreign_row) {
+                    // A writer outside the store inserted a row that this call's checks
+                    // could not see yet (it was not committed): the call was rolled back
+                    // whole. Run again, it sees the row now and judges each append by it.
+                    self.counters.calls.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        "a row written outside the store collided with a group; calling again"
+                    );
+                    result = client.query(statement, &params).await;
+                }
+                let error = match result {
+                    Ok(rows) => break Ok(rows),
+                    Err(error) => error,
+                };
                 let fault = Fault::of_call(error);
-                if fault.lost_the_session() || self.client.as_ref().is_none_or(Client::is_closed) {
-                    // The next group connects anew (the driver may not know yet that the
-                    // server ended the session).
+                // The next call connects anew (the driver may not know yet that the server
+                // ended the session).
+                if fault.lost_the_session() || client.is_closed() {
                     self.client = None;
                     self.statement = None;
                 }
+                if let Some(first) = lost {
+                    // The first call's outcome is still not known.
+                    break Err(first);
+                }
+                if !fault.lost_the_session() {
+                    break Err(fault);
+                }
+                // Whether the call ran is not known, but running it again is safe: the
+                // appends are recognised by their event ids, so a group that was stored is
+                // answered with its outcomes and one that was not is stored now. A server
+                // that ended an idle session (a restart) then costs no caller an error.
+                tracing::info!(error = %fault.to_error(), "the writer's session was lost during a call; calling again on a new one");
+                if self.ensure_connected().await.is_err() {
+                    break Err(fault);
+                }
+                lost = Some(fault);
+            }
+        };
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(fault) => {
                 tracing::warn!(error = %fault.to_error(), appends = units.len(), "a group commit failed");
                 for (unit, _) in units {
                     let _ = unit.reply.send(Err(fault.to_error()));
