@@ -88,7 +88,9 @@
 //! - from `eventfold-core`: events, the registry, aggregates, repositories, the
 //!   [`EventStore`] contract, the in-memory store and the event bus;
 //! - from `eventfold-macros`: `#[derive(DomainEvent)]`;
-//! - from `eventfold-sqlite` (feature `sqlite`, on by default): [`SqliteEventStore`].
+//! - from `eventfold-sqlite` (feature `sqlite`, on by default): [`SqliteEventStore`];
+//! - from `eventfold-postgres` (feature `postgres`, off by default): `PostgresEventStore`,
+//!   the same contract on a PostgreSQL server, and its crate as `eventfold::postgres`.
 //!
 //! Two modules hold what not every application needs: [`backend`], what a store backend
 //! implements and uses, and `testing` (feature `testing`, off by default: enable it in
@@ -151,6 +153,14 @@ pub use eventfold_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 /// `VerifyReport` of `SqliteEventStore::verify`.
 #[cfg(feature = "sqlite")]
 pub use eventfold_sqlite as sqlite;
+
+/// The PostgreSQL store: a server that several processes and machines share.
+#[cfg(feature = "postgres")]
+pub use eventfold_postgres::{PostgresEventStore, PostgresOptions};
+
+/// The PostgreSQL store's crate, for the rest of its API.
+#[cfg(feature = "postgres")]
+pub use eventfold_postgres as postgres;
 
 pub mod backend {
     //! What a store backend implements and uses; applications need none of it.

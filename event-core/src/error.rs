@@ -443,13 +443,17 @@ pub enum StoreErrorKind {
     CannotOpen,
     /// The store was closed or its worker stopped.
     Closed,
-    /// The disk or file system failed to read or write (`EIO`, a vanished file). The store
-    /// checks itself before it takes the next write.
+    /// The disk or file system failed to read or write (`EIO`, a vanished file), or the
+    /// connection to a database server was lost. The store checks itself (or reconnects)
+    /// before it takes the next write.
     Io,
     /// A commit failed in a way that leaves unknown whether it was stored (the connection
     /// broke, or the file system failed, during `COMMIT`). Re-append the same events with
     /// the same event ids: the append is idempotent, so it is stored exactly once.
     OutcomeUnknown,
+    /// The operation ran past a time limit the store was given (a server's statement
+    /// timeout, say) and was cancelled; nothing of it is stored. Retry, or raise the limit.
+    Timeout,
     /// Any other I/O or backend failure.
     Other,
 }
@@ -466,6 +470,7 @@ impl std::fmt::Display for StoreErrorKind {
             StoreErrorKind::Closed => "closed",
             StoreErrorKind::Io => "I/O error",
             StoreErrorKind::OutcomeUnknown => "outcome unknown",
+            StoreErrorKind::Timeout => "timed out",
             StoreErrorKind::Other => "backend failure",
         })
     }

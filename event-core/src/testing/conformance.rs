@@ -86,12 +86,28 @@ where
     });
 }
 
+/// What a suite without a skip condition skips: nothing.
+#[doc(hidden)]
+pub fn never_skip() -> bool {
+    false
+}
+
 /// Expands to one `#[test]` per conformance case, each on a fresh store from `$factory`
 /// (an `async fn() -> StoreUnderTest`).
+///
+/// A backend whose tests need a server passes `skip_if = path`, a `fn() -> bool` that each
+/// case calls first: when it returns true the case passes without running (the function
+/// says why, once). `store_conformance_tests!(server_store, skip_if = no_server);`
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($factory:path) => {
-        $crate::store_conformance_tests!(@cases $factory;
+        $crate::store_conformance_tests!(
+            $factory,
+            skip_if = $crate::testing::conformance::never_skip
+        );
+    };
+    ($factory:path, skip_if = $skip:path) => {
+        $crate::store_conformance_tests!(@cases $factory, $skip;
             // EventLog
             append_assigns_gap_free_versions_and_positions,
             multi_event_append_is_atomic,
@@ -124,10 +140,13 @@ macro_rules! store_conformance_tests {
             statistics_describe_the_store,
         );
     };
-    (@cases $factory:path; $($case:ident),+ $(,)?) => {
+    (@cases $factory:path, $skip:path; $($case:ident),+ $(,)?) => {
         $(
             #[test]
             fn $case() {
+                if $skip() {
+                    return;
+                }
                 $crate::testing::conformance::run($factory, |store| {
                     $crate::testing::conformance::$case(store)
                 });

@@ -1,0 +1,505 @@
+//! The PostgreSQL store against hand-written tokio-postgres on the same server, measured in
+//! one run, interleaved (store, raw, store, raw...), medians of the repeats:
+//!
+//! - `pg_append_batch`: 20,000 events in appends of 100 vs raw `UNNEST` inserts of the
+//!   same rows, 100 per transaction, on one connection (goal: >= 0.8).
+//! - `pg_append_concurrent`: 8 tasks appending one event at a time, 2,000 in all, vs raw
+//!   one-event transactions on one connection (goal: >= 4x).
+//! - `pg_command_many`: the bank workload, 8,000 deposits over 1,000 accounts from 8 tasks
+//!   (each task owns its accounts), `Repository::execute` with a cache vs a hand-written
+//!   tokio-postgres handler, two round trips per command (load and fold, insert at the
+//!   next version), one connection per task (goal: >= 2x).
+//! - `pg_rehydrate`: replaying one stream of 10,000 events into a fold that decodes each
+//!   payload with serde vs a raw `SELECT` and the same fold (goal: >= 0.8).
+//!
+//! ```text
+//! cargo run --release -p eventfold-postgres --example pg_perf [-- --repeats 5] [--no-notify]
+//!     [--only pg_append_batch]
+//! ```
+//!
+//! Uses `EVENTFOLD_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`) and a schema
+//! of its own, dropped at the end. The machine is shared: quote the load with the figures.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use eventfold_core::{EventLog, ExpectedVersion, Metadata, NewEvent, StreamId};
+use eventfold_postgres::{DEFAULT_URL, PostgresEventStore, PostgresOptions};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const PAYLOAD: &str = r#"{"account":"acc-000123","amount":1250,"currency":"EUR","note":"monthly deposit from the savings plan"}"#;
+
+fn event() -> NewEvent {
+    NewEvent {
+        event_id: Uuid::now_v7(),
+        event_type: "FundsDeposited".to_owned(),
+        schema_version: 1,
+        occurred_at: Utc::now(),
+        metadata: Metadata::new(),
+        payload: PAYLOAD.to_owned(),
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+struct Bench {
+    url: String,
+    schema: String,
+    raw: tokio_postgres::Client,
+    round: usize,
+    notify: bool,
+    /// Appends per writer call in the concurrent runs: group commit at work.
+    appends_per_call: Vec<f64>,
+}
+
+impl Bench {
+    /// A fresh store schema and a raw table shaped like its events table.
+    async fn fresh(&mut self) -> Res<(PostgresEventStore, String)> {
+        self.round += 1;
+        let schema = format!("{}_{}", self.schema, self.round);
+        self.raw
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await?;
+        let store = PostgresEventStore::open(
+            PostgresOptions::new(&self.url)
+                .schema(&schema)
+                .notify(self.notify),
+        )
+        .await?;
+        self.raw
+            .batch_execute(&format!(
+                "CREATE TABLE {schema}.raw_events (LIKE {schema}.ef_events INCLUDING ALL)"
+            ))
+            .await?;
+        Ok((store, schema))
+    }
+
+    async fn drop_schema(&self, schema: &str) -> Res<()> {
+        self.raw
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await?;
+        Ok(())
+    }
+}
+
+const INSERT_RAW: &str = "INSERT INTO {s}.raw_events (position, stream_type, stream_id, version, \
+     event_id, event_type, schema_version, occurred_at, recorded_at, metadata, payload) \
+     SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], \
+     $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[])";
+
+/// Inserts `count` events of one stream from `first` on, the raw way: one `UNNEST`
+/// statement in one transaction.
+async fn raw_insert(
+    raw: &tokio_postgres::Client,
+    statement: &tokio_postgres::Statement,
+    stream: &str,
+    first: i64,
+    count: usize,
+) -> Res<()> {
+    let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    let positions: Vec<i64> = (first..first + count as i64).collect();
+    let types = vec!["Account"; count];
+    let ids = vec![stream; count];
+    let event_ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
+    let event_types = vec!["FundsDeposited"; count];
+    let schema_versions = vec![1_i64; count];
+    let times = vec![now; count];
+    let metadata: Vec<Option<&str>> = vec![None; count];
+    let payloads = vec![PAYLOAD; count];
+    raw.execute(
+        statement,
+        &[
+            &positions,
+            &types,
+            &ids,
+            &positions,
+            &event_ids,
+            &event_types,
+            &schema_versions,
+            &times,
+            &times,
+            &metadata,
+            &payloads,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn append_batch(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
+    let (store, schema) = bench.fresh().await?;
+    let started = Instant::now();
+    let stream = StreamId::new("Account", "batch");
+    for _ in 0..events / 100 {
+        store
+            .append(
+                &stream,
+                ExpectedVersion::Any,
+                (0..100).map(|_| event()).collect(),
+            )
+            .await?;
+    }
+    let ours = events as f64 / started.elapsed().as_secs_f64();
+    let statement = bench
+        .raw
+        .prepare(&INSERT_RAW.replace("{s}", &schema))
+        .await?;
+    let started = Instant::now();
+    for i in 0..events / 100 {
+        raw_insert(&bench.raw, &statement, "batch", 1 + (i * 100) as i64, 100).await?;
+    }
+    let raw = events as f64 / started.elapsed().as_secs_f64();
+    store.close().await?;
+    bench.drop_schema(&schema).await?;
+    Ok((ours, raw))
+}
+
+async fn append_concurrent(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
+    let (store, schema) = bench.fresh().await?;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..8)
+        .map(|t| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let stream = StreamId::new("Account", format!("task-{t}"));
+                for _ in 0..events / 8 {
+                    store
+                        .append(&stream, ExpectedVersion::Any, vec![event()])
+                        .await?;
+                }
+                Ok::<_, eventfold_core::Error>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let ours = events as f64 / started.elapsed().as_secs_f64();
+    let writer = store.writer_statistics();
+    bench
+        .appends_per_call
+        .push(writer.appends as f64 / writer.calls.max(1) as f64);
+    let statement = bench
+        .raw
+        .prepare(&INSERT_RAW.replace("{s}", &schema))
+        .await?;
+    let started = Instant::now();
+    for i in 0..events {
+        raw_insert(&bench.raw, &statement, "single", 1 + i as i64, 1).await?;
+    }
+    let raw = events as f64 / started.elapsed().as_secs_f64();
+    store.close().await?;
+    bench.drop_schema(&schema).await?;
+    Ok((ours, raw))
+}
+
+/// The payload as the fold decodes it.
+#[derive(serde::Deserialize)]
+struct Deposit {
+    amount: u64,
+    #[allow(dead_code)]
+    currency: String,
+}
+
+/// Folds a replay into a balance, decoding each payload.
+struct Balance(u64);
+
+impl eventfold_core::ReplayVisitor for Balance {
+    fn visit(&mut self, event: eventfold_core::ReplayedEvent<'_>) -> eventfold_core::Result<()> {
+        let deposit: Deposit = serde_json::from_str(event.payload).map_err(|source| {
+            eventfold_core::Error::Payload {
+                event_type: event.event_type.to_owned(),
+                event_id: None,
+                position: None,
+                source,
+            }
+        })?;
+        self.0 += deposit.amount;
+        Ok(())
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
+async fn rehydrate(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
+    let (store, schema) = bench.fresh().await?;
+    let stream = StreamId::new("Account", "long");
+    for _ in 0..events / 1000 {
+        store
+            .append(
+                &stream,
+                ExpectedVersion::Any,
+                (0..1000).map(|_| event()).collect(),
+            )
+            .await?;
+    }
+    let started = Instant::now();
+    let folded = store
+        .replay_stream(&stream, 1, Box::new(Balance(0)))
+        .await?
+        .into_any()
+        .downcast::<Balance>()
+        .map_err(|_| "the visitor comes back")?;
+    let ours = events as f64 / started.elapsed().as_secs_f64();
+    let sql = format!(
+        "SELECT version, event_type, schema_version, payload FROM {schema}.ef_events \
+         WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version"
+    );
+    let statement = bench.raw.prepare(&sql).await?;
+    let started = Instant::now();
+    let rows = bench
+        .raw
+        .query(&statement, &[&"Account", &"long", &1_i64])
+        .await?;
+    let mut balance = 0;
+    for row in &rows {
+        let deposit: Deposit = serde_json::from_str(row.get(3))?;
+        balance += deposit.amount;
+    }
+    let raw = events as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(folded.0, balance);
+    store.close().await?;
+    bench.drop_schema(&schema).await?;
+    Ok((ours, raw))
+}
+
+// The bank workload: deposits to many accounts from 8 tasks, each task owning its accounts
+// (no conflicts: this measures throughput, not retries).
+
+#[derive(
+    Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, eventfold_macros::DomainEvent,
+)]
+#[domain_event(aggregate = "Account", crate = "eventfold_core")]
+enum AccountEvent {
+    Deposited {
+        amount: u64,
+        currency: String,
+        memo: String,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Account {
+    balance: u64,
+}
+
+impl Account {
+    fn fold(&mut self, event: &AccountEvent) {
+        let AccountEvent::Deposited { amount, .. } = event;
+        self.balance += amount;
+    }
+
+    fn decide(&self, amount: u64) -> AccountEvent {
+        AccountEvent::Deposited {
+            amount,
+            currency: "EUR".to_owned(),
+            memo: "perf deposit".to_owned(),
+        }
+    }
+}
+
+impl eventfold_core::Aggregate for Account {
+    type Event = AccountEvent;
+    type Command = u64;
+    type Error = std::convert::Infallible;
+
+    fn apply(&mut self, event: &AccountEvent) {
+        self.fold(event);
+    }
+
+    fn handle(&self, amount: u64) -> Result<Vec<AccountEvent>, Self::Error> {
+        Ok(vec![self.decide(amount)])
+    }
+}
+
+const TASKS: usize = 8;
+const ACCOUNTS: usize = 1_000;
+
+/// The accounts task `t` owns.
+fn owned(t: usize) -> Vec<String> {
+    (0..ACCOUNTS)
+        .filter(|a| a % TASKS == t)
+        .map(|a| format!("acc-{a}"))
+        .collect()
+}
+
+/// One command the hand-written way, two round trips: read the stream and fold it, then
+/// insert the new event with the next version (a unique violation would be a conflict).
+async fn raw_command(
+    client: &tokio_postgres::Client,
+    load: &tokio_postgres::Statement,
+    insert: &tokio_postgres::Statement,
+    id: &str,
+    amount: u64,
+) -> Res<()> {
+    let rows = client.query(load, &[&id]).await?;
+    let mut account = Account::default();
+    let mut version = 0_i64;
+    for row in &rows {
+        let event: AccountEvent = serde_json::from_str(row.get(1))?;
+        account.fold(&event);
+        version = row.get(0);
+    }
+    let event = account.decide(amount);
+    let payload = serde_json::to_string(&event)?;
+    let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+    client
+        .execute(
+            insert,
+            &[&id, &(version + 1), &Uuid::now_v7(), &now, &payload],
+        )
+        .await?;
+    Ok(())
+}
+
+async fn command_many(bench: &mut Bench, commands: usize) -> Res<(f64, f64)> {
+    let (store, schema) = bench.fresh().await?;
+    let rounds = commands / ACCOUNTS;
+    let repo = eventfold_core::Repository::<Account>::new(store.clone()).cache(ACCOUNTS);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let repo = repo.clone();
+            tokio::spawn(async move {
+                for round in 0..rounds as u64 {
+                    for id in &owned(t) {
+                        repo.execute(id, round).await?;
+                    }
+                }
+                Ok::<_, eventfold_core::CommandError<std::convert::Infallible>>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let ours = (rounds * ACCOUNTS) as f64 / started.elapsed().as_secs_f64();
+
+    bench
+        .raw
+        .batch_execute(&format!(
+            "CREATE TABLE {schema}.raw_commands (position bigserial PRIMARY KEY, \
+             stream_id text NOT NULL, version bigint NOT NULL, event_id uuid NOT NULL UNIQUE, \
+             event_type text NOT NULL, recorded_at bigint NOT NULL, payload text NOT NULL, \
+             UNIQUE (stream_id, version))"
+        ))
+        .await?;
+    let mut clients = Vec::new();
+    for _ in 0..TASKS {
+        let (client, connection) = tokio_postgres::connect(&bench.url, NoTls).await?;
+        tokio::spawn(connection);
+        clients.push(client);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(t, client)| {
+            let schema = schema.clone();
+            tokio::spawn(async move {
+                let load = client
+                    .prepare(&format!(
+                        "SELECT version, payload FROM {schema}.raw_commands \
+                         WHERE stream_id = $1 ORDER BY version"
+                    ))
+                    .await?;
+                let insert = client
+                    .prepare(&format!(
+                        "INSERT INTO {schema}.raw_commands (stream_id, version, event_id, \
+                         event_type, recorded_at, payload) VALUES ($1, $2, $3, 'Deposited', $4, $5)"
+                    ))
+                    .await?;
+                for round in 0..rounds as u64 {
+                    for id in &owned(t) {
+                        raw_command(&client, &load, &insert, id, round).await?;
+                    }
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let raw = (rounds * ACCOUNTS) as f64 / started.elapsed().as_secs_f64();
+    store.close().await?;
+    bench.drop_schema(&schema).await?;
+    Ok((ours, raw))
+}
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let mut repeats = 5;
+    let mut notify = true;
+    let mut only = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--repeats" => repeats = args.next().ok_or("--repeats needs a number")?.parse()?,
+            "--no-notify" => notify = false,
+            "--only" => only = Some(args.next().ok_or("--only needs a scenario")?),
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    let url = std::env::var("EVENTFOLD_PG_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let (raw, connection) = tokio_postgres::connect(&url, NoTls).await?;
+    tokio::spawn(connection);
+    let raw = Arc::new(raw);
+    let mut bench = Bench {
+        url,
+        schema: format!("ef_perf_{}", std::process::id()),
+        raw: Arc::try_unwrap(raw).map_err(|_| "one client")?,
+        round: 0,
+        notify,
+        appends_per_call: Vec::new(),
+    };
+    println!("repeats: {repeats}; medians; events/s or commands/s (store | raw | ratio)");
+    type Scenario = (&'static str, usize, &'static str);
+    let scenarios: [Scenario; 4] = [
+        ("pg_append_batch", 20_000, ">= 0.8"),
+        ("pg_append_concurrent", 2_000, ">= 4"),
+        ("pg_rehydrate", 10_000, ">= 0.8"),
+        ("pg_command_many", 8_000, ">= 2"),
+    ];
+    for (name, events, goal) in scenarios {
+        if only.as_deref().is_some_and(|only| only != name) {
+            continue;
+        }
+        let (mut ours, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            let (o, r) = match name {
+                "pg_append_batch" => append_batch(&mut bench, events).await?,
+                "pg_append_concurrent" => append_concurrent(&mut bench, events).await?,
+                "pg_command_many" => command_many(&mut bench, events).await?,
+                _ => rehydrate(&mut bench, events).await?,
+            };
+            ours.push(o);
+            raws.push(r);
+            ratios.push(o / r);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "{name:<22} {:>10.0} | {:>10.0} | {:>5.2}x (goal {goal})",
+            median(&mut ours),
+            median(&mut raws),
+            median(&mut ratios)
+        );
+        if name == "pg_append_concurrent" {
+            println!(
+                "{:<22} {:.1} appends per call (median)",
+                "",
+                median(&mut bench.appends_per_call)
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The schema: versioned migrations, run at open under an advisory lock, inside the
+//! store's own PostgreSQL schema.
+
+use eventfold_core::{Result, StoreErrorKind};
+use tokio_postgres::Client;
+
+use crate::error::{open_failed, open_refused};
+
+/// The schema migrations, in order: migration `i` takes the store's schema from version
+/// `i` to `i + 1`. `__SCHEMA__` stands for the store's schema name (checked to be a plain
+/// identifier). A migration is only ever appended, never edited once released.
+const MIGRATIONS: &[&str] = &[
+    // Version 1. Times are nanoseconds since the Unix epoch (a `DateTime<Utc>` round-trips
+    // exactly; `timestamptz` keeps microseconds). Payloads and metadata are `text`: they
+    // come back byte for byte as appended (`jsonb` would reorder keys and drop spaces);
+    // cast them (`payload::jsonb`) to query them. `u64`s the store never compares
+    // (checkpoint positions, durations) are kept bit for bit in a `bigint`.
+    r#"
+    CREATE TABLE __SCHEMA__.ef_head (
+        id       boolean PRIMARY KEY DEFAULT true CHECK (id),
+        position bigint  NOT NULL DEFAULT 0
+    );
+    INSERT INTO __SCHEMA__.ef_head DEFAULT VALUES;
+    CREATE TABLE __SCHEMA__.ef_events (
+        position       bigint PRIMARY KEY,
+        stream_type    text   NOT NULL,
+        stream_id      text   NOT NULL,
+        version        bigint NOT NULL,
+        event_id       uuid   NOT NULL UNIQUE,
+        event_type     text   NOT NULL,
+        schema_version bigint NOT NULL,
+        occurred_at    bigint NOT NULL,
+        recorded_at    bigint NOT NULL,
+        metadata       text,
+        payload        text   NOT NULL,
+        UNIQUE (stream_type, stream_id, version)
+    );
+    CREATE TABLE __SCHEMA__.ef_snapshots (
+        stream_type    text   NOT NULL,
+        stream_id      text   NOT NULL,
+        version        bigint NOT NULL,
+        schema_version bigint NOT NULL,
+        state          text   NOT NULL,
+        taken_at       bigint NOT NULL,
+        PRIMARY KEY (stream_type, stream_id)
+    );
+    CREATE TABLE __SCHEMA__.ef_checkpoints (
+        subscription text   PRIMARY KEY,
+        position     bigint NOT NULL,
+        updated_at   bigint NOT NULL
+    );
+    CREATE TABLE __SCHEMA__.ef_dead_letters (
+        id              bigserial PRIMARY KEY,
+        subscription    text   NOT NULL,
+        event_id        uuid   NOT NULL,
+        position        bigint NOT NULL,
+        event_type      text   NOT NULL,
+        error           text   NOT NULL,
+        attempts        bigint NOT NULL,
+        first_failed_at bigint NOT NULL,
+        last_failed_at  bigint NOT NULL,
+        UNIQUE (subscription, event_id, position)
+    );
+    CREATE INDEX ef_dead_letters_by_subscription ON __SCHEMA__.ef_dead_letters (subscription, id);
+    CREATE TABLE __SCHEMA__.ef_failures (
+        id              bigserial PRIMARY KEY,
+        subscription    text   NOT NULL,
+        event_id        uuid   NOT NULL,
+        position        bigint NOT NULL,
+        attempt         bigint NOT NULL,
+        error           text   NOT NULL,
+        duration_micros bigint NOT NULL,
+        failed_at       bigint NOT NULL
+    );
+    CREATE INDEX ef_failures_by_subscription ON __SCHEMA__.ef_failures (subscription, id);
+
+    -- One group commit of the writer, as one autocommit call. The head row is locked
+    -- first and held to the commit, so positions are dense and in commit order; every
+    -- statement after the lock sees every earlier append (READ COMMITTED takes a snapshot
+    -- per statement), so the version checks need no retries.
+    --
+    -- Streams are given once (s_*), requests refer to them (r_stream, 1-based) and come in
+    -- units (r_unit): the requests of one unit are stored all or none. Events (e_*) name
+    -- their request (e_req) and offset in it (e_off, from 0). r_expected: -1 any version,
+    -- -2 never matches, otherwise the version the stream must be at (0: no stream).
+    -- Returns one row per stored request (status 0, its last version, its first position),
+    -- one row per refused unit (its first refused request; status 1: version conflict,
+    -- out_version the stream's version; status 2: an event id is stored already, judged
+    -- by the caller), and a last row (request 0) with the head.
+    CREATE FUNCTION __SCHEMA__.ef_append(
+        s_type text[], s_id text[],
+        r_stream int[], r_expected bigint[], r_unit int[], r_count int[],
+        e_req int[], e_off int[], e_id uuid[], e_type text[], e_schema bigint[],
+        e_occurred bigint[], e_metadata text[], e_payload text[],
+        recorded bigint, channel text)
+    RETURNS TABLE (out_request int, out_status smallint, out_version bigint, out_position bigint)
+    LANGUAGE plpgsql AS $fn$
+    #variable_conflict use_column
+    DECLARE
+        n int := coalesce(array_length(r_stream, 1), 0);
+        head bigint;
+        start_head bigint;
+        cur bigint[];
+        tent bigint[];
+        taken int[];
+        r_pos bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+        r_ver bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+        i int := 1;
+        j int;
+        u_end int;
+        failed int;
+        fail_status smallint;
+        fail_version bigint;
+        pos bigint;
+        v bigint;
+    BEGIN
+        SELECT h.position INTO head FROM __SCHEMA__.ef_head h FOR UPDATE;
+        start_head := head;
+        SELECT array_agg(coalesce((SELECT max(e.version) FROM __SCHEMA__.ef_events e
+                                   WHERE e.stream_type = t.st AND e.stream_id = t.si), 0)
+                         ORDER BY t.ord)
+          INTO cur FROM unnest(s_type, s_id) WITH ORDINALITY AS t(st, si, ord);
+        -- One index probe per id, whatever the table's statistics said when this session
+        -- planned the statement: a plan made while the table was small (a hash join over a
+        -- sequential scan) would otherwise read the whole table on every call as it grows.
+        SELECT coalesce(array_agg(DISTINCT t.req), '{}') INTO taken
+          FROM unnest(e_id, e_req) AS t(id, req)
+         CROSS JOIN LATERAL (SELECT 1 FROM __SCHEMA__.ef_events e
+                              WHERE e.event_id = t.id LIMIT 1) AS stored;
+        WHILE i <= n LOOP
+            u_end := i;
+            WHILE u_end < n AND r_unit[u_end + 1] = r_unit[i] LOOP
+                u_end := u_end + 1;
+            END LOOP;
+            tent := cur;
+            failed := NULL;
+            pos := head;
+            FOR j IN i .. u_end LOOP
+                v := tent[r_stream[j]];
+                IF j = ANY (taken) THEN
+                    failed := j; fail_status := 2; fail_version := v;
+                    EXIT;
+                END IF;
+                IF r_expected[j] <> -1 AND r_expected[j] <> v THEN
+                    failed := j; fail_status := 1; fail_version := v;
+                    EXIT;
+                END IF;
+                r_pos[j] := pos + 1;
+                r_ver[j] := v + 1;
+                pos := pos + r_count[j];
+                tent[r_stream[j]] := v + r_count[j];
+            END LOOP;
+            IF failed IS NULL THEN
+                cur := tent;
+                head := pos;
+                FOR j IN i .. u_end LOOP
+                    out_request := j; out_status := 0;
+                    out_version := r_ver[j] + r_count[j] - 1; out_position := r_pos[j];
+                    RETURN NEXT;
+                END LOOP;
+            ELSE
+                FOR j IN i .. u_end LOOP
+                    r_pos[j] := NULL;
+                END LOOP;
+                out_request := failed; out_status := fail_status;
+                out_version := fail_version; out_position := NULL;
+                RETURN NEXT;
+            END IF;
+            i := u_end + 1;
+        END LOOP;
+        IF head > start_head THEN
+            INSERT INTO __SCHEMA__.ef_events (position, stream_type, stream_id, version,
+                event_id, event_type, schema_version, occurred_at, recorded_at, metadata,
+                payload)
+            SELECT r.pos + t.off, s.ty, s.id, r.ver + t.off, t.id, t.typ, t.sv, t.occ,
+                   recorded, t.meta, t.pay
+              FROM unnest(r_pos, r_ver, r_stream) WITH ORDINALITY AS r(pos, ver, st, idx)
+              JOIN unnest(s_type, s_id) WITH ORDINALITY AS s(ty, id, idx) ON s.idx = r.st
+              JOIN unnest(e_req, e_off, e_id, e_type, e_schema, e_occurred, e_metadata,
+                          e_payload) AS t(req, off, id, typ, sv, occ, meta, pay)
+                ON t.req = r.idx
+             WHERE r.pos IS NOT NULL;
+            UPDATE __SCHEMA__.ef_head SET position = head;
+            IF channel IS NOT NULL THEN
+                PERFORM pg_notify(channel, head::text);
+            END IF;
+        END IF;
+        out_request := 0; out_status := 0; out_version := head; out_position := NULL;
+        RETURN NEXT;
+    END
+    $fn$;
+    "#,
+];
+
+/// The schema version this library writes.
+pub(crate) const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Creates the store's schema if it is missing and brings it to [`SCHEMA_VERSION`], in
+/// one transaction under an advisory lock, so processes opening at once do not race. A
+/// schema written by a newer version of this library is refused (`SchemaTooNew`).
+pub(crate) async fn migrate(client: &mut Client, schema: &str, location: &str) -> Result<()> {
+    let failed = |doing: &'static str| move |e| open_failed(location, doing, e);
+    let encoding = client
+        .query_one("SHOW server_encoding", &[])
+        .await
+        .map_err(failed("reading the server encoding"))?;
+    let encoding: String = encoding.get(0);
+    if encoding != "UTF8" {
+        return Err(open_refused(
+            StoreErrorKind::Other,
+            location,
+            format!("the database's encoding is {encoding}; the store needs UTF8"),
+        ));
+    }
+    let tx = client
+        .transaction()
+        .await
+        .map_err(failed("starting the migration"))?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        &[&format!("eventfold schema {schema}")],
+    )
+    .await
+    .map_err(failed("taking the migration lock"))?;
+    // Created only when missing: `CREATE SCHEMA IF NOT EXISTS` needs the right to create
+    // schemas in the database even when the schema exists (a role may own just its own).
+    let exists = tx
+        .query_opt("SELECT 1 FROM pg_namespace WHERE nspname = $1", &[&schema])
+        .await
+        .map_err(failed("looking for the schema"))?
+        .is_some();
+    if !exists {
+        tx.batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .await
+            .map_err(failed("creating the schema"))?;
+    }
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.ef_schema (version integer NOT NULL)"
+    ))
+    .await
+    .map_err(failed("creating the schema's version table"))?;
+    let stored = tx
+        .query_opt(&format!("SELECT max(version) FROM {schema}.ef_schema"), &[])
+        .await
+        .map_err(failed("reading the schema version"))?
+        .and_then(|row| row.get::<_, Option<i32>>(0))
+        .unwrap_or(0);
+    if stored > SCHEMA_VERSION {
+        return Err(open_refused(
+            StoreErrorKind::SchemaTooNew,
+            location,
+            format!(
+                "the schema `{schema}` is at version {stored}, newer than version \
+                 {SCHEMA_VERSION} that this library writes"
+            ),
+        ));
+    }
+    if stored < 0 {
+        return Err(open_refused(
+            StoreErrorKind::Corrupt,
+            location,
+            format!("the schema `{schema}` says it is at version {stored}"),
+        ));
+    }
+    for migration in &MIGRATIONS[stored as usize..] {
+        tx.batch_execute(&migration.replace("__SCHEMA__", schema))
+            .await
+            .map_err(failed("migrating the schema"))?;
+    }
+    if stored < SCHEMA_VERSION {
+        tx.batch_execute(&format!(
+            "DELETE FROM {schema}.ef_schema; \
+             INSERT INTO {schema}.ef_schema (version) VALUES ({SCHEMA_VERSION})"
+        ))
+        .await
+        .map_err(failed("recording the schema version"))?;
+    }
+    tx.commit()
+        .await
+        .map_err(failed("committing the migration"))?;
+    if stored < SCHEMA_VERSION {
+        tracing::info!(
+            schema,
+            from = stored,
+            to = SCHEMA_VERSION,
+            "migrated the PostgreSQL event store"
+        );
+    }
+    Ok(())
+}
