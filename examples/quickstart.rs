@@ -1,16 +1,16 @@
-//! A bank account, event-sourced on a SQLite file in the working directory.
+//! A bank account, event-sourced on a SQLite file in the working directory, or on the
+//! store a URL names.
 //!
 //! Run it twice: the second run rebuilds the account from what the first one stored and
 //! carries on from there.
 //!
 //! ```sh
 //! cargo run --example quickstart
+//! cargo run --example quickstart -- postgres://postgres@127.0.0.1:5432/test
 //! ```
 
-use std::sync::Arc;
-
 use eventfold::prelude::*;
-use eventfold::{SqliteEventStore, SqliteOptions};
+use eventfold::{EventSystem, StoreUrl};
 use serde::{Deserialize, Serialize};
 
 /// What can happen to an account. Each variant is one stored event type.
@@ -83,7 +83,8 @@ impl Aggregate for Account {
     }
 }
 
-const DATABASE: &str = "eventfold-quickstart.db";
+/// Where the events are unless the first argument names a store URL.
+const DATABASE: &str = "sqlite://eventfold-quickstart.db";
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -91,12 +92,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     registry().validate()?;
     registry().expect_type::<AccountEvent>()?;
 
-    let store = Arc::new(SqliteEventStore::open(DATABASE, SqliteOptions::new()).await?);
-    let repo = Repository::<Account>::new(store.clone()).snapshot_every(10);
+    // The same program on SQLite or PostgreSQL: only the URL differs.
+    let url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| DATABASE.to_owned());
+    let system = EventSystem::open_url(&url).await?;
+    let url: StoreUrl = url.parse()?; // shown with any password hidden
+    let store = system.store();
+    let repo = system.repository::<Account>().snapshot_every(10);
 
     let (before, version) = repo.load("acc-1").await?;
     if version == 0 {
-        println!("{DATABASE}: a new database; opening account acc-1");
+        println!("{url}: a new store; opening account acc-1");
         repo.execute(
             "acc-1",
             AccountCommand::Open {
@@ -106,7 +113,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     } else {
         println!(
-            "{DATABASE}: found acc-1 at version {version} with balance {} from earlier runs",
+            "{url}: found acc-1 at version {version} with balance {} from earlier runs",
             before.balance
         );
     }
@@ -141,6 +148,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "the store holds {} events of {} aggregates; run again to continue from here",
         stats.events, stats.aggregates
     );
-    store.close().await?;
+    system.shutdown().await?;
     Ok(())
 }

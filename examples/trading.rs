@@ -1,4 +1,5 @@
-//! Strategies and orders of a trading system on an event bus, durable on a SQLite file.
+//! Strategies and orders of a trading system on an event bus, durable on a SQLite file
+//! (or on the store a URL names, given as the first argument).
 //!
 //! - Strategies raise signals through a [`DomainEventPublisher`] (they never see the bus).
 //! - Orders are aggregates: placed and filled through a repository; every event the
@@ -13,6 +14,7 @@
 //!
 //! ```sh
 //! cargo run --example trading      # twice
+//! cargo run --example trading -- postgres://postgres@127.0.0.1:5432/test
 //! ```
 
 use std::collections::BTreeMap;
@@ -21,11 +23,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use eventfold::prelude::*;
-use eventfold::{Delivery, DomainEventPublisher, EventSystem, Outgoing, RetryPolicy};
+use eventfold::{Delivery, DomainEventPublisher, EventSystem, Outgoing, RetryPolicy, StoreUrl};
 use serde::{Deserialize, Serialize};
 
-const DATABASE: &str = "eventfold-trading.db";
-const POSITIONS: &str = "eventfold-trading-positions.json";
+/// Where the events are unless the first argument names a store URL.
+const DATABASE: &str = "sqlite://eventfold-trading.db";
+/// The positions projection's file, one per kind of store: the positions it holds are
+/// that store's.
+const POSITIONS: &str = "eventfold-trading-positions";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Side {
@@ -170,18 +175,18 @@ struct Positions {
 }
 
 impl Positions {
-    fn load() -> Positions {
-        std::fs::read_to_string(POSITIONS)
+    fn load(file: &str) -> Positions {
+        std::fs::read_to_string(file)
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default()
     }
 
-    fn save(&self) -> std::io::Result<()> {
+    fn save(&self, file: &str) -> std::io::Result<()> {
         let text = serde_json::to_string_pretty(self).map_err(std::io::Error::other)?;
-        let temporary = format!("{POSITIONS}.tmp");
+        let temporary = format!("{file}.tmp");
         std::fs::write(&temporary, text)?;
-        std::fs::rename(temporary, POSITIONS)
+        std::fs::rename(temporary, file)
     }
 }
 
@@ -189,20 +194,28 @@ impl Positions {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     registry().expect_type::<StrategyEvent>()?;
     registry().expect_type::<OrderEvent>()?;
-    let system = EventSystem::builder(DATABASE)
+    // The same program on SQLite or PostgreSQL: only the URL differs.
+    let url = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| DATABASE.to_owned());
+    let system = EventSystem::builder_url(&url)?
         .bus(|bus| bus.workers(4).queue_capacity(10_000))
         .open()
         .await?;
     let bus = system.bus();
     let head = system.store().head_position().await?;
-    println!("{DATABASE}: {head} events stored by earlier runs");
+    let shown: StoreUrl = url.parse()?; // with any password hidden
+    println!("{shown}: {head} events stored by earlier runs");
+    let scheme = url.split(':').next().unwrap_or("store");
+    let positions_file = format!("{POSITIONS}-{scheme}.json");
 
     // The positions projection: idempotent by log position.
-    let positions = Arc::new(std::sync::Mutex::new(Positions::load()));
+    let positions = Arc::new(std::sync::Mutex::new(Positions::load(&positions_file)));
     let caught_up = Arc::new(AtomicU64::new(0));
     let projection = {
         let positions = Arc::clone(&positions);
         let caught_up = Arc::clone(&caught_up);
+        let file = positions_file.clone();
         move |d: Delivery<OrderEvent>| {
             let mut p = positions.lock().unwrap();
             if d.record().position <= p.applied_through {
@@ -227,7 +240,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
             p.applied_through = d.record().position;
-            std::future::ready(p.save())
+            std::future::ready(p.save(&file))
         }
     };
     bus.subscribe("positions", projection).register()?;
@@ -321,8 +334,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     system.shutdown().await?;
 
     // Orders stored while no bus runs: the next run's subscriptions catch up on them.
-    let store = Arc::new(eventfold::SqliteEventStore::open(DATABASE, Default::default()).await?);
-    let offline = Repository::<Order>::new(store.clone());
+    let system = EventSystem::open_url(&url).await?;
+    let offline = system.repository::<Order>();
     let id = format!("order-{run}-offline");
     offline
         .execute(
@@ -345,7 +358,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
         )
         .await?;
-    store.close().await?;
+    system.shutdown().await?;
     println!("stored 2 order events with the bus down; run again to see the catch-up");
     Ok(())
 }

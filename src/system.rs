@@ -11,6 +11,8 @@ use eventfold_core::{
     Aggregate, Error, EventBus, EventBusBuilder, EventStore, InMemoryEventStore, IntoStore,
     Repository, Result, StopReport, registry,
 };
+#[cfg(feature = "postgres")]
+use eventfold_postgres::{PostgresEventStore, PostgresOptions};
 #[cfg(feature = "sqlite")]
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 
@@ -22,11 +24,14 @@ use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 /// | `sqlite:///var/lib/app/events.db` | the SQLite file at that absolute path |
 /// | `sqlite::memory:` | a SQLite database in memory, gone when the system shuts down |
 /// | `memory:` | an [`InMemoryEventStore`] |
+/// | `postgres://user@host:5432/db`, `postgresql://...` | a PostgreSQL database (feature `postgres`) |
 ///
 /// The scheme is case-insensitive; `%` escapes in a path are decoded (`%20` is a space).
 /// A scheme no backend of this build opens is [`Error::UnknownStoreScheme`], a URL that is
 /// not of these forms [`Error::InvalidStoreUrl`]. Store settings are not part of the URL:
-/// set them with [`EventSystemBuilder::store_options`].
+/// set them with [`EventSystemBuilder::store_options`] (SQLite) or
+/// `EventSystemBuilder::postgres_options` (PostgreSQL: schema, pool size, timeouts; the
+/// URL is the connection string, passed to the server as it is).
 ///
 /// ```
 /// use eventfold::StoreUrl;
@@ -40,7 +45,7 @@ use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 /// ));
 /// # Ok::<(), eventfold::Error>(())
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoreUrl {
     /// A SQLite file, created if missing (`sqlite://path`, `sqlite:path`).
@@ -51,13 +56,18 @@ pub enum StoreUrl {
     SqliteMemory,
     /// The in-memory store (`memory:`).
     Memory,
+    /// A PostgreSQL database (`postgres://...`, `postgresql://...`): the whole URL is the
+    /// connection string. Shown with its password hidden.
+    #[cfg(feature = "postgres")]
+    Postgres(String),
 }
 
 /// The schemes [`StoreUrl`] knows, for [`Error::UnknownStoreScheme`]'s message.
-const KNOWN_SCHEMES: &str = if cfg!(feature = "sqlite") {
-    "sqlite:, memory:"
-} else {
-    "memory:"
+const KNOWN_SCHEMES: &str = match (cfg!(feature = "sqlite"), cfg!(feature = "postgres")) {
+    (true, true) => "sqlite:, postgres:, memory:",
+    (true, false) => "sqlite:, memory:",
+    (false, true) => "postgres:, memory:",
+    (false, false) => "memory:",
 };
 
 impl FromStr for StoreUrl {
@@ -86,6 +96,13 @@ impl FromStr for StoreUrl {
         match scheme.to_ascii_lowercase().as_str() {
             #[cfg(feature = "sqlite")]
             "sqlite" => parse_sqlite(rest).map_err(|reason| malformed(&reason)),
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => match rest.strip_prefix("//") {
+                Some(after) if !after.is_empty() => Ok(StoreUrl::Postgres(url.to_owned())),
+                _ => Err(malformed(
+                    "a PostgreSQL URL names its server: `postgres://user@host:5432/database`",
+                )),
+            },
             "memory" => match rest {
                 "" | "//" => Ok(StoreUrl::Memory),
                 _ => Err(malformed(
@@ -142,6 +159,21 @@ fn percent_decode(text: &str) -> std::result::Result<String, String> {
     String::from_utf8(decoded).map_err(|_| "the decoded path is not UTF-8".to_owned())
 }
 
+impl fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            #[cfg(feature = "sqlite")]
+            StoreUrl::Sqlite(path) => f.debug_tuple("Sqlite").field(path).finish(),
+            #[cfg(feature = "sqlite")]
+            StoreUrl::SqliteMemory => f.write_str("SqliteMemory"),
+            StoreUrl::Memory => f.write_str("Memory"),
+            // The connection string may carry a password: shown as Display shows it.
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres(_) => f.debug_tuple("Postgres").field(&self.to_string()).finish(),
+        }
+    }
+}
+
 impl fmt::Display for StoreUrl {
     /// The URL's canonical form, which parses back to the same value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -160,6 +192,10 @@ impl fmt::Display for StoreUrl {
             #[cfg(feature = "sqlite")]
             StoreUrl::SqliteMemory => f.write_str("sqlite::memory:"),
             StoreUrl::Memory => f.write_str("memory:"),
+            #[cfg(feature = "postgres")]
+            StoreUrl::Postgres(url) => {
+                f.write_str(&PostgresOptions::new(url.as_str()).redacted_url())
+            }
         }
     }
 }
@@ -219,6 +255,8 @@ impl fmt::Debug for EventSystem {
 enum Opened {
     #[cfg(feature = "sqlite")]
     Sqlite(SqliteEventStore),
+    #[cfg(feature = "postgres")]
+    Postgres(PostgresEventStore),
     /// A store that needs no closing (the in-memory store), or one the caller opened and
     /// closes.
     Other,
@@ -236,6 +274,8 @@ pub struct EventSystemBuilder {
     source: Source,
     #[cfg(feature = "sqlite")]
     options: SqliteOptions,
+    #[cfg(feature = "postgres")]
+    postgres: Box<dyn FnOnce(PostgresOptions) -> PostgresOptions + Send>,
     bus: EventBusBuilder,
 }
 
@@ -245,6 +285,8 @@ impl EventSystemBuilder {
             source,
             #[cfg(feature = "sqlite")]
             options: SqliteOptions::new(),
+            #[cfg(feature = "postgres")]
+            postgres: Box::new(|options| options),
             bus: EventBus::builder(),
         }
     }
@@ -254,6 +296,18 @@ impl EventSystemBuilder {
     #[cfg(feature = "sqlite")]
     pub fn store_options(mut self, options: SqliteOptions) -> Self {
         self.options = options;
+        self
+    }
+
+    /// Adjusts the PostgreSQL store's options (schema, pool size, statement timeout,
+    /// notifications), used when the store is a PostgreSQL one the system opens from its
+    /// URL: `configure` gets [`PostgresOptions::new`] of that URL.
+    #[cfg(feature = "postgres")]
+    pub fn postgres_options(
+        mut self,
+        configure: impl FnOnce(PostgresOptions) -> PostgresOptions + Send + 'static,
+    ) -> Self {
+        self.postgres = Box::new(configure);
         self
     }
 
@@ -279,6 +333,12 @@ impl EventSystemBuilder {
             }
             Source::Url(StoreUrl::Memory) => {
                 (InMemoryEventStore::new().into_store(), Opened::Other)
+            }
+            #[cfg(feature = "postgres")]
+            Source::Url(StoreUrl::Postgres(url)) => {
+                let store =
+                    PostgresEventStore::open((self.postgres)(PostgresOptions::new(url))).await?;
+                (store.clone().into_store(), Opened::Postgres(store))
             }
         };
         let bus = self.bus.store(Arc::clone(&store)).build()?;
@@ -345,7 +405,16 @@ impl EventSystem {
     pub fn sqlite_store(&self) -> Option<&SqliteEventStore> {
         match &self.opened {
             Opened::Sqlite(store) => Some(store),
-            Opened::Other => None,
+            _ => None,
+        }
+    }
+
+    /// The PostgreSQL store, if the system opened one, for what only it does.
+    #[cfg(feature = "postgres")]
+    pub fn postgres_store(&self) -> Option<&PostgresEventStore> {
+        match &self.opened {
+            Opened::Postgres(store) => Some(store),
+            _ => None,
         }
     }
 
@@ -367,6 +436,8 @@ impl EventSystem {
         match self.opened {
             #[cfg(feature = "sqlite")]
             Opened::Sqlite(store) => store.close().await?,
+            #[cfg(feature = "postgres")]
+            Opened::Postgres(store) => store.close().await?,
             Opened::Other => {}
         }
         Ok(report)

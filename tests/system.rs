@@ -107,7 +107,7 @@ async fn builder_url_refuses_a_bad_url_before_opening_anything() {
         Err(Error::InvalidStoreUrl { .. })
     ));
     assert!(matches!(
-        EventSystem::open_url("postgresql://localhost/app").await,
+        EventSystem::open_url("mysql://localhost/app").await,
         Err(Error::UnknownStoreScheme { .. })
     ));
 }

@@ -164,6 +164,12 @@ impl PostgresOptions {
         &self.schema
     }
 
+    /// The connection string with its password hidden (`postgres://user:***@host/db`),
+    /// for logs and messages.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+
     /// Fails with [`Error::InvalidSetting`] on the first option out of its range.
     pub(crate) fn validate(&self) -> Result<()> {
         let invalid =
