@@ -229,7 +229,7 @@ pub mod backend {
 
     pub use eventfold_core::{
         AppendRequest, DEFAULT_FAILURE_RETENTION, EventLog, NewDeadLetter, ReplayVisitor,
-        ReplayedEvent, SnapshotStore, SubscriptionStore, check_append, check_batch,
+        ReplayedEvent, SnapshotStore, SubscriptionStore, check_append, check_batch, error_chain,
     };
 
     /// The attribute the store contract's traits are written with.

@@ -302,8 +302,15 @@ pub enum Error {
 }
 
 /// An error and its sources, one after another (`outer: inner: innermost`), as dead
-/// letters and failure records keep it.
-pub(crate) fn report(error: &(dyn std::error::Error + 'static)) -> String {
+/// letters and failure records keep it, and as a backend writes a failure whose source it
+/// cannot keep.
+///
+/// ```
+/// let io = std::io::Error::other("disk full");
+/// let error = eventfold::Error::store(eventfold::StoreErrorKind::Io, "writing", io);
+/// assert_eq!(eventfold::backend::error_chain(&error), "writing: disk full");
+/// ```
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

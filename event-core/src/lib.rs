@@ -65,7 +65,7 @@ pub use bus::{
     RetryPolicy, StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics,
     SystemClock, TryPublishError, UnknownEventPolicy,
 };
-pub use error::{BoxError, Error, Result, StoreErrorKind};
+pub use error::{BoxError, Error, Result, StoreErrorKind, error_chain};
 pub use event::{DomainEvent, EventType};
 pub use memory::InMemoryEventStore;
 pub use record::{

@@ -173,7 +173,7 @@ impl Fault {
     pub(crate) fn before_call(error: &Error) -> Self {
         Fault {
             kind: error.store_kind().unwrap_or(StoreErrorKind::Other),
-            message: report(error),
+            message: eventfold_core::error_chain(error),
             source: None,
         }
     }
@@ -189,18 +189,6 @@ impl Fault {
                 .map(|source| Box::new(std::sync::Arc::clone(source)) as eventfold_core::BoxError),
         }
     }
-}
-
-/// An error and its sources in one line (`outer: inner`).
-pub(crate) fn report(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -37,19 +37,6 @@ pub(crate) fn open_refused(kind: StoreErrorKind, location: &str, reason: String)
     }
 }
 
-/// An error and its sources in one line (`outer: inner`), for a failure that keeps no
-/// source of its own.
-fn report(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// The kind of a SQLite failure, the same for every backend.
 pub(crate) fn kind_of(error: &rusqlite::Error) -> StoreErrorKind {
     match error.sqlite_error_code() {
@@ -116,7 +103,7 @@ impl Fault {
     pub(crate) fn from_core(error: &eventfold_core::Error) -> Self {
         Fault {
             kind: error.store_kind().unwrap_or(StoreErrorKind::Other),
-            message: report(error),
+            message: eventfold_core::error_chain(error),
             source: None,
         }
     }

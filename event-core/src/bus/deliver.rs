@@ -66,7 +66,7 @@ pub(crate) fn begin(bus: usize, sub: &Sub, event: &EventSource, attempt: u32) ->
         Ok(Ok(handler)) => State::Running(handler),
         // An event that does not decode will not decode on a retry either.
         Ok(Err(error)) => State::Failed(Failure {
-            message: crate::error::report(&error),
+            message: crate::error::error_chain(&error),
             retryable: false,
         }),
         // The handler panicked before it returned its future.
@@ -117,7 +117,7 @@ impl Future for Attempt {
                 match polled {
                     Ok(Poll::Ready(Ok(()))) => Ok(()),
                     Ok(Poll::Ready(Err(error))) => Err(Failure {
-                        message: crate::error::report(&*error),
+                        message: crate::error::error_chain(&*error),
                         retryable: true,
                     }),
                     Err(panic) => Err(Failure {

@@ -271,7 +271,7 @@ pub(crate) async fn read_page(store: &dyn EventStore, from: u64, limit: usize) -
         damaged: Some(Damaged {
             position,
             event_id: None,
-            error: crate::error::report(&bad_error),
+            error: crate::error::error_chain(&bad_error),
         }),
     })
 }
@@ -294,7 +294,7 @@ async fn before_located(store: &dyn EventStore, from: u64, error: &Error) -> Res
         damaged: Some(Damaged {
             position,
             event_id,
-            error: crate::error::report(error),
+            error: crate::error::error_chain(error),
         }),
     }))
 }
