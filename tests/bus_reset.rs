@@ -476,3 +476,30 @@ async fn a_subscription_unsubscribed_from_a_running_bus_can_be_reset_and_rejoin(
         bus.stop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_subscription_without_a_checkpoint_can_be_reset_before_the_start() {
+    for kind in KINDS {
+        let storage = Storage::new(kind);
+        storage.append(1, 5).await;
+        let seen = Seen::default();
+        let (bus, store) = storage.bus().await;
+        seen.subscribe(&bus, "fresh", StartFrom::Beginning);
+        assert_eq!(store.load_checkpoint("fresh").await.unwrap(), None);
+        assert_eq!(
+            bus.reset_subscription("fresh", ResetTo::Position(2))
+                .await
+                .unwrap(),
+            2
+        );
+        bus.start().await.unwrap();
+        bus.wait_idle().await.unwrap();
+        assert_eq!(seen.positions(), range(3, 5), "{kind:?}");
+        // Once running, the same reset is refused.
+        assert!(matches!(
+            bus.reset_subscription("fresh", ResetTo::Position(2)).await,
+            Err(Error::SubscriptionRunning { .. })
+        ));
+        bus.stop().await.unwrap();
+    }
+}

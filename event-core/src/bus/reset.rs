@@ -35,9 +35,11 @@ pub enum ResetTo {
     /// The first event recorded at or after this time is delivered next (the checkpoint
     /// is the position before it; the head if there is none). Found by a binary search
     /// over positions, O(log n) reads of one event, which relies on recorded times
-    /// following commit order (the stores record `max(now, previous)`, so a clock set
-    /// back does not reorder them; a log written by a store that did not could be
-    /// searched wrongly).
+    /// following commit order. A store handle records `max(now, its previous time)`, so
+    /// a clock set back while it is open does not reorder them; a clock set back between
+    /// runs, or processes with skewed clocks writing one log, can, and the search then
+    /// lands at some event recorded at or after the time whose predecessor was recorded
+    /// before it, not necessarily the first such event.
     Time(DateTime<Utc>),
 }
 
