@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use eventfold::prelude::*;
 use eventfold::{Delivery, Error, EventBus, ResetTo, SqliteEventStore, SqliteOptions, StartFrom};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, DomainEvent)]
 #[domain_event(aggregate = "Meter")]
@@ -502,4 +503,177 @@ async fn a_registered_subscription_without_a_checkpoint_can_be_reset_before_the_
         ));
         bus.stop().await.unwrap();
     }
+}
+
+/// The in-memory store, whose first checkpoint save waits until the test releases it
+/// (saying when it started), so a save can be caught in flight.
+struct HeldSave {
+    inner: Arc<InMemoryEventStore>,
+    hold: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::EventLog for HeldSave {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<eventfold::NewEvent>,
+    ) -> eventfold::Result<eventfold::AppendOutcome> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+    ) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(stream, from).await
+    }
+
+    async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(from, limit).await
+    }
+
+    async fn get(&self, id: uuid::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
+        self.inner.get(id).await
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> eventfold::Result<u64> {
+        self.inner.stream_version(stream).await
+    }
+
+    async fn head_position(&self) -> eventfold::Result<u64> {
+        self.inner.head_position().await
+    }
+
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch_head()
+    }
+
+    async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+        self.inner.statistics().await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::SnapshotStore for HeldSave {
+    async fn save_snapshot(&self, snapshot: eventfold::Snapshot) -> eventfold::Result<()> {
+        self.inner.save_snapshot(snapshot).await
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> eventfold::Result<Option<eventfold::Snapshot>> {
+        self.inner.load_snapshot(stream).await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::SubscriptionStore for HeldSave {
+    async fn load_checkpoint(&self, name: &str) -> eventfold::Result<Option<u64>> {
+        self.inner.load_checkpoint(name).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
+        let hold = self.hold.lock().unwrap().take();
+        if let Some((entered, release)) = hold {
+            let _ = entered.send(());
+            let _ = release.await;
+        }
+        self.inner.save_checkpoint(name, position).await
+    }
+
+    async fn add_dead_letter(
+        &self,
+        dead_letter: eventfold::backend::NewDeadLetter,
+    ) -> eventfold::Result<u64> {
+        self.inner.add_dead_letter(dead_letter).await
+    }
+
+    async fn dead_letters(
+        &self,
+        name: Option<&str>,
+    ) -> eventfold::Result<Vec<eventfold::DeadLetter>> {
+        self.inner.dead_letters(name).await
+    }
+
+    async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
+        self.inner.remove_dead_letter(id).await
+    }
+
+    async fn record_failure(
+        &self,
+        failure: eventfold::FailureRecord,
+        retain: usize,
+    ) -> eventfold::Result<()> {
+        self.inner.record_failure(failure, retain).await
+    }
+
+    async fn clear_dead_letters(&self, name: Option<&str>) -> eventfold::Result<u64> {
+        self.inner.clear_dead_letters(name).await
+    }
+
+    async fn clear_failures(&self, name: Option<&str>) -> eventfold::Result<u64> {
+        self.inner.clear_failures(name).await
+    }
+
+    async fn failures(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> eventfold::Result<Vec<eventfold::FailureRecord>> {
+        self.inner.failures(name, limit).await
+    }
+}
+
+/// A save of the old checkpoint that is under way when a subscription is unsubscribed and
+/// reset, and the saves after it, do not write over the reset checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_in_flight_does_not_undo_a_reset() {
+    let storage = Storage::new(Kind::Memory);
+    storage.append(1, 3).await;
+    // A checkpoint from an earlier run, so the name is known to the store.
+    storage
+        .memory
+        .save_checkpoint("projection", 0)
+        .await
+        .unwrap();
+    let (entered_tx, entered) = oneshot::channel();
+    let (release, release_rx) = oneshot::channel();
+    let store = Arc::new(HeldSave {
+        inner: Arc::clone(&storage.memory),
+        hold: Mutex::new(Some((entered_tx, release_rx))),
+    });
+    let bus = EventBus::builder()
+        .workers(2)
+        .store(Arc::clone(&store))
+        .build()
+        .unwrap();
+    let seen = Seen::default();
+    seen.subscribe(&bus, "projection", StartFrom::Beginning);
+    bus.start().await.unwrap();
+    // The first save of its moved checkpoint is now under way, and held.
+    entered.await.unwrap();
+    assert!(bus.unsubscribe("projection"));
+    let reset = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            bus.reset_subscription("projection", ResetTo::Position(1))
+                .await
+        }
+    });
+    release.send(()).unwrap();
+    assert_eq!(reset.await.unwrap().unwrap(), 1);
+    bus.wait_idle().await.unwrap();
+    assert_eq!(
+        storage.memory.load_checkpoint("projection").await.unwrap(),
+        Some(1)
+    );
+    bus.stop().await.unwrap();
+    assert_eq!(
+        storage.memory.load_checkpoint("projection").await.unwrap(),
+        Some(1)
+    );
 }
