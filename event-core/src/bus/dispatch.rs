@@ -382,6 +382,9 @@ async fn sync_tracker(engine: &Engine, store: &Arc<dyn EventStore>, table: &Rout
             .cloned()
             .collect()
     };
+    // Under the gate a reset holds, so a reset's checkpoint is either taken up whole or
+    // written before this load.
+    let _gate = engine.checkpoint_gate.lock().await;
     for sub in missing {
         let checkpoint = match store.load_checkpoint(&sub.name).await? {
             Some(checkpoint) => checkpoint,

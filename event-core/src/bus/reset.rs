@@ -53,8 +53,10 @@ impl EventBus {
     /// subscription is registered or not, or on a running bus for a name not registered
     /// on it (an operator's action on the store, say for a subscription another process
     /// runs when that process is stopped, or one unsubscribed here first). A bus does not
-    /// start while a reset is under way; a subscription registered on a running bus while
-    /// its reset is under way may take up its checkpoint from before the reset.
+    /// start while a reset is under way, and a subscription registered on the running bus
+    /// while its reset is under way either makes the reset fail with
+    /// [`Error::SubscriptionRunning`] or starts from the reset checkpoint. Another process
+    /// running the subscription is not seen: stop it first.
     ///
     /// # Errors
     /// - [`Error::NotDurable`] on a bus without a store (its subscriptions have no
@@ -75,6 +77,28 @@ impl EventBus {
             });
         };
         let _lifecycle = self.inner.lifecycle_gate.lock().await;
+        let registered = self.registered_and_not_running(name)?;
+        if !registered && store.load_checkpoint(name).await?.is_none() {
+            return Err(Error::UnknownSubscription {
+                name: name.to_string(),
+            });
+        }
+        let checkpoint = reset_position(store.as_ref(), to).await?;
+        // The dispatcher takes up a newly registered subscription's checkpoint under this
+        // gate too: one registered from here on starts from the reset checkpoint, and one
+        // registered since the check above is found by the check again.
+        let _saves = engine.checkpoint_gate.lock().await;
+        self.registered_and_not_running(name)?;
+        // A subscription unsubscribed from a running bus may still be tracked until the
+        // dispatcher sees it leave; it must not save its old checkpoint over this one.
+        engine.lock_tracker().forget(name);
+        store.save_checkpoint(name, checkpoint).await?;
+        Ok(checkpoint)
+    }
+
+    /// Whether the subscription is registered on this bus; an error if it is and the bus
+    /// is running.
+    fn registered_and_not_running(&self, name: &str) -> Result<bool> {
         let registered = {
             let subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
             subs.iter().any(|s| *s.name == *name)
@@ -88,18 +112,7 @@ impl EventBus {
                 name: name.to_string(),
             });
         }
-        if !registered && store.load_checkpoint(name).await?.is_none() {
-            return Err(Error::UnknownSubscription {
-                name: name.to_string(),
-            });
-        }
-        let checkpoint = reset_position(store.as_ref(), to).await?;
-        let _saves = engine.checkpoint_gate.lock().await;
-        // A subscription unsubscribed from a running bus may still be tracked until the
-        // dispatcher sees it leave; it must not save its old checkpoint over this one.
-        engine.lock_tracker().forget(name);
-        store.save_checkpoint(name, checkpoint).await?;
-        Ok(checkpoint)
+        Ok(registered)
     }
 }
 
