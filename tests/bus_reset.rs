@@ -506,10 +506,12 @@ async fn a_registered_subscription_without_a_checkpoint_can_be_reset_before_the_
 }
 
 /// The in-memory store, whose first checkpoint save waits until the test releases it
-/// (saying when it started), so a save can be caught in flight.
+/// (saying when it started), so a save can be caught in flight; it can also say when the
+/// head is next asked for.
 struct HeldSave {
     inner: Arc<InMemoryEventStore>,
     hold: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+    head_asked: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 #[async_trait::async_trait]
@@ -544,7 +546,11 @@ impl eventfold::backend::EventLog for HeldSave {
     }
 
     async fn head_position(&self) -> eventfold::Result<u64> {
-        self.inner.head_position().await
+        let head = self.inner.head_position().await;
+        if let Some(asked) = self.head_asked.lock().unwrap().take() {
+            let _ = asked.send(());
+        }
+        head
     }
 
     fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -645,6 +651,7 @@ async fn a_save_in_flight_does_not_undo_a_reset() {
     let store = Arc::new(HeldSave {
         inner: Arc::clone(&storage.memory),
         hold: Mutex::new(Some((entered_tx, release_rx))),
+        head_asked: Mutex::new(None),
     });
     let bus = EventBus::builder()
         .workers(2)
@@ -676,4 +683,61 @@ async fn a_save_in_flight_does_not_undo_a_reset() {
         storage.memory.load_checkpoint("projection").await.unwrap(),
         Some(1)
     );
+}
+
+/// A subscription registered on the running bus while its reset waits for the checkpoint
+/// gate is found by the reset's second check: the reset fails and the checkpoint the
+/// subscription took up stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registering_during_a_reset_makes_the_reset_fail_rather_than_race_it() {
+    let storage = Storage::new(Kind::Memory);
+    storage.append(1, 3).await;
+    storage
+        .memory
+        .save_checkpoint("projection", 0)
+        .await
+        .unwrap();
+    let (entered_tx, entered) = oneshot::channel();
+    let (release, release_rx) = oneshot::channel();
+    let store = Arc::new(HeldSave {
+        inner: Arc::clone(&storage.memory),
+        hold: Mutex::new(Some((entered_tx, release_rx))),
+        head_asked: Mutex::new(None),
+    });
+    let bus = EventBus::builder()
+        .workers(2)
+        .store(Arc::clone(&store))
+        .build()
+        .unwrap();
+    let other = Seen::default();
+    other.subscribe(&bus, "other", StartFrom::Beginning);
+    bus.start().await.unwrap();
+    // A save of the other subscription's checkpoint holds the gate.
+    entered.await.unwrap();
+    let (asked_tx, asked) = oneshot::channel();
+    *store.head_asked.lock().unwrap() = Some(asked_tx);
+    let reset = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            bus.reset_subscription("projection", ResetTo::Position(1))
+                .await
+        }
+    });
+    // The reset passed its first check and reads the head; then it waits for the gate.
+    asked.await.unwrap();
+    let seen = Seen::default();
+    seen.subscribe(&bus, "projection", StartFrom::Beginning);
+    release.send(()).unwrap();
+    let refused = reset.await.unwrap();
+    assert!(
+        matches!(&refused, Err(Error::SubscriptionRunning { name }) if name == "projection"),
+        "{refused:?}"
+    );
+    bus.wait_idle().await.unwrap();
+    assert_eq!(seen.positions(), range(1, 3));
+    assert_eq!(
+        storage.memory.load_checkpoint("projection").await.unwrap(),
+        Some(3)
+    );
+    bus.stop().await.unwrap();
 }
