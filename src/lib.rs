@@ -120,8 +120,8 @@ pub use eventfold_core::{
 pub use eventfold_core::{
     BoxFuture, BusStatistics, Clock, DEFAULT_HANDLER_TIMEOUT, Delivery, DomainEventPublisher,
     EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, ReplayReport,
-    RetryPolicy, StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics,
-    SystemClock, TryPublishError, UnknownEventPolicy,
+    ResetTo, RetryPolicy, StartFrom, StopReport, SubscriptionBuilder, SubscriptionHandle,
+    SubscriptionStatistics, SystemClock, TryPublishError, UnknownEventPolicy,
 };
 // Errors.
 pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};

@@ -216,6 +216,32 @@ pub enum Error {
         name: String,
     },
 
+    /// A subscription cannot be reset while it runs: it is registered on a running bus.
+    /// Stop the bus, or unsubscribe it, first; nothing was changed.
+    #[error(
+        "subscription `{name}` is registered on a running bus; stop the bus or unsubscribe it before resetting it"
+    )]
+    SubscriptionRunning {
+        /// The subscription's name.
+        name: String,
+    },
+
+    /// A position past the head of the log was asked for; nothing was changed.
+    #[error("position {position} is past the head of the log ({head})")]
+    PositionBeyondHead {
+        /// The position asked for.
+        position: u64,
+        /// The head when it was checked.
+        head: u64,
+    },
+
+    /// The operation needs a bus with a store (it works on durable checkpoints).
+    #[error("`{operation}` needs a bus with a store")]
+    NotDurable {
+        /// The operation asked for.
+        operation: &'static str,
+    },
+
     /// A subscription cannot take this name (an empty one, say); nothing was registered.
     #[error("invalid subscription name `{name}`: {reason}")]
     InvalidSubscriptionName {

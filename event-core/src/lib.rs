@@ -62,8 +62,8 @@ pub use aggregate::{
 pub use bus::{
     BoxFuture, BusStatistics, Clock, DEFAULT_HANDLER_TIMEOUT, Delivery, DomainEventPublisher,
     EventBus, EventBusBuilder, Handler, HandlerOutcome, IntoOutgoing, Outgoing, ReplayReport,
-    RetryPolicy, StopReport, SubscriptionBuilder, SubscriptionHandle, SubscriptionStatistics,
-    SystemClock, TryPublishError, UnknownEventPolicy,
+    ResetTo, RetryPolicy, StartFrom, StopReport, SubscriptionBuilder, SubscriptionHandle,
+    SubscriptionStatistics, SystemClock, TryPublishError, UnknownEventPolicy,
 };
 pub use error::{BoxError, Error, Result, StoreErrorKind, error_chain};
 pub use event::{DomainEvent, EventType};

@@ -236,7 +236,13 @@ impl EventLog for InMemoryEventStore {
             .iter()
             .map(|r| inner.check(&r.stream, r.expected, &r.events))
             .collect::<Result<Vec<_>>>()?;
-        let recorded_at = Utc::now();
+        // Never before the last recorded time, so recorded times follow commit order
+        // (a reset to a time searches by them) even if the system clock is set back.
+        let now = Utc::now();
+        let recorded_at = inner
+            .log
+            .last()
+            .map_or(now, |last| last.record.recorded_at.max(now));
         let outcomes = requests
             .into_iter()
             .zip(checks)

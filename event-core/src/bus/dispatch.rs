@@ -25,6 +25,7 @@ use uuid::Uuid;
 use super::engine::Engine;
 use super::handler::EventSource;
 use super::inbox::{Router, admit};
+use super::reset::StartFrom;
 use super::routing::{BusEvent, Routing, Sub};
 use super::stats::Counters;
 use crate::error::{Error, Result, StoreErrorKind};
@@ -363,8 +364,8 @@ async fn dead_letter_damaged(engine: &Engine, table: &Routing, damaged: &Damaged
     all_stored
 }
 
-/// Adds newly subscribed durable subscriptions to the tracker at their stored checkpoint,
-/// and drops those that left.
+/// Adds newly subscribed durable subscriptions to the tracker at their stored checkpoint
+/// (one without a checkpoint where its [`StartFrom`] says), and drops those that left.
 async fn sync_tracker(engine: &Engine, store: &Arc<dyn EventStore>, table: &Routing) -> Result<()> {
     let missing: Vec<Arc<Sub>> = {
         let mut tracker = engine.lock_tracker();
@@ -381,8 +382,23 @@ async fn sync_tracker(engine: &Engine, store: &Arc<dyn EventStore>, table: &Rout
             .cloned()
             .collect()
     };
+    // Under the gate a reset holds, so a reset's checkpoint is either taken up whole or
+    // written before this load.
+    let _gate = engine.checkpoint_gate.lock().await;
     for sub in missing {
-        let checkpoint = store.load_checkpoint(&sub.name).await?.unwrap_or(0);
+        let checkpoint = match store.load_checkpoint(&sub.name).await? {
+            Some(checkpoint) => checkpoint,
+            None => match sub.start_from {
+                StartFrom::Beginning => 0,
+                StartFrom::End => {
+                    // Saved at once, so a restart before it handles anything does not
+                    // replay the history it was told to skip.
+                    let head = store.head_position().await?;
+                    store.save_checkpoint(&sub.name, head).await?;
+                    head
+                }
+            },
+        };
         engine
             .lock_tracker()
             .add(sub.index, Arc::clone(&sub.name), checkpoint);
@@ -425,6 +441,7 @@ pub(crate) async fn save_checkpoints(engine: &Engine) -> Result<()> {
     let Some(store) = &engine.store else {
         return Ok(());
     };
+    let _gate = engine.checkpoint_gate.lock().await;
     let unsaved = engine.lock_tracker().unsaved();
     for (index, name, position) in unsaved {
         store.save_checkpoint(&name, position).await?;

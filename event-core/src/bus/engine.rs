@@ -46,6 +46,9 @@ pub(crate) struct Engine {
     pub(crate) published: AtomicU64,
     pub(crate) tracker: Mutex<Tracker>,
     pub(crate) checkpoints_dirty: Notify,
+    /// Held while checkpoints are saved, and by a reset while it sets one, so a save that
+    /// took its list before the reset cannot write over it.
+    pub(crate) checkpoint_gate: tokio::sync::Mutex<()>,
     pub(crate) stopping: watch::Sender<bool>,
     pub(crate) seed: u64,
     /// Published events whose deliveries are all done, handed back for the next publisher

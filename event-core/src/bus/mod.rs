@@ -36,6 +36,7 @@ mod handler;
 mod inbox;
 mod publish;
 mod records;
+mod reset;
 mod room;
 mod routing;
 mod running;
@@ -55,6 +56,7 @@ pub use admin::ReplayReport;
 pub use config::{Clock, RetryPolicy, SystemClock, UnknownEventPolicy};
 pub use handler::{BoxFuture, Delivery, Handler, HandlerOutcome};
 pub use publish::{DomainEventPublisher, IntoOutgoing, Outgoing, TryPublishError};
+pub use reset::{ResetTo, StartFrom};
 pub use stats::{BusStatistics, SubscriptionStatistics};
 
 use engine::Engine;
@@ -189,6 +191,7 @@ impl EventBusBuilder {
             published: AtomicU64::new(0),
             tracker: Mutex::new(Tracker::default()),
             checkpoints_dirty: Notify::new(),
+            checkpoint_gate: tokio::sync::Mutex::new(()),
             stopping: watch::channel(false).0,
             seed,
             returned: Mutex::new(Vec::new()),
@@ -204,6 +207,7 @@ impl EventBusBuilder {
                 sequence: AtomicU64::new(0),
                 intake: Mutex::new(Intake::Waiting(Vec::new())),
                 state: Mutex::new(Lifecycle::Built),
+                lifecycle_gate: tokio::sync::Mutex::new(()),
                 stopped: AtomicBool::new(false),
             }),
         })
@@ -237,6 +241,9 @@ struct Inner {
     /// Where published events go on a bus without a store.
     intake: Mutex<Intake>,
     state: Mutex<Lifecycle>,
+    /// Held by `start`, and by a reset while it sets a checkpoint, so a bus does not start
+    /// in the middle of a reset.
+    lifecycle_gate: tokio::sync::Mutex<()>,
     stopped: AtomicBool,
 }
 
@@ -336,6 +343,7 @@ pub struct SubscriptionBuilder<'a> {
     timeout: Duration,
     unknown: UnknownEventPolicy,
     failure_retention: usize,
+    start_from: StartFrom,
     aggregate_type: &'static str,
     event_types: Vec<&'static str>,
     invoke: Box<dyn handler::Invoke>,
@@ -383,8 +391,20 @@ impl SubscriptionBuilder<'_> {
         self
     }
 
-    /// Adds the subscription. With a store it resumes from its stored checkpoint, or
-    /// from the start of the log if it has none.
+    /// Where it starts on a store when it has no checkpoint of its own (default
+    /// [`StartFrom::Beginning`]): [`StartFrom::End`] skips the history, taking the head
+    /// when the running bus first takes it up as its checkpoint, saved at once. A stored
+    /// checkpoint always wins, so this matters only the first time (or after the
+    /// checkpoint was removed). Without a store it changes nothing: a transient
+    /// subscription receives the events published after it is registered.
+    pub fn start_from(mut self, start: StartFrom) -> Self {
+        self.start_from = start;
+        self
+    }
+
+    /// Adds the subscription. With a store it resumes from its stored checkpoint, or, if
+    /// it has none, where [`start_from`](Self::start_from) says (the start of the log by
+    /// default).
     pub fn register(self) -> Result<SubscriptionHandle> {
         let inner = &self.bus.inner;
         if self.name.is_empty() {
@@ -406,6 +426,7 @@ impl SubscriptionBuilder<'_> {
             timeout: self.timeout,
             unknown: self.unknown,
             failure_retention: self.failure_retention,
+            start_from: self.start_from,
             aggregate_type: self.aggregate_type,
             event_types: self.event_types,
             invoke: self.invoke,
@@ -509,6 +530,7 @@ impl EventBus {
             timeout: DEFAULT_HANDLER_TIMEOUT,
             unknown: UnknownEventPolicy::default(),
             failure_retention: DEFAULT_FAILURE_RETENTION,
+            start_from: StartFrom::default(),
             aggregate_type: E::AGGREGATE_TYPE,
             event_types: E::EVENT_TYPES.iter().map(|t| t.name).collect(),
             invoke: Box::new(Typed {
@@ -557,6 +579,7 @@ impl EventBus {
     /// workers. Durable subscriptions catch up from their checkpoints.
     pub async fn start(&self) -> Result<()> {
         registry().validate()?;
+        let _gate = self.inner.lifecycle_gate.lock().await;
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         match *state {
             Lifecycle::Built => {}

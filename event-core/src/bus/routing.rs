@@ -24,6 +24,8 @@ pub(crate) struct Sub {
     pub(crate) unknown: UnknownEventPolicy,
     /// How many failure records to keep for it.
     pub(crate) failure_retention: usize,
+    /// Where it starts on a store when it has no checkpoint.
+    pub(crate) start_from: super::reset::StartFrom,
     /// The aggregate type of its event type.
     pub(crate) aggregate_type: &'static str,
     pub(crate) event_types: Vec<&'static str>,

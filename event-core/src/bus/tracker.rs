@@ -48,6 +48,12 @@ impl Tracker {
         self.subs.remove(&index);
     }
 
+    /// Stops tracking every subscription of this name (one that left the bus but is still
+    /// tracked until the dispatcher sees the change), so no save moves its checkpoint.
+    pub(crate) fn forget(&mut self, name: &str) {
+        self.subs.retain(|_, t| *t.name != *name);
+    }
+
     /// The indexes of the tracked subscriptions.
     pub(crate) fn indexes(&self) -> Vec<usize> {
         self.subs.keys().copied().collect()
@@ -226,6 +232,18 @@ mod tests {
         t.saved(0, 6);
         assert!(t.unsaved().is_empty());
         t.remove(0);
+        assert_eq!(t.checkpoint(0), None);
+    }
+
+    #[test]
+    fn a_forgotten_subscription_has_nothing_left_to_save() {
+        let mut t = tracker_at(0);
+        t.add(1, Arc::from("other"), 0);
+        t.routed_through(3);
+        t.forget("s");
+        let unsaved = t.unsaved();
+        assert_eq!(unsaved.len(), 1);
+        assert_eq!(&*unsaved[0].1, "other");
         assert_eq!(t.checkpoint(0), None);
     }
 }
