@@ -332,9 +332,11 @@ pub enum Error {
 /// cannot keep.
 ///
 /// ```
+/// use eventfold_core::{Error, StoreErrorKind, error_chain};
+///
 /// let io = std::io::Error::other("disk full");
-/// let error = eventfold::Error::store(eventfold::StoreErrorKind::Io, "writing", io);
-/// assert_eq!(eventfold::backend::error_chain(&error), "writing: disk full");
+/// let error = Error::store(StoreErrorKind::Io, "writing", io);
+/// assert_eq!(error_chain(&error), "writing: disk full");
 /// ```
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
