@@ -336,7 +336,7 @@ pub enum Error {
 ///
 /// let io = std::io::Error::other("disk full");
 /// let error = Error::store(StoreErrorKind::Io, "writing", io);
-/// assert_eq!(error_chain(&error), "writing: disk full");
+/// assert_eq!(error_chain(&error), "store error (I/O error): writing: disk full");
 /// ```
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
