@@ -11,10 +11,19 @@
 //!   next version), one connection per task (goal: >= 2x).
 //! - `pg_rehydrate`: replaying one stream of 10,000 events into a fold that decodes each
 //!   payload with serde vs a raw `SELECT` and the same fold (goal: >= 0.8).
+//! - `pg_command_long_stream`: 5,000 commands on one aggregate through a `Repository` with
+//!   `snapshot_every(100)`, as the SQLite report's `command_long_stream`: the rate of the
+//!   last 500 commands (the "store" column) vs the first 500 (the "raw" column); snapshots
+//!   keep a load from replaying the whole stream (goal: >= 0.8).
+//! - `pg_bus_durable`: 100,000 events (`--events N` to change) by `publish_batch` of 100
+//!   over 1,000 aggregates to a bus with one durable subscription, handled by a handler
+//!   that counts, until `wait_idle` (the checkpoint saved at the head) vs the batched raw
+//!   `UNNEST` append of the same rows alone, as the SQLite report's `bus_durable`
+//!   (goal: >= 0.7).
 //!
 //! ```text
 //! cargo run --release -p eventfold-postgres --example pg_perf [-- --repeats 5] [--no-notify]
-//!     [--only pg_append_batch]
+//!     [--only pg_append_batch] [--events 20000]
 //! ```
 //!
 //! Uses `EVENTFOLD_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`) and a schema
@@ -94,32 +103,56 @@ const INSERT_RAW: &str = "INSERT INTO {s}.raw_events (position, stream_type, str
      SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::uuid[], \
      $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[], $11::text[])";
 
-/// Inserts `count` events of one stream from `first` on, the raw way: one `UNNEST`
-/// statement in one transaction.
+/// The rows of one raw insert: `count` events of one `Account` stream, from `position`
+/// and `version` on, all of one type and payload.
+struct RawBatch<'a> {
+    stream: &'a str,
+    position: i64,
+    version: i64,
+    count: usize,
+    event_type: &'a str,
+    payload: &'a str,
+}
+
+impl<'a> RawBatch<'a> {
+    /// `count` deposits (the [`PAYLOAD`]) on one stream whose positions are its versions.
+    fn deposits(stream: &'a str, first: i64, count: usize) -> Self {
+        RawBatch {
+            stream,
+            position: first,
+            version: first,
+            count,
+            event_type: "FundsDeposited",
+            payload: PAYLOAD,
+        }
+    }
+}
+
+/// Inserts a batch the raw way: one `UNNEST` statement in one transaction.
 async fn raw_insert(
     raw: &tokio_postgres::Client,
     statement: &tokio_postgres::Statement,
-    stream: &str,
-    first: i64,
-    count: usize,
+    batch: &RawBatch<'_>,
 ) -> Res<()> {
+    let count = batch.count;
     let now = Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    let positions: Vec<i64> = (first..first + count as i64).collect();
+    let positions: Vec<i64> = (batch.position..batch.position + count as i64).collect();
+    let versions: Vec<i64> = (batch.version..batch.version + count as i64).collect();
     let types = vec!["Account"; count];
-    let ids = vec![stream; count];
+    let ids = vec![batch.stream; count];
     let event_ids: Vec<Uuid> = (0..count).map(|_| Uuid::now_v7()).collect();
-    let event_types = vec!["FundsDeposited"; count];
+    let event_types = vec![batch.event_type; count];
     let schema_versions = vec![1_i64; count];
     let times = vec![now; count];
     let metadata: Vec<Option<&str>> = vec![None; count];
-    let payloads = vec![PAYLOAD; count];
+    let payloads = vec![batch.payload; count];
     raw.execute(
         statement,
         &[
             &positions,
             &types,
             &ids,
-            &positions,
+            &versions,
             &event_ids,
             &event_types,
             &schema_versions,
@@ -153,7 +186,8 @@ async fn append_batch(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
         .await?;
     let started = Instant::now();
     for i in 0..events / 100 {
-        raw_insert(&bench.raw, &statement, "batch", 1 + (i * 100) as i64, 100).await?;
+        let batch = RawBatch::deposits("batch", 1 + (i * 100) as i64, 100);
+        raw_insert(&bench.raw, &statement, &batch).await?;
     }
     let raw = events as f64 / started.elapsed().as_secs_f64();
     store.close().await?;
@@ -192,7 +226,12 @@ async fn append_concurrent(bench: &mut Bench, events: usize) -> Res<(f64, f64)> 
         .await?;
     let started = Instant::now();
     for i in 0..events {
-        raw_insert(&bench.raw, &statement, "single", 1 + i as i64, 1).await?;
+        raw_insert(
+            &bench.raw,
+            &statement,
+            &RawBatch::deposits("single", 1 + i as i64, 1),
+        )
+        .await?;
     }
     let raw = events as f64 / started.elapsed().as_secs_f64();
     store.close().await?;
@@ -287,7 +326,7 @@ enum AccountEvent {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Account {
     balance: u64,
 }
@@ -299,11 +338,16 @@ impl Account {
     }
 
     fn decide(&self, amount: u64) -> AccountEvent {
-        AccountEvent::Deposited {
-            amount,
-            currency: "EUR".to_owned(),
-            memo: "perf deposit".to_owned(),
-        }
+        deposit(amount)
+    }
+}
+
+/// The one event of the bank workload (and of the bus's).
+fn deposit(amount: u64) -> AccountEvent {
+    AccountEvent::Deposited {
+        amount,
+        currency: "EUR".to_owned(),
+        memo: "perf deposit".to_owned(),
     }
 }
 
@@ -436,17 +480,150 @@ async fn command_many(bench: &mut Bench, commands: usize) -> Res<(f64, f64)> {
     Ok((ours, raw))
 }
 
+/// The snapshot interval of `pg_command_long_stream`, as in the SQLite report.
+const SNAPSHOT_EVERY: u64 = 100;
+/// The commands of the first and of the last window of `pg_command_long_stream`.
+const LONG_WINDOW: usize = 500;
+
+/// `commands` deposits on one aggregate through a repository with snapshots, each timed:
+/// returns the rate of the last [`LONG_WINDOW`] commands and of the first.
+async fn command_long_stream(bench: &mut Bench, commands: usize) -> Res<(f64, f64)> {
+    if commands < 2 * LONG_WINDOW {
+        return Err(format!(
+            "pg_command_long_stream needs at least {} commands",
+            2 * LONG_WINDOW
+        )
+        .into());
+    }
+    let (store, schema) = bench.fresh().await?;
+    let repo =
+        eventfold_core::Repository::<Account>::new(store.clone()).snapshot_every(SNAPSHOT_EVERY);
+    let (mut first, mut last) = (Duration::ZERO, Duration::ZERO);
+    for n in 0..commands {
+        let started = Instant::now();
+        repo.execute("acc-long", n as u64).await?;
+        let elapsed = started.elapsed();
+        if n < LONG_WINDOW {
+            first += elapsed;
+        }
+        if n >= commands - LONG_WINDOW {
+            last += elapsed;
+        }
+    }
+    let (account, version) = repo.load("acc-long").await?;
+    assert_eq!(version, commands as u64);
+    assert_eq!(account.balance, (0..commands as u64).sum::<u64>());
+    let rate = |elapsed: Duration| LONG_WINDOW as f64 / elapsed.as_secs_f64();
+    let (last, first) = (rate(last), rate(first));
+    store.close().await?;
+    bench.drop_schema(&schema).await?;
+    Ok((last, first))
+}
+
+/// Events per `publish_batch` (and per raw insert) in `pg_bus_durable`: one aggregate's.
+const BUS_BATCH: usize = 100;
+/// The aggregates `pg_bus_durable` spreads its batches over, in turn.
+const BUS_AGGREGATES: usize = 1_000;
+
+/// What the durable subscription of `pg_bus_durable` counts.
+#[derive(Default)]
+struct Tally {
+    events: std::sync::atomic::AtomicU64,
+    amount: std::sync::atomic::AtomicU64,
+}
+
+impl Tally {
+    fn count(&self, event: &AccountEvent) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let AccountEvent::Deposited { amount, .. } = event;
+        self.amount.fetch_add(*amount, Relaxed);
+        self.events.fetch_add(1, Relaxed);
+    }
+}
+
+async fn bus_durable(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
+    use eventfold_core::{DomainEvent, SubscriptionStore};
+    use std::sync::atomic::Ordering::Relaxed;
+    if events == 0 || !events.is_multiple_of(BUS_BATCH) {
+        return Err(
+            format!("pg_bus_durable needs a positive multiple of {BUS_BATCH} events").into(),
+        );
+    }
+    let batches = events / BUS_BATCH;
+    let ids: Vec<String> = (0..BUS_AGGREGATES).map(|a| format!("acc-{a}")).collect();
+    let (store, schema) = bench.fresh().await?;
+    let bus = eventfold_core::EventBus::builder()
+        .store(store.clone())
+        .build()?;
+    let tally = Arc::new(Tally::default());
+    let seen = Arc::clone(&tally);
+    bus.subscribe("tally", move |d: eventfold_core::Delivery<AccountEvent>| {
+        seen.count(d.event());
+        std::future::ready(Ok::<_, std::convert::Infallible>(()))
+    })
+    .register()?;
+    bus.start().await?;
+    let started = Instant::now();
+    for batch in 0..batches {
+        let id = &ids[batch % ids.len()];
+        bus.publish_batch(
+            (0..BUS_BATCH as u64).map(|n| eventfold_core::Outgoing::new(deposit(n)).to(id.clone())),
+        )
+        .await?;
+    }
+    bus.wait_idle().await?;
+    bus.stop().await?;
+    let ours = events as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(tally.events.load(Relaxed), events as u64);
+    assert_eq!(
+        tally.amount.load(Relaxed),
+        batches as u64 * (0..BUS_BATCH as u64).sum::<u64>()
+    );
+    assert_eq!(store.load_checkpoint("tally").await?, Some(events as u64));
+
+    // The same rows, the raw way: one payload (the deposits differ only in amount).
+    let sample = deposit(7);
+    let payload = sample.to_payload()?;
+    let statement = bench
+        .raw
+        .prepare(&INSERT_RAW.replace("{s}", &schema))
+        .await?;
+    let started = Instant::now();
+    for batch in 0..batches {
+        let raw = RawBatch {
+            stream: &ids[batch % ids.len()],
+            position: 1 + (batch * BUS_BATCH) as i64,
+            version: 1 + (batch / ids.len() * BUS_BATCH) as i64,
+            count: BUS_BATCH,
+            event_type: sample.event_type(),
+            payload: &payload,
+        };
+        raw_insert(&bench.raw, &statement, &raw).await?;
+    }
+    let raw = events as f64 / started.elapsed().as_secs_f64();
+    store.close().await?;
+    bench.drop_schema(&schema).await?;
+    Ok((ours, raw))
+}
+
 #[tokio::main]
 async fn main() -> Res<()> {
     let mut repeats = 5;
     let mut notify = true;
     let mut only = None;
+    let mut bus_events = 100_000;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--repeats" => repeats = args.next().ok_or("--repeats needs a number")?.parse()?,
             "--no-notify" => notify = false,
             "--only" => only = Some(args.next().ok_or("--only needs a scenario")?),
+            "--events" => {
+                bus_events = args
+                    .next()
+                    .ok_or("--events needs a number (pg_bus_durable's events)")?
+                    .parse()?
+            }
             other => return Err(format!("unknown argument {other}").into()),
         }
     }
@@ -462,14 +639,21 @@ async fn main() -> Res<()> {
         notify,
         appends_per_call: Vec::new(),
     };
-    println!("repeats: {repeats}; medians; events/s or commands/s (store | raw | ratio)");
     type Scenario = (&'static str, usize, &'static str);
-    let scenarios: [Scenario; 4] = [
+    let scenarios: [Scenario; 6] = [
         ("pg_append_batch", 20_000, ">= 0.8"),
         ("pg_append_concurrent", 2_000, ">= 4"),
         ("pg_rehydrate", 10_000, ">= 0.8"),
         ("pg_command_many", 8_000, ">= 2"),
+        ("pg_command_long_stream", 5_000, ">= 0.8"),
+        ("pg_bus_durable", bus_events, ">= 0.7"),
     ];
+    if let Some(only) = only.as_deref()
+        && !scenarios.iter().any(|(name, _, _)| *name == only)
+    {
+        return Err(format!("unknown scenario {only}").into());
+    }
+    println!("repeats: {repeats}; medians; events/s or commands/s (store | raw | ratio)");
     for (name, events, goal) in scenarios {
         if only.as_deref().is_some_and(|only| only != name) {
             continue;
@@ -480,6 +664,8 @@ async fn main() -> Res<()> {
                 "pg_append_batch" => append_batch(&mut bench, events).await?,
                 "pg_append_concurrent" => append_concurrent(&mut bench, events).await?,
                 "pg_command_many" => command_many(&mut bench, events).await?,
+                "pg_command_long_stream" => command_long_stream(&mut bench, events).await?,
+                "pg_bus_durable" => bus_durable(&mut bench, events).await?,
                 _ => rehydrate(&mut bench, events).await?,
             };
             ours.push(o);
@@ -493,6 +679,12 @@ async fn main() -> Res<()> {
             median(&mut raws),
             median(&mut ratios)
         );
+        if name == "pg_command_long_stream" {
+            println!(
+                "{:<22} store = last {LONG_WINDOW} commands, raw = first {LONG_WINDOW}",
+                ""
+            );
+        }
         if name == "pg_append_concurrent" {
             println!(
                 "{:<22} {:.1} appends per call (median)",
