@@ -6,39 +6,10 @@ mod common;
 
 use std::time::Duration;
 
-use chrono::Utc;
-use eventfold_core::{
-    Error, EventLog, ExpectedVersion, Metadata, NewEvent, StoreErrorKind, StreamId,
-};
+use eventfold_core::{Error, EventLog, ExpectedVersion, StoreErrorKind};
 use eventfold_postgres::{PostgresEventStore, PostgresOptions};
-use uuid::Uuid;
 
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event_id: Uuid::now_v7(),
-        event_type: "Counted".to_owned(),
-        schema_version: 1,
-        occurred_at: Utc::now(),
-        metadata: Metadata::new(),
-        payload: format!(r#"{{"n":{n}}}"#),
-    }
-}
-
-fn stream(id: &str) -> StreamId {
-    StreamId::new("Tested", id)
-}
-
-/// Waits until `condition` holds, checking every millisecond, for at most 30 s.
-async fn until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
+use common::{event, stream, until};
 
 /// Options whose sessions carry a name of their own, so the test finds them.
 fn named(schema: &common::Schema) -> (PostgresOptions, String) {

@@ -5,40 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use chrono::Utc;
-use eventfold_core::{
-    AppendRequest, Error, EventLog, ExpectedVersion, Metadata, NewEvent, StoreErrorKind, StreamId,
-};
+use eventfold_core::{AppendRequest, Error, EventLog, ExpectedVersion, StoreErrorKind};
 use eventfold_postgres::{PostgresEventStore, PostgresOptions};
-use uuid::Uuid;
 
-fn event(n: u64) -> NewEvent {
-    NewEvent {
-        event_id: Uuid::now_v7(),
-        event_type: "Counted".to_owned(),
-        schema_version: 1,
-        occurred_at: Utc::now(),
-        metadata: Metadata::new(),
-        payload: format!(r#"{{"n":{n}}}"#),
-    }
-}
-
-fn stream(id: &str) -> StreamId {
-    StreamId::new("Tested", id)
-}
-
-/// Waits until `condition` holds, checking every millisecond (a condition, not a fixed
-/// sleep: the test goes on the moment it holds), for at most 30 s.
-async fn until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
+use common::{event, stream, until};
 
 /// A session of the tests' own holding the head row's lock, so the writer's next call
 /// waits for it: everything queued meanwhile joins the call after it.

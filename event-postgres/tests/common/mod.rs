@@ -222,3 +222,35 @@ impl Drop for Role {
         ));
     }
 }
+
+/// A one-event append of `{"n": n}` as the type `Counted`, with a fresh id.
+pub fn event(n: u64) -> eventfold_core::NewEvent {
+    eventfold_core::NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "Counted".to_owned(),
+        schema_version: 1,
+        occurred_at: chrono::Utc::now(),
+        metadata: eventfold_core::Metadata::new(),
+        payload: format!(r#"{{"n":{n}}}"#),
+    }
+}
+
+/// The stream `id` of the tests' aggregate type.
+pub fn stream(id: &str) -> eventfold_core::StreamId {
+    eventfold_core::StreamId::new("Tested", id)
+}
+
+/// Waits until `condition` holds: it is checked again each time the task is polled after
+/// yielding, with no timer in between, so the test goes on the moment it holds (a server
+/// query in the condition paces the loop by its round trip). Fails after 30 s, a guard
+/// against a hang, not a time the test relies on.
+pub async fn until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
