@@ -112,6 +112,12 @@
 //!   [`SqliteEventStore::verify`] scans every event, the numbering of the log and of each
 //!   stream, and `PRAGMA integrity_check`, and lists all it finds in a [`VerifyReport`].
 //!   Databases of schema version 1 get the checksums of their events when they migrate.
+//! - **Projections in the same file, exactly once.** A [`SqliteProjection`] keeps its
+//!   read model in tables of the store's own file; [`SqliteEventStore::run_projection`]
+//!   applies each batch of events and moves the projection's checkpoint in one
+//!   transaction, so a crash never applies an event twice or skips one. Failing events are
+//!   retried, then dead-lettered; a [rebuild](ProjectionHandle::rebuild) clears the read
+//!   model and replays the log, with its progress to follow.
 //! - **Dead letters and failure records.** One dead letter per (subscription, event):
 //!   adding it again updates it. Each failure record removes its subscription's records
 //!   beyond the retention it is given, in the same write.
@@ -155,6 +161,7 @@ mod checksum;
 mod error;
 mod follow;
 mod options;
+mod projection;
 mod schema;
 mod sql;
 mod store;
@@ -165,6 +172,9 @@ mod writer;
 /// directly and one opened by the facade's `EventSystem` fail alike.
 pub use eventfold_core::{Error, Result};
 pub use options::{SqliteOptions, Synchronous};
+pub use projection::{ProjectionHandle, ProjectionOptions, ProjectionProgress, SqliteProjection};
+/// The SQLite driver a [`SqliteProjection`] writes its read model with.
+pub use rusqlite;
 pub use store::{SqliteEventStore, WriterStatistics};
 pub use verify::{DamagedEvent, VerifyReport};
 

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use eventfold_core::{
-    Checkpoint, DeadLetter, Error, FailureRecord, RecordedEvent, ReplayVisitor, ReplayedEvent,
-    Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId, registry,
+    Checkpoint, DeadLetter, Error, FailureRecord, NewDeadLetter, RecordedEvent, ReplayVisitor,
+    ReplayedEvent, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId, registry,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, Rows, params};
@@ -451,6 +451,87 @@ pub(crate) fn read_all(
         .query(params![bound(from_position), limit])
         .map_err(fail)?;
     events_from_rows(rows, limit.clamp(0, 1024) as usize)
+}
+
+/// Up to `limit` rows of the log from a position on, each read and checked on its own: a
+/// damaged row is its position and error in place of the event, and the rows after it still
+/// come (for a reader that sets damaged rows aside, as a projection does).
+pub(crate) fn read_all_rows(
+    conn: &Connection,
+    from_position: u64,
+    limit: usize,
+) -> Result<Vec<std::result::Result<RecordedEvent, (u64, Error)>>> {
+    let fail = |e| store_error("reading the log", e);
+    let mut stmt = conn
+        .prepare_cached(select_events!(
+            "WHERE position >= ?1 ORDER BY position LIMIT ?2"
+        ))
+        .map_err(fail)?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut rows = stmt
+        .query(params![bound(from_position), limit])
+        .map_err(fail)?;
+    let mut events = Vec::with_capacity(limit.clamp(0, 1024) as usize);
+    let mut last = LastStream::default();
+    while let Some(row) = rows.next().map_err(fail)? {
+        events.push(event_from_row(row, Some(&mut last)).map_err(|error| {
+            // The position is the rowid: an integer in every row SQLite can read.
+            let position = row.get_ref(0).ok().and_then(|v| v.as_i64().ok());
+            (position.map_or(0, to_u64), error)
+        }));
+    }
+    Ok(events)
+}
+
+/// Sets a subscription's checkpoint (inserting it if it has none).
+pub(crate) fn upsert_checkpoint(
+    conn: &Connection,
+    subscription: &str,
+    position: u64,
+    now: i64,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO checkpoints (subscription, position, updated_at) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (subscription) DO UPDATE SET \
+         position = excluded.position, updated_at = excluded.updated_at",
+    )?
+    .execute(params![subscription, to_i64(position), now])
+    .map(drop)
+}
+
+/// Stores a dead letter, or updates the one the subscription has of this event (see
+/// `SubscriptionStore::add_dead_letter`); returns its id. The times are in nanoseconds.
+pub(crate) fn upsert_dead_letter(
+    conn: &Connection,
+    dead_letter: &NewDeadLetter,
+    first_failed_at: i64,
+    last_failed_at: i64,
+) -> rusqlite::Result<u64> {
+    conn.prepare_cached(
+        "INSERT INTO dead_letters (subscription, event_id, position, event_type, error, \
+         attempts, first_failed_at, last_failed_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (subscription, event_id, position) DO UPDATE SET \
+         event_type = excluded.event_type, \
+         error = excluded.error, \
+         attempts = MIN(attempts + excluded.attempts, 4294967295), \
+         last_failed_at = excluded.last_failed_at \
+         RETURNING id",
+    )?
+    .query_row(
+        params![
+            dead_letter.subscription,
+            &dead_letter.event_id.as_bytes()[..],
+            to_i64(dead_letter.position),
+            dead_letter.event_type,
+            dead_letter.error,
+            dead_letter.attempts,
+            first_failed_at,
+            last_failed_at,
+        ],
+        |row| row.get::<_, i64>(0),
+    )
+    .map(|id| id as u64)
 }
 
 /// The event with this id.

@@ -226,6 +226,11 @@ impl SqliteEventStore {
         })
     }
 
+    /// The options the store was opened with.
+    pub(crate) fn options(&self) -> &SqliteOptions {
+        &self.shared.options
+    }
+
     /// The database file, or `None` for an in-memory store.
     pub fn path(&self) -> Option<&Path> {
         self.shared.path.as_deref()

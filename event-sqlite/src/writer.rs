@@ -1004,14 +1004,7 @@ impl Writer {
     }
 
     fn save_checkpoint(&self, subscription: &str, position: u64, now: i64) -> Result<(), Failure> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO checkpoints (subscription, position, updated_at) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (subscription) DO UPDATE SET \
-                 position = excluded.position, updated_at = excluded.updated_at",
-            )
-            .and_then(|mut stmt| stmt.execute(params![subscription, to_i64(position), now]))
-            .map(drop)
+        sql::upsert_checkpoint(&self.conn, subscription, position, now)
             .map_err(fault("saving a checkpoint"))
     }
 
@@ -1020,34 +1013,7 @@ impl Writer {
             .map_err(Failure::Refused)?;
         let last =
             nanos_of(dead_letter.last_failed_at, "last failure time").map_err(Failure::Refused)?;
-        self.conn
-            .prepare_cached(
-                "INSERT INTO dead_letters (subscription, event_id, position, event_type, error, \
-                 attempts, first_failed_at, last_failed_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
-                 ON CONFLICT (subscription, event_id, position) DO UPDATE SET \
-                 event_type = excluded.event_type, \
-                 error = excluded.error, \
-                 attempts = MIN(attempts + excluded.attempts, 4294967295), \
-                 last_failed_at = excluded.last_failed_at \
-                 RETURNING id",
-            )
-            .and_then(|mut stmt| {
-                stmt.query_row(
-                    params![
-                        dead_letter.subscription,
-                        &dead_letter.event_id.as_bytes()[..],
-                        to_i64(dead_letter.position),
-                        dead_letter.event_type,
-                        dead_letter.error,
-                        dead_letter.attempts,
-                        first,
-                        last,
-                    ],
-                    |row| row.get::<_, i64>(0),
-                )
-            })
-            .map(|id| id as u64)
+        sql::upsert_dead_letter(&self.conn, dead_letter, first, last)
             .map_err(fault("adding a dead letter"))
     }
 
