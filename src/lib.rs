@@ -125,6 +125,11 @@ pub use eventfold_core::{
 };
 // Errors.
 pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};
+/// Projections that keep their read model in the store's own database, exactly once: the
+/// options, progress and handle every backend's projections share
+/// ([`sqlite::SqliteProjection`],
+/// `postgres::PostgresProjection`).
+pub use eventfold_core::projection;
 
 /// The README's code blocks, compiled and run as doc tests so that it cannot drift from
 /// the API. Blocks that define event types are `standalone_crate`: merged doc tests share
@@ -149,8 +154,9 @@ pub use system::{EventSystem, EventSystemBuilder, StoreUrl};
 #[cfg(feature = "sqlite")]
 pub use eventfold_sqlite::{SqliteEventStore, SqliteOptions, Synchronous};
 
-/// The SQLite store's crate, for the rest of its API: `WriterStatistics`, and the
-/// `VerifyReport` of `SqliteEventStore::verify`.
+/// The SQLite store's crate, for the rest of its API: `WriterStatistics`, the
+/// `VerifyReport` of `SqliteEventStore::verify`, and `SqliteProjection` (with `rusqlite`,
+/// which it writes with).
 #[cfg(feature = "sqlite")]
 pub use eventfold_sqlite as sqlite;
 

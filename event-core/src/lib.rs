@@ -51,6 +51,7 @@ mod error;
 mod event;
 mod finite;
 mod memory;
+pub mod projection;
 mod record;
 mod registry;
 mod store;

@@ -116,7 +116,7 @@
 //!   read model in tables of the store's own file; [`SqliteEventStore::run_projection`]
 //!   applies each batch of events and moves the projection's checkpoint in one
 //!   transaction, so a crash never applies an event twice or skips one. Failing events are
-//!   retried, then dead-lettered; a [rebuild](ProjectionHandle::rebuild) clears the read
+//!   retried, then dead-lettered; a [rebuild](eventfold_core::projection::ProjectionHandle::rebuild) clears the read
 //!   model and replays the log, with its progress to follow.
 //! - **Dead letters and failure records.** One dead letter per (subscription, event):
 //!   adding it again updates it. Each failure record removes its subscription's records
@@ -172,7 +172,7 @@ mod writer;
 /// directly and one opened by the facade's `EventSystem` fail alike.
 pub use eventfold_core::{Error, Result};
 pub use options::{SqliteOptions, Synchronous};
-pub use projection::{ProjectionHandle, ProjectionOptions, ProjectionProgress, SqliteProjection};
+pub use projection::SqliteProjection;
 /// The SQLite driver a [`SqliteProjection`] writes its read model with.
 pub use rusqlite;
 pub use store::{SqliteEventStore, WriterStatistics};

@@ -10,14 +10,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use eventfold_core::projection::{ProjectionOptions, ProjectionProgress};
 use eventfold_core::{
     BoxError, Error, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy,
     StartFrom, SubscriptionStore, UnknownEventPolicy,
 };
 use eventfold_sqlite::rusqlite::{self, Transaction, params};
-use eventfold_sqlite::{
-    ProjectionOptions, ProjectionProgress, SqliteEventStore, SqliteOptions, SqliteProjection,
-};
+use eventfold_sqlite::{SqliteEventStore, SqliteOptions, SqliteProjection};
 
 /// Keeps, per meter, the sum of its readings and a row per applied event (so an event
 /// applied twice shows as two rows). Fails on readings of `fail_on` units, `failures`
