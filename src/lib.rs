@@ -124,12 +124,12 @@ pub use eventfold_core::{
     SubscriptionStatistics, SystemClock, TryPublishError, UnknownEventPolicy,
 };
 // Errors.
-pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};
 /// Projections that keep their read model in the store's own database, exactly once: the
 /// options, progress and handle every backend's projections share
 /// ([`sqlite::SqliteProjection`],
 /// `postgres::PostgresProjection`).
 pub use eventfold_core::projection;
+pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};
 
 /// The README's code blocks, compiled and run as doc tests so that it cannot drift from
 /// the API. Blocks that define event types are `standalone_crate`: merged doc tests share

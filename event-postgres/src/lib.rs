@@ -71,6 +71,12 @@
 //!   violate a unique key once it commits: the writer calls once more, and the append is
 //!   judged against that row (a version conflict, say). A row put at a position past the
 //!   head is damage: appends fail as `Corrupt` until it is removed.
+//! - **Projections in the same database, exactly once.** A [`PostgresProjection`] keeps
+//!   its read model in tables of the store's schema; [`PostgresEventStore::run_projection`]
+//!   applies each batch and moves the projection's checkpoint in one transaction, holding
+//!   the checkpoint's row lock, so a crash never applies an event twice and two processes
+//!   running one projection take turns. The transaction is `tokio_postgres`'s (re-exported),
+//!   the one driver type this crate shows, and only to projections.
 //! - **Exact data.** Payloads and metadata are stored as `text`, byte for byte as
 //!   appended; times as nanoseconds since the Unix epoch, exact between the years 1677 and
 //!   2262. PostgreSQL's `text` cannot hold a NUL character: an append with one in a
@@ -107,13 +113,19 @@
 mod error;
 mod listener;
 mod options;
+mod projection;
 mod schema;
 mod sql;
 mod store;
 mod writer;
 
+/// What a [`PostgresProjection`] implements its trait with.
+pub use async_trait::async_trait;
 /// The error of every operation, opening included: `eventfold_core`'s, so a store opened
 /// directly and one opened by the facade fail alike.
 pub use eventfold_core::{Error, Result};
 pub use options::{DEFAULT_URL, PostgresOptions};
+pub use projection::PostgresProjection;
 pub use store::{PostgresEventStore, WriterStatistics};
+/// The PostgreSQL driver a [`PostgresProjection`] writes its read model with.
+pub use tokio_postgres;

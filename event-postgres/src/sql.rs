@@ -40,6 +40,16 @@ pub(crate) const STREAM_VERSION: &str =
 pub(crate) const REPLAY_STREAM: &str = "SELECT version, event_type, schema_version, payload, \
      position, event_id FROM ef_events \
      WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version";
+/// Stores a dead letter, or updates the one its subscription has of the event; returns
+/// its id.
+pub(crate) const UPSERT_DEAD_LETTER: &str = "INSERT INTO ef_dead_letters (subscription, \
+     event_id, position, event_type, error, attempts, first_failed_at, last_failed_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+     ON CONFLICT (subscription, event_id, position) DO UPDATE SET \
+     event_type = excluded.event_type, error = excluded.error, \
+     attempts = LEAST(ef_dead_letters.attempts + excluded.attempts, 4294967295), \
+     last_failed_at = excluded.last_failed_at \
+     RETURNING id";
 pub(crate) const HEAD: &str = "SELECT position FROM ef_head";
 
 /// Nanoseconds since the epoch, if the time is within what the store keeps exactly.

@@ -214,7 +214,7 @@ impl PostgresEventStore {
     }
 
     /// A pooled connection.
-    async fn client(&self, doing: &str) -> Result<deadpool_postgres::Object> {
+    pub(crate) async fn client(&self, doing: &str) -> Result<deadpool_postgres::Object> {
         self.check_open()?;
         self.shared
             .pool
@@ -485,7 +485,7 @@ impl SnapshotStore for PostgresEventStore {
 }
 
 /// A time of a record that is not an event, or the error of one out of range.
-fn record_time(time: chrono::DateTime<chrono::Utc>, what: &str) -> Result<i64> {
+pub(crate) fn record_time(time: chrono::DateTime<chrono::Utc>, what: &str) -> Result<i64> {
     nanos_of(time, what).map_err(|e| Error::Store {
         kind: StoreErrorKind::Other,
         message: e.to_string(),
@@ -529,14 +529,7 @@ impl SubscriptionStore for PostgresEventStore {
         let rows = self
             .query(
                 "adding a dead letter",
-                "INSERT INTO ef_dead_letters (subscription, event_id, position, event_type, \
-                 error, attempts, first_failed_at, last_failed_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (subscription, event_id, position) DO UPDATE SET \
-                 event_type = excluded.event_type, error = excluded.error, \
-                 attempts = LEAST(ef_dead_letters.attempts + excluded.attempts, 4294967295), \
-                 last_failed_at = excluded.last_failed_at \
-                 RETURNING id",
+                sql::UPSERT_DEAD_LETTER,
                 &[
                     &dead_letter.subscription,
                     &dead_letter.event_id,

@@ -1,0 +1,396 @@
+//! Projections in the store's own PostgreSQL schema, applied in one transaction with their
+//! checkpoint: exactly once through failures, a panic, a hang, two runners, a rebuild, and
+//! a real process SIGKILLed while it applies.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Schema, stream};
+use eventfold_core::projection::ProjectionOptions;
+use eventfold_core::{
+    BoxError, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy, StartFrom,
+    SubscriptionStore,
+};
+use eventfold_postgres::tokio_postgres::Transaction;
+use eventfold_postgres::{PostgresEventStore, PostgresProjection, async_trait};
+use serde::{Deserialize, Serialize};
+
+/// The tests' event: `{"n": n}` on the aggregate type `Tested`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, eventfold_macros::DomainEvent)]
+#[domain_event(aggregate = "Tested", crate = "eventfold_core")]
+struct Counted {
+    n: u64,
+}
+
+fn counted(n: u64) -> NewEvent {
+    NewEvent::from_event(&Counted { n }, Metadata::new()).expect("the event serializes")
+}
+
+/// Per stream the sum of `n`, and a row per applied event (an event applied twice shows as
+/// two rows). Fails on `fail_on` always, panics on `panic_on`, hangs on `hang_on`.
+#[derive(Default)]
+struct Sums {
+    fail_on: Option<u64>,
+    panic_on: Option<u64>,
+    hang_on: Option<u64>,
+}
+
+#[async_trait]
+impl PostgresProjection for Sums {
+    type Event = Counted;
+
+    fn name(&self) -> &str {
+        "sums"
+    }
+
+    async fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS sums (stream text PRIMARY KEY, total bigint NOT NULL);
+             CREATE TABLE IF NOT EXISTS applied (position bigint NOT NULL);",
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn clear(&mut self, tx: &Transaction<'_>) -> Result<(), BoxError> {
+        tx.batch_execute("DELETE FROM sums; DELETE FROM applied;")
+            .await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        event: &Counted,
+        recorded: &RecordedEvent,
+    ) -> Result<(), BoxError> {
+        // Written first, so a failure that did not roll back would show.
+        tx.execute(
+            "INSERT INTO applied (position) VALUES ($1)",
+            &[&(recorded.position as i64)],
+        )
+        .await?;
+        if Some(event.n) == self.panic_on {
+            panic!("a bug in the projection");
+        }
+        if Some(event.n) == self.hang_on {
+            std::future::pending::<()>().await;
+        }
+        if Some(event.n) == self.fail_on {
+            return Err(format!("cannot apply {}", event.n).into());
+        }
+        tx.execute(
+            "INSERT INTO sums (stream, total) VALUES ($1, $2) \
+             ON CONFLICT (stream) DO UPDATE SET total = sums.total + excluded.total",
+            &[&recorded.aggregate_id, &(event.n as i64)],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// The read model: the sums, and how often each position was applied.
+async fn read_model(store_schema: &str) -> (BTreeMap<String, u64>, BTreeMap<u64, u32>) {
+    let client = common::raw().await;
+    let mut sums = BTreeMap::new();
+    for row in client
+        .query(
+            &format!("SELECT stream, total FROM {store_schema}.sums"),
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        sums.insert(row.get::<_, String>(0), row.get::<_, i64>(1) as u64);
+    }
+    let mut applied = BTreeMap::new();
+    for row in client
+        .query(&format!("SELECT position FROM {store_schema}.applied"), &[])
+        .await
+        .unwrap()
+    {
+        *applied.entry(row.get::<_, i64>(0) as u64).or_insert(0) += 1;
+    }
+    (sums, applied)
+}
+
+/// `count` events, n = 1..=count, ten to an append, over `streams` streams; each stream's sum.
+async fn seed(store: &PostgresEventStore, streams: u64, count: u64) -> BTreeMap<String, u64> {
+    let mut expected = BTreeMap::new();
+    let mut n = 1;
+    while n <= count {
+        let id = format!("s-{}", (n / 10) % streams);
+        let last = (n + 9).min(count);
+        store
+            .append(
+                &stream(&id),
+                ExpectedVersion::Any,
+                (n..=last).map(counted).collect(),
+            )
+            .await
+            .unwrap();
+        *expected.entry(id).or_insert(0) += (n..=last).sum::<u64>();
+        n = last + 1;
+    }
+    expected
+}
+
+fn quick_retries(attempts: u32) -> RetryPolicy {
+    RetryPolicy::exponential(attempts, Duration::from_millis(1), Duration::from_millis(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_is_applied_once_and_appends_of_another_handle_follow() {
+    if common::no_server() {
+        return;
+    }
+    let schema = Schema::new();
+    let store = schema.open().await;
+    let mut expected = seed(&store, 7, 500).await;
+    let handle = store
+        .run_projection(Sums::default(), ProjectionOptions::new().batch_size(64))
+        .await
+        .unwrap();
+    handle.wait_idle().await.unwrap();
+    assert_eq!(handle.progress().checkpoint, 500);
+    assert_eq!(store.load_checkpoint("sums").await.unwrap(), Some(500));
+
+    // Another store on the schema (as another process would be) appends: it follows.
+    let other = schema.open().await;
+    for (id, sum) in seed(&other, 3, 20).await {
+        *expected.entry(id).or_insert(0) += sum;
+    }
+    handle.wait_idle().await.unwrap();
+    assert_eq!(handle.progress().applied, 520);
+    handle.stop().await.unwrap();
+    let (sums, applied) = read_model(&schema.name).await;
+    assert_eq!(sums, expected);
+    assert_eq!(applied.len(), 520);
+    assert!(
+        applied.values().all(|&n| n == 1),
+        "an event was applied twice"
+    );
+    other.close().await.unwrap();
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_a_panicking_and_a_hanging_event_are_dead_lettered_and_the_rest_applied() {
+    if common::no_server() {
+        return;
+    }
+    let schema = Schema::new();
+    let store = schema.open().await;
+    store
+        .append(
+            &stream("a"),
+            ExpectedVersion::Any,
+            (1..=10).map(counted).collect(),
+        )
+        .await
+        .unwrap();
+    let projection = Sums {
+        fail_on: Some(3),
+        panic_on: Some(5),
+        hang_on: Some(8),
+    };
+    let options = ProjectionOptions::new()
+        .retry(quick_retries(2))
+        .apply_timeout(Duration::from_millis(200));
+    let handle = store.run_projection(projection, options).await.unwrap();
+    handle.wait_idle().await.unwrap();
+    let progress = handle.progress();
+    assert_eq!(
+        (
+            progress.checkpoint,
+            progress.applied,
+            progress.dead_lettered
+        ),
+        (10, 7, 3)
+    );
+    let letters = store.dead_letters(Some("sums")).await.unwrap();
+    let found: Vec<(u64, u32)> = letters.iter().map(|l| (l.position, l.attempts)).collect();
+    assert_eq!(found, vec![(3, 2), (5, 2), (8, 2)]);
+    assert!(
+        letters[0].error.contains("cannot apply 3"),
+        "{}",
+        letters[0].error
+    );
+    assert!(
+        letters[1].error.contains("a bug in the projection"),
+        "{}",
+        letters[1].error
+    );
+    assert!(
+        letters[2].error.contains("timed out"),
+        "{}",
+        letters[2].error
+    );
+    handle.stop().await.unwrap();
+    let (sums, applied) = read_model(&schema.name).await;
+    assert_eq!(sums["a"], 55 - 3 - 5 - 8);
+    // The failed attempts' own writes were rolled back with them.
+    assert_eq!(
+        applied.keys().copied().collect::<Vec<_>>(),
+        vec![1, 2, 4, 6, 7, 9, 10]
+    );
+    assert!(applied.values().all(|&n| n == 1));
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_replays_into_a_cleared_read_model_and_two_runners_never_apply_twice() {
+    if common::no_server() {
+        return;
+    }
+    let schema = Schema::new();
+    let first = schema.open().await;
+    let second = schema.open().await;
+    let one = first
+        .run_projection(Sums::default(), ProjectionOptions::new().batch_size(16))
+        .await
+        .unwrap();
+    let two = second
+        .run_projection(Sums::default(), ProjectionOptions::new().batch_size(16))
+        .await
+        .unwrap();
+    let expected = seed(&first, 5, 600).await;
+    one.wait_idle().await.unwrap();
+    two.wait_idle().await.unwrap();
+    assert_eq!(one.progress().applied + two.progress().applied, 600);
+    two.stop().await.unwrap();
+    let (sums, applied) = read_model(&schema.name).await;
+    assert_eq!(sums, expected);
+    assert!(applied.len() == 600 && applied.values().all(|&n| n == 1));
+
+    let mut progress = one.watch_progress();
+    one.rebuild().await.unwrap();
+    progress
+        .wait_for(|p| !p.rebuilding && p.checkpoint == 600)
+        .await
+        .unwrap();
+    one.wait_idle().await.unwrap();
+    one.stop().await.unwrap();
+    let (sums, applied) = read_model(&schema.name).await;
+    assert_eq!(sums, expected);
+    assert!(applied.len() == 600 && applied.values().all(|&n| n == 1));
+    first.close().await.unwrap();
+    second.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_starting_at_the_end_sees_only_later_events() {
+    if common::no_server() {
+        return;
+    }
+    let schema = Schema::new();
+    let store = schema.open().await;
+    seed(&store, 2, 30).await;
+    let handle = store
+        .run_projection(
+            Sums::default(),
+            ProjectionOptions::new().start_from(StartFrom::End),
+        )
+        .await
+        .unwrap();
+    assert_eq!(handle.progress().checkpoint, 30);
+    store
+        .append(&stream("late"), ExpectedVersion::Any, vec![counted(5)])
+        .await
+        .unwrap();
+    handle.wait_idle().await.unwrap();
+    handle.stop().await.unwrap();
+    assert_eq!(
+        read_model(&schema.name).await.0,
+        BTreeMap::from([("late".to_owned(), 5)])
+    );
+    store.close().await.unwrap();
+}
+
+const TEST: &str =
+    "a_projection_killed_while_it_applies_resumes_with_every_event_applied_exactly_once";
+
+/// The child: runs the projection, printing its checkpoint as it moves, until killed.
+async fn child(schema: &str) {
+    let store = PostgresEventStore::open(
+        eventfold_postgres::PostgresOptions::new(common::url()).schema(schema),
+    )
+    .await
+    .unwrap();
+    let handle = store
+        .run_projection(Sums::default(), ProjectionOptions::new().batch_size(8))
+        .await
+        .unwrap();
+    let mut progress = handle.watch_progress();
+    loop {
+        println!("checkpoint {}", progress.borrow_and_update().checkpoint);
+        if progress.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Starts a child and SIGKILLs it once its checkpoint passed `past`.
+fn run_child_and_kill(schema: &str, past: u64) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        .env("EVENTFOLD_PG_PROJECTION_CHILD", schema)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the child starts");
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    for line in stdout.lines() {
+        let line = line.expect("the child's output");
+        if let Some(checkpoint) = line.strip_prefix("checkpoint ")
+            && checkpoint.parse::<u64>().unwrap() > past
+        {
+            break;
+        }
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projection_killed_while_it_applies_resumes_with_every_event_applied_exactly_once() {
+    if let Ok(schema) = std::env::var("EVENTFOLD_PG_PROJECTION_CHILD") {
+        child(&schema).await;
+        return;
+    }
+    if common::no_server() {
+        return;
+    }
+    let schema = Schema::new();
+    let store = schema.open().await;
+    let expected = seed(&store, 11, 1_500).await;
+    for round in 1..=5u64 {
+        let name = schema.name.clone();
+        tokio::task::spawn_blocking(move || run_child_and_kill(&name, round * 200))
+            .await
+            .unwrap();
+    }
+    let handle = store
+        .run_projection(Sums::default(), ProjectionOptions::new())
+        .await
+        .unwrap();
+    handle.wait_idle().await.unwrap();
+    let children_applied = 1_500 - handle.progress().applied;
+    assert!(
+        children_applied > 1_000,
+        "the children applied {children_applied}"
+    );
+    handle.stop().await.unwrap();
+    let (sums, applied) = read_model(&schema.name).await;
+    assert_eq!(sums, expected);
+    assert_eq!(applied.len(), 1_500);
+    assert!(
+        applied.values().all(|&n| n == 1),
+        "an event was applied twice"
+    );
+    store.close().await.unwrap();
+}
