@@ -24,8 +24,11 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use eventfold::prelude::*;
+use eventfold::projection::ProjectionOptions;
+use eventfold::sqlite::SqliteProjection;
 use eventfold::{
-    Delivery, EventBus, InMemoryEventStore, NewEvent, Outgoing, SqliteEventStore, SqliteOptions,
+    BoxError, Delivery, EventBus, InMemoryEventStore, NewEvent, Outgoing, RecordedEvent,
+    SqliteEventStore, SqliteOptions,
 };
 use rusqlite::{Connection, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
@@ -381,6 +384,8 @@ struct Sizes {
     transient_events: usize,
     seed_events: usize,
     memory_events: usize,
+    /// `sub_rebuild`: stored events the projection rebuilds from.
+    rebuild_events: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -399,6 +404,7 @@ const FULL: Sizes = Sizes {
     transient_events: 1_000_000,
     seed_events: 1_000,
     memory_events: 1_000_000,
+    rebuild_events: 1_000_000,
 };
 
 const QUICK: Sizes = Sizes {
@@ -417,6 +423,7 @@ const QUICK: Sizes = Sizes {
     transient_events: 200_000,
     seed_events: 1_000,
     memory_events: 200_000,
+    rebuild_events: 100_000,
 };
 
 /// Events (or commands) per append in `append_batch`, `bus_durable` and `seed_1000`.
@@ -427,7 +434,10 @@ const QUEUE_CAPACITY: usize = 10_000;
 /// The tasks of `append_concurrent_64`.
 const TASKS_64: usize = 64;
 
-const SCENARIOS: [&str; 11] = [
+/// Events per transaction of `sub_rebuild`'s projection.
+const REBUILD_BATCH: usize = 4_096;
+
+const SCENARIOS: [&str; 12] = [
     "append_batch",
     "append_concurrent",
     "append_concurrent_64",
@@ -439,6 +449,7 @@ const SCENARIOS: [&str; 11] = [
     "bus_durable",
     "seed_1000",
     "bus_memory",
+    "sub_rebuild",
 ];
 
 /// What a scenario's goal asks of its row.
@@ -795,6 +806,120 @@ async fn rehydrate(sizes: Sizes, dir: &Path) -> Res<Row> {
         Row::new("rehydrate", "events/s", Goal::RatioAtLeast(0.8), &samples).baseline(format!(
             "Repository::load of one aggregate of {} events; raw: SELECT + serde_json + fold",
             sizes.rehydrate_events
+        )),
+    )
+}
+
+/// `sub_rebuild`'s projection: folds every event into an account in memory, no I/O.
+#[derive(Default)]
+struct Folding {
+    account: Account,
+}
+
+impl SqliteProjection for Folding {
+    type Event = AccountEvent;
+
+    fn name(&self) -> &str {
+        "folding"
+    }
+
+    fn clear(&mut self, _: &eventfold::sqlite::rusqlite::Transaction<'_>) -> Result<(), BoxError> {
+        self.account = Account::default();
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        _: &eventfold::sqlite::rusqlite::Transaction<'_>,
+        event: &AccountEvent,
+        _: &RecordedEvent,
+    ) -> Result<(), BoxError> {
+        self.account.fold(event);
+        Ok(())
+    }
+}
+
+/// `sub_rebuild`: a projection's rebuild (clear, then replay of the whole log in
+/// transactions of `REBUILD_BATCH` events with their checkpoint) whose `apply` does no I/O;
+/// raw: one SELECT of the log with serde_json decoding each payload and the same fold.
+async fn sub_rebuild(sizes: Sizes, dir: &Path) -> Res<Row> {
+    let run = tempfile::tempdir_in(dir)?;
+    let path = run.path().join("eventfold.db");
+    let store = open_store(&path).await?;
+    let ids = stream_ids(sizes.batch_aggregates);
+    let appends = sizes.rebuild_events / PER_APPEND;
+    for a in 0..appends {
+        let events = (0..PER_APPEND)
+            .map(|i| {
+                NewEvent::from_event(&deposit((a * PER_APPEND + i) as u64), Metadata::default())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let stream = StreamId::new(Account::TYPE, ids[a % ids.len()].clone());
+        store.append(&stream, ExpectedVersion::Any, events).await?;
+    }
+    let events = appends * PER_APPEND;
+    let options = ProjectionOptions::new().batch_size(REBUILD_BATCH);
+    let handle = store.run_projection(Folding::default(), options).await?;
+    handle.wait_idle().await?;
+    let raw = Connection::open(&path)?;
+    let mut samples = Samples::default();
+    for repeat in 0..sizes.repeats {
+        for side in sides(repeat) {
+            let started = Instant::now();
+            let deposits = match side {
+                Side::Eventfold => {
+                    handle.rebuild().await?;
+                    handle.wait_idle().await?;
+                    handle.progress().applied
+                }
+                Side::Raw => {
+                    // Every column a projection is handed, borrowed from the row.
+                    let mut stmt = raw.prepare_cached(
+                        "SELECT position, event_id, aggregate_type, aggregate_id, version, \
+                         event_type, schema_version, occurred_at, recorded_at, metadata, \
+                         payload FROM events ORDER BY position",
+                    )?;
+                    let mut rows = stmt.query([])?;
+                    let mut account = Account::default();
+                    let mut fields = 0usize;
+                    while let Some(row) = rows.next()? {
+                        let (position, version): (i64, i64) = (row.get(0)?, row.get(4)?);
+                        let id = row.get_ref(1)?.as_blob()?;
+                        let stream = (row.get_ref(2)?.as_str()?, row.get_ref(3)?.as_str()?);
+                        let times: (i64, i64, i64) = (row.get(6)?, row.get(7)?, row.get(8)?);
+                        if let Some(metadata) = row.get_ref(9)?.as_str_or_null()? {
+                            let metadata: serde_json::Value = serde_json::from_str(metadata)?;
+                            fields += metadata.is_object() as usize;
+                        }
+                        let event =
+                            raw_decode(row.get_ref(5)?.as_str()?, row.get_ref(10)?.as_str()?)?;
+                        account.fold(&event);
+                        fields += (position + version + times.0 + times.1 + times.2) as usize % 2
+                            + id.len()
+                            + stream.0.len()
+                            + stream.1.len();
+                    }
+                    std::hint::black_box(fields);
+                    account.deposits
+                }
+            };
+            let value = per_second(events, started.elapsed());
+            progress("sub_rebuild", repeat, side, value, "events/s");
+            assert!(
+                deposits >= events as u64,
+                "{side:?} folded {deposits} of {events}"
+            );
+            samples.push(side, value);
+        }
+    }
+    let folded = handle.stop().await?;
+    assert_eq!(folded.account.deposits, events as u64);
+    store.close().await?;
+    Ok(
+        Row::new("sub_rebuild", "events/s", Goal::RatioAtLeast(0.7), &samples).baseline(format!(
+            "a SqliteProjection's rebuild over {events} stored events, {REBUILD_BATCH} per \
+             transaction, apply without I/O; raw: SELECT of every column of the log (what a \
+             projection is handed), borrowed, + serde_json + fold"
         )),
     )
 }
@@ -1458,6 +1583,7 @@ async fn run(name: &str, sizes: Sizes, dir: &Path) -> Res<Row> {
         "bus_durable" => bus_durable(sizes, dir).await,
         "seed_1000" => seed_1000(sizes, dir).await,
         "bus_memory" => bus_memory(sizes),
+        "sub_rebuild" => sub_rebuild(sizes, dir).await,
         other => Err(format!("unknown scenario {other}").into()),
     }
 }

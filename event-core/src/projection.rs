@@ -50,7 +50,7 @@ use crate::bus::{RetryPolicy, StartFrom, UnknownEventPolicy};
 use crate::error::{BoxError, Error, Result, StoreErrorKind, error_chain};
 use crate::event::DomainEvent;
 use crate::record::{NewDeadLetter, RecordedEvent};
-use crate::registry::registry;
+use crate::registry::{EventRegistration, registry};
 use crate::store::EventLog;
 
 /// How a projection runs.
@@ -564,10 +564,29 @@ pub enum Action<E> {
     DeadLetter(Error),
 }
 
+/// The registrations of the few event types a projection decodes, so that each event
+/// costs no registry lookup; one per runner, for [`classify`].
+#[derive(Debug, Default)]
+pub struct DecodeCache {
+    registrations: Vec<&'static EventRegistration>,
+}
+
 /// Sorts a read event for a projection of `E`: see the [module docs](self).
-pub fn classify<E: DomainEvent>(event: &RecordedEvent, unknown: UnknownEventPolicy) -> Action<E> {
+pub fn classify<E: DomainEvent>(
+    event: &RecordedEvent,
+    unknown: UnknownEventPolicy,
+    cache: &mut DecodeCache,
+) -> Action<E> {
     if E::EVENT_TYPES.iter().any(|t| t.name == event.event_type) {
-        return match event.decode::<E>() {
+        let decoded = registry()
+            .decode_cached::<E>(
+                &mut cache.registrations,
+                &event.event_type,
+                event.schema_version,
+                &event.payload,
+            )
+            .map_err(|e| e.at_event(event.event_id, event.position));
+        return match decoded {
             Ok(decoded) => Action::Apply(decoded),
             Err(error) => Action::DeadLetter(error),
         };

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use eventfold_core::projection::{
-    self, Action, Failures, Plan, ProjectionBackend, ProjectionHandle, ProjectionOptions, Step,
+    self, Action, DecodeCache, Failures, Plan, ProjectionBackend, ProjectionHandle,
+    ProjectionOptions, Step,
 };
 use eventfold_core::{
     BoxError, DomainEvent, Error, NewDeadLetter, RecordedEvent, Result, StartFrom, error_chain,
@@ -136,6 +137,7 @@ impl PostgresEventStore {
             projection,
             options: options.clone(),
             failures: Failures::default(),
+            decode: DecodeCache::default(),
         };
         let checkpoint = backend.setup().await?;
         Ok(projection::spawn(
@@ -154,6 +156,7 @@ struct Backend<P> {
     projection: P,
     options: ProjectionOptions,
     failures: Failures,
+    decode: DecodeCache,
 }
 
 /// Sets a projection's checkpoint.
@@ -332,7 +335,11 @@ impl<P: PostgresProjection> ProjectionBackend for Backend<P> {
                     continue;
                 }
             };
-            match projection::classify::<P::Event>(&event, self.options.unknown_events) {
+            match projection::classify::<P::Event>(
+                &event,
+                self.options.unknown_events,
+                &mut self.decode,
+            ) {
                 Action::Skip => skipped += 1,
                 Action::DeadLetter(error) => {
                     let letter = projection::dead_letter(

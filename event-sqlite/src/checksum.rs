@@ -16,7 +16,9 @@
 //! costs about as much as hashing a whole row. Every other read checks both halves. 32 bits
 //! per half leave one damaged row in four billion undetected by it.
 
-use eventfold_core::{Error, Metadata};
+use std::borrow::Cow;
+
+use eventfold_core::{Error, Metadata, registry};
 use uuid::Uuid;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -226,11 +228,17 @@ pub(crate) fn corrupt_event(event_id: Option<Uuid>, position: i64, problems: &[S
 /// The [`stream_hash`] of the stream of the last row read, so that a read of consecutive
 /// rows of one stream (a stream, or a page of the log written by batched appends) hashes
 /// the stream once rather than once per row.
+///
+/// It also keeps the registry's copies of the last row's aggregate and event type names,
+/// which a page of the log repeats row after row, so each takes a lookup only when it
+/// changes.
 #[derive(Debug, Default)]
 pub(crate) struct LastStream {
     aggregate_type: Vec<u8>,
     aggregate_id: Vec<u8>,
     hash: Option<u64>,
+    type_name: Option<(String, Cow<'static, str>)>,
+    event_type_name: Option<(String, Cow<'static, str>)>,
 }
 
 impl LastStream {
@@ -251,6 +259,35 @@ impl LastStream {
                 self.hash = Some(hash);
                 hash
             }
+        }
+    }
+
+    /// The registry's copy of the aggregate type name `name` (the last row's if the same).
+    pub(crate) fn aggregate_type_name(&mut self, name: &str) -> Cow<'static, str> {
+        cached(&mut self.type_name, name, |name| {
+            registry().aggregate_type_name(name)
+        })
+    }
+
+    /// The registry's copy of the event type name `name` (the last row's if the same).
+    pub(crate) fn event_type_name(&mut self, name: &str) -> Cow<'static, str> {
+        cached(&mut self.event_type_name, name, |name| {
+            registry().event_type_name(name)
+        })
+    }
+}
+
+fn cached(
+    slot: &mut Option<(String, Cow<'static, str>)>,
+    name: &str,
+    look_up: impl FnOnce(&str) -> Cow<'static, str>,
+) -> Cow<'static, str> {
+    match slot {
+        Some((last, copy)) if last == name => copy.clone(),
+        _ => {
+            let copy = look_up(name);
+            *slot = Some((name.to_owned(), copy.clone()));
+            copy
         }
     }
 }

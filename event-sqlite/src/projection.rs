@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use eventfold_core::projection::{
-    self, Action, Failures, Plan, ProjectionBackend, ProjectionHandle, ProjectionOptions, Step,
+    self, Action, DecodeCache, Failures, Plan, ProjectionBackend, ProjectionHandle,
+    ProjectionOptions, Step,
 };
 use eventfold_core::{
     BoxError, DomainEvent, Error, NewDeadLetter, RecordedEvent, Result, StartFrom, StoreErrorKind,
@@ -172,6 +173,7 @@ impl SqliteEventStore {
                 projection,
                 options: setup_options,
                 failures: Failures::default(),
+                decode: DecodeCache::default(),
             };
             let checkpoint = runner.setup()?;
             Ok::<_, Error>((runner, checkpoint))
@@ -206,6 +208,7 @@ struct Runner<P> {
     projection: P,
     options: ProjectionOptions,
     failures: Failures,
+    decode: DecodeCache,
 }
 
 /// The runner between transactions (`None` only while one runs).
@@ -336,18 +339,21 @@ impl<P: SqliteProjection> Runner<P> {
             projection,
             options,
             failures,
+            decode,
         } = self;
         let tx = begin(conn)?;
         let checkpoint = sql::load_checkpoint(&tx, name)?.unwrap_or(0);
         let limit = match failures.plan(checkpoint, options) {
             Plan::DeadLetter(failed) => {
-                let (event_id, event_type) =
-                    match sql::read_all_rows(&tx, failed.position, 1)?.pop() {
-                        Some(Ok(event)) if event.position == failed.position => {
-                            (event.event_id, event.event_type.into_owned())
-                        }
-                        _ => (Uuid::nil(), String::new()),
-                    };
+                let (mut event_id, mut event_type) = (Uuid::nil(), String::new());
+                sql::visit_log(&tx, failed.position, 1, |row| {
+                    if let Ok(event) = row
+                        && event.position == failed.position
+                    {
+                        (event_id, event_type) = (event.event_id, event.event_type.to_string());
+                    }
+                    Ok(false)
+                })?;
                 add_dead_letter(
                     &tx,
                     &projection::exhausted(name, event_id, &event_type, &failed),
@@ -364,14 +370,9 @@ impl<P: SqliteProjection> Runner<P> {
             }
             Plan::Read(limit) => limit,
         };
-        let rows = sql::read_all_rows(&tx, checkpoint + 1, limit)?;
-        let last = match rows.last() {
-            None => return Ok(Step::Idle { checkpoint }),
-            Some(Ok(event)) => event.position,
-            Some(Err((position, _))) => *position,
-        };
-        let (mut applied, mut dead_lettered, mut skipped) = (0, 0, 0);
-        for row in rows {
+        let (mut last, mut applied, mut dead_lettered, mut skipped) = (checkpoint, 0, 0, 0);
+        let mut failure = None;
+        sql::visit_log(&tx, checkpoint + 1, limit, |row| {
             let event = match row {
                 Ok(event) => event,
                 Err((position, error)) => {
@@ -379,15 +380,14 @@ impl<P: SqliteProjection> Runner<P> {
                         Error::CorruptEvent { event_id, .. } => *event_id,
                         _ => None,
                     };
-                    add_dead_letter(
-                        &tx,
-                        &projection::dead_letter(name, event_id, position, "", &error),
-                    )?;
+                    let letter = projection::dead_letter(name, event_id, position, "", &error);
+                    add_dead_letter(&tx, &letter)?;
                     dead_lettered += 1;
-                    continue;
+                    last = position;
+                    return Ok(true);
                 }
             };
-            match projection::classify::<P::Event>(&event, options.unknown_events) {
+            match projection::classify::<P::Event>(event, options.unknown_events, decode) {
                 Action::Skip => skipped += 1,
                 Action::DeadLetter(error) => {
                     let letter = projection::dead_letter(
@@ -402,18 +402,26 @@ impl<P: SqliteProjection> Runner<P> {
                 }
                 Action::Apply(decoded) => {
                     if let Err(error) =
-                        projection::guarded(|| projection.apply(&tx, &decoded, &event))
+                        projection::guarded(|| projection.apply(&tx, &decoded, event))
                     {
-                        // Undo what the batch wrote, the failed event's writes with it.
-                        drop(tx);
-                        let error = error_chain(&*error);
-                        tracing::warn!(projection = %name, position = event.position, %error,
-                            "a projection failed to apply an event");
-                        return Ok(failures.failed(event.position, checkpoint, error, options));
+                        failure = Some((event.position, error_chain(&*error)));
+                        return Ok(false);
                     }
                     applied += 1;
                 }
             }
+            last = event.position;
+            Ok(true)
+        })?;
+        if let Some((position, error)) = failure {
+            // Undo what the batch wrote, the failed event's writes with it.
+            drop(tx);
+            tracing::warn!(projection = %name, position, %error,
+                "a projection failed to apply an event");
+            return Ok(failures.failed(position, checkpoint, error, options));
+        }
+        if last == checkpoint {
+            return Ok(Step::Idle { checkpoint });
         }
         save_checkpoint(&tx, name, last)?;
         commit(tx)?;

@@ -160,9 +160,18 @@ pub(crate) fn stored_event<'r>(row: &'r Row<'_>) -> Result<(StoredEvent<'r>, Opt
 /// Reads an event row selected by [`select_events!`], checking it first.
 /// `last`: the stream of the row before, when reading several.
 fn event_from_row(row: &Row<'_>, last: Option<&mut LastStream>) -> Result<RecordedEvent> {
+    event_from_row_reusing(row, last, None)
+}
+
+/// [`event_from_row`], into the allocations of `spare` (a record done with) if given.
+fn event_from_row_reusing(
+    row: &Row<'_>,
+    mut last: Option<&mut LastStream>,
+    spare: Option<RecordedEvent>,
+) -> Result<RecordedEvent> {
     let (stored, checksum) = stored_event(row)?;
     let mut problems = Vec::new();
-    let stream_hash = match last {
+    let stream_hash = match &mut last {
         Some(last) => last.hash(stored.aggregate_type, stored.aggregate_id),
         None => checksum::stream_hash(stored.aggregate_type, stored.aggregate_id),
     };
@@ -171,21 +180,42 @@ fn event_from_row(row: &Row<'_>, last: Option<&mut LastStream>) -> Result<Record
     let (Some(event), Ok(metadata)) = (checked, metadata) else {
         return Err(stored.corrupt(&problems));
     };
-    let registry = registry();
+    // Registered type names are borrowed from the registry rather than copied per row.
+    let (aggregate_type, event_type) = match last {
+        Some(last) => (
+            last.aggregate_type_name(event.aggregate_type),
+            last.event_type_name(event.event_type),
+        ),
+        None => (
+            registry().aggregate_type_name(event.aggregate_type),
+            registry().event_type_name(event.event_type),
+        ),
+    };
+    let copy = |mut into: String, from: &str| {
+        into.clear();
+        into.push_str(from);
+        into
+    };
+    let (aggregate_id, payload) = match spare {
+        Some(spare) => (
+            copy(spare.aggregate_id, event.aggregate_id),
+            copy(spare.payload, event.payload),
+        ),
+        None => (event.aggregate_id.to_owned(), event.payload.to_owned()),
+    };
     Ok(RecordedEvent {
         event_id: event.event_id,
-        // Registered type names are borrowed from the registry rather than copied per row.
-        aggregate_type: registry.aggregate_type_name(event.aggregate_type),
-        aggregate_id: event.aggregate_id.to_owned(),
+        aggregate_type,
+        aggregate_id,
         version: event.version,
         position: to_u64(stored.position),
-        event_type: registry.event_type_name(event.event_type),
+        event_type,
         schema_version: event.schema_version,
         occurred_at: time(stored.occurred_at),
         recorded_at: time(stored.recorded_at),
         metadata,
         // Kept even if it is not JSON: decoding says so, and a subscriber can dead-letter it.
-        payload: event.payload.to_owned(),
+        payload,
     })
 }
 
@@ -453,14 +483,17 @@ pub(crate) fn read_all(
     events_from_rows(rows, limit.clamp(0, 1024) as usize)
 }
 
-/// Up to `limit` rows of the log from a position on, each read and checked on its own: a
-/// damaged row is its position and error in place of the event, and the rows after it still
-/// come (for a reader that sets damaged rows aside, as a projection does).
-pub(crate) fn read_all_rows(
+/// Hands `visit` up to `limit` rows of the log from a position on, in order, each read
+/// and checked on its own: a damaged row comes as its position and error, and the rows
+/// after it still come (for a reader that sets damaged rows aside, as a projection does).
+/// The records are lent, one at a time, their allocations reused from row to row; `visit`
+/// returns false to stop.
+pub(crate) fn visit_log(
     conn: &Connection,
     from_position: u64,
     limit: usize,
-) -> Result<Vec<std::result::Result<RecordedEvent, (u64, Error)>>> {
+    mut visit: impl FnMut(std::result::Result<&RecordedEvent, (u64, Error)>) -> Result<bool>,
+) -> Result<()> {
     let fail = |e| store_error("reading the log", e);
     let mut stmt = conn
         .prepare_cached(select_events!(
@@ -471,16 +504,26 @@ pub(crate) fn read_all_rows(
     let mut rows = stmt
         .query(params![bound(from_position), limit])
         .map_err(fail)?;
-    let mut events = Vec::with_capacity(limit.clamp(0, 1024) as usize);
     let mut last = LastStream::default();
+    let mut spare = None;
     while let Some(row) = rows.next().map_err(fail)? {
-        events.push(event_from_row(row, Some(&mut last)).map_err(|error| {
-            // The position is the rowid: an integer in every row SQLite can read.
-            let position = row.get_ref(0).ok().and_then(|v| v.as_i64().ok());
-            (position.map_or(0, to_u64), error)
-        }));
+        let go_on = match event_from_row_reusing(row, Some(&mut last), spare.take()) {
+            Ok(event) => {
+                let go_on = visit(Ok(&event))?;
+                spare = Some(event);
+                go_on
+            }
+            Err(error) => {
+                // The position is the rowid: an integer in every row SQLite can read.
+                let position = row.get_ref(0).ok().and_then(|v| v.as_i64().ok());
+                visit(Err((position.map_or(0, to_u64), error)))?
+            }
+        };
+        if !go_on {
+            break;
+        }
     }
-    Ok(events)
+    Ok(())
 }
 
 /// Sets a subscription's checkpoint (inserting it if it has none).
