@@ -107,7 +107,9 @@ use crate::store::SqliteEventStore;
 /// `Busy`); `apply` runs on a blocking thread and cannot be interrupted
 /// ([`ProjectionOptions::apply_timeout`](eventfold_core::projection::ProjectionOptions::apply_timeout)
 /// does not apply): keep it short, free of I/O outside the database, and batches small
-/// enough.
+/// enough. Its connection commits with `synchronous = NORMAL` (unless the store's is
+/// weaker): a batch survives a crash of the process; a power loss may undo the last
+/// batches, read model and checkpoint together, which are then applied again.
 pub trait SqliteProjection: Send + 'static {
     /// The events it applies: an enum, a struct, or a group of event structs.
     type Event: DomainEvent;
@@ -156,7 +158,17 @@ impl SqliteEventStore {
                 reason: "an in-memory store has no file for a projection to write in".to_owned(),
             });
         };
-        let store_options = self.options().clone();
+        let mut store_options = self.options().clone();
+        // The read model is derived from the events: a batch lost to a power loss (read
+        // model, dead letters and checkpoint together, as one transaction) is applied
+        // again. So the projection's commits wait for the disk only at WAL checkpoints;
+        // they survive a crash of the process either way.
+        if matches!(
+            store_options.synchronous,
+            crate::Synchronous::Full | crate::Synchronous::Extra
+        ) {
+            store_options.synchronous = crate::Synchronous::Normal;
+        }
         if store_options.read_only {
             return Err(Error::InvalidSetting {
                 setting: "run_projection",
