@@ -317,6 +317,68 @@ pub fn check_batch(requests: &[AppendRequest]) -> Result<()> {
     Ok(())
 }
 
+/// The part of the contract that archiving needs (`eventfold::archive`): reading what is
+/// stored across the gaps of pruned archives, the archive horizon, and the atomic prune and
+/// restore of an archive's events. A backend without archiving implements it empty: every
+/// method then fails with [`Error::Unsupported`].
+///
+/// A backend that implements it keeps, beyond the [`EventLog`] contract: positions and
+/// versions of the events that stay never change; the head position and every stream's
+/// version count pruned events too (appends go on numbering after them); and a read of
+/// anything pruned ([`EventLog::read_stream`], [`EventLog::replay_stream`] from a version
+/// the horizon covers, [`EventLog::read_all`] over a pruned position, [`EventLog::get`] of
+/// an id in the range of an archive's ids) fails with [`Error::Archived`] naming the
+/// archive, never skipping it silently.
+#[async_trait]
+pub trait ArchiveStore: EventLog + SnapshotStore + SubscriptionStore {
+    /// How an archive manifest names this store (for SQLite, its file).
+    fn archive_store_name(&self) -> String {
+        std::any::type_name::<Self>().to_owned()
+    }
+
+    /// Up to `limit` stored events from position `from_position` on, in position order,
+    /// skipping the positions of pruned archives instead of failing on them.
+    async fn read_stored(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        let _ = (from_position, limit);
+        Err(self.archive_unsupported("reading across the archive horizon"))
+    }
+
+    /// The archive horizon: every archive pruned from this store and not restored, oldest
+    /// first.
+    async fn archive_horizon(&self) -> Result<Vec<crate::archive::ArchiveHorizon>> {
+        Err(self.archive_unsupported("the archive horizon"))
+    }
+
+    /// Removes the events of an archive and records it in the horizon, in one atomic
+    /// step, after checking in that same step that every checkpoint is at or past the
+    /// archive's last position ([`Error::PruneBehindSubscription`]), that every stream
+    /// either loses all its events or keeps a snapshot at or past the last pruned version
+    /// ([`Error::PruneBreaksStream`]), that each stream loses a prefix of what it holds,
+    /// and that each event is stored at its position with its id
+    /// ([`Error::ArchiveMismatch`]). On any error nothing is removed.
+    async fn prune_archive(&self, request: crate::archive::PruneRequest) -> Result<()> {
+        let _ = request;
+        Err(self.archive_unsupported("pruning an archive"))
+    }
+
+    /// Stores the events of a pruned archive again exactly (same ids, positions, versions,
+    /// times and content) and removes the archive from the horizon, in one atomic step.
+    /// [`Error::ArchiveMismatch`] if the archive is not in the horizon.
+    async fn restore_archive(&self, archive: Uuid, events: Vec<RecordedEvent>) -> Result<()> {
+        let _ = (archive, events);
+        Err(self.archive_unsupported("restoring an archive"))
+    }
+
+    /// The error of a method this store does not implement.
+    #[doc(hidden)]
+    fn archive_unsupported(&self, operation: &str) -> Error {
+        Error::Unsupported {
+            operation: operation.to_owned(),
+            store: self.archive_store_name(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
