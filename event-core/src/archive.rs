@@ -661,12 +661,11 @@ fn finish_file(
     path: &Path,
     partial: &Path,
 ) -> Result<()> {
-    let events = encoder
+    encoder
         .finish()
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
         .and_then(|f| f.sync_all())
         .map_err(|e| file_error(partial, "completing the events", Some(e)))?;
-    let _: () = events;
     let file =
         File::create_new(path).map_err(|e| file_error(path, "creating the file", Some(e)))?;
     let written = (|| -> std::io::Result<()> {

@@ -475,10 +475,10 @@ pub(crate) fn read_all(
     }
     // Checked only where a position is missing: in the middle, or at the end of a short
     // read (the common read at the head), where it costs one look-up in a small table.
-    if (expected - from_position.max(1)) < events.len() as u64 || events.len() < limit {
-        if let Some(archive) = crate::archive::at_position(conn, expected)? {
-            return Err(archive.error(format!("position {expected}")));
-        }
+    if ((expected - from_position.max(1)) < events.len() as u64 || events.len() < limit)
+        && let Some(archive) = crate::archive::at_position(conn, expected)?
+    {
+        return Err(archive.error(format!("position {expected}")));
     }
     Ok(events)
 }
