@@ -1166,7 +1166,7 @@ pub async fn restore(
         }
         events.extend(batch);
         progress(Progress {
-            done: events.len() as u64 / 2,
+            done: events.len() as u64,
             total,
         });
     }

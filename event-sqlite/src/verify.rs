@@ -56,7 +56,17 @@ pub(crate) fn verify(conn: &Connection) -> Result<VerifyReport> {
         .unchecked_transaction()
         .map_err(|e| store_error("starting the verification", e))?;
     let mut report = VerifyReport::default();
-    let horizon = Horizon::read(&tx)?;
+    // A file too damaged to read the horizon from is reported, and checked without it.
+    let horizon = match Horizon::read(&tx) {
+        Ok(horizon) => horizon,
+        Err(e) if e.store_kind() == Some(StoreErrorKind::Corrupt) => {
+            report
+                .integrity
+                .push(format!("reading the archive horizon stopped: {e}"));
+            Horizon::default()
+        }
+        Err(e) => return Err(e),
+    };
     let scanned = scan_events(&tx, &horizon, &mut report);
     damage(scanned, "scanning the events", &mut report)?;
     let scanned = scan_streams(&tx, &horizon, &mut report);
@@ -87,6 +97,7 @@ fn damage(
 
 /// What the archive horizon says is pruned: the span of positions of each archive, and
 /// the last pruned version of each stream.
+#[derive(Default)]
 struct Horizon {
     spans: Vec<(i64, i64)>,
     versions: std::collections::HashMap<(Vec<u8>, Vec<u8>), i64>,
