@@ -386,3 +386,88 @@ async fn retention_keeps_the_newest_events_a_snapshot_needs() {
     assert_eq!(store.read_stream(&meter("b"), 1).await.unwrap().len(), 10);
     let _ = StreamId::new("Meter", "a");
 }
+
+#[tokio::test]
+async fn reading_the_log_across_a_pruned_stream_names_the_archive_at_each_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir).await;
+    // a1 b1 a2 b2 a3 b3 at positions 1..6; then b goes on after the cut-off.
+    for units in 1..=3 {
+        for id in ["a", "b"] {
+            store
+                .append(
+                    &meter(id),
+                    ExpectedVersion::Any,
+                    vec![common::reading(units)],
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let last = store.read_all(1, 10).await.unwrap().pop().unwrap();
+    while chrono::Utc::now() <= last.recorded_at {
+        tokio::task::yield_now().await;
+    }
+    let cut_off = chrono::Utc::now();
+    store
+        .append(
+            &meter("b"),
+            ExpectedVersion::Exact(3),
+            vec![common::reading(4)],
+        )
+        .await
+        .unwrap();
+    let path = dir.path().join("a.gz");
+    let manifest = archive::export(
+        &store,
+        ArchiveRange::StreamsIdleBefore(cut_off),
+        &path,
+        &mut archive::no_progress,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            manifest.events,
+            manifest.first_position,
+            manifest.last_position
+        ),
+        (3, Some(1), Some(5))
+    );
+    archive::prune(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap();
+    // Pruning again does nothing.
+    archive::prune(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap();
+    let gap_at = |result: Result<Vec<RecordedEvent>, Error>, position: u64| match result {
+        Err(Error::Archived { archive, what, .. }) => {
+            assert_eq!(archive, manifest.archive);
+            assert_eq!(what, format!("position {position}"));
+        }
+        other => panic!("expected an Archived error at {position}, got {other:?}"),
+    };
+    gap_at(store.read_all(1, 10).await, 1);
+    gap_at(store.read_all(2, 2).await, 3);
+    gap_at(store.read_all(4, 10).await, 5);
+    let b: Vec<u64> = store
+        .read_all(2, 1)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(b, [2]);
+    assert_eq!(store.read_all(6, 10).await.unwrap().len(), 2);
+    assert_eq!(store.read_stream(&meter("b"), 1).await.unwrap().len(), 4);
+    assert_eq!(store.statistics().await.unwrap().events, 4);
+    // Restoring twice: the second finds every event stored and does nothing.
+    archive::restore(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap();
+    archive::restore(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap();
+    assert_eq!(store.read_all(1, 10).await.unwrap().len(), 7);
+}
