@@ -1117,6 +1117,55 @@ pub async fn prune(
     Ok(manifest)
 }
 
+/// What [`prune`] would do, without removing anything (a dry run): checks the archive as
+/// [`verify`] does and the prune's rules against the store as it is now
+/// ([`Error::PruneBehindSubscription`], [`Error::PruneBreaksStream`]); returns the
+/// manifest if the prune would go ahead. The store may change before a real prune, which
+/// checks everything again in its own transaction.
+pub async fn check_prune(
+    store: &dyn ArchiveStore,
+    path: impl AsRef<Path>,
+    progress: ProgressFn<'_>,
+) -> Result<ArchiveManifest> {
+    let path = path.as_ref();
+    let (verified, collected) = check(store, path, progress, true).await?;
+    let manifest = verified.manifest;
+    if verified.state == ArchiveState::Pruned || manifest.events == 0 {
+        return Ok(manifest);
+    }
+    let last_position = collected.events.last().map_or(0, |e| e.0);
+    let mut checkpoints = store.statistics().await?.checkpoints;
+    checkpoints.sort_by(|a, b| a.subscription.cmp(&b.subscription));
+    if let Some(behind) = checkpoints.iter().find(|c| c.position < last_position) {
+        return Err(Error::PruneBehindSubscription {
+            subscription: behind.subscription.clone(),
+            checkpoint: behind.position,
+            needed: last_position,
+        });
+    }
+    let mut streams: Vec<_> = collected.streams.into_iter().collect();
+    streams.sort_by(|a, b| a.0.cmp(&b.0));
+    for (stream, (_, last, _)) in streams {
+        let version = store.stream_version(&stream).await?;
+        if last < version {
+            let snapshot = store
+                .load_snapshot(&stream)
+                .await?
+                .map(|s| s.version)
+                .filter(|v| *v <= version);
+            if snapshot.is_none_or(|s| s < last) {
+                return Err(Error::PruneBreaksStream {
+                    aggregate_type: stream.aggregate_type,
+                    aggregate_id: stream.aggregate_id,
+                    pruned: last,
+                    snapshot,
+                });
+            }
+        }
+    }
+    Ok(manifest)
+}
+
 /// Brings a pruned archive back: reads and checks the whole file first (nothing is written
 /// from a damaged file), checks that the store's horizon holds this archive with the same
 /// count and checksum, then stores every event again exactly (same ids, positions,

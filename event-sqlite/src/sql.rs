@@ -555,21 +555,25 @@ pub(crate) fn stream_version(conn: &Connection, stream: &StreamId) -> Result<u64
     })
 }
 
-/// The position of the last event (0: empty log).
+/// The position of the last event (0: empty log), pruned ones included: a log whose
+/// newest events were archived goes on numbering after them.
 pub(crate) fn head(conn: &Connection) -> Result<u64> {
     let fail = |e| store_error("reading the head position", e);
     let mut stmt = conn
         .prepare_cached(
-            "SELECT MAX(COALESCE((SELECT MAX(position) FROM events), 0), \
-             COALESCE((SELECT MAX(last_position) FROM archives), 0))",
+            "SELECT COALESCE((SELECT MAX(position) FROM events), 0), \
+             COALESCE((SELECT MAX(last_position) FROM archives), 0)",
         )
         .map_err(fail)?;
-    let head: i64 = stmt.query_row([], |row| row.get(0)).map_err(fail)?;
-    u64::try_from(head).map_err(|_| Error::CorruptEvent {
+    let (head, archived): (i64, i64) = stmt
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .map_err(fail)?;
+    let head = u64::try_from(head).map_err(|_| Error::CorruptEvent {
         event_id: None,
         position: None,
         reason: format!("the last event of the log has position {head}, not a position >= 1"),
-    })
+    })?;
+    Ok(head.max(archived.max(0) as u64))
 }
 
 /// A stream's snapshot.

@@ -217,6 +217,14 @@ async fn a_prune_is_refused_while_a_subscription_lags_behind_the_cut_off() {
     )
     .await
     .unwrap();
+    // The dry run finds the same refusal.
+    let dry = archive::check_prune(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&dry, Error::PruneBehindSubscription { subscription, .. } if subscription == "slow"),
+        "{dry:?}"
+    );
     let error = archive::prune(&store, &path, &mut archive::no_progress)
         .await
         .unwrap_err();
@@ -282,6 +290,10 @@ async fn a_prune_that_would_leave_a_stream_unloadable_is_refused() {
         ),
         "{error:?}"
     );
+    let dry = archive::check_prune(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap_err();
+    assert_eq!(dry.to_string(), error.to_string());
     assert_eq!(store.read_all(1, 100).await.unwrap().len(), 10);
 }
 
