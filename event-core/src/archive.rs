@@ -285,7 +285,6 @@ enum Selector {
         cuts: HashMap<StreamId, u64>,
         first_position: u64,
         last_position: u64,
-        events: u64,
     },
 }
 
@@ -455,7 +454,6 @@ async fn cuts_selector(
         cuts,
         first_position: u64::MAX,
         last_position: 0,
-        events: 0,
     };
     let mut span = (u64::MAX, 0, 0);
     scan_all(store, |e| {
@@ -467,11 +465,10 @@ async fn cuts_selector(
     if let Selector::Cuts {
         first_position,
         last_position,
-        events,
         ..
     } = &mut selector
     {
-        (*first_position, *last_position, *events) = span;
+        (*first_position, *last_position) = (span.0, span.1);
     }
     Ok((selector, span.2))
 }

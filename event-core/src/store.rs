@@ -340,13 +340,19 @@ pub trait ArchiveStore: EventLog + SnapshotStore + SubscriptionStore {
     /// skipping the positions of pruned archives instead of failing on them.
     async fn read_stored(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
         let _ = (from_position, limit);
-        Err(self.archive_unsupported("reading across the archive horizon"))
+        Err(archive_unsupported(
+            self.archive_store_name(),
+            "reading across the archive horizon",
+        ))
     }
 
     /// The archive horizon: every archive pruned from this store and not restored, oldest
     /// first.
     async fn archive_horizon(&self) -> Result<Vec<crate::archive::ArchiveHorizon>> {
-        Err(self.archive_unsupported("the archive horizon"))
+        Err(archive_unsupported(
+            self.archive_store_name(),
+            "the archive horizon",
+        ))
     }
 
     /// Removes the events of an archive and records it in the horizon, in one atomic
@@ -358,7 +364,10 @@ pub trait ArchiveStore: EventLog + SnapshotStore + SubscriptionStore {
     /// ([`Error::ArchiveMismatch`]). On any error nothing is removed.
     async fn prune_archive(&self, request: crate::archive::PruneRequest) -> Result<()> {
         let _ = request;
-        Err(self.archive_unsupported("pruning an archive"))
+        Err(archive_unsupported(
+            self.archive_store_name(),
+            "pruning an archive",
+        ))
     }
 
     /// Stores the events of a pruned archive again exactly (same ids, positions, versions,
@@ -366,16 +375,18 @@ pub trait ArchiveStore: EventLog + SnapshotStore + SubscriptionStore {
     /// [`Error::ArchiveMismatch`] if the archive is not in the horizon.
     async fn restore_archive(&self, archive: Uuid, events: Vec<RecordedEvent>) -> Result<()> {
         let _ = (archive, events);
-        Err(self.archive_unsupported("restoring an archive"))
+        Err(archive_unsupported(
+            self.archive_store_name(),
+            "restoring an archive",
+        ))
     }
+}
 
-    /// The error of a method this store does not implement.
-    #[doc(hidden)]
-    fn archive_unsupported(&self, operation: &str) -> Error {
-        Error::Unsupported {
-            operation: operation.to_owned(),
-            store: self.archive_store_name(),
-        }
+/// The error of an [`ArchiveStore`] method that a store does not implement.
+fn archive_unsupported(store: String, operation: &str) -> Error {
+    Error::Unsupported {
+        operation: operation.to_owned(),
+        store,
     }
 }
 
