@@ -1,8 +1,12 @@
 //! Archiving through the facade on the in-memory store: the same rules as on SQLite
 //! (event-sqlite/tests/archive.rs runs the 100,000-event round trip on a real file).
 
+mod common;
+
+use common::{Account, AccountCommand};
 use eventfold::archive::{self, ArchiveRange, ArchiveState};
 use eventfold::backend::{EventLog, SubscriptionStore};
+use eventfold::prelude::*;
 use eventfold::{
     ArchiveStore, Error, ExpectedVersion, InMemoryEventStore, Metadata, NewEvent, RecordedEvent,
     Snapshot, StreamId,
@@ -119,4 +123,74 @@ async fn the_memory_store_refuses_a_prune_past_a_lagging_subscription() {
         "{error:?}"
     );
     assert_eq!(store.read_all(1, 100).await.unwrap().len(), 10);
+}
+
+#[tokio::test]
+async fn a_repository_loads_a_pruned_stream_from_its_snapshot_and_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = InMemoryEventStore::new();
+    let repo = Repository::<Account>::new(store.clone()).snapshot_every(10);
+    repo.execute(
+        "acc",
+        AccountCommand::Open {
+            owner: "ann".into(),
+        },
+    )
+    .await
+    .unwrap();
+    for amount in 1..=24 {
+        repo.execute("acc", AccountCommand::Deposit(amount))
+            .await
+            .unwrap();
+    }
+    let before = repo.load("acc").await.unwrap();
+    let snapshot =
+        eventfold::backend::SnapshotStore::load_snapshot(&store, &StreamId::new("Account", "acc"))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(snapshot.version, 20);
+    // Up to the snapshot's version itself: refused, a load replays from that event.
+    let path = dir.path().join("to-20.gz");
+    archive::export(
+        &store,
+        ArchiveRange::BelowPosition(21),
+        &path,
+        &mut archive::no_progress,
+    )
+    .await
+    .unwrap();
+    let error = archive::prune(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            Error::PruneBreaksStream {
+                pruned: 20,
+                snapshot: Some(20),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    // Below it: the stream still loads, to the same state, and takes commands.
+    let path = dir.path().join("to-19.gz");
+    archive::export(
+        &store,
+        ArchiveRange::BelowPosition(20),
+        &path,
+        &mut archive::no_progress,
+    )
+    .await
+    .unwrap();
+    archive::prune(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap();
+    assert_eq!(repo.load("acc").await.unwrap(), before);
+    repo.execute("acc", AccountCommand::Deposit(100))
+        .await
+        .unwrap();
+    let (account, version) = repo.load("acc").await.unwrap();
+    assert_eq!((account.balance, version), (before.0.balance + 100, 26));
 }

@@ -12,9 +12,10 @@
 //! - a prune never removes an event that a subscription has not handled (every checkpoint
 //!   must be at or past the archive's last position, else
 //!   [`Error::PruneBehindSubscription`]);
-//! - a stream either loses all its events, or keeps a snapshot at or past the last pruned
-//!   version and everything after it, so it still loads (else
-//!   [`Error::PruneBreaksStream`]);
+//! - a stream either loses all its events, or keeps its latest snapshot and the events
+//!   from the snapshot's version on (a load replays from the snapshot's own version, to
+//!   check that the snapshot fits), so it still loads: the last pruned version must be
+//!   below the snapshot's (else [`Error::PruneBreaksStream`]);
 //! - the remaining events keep their positions and versions; appends go on numbering
 //!   after the pruned ones;
 //! - the store records the archive in its horizon, and a read of anything pruned fails with
@@ -23,8 +24,8 @@
 //!
 //! Retention settings ([`RetentionRule`]: a maximum age or count per stream type or stream)
 //! go through the same export and prune ([`apply_retention`]); they archive only what the
-//! rules above allow (a stream keeps what its latest snapshot does not cover, and nothing
-//! past the slowest checkpoint goes).
+//! rules above allow (a stream keeps its latest snapshot's event and everything after it,
+//! and nothing past the slowest checkpoint goes).
 //!
 //! Every function takes a progress callback, called with the events done and to do.
 
@@ -432,9 +433,10 @@ async fn select(store: &dyn ArchiveStore, range: &ArchiveRange) -> Result<(Selec
                 }
                 let mut cut = scan.events[take as usize - 1].0;
                 if take < stored {
-                    // Part of the stream goes: only what its latest snapshot covers.
+                    // Part of the stream goes: only what comes before its latest snapshot
+                    // (a load replays from the snapshot's own version).
                     let snapshot = store.load_snapshot(&stream).await?.map_or(0, |s| s.version);
-                    cut = cut.min(snapshot);
+                    cut = cut.min(snapshot.saturating_sub(1));
                 }
                 if cut >= scan.events[0].0 {
                     cuts.insert(stream, cut);
@@ -1150,7 +1152,7 @@ pub async fn check_prune(
                 .await?
                 .map(|s| s.version)
                 .filter(|v| *v <= version);
-            if snapshot.is_none_or(|s| s < last) {
+            if snapshot.is_none_or(|s| s <= last) {
                 return Err(Error::PruneBreaksStream {
                     aggregate_type: stream.aggregate_type,
                     aggregate_id: stream.aggregate_id,

@@ -393,8 +393,9 @@ pub enum Error {
     },
 
     /// A prune was refused, because stream `aggregate_type`/`aggregate_id` could no longer
-    /// be loaded: the prune would remove events of it that its latest snapshot (if any)
-    /// does not cover, while later events of it stay. Nothing was removed.
+    /// be loaded: the prune would remove events of it up to or past its latest snapshot's
+    /// version (a load replays from the snapshot's own version on), or it has no snapshot,
+    /// while later events of it stay. Nothing was removed.
     #[error(
         "prune refused: stream {aggregate_type}/{aggregate_id} would lose versions up to \
          {pruned} while its latest snapshot is at {}; it could not be loaded",

@@ -629,7 +629,8 @@ impl ArchiveStore for InMemoryEventStore {
                     .get(&pruned.stream)
                     .map(|s| s.version)
                     .filter(|v| *v <= version);
-                if snapshot.is_none_or(|s| s < pruned.last_version) {
+                // A load replays from the snapshot's own version: that event stays.
+                if snapshot.is_none_or(|s| s <= pruned.last_version) {
                     return Err(Error::PruneBreaksStream {
                         aggregate_type: pruned.stream.aggregate_type.clone(),
                         aggregate_id: pruned.stream.aggregate_id.clone(),

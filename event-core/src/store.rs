@@ -358,8 +358,8 @@ pub trait ArchiveStore: EventLog + SnapshotStore + SubscriptionStore {
     /// Removes the events of an archive and records it in the horizon, in one atomic
     /// step, after checking in that same step that every checkpoint is at or past the
     /// archive's last position ([`Error::PruneBehindSubscription`]), that every stream
-    /// either loses all its events or keeps a snapshot at or past the last pruned version
-    /// ([`Error::PruneBreaksStream`]), that each stream loses a prefix of what it holds,
+    /// either loses all its events or keeps a snapshot above the last pruned version
+    /// ([`Error::PruneBreaksStream`]; a load replays from the snapshot's own version), that each stream loses a prefix of what it holds,
     /// and that each event is stored at its position with its id
     /// ([`Error::ArchiveMismatch`]). On any error nothing is removed.
     async fn prune_archive(&self, request: crate::archive::PruneRequest) -> Result<()> {

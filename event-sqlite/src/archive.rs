@@ -262,7 +262,8 @@ pub(crate) fn prune(conn: &Connection, request: &PruneRequest) -> Result<()> {
                     })
                     .map_err(fail)?;
                 let snapshot = snapshot.map(|v| v as u64).filter(|v| *v <= version);
-                if snapshot.is_none_or(|s| s < pruned.last_version) {
+                // A load replays from the snapshot's own version: that event stays.
+                if snapshot.is_none_or(|s| s <= pruned.last_version) {
                     return Err(Error::PruneBreaksStream {
                         aggregate_type: stream.aggregate_type.clone(),
                         aggregate_id: stream.aggregate_id.clone(),

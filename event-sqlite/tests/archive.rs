@@ -9,7 +9,7 @@ use common::{MeterEvent, meter};
 use eventfold_core::archive::{self, ArchiveRange, ArchiveState, Progress, RetentionRule};
 use eventfold_core::{
     AppendRequest, ArchiveStore, Error, EventLog, ExpectedVersion, Metadata, NewEvent,
-    RecordedEvent, Snapshot, SnapshotStore, StreamId, SubscriptionStore,
+    RecordedEvent, Snapshot, SnapshotStore, SubscriptionStore,
 };
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions};
 
@@ -162,7 +162,17 @@ async fn a_round_trip_of_100_000_events_restores_every_event_exactly() {
         store.read_all(60_001, 5).await.unwrap(),
         before[60_000..60_005].to_vec()
     );
-    // Streams keep their versions: the snapshot covers what went, appends go on after it.
+    // Each stream lost versions 1 to 60 and reads from 61 on; from 60 it names the archive.
+    assert_eq!(
+        store
+            .read_stream(&first.stream_id(), 61)
+            .await
+            .unwrap()
+            .len(),
+        40
+    );
+    archived(store.read_stream(&first.stream_id(), 60).await.map(drop));
+    // Streams keep their versions: appends go on after them.
     assert_eq!(store.stream_version(&first.stream_id()).await.unwrap(), 100);
     assert!(
         store
@@ -383,20 +393,20 @@ async fn retention_keeps_the_newest_events_a_snapshot_needs() {
         .await
         .unwrap();
     let path = dir.path().join("retention.gz");
-    // Keep 3 events per Meter stream: `a` may lose 7 but its snapshot covers 6; `b` has no
-    // snapshot and keeps everything.
+    // Keep 3 events per Meter stream: `a` may lose 7, but keeps its snapshot's version 6
+    // (a load replays from it) and what follows, so it loses 5; `b` has no snapshot and
+    // keeps everything.
     let rules = vec![RetentionRule::stream_type("Meter").max_count(3)];
     let manifest = archive::apply_retention(&store, rules, &path, &mut archive::no_progress)
         .await
         .unwrap();
-    assert_eq!(manifest.events, 6);
-    assert_eq!(store.read_stream(&meter("a"), 7).await.unwrap().len(), 4);
+    assert_eq!(manifest.events, 5);
+    assert_eq!(store.read_stream(&meter("a"), 6).await.unwrap().len(), 5);
     assert!(matches!(
         store.read_stream(&meter("a"), 1).await,
         Err(Error::Archived { .. })
     ));
     assert_eq!(store.read_stream(&meter("b"), 1).await.unwrap().len(), 10);
-    let _ = StreamId::new("Meter", "a");
 }
 
 #[tokio::test]
