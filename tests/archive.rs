@@ -144,6 +144,10 @@ async fn a_repository_loads_a_pruned_stream_from_its_snapshot_and_goes_on() {
             .unwrap();
     }
     let before = repo.load("acc").await.unwrap();
+    // A tool holding any archiving store uses it as a plain store too.
+    let shared: std::sync::Arc<dyn ArchiveStore> = std::sync::Arc::new(store.clone());
+    let as_store: std::sync::Arc<dyn eventfold::EventStore> = shared.clone();
+    assert_eq!(as_store.head_position().await.unwrap(), 25);
     let snapshot =
         eventfold::backend::SnapshotStore::load_snapshot(&store, &StreamId::new("Account", "acc"))
             .await

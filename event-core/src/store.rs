@@ -329,8 +329,11 @@ pub fn check_batch(requests: &[AppendRequest]) -> Result<()> {
 /// the horizon covers, [`EventLog::read_all`] over a pruned position, [`EventLog::get`] of
 /// an id in the range of an archive's ids) fails with [`Error::Archived`] naming the
 /// archive, never skipping it silently.
+///
+/// A tool that works on any store (the `eventfold` command) can hold an
+/// `Arc<dyn ArchiveStore>`: it upcasts to `Arc<dyn EventStore>` for everything else.
 #[async_trait]
-pub trait ArchiveStore: EventLog + SnapshotStore + SubscriptionStore {
+pub trait ArchiveStore: EventStore {
     /// How an archive manifest names this store (for SQLite, its file).
     fn archive_store_name(&self) -> String {
         std::any::type_name::<Self>().to_owned()
