@@ -386,6 +386,8 @@ struct Sizes {
     memory_events: usize,
     /// `sub_rebuild`: stored events the projection rebuilds from.
     rebuild_events: usize,
+    /// `archive_export`: the events of the store exported.
+    archive_events: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -405,6 +407,7 @@ const FULL: Sizes = Sizes {
     seed_events: 1_000,
     memory_events: 1_000_000,
     rebuild_events: 1_000_000,
+    archive_events: 1_000_000,
 };
 
 const QUICK: Sizes = Sizes {
@@ -424,6 +427,7 @@ const QUICK: Sizes = Sizes {
     seed_events: 1_000,
     memory_events: 200_000,
     rebuild_events: 100_000,
+    archive_events: 100_000,
 };
 
 /// Events (or commands) per append in `append_batch`, `bus_durable` and `seed_1000`.
@@ -437,7 +441,7 @@ const TASKS_64: usize = 64;
 /// Events per transaction of `sub_rebuild`'s projection.
 const REBUILD_BATCH: usize = 4_096;
 
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 13] = [
     "append_batch",
     "append_concurrent",
     "append_concurrent_64",
@@ -450,6 +454,7 @@ const SCENARIOS: [&str; 12] = [
     "seed_1000",
     "bus_memory",
     "sub_rebuild",
+    "archive_export",
 ];
 
 /// What a scenario's goal asks of its row.
@@ -1289,6 +1294,152 @@ async fn seed_1000(sizes: Sizes, dir: &Path) -> Res<Row> {
     )
 }
 
+/// A stored row as the raw side of `archive_export` writes it: the columns as read, with
+/// the id as text, serialized as one JSON line.
+#[derive(Serialize)]
+struct RawArchiveLine<'a> {
+    event_id: Uuid,
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    version: i64,
+    position: i64,
+    event_type: &'a str,
+    schema_version: i64,
+    occurred_at: i64,
+    recorded_at: i64,
+    metadata: Option<&'a str>,
+    payload: &'a str,
+}
+
+/// The raw side of `archive_export`: one SELECT of every row in position order, each
+/// row serialized to a JSON line and written through the same compressor at the same
+/// level as `eventfold::archive::export`. Returns the events written.
+fn raw_archive_export(db: &Path, target: &Path) -> Res<usize> {
+    use std::io::Write;
+    let conn = Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.pragma_update(None, "cache_size", -16_384)?;
+    let file = std::fs::File::create_new(target)?;
+    let mut out = flate2::write::GzEncoder::new(
+        std::io::BufWriter::with_capacity(1 << 16, file),
+        flate2::Compression::fast(),
+    );
+    let mut stmt = conn.prepare(
+        "SELECT event_id, aggregate_type, aggregate_id, version, position, event_type, \
+         schema_version, occurred_at, recorded_at, metadata, payload FROM events \
+         ORDER BY position",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut line = Vec::with_capacity(1024);
+    let mut count = 0;
+    while let Some(row) = rows.next()? {
+        let text = |i: usize| -> Res<&str> { Ok(row.get_ref(i)?.as_str()?) };
+        line.clear();
+        serde_json::to_writer(
+            &mut line,
+            &RawArchiveLine {
+                event_id: Uuid::from_slice(row.get_ref(0)?.as_blob()?)?,
+                aggregate_type: text(1)?,
+                aggregate_id: text(2)?,
+                version: row.get(3)?,
+                position: row.get(4)?,
+                event_type: text(5)?,
+                schema_version: row.get(6)?,
+                occurred_at: row.get(7)?,
+                recorded_at: row.get(8)?,
+                metadata: row.get_ref(9)?.as_str_or_null()?,
+                payload: text(10)?,
+            },
+        )?;
+        line.push(b'\n');
+        out.write_all(&line)?;
+        count += 1;
+    }
+    out.finish()?
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    Ok(count)
+}
+
+async fn archive_export(sizes: Sizes, dir: &Path) -> Res<Row> {
+    let n = sizes.archive_events;
+    let path = dir.join("archive.db");
+    {
+        let store = open_store(&path).await?;
+        let streams: Vec<StreamId> = stream_ids(1_000)
+            .iter()
+            .map(|id| StreamId::new(Account::TYPE, id))
+            .collect();
+        // 1,000 events per transaction, ten to each of 100 streams.
+        for batch in 0..n.div_ceil(1_000) {
+            let metadata = Metadata::new().with_correlation_id(Uuid::now_v7());
+            let mut requests = Vec::new();
+            for s in 0..100 {
+                let stream = &streams[(batch * 100 + s) % streams.len()];
+                let events = (0..10u64)
+                    .map(|n| NewEvent::from_event(&deposit(n), metadata.clone()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                requests.push(eventfold::backend::AppendRequest {
+                    stream: stream.clone(),
+                    expected: ExpectedVersion::Any,
+                    events,
+                });
+            }
+            store.append_batch(requests).await?;
+        }
+        store.close().await?;
+    }
+    let mut samples = Samples::default();
+    let mut sizes_written = (0, 0);
+    for repeat in 0..sizes.repeats {
+        for side in sides(repeat) {
+            let target = dir.join(format!("archive-{repeat}-{side:?}.gz"));
+            let value = match side {
+                Side::Eventfold => {
+                    let store = open_store(&path).await?;
+                    let started = Instant::now();
+                    let manifest = eventfold::archive::export(
+                        &*store,
+                        eventfold::archive::ArchiveRange::BelowPosition(u64::MAX),
+                        &target,
+                        &mut eventfold::archive::no_progress,
+                    )
+                    .await?;
+                    let elapsed = started.elapsed();
+                    store.close().await?;
+                    assert_eq!(manifest.events as usize, n.div_ceil(1_000) * 1_000);
+                    sizes_written.0 = std::fs::metadata(&target)?.len();
+                    per_second(manifest.events as usize, elapsed)
+                }
+                Side::Raw => {
+                    let (db, file) = (path.clone(), target.clone());
+                    let started = Instant::now();
+                    let count = tokio::task::spawn_blocking(move || raw_archive_export(&db, &file))
+                        .await??;
+                    let elapsed = started.elapsed();
+                    sizes_written.1 = std::fs::metadata(&target)?.len();
+                    per_second(count, elapsed)
+                }
+            };
+            std::fs::remove_file(&target)?;
+            progress("archive_export", repeat, side, value, "events/s");
+            samples.push(side, value);
+        }
+    }
+    Ok(Row::new(
+        "archive_export",
+        "events/s",
+        Goal::RatioAtLeast(0.5),
+        &samples,
+    )
+    .baseline(format!(
+        "export of {n} events (1,000 streams) to a gzip NDJSON archive ({} bytes); raw: \
+         rusqlite SELECT of the same rows, each as a JSON line through the same gzip level \
+         ({} bytes)",
+        sizes_written.0, sizes_written.1
+    )))
+}
+
 /// Runs `bus_memory` in child processes, one per side and repeat, so the peak RSS is the
 /// scenario's own.
 fn bus_memory(sizes: Sizes) -> Res<Row> {
@@ -1584,6 +1735,7 @@ async fn run(name: &str, sizes: Sizes, dir: &Path) -> Res<Row> {
         "seed_1000" => seed_1000(sizes, dir).await,
         "bus_memory" => bus_memory(sizes),
         "sub_rebuild" => sub_rebuild(sizes, dir).await,
+        "archive_export" => archive_export(sizes, dir).await,
         other => Err(format!("unknown scenario {other}").into()),
     }
 }

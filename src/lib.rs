@@ -130,6 +130,9 @@ pub use eventfold_core::{
 /// `postgres::PostgresProjection`).
 pub use eventfold_core::projection;
 pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};
+// Archiving old history: export, verify, prune, restore, retention.
+pub use eventfold_core::ArchiveStore;
+pub use eventfold_core::archive;
 
 /// The README's code blocks, compiled and run as doc tests so that it cannot drift from
 /// the API. Blocks that define event types are `standalone_crate`: merged doc tests share

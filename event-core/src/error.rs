@@ -325,6 +325,102 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+
+    /// What was asked for lies below the archive horizon: it was exported to an archive
+    /// file and pruned from the store (see `eventfold::archive`); restoring the archive
+    /// brings it back. Nothing is missing silently.
+    #[error("{what} is archived in archive {archive} (`{path}`); restore it to read it")]
+    Archived {
+        /// The archive's id, from its manifest.
+        archive: Uuid,
+        /// Where the archive file was written.
+        path: String,
+        /// What was asked for (a stream from a version, a position, an event id).
+        what: String,
+    },
+
+    /// An archive file cannot be read or is damaged: its compression, its lines, or its
+    /// content checksum do not hold. Nothing in the store was changed.
+    #[error("archive `{path}` is damaged or unreadable: {reason}")]
+    ArchiveDamaged {
+        /// The archive file.
+        path: String,
+        /// What is wrong, in a sentence.
+        reason: String,
+        /// The underlying error (I/O, decompression, JSON), if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+
+    /// An archive file cannot be created, written or opened (it exists already, for an
+    /// export, which never overwrites a file; a directory is missing; the disk is full).
+    #[error("archive file `{path}`: {reason}")]
+    ArchiveFile {
+        /// The archive file.
+        path: String,
+        /// What failed, in a sentence.
+        reason: String,
+        /// The I/O error, if any.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+
+    /// An intact archive file does not match the store: an event in it is stored
+    /// differently or is missing, or (after a prune) the store's record of what was pruned
+    /// is not this archive. Nothing was changed.
+    #[error("archive `{path}` does not match the store: {reason}")]
+    ArchiveMismatch {
+        /// The archive file.
+        path: String,
+        /// The first difference found.
+        reason: String,
+    },
+
+    /// A prune was refused, because it would remove an event that subscription
+    /// `subscription` has not handled yet (its checkpoint is below the archive's last
+    /// position). Nothing was removed.
+    #[error(
+        "prune refused: subscription `{subscription}` is at position {checkpoint}, below \
+         position {needed} of the archive"
+    )]
+    PruneBehindSubscription {
+        /// The first such subscription, by name.
+        subscription: String,
+        /// Its checkpoint.
+        checkpoint: u64,
+        /// The last position the prune would remove.
+        needed: u64,
+    },
+
+    /// A prune was refused, because stream `aggregate_type`/`aggregate_id` could no longer
+    /// be loaded: the prune would remove events of it up to or past its latest snapshot's
+    /// version (a load replays from the snapshot's own version on), or it has no snapshot,
+    /// while later events of it stay. Nothing was removed.
+    #[error(
+        "prune refused: stream {aggregate_type}/{aggregate_id} would lose versions up to \
+         {pruned} while its latest snapshot is at {}; it could not be loaded",
+        .snapshot.map_or_else(|| "none".to_owned(), |v| format!("version {v}"))
+    )]
+    PruneBreaksStream {
+        /// The stream's aggregate type.
+        aggregate_type: String,
+        /// The stream's aggregate id.
+        aggregate_id: String,
+        /// The last version the prune would remove.
+        pruned: u64,
+        /// The version of its latest snapshot.
+        snapshot: Option<u64>,
+    },
+
+    /// This store does not implement the operation (for example archiving on a backend
+    /// that has no archive horizon yet).
+    #[error("{operation} is not supported by {store}")]
+    Unsupported {
+        /// What was asked for.
+        operation: String,
+        /// The store that cannot do it.
+        store: String,
+    },
 }
 
 /// An error and its sources, one after another (`outer: inner: innermost`), as dead

@@ -46,6 +46,7 @@
 //! ```
 
 mod aggregate;
+pub mod archive;
 mod bus;
 mod error;
 mod event;
@@ -75,8 +76,8 @@ pub use record::{
 };
 pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
 pub use store::{
-    DEFAULT_FAILURE_RETENTION, EventLog, EventStore, IntoStore, ReplayVisitor, SnapshotStore,
-    SubscriptionStore, check_append, check_batch,
+    ArchiveStore, DEFAULT_FAILURE_RETENTION, EventLog, EventStore, IntoStore, ReplayVisitor,
+    SnapshotStore, SubscriptionStore, check_append, check_batch,
 };
 
 // Lets the derive's generated code in this crate's own tests name `::eventfold`.

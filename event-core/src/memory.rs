@@ -9,13 +9,16 @@ use chrono::Utc;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::archive::{ArchiveHorizon, PruneRequest};
 use crate::error::{Error, Result};
 use crate::record::{
     AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord,
     NewDeadLetter, NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
 };
 use crate::registry::registry;
-use crate::store::{EventLog, ReplayVisitor, SnapshotStore, SubscriptionStore, check_batch};
+use crate::store::{
+    ArchiveStore, EventLog, ReplayVisitor, SnapshotStore, SubscriptionStore, check_batch,
+};
 
 /// An [`EventStore`](crate::EventStore) that keeps everything in memory and loses it when dropped.
 ///
@@ -47,6 +50,8 @@ struct Inner {
     next_dead_letter: u64,
     /// Each subscription's failure records, oldest first.
     failures: HashMap<String, VecDeque<FailureRecord>>,
+    /// The archive horizon: the archives pruned and not restored, oldest first.
+    archives: Vec<ArchiveHorizon>,
 }
 
 /// An event as stored, and what its payload decodes into.
@@ -56,6 +61,9 @@ struct Stored {
     /// it is appended; `None` when it does not decode (an unregistered type, a payload that
     /// does not fit), and replays then decode the payload and report why.
     decoded: Option<Box<dyn Any + Send>>,
+    /// The archive it was pruned into: its content is gone from memory (the archive file
+    /// holds it), only its place in the log and in its stream stays.
+    archived: Option<Uuid>,
 }
 
 impl Stored {
@@ -63,7 +71,11 @@ impl Stored {
         let decoded = registry()
             .decode_any(&record.event_type, record.schema_version, &record.payload)
             .ok();
-        Stored { record, decoded }
+        Stored {
+            record,
+            decoded,
+            archived: None,
+        }
     }
 }
 
@@ -162,6 +174,24 @@ impl Inner {
         }
     }
 
+    /// [`Error::Archived`] if the event at `position` was pruned into an archive.
+    fn check_stored(&self, position: u64, what: impl FnOnce() -> String) -> Result<&Stored> {
+        let stored = &self.log[position as usize - 1];
+        match stored.archived {
+            None => Ok(stored),
+            Some(archive) => Err(Error::Archived {
+                archive,
+                path: self
+                    .archives
+                    .iter()
+                    .find(|h| h.archive == archive)
+                    .map(|h| h.path.clone())
+                    .unwrap_or_default(),
+                what: what(),
+            }),
+        }
+    }
+
     fn version(&self, stream: &StreamId) -> u64 {
         self.streams.get(stream).map_or(0, |s| s.len() as u64)
     }
@@ -172,7 +202,9 @@ impl Inner {
         let mut stored = Vec::new();
         for event in events {
             if let Some(&pos) = self.by_id.get(&event.event_id) {
-                let recorded = &self.log[pos as usize - 1].record;
+                let recorded = &self
+                    .check_stored(pos, || format!("event {}", event.event_id))?
+                    .record;
                 if !event.same_content(stream, recorded) {
                     return Err(Error::DuplicateEventId {
                         event_id: event.event_id,
@@ -266,11 +298,12 @@ impl EventLog for InMemoryEventStore {
             return Ok(Vec::new());
         };
         let skip = from_version.saturating_sub(1) as usize;
-        Ok(positions
+        let what = || format!("stream {stream} from version {}", from_version.max(1));
+        positions
             .iter()
             .skip(skip)
-            .map(|&p| inner.log[p as usize - 1].record.clone())
-            .collect())
+            .map(|&p| Ok(inner.check_stored(p, what)?.record.clone()))
+            .collect()
     }
 
     async fn replay_stream(
@@ -287,7 +320,9 @@ impl EventLog for InMemoryEventStore {
         };
         let skip = from_version.saturating_sub(1) as usize;
         for &p in positions.iter().skip(skip) {
-            let stored = &inner.log[p as usize - 1];
+            let stored = inner.check_stored(p, || {
+                format!("stream {stream} from version {}", from_version.max(1))
+            })?;
             let event = ReplayedEvent::from(&stored.record);
             match &stored.decoded {
                 Some(decoded) => visitor.visit_decoded(event, decoded.as_ref()),
@@ -302,21 +337,33 @@ impl EventLog for InMemoryEventStore {
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
         let inner = self.lock();
         let start = (from_position.max(1) - 1) as usize;
-        Ok(inner
+        inner
             .log
             .iter()
             .skip(start)
             .take(limit)
-            .map(|e| e.record.clone())
-            .collect())
+            .map(|e| {
+                let position = e.record.position;
+                Ok(inner
+                    .check_stored(position, || format!("position {position}"))?
+                    .record
+                    .clone())
+            })
+            .collect()
     }
 
     async fn get(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {
         let inner = self.lock();
-        Ok(inner
+        inner
             .by_id
             .get(&event_id)
-            .map(|&p| inner.log[p as usize - 1].record.clone()))
+            .map(|&p| {
+                Ok(inner
+                    .check_stored(p, || format!("event {event_id}"))?
+                    .record
+                    .clone())
+            })
+            .transpose()
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64> {
@@ -335,17 +382,31 @@ impl EventLog for InMemoryEventStore {
         let inner = self.lock();
         let head = inner.log.len() as u64;
         let mut events_by_type = BTreeMap::new();
-        for Stored { record: e, .. } in &inner.log {
+        let stored = || inner.log.iter().filter(|e| e.archived.is_none());
+        let mut events = 0;
+        let mut streams = std::collections::HashSet::new();
+        for Stored { record: e, .. } in stored() {
             *events_by_type.entry(e.event_type.to_string()).or_insert(0) += 1;
+            events += 1;
+            if inner.archives.is_empty() {
+                continue;
+            }
+            streams.insert((&e.aggregate_type, &e.aggregate_id));
         }
+        let (first, last) = (stored().next(), stored().next_back());
         Ok(StoreStatistics {
-            events: head,
+            events,
             events_by_type,
-            aggregates: inner.streams.len() as u64,
-            first_position: inner.log.first().map(|e| e.record.position),
-            last_position: inner.log.last().map(|e| e.record.position),
-            first_recorded_at: inner.log.first().map(|e| e.record.recorded_at),
-            last_recorded_at: inner.log.last().map(|e| e.record.recorded_at),
+            // Pruned streams do not count: as many as SQLite's `GROUP BY` finds.
+            aggregates: if inner.archives.is_empty() {
+                inner.streams.len() as u64
+            } else {
+                streams.len() as u64
+            },
+            first_position: first.map(|e| e.record.position),
+            last_position: last.map(|e| e.record.position),
+            first_recorded_at: first.map(|e| e.record.recorded_at),
+            last_recorded_at: last.map(|e| e.record.recorded_at),
             checkpoints: inner
                 .checkpoints
                 .iter()
@@ -498,5 +559,149 @@ impl SubscriptionStore for InMemoryEventStore {
             None => inner.failures.drain().map(|(_, r)| r.len()).sum(),
         };
         Ok(removed as u64)
+    }
+}
+
+#[async_trait]
+impl ArchiveStore for InMemoryEventStore {
+    fn archive_store_name(&self) -> String {
+        "memory".to_owned()
+    }
+
+    async fn read_stored(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        let inner = self.lock();
+        let start = (from_position.max(1) - 1) as usize;
+        Ok(inner
+            .log
+            .iter()
+            .skip(start)
+            .filter(|e| e.archived.is_none())
+            .take(limit)
+            .map(|e| e.record.clone())
+            .collect())
+    }
+
+    async fn archive_horizon(&self) -> Result<Vec<ArchiveHorizon>> {
+        Ok(self.lock().archives.clone())
+    }
+
+    async fn prune_archive(&self, request: PruneRequest) -> Result<()> {
+        let mut inner = self.lock();
+        let horizon = &request.horizon;
+        let mismatch = |reason: String| Error::ArchiveMismatch {
+            path: horizon.path.clone(),
+            reason,
+        };
+        // Every check first: on an error nothing changes.
+        if let Some((subscription, &checkpoint)) = inner
+            .checkpoints
+            .iter()
+            .find(|(_, position)| **position < horizon.last_position)
+        {
+            return Err(Error::PruneBehindSubscription {
+                subscription: subscription.clone(),
+                checkpoint,
+                needed: horizon.last_position,
+            });
+        }
+        for pruned in &horizon.streams {
+            let positions = inner
+                .streams
+                .get(&pruned.stream)
+                .map_or(&[][..], Vec::as_slice);
+            let lowest = positions
+                .iter()
+                .position(|&p| inner.log[p as usize - 1].archived.is_none())
+                .map(|i| i as u64 + 1);
+            if lowest != Some(pruned.first_version) {
+                return Err(mismatch(format!(
+                    "{} holds versions from {}, not from version {} where the archive's part \
+                     of it starts",
+                    pruned.stream,
+                    lowest.map_or_else(|| "none".to_owned(), |v| v.to_string()),
+                    pruned.first_version
+                )));
+            }
+            let version = positions.len() as u64;
+            if pruned.last_version < version {
+                let snapshot = inner
+                    .snapshots
+                    .get(&pruned.stream)
+                    .map(|s| s.version)
+                    .filter(|v| *v <= version);
+                // A load replays from the snapshot's own version: that event stays.
+                if snapshot.is_none_or(|s| s <= pruned.last_version) {
+                    return Err(Error::PruneBreaksStream {
+                        aggregate_type: pruned.stream.aggregate_type.clone(),
+                        aggregate_id: pruned.stream.aggregate_id.clone(),
+                        pruned: pruned.last_version,
+                        snapshot,
+                    });
+                }
+            }
+        }
+        for &(position, event_id) in &request.events {
+            let stored = position
+                .checked_sub(1)
+                .and_then(|i| inner.log.get(i as usize));
+            if !stored.is_some_and(|s| s.archived.is_none() && s.record.event_id == event_id) {
+                return Err(mismatch(format!(
+                    "event {event_id} is not stored at position {position}"
+                )));
+            }
+        }
+        for &(position, _) in &request.events {
+            let stored = &mut inner.log[position as usize - 1];
+            stored.archived = Some(horizon.archive);
+            stored.decoded = None;
+            stored.record.payload = String::new();
+            stored.record.metadata = Default::default();
+        }
+        inner.archives.push(request.horizon);
+        Ok(())
+    }
+
+    async fn restore_archive(&self, archive: Uuid, events: Vec<RecordedEvent>) -> Result<()> {
+        let mut inner = self.lock();
+        let Some(index) = inner.archives.iter().position(|h| h.archive == archive) else {
+            return Err(Error::ArchiveMismatch {
+                path: archive.to_string(),
+                reason: format!("archive {archive} is not in the store's horizon"),
+            });
+        };
+        let path = inner.archives[index].path.clone();
+        for event in &events {
+            let stored = event
+                .position
+                .checked_sub(1)
+                .and_then(|i| inner.log.get(i as usize));
+            let fits = stored.is_some_and(|s| {
+                s.archived == Some(archive)
+                    && s.record.event_id == event.event_id
+                    && s.record.version == event.version
+                    && s.record.aggregate_id == event.aggregate_id
+                    && s.record.aggregate_type == event.aggregate_type
+            });
+            if !fits {
+                return Err(Error::ArchiveMismatch {
+                    path,
+                    reason: format!(
+                        "event {} at position {} was not pruned into archive {archive}",
+                        event.event_id, event.position
+                    ),
+                });
+            }
+        }
+        for event in events {
+            let position = event.position;
+            let record = RecordedEvent {
+                aggregate_type: registry().aggregate_type_name(&event.aggregate_type),
+                event_type: registry().event_type_name(&event.event_type),
+                ..event
+            };
+            inner.log[position as usize - 1] = Stored::new(record);
+        }
+        inner.archives.remove(index);
+        Ok(())
     }
 }

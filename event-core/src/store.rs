@@ -317,6 +317,82 @@ pub fn check_batch(requests: &[AppendRequest]) -> Result<()> {
     Ok(())
 }
 
+/// The part of the contract that archiving needs (`eventfold::archive`): reading what is
+/// stored across the gaps of pruned archives, the archive horizon, and the atomic prune and
+/// restore of an archive's events. A backend without archiving implements it empty: every
+/// method then fails with [`Error::Unsupported`].
+///
+/// A backend that implements it keeps, beyond the [`EventLog`] contract: positions and
+/// versions of the events that stay never change; the head position and every stream's
+/// version count pruned events too (appends go on numbering after them); and a read of
+/// anything pruned ([`EventLog::read_stream`], [`EventLog::replay_stream`] from a version
+/// the horizon covers, [`EventLog::read_all`] over a pruned position, [`EventLog::get`] of
+/// an id in the range of an archive's ids) fails with [`Error::Archived`] naming the
+/// archive, never skipping it silently.
+///
+/// A tool that works on any store (the `eventfold` command) can hold an
+/// `Arc<dyn ArchiveStore>`: it upcasts to `Arc<dyn EventStore>` for everything else.
+#[async_trait]
+pub trait ArchiveStore: EventStore {
+    /// How an archive manifest names this store (for SQLite, its file).
+    fn archive_store_name(&self) -> String {
+        std::any::type_name::<Self>().to_owned()
+    }
+
+    /// Up to `limit` stored events from position `from_position` on, in position order,
+    /// skipping the positions of pruned archives instead of failing on them.
+    async fn read_stored(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        let _ = (from_position, limit);
+        Err(archive_unsupported(
+            self.archive_store_name(),
+            "reading across the archive horizon",
+        ))
+    }
+
+    /// The archive horizon: every archive pruned from this store and not restored, oldest
+    /// first.
+    async fn archive_horizon(&self) -> Result<Vec<crate::archive::ArchiveHorizon>> {
+        Err(archive_unsupported(
+            self.archive_store_name(),
+            "the archive horizon",
+        ))
+    }
+
+    /// Removes the events of an archive and records it in the horizon, in one atomic
+    /// step, after checking in that same step that every checkpoint is at or past the
+    /// archive's last position ([`Error::PruneBehindSubscription`]), that every stream
+    /// either loses all its events or keeps a snapshot above the last pruned version
+    /// ([`Error::PruneBreaksStream`]; a load replays from the snapshot's own version), that each stream loses a prefix of what it holds,
+    /// and that each event is stored at its position with its id
+    /// ([`Error::ArchiveMismatch`]). On any error nothing is removed.
+    async fn prune_archive(&self, request: crate::archive::PruneRequest) -> Result<()> {
+        let _ = request;
+        Err(archive_unsupported(
+            self.archive_store_name(),
+            "pruning an archive",
+        ))
+    }
+
+    /// Stores the events of a pruned archive again exactly (same ids, positions, versions,
+    /// times and content) and removes the archive from the horizon, in one atomic step.
+    /// [`Error::ArchiveMismatch`] if the archive is not in the horizon.
+    async fn restore_archive(&self, archive: Uuid, events: Vec<RecordedEvent>) -> Result<()> {
+        let _ = (archive, events);
+        Err(archive_unsupported(
+            self.archive_store_name(),
+            "restoring an archive",
+        ))
+    }
+}
+
+/// The error of an [`ArchiveStore`] method that a store does not implement.
+fn archive_unsupported(store: String, operation: &str) -> Error {
+    Error::Unsupported {
+        operation: operation.to_owned(),
+        store,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

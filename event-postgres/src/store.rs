@@ -493,6 +493,14 @@ pub(crate) fn record_time(time: chrono::DateTime<chrono::Utc>, what: &str) -> Re
     })
 }
 
+/// Archiving is not implemented on PostgreSQL yet: every archive operation fails with
+/// [`Error::Unsupported`](eventfold_core::Error::Unsupported).
+impl eventfold_core::ArchiveStore for PostgresEventStore {
+    fn archive_store_name(&self) -> String {
+        "PostgreSQL".to_owned()
+    }
+}
+
 #[async_trait]
 impl SubscriptionStore for PostgresEventStore {
     async fn load_checkpoint(&self, subscription: &str) -> Result<Option<u64>> {

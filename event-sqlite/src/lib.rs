@@ -157,6 +157,7 @@
 
 #![forbid(unsafe_code)]
 
+mod archive;
 mod checksum;
 mod error;
 mod follow;

@@ -80,6 +80,31 @@ const MIGRATIONS: &[Migration] = &[
     ),
     // Version 2: each event's checksum, and one dead letter per (subscription, event).
     Migration::Code(migrate_to_2),
+    // Version 3: the archive horizon (eventfold::archive). One row per pruned archive, and
+    // per stream the run of versions it lost into it; both are empty until a prune.
+    Migration::Sql(
+        "CREATE TABLE archives (
+        archive        BLOB    NOT NULL PRIMARY KEY,
+        path           TEXT    NOT NULL,
+        events         INTEGER NOT NULL,
+        checksum       INTEGER NOT NULL,
+        first_position INTEGER NOT NULL,
+        last_position  INTEGER NOT NULL,
+        first_event_id BLOB    NOT NULL,
+        last_event_id  BLOB    NOT NULL,
+        pruned_at      INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX archives_by_position ON archives (last_position, first_position);
+    CREATE TABLE archived_streams (
+        aggregate_type TEXT    NOT NULL,
+        aggregate_id   TEXT    NOT NULL,
+        last_version   INTEGER NOT NULL,
+        first_version  INTEGER NOT NULL,
+        archive        BLOB    NOT NULL,
+        PRIMARY KEY (aggregate_type, aggregate_id, last_version)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX archived_streams_by_archive ON archived_streams (archive);",
+    ),
 ];
 
 /// Adds the `checksum` column and fills it for every stored event, so events written

@@ -248,6 +248,12 @@ pub(crate) fn read_stream(
         ])
         .map_err(fail)?;
     let events = events_from_rows(rows, 16)?;
+    if events
+        .first()
+        .is_none_or(|e| e.version != from_version.max(1))
+    {
+        archived_stream(conn, stream, from_version)?;
+    }
     for (expected, event) in (from_version.max(1)..).zip(&events) {
         if event.version != expected {
             return Err(missing_version(stream, expected, event.version)
@@ -335,6 +341,9 @@ pub(crate) fn replay_stream(
             return Err(damaged_at_version(conn, stream, version));
         };
         if event.version != expected {
+            if expected == from_version.max(1) {
+                archived_stream(conn, stream, from_version)?;
+            }
             let found = event.version;
             // A row damaged further on may be why (its version changed): name it first.
             while let Some(row) = rows.next().map_err(fail)? {
@@ -361,6 +370,9 @@ pub(crate) fn replay_stream(
                 Err(damaged) => damaged,
             });
         }
+    }
+    if expected == from_version.max(1) {
+        archived_stream(conn, stream, from_version)?;
     }
     Ok(visitor)
 }
@@ -464,8 +476,45 @@ fn missing_version(stream: &StreamId, expected: u64, found: u64) -> Error {
     }
 }
 
-/// Up to `limit` events of the log from a position on.
+/// The error naming the archive that holds version `from_version` of a stream or a later
+/// one, if one does: a read of the stream from there would miss events.
+fn archived_stream(conn: &Connection, stream: &StreamId, from_version: u64) -> Result<()> {
+    match crate::archive::of_stream(conn, stream, from_version.max(1))? {
+        Some(archive) => Err(archive.error(format!(
+            "stream {stream} from version {}",
+            from_version.max(1)
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Up to `limit` events of the log from a position on; a position missing in between
+/// (or at the end, short of `limit`) that a pruned archive spans is [`Error::Archived`].
 pub(crate) fn read_all(
+    conn: &Connection,
+    from_position: u64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>> {
+    let events = read_stored(conn, from_position, limit)?;
+    let mut expected = from_position.max(1);
+    for event in &events {
+        if event.position != expected {
+            break;
+        }
+        expected += 1;
+    }
+    // Checked only where a position is missing: in the middle, or at the end of a short
+    // read (the common read at the head), where it costs one look-up in a small table.
+    if ((expected - from_position.max(1)) < events.len() as u64 || events.len() < limit)
+        && let Some(archive) = crate::archive::at_position(conn, expected)?
+    {
+        return Err(archive.error(format!("position {expected}")));
+    }
+    Ok(events)
+}
+
+/// Up to `limit` stored events from a position on, across the gaps of pruned archives.
+pub(crate) fn read_stored(
     conn: &Connection,
     from_position: u64,
     limit: usize,
@@ -586,7 +635,10 @@ pub(crate) fn event_by_id(conn: &Connection, event_id: Uuid) -> Result<Option<Re
     let mut rows = stmt.query([&event_id.as_bytes()[..]]).map_err(fail)?;
     match rows.next().map_err(fail)? {
         Some(row) => event_from_row(row, None).map(Some),
-        None => Ok(None),
+        None => match crate::archive::of_id(conn, event_id)? {
+            Some(archive) => Err(archive.error(format!("event {event_id}"))),
+            None => Ok(None),
+        },
     }
 }
 
@@ -604,7 +656,8 @@ pub(crate) fn stream_version(conn: &Connection, stream: &StreamId) -> Result<u64
         .query(params![stream.aggregate_type, stream.aggregate_id])
         .map_err(fail)?;
     let Some(row) = rows.next().map_err(fail)? else {
-        return Ok(0);
+        // A stream whose events were all pruned goes on from its last version.
+        return crate::archive::pruned_version(conn, stream);
     };
     let version: i64 = row.get(0).map_err(fail)?;
     if version >= 1 {
@@ -626,18 +679,25 @@ pub(crate) fn stream_version(conn: &Connection, stream: &StreamId) -> Result<u64
     })
 }
 
-/// The position of the last event (0: empty log).
+/// The position of the last event (0: empty log), pruned ones included: a log whose
+/// newest events were archived goes on numbering after them.
 pub(crate) fn head(conn: &Connection) -> Result<u64> {
     let fail = |e| store_error("reading the head position", e);
     let mut stmt = conn
-        .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")
+        .prepare_cached(
+            "SELECT COALESCE((SELECT MAX(position) FROM events), 0), \
+             COALESCE((SELECT MAX(last_position) FROM archives), 0)",
+        )
         .map_err(fail)?;
-    let head: i64 = stmt.query_row([], |row| row.get(0)).map_err(fail)?;
-    u64::try_from(head).map_err(|_| Error::CorruptEvent {
+    let (head, archived): (i64, i64) = stmt
+        .query_row([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .map_err(fail)?;
+    let head = u64::try_from(head).map_err(|_| Error::CorruptEvent {
         event_id: None,
         position: None,
         reason: format!("the last event of the log has position {head}, not a position >= 1"),
-    })
+    })?;
+    Ok(head.max(archived.max(0) as u64))
 }
 
 /// A stream's snapshot.

@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
+use eventfold_core::archive::{ArchiveHorizon, PruneRequest};
 use eventfold_core::{
-    AppendOutcome, AppendRequest, DeadLetter, EventLog, ExpectedVersion, FailureRecord,
-    NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Snapshot, SnapshotStore,
+    AppendOutcome, AppendRequest, ArchiveStore, DeadLetter, EventLog, ExpectedVersion,
+    FailureRecord, NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Snapshot, SnapshotStore,
     StoreStatistics, StreamId, SubscriptionStore, check_append, check_batch,
 };
 use rusqlite::Connection;
@@ -741,6 +742,46 @@ impl SubscriptionStore for SqliteEventStore {
     ) -> eventfold_core::Result<Vec<FailureRecord>> {
         let subscription = subscription.to_owned();
         self.read(move |conn| sql::failures(conn, &subscription, limit))
+            .await
+    }
+}
+
+#[async_trait]
+impl ArchiveStore for SqliteEventStore {
+    fn archive_store_name(&self) -> String {
+        match &self.shared.path {
+            Some(path) => format!("sqlite:{}", path.display()),
+            None => "sqlite::memory:".to_owned(),
+        }
+    }
+
+    async fn read_stored(
+        &self,
+        from_position: u64,
+        limit: usize,
+    ) -> eventfold_core::Result<Vec<RecordedEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.read(move |conn| sql::read_stored(conn, from_position, limit))
+            .await
+    }
+
+    async fn archive_horizon(&self) -> eventfold_core::Result<Vec<ArchiveHorizon>> {
+        self.read(crate::archive::horizon).await
+    }
+
+    async fn prune_archive(&self, request: PruneRequest) -> eventfold_core::Result<()> {
+        self.on_writer(move |conn| crate::archive::prune(conn, &request))
+            .await
+    }
+
+    async fn restore_archive(
+        &self,
+        archive: Uuid,
+        events: Vec<RecordedEvent>,
+    ) -> eventfold_core::Result<()> {
+        self.on_writer(move |conn| crate::archive::restore(conn, archive, &events))
             .await
     }
 }

@@ -22,7 +22,8 @@ pub struct VerifyReport {
     /// range, metadata that is not JSON.
     pub damaged: Vec<DamagedEvent>,
     /// Breaks in the numbering, one sentence each: positions missing from the log, and
-    /// streams whose versions do not run 1, 2, 3 … without gaps.
+    /// streams whose versions do not run 1, 2, 3 … without gaps. Positions and versions
+    /// that a pruned archive holds (the archive horizon) are not breaks.
     pub gaps: Vec<String>,
     /// What `PRAGMA integrity_check` reported (it says nothing of a sound file), and any
     /// read of the scan that SQLite refused because the file is damaged.
@@ -55,9 +56,20 @@ pub(crate) fn verify(conn: &Connection) -> Result<VerifyReport> {
         .unchecked_transaction()
         .map_err(|e| store_error("starting the verification", e))?;
     let mut report = VerifyReport::default();
-    let scanned = scan_events(&tx, &mut report);
+    // A file too damaged to read the horizon from is reported, and checked without it.
+    let horizon = match Horizon::read(&tx) {
+        Ok(horizon) => horizon,
+        Err(e) if e.store_kind() == Some(StoreErrorKind::Corrupt) => {
+            report
+                .integrity
+                .push(format!("reading the archive horizon stopped: {e}"));
+            Horizon::default()
+        }
+        Err(e) => return Err(e),
+    };
+    let scanned = scan_events(&tx, &horizon, &mut report);
     damage(scanned, "scanning the events", &mut report)?;
-    let scanned = scan_streams(&tx, &mut report);
+    let scanned = scan_streams(&tx, &horizon, &mut report);
     damage(scanned, "scanning the stream versions", &mut report)?;
     let checked = integrity_check(&tx, &mut report);
     damage(checked, "running integrity_check", &mut report)?;
@@ -83,8 +95,60 @@ fn damage(
     }
 }
 
+/// What the archive horizon says is pruned: the span of positions of each archive, and
+/// the last pruned version of each stream.
+#[derive(Default)]
+struct Horizon {
+    spans: Vec<(i64, i64)>,
+    versions: std::collections::HashMap<(Vec<u8>, Vec<u8>), i64>,
+}
+
+impl Horizon {
+    fn read(conn: &Connection) -> Result<Self> {
+        let fail = |e| store_error("reading the archive horizon", e);
+        let mut spans: Vec<(i64, i64)> = conn
+            .prepare("SELECT first_position, last_position FROM archives")
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect()
+            })
+            .map_err(fail)?;
+        spans.sort_unstable();
+        let versions = conn
+            .prepare(
+                "SELECT CAST(aggregate_type AS BLOB), CAST(aggregate_id AS BLOB), \
+                 MAX(last_version) FROM archived_streams GROUP BY aggregate_type, aggregate_id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| Ok(((row.get(0)?, row.get(1)?), row.get(2)?)))?
+                    .collect()
+            })
+            .map_err(fail)?;
+        Ok(Horizon { spans, versions })
+    }
+
+    /// True when every position of `first..=last` lies in an archive's span.
+    fn covers(&self, first: i64, last: i64) -> bool {
+        let mut next = first;
+        for &(from, to) in &self.spans {
+            if from > next {
+                break;
+            }
+            next = next.max(to.saturating_add(1));
+            if next > last {
+                return true;
+            }
+        }
+        next > last
+    }
+}
+
 /// Checks every event row in position order, and that positions run 1, 2, 3 ….
-fn scan_events(conn: &Connection, report: &mut VerifyReport) -> rusqlite::Result<()> {
+fn scan_events(
+    conn: &Connection,
+    horizon: &Horizon,
+    report: &mut VerifyReport,
+) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(SCAN_EVENTS)?;
     let mut rows = stmt.query([])?;
     let mut expected = 1i64;
@@ -120,7 +184,7 @@ fn scan_events(conn: &Connection, report: &mut VerifyReport) -> rusqlite::Result
                 problems,
             });
         }
-        if position > expected {
+        if position > expected && !horizon.covers(expected, position - 1) {
             report.gaps.push(if position == expected + 1 {
                 format!("position {expected} is missing from the log")
             } else {
@@ -135,8 +199,13 @@ fn scan_events(conn: &Connection, report: &mut VerifyReport) -> rusqlite::Result
     Ok(())
 }
 
-/// Checks that each stream's versions run 1, 2, 3 …, reading the stream index in order.
-fn scan_streams(conn: &Connection, report: &mut VerifyReport) -> rusqlite::Result<()> {
+/// Checks that each stream's versions run 1, 2, 3 … (after its pruned versions), reading
+/// the stream index in order.
+fn scan_streams(
+    conn: &Connection,
+    horizon: &Horizon,
+    report: &mut VerifyReport,
+) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(
         "SELECT aggregate_type, aggregate_id, version FROM events \
          ORDER BY aggregate_type, aggregate_id, version",
@@ -161,7 +230,17 @@ fn scan_streams(conn: &Connection, report: &mut VerifyReport) -> rusqlite::Resul
         let same =
             matches!(&current, Some((t, i, _, _)) if *t == aggregate_type && *i == aggregate_id);
         if !same {
-            current = Some((aggregate_type, aggregate_id, 1, false));
+            let pruned = horizon
+                .versions
+                .get(&(aggregate_type.clone(), aggregate_id.clone()))
+                .copied()
+                .unwrap_or(0);
+            current = Some((
+                aggregate_type,
+                aggregate_id,
+                pruned.saturating_add(1),
+                false,
+            ));
         }
         let Some((t, i, expected, reported)) = &mut current else {
             unreachable!("set above")
