@@ -238,6 +238,10 @@ async fn clear_failures_removes_one_subscriptions_records_or_all_and_keeps_dead_
 
         // Failures recorded after a clear are kept as before.
         publish(&bus, &[("i-3", 1)]).await;
+        // The failure record is written beside the delivery; wait for it, not for time.
+        while bus.failures("mailer", 100).await.unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
         assert_eq!(bus.failures("mailer", 100).await.unwrap().len(), 1);
         bus.stop().await.unwrap();
     }
