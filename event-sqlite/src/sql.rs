@@ -505,10 +505,8 @@ pub(crate) fn read_all(
     }
     // Checked only where a position is missing: in the middle, or at the end of a short
     // read (the common read at the head), where it costs one look-up in a small table.
-    if ((expected - from_position.max(1)) < events.len() as u64 || events.len() < limit)
-        && let Some(archive) = crate::archive::at_position(conn, expected)?
-    {
-        return Err(archive.error(format!("position {expected}")));
+    if (expected - from_position.max(1)) < events.len() as u64 || events.len() < limit {
+        archived_gap(conn, expected)?;
     }
     Ok(events)
 }
@@ -536,7 +534,9 @@ pub(crate) fn read_stored(
 /// and checked on its own: a damaged row comes as its position and error, and the rows
 /// after it still come (for a reader that sets damaged rows aside, as a projection does).
 /// The records are lent, one at a time, their allocations reused from row to row; `visit`
-/// returns false to stop.
+/// returns false to stop. A position missing before a row (or at the end of a read short
+/// of `limit`) that a pruned archive spans is [`Error::Archived`], as in [`read_all`]:
+/// a reader never passes over archived events without a word.
 pub(crate) fn visit_log(
     conn: &Connection,
     from_position: u64,
@@ -555,24 +555,44 @@ pub(crate) fn visit_log(
         .map_err(fail)?;
     let mut last = LastStream::default();
     let mut spare = None;
+    let mut expected = from_position.max(1);
+    let mut seen = 0_i64;
     while let Some(row) = rows.next().map_err(fail)? {
+        seen += 1;
+        // The position is the rowid: an integer in every row SQLite can read.
+        let position = row
+            .get_ref(0)
+            .ok()
+            .and_then(|v| v.as_i64().ok())
+            .map_or(0, to_u64);
+        if position != expected {
+            archived_gap(conn, expected)?;
+        }
+        expected = position.saturating_add(1);
         let go_on = match event_from_row_reusing(row, Some(&mut last), spare.take()) {
             Ok(event) => {
                 let go_on = visit(Ok(&event))?;
                 spare = Some(event);
                 go_on
             }
-            Err(error) => {
-                // The position is the rowid: an integer in every row SQLite can read.
-                let position = row.get_ref(0).ok().and_then(|v| v.as_i64().ok());
-                visit(Err((position.map_or(0, to_u64), error)))?
-            }
+            Err(error) => visit(Err((position, error)))?,
         };
         if !go_on {
-            break;
+            return Ok(());
         }
     }
+    if seen < limit {
+        archived_gap(conn, expected)?;
+    }
     Ok(())
+}
+
+/// [`Error::Archived`] if a pruned archive spans `position`, a position missing from a read.
+fn archived_gap(conn: &Connection, position: u64) -> Result<()> {
+    match crate::archive::at_position(conn, position)? {
+        Some(archive) => Err(archive.error(format!("position {position}"))),
+        None => Ok(()),
+    }
 }
 
 /// Sets a subscription's checkpoint (inserting it if it has none).

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use eventfold_core::archive::{self, ArchiveRange};
 use eventfold_core::projection::{ProjectionOptions, ProjectionProgress};
 use eventfold_core::{
     BoxError, Error, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy,
@@ -531,6 +532,68 @@ async fn a_projection_may_start_at_the_end_and_an_in_memory_store_has_none() {
             ..
         }
     ));
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = open(&path).await;
+    let expected = seed_meters(&store, 3, 30).await;
+    let handle = store
+        .run_projection(Totals::default(), ProjectionOptions::new())
+        .await
+        .unwrap();
+    handle.wait_idle().await.unwrap();
+    let archive_path = dir.path().join("old.ndjson.gz");
+    let manifest = archive::export(
+        &store,
+        ArchiveRange::BelowPosition(21),
+        &archive_path,
+        &mut archive::no_progress,
+    )
+    .await
+    .unwrap();
+    archive::prune(&store, &archive_path, &mut archive::no_progress)
+        .await
+        .unwrap();
+
+    // Rebuilt from the start, the runner meets the pruned positions 1..=20: it names the
+    // archive and waits there, and applies none of the events behind it.
+    handle.rebuild().await.unwrap();
+    let mut watch = handle.watch_progress();
+    let stuck = tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|p| p.last_error.is_some() || p.checkpoint >= 30),
+    )
+    .await
+    .expect("the runner either stops at the archive or passes it")
+    .unwrap()
+    .clone();
+    let message = stuck.last_error.unwrap();
+    assert!(
+        message.contains(&manifest.archive.to_string()) && message.contains("position 1"),
+        "{message}"
+    );
+    assert_eq!(stuck.checkpoint, 0);
+    handle.stop().await.unwrap();
+    assert!(
+        read_model(&path).0.is_empty(),
+        "nothing past the gap was applied"
+    );
+
+    // Restored, the same rebuild goes through every event.
+    archive::restore(&store, &archive_path, &mut archive::no_progress)
+        .await
+        .unwrap();
+    let handle = store
+        .run_projection(Totals::default(), ProjectionOptions::new())
+        .await
+        .unwrap();
+    handle.wait_idle().await.unwrap();
+    handle.stop().await.unwrap();
+    assert_eq!(read_model(&path).0, expected);
     store.close().await.unwrap();
 }
 
