@@ -111,6 +111,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod lease;
 mod listener;
 mod options;
 mod projection;
