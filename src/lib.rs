@@ -133,6 +133,10 @@ pub use eventfold_core::{BoxError, Error, Result, StoreErrorKind};
 // Archiving old history: export, verify, prune, restore, retention.
 pub use eventfold_core::ArchiveStore;
 pub use eventfold_core::archive;
+/// Segment leases: how several processes share one subscription (segments, leases with
+/// fencing epochs, members), and the [`LeaseStore`](lease::LeaseStore) part of the store
+/// contract.
+pub use eventfold_core::lease;
 
 /// The README's code blocks, compiled and run as doc tests so that it cannot drift from
 /// the API. Blocks that define event types are `standalone_crate`: merged doc tests share
@@ -174,8 +178,8 @@ pub use eventfold_postgres as postgres;
 pub mod backend {
     //! What a store backend implements and uses; applications need none of it.
     //!
-    //! A backend implements the three parts of the store contract, [`EventLog`],
-    //! [`SnapshotStore`] and [`SubscriptionStore`], with [`async_trait`](macro@async_trait); the umbrella
+    //! A backend implements the four parts of the store contract, [`EventLog`],
+    //! [`SnapshotStore`], [`SubscriptionStore`] and [`LeaseStore`], with [`async_trait`](macro@async_trait); the umbrella
     //! [`EventStore`](crate::EventStore) that applications pass around is then implemented
     //! for it. It checks appends with [`check_append`] and [`check_batch`] before it stores
     //! anything, builds its errors with [`Error::store`](crate::Error::store), and proves the
@@ -241,6 +245,9 @@ pub mod backend {
         ReplayedEvent, SnapshotStore, SubscriptionStore, check_append, check_batch, error_chain,
     };
 
+    /// The fourth part of the store contract, and what its signatures name.
+    pub use eventfold_core::lease::{LeaseStore, SegmentLease, SegmentState};
+
     /// The attribute the store contract's traits are written with.
     pub use async_trait::async_trait;
 
@@ -271,7 +278,7 @@ pub mod testing {
         pub use eventfold_core::testing::conformance::*;
     }
 
-    pub use eventfold_core::store_conformance_tests;
+    pub use eventfold_core::{lease_conformance_tests, store_conformance_tests};
 }
 
 /// The items most programs use, to import with `use eventfold::prelude::*`.
@@ -285,6 +292,8 @@ pub mod prelude {
 
     // The parts of the store contract, unnamed: their methods (`store.read_all(..)`,
     // `store.load_checkpoint(..)`) are then callable on any store.
+    #[doc(hidden)]
+    pub use eventfold_core::lease::LeaseStore as _;
     #[doc(hidden)]
     pub use eventfold_core::{EventLog as _, SnapshotStore as _, SubscriptionStore as _};
 }

@@ -216,10 +216,11 @@ pub enum Error {
         name: String,
     },
 
-    /// A subscription cannot be reset while it runs: it is registered on a running bus.
-    /// Stop the bus, or unsubscribe it, first; nothing was changed.
+    /// A subscription cannot be reset while it runs: it is registered on a running bus, or
+    /// a member holds a live lease on one of its segments. Stop the bus, or unsubscribe it,
+    /// first (and let the leases be released or expire); nothing was changed.
     #[error(
-        "subscription `{name}` is registered on a running bus; stop the bus or unsubscribe it before resetting it"
+        "subscription `{name}` is registered on a running bus or holds a live segment lease; stop it (or let its leases go) before resetting it"
     )]
     SubscriptionRunning {
         /// The subscription's name.
@@ -410,6 +411,49 @@ pub enum Error {
         pruned: u64,
         /// The version of its latest snapshot.
         snapshot: Option<u64>,
+    },
+
+    /// A subscription's segment count is 0 or above
+    /// [`MAX_SEGMENTS`](crate::lease::MAX_SEGMENTS); nothing was changed.
+    #[error("invalid segment count {segments}: it must be 1 to {max}", max = crate::lease::MAX_SEGMENTS)]
+    InvalidSegments {
+        /// The count asked for.
+        segments: u32,
+    },
+
+    /// A claim asked for another segment count than the subscription has stored; reset it
+    /// ([`LeaseStore::reset_segments`](crate::lease::LeaseStore::reset_segments)) to change
+    /// the count. Nothing was claimed.
+    #[error(
+        "subscription `{subscription}` has {stored} segments stored, a claim asked for {requested}"
+    )]
+    SegmentCountMismatch {
+        /// The subscription.
+        subscription: String,
+        /// The count stored.
+        stored: u32,
+        /// The count the claim asked for.
+        requested: u32,
+    },
+
+    /// A segment lease is no longer held with its epoch (another member took the segment
+    /// over, or it was released or reset): its checkpoint was not saved.
+    #[error("lease on segment {segment} of `{subscription}` with epoch {epoch} is lost")]
+    LeaseLost {
+        /// The subscription.
+        subscription: String,
+        /// The segment's number.
+        segment: u32,
+        /// The epoch of the lost lease.
+        epoch: u64,
+    },
+
+    /// A lease or membership time is zero or above
+    /// [`MAX_LEASE_TTL`](crate::lease::MAX_LEASE_TTL); nothing was changed.
+    #[error("invalid lease time {ttl:?}: it must be above zero and at most a day")]
+    InvalidLeaseTtl {
+        /// The time asked for.
+        ttl: std::time::Duration,
     },
 
     /// This store does not implement the operation (for example archiving on a backend

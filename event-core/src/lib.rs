@@ -51,6 +51,7 @@ mod bus;
 mod error;
 mod event;
 mod finite;
+pub mod lease;
 mod memory;
 pub mod projection;
 mod record;

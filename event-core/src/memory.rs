@@ -5,12 +5,15 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::archive::{ArchiveHorizon, PruneRequest};
 use crate::error::{Error, Result};
+use crate::lease::{
+    LeaseStore, SegmentLease, SegmentState, check_segments, check_ttl, segment_checkpoint_name,
+};
 use crate::record::{
     AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord,
     NewDeadLetter, NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
@@ -52,6 +55,39 @@ struct Inner {
     failures: HashMap<String, VecDeque<FailureRecord>>,
     /// The archive horizon: the archives pruned and not restored, oldest first.
     archives: Vec<ArchiveHorizon>,
+    /// Each subscription's segment leases.
+    leases: HashMap<String, LeaseTable>,
+    /// Each subscription's members and when their membership expires.
+    members: HashMap<String, BTreeMap<String, DateTime<Utc>>>,
+}
+
+/// One subscription's segments: the count is `rows.len()`, none while it was never
+/// claimed or since a reset.
+#[derive(Default)]
+struct LeaseTable {
+    rows: Vec<LeaseRow>,
+    /// The highest epoch any segment had before the last reset: new rows start from it, so
+    /// epochs never repeat.
+    epoch_floor: u64,
+}
+
+/// One segment's lease.
+#[derive(Clone, Default)]
+struct LeaseRow {
+    owner: Option<String>,
+    epoch: u64,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+impl LeaseRow {
+    fn live(&self, now: DateTime<Utc>) -> bool {
+        self.owner.is_some() && self.expires_at.is_some_and(|at| at > now)
+    }
+
+    /// Held by `lease`: same owner and epoch (an expired lease nobody took over still is).
+    fn held_by(&self, lease: &SegmentLease) -> bool {
+        self.owner.as_deref() == Some(lease.owner.as_str()) && self.epoch == lease.epoch
+    }
 }
 
 /// An event as stored, and what its payload decodes into.
@@ -559,6 +595,234 @@ impl SubscriptionStore for InMemoryEventStore {
             None => inner.failures.drain().map(|(_, r)| r.len()).sum(),
         };
         Ok(removed as u64)
+    }
+}
+
+/// The store's clock for leases, to the microsecond as the durable stores keep times.
+fn lease_now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now)
+}
+
+impl Inner {
+    /// The row `lease` names, if its subscription has that many segments.
+    fn lease_row(&mut self, lease: &SegmentLease) -> Option<&mut LeaseRow> {
+        let table = self.leases.get_mut(&lease.subscription)?;
+        if table.rows.len() != lease.segments as usize {
+            return None;
+        }
+        table.rows.get_mut(lease.segment as usize)
+    }
+}
+
+#[async_trait]
+impl LeaseStore for InMemoryEventStore {
+    async fn heartbeat(
+        &self,
+        subscription: &str,
+        member: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<String>> {
+        let ttl = check_ttl(ttl)?;
+        let now = lease_now();
+        let mut inner = self.lock();
+        let members = inner.members.entry(subscription.to_owned()).or_default();
+        members.insert(member.to_owned(), now + ttl);
+        members.retain(|_, expires_at| *expires_at > now);
+        Ok(members.keys().cloned().collect())
+    }
+
+    async fn leave(&self, subscription: &str, member: &str) -> Result<()> {
+        let mut inner = self.lock();
+        if let Some(members) = inner.members.get_mut(subscription) {
+            members.remove(member);
+        }
+        if let Some(table) = inner.leases.get_mut(subscription) {
+            for row in &mut table.rows {
+                if row.owner.as_deref() == Some(member) {
+                    row.owner = None;
+                    row.expires_at = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn claim_segments(
+        &self,
+        subscription: &str,
+        member: &str,
+        segments: u32,
+        max: u32,
+        ttl: std::time::Duration,
+    ) -> Result<Vec<SegmentLease>> {
+        check_segments(segments)?;
+        let ttl = check_ttl(ttl)?;
+        let now = lease_now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let table = inner.leases.entry(subscription.to_owned()).or_default();
+        if table.rows.is_empty() {
+            let floor = table.epoch_floor;
+            table.rows = vec![
+                LeaseRow {
+                    epoch: floor,
+                    ..LeaseRow::default()
+                };
+                segments as usize
+            ];
+            // Each segment starts where the subscription's plain checkpoint is.
+            if segments > 1
+                && let Some(&plain) = inner.checkpoints.get(subscription)
+            {
+                for segment in 0..segments {
+                    inner
+                        .checkpoints
+                        .entry(segment_checkpoint_name(subscription, segment, segments))
+                        .or_insert(plain);
+                }
+            }
+        } else if table.rows.len() != segments as usize {
+            return Err(Error::SegmentCountMismatch {
+                subscription: subscription.to_owned(),
+                stored: table.rows.len() as u32,
+                requested: segments,
+            });
+        }
+        let expires_at = now + ttl;
+        let mut taken = Vec::new();
+        for (segment, row) in table.rows.iter_mut().enumerate() {
+            if taken.len() as u32 >= max {
+                break;
+            }
+            if row.live(now) {
+                continue;
+            }
+            row.owner = Some(member.to_owned());
+            row.epoch += 1;
+            row.expires_at = Some(expires_at);
+            let segment = segment as u32;
+            taken.push(SegmentLease {
+                subscription: subscription.to_owned(),
+                segment,
+                segments,
+                owner: member.to_owned(),
+                epoch: row.epoch,
+                expires_at,
+                checkpoint: inner
+                    .checkpoints
+                    .get(&segment_checkpoint_name(subscription, segment, segments))
+                    .copied()
+                    .unwrap_or(0),
+            });
+        }
+        Ok(taken)
+    }
+
+    async fn renew_leases(
+        &self,
+        leases: &[SegmentLease],
+        ttl: std::time::Duration,
+    ) -> Result<Vec<SegmentLease>> {
+        let ttl = check_ttl(ttl)?;
+        let expires_at = lease_now() + ttl;
+        let mut inner = self.lock();
+        let mut renewed = Vec::new();
+        for lease in leases {
+            if let Some(row) = inner.lease_row(lease)
+                && row.held_by(lease)
+            {
+                row.expires_at = Some(expires_at);
+                renewed.push(SegmentLease {
+                    expires_at,
+                    ..lease.clone()
+                });
+            }
+        }
+        Ok(renewed)
+    }
+
+    async fn release_leases(&self, leases: &[SegmentLease]) -> Result<()> {
+        let mut inner = self.lock();
+        for lease in leases {
+            if let Some(row) = inner.lease_row(lease)
+                && row.held_by(lease)
+            {
+                row.owner = None;
+                row.expires_at = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn save_segment_checkpoint(&self, lease: &SegmentLease, position: u64) -> Result<()> {
+        let mut inner = self.lock();
+        if !inner.lease_row(lease).is_some_and(|row| row.held_by(lease)) {
+            return Err(Error::LeaseLost {
+                subscription: lease.subscription.clone(),
+                segment: lease.segment,
+                epoch: lease.epoch,
+            });
+        }
+        let stored = inner
+            .checkpoints
+            .entry(lease.checkpoint_name())
+            .or_insert(0);
+        *stored = (*stored).max(position);
+        Ok(())
+    }
+
+    async fn segment_states(&self, subscription: &str) -> Result<Vec<SegmentState>> {
+        let now = lease_now();
+        let inner = self.lock();
+        let Some(table) = inner.leases.get(subscription) else {
+            return Ok(Vec::new());
+        };
+        let segments = table.rows.len() as u32;
+        Ok(table
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(segment, row)| {
+                let segment = segment as u32;
+                SegmentState {
+                    segment,
+                    segments,
+                    owner: row.owner.clone().filter(|_| row.live(now)),
+                    epoch: row.epoch,
+                    expires_at: row.expires_at,
+                    checkpoint: inner
+                        .checkpoints
+                        .get(&segment_checkpoint_name(subscription, segment, segments))
+                        .copied()
+                        .unwrap_or(0),
+                }
+            })
+            .collect())
+    }
+
+    async fn reset_segments(&self, subscription: &str, position: u64) -> Result<()> {
+        let now = lease_now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if let Some(table) = inner.leases.get_mut(subscription) {
+            if table.rows.iter().any(|row| row.live(now)) {
+                return Err(Error::SubscriptionRunning {
+                    name: subscription.to_owned(),
+                });
+            }
+            let segments = table.rows.len() as u32;
+            for segment in 0..segments {
+                inner
+                    .checkpoints
+                    .remove(&segment_checkpoint_name(subscription, segment, segments));
+            }
+            let highest = table.rows.iter().map(|row| row.epoch).max();
+            table.epoch_floor = highest.unwrap_or(0).max(table.epoch_floor);
+            table.rows.clear();
+        }
+        inner.checkpoints.insert(subscription.to_owned(), position);
+        Ok(())
     }
 }
 

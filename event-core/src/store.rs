@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::lease::LeaseStore;
 use crate::record::{
     AppendOutcome, AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter,
     NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
@@ -45,18 +46,19 @@ pub const DEFAULT_FAILURE_RETENTION: usize = 1_000;
 /// dead letters and failure records: a complete store, as applications pass it to a
 /// [`Repository`](crate::Repository), an [`EventBus`](crate::EventBus) or an `EventSystem`.
 ///
-/// The contract comes in three parts, each what one user needs: [`EventLog`] (the
+/// The contract comes in four parts, each what one user needs: [`EventLog`] (the
 /// streams and the global log, which repositories and the bus read), [`SnapshotStore`]
-/// (a repository's snapshots) and [`SubscriptionStore`] (a durable bus's checkpoints,
-/// dead letters and failure records). A backend implements the three parts; `EventStore`
-/// is then implemented for it, and an `Arc<dyn EventStore>` upcasts to any part
-/// (`Arc<dyn EventLog>` and so on).
+/// (a repository's snapshots), [`SubscriptionStore`] (a durable bus's checkpoints,
+/// dead letters and failure records) and [`LeaseStore`] (the segment leases that let
+/// several processes share a subscription). A backend implements the four parts;
+/// `EventStore` is then implemented for it, and an `Arc<dyn EventStore>` upcasts to any
+/// part (`Arc<dyn EventLog>`, `Arc<dyn LeaseStore>` and so on).
 ///
 /// Every backend keeps the contract, and proves it by passing the conformance suite
 /// (`eventfold::testing::conformance`, feature `testing`), grouped by the same parts.
-pub trait EventStore: EventLog + SnapshotStore + SubscriptionStore {}
+pub trait EventStore: EventLog + SnapshotStore + SubscriptionStore + LeaseStore {}
 
-impl<T: EventLog + SnapshotStore + SubscriptionStore + ?Sized> EventStore for T {}
+impl<T: EventLog + SnapshotStore + SubscriptionStore + LeaseStore + ?Sized> EventStore for T {}
 
 /// Anything that converts into a shared store, `Arc<dyn EventStore>`: what
 /// [`Repository::new`](crate::Repository::new),

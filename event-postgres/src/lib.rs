@@ -32,12 +32,17 @@
 //! # How it works
 //!
 //! - **Everything in one schema.** The store's tables (`ef_events`, `ef_head`,
-//!   `ef_snapshots`, `ef_checkpoints`, `ef_dead_letters`, `ef_failures`) and its function
+//!   `ef_snapshots`, `ef_checkpoints`, `ef_dead_letters`, `ef_failures`, and the segment
+//!   leases' `ef_lease_subscriptions`, `ef_segment_leases`, `ef_subscription_members`) and its function
 //!   `ef_append` live in [`PostgresOptions::schema`] (default `eventfold`), created at open
 //!   if missing: applications or tenants share a database, each in a schema of its own.
 //! - **Schema versions.** Versioned migrations run at open, in one transaction under an
 //!   advisory lock, so processes that open at once do not race; a schema written by a
 //!   newer version of this library is refused ([`Error::Open`] of kind `SchemaTooNew`).
+//! - **Segment leases on the server's clock.** Lease expiry and membership use
+//!   `clock_timestamp()` of the server, so machines need not agree on the time; claims
+//!   take free segments with `FOR UPDATE SKIP LOCKED`, and a segment checkpoint is saved
+//!   in one transaction with the check of its lease (`eventfold::lease`).
 //! - **Positions: a counter row.** The row `ef_head` holds the head of the log. Each
 //!   append call locks it first (`SELECT … FOR UPDATE`) and holds it until it commits, so
 //!   positions are dense (no holes, even after a refused or failed append) and follow
@@ -111,6 +116,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod lease;
 mod listener;
 mod options;
 mod projection;

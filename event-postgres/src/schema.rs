@@ -190,6 +190,33 @@ const MIGRATIONS: &[&str] = &[
     END
     $fn$;
     "#,
+    // Version 2: segment leases (eventfold::lease). Per subscription its stored segment
+    // count (0: none, never claimed or reset since) and the epoch new segment rows start
+    // from; per segment its lease (owner NULL: free); per member its membership's expiry.
+    // Lease times are microseconds since the Unix epoch on the server's clock
+    // (clock_timestamp()), so the machines sharing a store need not agree on the time.
+    r#"
+    CREATE TABLE __SCHEMA__.ef_lease_subscriptions (
+        subscription text    PRIMARY KEY,
+        segments     integer NOT NULL,
+        epoch_floor  bigint  NOT NULL
+    );
+    CREATE TABLE __SCHEMA__.ef_segment_leases (
+        subscription text    NOT NULL,
+        segment      integer NOT NULL,
+        segments     integer NOT NULL,
+        owner        text,
+        epoch        bigint  NOT NULL,
+        expires_at   bigint,
+        PRIMARY KEY (subscription, segment)
+    );
+    CREATE TABLE __SCHEMA__.ef_subscription_members (
+        subscription text   NOT NULL,
+        member       text   NOT NULL,
+        expires_at   bigint NOT NULL,
+        PRIMARY KEY (subscription, member)
+    );
+    "#,
 ];
 
 /// The schema version this library writes.

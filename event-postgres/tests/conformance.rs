@@ -11,3 +11,4 @@ async fn pg_store() -> StoreUnderTest {
 }
 
 eventfold_core::store_conformance_tests!(pg_store, skip_if = common::no_server);
+eventfold_core::lease_conformance_tests!(pg_store, skip_if = common::no_server);

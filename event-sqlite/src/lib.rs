@@ -161,6 +161,7 @@ mod archive;
 mod checksum;
 mod error;
 mod follow;
+mod lease;
 mod options;
 mod projection;
 mod schema;

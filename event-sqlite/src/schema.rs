@@ -105,6 +105,32 @@ const MIGRATIONS: &[Migration] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX archived_streams_by_archive ON archived_streams (archive);",
     ),
+    // Version 4: segment leases (eventfold::lease). Per subscription its stored segment
+    // count (0: none, never claimed or reset since) and the epoch new segment rows start
+    // from; per segment its lease (owner NULL: free); per member its membership's expiry.
+    // Times are nanoseconds since the Unix epoch, the writer's clock.
+    Migration::Sql(
+        "CREATE TABLE lease_subscriptions (
+        subscription TEXT    NOT NULL PRIMARY KEY,
+        segments     INTEGER NOT NULL,
+        epoch_floor  INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE segment_leases (
+        subscription TEXT    NOT NULL,
+        segment      INTEGER NOT NULL,
+        segments     INTEGER NOT NULL,
+        owner        TEXT,
+        epoch        INTEGER NOT NULL,
+        expires_at   INTEGER,
+        PRIMARY KEY (subscription, segment)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE subscription_members (
+        subscription TEXT    NOT NULL,
+        member       TEXT    NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        PRIMARY KEY (subscription, member)
+    ) STRICT, WITHOUT ROWID;",
+    ),
 ];
 
 /// Adds the `checksum` column and fills it for every stored event, so events written

@@ -424,7 +424,7 @@ impl SqliteEventStore {
     }
 
     /// Runs `work` on the writer connection, between transactions.
-    async fn on_writer<T, F>(&self, work: F) -> eventfold_core::Result<T>
+    pub(crate) async fn on_writer<T, F>(&self, work: F) -> eventfold_core::Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> eventfold_core::Result<T> + Send + 'static,
@@ -443,7 +443,7 @@ impl SqliteEventStore {
 
     /// Runs a read on a read connection, off the async runtime (or on the writer when the
     /// store has no read connections).
-    async fn read<T, F>(&self, work: F) -> eventfold_core::Result<T>
+    pub(crate) async fn read<T, F>(&self, work: F) -> eventfold_core::Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> eventfold_core::Result<T> + Send + 'static,

@@ -12,3 +12,4 @@ async fn file_store() -> StoreUnderTest {
 }
 
 eventfold_core::store_conformance_tests!(file_store);
+eventfold_core::lease_conformance_tests!(file_store);

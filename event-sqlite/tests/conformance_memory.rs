@@ -11,3 +11,4 @@ async fn memory_store() -> StoreUnderTest {
 }
 
 eventfold_core::store_conformance_tests!(memory_store);
+eventfold_core::lease_conformance_tests!(memory_store);

@@ -447,7 +447,7 @@ async fn a_database_with_a_newer_schema_is_refused_and_kept() {
             ..
         } => {
             assert!(
-                reason.contains("99") && reason.contains("version 3"),
+                reason.contains("99") && reason.contains("version 4"),
                 "{reason}"
             );
         }
@@ -455,13 +455,13 @@ async fn a_database_with_a_newer_schema_is_refused_and_kept() {
     }
     let message = error.to_string();
     assert!(
-        message.contains("99") && message.contains("version 3"),
+        message.contains("99") && message.contains("version 4"),
         "{message}"
     );
     assert_eq!(error.store_kind(), Some(StoreErrorKind::SchemaTooNew));
 
-    // Nothing was changed: back at version 3, everything is there.
-    set(&path, "PRAGMA user_version = 3");
+    // Nothing was changed: back at version 4, everything is there.
+    set(&path, "PRAGMA user_version = 4");
     let (store, _) = open(&dir, SqliteOptions::new()).await;
     assert_eq!(assert_kept(&store, &before).await.len(), 3);
 }

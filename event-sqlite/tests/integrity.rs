@@ -432,10 +432,12 @@ async fn overwritten_pages_of_the_file_are_reported_by_verify_without_a_panic() 
     let pages = bytes.len() / page_size;
     assert!(pages > 20, "the events span many pages ({pages})");
 
-    // A few bytes over the header of every fourth page but the first (which holds the
-    // schema): table, index and overflow pages alike.
+    // A few bytes over the header of every fourth page from the fifth on (the first holds
+    // the schema; the pages the open itself reads, such as the last events, must stay
+    // readable, and which those are moves with each table a schema version adds):
+    // table, index and overflow pages alike.
     let mut damaged = bytes.clone();
-    for page in (2..pages).step_by(4) {
+    for page in (4..pages).step_by(4) {
         let at = page * page_size;
         damaged[at..at + 12].copy_from_slice(b"\xde\xad\xbe\xef\xde\xad\xbe\xef\xde\xad\xbe\xef");
     }
@@ -572,7 +574,7 @@ async fn a_version_1_database_migrates_with_checksums_for_its_events_and_verifie
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     // Migrated through every step: the checksums (2) and the archive horizon (3).
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let report = store.verify().await.unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(report.events, 4);

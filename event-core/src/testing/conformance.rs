@@ -33,6 +33,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use uuid::Uuid;
 
 use crate::error::Error;
+use crate::lease::{LeaseStore, MAX_LEASE_TTL, MAX_SEGMENTS, SegmentLease, SegmentState};
 use crate::record::{
     AppendRequest, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter, NewEvent,
     RecordedEvent, Snapshot, StreamId,
@@ -1187,4 +1188,520 @@ pub async fn statistics_describe_the_store(store: Arc<dyn EventStore>) {
     );
     assert_eq!(stats.dead_letters, 1);
     assert_eq!(stats.snapshots, 1);
+}
+
+/// Expands to one `#[test]` per case of the [`LeaseStore`] contract (segment leases,
+/// fencing, members, reset), each on a fresh store from `$factory`, like
+/// [`store_conformance_tests!`](crate::store_conformance_tests) (with the same
+/// `skip_if = path` form). The cases wait for short leases (200 ms) to expire by polling
+/// the store, never by sleeping a fixed time before an assertion.
+#[macro_export]
+macro_rules! lease_conformance_tests {
+    ($factory:path) => {
+        $crate::lease_conformance_tests!(
+            $factory,
+            skip_if = $crate::testing::conformance::never_skip
+        );
+    };
+    ($factory:path, skip_if = $skip:path) => {
+        $crate::store_conformance_tests!(@cases $factory, $skip;
+            leases_are_claimed_once_and_fence_checkpoints,
+            expired_leases_are_taken_over_with_a_higher_epoch,
+            racing_claims_never_share_a_segment,
+            renewals_extend_held_leases_and_skip_lost_ones,
+            a_released_segment_is_claimed_by_another_member,
+            another_segment_count_is_refused,
+            invalid_segment_counts_and_ttls_are_refused,
+            members_heartbeat_expire_and_leave,
+            reset_is_refused_on_a_live_lease_and_changes_the_count,
+            segment_states_list_owners_epochs_and_checkpoints,
+            one_segment_uses_the_plain_checkpoint,
+        );
+    };
+}
+
+/// A lease time long enough that no case sees it expire.
+const LONG: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A lease time cases wait out.
+const SHORT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// How long a case waits for a short lease to expire before it fails.
+const EXPIRY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn segments_of(leases: &[SegmentLease]) -> Vec<u32> {
+    leases.iter().map(|l| l.segment).collect()
+}
+
+#[track_caller]
+fn assert_lost(result: crate::Result<()>, lease: &SegmentLease) {
+    match result {
+        Err(Error::LeaseLost {
+            subscription,
+            segment,
+            epoch,
+        }) => {
+            assert_eq!(
+                (subscription.as_str(), segment, epoch),
+                (lease.subscription.as_str(), lease.segment, lease.epoch),
+                "the refusal names the lost lease"
+            );
+        }
+        other => panic!("expected LeaseLost, got {other:?}"),
+    }
+}
+
+/// Claims for `member` until it holds `want` segments in all (expired leases of others
+/// becoming free), polling the store; fails after [`EXPIRY_DEADLINE`].
+async fn claim_until(
+    store: &dyn LeaseStore,
+    subscription: &str,
+    member: &str,
+    segments: u32,
+    want: usize,
+) -> Vec<SegmentLease> {
+    let deadline = tokio::time::Instant::now() + EXPIRY_DEADLINE;
+    let mut held = Vec::new();
+    loop {
+        let taken = store
+            .claim_segments(subscription, member, segments, segments, LONG)
+            .await
+            .expect("claim");
+        held.extend(taken);
+        if held.len() >= want {
+            held.sort_by_key(|l: &SegmentLease| l.segment);
+            return held;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{member} holds {} of {want} segments of {subscription} after {EXPIRY_DEADLINE:?}",
+            held.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Claims hand out free segments lowest first with epoch 1; a second member gets none of
+/// them; a save moves the segment's checkpoint forward only; a lease lost to a takeover
+/// cannot save and leaves the checkpoint as it was.
+pub async fn leases_are_claimed_once_and_fence_checkpoints(store: Arc<dyn EventStore>) {
+    let a = store
+        .claim_segments("fenced", "a", 4, 3, LONG)
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&a), [0, 1, 2]);
+    for lease in &a {
+        assert_eq!(
+            (
+                lease.subscription.as_str(),
+                lease.segments,
+                lease.owner.as_str(),
+                lease.epoch,
+                lease.checkpoint
+            ),
+            ("fenced", 4, "a", 1, 0)
+        );
+        assert!(lease.expires_at > Utc::now() + chrono::Duration::seconds(30));
+    }
+    let again = store
+        .claim_segments("fenced", "a", 4, 4, LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        segments_of(&again),
+        [3],
+        "segments a holds are not returned"
+    );
+    let b = store
+        .claim_segments("fenced", "b", 4, 4, LONG)
+        .await
+        .unwrap();
+    assert!(b.is_empty(), "every segment is held: {b:?}");
+
+    store.save_segment_checkpoint(&a[0], 10).await.unwrap();
+    store.save_segment_checkpoint(&a[0], 5).await.unwrap();
+    assert_eq!(
+        store.load_checkpoint("fenced#0/4").await.unwrap(),
+        Some(10),
+        "a checkpoint never moves backwards"
+    );
+
+    store.release_leases(&a[..1]).await.unwrap();
+    let b = store
+        .claim_segments("fenced", "b", 4, 4, LONG)
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&b), [0]);
+    assert_eq!((b[0].epoch, b[0].checkpoint), (2, 10));
+    assert_lost(store.save_segment_checkpoint(&a[0], 99).await, &a[0]);
+    assert_eq!(store.load_checkpoint("fenced#0/4").await.unwrap(), Some(10));
+    store.save_segment_checkpoint(&b[0], 20).await.unwrap();
+    assert_eq!(store.load_checkpoint("fenced#0/4").await.unwrap(), Some(20));
+}
+
+/// A lease not renewed expires; another member then takes the segment with epoch + 1, and
+/// the first one can neither renew nor save. An expired lease nobody took over still
+/// renews.
+pub async fn expired_leases_are_taken_over_with_a_higher_epoch(store: Arc<dyn EventStore>) {
+    let a = store
+        .claim_segments("expiring", "a", 2, 2, SHORT)
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&a), [0, 1]);
+    store.save_segment_checkpoint(&a[1], 7).await.unwrap();
+    let b = claim_until(&*store, "expiring", "b", 2, 2).await;
+    assert_eq!(segments_of(&b), [0, 1]);
+    assert!(b.iter().all(|l| l.epoch == 2 && l.owner == "b"), "{b:?}");
+    assert_eq!((b[0].checkpoint, b[1].checkpoint), (0, 7));
+    assert!(store.renew_leases(&a, LONG).await.unwrap().is_empty());
+    assert_lost(store.save_segment_checkpoint(&a[1], 8).await, &a[1]);
+    assert_eq!(
+        store.load_checkpoint("expiring#1/2").await.unwrap(),
+        Some(7)
+    );
+
+    // Expired but not taken over: still held by its owner.
+    let c = store
+        .claim_segments("lapsed", "c", 1, 1, SHORT)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + EXPIRY_DEADLINE;
+    while store.segment_states("lapsed").await.unwrap()[0]
+        .owner
+        .is_some()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let renewed = store.renew_leases(&c, LONG).await.unwrap();
+    assert_eq!(renewed.len(), 1);
+    assert_eq!(renewed[0].epoch, c[0].epoch);
+    assert!(renewed[0].expires_at > c[0].expires_at);
+    store.save_segment_checkpoint(&renewed[0], 3).await.unwrap();
+    let states = store.segment_states("lapsed").await.unwrap();
+    assert_eq!(states[0].owner.as_deref(), Some("c"));
+}
+
+/// Many members claiming all segments at once never both get one: every segment goes to
+/// exactly one of them.
+pub async fn racing_claims_never_share_a_segment(store: Arc<dyn EventStore>) {
+    for round in 0..4 {
+        let subscription = format!("raced-{round}");
+        let start = Arc::new(tokio::sync::Barrier::new(8));
+        let claims = (0..8)
+            .map(|m| {
+                let store = Arc::clone(&store);
+                let start = Arc::clone(&start);
+                let subscription = subscription.clone();
+                tokio::spawn(async move {
+                    start.wait().await;
+                    let mut mine = Vec::new();
+                    // Several smaller claims each, so the members interleave.
+                    for _ in 0..4 {
+                        mine.extend(
+                            store
+                                .claim_segments(&subscription, &format!("m{m}"), 16, 2, LONG)
+                                .await
+                                .unwrap(),
+                        );
+                    }
+                    mine
+                })
+            })
+            .collect::<Vec<_>>();
+        let mut owners: BTreeMap<u32, String> = BTreeMap::new();
+        for claim in claims {
+            for lease in claim.await.unwrap() {
+                assert_eq!(lease.epoch, 1);
+                if let Some(other) = owners.insert(lease.segment, lease.owner.clone()) {
+                    panic!(
+                        "segment {} went to {other} and to {}",
+                        lease.segment, lease.owner
+                    );
+                }
+            }
+        }
+        assert_eq!(owners.len(), 16, "all 16 segments are claimed: {owners:?}");
+        let states = store.segment_states(&subscription).await.unwrap();
+        for state in states {
+            assert_eq!(state.owner.as_ref(), owners.get(&state.segment));
+        }
+    }
+}
+
+/// Renewing extends the leases still held and returns them with the new expiry; a lease
+/// taken over since is absent from the answer, the others are renewed.
+pub async fn renewals_extend_held_leases_and_skip_lost_ones(store: Arc<dyn EventStore>) {
+    let a = store
+        .claim_segments("renewed", "a", 3, 3, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let renewed = store.renew_leases(&a, LONG).await.unwrap();
+    assert_eq!(segments_of(&renewed), [0, 1, 2]);
+    for (old, new) in a.iter().zip(&renewed) {
+        assert!(new.expires_at > old.expires_at);
+        assert_eq!(
+            SegmentLease {
+                expires_at: old.expires_at,
+                ..new.clone()
+            },
+            *old,
+            "only the expiry changes"
+        );
+    }
+    let states = store.segment_states("renewed").await.unwrap();
+    assert_eq!(states[2].expires_at, Some(renewed[2].expires_at));
+
+    store.release_leases(&renewed[1..2]).await.unwrap();
+    let b = store
+        .claim_segments("renewed", "b", 3, 3, LONG)
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&b), [1]);
+    let again = store.renew_leases(&renewed, LONG).await.unwrap();
+    assert_eq!(segments_of(&again), [0, 2], "the lease b took over is lost");
+    assert_eq!(
+        segments_of(&store.renew_leases(&b, LONG).await.unwrap()),
+        [1]
+    );
+}
+
+/// A released segment is free at once: another member claims it with the next epoch; a
+/// release of a lease no longer held changes nothing.
+pub async fn a_released_segment_is_claimed_by_another_member(store: Arc<dyn EventStore>) {
+    let a = store
+        .claim_segments("released", "a", 2, 2, LONG)
+        .await
+        .unwrap();
+    store.release_leases(&a).await.unwrap();
+    let states = store.segment_states("released").await.unwrap();
+    assert!(
+        states
+            .iter()
+            .all(|s| s.owner.is_none() && s.expires_at.is_none())
+    );
+    let b = store
+        .claim_segments("released", "b", 2, 1, LONG)
+        .await
+        .unwrap();
+    assert_eq!((segments_of(&b), b[0].epoch), (vec![0], 2));
+    // a's old lease on segment 0 is not b's: releasing it again leaves b's.
+    store.release_leases(&a).await.unwrap();
+    let states = store.segment_states("released").await.unwrap();
+    assert_eq!(states[0].owner.as_deref(), Some("b"));
+    assert_eq!(
+        segments_of(&store.renew_leases(&b, LONG).await.unwrap()),
+        [0]
+    );
+}
+
+/// A claim with another count than the stored one fails and claims nothing.
+pub async fn another_segment_count_is_refused(store: Arc<dyn EventStore>) {
+    store
+        .claim_segments("counted", "a", 4, 1, LONG)
+        .await
+        .unwrap();
+    match store.claim_segments("counted", "b", 8, 8, LONG).await {
+        Err(Error::SegmentCountMismatch {
+            subscription,
+            stored,
+            requested,
+        }) => assert_eq!(
+            (subscription.as_str(), stored, requested),
+            ("counted", 4, 8)
+        ),
+        other => panic!("expected SegmentCountMismatch, got {other:?}"),
+    }
+    let states = store.segment_states("counted").await.unwrap();
+    assert_eq!(states.len(), 4);
+    assert_eq!(
+        states.iter().filter(|s| s.owner.is_some()).count(),
+        1,
+        "the refused claim took nothing"
+    );
+}
+
+/// Counts of 0 and above `MAX_SEGMENTS`, and lease times of zero or above `MAX_LEASE_TTL`,
+/// are refused with typed errors and store nothing.
+pub async fn invalid_segment_counts_and_ttls_are_refused(store: Arc<dyn EventStore>) {
+    for segments in [0, MAX_SEGMENTS + 1, u32::MAX] {
+        match store
+            .claim_segments("invalid", "a", segments, 1, LONG)
+            .await
+        {
+            Err(Error::InvalidSegments { segments: s }) => assert_eq!(s, segments),
+            other => panic!("expected InvalidSegments for {segments}, got {other:?}"),
+        }
+    }
+    for ttl in [
+        std::time::Duration::ZERO,
+        MAX_LEASE_TTL + std::time::Duration::from_secs(1),
+    ] {
+        assert!(matches!(
+            store.claim_segments("invalid", "a", 2, 1, ttl).await,
+            Err(Error::InvalidLeaseTtl { .. })
+        ));
+        assert!(matches!(
+            store.heartbeat("invalid", "a", ttl).await,
+            Err(Error::InvalidLeaseTtl { .. })
+        ));
+    }
+    assert!(store.segment_states("invalid").await.unwrap().is_empty());
+    let most = store
+        .claim_segments("most", "a", MAX_SEGMENTS, 2, LONG)
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&most), [0, 1]);
+    let states = store.segment_states("most").await.unwrap();
+    assert_eq!(states.len(), MAX_SEGMENTS as usize);
+    assert_eq!(states[1023].segment, 1023);
+}
+
+/// A heartbeat answers the live members, sorted, itself included; a member whose
+/// membership expired drops out; one that leaves drops out at once and its leases are
+/// released.
+pub async fn members_heartbeat_expire_and_leave(store: Arc<dyn EventStore>) {
+    assert_eq!(store.heartbeat("team", "b", LONG).await.unwrap(), ["b"]);
+    assert_eq!(
+        store.heartbeat("team", "a", LONG).await.unwrap(),
+        ["a", "b"]
+    );
+    assert_eq!(
+        store.heartbeat("team", "c", SHORT).await.unwrap(),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        store.heartbeat("other", "z", LONG).await.unwrap(),
+        ["z"],
+        "members are per subscription"
+    );
+    let deadline = tokio::time::Instant::now() + EXPIRY_DEADLINE;
+    loop {
+        let members = store.heartbeat("team", "a", LONG).await.unwrap();
+        if members == ["a", "b"] {
+            break;
+        }
+        assert_eq!(members, ["a", "b", "c"]);
+        assert!(tokio::time::Instant::now() < deadline, "c never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    let held = store.claim_segments("team", "b", 3, 2, LONG).await.unwrap();
+    assert_eq!(segments_of(&held), [0, 1]);
+    store.leave("team", "b").await.unwrap();
+    assert_eq!(store.heartbeat("team", "a", LONG).await.unwrap(), ["a"]);
+    assert!(store.renew_leases(&held, LONG).await.unwrap().is_empty());
+    let taken = store.claim_segments("team", "a", 3, 3, LONG).await.unwrap();
+    assert_eq!(segments_of(&taken), [0, 1, 2]);
+    assert_eq!((taken[0].epoch, taken[2].epoch), (2, 1));
+    // Leaving without being a member is fine.
+    store.leave("team", "nobody").await.unwrap();
+}
+
+/// A reset is refused while a lease is live; once released it sets the checkpoint, forgets
+/// the count so another may be claimed, and old leases stay lost (epochs keep rising).
+pub async fn reset_is_refused_on_a_live_lease_and_changes_the_count(store: Arc<dyn EventStore>) {
+    let a = store
+        .claim_segments("rebuilt", "a", 2, 2, LONG)
+        .await
+        .unwrap();
+    store.save_segment_checkpoint(&a[0], 5).await.unwrap();
+    store.save_segment_checkpoint(&a[1], 6).await.unwrap();
+    match store.reset_segments("rebuilt", 0).await {
+        Err(Error::SubscriptionRunning { name }) => assert_eq!(name, "rebuilt"),
+        other => panic!("expected SubscriptionRunning, got {other:?}"),
+    }
+    assert_eq!(store.load_checkpoint("rebuilt#0/2").await.unwrap(), Some(5));
+
+    store.release_leases(&a).await.unwrap();
+    store.reset_segments("rebuilt", 3).await.unwrap();
+    assert!(store.segment_states("rebuilt").await.unwrap().is_empty());
+    assert_eq!(store.load_checkpoint("rebuilt#0/2").await.unwrap(), None);
+    assert_eq!(store.load_checkpoint("rebuilt#1/2").await.unwrap(), None);
+    assert_eq!(store.load_checkpoint("rebuilt").await.unwrap(), Some(3));
+
+    let b = store
+        .claim_segments("rebuilt", "b", 4, 4, LONG)
+        .await
+        .unwrap();
+    assert_eq!(segments_of(&b), [0, 1, 2, 3]);
+    assert!(b.iter().all(|l| l.checkpoint == 3), "{b:?}");
+    assert!(b.iter().all(|l| l.epoch > a[0].epoch), "{b:?}");
+    assert_lost(store.save_segment_checkpoint(&a[0], 9).await, &a[0]);
+
+    // A reset of a subscription never leased sets its plain checkpoint.
+    store.reset_segments("fresh", 4).await.unwrap();
+    assert_eq!(store.load_checkpoint("fresh").await.unwrap(), Some(4));
+    let c = store
+        .claim_segments("fresh", "c", 1, 1, LONG)
+        .await
+        .unwrap();
+    assert_eq!(c[0].checkpoint, 4);
+}
+
+/// Segment states list every segment by number: its live owner (none when free), epoch,
+/// expiry and checkpoint; a subscription never leased has none.
+pub async fn segment_states_list_owners_epochs_and_checkpoints(store: Arc<dyn EventStore>) {
+    assert!(store.segment_states("listed").await.unwrap().is_empty());
+    let a = store
+        .claim_segments("listed", "a", 3, 2, LONG)
+        .await
+        .unwrap();
+    store.save_segment_checkpoint(&a[1], 42).await.unwrap();
+    let states = store.segment_states("listed").await.unwrap();
+    assert_eq!(
+        states,
+        [
+            SegmentState {
+                segment: 0,
+                segments: 3,
+                owner: Some("a".into()),
+                epoch: 1,
+                expires_at: Some(a[0].expires_at),
+                checkpoint: 0,
+            },
+            SegmentState {
+                segment: 1,
+                segments: 3,
+                owner: Some("a".into()),
+                epoch: 1,
+                expires_at: Some(a[1].expires_at),
+                checkpoint: 42,
+            },
+            SegmentState {
+                segment: 2,
+                segments: 3,
+                owner: None,
+                epoch: 0,
+                expires_at: None,
+                checkpoint: 0,
+            },
+        ]
+    );
+}
+
+/// With one segment the checkpoint is the subscription's plain one: a claim starts from
+/// it and a save is what `load_checkpoint` reads. With more, each segment starts from the
+/// plain checkpoint when the count is first stored.
+pub async fn one_segment_uses_the_plain_checkpoint(store: Arc<dyn EventStore>) {
+    store.save_checkpoint("single", 7).await.unwrap();
+    let a = store
+        .claim_segments("single", "a", 1, 1, LONG)
+        .await
+        .unwrap();
+    assert_eq!((a[0].segment, a[0].checkpoint), (0, 7));
+    assert_eq!(a[0].checkpoint_name(), "single");
+    store.save_segment_checkpoint(&a[0], 9).await.unwrap();
+    assert_eq!(store.load_checkpoint("single").await.unwrap(), Some(9));
+
+    store.save_checkpoint("split", 11).await.unwrap();
+    let b = store
+        .claim_segments("split", "b", 4, 4, LONG)
+        .await
+        .unwrap();
+    assert!(b.iter().all(|l| l.checkpoint == 11), "{b:?}");
+    assert_eq!(store.load_checkpoint("split#2/4").await.unwrap(), Some(11));
 }
