@@ -2,6 +2,9 @@
 
 mod common;
 
+#[macro_use]
+#[path = "common/forward.rs"]
+mod forward;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -597,65 +600,4 @@ async fn a_store_handle_from_open_builds_a_repository_and_a_bus_without_arc() {
     store.close().await.unwrap();
 }
 
-#[async_trait::async_trait]
-impl eventfold::backend::LeaseStore for Hooked {
-    async fn heartbeat(
-        &self,
-        subscription: &str,
-        member: &str,
-        ttl: std::time::Duration,
-    ) -> eventfold::Result<Vec<String>> {
-        self.inner.heartbeat(subscription, member, ttl).await
-    }
-
-    async fn leave(&self, subscription: &str, member: &str) -> eventfold::Result<()> {
-        self.inner.leave(subscription, member).await
-    }
-
-    async fn claim_segments(
-        &self,
-        subscription: &str,
-        member: &str,
-        segments: u32,
-        max: u32,
-        ttl: std::time::Duration,
-    ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
-        self.inner
-            .claim_segments(subscription, member, segments, max, ttl)
-            .await
-    }
-
-    async fn renew_leases(
-        &self,
-        leases: &[eventfold::backend::SegmentLease],
-        ttl: std::time::Duration,
-    ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
-        self.inner.renew_leases(leases, ttl).await
-    }
-
-    async fn release_leases(
-        &self,
-        leases: &[eventfold::backend::SegmentLease],
-    ) -> eventfold::Result<()> {
-        self.inner.release_leases(leases).await
-    }
-
-    async fn save_segment_checkpoint(
-        &self,
-        lease: &eventfold::backend::SegmentLease,
-        position: u64,
-    ) -> eventfold::Result<()> {
-        self.inner.save_segment_checkpoint(lease, position).await
-    }
-
-    async fn segment_states(
-        &self,
-        subscription: &str,
-    ) -> eventfold::Result<Vec<eventfold::backend::SegmentState>> {
-        self.inner.segment_states(subscription).await
-    }
-
-    async fn reset_segments(&self, subscription: &str, position: u64) -> eventfold::Result<()> {
-        self.inner.reset_segments(subscription, position).await
-    }
-}
+forward_lease_store!(Hooked => inner);
