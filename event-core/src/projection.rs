@@ -626,6 +626,18 @@ pub fn dead_letter(
     }
 }
 
+/// The dead letter of a projection for an event it read whole (a decode error, an unknown
+/// type), with one attempt now; for backends.
+pub fn dead_letter_of(name: &str, event: &RecordedEvent, error: &Error) -> NewDeadLetter {
+    dead_letter(
+        name,
+        Some(event.event_id),
+        event.position,
+        &event.event_type,
+        error,
+    )
+}
+
 /// The dead letter of a failed event that is out of attempts; for backends.
 pub fn exhausted(
     name: &str,

@@ -342,13 +342,7 @@ impl<P: PostgresProjection> ProjectionBackend for Backend<P> {
             ) {
                 Action::Skip => skipped += 1,
                 Action::DeadLetter(error) => {
-                    let letter = projection::dead_letter(
-                        &self.name,
-                        Some(event.event_id),
-                        event.position,
-                        &event.event_type,
-                        &error,
-                    );
+                    let letter = projection::dead_letter_of(&self.name, &event, &error);
                     add_dead_letter(&tx, &letter).await?;
                     dead_lettered += 1;
                 }

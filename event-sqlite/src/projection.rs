@@ -402,13 +402,7 @@ impl<P: SqliteProjection> Runner<P> {
             match projection::classify::<P::Event>(event, options.unknown_events, decode) {
                 Action::Skip => skipped += 1,
                 Action::DeadLetter(error) => {
-                    let letter = projection::dead_letter(
-                        name,
-                        Some(event.event_id),
-                        event.position,
-                        &event.event_type,
-                        &error,
-                    );
+                    let letter = projection::dead_letter_of(name, event, &error);
                     add_dead_letter(&tx, &letter)?;
                     dead_lettered += 1;
                 }
