@@ -151,7 +151,7 @@ pub struct SegmentState {
 /// Segment leases and the members of a subscription: the part of the store contract that
 /// lets several processes share a subscription. Every [`EventStore`](crate::EventStore)
 /// implements it; the conformance suite's
-/// [`lease_conformance_tests!`](crate::lease_conformance_tests) checks it.
+/// `lease_conformance_tests!` (feature `testing`) checks it.
 ///
 /// Times are the store's clock. A ttl must be in `(0, MAX_LEASE_TTL]`, else
 /// [`Error::InvalidLeaseTtl`].
