@@ -39,7 +39,7 @@
 //!   advisory lock, so processes that open at once do not race; a schema written by a
 //!   newer version of this library is refused ([`Error::Open`] of kind `SchemaTooNew`).
 //! - **Positions: a counter row.** The row `ef_head` holds the head of the log. Each
-//!   append call locks it first (`SELECT … FOR UPDATE`) and holds it until it commits, so
+//!   append call updates it first (which locks it) and holds it until it commits, so
 //!   positions are dense (no holes, even after a refused or failed append) and follow
 //!   commit order: a reader that has seen position `p` never later finds an event at or
 //!   below `p`. No `SERIALIZABLE`, no retries: every statement after the lock sees every
