@@ -51,6 +51,7 @@ pub(crate) struct Counters {
     pub(crate) calls: AtomicU64,
     pub(crate) appends: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+    pub(crate) call_micros: AtomicU64,
 }
 
 /// One queued append (or batch), checked and encoded.
@@ -123,7 +124,9 @@ impl Call<'_> {
         recorded_at: i64,
         channel: Option<&str>,
         check_ids: bool,
+        counters: &Counters,
     ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let started = Instant::now();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 17] = [
             &self.s_type,
             &self.s_id,
@@ -143,7 +146,11 @@ impl Call<'_> {
             &channel,
             &check_ids,
         ];
-        client.query(statement, &params).await
+        let result = client.query(statement, &params).await;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        counters.call_micros.fetch_add(micros, Ordering::Relaxed);
+        result
     }
 }
 
@@ -408,15 +415,20 @@ impl Writer {
                 };
                 let channel = self.channel.as_deref();
                 let mut result = call
-                    .run(client, statement, self.last_recorded_at, channel, check_ids)
+                    .run(
+                        client,
+                        statement,
+                        self.last_recorded_at,
+                        channel,
+                        check_ids,
+                        &self.counters,
+                    )
                     .await;
-                self.counters.calls.fetch_add(1, Ordering::Relaxed);
                 if result.as_ref().is_err_and(foreign_row) {
                     // A stored event id (an append repeated), or a row that a writer outside
                     // the store inserted and this call's checks could not see yet (it was
                     // not committed): the call was rolled back whole. Run again with the ids
                     // checked; it sees the row now and judges each append by it.
-                    self.counters.calls.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(
                         check_ids,
                         "a group met a stored event id or a row written outside the store; \
@@ -424,7 +436,14 @@ impl Writer {
                     );
                     check_ids = true;
                     result = call
-                        .run(client, statement, self.last_recorded_at, channel, check_ids)
+                        .run(
+                            client,
+                            statement,
+                            self.last_recorded_at,
+                            channel,
+                            check_ids,
+                            &self.counters,
+                        )
                         .await;
                 }
                 let error = match result {
