@@ -93,6 +93,16 @@ impl Bench {
         Ok((store, schema))
     }
 
+    /// Keeps what the store's writer did in a run of `elapsed`: its appends per call, and
+    /// the share of the run it spent waiting for the server.
+    fn record_writer(&mut self, store: &PostgresEventStore, elapsed: Duration) {
+        let writer = store.writer_statistics();
+        self.appends_per_call
+            .push(writer.appends as f64 / writer.calls.max(1) as f64);
+        self.call_share
+            .push(writer.call_micros as f64 / elapsed.as_micros().max(1) as f64);
+    }
+
     async fn drop_schema(&self, schema: &str) -> Res<()> {
         self.raw
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
@@ -220,13 +230,7 @@ async fn append_concurrent(bench: &mut Bench, events: usize) -> Res<(f64, f64)> 
     }
     let elapsed = started.elapsed();
     let ours = events as f64 / elapsed.as_secs_f64();
-    let writer = store.writer_statistics();
-    bench
-        .appends_per_call
-        .push(writer.appends as f64 / writer.calls.max(1) as f64);
-    bench
-        .call_share
-        .push(writer.call_micros as f64 / elapsed.as_micros().max(1) as f64);
+    bench.record_writer(&store, elapsed);
     let statement = bench
         .raw
         .prepare(&INSERT_RAW.replace("{s}", &schema))
@@ -435,7 +439,9 @@ async fn command_many(bench: &mut Bench, commands: usize) -> Res<(f64, f64)> {
     for task in tasks {
         task.await??;
     }
-    let ours = (rounds * ACCOUNTS) as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    let ours = (rounds * ACCOUNTS) as f64 / elapsed.as_secs_f64();
+    bench.record_writer(&store, elapsed);
 
     bench
         .raw
@@ -582,7 +588,9 @@ async fn bus_durable(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
     }
     bus.wait_idle().await?;
     bus.stop().await?;
-    let ours = events as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    let ours = events as f64 / elapsed.as_secs_f64();
+    bench.record_writer(&store, elapsed);
     assert_eq!(tally.events.load(Relaxed), events as u64);
     assert_eq!(
         tally.amount.load(Relaxed),
@@ -756,7 +764,7 @@ impl Bench {
             ratios.push(o / r);
         }
         let note = match name {
-            "pg_append_concurrent" => Some(format!(
+            "pg_append_concurrent" | "pg_command_many" | "pg_bus_durable" => Some(format!(
                 "{:.1} appends per call, {:.0}% of the time in calls (medians)",
                 median(&mut self.appends_per_call),
                 100.0 * median(&mut self.call_share)
