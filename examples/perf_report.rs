@@ -7,7 +7,14 @@
 //! cargo run --release --example perf_report -- --quick   # smaller counts, under a minute
 //! cargo run --release --example perf_report -- --json    # one JSON object per scenario
 //! cargo run --release --example perf_report -- --only rehydrate --repeats 30   # to profile
+//! cargo run --release --example perf_report -- --store postgres   # the PostgreSQL rows
 //! ```
+//!
+//! `--store postgres` runs the PostgreSQL store's rows instead (`pg_append_batch` ...
+//! `pg_bus_durable`, against hand-written tokio-postgres on the same server) on the server
+//! at `EVENTFOLD_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`), each run in a
+//! schema of its own, dropped after it. Their code is `pg_perf`'s
+//! (`event-postgres/examples/pg_perf/scenarios.rs`), included here as a module.
 //!
 //! Databases live in a temporary directory that is deleted at the end. The raw side gets
 //! its tables from the store itself (a store is opened on its file once and closed), and
@@ -36,6 +43,10 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 type Res<T> = Result<T, Box<dyn Error + Send + Sync>>;
+
+/// The PostgreSQL rows, the same code as `pg_perf`'s.
+#[path = "../event-postgres/examples/pg_perf/scenarios.rs"]
+mod pg_scenarios;
 
 // ---------------------------------------------------------------------------------------
 // The domain both sides share: an account that takes deposits.
@@ -1618,23 +1629,23 @@ fn fmt_value(value: f64) -> String {
     }
 }
 
-fn print_table(rows: &[Row], mode: &str, repeats: usize) {
+fn print_table(rows: &[Row], mode: &str, repeats: usize, machine: &[(&str, String)]) {
     println!("eventfold performance report ({mode}; medians of >= {repeats} runs each)");
-    for (key, value) in machine() {
+    for (key, value) in machine {
         println!("  {key:<7} {value}");
     }
     println!();
     println!(
-        "| {:<20} | {:>12} | {:>12} | {:<12} | {:>6} | {:<12} | {:<4} |",
+        "| {:<22} | {:>12} | {:>12} | {:<12} | {:>6} | {:<12} | {:<4} |",
         "scenario", "eventfold", "raw", "unit", "ratio", "goal", "met"
     );
     println!(
-        "|{:-<22}|{:->14}|{:->14}|{:-<14}|{:->8}|{:-<14}|{:-<6}|",
+        "|{:-<24}|{:->14}|{:->14}|{:-<14}|{:->8}|{:-<14}|{:-<6}|",
         "", "", "", "", "", "", ""
     );
     for row in rows {
         println!(
-            "| {:<20} | {:>12} | {:>12} | {:<12} | {:>6.2} | {:<12} | {:<4} |",
+            "| {:<22} | {:>12} | {:>12} | {:<12} | {:>6.2} | {:<12} | {:<4} |",
             row.scenario,
             fmt_value(row.eventfold),
             fmt_value(row.raw),
@@ -1673,11 +1684,27 @@ fn print_json(row: &Row) -> Res<()> {
     Ok(())
 }
 
+/// The store a report measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreKind {
+    Sqlite,
+    Postgres,
+}
+
 struct Args {
     quick: bool,
     json: bool,
     only: Option<String>,
     repeats: Option<usize>,
+    store: StoreKind,
+}
+
+/// The names of the scenarios `--store` runs.
+fn scenario_names(store: StoreKind) -> Vec<&'static str> {
+    match store {
+        StoreKind::Sqlite => SCENARIOS.to_vec(),
+        StoreKind::Postgres => pg_scenarios::SCENARIOS.iter().map(|s| s.name).collect(),
+    }
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Res<Args> {
@@ -1686,6 +1713,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Res<Args> {
         json: false,
         only: None,
         repeats: None,
+        store: StoreKind::Sqlite,
     };
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -1693,14 +1721,14 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Res<Args> {
             "--json" => parsed.json = true,
             "--only" => {
                 let name = args.next().ok_or("--only needs a scenario name")?;
-                if !SCENARIOS.contains(&name.as_str()) {
-                    return Err(format!(
-                        "unknown scenario {name}; the scenarios are {}",
-                        SCENARIOS.join(", ")
-                    )
-                    .into());
-                }
                 parsed.only = Some(name);
+            }
+            "--store" => {
+                parsed.store = match args.next().as_deref() {
+                    Some("sqlite") => StoreKind::Sqlite,
+                    Some("postgres") => StoreKind::Postgres,
+                    _ => return Err("--store needs `sqlite` or `postgres`".into()),
+                }
             }
             // For profiling one scenario: `--only rehydrate --repeats 100`.
             "--repeats" => {
@@ -1709,16 +1737,109 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Res<Args> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: perf_report [--quick] [--json] [--only SCENARIO] [--repeats N]\n\
-                     scenarios: {}",
-                    SCENARIOS.join(", ")
+                    "usage: perf_report [--store sqlite|postgres] [--quick] [--json] \
+                     [--only SCENARIO] [--repeats N]\n\
+                     scenarios: {}\n\
+                     with --store postgres (on EVENTFOLD_PG_URL): {}",
+                    SCENARIOS.join(", "),
+                    scenario_names(StoreKind::Postgres).join(", ")
                 );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other} (try --help)").into()),
         }
     }
+    if let Some(name) = &parsed.only {
+        let names = scenario_names(parsed.store);
+        if !names.contains(&name.as_str()) {
+            return Err(format!(
+                "unknown scenario {name}; the scenarios are {}{}",
+                names.join(", "),
+                if parsed.store == StoreKind::Sqlite {
+                    " (the PostgreSQL ones need --store postgres)"
+                } else {
+                    ""
+                }
+            )
+            .into());
+        }
+    }
     Ok(parsed)
+}
+
+/// The PostgreSQL rows (`--store postgres`): each scenario's runs interleave the store and
+/// the raw side; the ratio is the median of the runs' ratios.
+async fn postgres_report(args: &Args, repeats: usize) -> Res<()> {
+    let url = std::env::var("EVENTFOLD_PG_URL")
+        .unwrap_or_else(|_| eventfold::postgres::DEFAULT_URL.to_owned());
+    let mut bench = pg_scenarios::Bench::connect(&url, true)
+        .await
+        .map_err(|e| format!("cannot reach PostgreSQL at {url} (set EVENTFOLD_PG_URL): {e}"))?;
+    let mut machine = machine();
+    machine.retain(|(key, _)| *key != "sqlite");
+    machine.push(("postgres", bench.server_version().await?));
+    if args.json {
+        for (key, value) in &machine {
+            eprintln!("{key}: {value}");
+        }
+    }
+    let counts = if args.quick {
+        pg_scenarios::QUICK
+    } else {
+        pg_scenarios::FULL
+    };
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for scenario in &pg_scenarios::SCENARIOS {
+        if args
+            .only
+            .as_deref()
+            .is_some_and(|only| only != scenario.name)
+        {
+            continue;
+        }
+        eprintln!("{} ...", scenario.name);
+        let scenario_started = Instant::now();
+        let measured = bench.measure(scenario.name, counts, repeats).await?;
+        let baseline = match &measured.note {
+            Some(note) => format!("{}; {note}", scenario.baseline),
+            None => scenario.baseline.to_owned(),
+        };
+        let row = Row {
+            scenario: scenario.name,
+            eventfold: measured.store,
+            raw: measured.raw,
+            unit: scenario.unit,
+            ratio: measured.ratio,
+            goal: Goal::RatioAtLeast(scenario.goal),
+            also: true,
+            baseline,
+        };
+        eprintln!(
+            "{}: eventfold {} {}, raw {} {}, ratio {:.2} ({:.1} s)",
+            row.scenario,
+            fmt_value(row.eventfold),
+            row.unit,
+            fmt_value(row.raw),
+            row.unit,
+            row.ratio,
+            scenario_started.elapsed().as_secs_f64()
+        );
+        if args.json {
+            print_json(&row)?;
+        }
+        rows.push(row);
+    }
+    eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
+    if !args.json {
+        let mode = if args.quick {
+            "--store postgres --quick"
+        } else {
+            "--store postgres"
+        };
+        print_table(&rows, mode, repeats, &machine);
+    }
+    Ok(())
 }
 
 async fn run(name: &str, sizes: Sizes, dir: &Path) -> Res<Row> {
@@ -1766,12 +1887,15 @@ fn main() -> Res<()> {
             eprintln!("{key}: {value}");
         }
     }
-    let dir = tempfile::Builder::new()
-        .prefix("eventfold-perf-")
-        .tempdir()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if args.store == StoreKind::Postgres {
+        return runtime.block_on(postgres_report(&args, sizes.repeats));
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("eventfold-perf-")
+        .tempdir()?;
     let started = Instant::now();
     let mut rows = Vec::new();
     for name in SCENARIOS {
@@ -1800,7 +1924,7 @@ fn main() -> Res<()> {
     eprintln!("done in {:.1} s", started.elapsed().as_secs_f64());
     if !args.json {
         let mode = if args.quick { "--quick" } else { "full" };
-        print_table(&rows, mode, sizes.repeats);
+        print_table(&rows, mode, sizes.repeats, &machine());
     }
     Ok(())
 }

@@ -44,7 +44,7 @@
 //!   take free segments with `FOR UPDATE SKIP LOCKED`, and a segment checkpoint is saved
 //!   in one transaction with the check of its lease (`eventfold::lease`).
 //! - **Positions: a counter row.** The row `ef_head` holds the head of the log. Each
-//!   append call locks it first (`SELECT … FOR UPDATE`) and holds it until it commits, so
+//!   append call updates it first (which locks it) and holds it until it commits, so
 //!   positions are dense (no holes, even after a refused or failed append) and follow
 //!   commit order: a reader that has seen position `p` never later finds an event at or
 //!   below `p`. No `SERIALIZABLE`, no retries: every statement after the lock sees every

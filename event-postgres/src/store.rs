@@ -65,6 +65,10 @@ pub struct WriterStatistics {
     pub appends: u64,
     /// Times the writer connected again after its connection broke.
     pub reconnects: u64,
+    /// Microseconds the writer spent waiting for the server to answer its calls. Against
+    /// the time the appends took, it tells the server's share (statements and commits)
+    /// from the rest (the appenders, the writer's gathering, the driver).
+    pub call_micros: u64,
     /// Appends waiting for the writer right now (not counting the call under way).
     pub queued: usize,
 }
@@ -179,6 +183,7 @@ impl PostgresEventStore {
             calls: counters.calls.load(Ordering::Relaxed),
             appends: counters.appends.load(Ordering::Relaxed),
             reconnects: counters.reconnects.load(Ordering::Relaxed),
+            call_micros: counters.call_micros.load(Ordering::Relaxed),
             queued: self.shared.commands.max_capacity() - self.shared.commands.capacity(),
         }
     }

@@ -4,9 +4,10 @@
 //!
 //! The function takes the head row's lock first and holds it to its commit, checks every
 //! append's expected version in queue order against the versions the group's earlier
-//! appends leave, refuses an append whose event ids are stored already (the writer then
-//! judges it: an exact repeat returns its first outcome), and numbers the stored events
-//! densely in commit order. A refused append fails alone; the group commits. If the
+//! appends leave, and numbers the stored events densely in commit order. Event ids are
+//! left to the unique index: a call that meets a stored one is rolled back and runs again
+//! with the ids looked up, refusing the appends that repeat stored ids (the writer then
+//! judges each: an exact repeat returns its first outcome). A refused append fails alone; the group commits. If the
 //! session breaks during the call (the commit may have happened), the writer runs the call
 //! again on a new session: the appends are recognised by their ids, so that is safe. If the
 //! call fails otherwise, every append of the group fails: with the server's error kind
@@ -50,6 +51,7 @@ pub(crate) struct Counters {
     pub(crate) calls: AtomicU64,
     pub(crate) appends: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+    pub(crate) call_micros: AtomicU64,
 }
 
 /// One queued append (or batch), checked and encoded.
@@ -59,7 +61,7 @@ struct Unit {
 }
 
 const CALL: &str = "SELECT out_request, out_status, out_version, out_position FROM \
-     ef_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+     ef_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
 
 /// Connects a session for the store, and drives its connection on a task of its own.
 pub(crate) async fn connect(
@@ -111,6 +113,45 @@ struct Call<'a> {
     e_occurred: Vec<i64>,
     e_metadata: Vec<Option<String>>,
     e_payload: Vec<&'a str>,
+}
+
+impl Call<'_> {
+    /// Runs the call of `ef_append` with these arrays.
+    async fn run(
+        &self,
+        client: &Client,
+        statement: &Statement,
+        recorded_at: i64,
+        channel: Option<&str>,
+        check_ids: bool,
+        counters: &Counters,
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let started = Instant::now();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 17] = [
+            &self.s_type,
+            &self.s_id,
+            &self.r_stream,
+            &self.r_expected,
+            &self.r_unit,
+            &self.r_count,
+            &self.e_req,
+            &self.e_off,
+            &self.e_id,
+            &self.e_type,
+            &self.e_schema,
+            &self.e_occurred,
+            &self.e_metadata,
+            &self.e_payload,
+            &recorded_at,
+            &channel,
+            &check_ids,
+        ];
+        let result = client.query(statement, &params).await;
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        counters.calls.fetch_add(1, Ordering::Relaxed);
+        counters.call_micros.fetch_add(micros, Ordering::Relaxed);
+        result
+    }
 }
 
 /// What the call said of one unit.
@@ -364,40 +405,46 @@ impl Writer {
             }
             // The first failure that lost the session, once the call is run again.
             let mut lost: Option<Fault> = None;
+            // The first call leaves duplicate event ids to the unique index; a call that
+            // meets one runs again with the ids looked up, which refuses just the units
+            // that repeat stored ids (the writer judges them) and stores the rest.
+            let mut check_ids = false;
             loop {
                 let (Some(client), Some(statement)) = (&self.client, &self.statement) else {
                     unreachable!("ensure_connected leaves a client and a statement");
                 };
                 let channel = self.channel.as_deref();
-                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 16] = [
-                    &call.s_type,
-                    &call.s_id,
-                    &call.r_stream,
-                    &call.r_expected,
-                    &call.r_unit,
-                    &call.r_count,
-                    &call.e_req,
-                    &call.e_off,
-                    &call.e_id,
-                    &call.e_type,
-                    &call.e_schema,
-                    &call.e_occurred,
-                    &call.e_metadata,
-                    &call.e_payload,
-                    &self.last_recorded_at,
-                    &channel,
-                ];
-                let mut result = client.query(statement, &params).await;
-                self.counters.calls.fetch_add(1, Ordering::Relaxed);
+                let mut result = call
+                    .run(
+                        client,
+                        statement,
+                        self.last_recorded_at,
+                        channel,
+                        check_ids,
+                        &self.counters,
+                    )
+                    .await;
                 if result.as_ref().is_err_and(foreign_row) {
-                    // A writer outside the store inserted a row that this call's checks
-                    // could not see yet (it was not committed): the call was rolled back
-                    // whole. Run again, it sees the row now and judges each append by it.
-                    self.counters.calls.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        "a row written outside the store collided with a group; calling again"
+                    // A stored event id (an append repeated), or a row that a writer outside
+                    // the store inserted and this call's checks could not see yet (it was
+                    // not committed): the call was rolled back whole. Run again with the ids
+                    // checked; it sees the row now and judges each append by it.
+                    tracing::debug!(
+                        check_ids,
+                        "a group met a stored event id or a row written outside the store; \
+                         calling again with the ids checked"
                     );
-                    result = client.query(statement, &params).await;
+                    check_ids = true;
+                    result = call
+                        .run(
+                            client,
+                            statement,
+                            self.last_recorded_at,
+                            channel,
+                            check_ids,
+                            &self.counters,
+                        )
+                        .await;
                 }
                 let error = match result {
                     Ok(rows) => break Ok(rows),
@@ -426,6 +473,7 @@ impl Writer {
                     break Err(fault);
                 }
                 lost = Some(fault);
+                check_ids = true;
             }
         };
         let rows = match result {

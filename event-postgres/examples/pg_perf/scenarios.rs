@@ -1,5 +1,7 @@
-//! The PostgreSQL store against hand-written tokio-postgres on the same server, measured in
-//! one run, interleaved (store, raw, store, raw...), medians of the repeats:
+//! The PostgreSQL rows of the performance report: the store against hand-written
+//! tokio-postgres on the same server, measured in one run, interleaved (store, raw, store,
+//! raw...), medians of the repeats. Shared by `pg_perf` (this example) and the facade's
+//! `perf_report --store postgres`, which include this file as a module.
 //!
 //! - `pg_append_batch`: 20,000 events in appends of 100 vs raw `UNNEST` inserts of the
 //!   same rows, 100 per transaction, on one connection (goal: >= 0.8).
@@ -15,30 +17,28 @@
 //!   `snapshot_every(100)`, as the SQLite report's `command_long_stream`: the rate of the
 //!   last 500 commands (the "store" column) vs the first 500 (the "raw" column); snapshots
 //!   keep a load from replaying the whole stream (goal: >= 0.8).
-//! - `pg_bus_durable`: 100,000 events (`--events N` to change) by `publish_batch` of 100
-//!   over 1,000 aggregates to a bus with one durable subscription, handled by a handler
-//!   that counts, until `wait_idle` (the checkpoint saved at the head) vs the batched raw
-//!   `UNNEST` append of the same rows alone, as the SQLite report's `bus_durable`
-//!   (goal: >= 0.7).
+//! - `pg_bus_durable`: 100,000 events by `publish_batch` of 100 over 1,000 aggregates to a
+//!   bus with one durable subscription, handled by a handler that counts, until
+//!   `wait_idle` (the checkpoint saved at the head) vs the batched raw `UNNEST` append of
+//!   the same rows alone, as the SQLite report's `bus_durable` (goal: >= 0.7).
 //!
-//! ```text
-//! cargo run --release -p eventfold-postgres --example pg_perf [-- --repeats 5] [--no-notify]
-//!     [--only pg_append_batch] [--events 20000]
-//! ```
-//!
-//! Uses `EVENTFOLD_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`) and a schema
-//! of its own, dropped at the end. The machine is shared: quote the load with the figures.
+//! Uses a schema of its own per run, dropped after it. The machine is shared: quote the
+//! load with the figures.
+
+// Each includer uses its own part of this module.
+#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use eventfold_core::{EventLog, ExpectedVersion, Metadata, NewEvent, StreamId};
-use eventfold_postgres::{DEFAULT_URL, PostgresEventStore, PostgresOptions};
+use eventfold_postgres::{PostgresEventStore, PostgresOptions};
 use tokio_postgres::NoTls;
 use uuid::Uuid;
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+/// What a scenario returns.
+pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 const PAYLOAD: &str = r#"{"account":"acc-000123","amount":1250,"currency":"EUR","note":"monthly deposit from the savings plan"}"#;
 
@@ -58,7 +58,8 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-struct Bench {
+/// The session and state the scenarios share.
+pub struct Bench {
     url: String,
     schema: String,
     raw: tokio_postgres::Client,
@@ -66,6 +67,8 @@ struct Bench {
     notify: bool,
     /// Appends per writer call in the concurrent runs: group commit at work.
     appends_per_call: Vec<f64>,
+    /// The share of the concurrent runs' time the writer waited for the server.
+    call_share: Vec<f64>,
 }
 
 impl Bench {
@@ -88,6 +91,16 @@ impl Bench {
             ))
             .await?;
         Ok((store, schema))
+    }
+
+    /// Keeps what the store's writer did in a run of `elapsed`: its appends per call, and
+    /// the share of the run it spent waiting for the server.
+    fn record_writer(&mut self, store: &PostgresEventStore, elapsed: Duration) {
+        let writer = store.writer_statistics();
+        self.appends_per_call
+            .push(writer.appends as f64 / writer.calls.max(1) as f64);
+        self.call_share
+            .push(writer.call_micros as f64 / elapsed.as_micros().max(1) as f64);
     }
 
     async fn drop_schema(&self, schema: &str) -> Res<()> {
@@ -215,11 +228,9 @@ async fn append_concurrent(bench: &mut Bench, events: usize) -> Res<(f64, f64)> 
     for task in tasks {
         task.await??;
     }
-    let ours = events as f64 / started.elapsed().as_secs_f64();
-    let writer = store.writer_statistics();
-    bench
-        .appends_per_call
-        .push(writer.appends as f64 / writer.calls.max(1) as f64);
+    let elapsed = started.elapsed();
+    let ours = events as f64 / elapsed.as_secs_f64();
+    bench.record_writer(&store, elapsed);
     let statement = bench
         .raw
         .prepare(&INSERT_RAW.replace("{s}", &schema))
@@ -317,8 +328,10 @@ async fn rehydrate(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
 #[derive(
     Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, eventfold_macros::DomainEvent,
 )]
-#[domain_event(aggregate = "Account", crate = "eventfold_core")]
+#[domain_event(aggregate = "PgAccount", crate = "eventfold_core")]
 enum AccountEvent {
+    // Named apart from the report's own `Deposited` (one registry per program).
+    #[domain_event(name = "PgDeposited")]
     Deposited {
         amount: u64,
         currency: String,
@@ -426,7 +439,9 @@ async fn command_many(bench: &mut Bench, commands: usize) -> Res<(f64, f64)> {
     for task in tasks {
         task.await??;
     }
-    let ours = (rounds * ACCOUNTS) as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    let ours = (rounds * ACCOUNTS) as f64 / elapsed.as_secs_f64();
+    bench.record_writer(&store, elapsed);
 
     bench
         .raw
@@ -573,7 +588,9 @@ async fn bus_durable(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
     }
     bus.wait_idle().await?;
     bus.stop().await?;
-    let ours = events as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed();
+    let ours = events as f64 / elapsed.as_secs_f64();
+    bench.record_writer(&store, elapsed);
     assert_eq!(tally.events.load(Relaxed), events as u64);
     assert_eq!(
         tally.amount.load(Relaxed),
@@ -606,92 +623,162 @@ async fn bus_durable(bench: &mut Bench, events: usize) -> Res<(f64, f64)> {
     Ok((ours, raw))
 }
 
-#[tokio::main]
-async fn main() -> Res<()> {
-    let mut repeats = 5;
-    let mut notify = true;
-    let mut only = None;
-    let mut bus_events = 100_000;
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--repeats" => repeats = args.next().ok_or("--repeats needs a number")?.parse()?,
-            "--no-notify" => notify = false,
-            "--only" => only = Some(args.next().ok_or("--only needs a scenario")?),
-            "--events" => {
-                bus_events = args
-                    .next()
-                    .ok_or("--events needs a number (pg_bus_durable's events)")?
-                    .parse()?
-            }
-            other => return Err(format!("unknown argument {other}").into()),
-        }
+/// One PostgreSQL row of the report.
+pub struct Scenario {
+    pub name: &'static str,
+    /// What both columns count per second.
+    pub unit: &'static str,
+    /// The least ratio store / raw the issue asks for.
+    pub goal: f64,
+    /// What the raw column measures.
+    pub baseline: &'static str,
+}
+
+/// The PostgreSQL rows, in the order the report runs them.
+pub const SCENARIOS: [Scenario; 6] = [
+    Scenario {
+        name: "pg_append_batch",
+        unit: "events/s",
+        goal: 0.8,
+        baseline: "UNNEST inserts of the same rows, 100 per transaction, one connection",
+    },
+    Scenario {
+        name: "pg_append_concurrent",
+        unit: "events/s",
+        goal: 4.0,
+        baseline: "one-event transactions on one connection (the store: 8 tasks, one event \
+                   per append)",
+    },
+    Scenario {
+        name: "pg_rehydrate",
+        unit: "events/s",
+        goal: 0.8,
+        baseline: "a SELECT of the stream and the same serde fold",
+    },
+    Scenario {
+        name: "pg_command_many",
+        unit: "commands/s",
+        goal: 2.0,
+        baseline: "a hand-written handler from 8 tasks, one connection each: load and fold, \
+                   insert at the next version (two round trips per command)",
+    },
+    Scenario {
+        name: "pg_command_long_stream",
+        unit: "commands/s",
+        goal: 0.8,
+        baseline: "the first 500 commands of the same run (eventfold column: the last 500 of \
+                   5,000 on one snapshotted aggregate)",
+    },
+    Scenario {
+        name: "pg_bus_durable",
+        unit: "events/s",
+        goal: 0.7,
+        baseline: "the batched raw UNNEST append of the same rows alone (the store: published \
+                   by publish_batch of 100 and handled by one durable subscription)",
+    },
+];
+
+/// How much each scenario does.
+#[derive(Debug, Clone, Copy)]
+pub struct Counts {
+    pub batch_events: usize,
+    pub concurrent_events: usize,
+    pub rehydrate_events: usize,
+    /// A multiple of the 1,000 accounts.
+    pub many_commands: usize,
+    /// At least twice the 500 commands of a window.
+    pub long_commands: usize,
+    /// A multiple of the 100 events of a batch.
+    pub bus_events: usize,
+}
+
+/// The counts of the full report.
+pub const FULL: Counts = Counts {
+    batch_events: 20_000,
+    concurrent_events: 2_000,
+    rehydrate_events: 10_000,
+    many_commands: 8_000,
+    long_commands: 5_000,
+    bus_events: 100_000,
+};
+
+/// The counts of `--quick`.
+pub const QUICK: Counts = Counts {
+    batch_events: 5_000,
+    concurrent_events: 800,
+    rehydrate_events: 5_000,
+    many_commands: 2_000,
+    long_commands: 1_000,
+    bus_events: 20_000,
+};
+
+/// The medians of one scenario's repeats (each run's store and raw sides back to back).
+#[derive(Debug, Clone)]
+pub struct Measured {
+    pub store: f64,
+    pub raw: f64,
+    /// The median of the runs' ratios.
+    pub ratio: f64,
+    /// What else the scenario measured, if anything.
+    pub note: Option<String>,
+}
+
+impl Bench {
+    /// Connects the raw session; each run opens a store in a schema of its own under it.
+    pub async fn connect(url: &str, notify: bool) -> Res<Bench> {
+        let (raw, connection) = tokio_postgres::connect(url, NoTls).await?;
+        tokio::spawn(connection);
+        Ok(Bench {
+            url: url.to_owned(),
+            schema: format!("ef_perf_{}", std::process::id()),
+            raw,
+            round: 0,
+            notify,
+            appends_per_call: Vec::new(),
+            call_share: Vec::new(),
+        })
     }
-    let url = std::env::var("EVENTFOLD_PG_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
-    let (raw, connection) = tokio_postgres::connect(&url, NoTls).await?;
-    tokio::spawn(connection);
-    let raw = Arc::new(raw);
-    let mut bench = Bench {
-        url,
-        schema: format!("ef_perf_{}", std::process::id()),
-        raw: Arc::try_unwrap(raw).map_err(|_| "one client")?,
-        round: 0,
-        notify,
-        appends_per_call: Vec::new(),
-    };
-    type Scenario = (&'static str, usize, &'static str);
-    let scenarios: [Scenario; 6] = [
-        ("pg_append_batch", 20_000, ">= 0.8"),
-        ("pg_append_concurrent", 2_000, ">= 4"),
-        ("pg_rehydrate", 10_000, ">= 0.8"),
-        ("pg_command_many", 8_000, ">= 2"),
-        ("pg_command_long_stream", 5_000, ">= 0.8"),
-        ("pg_bus_durable", bus_events, ">= 0.7"),
-    ];
-    if let Some(only) = only.as_deref()
-        && !scenarios.iter().any(|(name, _, _)| *name == only)
-    {
-        return Err(format!("unknown scenario {only}").into());
+
+    /// The server's version, for the report's header.
+    pub async fn server_version(&self) -> Res<String> {
+        Ok(self.raw.query_one("SHOW server_version", &[]).await?.get(0))
     }
-    println!("repeats: {repeats}; medians; events/s or commands/s (store | raw | ratio)");
-    for (name, events, goal) in scenarios {
-        if only.as_deref().is_some_and(|only| only != name) {
-            continue;
-        }
+
+    /// Runs the scenario `name` `repeats` times.
+    pub async fn measure(&mut self, name: &str, counts: Counts, repeats: usize) -> Res<Measured> {
         let (mut ours, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..repeats {
+        self.appends_per_call.clear();
+        self.call_share.clear();
+        for _ in 0..repeats.max(1) {
             let (o, r) = match name {
-                "pg_append_batch" => append_batch(&mut bench, events).await?,
-                "pg_append_concurrent" => append_concurrent(&mut bench, events).await?,
-                "pg_command_many" => command_many(&mut bench, events).await?,
-                "pg_command_long_stream" => command_long_stream(&mut bench, events).await?,
-                "pg_bus_durable" => bus_durable(&mut bench, events).await?,
-                _ => rehydrate(&mut bench, events).await?,
+                "pg_append_batch" => append_batch(self, counts.batch_events).await?,
+                "pg_append_concurrent" => append_concurrent(self, counts.concurrent_events).await?,
+                "pg_rehydrate" => rehydrate(self, counts.rehydrate_events).await?,
+                "pg_command_many" => command_many(self, counts.many_commands).await?,
+                "pg_command_long_stream" => command_long_stream(self, counts.long_commands).await?,
+                "pg_bus_durable" => bus_durable(self, counts.bus_events).await?,
+                other => return Err(format!("unknown scenario {other}").into()),
             };
             ours.push(o);
             raws.push(r);
             ratios.push(o / r);
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        println!(
-            "{name:<22} {:>10.0} | {:>10.0} | {:>5.2}x (goal {goal})",
-            median(&mut ours),
-            median(&mut raws),
-            median(&mut ratios)
-        );
-        if name == "pg_command_long_stream" {
-            println!(
-                "{:<22} store = last {LONG_WINDOW} commands, raw = first {LONG_WINDOW}",
-                ""
-            );
-        }
-        if name == "pg_append_concurrent" {
-            println!(
-                "{:<22} {:.1} appends per call (median)",
-                "",
-                median(&mut bench.appends_per_call)
-            );
-        }
+        let note = match name {
+            "pg_append_concurrent" | "pg_command_many" | "pg_bus_durable" => Some(format!(
+                "{:.1} appends per call, {:.0}% of the time in calls (medians)",
+                median(&mut self.appends_per_call),
+                100.0 * median(&mut self.call_share)
+            )),
+            "pg_command_long_stream" => Some(format!(
+                "store = last {LONG_WINDOW} commands, raw = first {LONG_WINDOW}"
+            )),
+            _ => None,
+        };
+        Ok(Measured {
+            store: median(&mut ours),
+            raw: median(&mut raws),
+            ratio: median(&mut ratios),
+            note,
+        })
     }
-    Ok(())
 }
