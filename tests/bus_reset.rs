@@ -514,6 +514,17 @@ struct HeldSave {
     head_asked: Mutex<Option<oneshot::Sender<()>>>,
 }
 
+impl HeldSave {
+    /// The first checkpoint save says it started, then waits for the release.
+    async fn held(&self) {
+        let hold = self.hold.lock().unwrap().take();
+        if let Some((entered, release)) = hold {
+            let _ = entered.send(());
+            let _ = release.await;
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl eventfold::backend::EventLog for HeldSave {
     async fn append(
@@ -583,11 +594,7 @@ impl eventfold::backend::SubscriptionStore for HeldSave {
     }
 
     async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
-        let hold = self.hold.lock().unwrap().take();
-        if let Some((entered, release)) = hold {
-            let _ = entered.send(());
-            let _ = release.await;
-        }
+        self.held().await;
         self.inner.save_checkpoint(name, position).await
     }
 
@@ -790,6 +797,8 @@ impl eventfold::backend::LeaseStore for HeldSave {
         lease: &eventfold::backend::SegmentLease,
         position: u64,
     ) -> eventfold::Result<()> {
+        // The bus saves its checkpoints here, under its segment leases.
+        self.held().await;
         self.inner.save_segment_checkpoint(lease, position).await
     }
 
