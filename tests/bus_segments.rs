@@ -572,3 +572,248 @@ async fn processes_share_sixteen_segments_and_take_over_a_killed_ones() {
     );
     writer.close().await.unwrap();
 }
+
+// ---- A lease lost ----
+
+/// The in-memory store, but this handle can be cut off from the leases: its renewals and
+/// claims then come back empty (as for a member the store no longer hears), while the
+/// lease itself runs out in the store.
+struct CutOff {
+    inner: Arc<InMemoryEventStore>,
+    cut: std::sync::atomic::AtomicBool,
+}
+
+impl CutOff {
+    fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_that_loses_its_lease_stops_the_segment_at_once_and_another_takes_over() {
+    let inner = Arc::new(InMemoryEventStore::new());
+    let cut_off = Arc::new(CutOff {
+        inner: Arc::clone(&inner),
+        cut: std::sync::atomic::AtomicBool::new(false),
+    });
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(Arc::clone(&cut_off), 1, ttl).await;
+    wait_until("the first bus holds the segment", || async {
+        held(&a).await == [0]
+    })
+    .await;
+    publish(&a, 0, 10, 2).await;
+    a.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 10);
+
+    cut_off.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until("the first bus gave the lost segment up", || async {
+        held(&a).await.is_empty()
+    })
+    .await;
+    let (b, b_handled) = bus_on(Arc::clone(&inner), 1, ttl).await;
+    publish(&b, 10, 20, 2).await;
+    wait_until(
+        "the second bus took over once the lease ran out",
+        || async { count(&b_handled) >= 10 },
+    )
+    .await;
+    b.wait_idle().await.unwrap();
+    a.wait_idle().await.unwrap();
+    assert_eq!(
+        count(&a_handled),
+        10,
+        "a bus without the lease handles nothing"
+    );
+    let ns: Vec<u64> = b_handled.lock().unwrap().iter().map(|(_, n)| *n).collect();
+    let mut sorted = ns.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (10..20).collect::<Vec<_>>(),
+        "from the saved checkpoint on"
+    );
+    assert_in_order(&b_handled);
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::LeaseStore for CutOff {
+    async fn heartbeat(
+        &self,
+        subscription: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> eventfold::Result<Vec<String>> {
+        self.inner.heartbeat(subscription, member, ttl).await
+    }
+
+    async fn leave(&self, subscription: &str, member: &str) -> eventfold::Result<()> {
+        self.inner.leave(subscription, member).await
+    }
+
+    async fn claim_segments(
+        &self,
+        subscription: &str,
+        member: &str,
+        segments: u32,
+        max: u32,
+        ttl: Duration,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
+        if self.is_cut() {
+            return Ok(Vec::new());
+        }
+        self.inner
+            .claim_segments(subscription, member, segments, max, ttl)
+            .await
+    }
+
+    async fn renew_leases(
+        &self,
+        leases: &[eventfold::backend::SegmentLease],
+        ttl: Duration,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
+        if self.is_cut() {
+            return Ok(Vec::new());
+        }
+        self.inner.renew_leases(leases, ttl).await
+    }
+
+    async fn release_leases(
+        &self,
+        leases: &[eventfold::backend::SegmentLease],
+    ) -> eventfold::Result<()> {
+        self.inner.release_leases(leases).await
+    }
+
+    async fn save_segment_checkpoint(
+        &self,
+        lease: &eventfold::backend::SegmentLease,
+        position: u64,
+    ) -> eventfold::Result<()> {
+        self.inner.save_segment_checkpoint(lease, position).await
+    }
+
+    async fn segment_states(
+        &self,
+        subscription: &str,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentState>> {
+        self.inner.segment_states(subscription).await
+    }
+
+    async fn reset_segments(&self, subscription: &str, position: u64) -> eventfold::Result<()> {
+        self.inner.reset_segments(subscription, position).await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::EventLog for CutOff {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> eventfold::Result<eventfold::AppendOutcome> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+    ) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(stream, from).await
+    }
+
+    async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(from, limit).await
+    }
+
+    async fn get(&self, id: uuid::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
+        self.inner.get(id).await
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> eventfold::Result<u64> {
+        self.inner.stream_version(stream).await
+    }
+
+    async fn head_position(&self) -> eventfold::Result<u64> {
+        self.inner.head_position().await
+    }
+
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch_head()
+    }
+
+    async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+        self.inner.statistics().await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::SnapshotStore for CutOff {
+    async fn save_snapshot(&self, snapshot: eventfold::Snapshot) -> eventfold::Result<()> {
+        self.inner.save_snapshot(snapshot).await
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> eventfold::Result<Option<eventfold::Snapshot>> {
+        self.inner.load_snapshot(stream).await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::SubscriptionStore for CutOff {
+    async fn load_checkpoint(&self, name: &str) -> eventfold::Result<Option<u64>> {
+        self.inner.load_checkpoint(name).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
+        self.inner.save_checkpoint(name, position).await
+    }
+
+    async fn add_dead_letter(
+        &self,
+        dead_letter: eventfold::backend::NewDeadLetter,
+    ) -> eventfold::Result<u64> {
+        self.inner.add_dead_letter(dead_letter).await
+    }
+
+    async fn dead_letters(
+        &self,
+        name: Option<&str>,
+    ) -> eventfold::Result<Vec<eventfold::DeadLetter>> {
+        self.inner.dead_letters(name).await
+    }
+
+    async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
+        self.inner.remove_dead_letter(id).await
+    }
+
+    async fn record_failure(
+        &self,
+        failure: eventfold::FailureRecord,
+        retain: usize,
+    ) -> eventfold::Result<()> {
+        self.inner.record_failure(failure, retain).await
+    }
+
+    async fn clear_dead_letters(&self, name: Option<&str>) -> eventfold::Result<u64> {
+        self.inner.clear_dead_letters(name).await
+    }
+
+    async fn clear_failures(&self, name: Option<&str>) -> eventfold::Result<u64> {
+        self.inner.clear_failures(name).await
+    }
+
+    async fn failures(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> eventfold::Result<Vec<eventfold::FailureRecord>> {
+        self.inner.failures(name, limit).await
+    }
+}

@@ -278,10 +278,11 @@ async fn give_up_drained(engine: &Engine, store: &Arc<dyn EventStore>) -> Result
 }
 
 /// Releases every lease the bus holds or claimed, and leaves the subscriptions, when it
-/// stops (after its checkpoints were saved), so a standby takes over at once.
-pub(crate) async fn release_all(engine: &Engine, names: &[Arc<str>]) -> Result<()> {
+/// stops (after its checkpoints were saved), so a standby takes over at once. A store that
+/// cannot be reached then does not fail the stop: the leases expire on their own.
+pub(crate) async fn release_all(engine: &Engine, names: &[Arc<str>]) {
     let Some(store) = &engine.store else {
-        return Ok(());
+        return;
     };
     let mut leases = engine.lock_tracker().take_all();
     leases.extend(
@@ -289,11 +290,14 @@ pub(crate) async fn release_all(engine: &Engine, names: &[Arc<str>]) -> Result<(
             .into_iter()
             .map(|c| c.lease),
     );
-    if !leases.is_empty() {
-        store.release_leases(&leases).await?;
+    if !leases.is_empty()
+        && let Err(error) = store.release_leases(&leases).await
+    {
+        tracing::warn!(%error, "cannot release segment leases; they expire on their own");
     }
     for name in names {
-        store.leave(name, &engine.member).await?;
+        if let Err(error) = store.leave(name, &engine.member).await {
+            tracing::warn!(%error, subscription = %name, "cannot leave; the membership expires on its own");
+        }
     }
-    Ok(())
 }

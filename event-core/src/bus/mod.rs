@@ -735,7 +735,7 @@ impl EventBus {
             let subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
             subs.iter().map(|s| Arc::clone(&s.name)).collect()
         };
-        leases::release_all(engine, &names).await?;
+        leases::release_all(engine, &names).await;
         // Finished events still waiting for a publisher to drop them.
         engine.reclaim_all();
         // Counted, not taken from how the tasks ended: a task that ended early (or was
