@@ -278,6 +278,12 @@ pub mod testing {
         pub use eventfold_core::testing::conformance::*;
     }
 
+    /// Segment leases across real processes: the member a child process runs and the
+    /// kill-and-take-over scenario its parent checks.
+    pub mod processes {
+        pub use eventfold_core::testing::processes::*;
+    }
+
     pub use eventfold_core::{lease_conformance_tests, store_conformance_tests};
 }
 

@@ -151,7 +151,7 @@ pub struct SegmentState {
 /// Segment leases and the members of a subscription: the part of the store contract that
 /// lets several processes share a subscription. Every [`EventStore`](crate::EventStore)
 /// implements it; the conformance suite's
-/// [`lease_conformance_tests!`](crate::lease_conformance_tests) checks it.
+/// `lease_conformance_tests!` (feature `testing`) checks it.
 ///
 /// Times are the store's clock. A ttl must be in `(0, MAX_LEASE_TTL]`, else
 /// [`Error::InvalidLeaseTtl`].
@@ -173,7 +173,8 @@ pub trait LeaseStore: Send + Sync + 'static {
     /// lowest number first, for `member` until now+ttl; each taken segment's epoch goes up
     /// by one (the fencing token). Creates the subscription's `segments` rows on first use
     /// (each segment then starts from the subscription's plain checkpoint, if it has one and
-    /// `segments > 1`); [`Error::SegmentCountMismatch`] if another count is stored;
+    /// `segments > 1`; otherwise a segment has no checkpoint until its first save, which a
+    /// bus starting at the end relies on); [`Error::SegmentCountMismatch`] if another count is stored;
     /// [`Error::InvalidSegments`] if segments is 0 or > [`MAX_SEGMENTS`]. Segments `member`
     /// already holds are not returned. Atomic: two members racing never both get a segment.
     async fn claim_segments(

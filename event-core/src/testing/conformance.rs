@@ -1301,8 +1301,9 @@ pub async fn leases_are_claimed_once_and_fence_checkpoints(store: Arc<dyn EventS
             ),
             ("fenced", 4, "a", 1, 0)
         );
-        assert!(lease.expires_at > Utc::now() + chrono::Duration::seconds(30));
     }
+    // One claim, one expiry (the store's clock, which the case does not compare with its own).
+    assert!(a.iter().all(|l| l.expires_at == a[0].expires_at), "{a:?}");
     let again = store
         .claim_segments("fenced", "a", 4, 4, LONG)
         .await

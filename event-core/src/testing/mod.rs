@@ -6,4 +6,7 @@ mod kit;
 #[cfg(feature = "testing")]
 pub mod conformance;
 
+#[cfg(feature = "testing")]
+pub mod processes;
+
 pub use kit::{AggregateTest, Then};
