@@ -342,6 +342,29 @@ async fn a_segmented_subscription_is_reset_whole_and_not_while_another_bus_holds
 }
 
 #[tokio::test]
+async fn without_a_store_every_segment_runs_on_the_bus() {
+    let bus = EventBus::builder().build().unwrap();
+    let handled: Handled = Arc::default();
+    let recorder = Arc::clone(&handled);
+    bus.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event();
+        recorder.lock().unwrap().push((meter.clone(), *n));
+        std::future::ready(())
+    })
+    .segments(4)
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    publish(&bus, 0, 20, 5).await;
+    bus.wait_idle().await.unwrap();
+    assert_eq!(count(&handled), 20);
+    let stats = bus.statistics().await.unwrap();
+    assert_eq!(stats.subscriptions[0].segments, 4);
+    assert_eq!(stats.subscriptions[0].held_segments, [0, 1, 2, 3]);
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_bad_segment_count_or_lease_time_is_refused() {
     let bus = EventBus::builder().build().unwrap();
     for segments in [0, eventfold::lease::MAX_SEGMENTS + 1] {
