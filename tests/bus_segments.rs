@@ -341,6 +341,50 @@ async fn a_segmented_subscription_is_reset_whole_and_not_while_another_bus_holds
     again.stop().await.unwrap();
 }
 
+#[path = "../event-postgres/tests/common/mod.rs"]
+mod pg;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_two_buses_split_four_segments_and_one_takes_all_when_the_other_stops() {
+    if pg::no_server() {
+        return;
+    }
+    let schema = pg::Schema::new();
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(schema.open().await, 4, ttl).await;
+    let (b, b_handled) = bus_on(schema.open().await, 4, ttl).await;
+    wait_until("each bus holds two segments", || async {
+        held(&a).await.len() == 2 && held(&b).await.len() == 2
+    })
+    .await;
+    publish(&a, 0, 200, 20).await;
+    // wait_idle reads the server's head, so each bus reads the other's appends.
+    wait_until("every event is handled", || async {
+        a.wait_idle().await.unwrap();
+        b.wait_idle().await.unwrap();
+        count(&a_handled) + count(&b_handled) >= 200
+    })
+    .await;
+    assert_eq!(count(&a_handled) + count(&b_handled), 200, "none twice");
+    assert_in_order(&a_handled);
+    assert_in_order(&b_handled);
+
+    a.stop().await.unwrap();
+    wait_until("the other bus holds every segment", || async {
+        held(&b).await.len() == 4
+    })
+    .await;
+    publish(&b, 200, 240, 20).await;
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled) + count(&b_handled), 240, "none twice");
+    assert_in_order(&b_handled);
+    assert_eq!(
+        b.statistics().await.unwrap().subscriptions[0].checkpoint,
+        Some(240)
+    );
+    b.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn without_a_store_every_segment_runs_on_the_bus() {
     let bus = EventBus::builder().build().unwrap();
