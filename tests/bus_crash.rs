@@ -35,9 +35,12 @@ async fn open_bus(dir: &Path) -> (Arc<SqliteEventStore>, EventBus) {
             .await
             .unwrap(),
     );
+    // A killed child holds the subscription's lease until it expires: short, so the next
+    // run takes over soon.
     let bus = EventBus::builder()
         .store(store.clone())
         .workers(3)
+        .lease_ttl(std::time::Duration::from_millis(500))
         .build()
         .unwrap();
     let log_path = dir.join("handled.log");
@@ -155,6 +158,19 @@ fn a_killed_bus_catches_up_and_every_stored_event_is_handled_in_order() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let stored = runtime.block_on(async {
         let (store, bus) = open_bus(&dir).await;
+        // The last killed child's lease expires first; this bus then takes the
+        // subscription over (a condition with a guard: only a hang reaches it).
+        let guard = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        while bus.statistics().await.unwrap().subscriptions[0]
+            .held_segments
+            .is_empty()
+        {
+            assert!(
+                tokio::time::Instant::now() < guard,
+                "never took the lease over"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         bus.wait_idle().await.unwrap();
         bus.stop().await.unwrap();
         assert!(store.dead_letters(None).await.unwrap().is_empty());

@@ -2,10 +2,6 @@
 //! checkpoint (`reset_subscription`), each on the in-memory store and on a SQLite file.
 //! A restart is a new bus over the same storage: the same in-memory store, or the SQLite
 //! file opened again.
-
-#[macro_use]
-#[path = "common/forward.rs"]
-mod forward;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -517,6 +513,17 @@ struct HeldSave {
     head_asked: Mutex<Option<oneshot::Sender<()>>>,
 }
 
+impl HeldSave {
+    /// The first checkpoint save says it started, then waits for the release.
+    async fn held(&self) {
+        let hold = self.hold.lock().unwrap().take();
+        if let Some((entered, release)) = hold {
+            let _ = entered.send(());
+            let _ = release.await;
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl eventfold::backend::EventLog for HeldSave {
     async fn append(
@@ -586,11 +593,7 @@ impl eventfold::backend::SubscriptionStore for HeldSave {
     }
 
     async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
-        let hold = self.hold.lock().unwrap().take();
-        if let Some((entered, release)) = hold {
-            let _ = entered.send(());
-            let _ = release.await;
-        }
+        self.held().await;
         self.inner.save_checkpoint(name, position).await
     }
 
@@ -745,4 +748,67 @@ async fn registering_during_a_reset_makes_the_reset_fail_rather_than_race_it() {
     bus.stop().await.unwrap();
 }
 
-forward_lease_store!(HeldSave => inner);
+#[async_trait::async_trait]
+impl eventfold::backend::LeaseStore for HeldSave {
+    async fn heartbeat(
+        &self,
+        subscription: &str,
+        member: &str,
+        ttl: std::time::Duration,
+    ) -> eventfold::Result<Vec<String>> {
+        self.inner.heartbeat(subscription, member, ttl).await
+    }
+
+    async fn leave(&self, subscription: &str, member: &str) -> eventfold::Result<()> {
+        self.inner.leave(subscription, member).await
+    }
+
+    async fn claim_segments(
+        &self,
+        subscription: &str,
+        member: &str,
+        segments: u32,
+        max: u32,
+        ttl: std::time::Duration,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
+        self.inner
+            .claim_segments(subscription, member, segments, max, ttl)
+            .await
+    }
+
+    async fn renew_leases(
+        &self,
+        leases: &[eventfold::backend::SegmentLease],
+        ttl: std::time::Duration,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
+        self.inner.renew_leases(leases, ttl).await
+    }
+
+    async fn release_leases(
+        &self,
+        leases: &[eventfold::backend::SegmentLease],
+    ) -> eventfold::Result<()> {
+        self.inner.release_leases(leases).await
+    }
+
+    async fn save_segment_checkpoint(
+        &self,
+        lease: &eventfold::backend::SegmentLease,
+        position: u64,
+    ) -> eventfold::Result<()> {
+        // The bus saves its checkpoints here, under its segment leases.
+        self.held().await;
+        self.inner.save_segment_checkpoint(lease, position).await
+    }
+
+    async fn segment_states(
+        &self,
+        subscription: &str,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentState>> {
+        self.inner.segment_states(subscription).await
+    }
+
+    async fn reset_segments(&self, subscription: &str, position: u64) -> eventfold::Result<()> {
+        self.inner.reset_segments(subscription, position).await
+    }
+}

@@ -3,8 +3,11 @@
 //! from), `segment_leases` (one row per segment) and `subscription_members`.
 //!
 //! Every write runs on the writer connection in its own `BEGIN IMMEDIATE` transaction, so
-//! the check and the change of a claim, a renewal or a fenced checkpoint save are one step
-//! for every process on the file: SQLite's write lock serializes them across processes.
+//! the check and the change of a claim or a renewal are one step for every process on the
+//! file: SQLite's write lock serializes them across processes. A fenced checkpoint save,
+//! which a bus makes often, is a grouped write of the writer instead (its lease check and
+//! upsert inside the group's transaction, see `Command::SaveSegmentCheckpoint`): one step
+//! all the same, without a transaction of its own.
 //! Times are the writer's clock (`Utc::now`), in nanoseconds as the rest of the schema.
 
 use std::time::Duration;
@@ -20,6 +23,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::SqliteEventStore;
 use crate::error::store_error;
 use crate::sql::{nanos_of, to_i64};
+use crate::writer::Command;
 
 /// Runs `work` in one write transaction: committed if it succeeds, rolled back otherwise.
 fn in_transaction<T>(conn: &Connection, work: impl FnOnce() -> Result<T>) -> Result<T> {
@@ -65,7 +69,7 @@ fn checkpoint_of(conn: &Connection, name: &str) -> Result<u64> {
 }
 
 /// Whether `lease` is still held: same owner, epoch and count.
-fn held(conn: &Connection, lease: &SegmentLease) -> Result<bool> {
+pub(crate) fn held(conn: &Connection, lease: &SegmentLease) -> Result<bool> {
     conn.prepare_cached(
         "SELECT 1 FROM segment_leases WHERE subscription = ?1 AND segment = ?2 \
          AND segments = ?3 AND owner = ?4 AND epoch = ?5",
@@ -266,27 +270,6 @@ fn release(conn: &Connection, leases: &[SegmentLease]) -> Result<()> {
     })
 }
 
-fn save(conn: &Connection, lease: &SegmentLease, position: u64) -> Result<()> {
-    let now = now_nanos()?;
-    in_transaction(conn, || {
-        if !held(conn, lease)? {
-            return Err(Error::LeaseLost {
-                subscription: lease.subscription.clone(),
-                segment: lease.segment,
-                epoch: lease.epoch,
-            });
-        }
-        conn.prepare_cached(
-            "INSERT INTO checkpoints (subscription, position, updated_at) VALUES (?1, ?2, ?3) \
-             ON CONFLICT (subscription) DO UPDATE SET \
-             position = MAX(position, excluded.position), updated_at = excluded.updated_at",
-        )
-        .and_then(|mut stmt| stmt.execute(params![lease.checkpoint_name(), to_i64(position), now]))
-        .map_err(fail("saving a segment checkpoint"))?;
-        Ok(())
-    })
-}
-
 fn states(conn: &Connection, subscription: &str) -> Result<Vec<SegmentState>> {
     let now = now_nanos()?;
     conn.prepare_cached(
@@ -472,9 +455,15 @@ impl LeaseStore for SqliteEventStore {
     }
 
     async fn save_segment_checkpoint(&self, lease: &SegmentLease, position: u64) -> Result<()> {
+        // A grouped write (see `Command::SaveSegmentCheckpoint`): the lease check and the
+        // upsert share the group's transaction, as a bus saves often.
         let lease = lease.clone();
-        self.on_writer(move |conn| save(conn, &lease, position))
-            .await
+        self.write(|reply| Command::SaveSegmentCheckpoint {
+            lease,
+            position,
+            reply,
+        })
+        .await
     }
 
     async fn segment_states(&self, subscription: &str) -> Result<Vec<SegmentState>> {

@@ -414,7 +414,7 @@ impl SqliteEventStore {
     }
 
     /// Sends a write to the writer and waits for its committed result.
-    async fn write<T>(
+    pub(crate) async fn write<T>(
         &self,
         command: impl FnOnce(Reply<T>) -> Command,
     ) -> eventfold_core::Result<T> {

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use eventfold_core::lease::SegmentLease;
 use eventfold_core::{
     AppendOutcome, AppendRequest, Error, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter,
     NewEvent, Snapshot, StreamId,
@@ -60,6 +61,14 @@ pub(crate) enum Command {
     },
     SaveCheckpoint {
         subscription: String,
+        position: u64,
+        reply: Reply<()>,
+    },
+    /// A segment's checkpoint, saved only while its lease holds (checked in the same
+    /// transaction): grouped with the other writes like a plain checkpoint, so a bus's
+    /// fenced saves cost no transaction of their own.
+    SaveSegmentCheckpoint {
+        lease: SegmentLease,
         position: u64,
         reply: Reply<()>,
     },
@@ -122,9 +131,11 @@ impl Command {
             Command::Append { requests, .. } => {
                 matches!(requests.as_slice(), [request] if request.events.len() == 1)
             }
-            // One INSERT, upsert or DELETE each.
+            // One INSERT, upsert or DELETE each (a segment's checkpoint reads its lease
+            // first, and writes nothing when it is lost).
             Command::SaveSnapshot { .. }
             | Command::SaveCheckpoint { .. }
+            | Command::SaveSegmentCheckpoint { .. }
             | Command::AddDeadLetter { .. }
             | Command::RemoveDeadLetter { .. }
             | Command::Clear { .. } => true,
@@ -147,6 +158,7 @@ impl Command {
             (
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
+                | Command::SaveSegmentCheckpoint { reply, .. }
                 | Command::RecordFailure { reply, .. },
                 Answer::Done(result),
             ) => send(reply, result),
@@ -163,6 +175,7 @@ impl Command {
                 Command::Append { reply, .. } => send(reply, Err(failure)),
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
+                | Command::SaveSegmentCheckpoint { reply, .. }
                 | Command::RecordFailure { reply, .. } => send(reply, Err(failure)),
                 Command::AddDeadLetter { reply, .. } | Command::Clear { reply, .. } => {
                     send(reply, Err(failure))
@@ -760,6 +773,9 @@ impl Writer {
                 position,
                 ..
             } => Answer::Done(self.save_checkpoint(subscription, *position, state.recorded_at)),
+            Command::SaveSegmentCheckpoint {
+                lease, position, ..
+            } => Answer::Done(self.save_segment_checkpoint(lease, *position, state.recorded_at)),
             Command::AddDeadLetter { dead_letter, .. } => {
                 Answer::Added(self.add_dead_letter(dead_letter))
             }
@@ -1006,6 +1022,34 @@ impl Writer {
     fn save_checkpoint(&self, subscription: &str, position: u64, now: i64) -> Result<(), Failure> {
         sql::upsert_checkpoint(&self.conn, subscription, position, now)
             .map_err(fault("saving a checkpoint"))
+    }
+
+    /// Saves a segment's checkpoint if its lease is still held with its epoch (else
+    /// `LeaseLost`, writing nothing); it never moves backwards.
+    fn save_segment_checkpoint(
+        &self,
+        lease: &SegmentLease,
+        position: u64,
+        now: i64,
+    ) -> Result<(), Failure> {
+        if !crate::lease::held(&self.conn, lease).map_err(Failure::from_core)? {
+            return Err(Failure::Refused(Error::LeaseLost {
+                subscription: lease.subscription.clone(),
+                segment: lease.segment,
+                epoch: lease.epoch,
+            }));
+        }
+        self.conn
+            .prepare_cached(
+                "INSERT INTO checkpoints (subscription, position, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (subscription) DO UPDATE SET \
+                 position = MAX(position, excluded.position), updated_at = excluded.updated_at",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![lease.checkpoint_name(), to_i64(position), now])
+            })
+            .map(drop)
+            .map_err(fault("saving a segment checkpoint"))
     }
 
     fn add_dead_letter(&self, dead_letter: &NewDeadLetter) -> Result<u64, Failure> {

@@ -38,18 +38,36 @@ impl EventBus {
             Some(store) => Some(store.head_position().await?),
             None => None,
         };
-        let checkpoints: Vec<Option<u64>> = {
+        let held: Vec<(Option<u64>, Vec<u32>)> = {
             let tracker = engine.lock_tracker();
             routing
                 .subs
                 .iter()
-                .map(|s| tracker.checkpoint(s.index))
+                .map(|s| {
+                    let segments = match engine.store {
+                        Some(_) => tracker
+                            .leases_of(s.index)
+                            .iter()
+                            .map(|l| l.segment)
+                            .collect(),
+                        None => (0..s.segments).collect(),
+                    };
+                    (tracker.lowest_checkpoint(s.index), segments)
+                })
                 .collect()
         };
         let mut subscriptions = Vec::new();
-        for (sub, checkpoint) in routing.subs.iter().zip(checkpoints) {
+        for (sub, (checkpoint, held_segments)) in routing.subs.iter().zip(held) {
             let checkpoint = match (&engine.store, checkpoint) {
-                (Some(store), None) => store.load_checkpoint(&sub.name).await?,
+                (Some(store), None) if sub.segments == 1 => {
+                    store.load_checkpoint(&sub.name).await?
+                }
+                (Some(store), None) => store
+                    .segment_states(&sub.name)
+                    .await?
+                    .iter()
+                    .map(|s| s.checkpoint)
+                    .min(),
                 (_, checkpoint) => checkpoint,
             };
             let lag = match head {
@@ -65,6 +83,8 @@ impl EventBus {
                 dead_lettered: sub.counters.dead_lettered.load(Ordering::Relaxed),
                 skipped: sub.counters.skipped.load(Ordering::Relaxed),
                 checkpoint,
+                segments: sub.segments,
+                held_segments,
                 lag,
                 latency_p50_micros: sub.latency.percentile(0.50),
                 latency_p99_micros: sub.latency.percentile(0.99),

@@ -25,8 +25,7 @@ use uuid::Uuid;
 use super::engine::Engine;
 use super::handler::EventSource;
 use super::inbox::{Router, admit};
-use super::reset::StartFrom;
-use super::routing::{BusEvent, Routing, Sub};
+use super::routing::{BusEvent, Routing, Sub, partition_of};
 use super::stats::Counters;
 use crate::error::{Error, Result, StoreErrorKind};
 use crate::record::{FailureRecord, NewDeadLetter, RecordedEvent};
@@ -46,22 +45,18 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
             break;
         }
         let current = Arc::clone(&routing.borrow_and_update());
-        if !Arc::ptr_eq(&current, &table) || next == u64::MAX {
+        let segments = engine.segments_version.load(Ordering::SeqCst);
+        if !Arc::ptr_eq(&current, &table)
+            || next == u64::MAX
+            || segments != engine.segments_seen.load(Ordering::SeqCst)
+        {
             table = current;
-            match sync_tracker(&engine, &store, &table).await {
-                Ok(()) => {}
-                Err(error) => {
-                    tracing::error!(%error, "cannot load subscription checkpoints; retrying");
-                    if wait_or_stop(&mut stopping, Duration::from_millis(500)).await {
-                        break;
-                    }
-                    continue;
-                }
-            }
+            sync_tracker(&engine, &store, &table).await;
             let lowest = engine.lock_tracker().lowest_routed();
             next = next.min(lowest.map_or(u64::MAX - 1, |p| p + 1));
             engine.read_next.store(next, Ordering::SeqCst);
             engine.routing_seen.store(table.version, Ordering::SeqCst);
+            engine.segments_seen.store(segments, Ordering::SeqCst);
         }
         let head_now = engine.head(*head.borrow_and_update());
         if table.subs.is_empty() || next > head_now {
@@ -75,6 +70,7 @@ pub(crate) async fn dispatch_log(engine: Arc<Engine>, mut router: Router) {
             tokio::select! {
                 _ = head.changed() => {}
                 () = engine.head_reported.notified() => {}
+                () = engine.segments_changed.notified() => {}
                 _ = routing.changed() => {}
                 _ = stopping.changed() => {}
             }
@@ -148,8 +144,10 @@ fn admit_page(
             // A type no code registers: the subscriptions of its aggregate type would
             // receive it if they knew it. Those that skip such events count the skip.
             None => {
+                let partition =
+                    partition_if_segmented(table.skipping_unknown(&record.aggregate_type), &record);
                 for sub in table.skipping_unknown(&record.aggregate_type) {
-                    if tracker.wants(sub.index, record.position) {
+                    if tracker.wants((sub.index, sub.segment_of(partition)), record.position) {
                         Counters::add(&sub.counters.skipped, 1);
                     }
                 }
@@ -159,16 +157,18 @@ fn admit_page(
                 }
             }
         };
+        let partition = partition_if_segmented(candidates, &record);
+        let key = |s: &Sub| (s.index, s.segment_of(partition));
         // Usually every candidate wants the event: share the table's list then.
         let subs: Arc<[Arc<Sub>]> = if candidates
             .iter()
-            .all(|s| tracker.wants(s.index, record.position))
+            .all(|s| tracker.wants(key(s), record.position))
         {
             Arc::clone(candidates)
         } else {
             candidates
                 .iter()
-                .filter(|s| tracker.wants(s.index, record.position))
+                .filter(|s| tracker.wants(key(s), record.position))
                 .cloned()
                 .collect()
         };
@@ -176,14 +176,25 @@ fn admit_page(
             continue;
         }
         for sub in subs.iter() {
-            tracker.route(sub.index, record.position);
+            tracker.route(key(sub), record.position);
         }
-        admitted.push((BusEvent::new(EventSource::Stored(Arc::new(record))), subs));
+        let mut event = BusEvent::new(EventSource::Stored(Arc::new(record)));
+        event.partition = partition;
+        admitted.push((event, subs));
     }
     if tracker.routed_through(routed_upto) {
         engine.checkpoints_dirty.notify_one();
     }
     admitted
+}
+
+/// The record's partition hash if one of `subs` has segments (else 0: unused).
+fn partition_if_segmented(subs: &[Arc<Sub>], record: &RecordedEvent) -> u32 {
+    if subs.iter().any(|s| s.segments > 1) {
+        partition_of(record)
+    } else {
+        0
+    }
 }
 
 /// Hands admitted events to the workers as room allows; false if the bus stopped first.
@@ -315,7 +326,7 @@ async fn dead_letter_damaged(engine: &Engine, table: &Routing, damaged: &Damaged
     );
     let mut all_stored = true;
     for sub in &table.subs {
-        if !engine.lock_tracker().wants(sub.index, position) {
+        if !engine.lock_tracker().any_wants(sub.index, position) {
             continue;
         }
         let now = engine.clock.now();
@@ -364,46 +375,37 @@ async fn dead_letter_damaged(engine: &Engine, table: &Routing, damaged: &Damaged
     all_stored
 }
 
-/// Adds newly subscribed durable subscriptions to the tracker at their stored checkpoint
-/// (one without a checkpoint where its [`StartFrom`] says), and drops those that left.
-async fn sync_tracker(engine: &Engine, store: &Arc<dyn EventStore>, table: &Routing) -> Result<()> {
-    let missing: Vec<Arc<Sub>> = {
+/// Takes up the segments the lease keeper claimed (at their checkpoints: the reader then
+/// rewinds to the lowest), and drops the tracks of subscriptions that left, releasing
+/// their leases. Done here, between reads, so a segment taken up mid-read cannot have
+/// positions below the reader passed for it.
+async fn sync_tracker(engine: &Engine, store: &Arc<dyn EventStore>, table: &Routing) {
+    let claimed = std::mem::take(&mut *engine.claimed.lock().unwrap_or_else(|e| e.into_inner()));
+    let released = {
         let mut tracker = engine.lock_tracker();
-        let live: Vec<usize> = table.subs.iter().map(|s| s.index).collect();
-        for index in tracker.indexes() {
-            if !live.contains(&index) {
-                tracker.remove(index);
+        let mut released = Vec::new();
+        for key in tracker.keys() {
+            if !table.subs.iter().any(|s| s.index == key.0) {
+                released.extend(tracker.remove(key));
             }
         }
-        table
-            .subs
-            .iter()
-            .filter(|s| !tracker.contains(s.index))
-            .cloned()
-            .collect()
+        for claim in claimed {
+            let Some(sub) = table.subs.iter().find(|s| s.index == claim.index) else {
+                released.push(claim.lease);
+                continue;
+            };
+            let key = (sub.index, claim.lease.segment);
+            tracker.add(key, Arc::clone(&sub.name), claim.lease, claim.checkpoint);
+            sub.set_held(key.1, true);
+        }
+        released
     };
-    // Under the gate a reset holds, so a reset's checkpoint is either taken up whole or
-    // written before this load.
-    let _gate = engine.checkpoint_gate.lock().await;
-    for sub in missing {
-        let checkpoint = match store.load_checkpoint(&sub.name).await? {
-            Some(checkpoint) => checkpoint,
-            None => match sub.start_from {
-                StartFrom::Beginning => 0,
-                StartFrom::End => {
-                    // Saved at once, so a restart before it handles anything does not
-                    // replay the history it was told to skip.
-                    let head = store.head_position().await?;
-                    store.save_checkpoint(&sub.name, head).await?;
-                    head
-                }
-            },
-        };
-        engine
-            .lock_tracker()
-            .add(sub.index, Arc::clone(&sub.name), checkpoint);
+    if !released.is_empty()
+        && let Err(error) = store.release_leases(&released).await
+    {
+        // They expire on their own.
+        tracing::warn!(%error, "cannot release the leases of subscriptions that left");
     }
-    Ok(())
 }
 
 /// Sleeps for `delay` unless the bus stops first; true if it stops.
@@ -443,9 +445,14 @@ pub(crate) async fn save_checkpoints(engine: &Engine) -> Result<()> {
     };
     let _gate = engine.checkpoint_gate.lock().await;
     let unsaved = engine.lock_tracker().unsaved();
-    for (index, name, position) in unsaved {
-        store.save_checkpoint(&name, position).await?;
-        engine.lock_tracker().saved(index, position);
+    for (key, lease, position) in unsaved {
+        match store.save_segment_checkpoint(&lease, position).await {
+            Ok(()) => engine.lock_tracker().saved(key, position),
+            // Another member holds the segment now: it goes on from the checkpoint it
+            // found, and this bus stops running the segment.
+            Err(Error::LeaseLost { .. }) => engine.segment_lost(key, &lease),
+            Err(error) => return Err(error),
+        }
     }
     Ok(())
 }

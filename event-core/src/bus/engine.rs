@@ -10,6 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
@@ -19,7 +20,9 @@ use super::records::Records;
 use super::room::Room;
 use super::routing::{BusEvent, Routing};
 use super::stats::Counters;
+use super::tracker::TrackKey;
 use super::tracker::Tracker;
+use crate::lease::SegmentLease;
 use crate::store::EventStore;
 
 pub(crate) struct Engine {
@@ -56,6 +59,30 @@ pub(crate) struct Engine {
     pub(crate) returned: Mutex<Vec<Arc<dyn PublishedEvent>>>,
     /// About how many are in `returned`, read without its lock.
     pub(crate) returned_len: AtomicUsize,
+    /// This bus's member id in the stores' lease tables.
+    pub(crate) member: String,
+    /// How long the leases it takes last without a renewal.
+    pub(crate) lease_ttl: Duration,
+    /// Segments the lease keeper claimed, for the dispatcher to take up between reads.
+    pub(crate) claimed: Mutex<Vec<Claim>>,
+    /// Counts hand-overs to `claimed`; the dispatcher notes the count it took up in
+    /// `segments_seen`, so idleness can tell whether it has.
+    pub(crate) segments_version: AtomicU64,
+    pub(crate) segments_seen: AtomicU64,
+    /// Wakes the dispatcher when segments were claimed.
+    pub(crate) segments_changed: Notify,
+    /// The routing version for which the lease keeper last tried to claim segments.
+    pub(crate) keeper_seen: AtomicU64,
+    /// Wakes the lease keeper: a draining segment finished, or the routing changed.
+    pub(crate) keeper_wake: Notify,
+}
+
+/// A segment the lease keeper claimed, and the checkpoint it starts from.
+pub(crate) struct Claim {
+    /// The subscription's index.
+    pub(crate) index: usize,
+    pub(crate) lease: SegmentLease,
+    pub(crate) checkpoint: u64,
 }
 
 tokio::task_local! {
@@ -82,6 +109,9 @@ impl Engine {
                 let head = self.head(*store.watch_head().borrow());
                 let routing = self.routing.borrow().version;
                 self.routing_seen.load(Ordering::SeqCst) == routing
+                    && self.keeper_seen.load(Ordering::SeqCst) >= routing
+                    && self.segments_seen.load(Ordering::SeqCst)
+                        == self.segments_version.load(Ordering::SeqCst)
                     && self.read_next.load(Ordering::SeqCst) > head
             }
             None => true,
@@ -99,6 +129,21 @@ impl Engine {
         if self.reported_head.fetch_max(head, Ordering::SeqCst) < head {
             // A permit, kept if the dispatcher is not waiting right now.
             self.head_reported.notify_one();
+        }
+    }
+
+    /// This bus no longer holds the lease of a segment (lost, or given up): it stops
+    /// tracking it, and deliveries of it not yet started are dropped.
+    pub(crate) fn segment_lost(&self, key: TrackKey, lease: &SegmentLease) {
+        let mut tracker = self.lock_tracker();
+        if tracker
+            .lease(key)
+            .is_some_and(|held| held.epoch == lease.epoch)
+        {
+            tracker.remove(key);
+            if let Some(sub) = self.routing.borrow().subs.iter().find(|s| s.index == key.0) {
+                sub.set_held(key.1, false);
+            }
         }
     }
 

@@ -34,6 +34,7 @@ mod dispatch;
 mod engine;
 mod handler;
 mod inbox;
+mod leases;
 mod publish;
 mod records;
 mod reset;
@@ -71,6 +72,7 @@ use worker::Worker;
 
 use crate::error::{Error, Result};
 use crate::event::DomainEvent;
+use crate::lease::DEFAULT_LEASE_TTL;
 use crate::registry::registry;
 use crate::store::{DEFAULT_FAILURE_RETENTION, EventStore};
 
@@ -84,6 +86,8 @@ pub struct EventBusBuilder {
     stop_timeout: Duration,
     clock: Arc<dyn Clock>,
     seed: Option<u64>,
+    lease_ttl: Duration,
+    member_id: Option<String>,
 }
 
 impl Default for EventBusBuilder {
@@ -96,6 +100,8 @@ impl Default for EventBusBuilder {
             stop_timeout: Duration::from_secs(10),
             clock: Arc::new(SystemClock),
             seed: None,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            member_id: None,
         }
     }
 }
@@ -148,6 +154,25 @@ impl EventBusBuilder {
         self
     }
 
+    /// How long the segment leases this bus takes in the store last without a renewal
+    /// (default [`DEFAULT_LEASE_TTL`], 10 s; at most [`MAX_LEASE_TTL`](crate::lease::MAX_LEASE_TTL)).
+    /// The bus renews them every third of it; when a process dies without
+    /// [`stop`](EventBus::stop), its segments are taken over by the others at most this
+    /// long after its last renewal. See [`SubscriptionBuilder::segments`].
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// This bus's member id in the store's lease tables (default: a fresh UUID v7 for
+    /// every bus built, so two buses are two members even in one process). Give a stable
+    /// id only if no two live buses can share it: buses with one id hold each other's
+    /// leases.
+    pub fn member_id(mut self, id: impl Into<String>) -> Self {
+        self.member_id = Some(id.into());
+        self
+    }
+
     /// Builds the bus; it delivers nothing until [`EventBus::start`].
     pub fn build(self) -> Result<EventBus> {
         let invalid =
@@ -168,6 +193,16 @@ impl EventBusBuilder {
         if self.batch_size == 0 {
             return invalid("batch_size", "the batch size must be at least 1".into());
         }
+        if let Err(error) = crate::lease::check_ttl(self.lease_ttl) {
+            return invalid("lease_ttl", error.to_string());
+        }
+        let member = match self.member_id {
+            Some(id) if id.is_empty() => {
+                return invalid("member_id", "a member id cannot be empty".into());
+            }
+            Some(id) => id,
+            None => uuid::Uuid::now_v7().to_string(),
+        };
         let records = match &self.store {
             Some(store) => Records::Store(Arc::clone(store)),
             None => Records::Memory(Mutex::default()),
@@ -196,6 +231,14 @@ impl EventBusBuilder {
             seed,
             returned: Mutex::new(Vec::new()),
             returned_len: AtomicUsize::new(0),
+            member,
+            lease_ttl: self.lease_ttl,
+            claimed: Mutex::new(Vec::new()),
+            segments_version: AtomicU64::new(0),
+            segments_seen: AtomicU64::new(0),
+            segments_changed: Notify::new(),
+            keeper_seen: AtomicU64::new(0),
+            keeper_wake: Notify::new(),
         };
         Ok(EventBus {
             inner: Arc::new(Inner {
@@ -344,6 +387,7 @@ pub struct SubscriptionBuilder<'a> {
     unknown: UnknownEventPolicy,
     failure_retention: usize,
     start_from: StartFrom,
+    segments: u32,
     aggregate_type: &'static str,
     event_types: Vec<&'static str>,
     invoke: Box<dyn handler::Invoke>,
@@ -402,10 +446,39 @@ impl SubscriptionBuilder<'_> {
         self
     }
 
+    /// Splits it into `segments` segments (default 1, at most
+    /// [`MAX_SEGMENTS`](crate::lease::MAX_SEGMENTS)), so that several processes (buses)
+    /// on one store share its work. Every stream belongs to one segment
+    /// ([`segment_of`](crate::lease::segment_of)), so an aggregate's events stay in order.
+    ///
+    /// With a store, a bus runs only the segments whose lease it holds: each bus takes a
+    /// fair share, `ceil(segments / live buses)`, gives up what is beyond it (after
+    /// finishing that segment's work and saving its checkpoint) and takes over the
+    /// segments of a bus that stopped (at once) or died (once its leases expire, see
+    /// [`EventBusBuilder::lease_ttl`]). Each segment has its own checkpoint, saved only
+    /// while its lease holds; after a takeover the new owner resumes from the saved
+    /// checkpoint, so events are delivered at least once (some again after a crash).
+    /// With one segment (the default) one bus runs the subscription and the others stand
+    /// by; its checkpoint is the subscription's plain checkpoint. Every bus running the
+    /// subscription must ask for the same count: a claim with another count fails (and is
+    /// logged) until the subscription is reset. Without a store it changes nothing.
+    pub fn segments(mut self, segments: u32) -> Self {
+        self.segments = segments;
+        self
+    }
+
     /// Adds the subscription. With a store it resumes from its stored checkpoint, or, if
     /// it has none, where [`start_from`](Self::start_from) says (the start of the log by
-    /// default).
+    /// default); it runs the segments whose leases it holds (see
+    /// [`segments`](Self::segments)).
+    ///
+    /// # Errors
+    /// [`Error::InvalidSubscriptionName`] for an empty name,
+    /// [`Error::DuplicateSubscription`] for a name registered already, and
+    /// [`Error::InvalidSegments`] for a segment count of 0 or above
+    /// [`MAX_SEGMENTS`](crate::lease::MAX_SEGMENTS).
     pub fn register(self) -> Result<SubscriptionHandle> {
+        crate::lease::check_segments(self.segments)?;
         let inner = &self.bus.inner;
         if self.name.is_empty() {
             return Err(Error::InvalidSubscriptionName {
@@ -435,6 +508,11 @@ impl SubscriptionBuilder<'_> {
             active: AtomicBool::new(true),
             queued: AtomicU64::new(0),
             parked: AtomicU64::new(0),
+            segments: self.segments,
+            // Without a store every segment runs here; with one, those whose lease it holds.
+            held: (0..self.segments)
+                .map(|_| AtomicBool::new(inner.engine.store.is_none()))
+                .collect(),
         }));
         inner.publish_routing(&subs);
         Ok(SubscriptionHandle { name })
@@ -531,6 +609,7 @@ impl EventBus {
             unknown: UnknownEventPolicy::default(),
             failure_retention: DEFAULT_FAILURE_RETENTION,
             start_from: StartFrom::default(),
+            segments: 1,
             aggregate_type: E::AGGREGATE_TYPE,
             event_types: E::EVENT_TYPES.iter().map(|t| t.name).collect(),
             invoke: Box::new(Typed {
@@ -604,6 +683,7 @@ impl EventBus {
             tasks.push(tokio::spawn(dispatch::flush_checkpoints(Arc::clone(
                 engine,
             ))));
+            tasks.push(tokio::spawn(leases::keep_leases(Arc::clone(engine))));
         } else {
             let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
             let waiting = match std::mem::replace(&mut *intake, Intake::Closed) {
@@ -622,7 +702,8 @@ impl EventBus {
 
     /// Stops the bus: refuses new events at once, lets in-flight deliveries (and, without
     /// a store, the queued events) finish for up to the stop timeout, then saves the
-    /// checkpoints. Retries still waiting, and attempts still running, at the timeout are
+    /// checkpoints and releases the segment leases it holds, so another bus running the
+    /// same subscriptions takes them over at once (see [`SubscriptionBuilder::segments`]). Retries still waiting, and attempts still running, at the timeout are
     /// abandoned (the attempts' futures dropped); with a store they are delivered again
     /// after a restart. The report counts what was left unfinished.
     pub async fn stop(&self) -> Result<StopReport> {
@@ -650,6 +731,11 @@ impl EventBus {
             }
         }
         dispatch::save_checkpoints(engine).await?;
+        let names: Vec<Arc<str>> = {
+            let subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+            subs.iter().map(|s| Arc::clone(&s.name)).collect()
+        };
+        leases::release_all(engine, &names).await;
         // Finished events still waiting for a publisher to drop them.
         engine.reclaim_all();
         // Counted, not taken from how the tasks ended: a task that ended early (or was
@@ -670,6 +756,12 @@ impl EventBus {
     /// subscription and, with a store, the bus has read the log up to its head and saved
     /// every checkpoint that moved: once it returns, `store.load_checkpoint` agrees with
     /// [`statistics`](Self::statistics). For tests and orderly shutdowns.
+    ///
+    /// With a store it waits for the segments this bus holds (see
+    /// [`SubscriptionBuilder::segments`]): their checkpoints reach the head. For a
+    /// subscription of which it holds no segment (another bus runs it, this one stands by)
+    /// it returns once it has tried to claim segments since the subscription was
+    /// registered; events another bus handles are not waited for.
     ///
     /// The head is the store's ([`EventLog::head_position`](crate::EventLog::head_position)
     /// when the call starts), so events other processes appended before it count too; the

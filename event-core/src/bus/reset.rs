@@ -2,6 +2,8 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::lease::SegmentLease;
+
 use super::{EventBus, Lifecycle};
 use crate::error::{Error, Result};
 use crate::store::EventStore;
@@ -55,14 +57,19 @@ impl EventBus {
     /// runs when that process is stopped, or one unsubscribed here first). A bus does not
     /// start while a reset is under way, and a subscription registered on the running bus
     /// while its reset is under way either makes the reset fail with
-    /// [`Error::SubscriptionRunning`] or starts from the reset checkpoint. Another process
-    /// running the subscription is not seen: stop it first.
+    /// [`Error::SubscriptionRunning`] or starts from the reset checkpoint. A subscription
+    /// with segments is reset whole: every segment starts from the checkpoint set (and the
+    /// segment count may change on the next claim). Another bus (in this process or
+    /// another) holding a live lease on it makes the reset fail with
+    /// [`Error::SubscriptionRunning`]: stop it first (a bus that died without stopping
+    /// holds its leases until they expire, see
+    /// [`lease_ttl`](super::EventBusBuilder::lease_ttl)).
     ///
     /// # Errors
     /// - [`Error::NotDurable`] on a bus without a store (its subscriptions have no
     ///   checkpoint to reset);
     /// - [`Error::SubscriptionRunning`] if the subscription is registered on this bus and
-    ///   the bus is running;
+    ///   the bus is running, or another bus holds a live lease on one of its segments;
     /// - [`Error::UnknownSubscription`] if the name is neither registered on this bus nor
     ///   has a checkpoint in the store (a typo, most likely);
     /// - [`Error::PositionBeyondHead`] for a [`ResetTo::Position`] past the head;
@@ -78,7 +85,10 @@ impl EventBus {
         };
         let _lifecycle = self.inner.lifecycle_gate.lock().await;
         let registered = self.registered_and_not_running(name)?;
-        if !registered && store.load_checkpoint(name).await?.is_none() {
+        if !registered
+            && store.load_checkpoint(name).await?.is_none()
+            && store.segment_states(name).await?.is_empty()
+        {
             return Err(Error::UnknownSubscription {
                 name: name.to_string(),
             });
@@ -91,8 +101,30 @@ impl EventBus {
         self.registered_and_not_running(name)?;
         // A subscription unsubscribed from a running bus may still be tracked until the
         // dispatcher sees it leave; it must not save its old checkpoint over this one.
-        engine.lock_tracker().forget(name);
-        store.save_checkpoint(name, checkpoint).await?;
+        // Leases this bus still holds for it (it left the running bus, and the dispatcher
+        // has not yet seen it go) are given up here; the store refuses the reset while
+        // any other live lease exists (another bus runs it).
+        let mut own = engine.lock_tracker().forget(name);
+        own.extend(
+            store
+                .segment_states(name)
+                .await?
+                .into_iter()
+                .filter(|s| s.owner.as_deref() == Some(engine.member.as_str()))
+                .map(|s| SegmentLease {
+                    subscription: name.to_string(),
+                    segment: s.segment,
+                    segments: s.segments,
+                    owner: engine.member.clone(),
+                    epoch: s.epoch,
+                    expires_at: s.expires_at.unwrap_or_else(Utc::now),
+                    checkpoint: s.checkpoint,
+                }),
+        );
+        if !own.is_empty() {
+            store.release_leases(&own).await?;
+        }
+        store.reset_segments(name, checkpoint).await?;
         Ok(checkpoint)
     }
 

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use super::config::{RetryPolicy, UnknownEventPolicy};
@@ -37,6 +37,36 @@ pub(crate) struct Sub {
     pub(crate) queued: AtomicU64,
     /// Its deliveries kept in memory behind a busy lane without a slot of the queue.
     pub(crate) parked: AtomicU64,
+    /// How many segments it is split into (1 unless set; see
+    /// [`SubscriptionBuilder::segments`](super::SubscriptionBuilder::segments)).
+    pub(crate) segments: u32,
+    /// Per segment: whether this bus runs it now (always, without a store; with one, while
+    /// it holds the segment's lease). A delivery of a segment not held is dropped before
+    /// its next attempt.
+    pub(crate) held: Box<[AtomicBool]>,
+}
+
+impl Sub {
+    /// The segment of an event with this partition hash.
+    pub(crate) fn segment_of(&self, partition: u32) -> u32 {
+        if self.segments == 1 {
+            0
+        } else {
+            partition % self.segments
+        }
+    }
+
+    /// Whether this bus runs the deliveries of events with this partition hash.
+    pub(crate) fn runs(&self, partition: u32) -> bool {
+        self.held[self.segment_of(partition) as usize].load(Ordering::Acquire)
+    }
+
+    /// Marks a segment as run here or not.
+    pub(crate) fn set_held(&self, segment: u32, held: bool) {
+        if let Some(flag) = self.held.get(segment as usize) {
+            flag.store(held, Ordering::Release);
+        }
+    }
 }
 
 /// The subscriptions by event type, each list in priority order. Replaced whole on every
@@ -119,6 +149,10 @@ pub(crate) struct BusEvent {
     /// Whether the event holds a slot of the queue, to give back when it is done (events
     /// that a handler published into its own full bus hold none).
     pub(crate) holds_room: bool,
+    /// The stream's [`partition_hash`](crate::lease::partition_hash) when some
+    /// subscription it goes to has more than one segment, else 0 (with one segment
+    /// everything is segment 0).
+    pub(crate) partition: u32,
 }
 
 impl BusEvent {
@@ -127,6 +161,7 @@ impl BusEvent {
             source,
             remaining: None,
             holds_room: true,
+            partition: 0,
         }
     }
 
@@ -151,6 +186,11 @@ impl BusEvent {
         h.write(record.aggregate_id.as_bytes());
         h.finish()
     }
+}
+
+/// The [`partition_hash`](crate::lease::partition_hash) of a record's stream.
+pub(crate) fn partition_of(record: &RecordedEvent) -> u32 {
+    crate::lease::partition_hash(&record.stream_id())
 }
 
 /// An event and the subscriptions it goes to, in priority order.

@@ -56,7 +56,15 @@ pub struct SubscriptionStatistics {
     /// ([`UnknownEventPolicy::Skip`](crate::UnknownEventPolicy::Skip)).
     pub skipped: u64,
     /// The last position it has fully handled (with a store; `None` before its first).
+    /// With segments: the lowest checkpoint of the segments this bus holds, or, holding
+    /// none, of all its segments as stored.
     pub checkpoint: Option<u64>,
+    /// How many segments it is split into (1 unless set with
+    /// [`SubscriptionBuilder::segments`](crate::SubscriptionBuilder::segments)).
+    pub segments: u32,
+    /// The segments this bus runs, by number: with a store, those whose lease it holds
+    /// (none while another bus runs them, or before its first claim); without one, all.
+    pub held_segments: Vec<u32>,
     /// Events behind the head of the log (with a store) or waiting for it (without).
     pub lag: u64,
     /// Median handler latency, in microseconds (bucket upper bound, within 19%).

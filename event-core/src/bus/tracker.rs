@@ -4,18 +4,32 @@
 //! Deliveries finish out of order (different aggregates run in parallel, retries wait),
 //! so a checkpoint only moves past a position once every position below it is finished
 //! or was never meant for the subscription.
+//!
+//! A subscription is tracked per segment this bus holds (one, segment 0, unless it has
+//! segments): each held segment has its own checkpoint, saved with its lease. Events of
+//! segments not held are not this bus's: they are passed over without a track.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-/// Per durable subscription (by its index): its routed positions and its checkpoint.
+use crate::lease::SegmentLease;
+
+/// A track's key: (subscription index, segment).
+pub(crate) type TrackKey = (usize, u32);
+
+/// Per durable subscription (by its index) and held segment: its routed positions and its
+/// checkpoint.
 #[derive(Default)]
 pub(crate) struct Tracker {
-    subs: HashMap<usize, Track>,
+    subs: HashMap<TrackKey, Track>,
+    /// A draining segment finished its last delivery since this was last taken.
+    drained: bool,
 }
 
 struct Track {
     name: Arc<str>,
+    /// The lease under which its checkpoint is saved.
+    lease: SegmentLease,
     /// Every position up to this one was routed (or passed: not of its types, skipped,
     /// or dead-lettered by the dispatcher).
     routed_upto: u64,
@@ -23,76 +37,133 @@ struct Track {
     out: VecDeque<(u64, bool)>,
     checkpoint: u64,
     saved: u64,
+    /// Being given up: no new positions go out to it, and once the last one out is
+    /// finished its checkpoint is saved and its lease released.
+    draining: bool,
 }
 
 impl Tracker {
-    pub(crate) fn contains(&self, index: usize) -> bool {
-        self.subs.contains_key(&index)
-    }
-
-    /// Tracks a subscription from its stored checkpoint.
-    pub(crate) fn add(&mut self, index: usize, name: Arc<str>, checkpoint: u64) {
+    /// Tracks a held segment from `checkpoint` (its stored one, or where the
+    /// subscription starts).
+    pub(crate) fn add(
+        &mut self,
+        key: TrackKey,
+        name: Arc<str>,
+        lease: SegmentLease,
+        checkpoint: u64,
+    ) {
         self.subs.insert(
-            index,
+            key,
             Track {
                 name,
+                lease,
                 routed_upto: checkpoint,
                 out: VecDeque::new(),
                 checkpoint,
                 saved: checkpoint,
+                draining: false,
             },
         );
     }
 
-    pub(crate) fn remove(&mut self, index: usize) {
-        self.subs.remove(&index);
+    /// Stops tracking a segment; its lease, if it was tracked.
+    pub(crate) fn remove(&mut self, key: TrackKey) -> Option<SegmentLease> {
+        self.subs.remove(&key).map(|t| t.lease)
     }
 
     /// Stops tracking every subscription of this name (one that left the bus but is still
     /// tracked until the dispatcher sees the change), so no save moves its checkpoint.
-    pub(crate) fn forget(&mut self, name: &str) {
-        self.subs.retain(|_, t| *t.name != *name);
+    /// Returns the leases of the forgotten tracks.
+    pub(crate) fn forget(&mut self, name: &str) -> Vec<SegmentLease> {
+        let keys: Vec<TrackKey> = self
+            .subs
+            .iter()
+            .filter(|(_, t)| *t.name == *name)
+            .map(|(&k, _)| k)
+            .collect();
+        keys.into_iter().filter_map(|k| self.remove(k)).collect()
     }
 
-    /// The indexes of the tracked subscriptions.
-    pub(crate) fn indexes(&self) -> Vec<usize> {
+    /// The keys of the tracked segments.
+    pub(crate) fn keys(&self) -> Vec<TrackKey> {
         self.subs.keys().copied().collect()
     }
 
-    /// The lowest position any subscription still has to see, minus one.
+    /// A held segment's lease.
+    pub(crate) fn lease(&self, key: TrackKey) -> Option<&SegmentLease> {
+        self.subs.get(&key).map(|t| &t.lease)
+    }
+
+    /// The held segments of one subscription, with their leases.
+    pub(crate) fn leases_of(&self, index: usize) -> Vec<SegmentLease> {
+        let mut leases: Vec<SegmentLease> = self
+            .subs
+            .iter()
+            .filter(|((i, _), _)| *i == index)
+            .map(|(_, t)| t.lease.clone())
+            .collect();
+        leases.sort_by_key(|l| l.segment);
+        leases
+    }
+
+    /// Stops tracking everything (the bus stopped); the leases that were held.
+    pub(crate) fn take_all(&mut self) -> Vec<SegmentLease> {
+        self.subs.drain().map(|(_, t)| t.lease).collect()
+    }
+
+    /// Whether a held segment is being given up.
+    pub(crate) fn is_draining(&self, key: TrackKey) -> bool {
+        self.subs.get(&key).is_some_and(|t| t.draining)
+    }
+
+    /// Replaces a held segment's lease with its renewal.
+    pub(crate) fn renewed(&mut self, key: TrackKey, lease: SegmentLease) {
+        if let Some(track) = self.subs.get_mut(&key)
+            && track.lease.epoch == lease.epoch
+        {
+            track.lease = lease;
+        }
+    }
+
+    /// The lowest position any held segment still has to see, minus one.
     pub(crate) fn lowest_routed(&self) -> Option<u64> {
-        self.subs.values().map(|t| t.routed_upto).min()
-    }
-
-    /// Whether the subscription has yet to see this position.
-    pub(crate) fn wants(&self, index: usize, position: u64) -> bool {
         self.subs
-            .get(&index)
-            .is_some_and(|t| position > t.routed_upto)
+            .values()
+            .filter(|t| !t.draining)
+            .map(|t| t.routed_upto)
+            .min()
     }
 
-    /// Whether the position went out to the subscription and is not finished.
-    pub(crate) fn is_open(&self, index: usize, position: u64) -> bool {
-        self.subs.get(&index).is_some_and(|t| {
+    /// Whether the segment of the subscription has yet to see this position.
+    pub(crate) fn wants(&self, key: TrackKey, position: u64) -> bool {
+        self.subs
+            .get(&key)
+            .is_some_and(|t| !t.draining && position > t.routed_upto)
+    }
+
+    /// Whether the position went out to the segment and is not finished.
+    pub(crate) fn is_open(&self, key: TrackKey, position: u64) -> bool {
+        self.subs.get(&key).is_some_and(|t| {
             t.out
                 .binary_search_by_key(&position, |&(p, _)| p)
                 .is_ok_and(|i| !t.out[i].1)
         })
     }
 
-    /// The position goes out for delivery to the subscription.
-    pub(crate) fn route(&mut self, index: usize, position: u64) {
-        if let Some(track) = self.subs.get_mut(&index) {
+    /// The position goes out for delivery to the segment.
+    pub(crate) fn route(&mut self, key: TrackKey, position: u64) {
+        if let Some(track) = self.subs.get_mut(&key) {
             track.out.push_back((position, false));
             track.routed_upto = track.routed_upto.max(position);
         }
     }
 
-    /// Everything up to `last` was read: subscriptions that were not routed an event in
-    /// between have nothing left to do there. True if a checkpoint moved.
+    /// Everything up to `last` was read: segments that were not routed an event in
+    /// between have nothing left to do there (but draining ones, which take nothing new).
+    /// True if a checkpoint moved.
     pub(crate) fn routed_through(&mut self, last: u64) -> bool {
         let mut advanced = false;
-        for track in self.subs.values_mut() {
+        for track in self.subs.values_mut().filter(|t| !t.draining) {
             if track.routed_upto < last {
                 track.routed_upto = last;
             }
@@ -102,43 +173,94 @@ impl Tracker {
     }
 
     /// One subscription is done with everything up to `position` that was not routed to
-    /// it (the dispatcher dead-lettered a damaged row there). True if its checkpoint moved.
+    /// it (the dispatcher dead-lettered a damaged row there): every held segment of it
+    /// passes it. True if a checkpoint moved.
     pub(crate) fn pass(&mut self, index: usize, position: u64) -> bool {
-        let Some(track) = self.subs.get_mut(&index) else {
-            return false;
-        };
-        track.routed_upto = track.routed_upto.max(position);
-        track.settle()
+        let mut advanced = false;
+        for ((i, _), track) in self.subs.iter_mut() {
+            if *i != index || track.draining {
+                continue;
+            }
+            track.routed_upto = track.routed_upto.max(position);
+            advanced |= track.settle();
+        }
+        advanced
+    }
+
+    /// Whether the subscription has a held segment that has yet to see this position.
+    pub(crate) fn any_wants(&self, index: usize, position: u64) -> bool {
+        self.subs
+            .iter()
+            .any(|((i, _), t)| *i == index && !t.draining && position > t.routed_upto)
     }
 
     /// A routed position is finished. True if the checkpoint moved.
-    pub(crate) fn complete(&mut self, index: usize, position: u64) -> bool {
-        let Some(track) = self.subs.get_mut(&index) else {
+    pub(crate) fn complete(&mut self, key: TrackKey, position: u64) -> bool {
+        let Some(track) = self.subs.get_mut(&key) else {
             return false;
         };
         if let Ok(i) = track.out.binary_search_by_key(&position, |&(p, _)| p) {
             track.out[i].1 = true;
         }
-        track.settle()
+        let moved = track.settle();
+        if track.draining && track.out.is_empty() {
+            self.drained = true;
+        }
+        moved
     }
 
-    pub(crate) fn checkpoint(&self, index: usize) -> Option<u64> {
-        self.subs.get(&index).map(|t| t.checkpoint)
+    /// The checkpoint of a held segment.
+    #[cfg(test)]
+    pub(crate) fn checkpoint(&self, key: TrackKey) -> Option<u64> {
+        self.subs.get(&key).map(|t| t.checkpoint)
     }
 
-    /// Checkpoints that moved since they were last saved.
-    pub(crate) fn unsaved(&self) -> Vec<(usize, Arc<str>, u64)> {
+    /// The lowest checkpoint of a subscription's held segments, if it holds any.
+    pub(crate) fn lowest_checkpoint(&self, index: usize) -> Option<u64> {
+        self.subs
+            .iter()
+            .filter(|((i, _), _)| *i == index)
+            .map(|(_, t)| t.checkpoint)
+            .min()
+    }
+
+    /// Checkpoints that moved since they were last saved, with their leases.
+    pub(crate) fn unsaved(&self) -> Vec<(TrackKey, SegmentLease, u64)> {
         self.subs
             .iter()
             .filter(|(_, t)| t.checkpoint != t.saved)
-            .map(|(&i, t)| (i, Arc::clone(&t.name), t.checkpoint))
+            .map(|(&k, t)| (k, t.lease.clone(), t.checkpoint))
             .collect()
     }
 
-    pub(crate) fn saved(&mut self, index: usize, position: u64) {
-        if let Some(track) = self.subs.get_mut(&index) {
+    pub(crate) fn saved(&mut self, key: TrackKey, position: u64) {
+        if let Some(track) = self.subs.get_mut(&key) {
             track.saved = track.saved.max(position);
         }
+    }
+
+    /// Starts giving a segment up: nothing new goes out to it.
+    pub(crate) fn drain(&mut self, key: TrackKey) {
+        if let Some(track) = self.subs.get_mut(&key) {
+            track.draining = true;
+            if track.out.is_empty() {
+                self.drained = true;
+            }
+        }
+    }
+
+    /// Whether a draining segment finished since the last call (and clears the flag).
+    pub(crate) fn take_drained(&mut self) -> bool {
+        std::mem::take(&mut self.drained)
+    }
+
+    /// The draining segments with nothing out: (key, lease, checkpoint, saved).
+    pub(crate) fn drained(&self) -> Vec<(TrackKey, SegmentLease, u64, u64)> {
+        self.subs
+            .iter()
+            .filter(|(_, t)| t.draining && t.out.is_empty())
+            .map(|(&k, t)| (k, t.lease.clone(), t.checkpoint, t.saved))
+            .collect()
     }
 }
 
@@ -162,63 +284,86 @@ impl Track {
 mod tests {
     use super::*;
 
+    fn lease(name: &str, segment: u32, checkpoint: u64) -> SegmentLease {
+        SegmentLease {
+            subscription: name.into(),
+            segment,
+            segments: 2,
+            owner: "me".into(),
+            epoch: 1,
+            expires_at: chrono::Utc::now(),
+            checkpoint,
+        }
+    }
+
     fn tracker_at(checkpoint: u64) -> Tracker {
         let mut tracker = Tracker::default();
-        tracker.add(0, Arc::from("s"), checkpoint);
+        tracker.add(
+            (0, 0),
+            Arc::from("s"),
+            lease("s", 0, checkpoint),
+            checkpoint,
+        );
         tracker
     }
+
+    const S: TrackKey = (0, 0);
 
     #[test]
     fn the_checkpoint_waits_for_the_lowest_unfinished_position() {
         let mut t = tracker_at(0);
         for p in 1..=3 {
-            t.route(0, p);
+            t.route(S, p);
         }
         t.routed_through(3);
-        assert_eq!(t.checkpoint(0), Some(0));
-        assert!(!t.complete(0, 3), "3 finished first: nothing moves");
-        assert!(!t.complete(0, 2));
-        assert_eq!(t.checkpoint(0), Some(0));
-        assert!(t.complete(0, 1), "1 finished: the checkpoint jumps to 3");
-        assert_eq!(t.checkpoint(0), Some(3));
+        assert_eq!(t.checkpoint(S), Some(0));
+        assert!(!t.complete(S, 3), "3 finished first: nothing moves");
+        assert!(!t.complete(S, 2));
+        assert_eq!(t.checkpoint(S), Some(0));
+        assert!(t.complete(S, 1), "1 finished: the checkpoint jumps to 3");
+        assert_eq!(t.checkpoint(S), Some(3));
     }
 
     #[test]
     fn positions_not_routed_to_a_subscription_are_passed_once_read() {
         let mut t = tracker_at(0);
-        t.route(0, 2);
+        t.route(S, 2);
         assert!(t.routed_through(5));
-        assert_eq!(t.checkpoint(0), Some(1), "1 was not for it; 2 is out");
-        assert!(t.complete(0, 2));
-        assert_eq!(t.checkpoint(0), Some(5));
+        assert_eq!(t.checkpoint(S), Some(1), "1 was not for it; 2 is out");
+        assert!(t.complete(S, 2));
+        assert_eq!(t.checkpoint(S), Some(5));
     }
 
     #[test]
     fn a_subscription_wants_only_what_it_has_not_seen() {
         let mut t = tracker_at(10);
-        assert!(!t.wants(0, 10));
-        assert!(t.wants(0, 11));
-        assert!(!t.wants(1, 11), "an untracked subscription wants nothing");
-        t.route(0, 11);
-        assert!(!t.wants(0, 11));
+        assert!(!t.wants(S, 10));
+        assert!(t.wants(S, 11));
+        assert!(
+            !t.wants((1, 0), 11),
+            "an untracked subscription wants nothing"
+        );
+        assert!(!t.wants((0, 1), 11), "a segment not held wants nothing");
+        t.route(S, 11);
+        assert!(!t.wants(S, 11));
         assert_eq!(t.lowest_routed(), Some(11));
     }
 
     #[test]
     fn a_passed_position_moves_one_subscription_only() {
         let mut t = tracker_at(0);
-        t.add(1, Arc::from("other"), 0);
-        t.route(0, 1);
-        t.route(1, 1);
+        t.add((1, 0), Arc::from("other"), lease("other", 0, 0), 0);
+        t.route(S, 1);
+        t.route((1, 0), 1);
         t.routed_through(1);
-        t.complete(0, 1);
-        t.complete(1, 1);
+        t.complete(S, 1);
+        t.complete((1, 0), 1);
         // Position 2 is damaged: the first subscription's dead letter is stored, the
         // second's is not yet.
         assert!(t.pass(0, 2));
-        assert_eq!((t.checkpoint(0), t.checkpoint(1)), (Some(2), Some(1)));
-        assert!(!t.wants(0, 2));
-        assert!(t.wants(1, 2));
+        assert_eq!((t.checkpoint(S), t.checkpoint((1, 0))), (Some(2), Some(1)));
+        assert!(!t.any_wants(0, 2));
+        assert!(t.any_wants(1, 2));
     }
 
     #[test]
@@ -228,22 +373,62 @@ mod tests {
         t.routed_through(6);
         let unsaved = t.unsaved();
         assert_eq!(unsaved.len(), 1);
-        assert_eq!((unsaved[0].0, unsaved[0].2), (0, 6));
-        t.saved(0, 6);
+        assert_eq!((unsaved[0].0, unsaved[0].2), (S, 6));
+        assert_eq!(unsaved[0].1.segment, 0);
+        t.saved(S, 6);
         assert!(t.unsaved().is_empty());
-        t.remove(0);
-        assert_eq!(t.checkpoint(0), None);
+        assert_eq!(t.remove(S).map(|l| l.segment), Some(0));
+        assert_eq!(t.checkpoint(S), None);
     }
 
     #[test]
     fn a_forgotten_subscription_has_nothing_left_to_save() {
         let mut t = tracker_at(0);
-        t.add(1, Arc::from("other"), 0);
+        t.add((1, 0), Arc::from("other"), lease("other", 0, 0), 0);
         t.routed_through(3);
-        t.forget("s");
+        assert_eq!(t.forget("s").len(), 1);
         let unsaved = t.unsaved();
         assert_eq!(unsaved.len(), 1);
-        assert_eq!(&*unsaved[0].1, "other");
-        assert_eq!(t.checkpoint(0), None);
+        assert_eq!(unsaved[0].1.subscription, "other");
+        assert_eq!(t.checkpoint(S), None);
+    }
+
+    #[test]
+    fn segments_of_one_subscription_keep_checkpoints_of_their_own() {
+        let mut t = tracker_at(0);
+        t.add((0, 1), Arc::from("s"), lease("s", 1, 2), 2);
+        t.route(S, 3);
+        t.route((0, 1), 4);
+        t.routed_through(5);
+        assert_eq!((t.checkpoint(S), t.checkpoint((0, 1))), (Some(2), Some(3)));
+        assert_eq!(t.lowest_checkpoint(0), Some(2));
+        t.complete((0, 1), 4);
+        assert_eq!(t.checkpoint((0, 1)), Some(5));
+        assert_eq!(t.lowest_routed(), Some(5));
+        let segments: Vec<u32> = t.leases_of(0).iter().map(|l| l.segment).collect();
+        assert_eq!(segments, [0, 1]);
+    }
+
+    #[test]
+    fn a_draining_segment_takes_nothing_new_and_says_when_its_work_is_done() {
+        let mut t = tracker_at(0);
+        t.route(S, 1);
+        t.drain(S);
+        assert!(!t.take_drained(), "position 1 is still out");
+        assert!(!t.wants(S, 2));
+        t.routed_through(9);
+        assert_eq!(
+            t.checkpoint(S),
+            Some(0),
+            "a draining segment passes nothing unread"
+        );
+        assert!(t.drained().is_empty());
+        assert!(t.complete(S, 1));
+        assert!(t.take_drained());
+        assert!(!t.take_drained(), "taken once");
+        let drained = t.drained();
+        assert_eq!(drained.len(), 1);
+        assert_eq!((drained[0].0, drained[0].2), (S, 1));
+        assert_eq!(t.lowest_routed(), None, "the reader no longer waits for it");
     }
 }

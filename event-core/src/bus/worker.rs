@@ -29,9 +29,10 @@ use super::engine::Engine;
 use super::handler::{EventSource, PublishedEvent, panic_message};
 use super::inbox::Inbox;
 use super::room::ROOM_CHUNK;
-use super::routing::{BusEvent, Job, Sub};
+use super::routing::{BusEvent, Job, Sub, partition_of};
 use super::running::Running;
 use super::stats::Counters;
+use super::tracker::TrackKey;
 use crate::error::StoreErrorKind;
 use crate::record::{RecordedEvent, StreamId};
 use crate::registry::registry;
@@ -136,8 +137,8 @@ struct Finished {
     room: u64,
     /// Finished deliveries per subscription (their `queued` counters).
     by_sub: Vec<(Arc<Sub>, u64)>,
-    /// (subscription, position) of finished deliveries, for the checkpoints.
-    positions: Vec<(usize, u64)>,
+    /// (subscription and segment, position) of finished deliveries, for the checkpoints.
+    positions: Vec<(TrackKey, u64)>,
     /// Finished published events, to hand back to their publisher.
     published: Vec<Arc<dyn PublishedEvent>>,
     /// Deliveries that began to wait without a slot.
@@ -334,7 +335,10 @@ impl Worker {
         }
         let bus = self.engine.id();
         let (_, held) = self.fresh.as_ref().expect("a fresh delivery");
-        if !held.sub.active.load(Ordering::Acquire) || held.give_up {
+        if !held.sub.active.load(Ordering::Acquire)
+            || held.give_up
+            || !held.sub.runs(held.event.partition)
+        {
             return Some(First::Step);
         }
         let mut attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
@@ -477,15 +481,17 @@ impl Worker {
                 || (sub.unknown == UnknownEventPolicy::DeadLetter
                     && *record.aggregate_type == *sub.aggregate_type
                     && registry().get(&record.event_type).is_none());
-            if !for_sub
-                || !self
-                    .engine
-                    .lock_tracker()
-                    .is_open(sub.index, record.position)
-            {
+            let partition = if sub.segments > 1 {
+                partition_of(&record)
+            } else {
+                0
+            };
+            let key = (sub.index, sub.segment_of(partition));
+            if !for_sub || !self.engine.lock_tracker().is_open(key, record.position) {
                 continue;
             }
             let mut event = BusEvent::new(EventSource::Stored(Arc::new(record))).without_room();
+            event.partition = partition;
             event.remaining = None;
             let mut pending = Pending::new(event, Arc::clone(sub));
             pending.hold = Hold::Reread;
@@ -615,7 +621,9 @@ impl Worker {
     /// The delivery stays in hand while user code runs, so a panic loses nothing.
     async fn step(&mut self) -> Step {
         let held = self.held();
-        if !held.sub.active.load(Ordering::Acquire) {
+        // A subscription that left, or a segment whose lease this bus lost (the new owner
+        // delivers from its saved checkpoint): dropped here.
+        if !held.sub.active.load(Ordering::Acquire) || !held.sub.runs(held.event.partition) {
             let pending = self.take_held();
             self.finish(&pending);
             return Step::Done;
@@ -755,9 +763,8 @@ impl Worker {
             None => finished.by_sub.push((Arc::clone(sub), 1)),
         }
         if self.engine.store.is_some() {
-            finished
-                .positions
-                .push((sub.index, event.record().position));
+            let key = (sub.index, sub.segment_of(event.partition));
+            finished.positions.push((key, event.record().position));
         }
         if pending.hold != Hold::Queue {
             // Its event left the queue when it began to wait.
@@ -795,12 +802,16 @@ impl Worker {
         if !finished.positions.is_empty() {
             let mut advanced = false;
             let mut tracker = engine.lock_tracker();
-            for (index, position) in finished.positions.drain(..) {
-                advanced |= tracker.complete(index, position);
+            for (key, position) in finished.positions.drain(..) {
+                advanced |= tracker.complete(key, position);
             }
+            let drained = tracker.take_drained();
             drop(tracker);
             if advanced {
                 engine.checkpoints_dirty.notify_one();
+            }
+            if drained {
+                engine.keeper_wake.notify_one();
             }
         }
         if !finished.published.is_empty() {

@@ -1,0 +1,886 @@
+//! Segmented subscriptions: buses on one store share a subscription by segment leases.
+//!
+//! - One segment (the default): one bus runs it, the other stands by and takes over when
+//!   the first stops (at once: its leases are released) or dies without stopping (once
+//!   its lease expires).
+//! - Four segments on two buses: each holds two, every event is handled, each aggregate
+//!   by one bus in order.
+//! - Real processes: children (this test binary) run a subscription of 16 segments on one
+//!   SQLite file while the parent appends; one child is SIGKILLed mid-way and the others
+//!   take its segments over: every event is handled at least once, in order per aggregate
+//!   within each child's run.
+//!
+//! Leases need real time to expire: every wait is on a condition with a generous guard
+//! against a hang, and nothing asserts how long it took.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventfold::prelude::*;
+use eventfold::{
+    Delivery, Error, EventBus, InMemoryEventStore, IntoStore, NewEvent, ResetTo, SqliteEventStore,
+    SqliteOptions,
+};
+use serde::{Deserialize, Serialize};
+
+/// Far beyond any lease time used here: only a hang reaches it.
+const GUARD: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
+#[domain_event(aggregate = "Meter")]
+enum MeterEvent {
+    Ticked {
+        #[domain_event(aggregate_id)]
+        meter: String,
+        n: u64,
+    },
+}
+
+/// What one bus handled: (aggregate, n) in the order each aggregate's events came.
+type Handled = Arc<Mutex<Vec<(String, u64)>>>;
+
+/// A bus on `store` with one subscription "meters" of `segments` segments that records
+/// what it handles.
+async fn bus_on(store: impl IntoStore, segments: u32, ttl: Duration) -> (EventBus, Handled) {
+    let bus = EventBus::builder()
+        .store(store)
+        .workers(2)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let handled: Handled = Arc::default();
+    let recorder = Arc::clone(&handled);
+    bus.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event();
+        recorder.lock().unwrap().push((meter.clone(), *n));
+        std::future::ready(Ok::<_, Error>(()))
+    })
+    .segments(segments)
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    (bus, handled)
+}
+
+/// Polls `condition` until it holds; panics at the guard.
+async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + GUARD;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn held(bus: &EventBus) -> Vec<u32> {
+    bus.statistics().await.unwrap().subscriptions[0]
+        .held_segments
+        .clone()
+}
+
+async fn publish(bus: &EventBus, from: u64, to: u64, aggregates: u64) {
+    for n in from..to {
+        let meter = format!("m-{}", n % aggregates);
+        bus.publish(MeterEvent::Ticked { meter, n }).await.unwrap();
+    }
+}
+
+fn count(handled: &Handled) -> usize {
+    handled.lock().unwrap().len()
+}
+
+/// Each aggregate's events, in the order one bus handled them, are in publication order.
+fn assert_in_order(handled: &Handled) {
+    let mut per_aggregate: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (meter, n) in handled.lock().unwrap().iter() {
+        per_aggregate.entry(meter.clone()).or_default().push(*n);
+    }
+    for (meter, ns) in per_aggregate {
+        assert!(ns.is_sorted(), "{meter} out of order: {ns:?}");
+    }
+}
+
+async fn sqlite(path: &Path) -> Arc<SqliteEventStore> {
+    Arc::new(
+        SqliteEventStore::open(path, SqliteOptions::new())
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_segment_runs_on_one_bus_and_a_standby_takes_over_at_once_when_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    // The first bus's lease would last a minute: the standby can only take over before
+    // the guard because the first bus releases it when it stops.
+    let (first, first_handled) = bus_on(sqlite(&path).await, 1, Duration::from_secs(60)).await;
+    wait_until("the first bus holds the segment", || async {
+        held(&first).await == [0]
+    })
+    .await;
+    let (standby, standby_handled) =
+        bus_on(sqlite(&path).await, 1, Duration::from_millis(600)).await;
+
+    publish(&first, 0, 100, 5).await;
+    first.wait_idle().await.unwrap();
+    standby.wait_idle().await.unwrap();
+    assert_eq!(count(&first_handled), 100);
+    assert_eq!(count(&standby_handled), 0, "the standby handles nothing");
+    assert!(held(&standby).await.is_empty());
+
+    first.stop().await.unwrap();
+    wait_until("the standby holds the segment", || async {
+        held(&standby).await == [0]
+    })
+    .await;
+    publish(&standby, 100, 150, 5).await;
+    standby.wait_idle().await.unwrap();
+    // The first bus saved its checkpoint before it released: nothing is handled twice.
+    assert_eq!(count(&standby_handled), 50);
+    assert_in_order(&standby_handled);
+    let stats = standby.statistics().await.unwrap();
+    assert_eq!(stats.subscriptions[0].segments, 1);
+    assert_eq!(stats.subscriptions[0].checkpoint, Some(150));
+    standby.stop().await.unwrap();
+}
+
+#[test]
+fn a_standby_takes_over_once_the_lease_of_a_bus_that_died_without_stopping_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    // The first bus runs on a runtime of its own; dropping that runtime ends its tasks
+    // without `stop`, as a crash would.
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (first, first_handled) = doomed.block_on(async {
+        let (bus, handled) = bus_on(sqlite(&path).await, 1, ttl).await;
+        wait_until("the first bus holds the segment", || async {
+            held(&bus).await == [0]
+        })
+        .await;
+        publish(&bus, 0, 40, 4).await;
+        bus.wait_idle().await.unwrap();
+        (bus, handled)
+    });
+    assert_eq!(count(&first_handled), 40);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = sqlite(&path).await;
+        let (standby, standby_handled) = bus_on(store.clone(), 1, ttl).await;
+        standby.wait_idle().await.unwrap();
+        assert!(held(&standby).await.is_empty(), "the first bus still lives");
+        // Its tasks end here, without `stop`: its lease is renewed no more.
+        doomed.shutdown_background();
+        drop(first);
+        let writer = sqlite(&path).await;
+        for n in 40..60 {
+            let meter = format!("m-{}", n % 4);
+            let event = NewEvent::from_event(
+                &MeterEvent::Ticked {
+                    meter: meter.clone(),
+                    n,
+                },
+                Metadata::new(),
+            )
+            .unwrap();
+            writer
+                .append(
+                    &StreamId::new("Meter", meter),
+                    ExpectedVersion::Any,
+                    vec![event],
+                )
+                .await
+                .unwrap();
+        }
+        wait_until(
+            "the standby took over and handled the new events",
+            || async { count(&standby_handled) >= 20 },
+        )
+        .await;
+        standby.wait_idle().await.unwrap();
+        assert_eq!(held(&standby).await, [0]);
+        let handled = standby_handled.lock().unwrap().clone();
+        let ns: HashSet<u64> = handled.iter().map(|(_, n)| *n).collect();
+        assert!(
+            (40..60).all(|n| ns.contains(&n)),
+            "every new event is handled"
+        );
+        assert_in_order(&standby_handled);
+        assert_eq!(store.load_checkpoint("meters").await.unwrap(), Some(60));
+        standby.stop().await.unwrap();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_segments_split_two_and_two_and_every_event_is_handled_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_until("each bus holds two segments", || async {
+        held(&a).await.len() == 2 && held(&b).await.len() == 2
+    })
+    .await;
+    let (held_a, held_b) = (held(&a).await, held(&b).await);
+    assert!(
+        held_a.iter().all(|s| !held_b.contains(s)),
+        "{held_a:?} {held_b:?}"
+    );
+
+    publish(&a, 0, 400, 40).await;
+    wait_until("every event is handled", || async {
+        let mut all: HashSet<u64> = HashSet::new();
+        for handled in [&a_handled, &b_handled] {
+            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
+        }
+        all.len() == 400
+    })
+    .await;
+    a.wait_idle().await.unwrap();
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled) + count(&b_handled), 400, "none twice");
+    assert!(count(&a_handled) > 0 && count(&b_handled) > 0);
+    assert_in_order(&a_handled);
+    assert_in_order(&b_handled);
+    // An aggregate belongs to one segment, so to one bus.
+    let meters = |h: &Handled| -> HashSet<String> {
+        h.lock().unwrap().iter().map(|(m, _)| m.clone()).collect()
+    };
+    assert!(meters(&a_handled).is_disjoint(&meters(&b_handled)));
+    let stats = a.statistics().await.unwrap();
+    assert_eq!(stats.subscriptions[0].segments, 4);
+    assert_eq!(stats.subscriptions[0].checkpoint, Some(400));
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_memory_store_one_segment_runs_on_one_bus_only() {
+    let store = Arc::new(InMemoryEventStore::new());
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(store.clone(), 1, ttl).await;
+    wait_until("the first bus holds the segment", || async {
+        held(&a).await == [0]
+    })
+    .await;
+    let (b, b_handled) = bus_on(store.clone(), 1, ttl).await;
+    publish(&b, 0, 30, 3).await;
+    a.wait_idle().await.unwrap();
+    b.wait_idle().await.unwrap();
+    assert_eq!((count(&a_handled), count(&b_handled)), (30, 0));
+    a.stop().await.unwrap();
+    wait_until("the second bus took over", || async {
+        held(&b).await == [0]
+    })
+    .await;
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segmented_subscription_is_reset_whole_and_not_while_another_bus_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_until("the bus holds every segment", || async {
+        held(&a).await.len() == 4
+    })
+    .await;
+    publish(&a, 0, 80, 8).await;
+    a.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 80);
+
+    // Another bus (not running the subscription itself) cannot reset it while the first
+    // holds its leases.
+    let operator = EventBus::builder()
+        .store(sqlite(&path).await)
+        .build()
+        .unwrap();
+    let refused = operator.reset_subscription("meters", ResetTo::Start).await;
+    assert!(
+        matches!(refused, Err(Error::SubscriptionRunning { .. })),
+        "{refused:?}"
+    );
+    a.stop().await.unwrap();
+    assert_eq!(
+        operator
+            .reset_subscription("meters", ResetTo::Start)
+            .await
+            .unwrap(),
+        0
+    );
+
+    let (again, again_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_until("every event is handled again", || async {
+        count(&again_handled) >= 80
+    })
+    .await;
+    again.wait_idle().await.unwrap();
+    assert_eq!(count(&again_handled), 80);
+    again.stop().await.unwrap();
+}
+
+#[path = "../event-postgres/tests/common/mod.rs"]
+mod pg;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_two_buses_split_four_segments_and_one_takes_all_when_the_other_stops() {
+    if pg::no_server() {
+        return;
+    }
+    let schema = pg::Schema::new();
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(schema.open().await, 4, ttl).await;
+    let (b, b_handled) = bus_on(schema.open().await, 4, ttl).await;
+    wait_until("each bus holds two segments", || async {
+        held(&a).await.len() == 2 && held(&b).await.len() == 2
+    })
+    .await;
+    publish(&a, 0, 200, 20).await;
+    // wait_idle reads the server's head, so each bus reads the other's appends.
+    wait_until("every event is handled", || async {
+        a.wait_idle().await.unwrap();
+        b.wait_idle().await.unwrap();
+        count(&a_handled) + count(&b_handled) >= 200
+    })
+    .await;
+    assert_eq!(count(&a_handled) + count(&b_handled), 200, "none twice");
+    assert_in_order(&a_handled);
+    assert_in_order(&b_handled);
+
+    a.stop().await.unwrap();
+    wait_until("the other bus holds every segment", || async {
+        held(&b).await.len() == 4
+    })
+    .await;
+    publish(&b, 200, 240, 20).await;
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled) + count(&b_handled), 240, "none twice");
+    assert_in_order(&b_handled);
+    assert_eq!(
+        b.statistics().await.unwrap().subscriptions[0].checkpoint,
+        Some(240)
+    );
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_a_store_every_segment_runs_on_the_bus() {
+    let bus = EventBus::builder().build().unwrap();
+    let handled: Handled = Arc::default();
+    let recorder = Arc::clone(&handled);
+    bus.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event();
+        recorder.lock().unwrap().push((meter.clone(), *n));
+        std::future::ready(())
+    })
+    .segments(4)
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    publish(&bus, 0, 20, 5).await;
+    bus.wait_idle().await.unwrap();
+    assert_eq!(count(&handled), 20);
+    let stats = bus.statistics().await.unwrap();
+    assert_eq!(stats.subscriptions[0].segments, 4);
+    assert_eq!(stats.subscriptions[0].held_segments, [0, 1, 2, 3]);
+    bus.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_segment_count_or_lease_time_is_refused() {
+    let bus = EventBus::builder().build().unwrap();
+    for segments in [0, eventfold::lease::MAX_SEGMENTS + 1] {
+        let refused = bus
+            .subscribe("s", |_: Delivery<MeterEvent>| async {})
+            .segments(segments)
+            .register();
+        assert!(
+            matches!(refused, Err(Error::InvalidSegments { .. })),
+            "{segments}: {refused:?}"
+        );
+    }
+    let refused = EventBus::builder().lease_ttl(Duration::ZERO).build();
+    assert!(matches!(
+        refused,
+        Err(Error::InvalidSetting {
+            setting: "lease_ttl",
+            ..
+        })
+    ));
+    let refused = EventBus::builder().member_id("").build();
+    assert!(matches!(
+        refused,
+        Err(Error::InvalidSetting {
+            setting: "member_id",
+            ..
+        })
+    ));
+}
+
+// ---- Real processes ----
+
+const CHILD: &str = "EVENTFOLD_BUS_SEGMENTS_CHILD";
+const CHILDREN: usize = 3;
+const SEGMENTS: u32 = 16;
+const EVENTS: u64 = 2_000;
+const AGGREGATES: u64 = 50;
+/// Short, so the test does not wait long for a killed child's leases; renewals come every
+/// third of it.
+const CHILD_TTL: Duration = Duration::from_secs(3);
+
+/// The child: runs the subscription of `SEGMENTS` segments on the database in the
+/// directory `CHILD` names, appending `event_id aggregate version` to `handled-<n>.log`
+/// for every event it handles, until it is killed.
+#[test]
+fn segment_child_entry() {
+    let Ok(spec) = std::env::var(CHILD) else {
+        return;
+    };
+    let (dir, n) = spec.rsplit_once('|').unwrap();
+    let dir = PathBuf::from(dir);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = sqlite(&dir.join("bus.db")).await;
+        let bus = EventBus::builder()
+            .store(store)
+            .workers(2)
+            .lease_ttl(CHILD_TTL)
+            .member_id(format!("child-{n}"))
+            .build()
+            .unwrap();
+        let log_path = dir.join(format!("handled-{n}.log"));
+        bus.subscribe("meters", move |d: Delivery<MeterEvent>| {
+            let line = format!(
+                "{} {} {}\n",
+                d.record().event_id,
+                d.record().aggregate_id,
+                d.record().version
+            );
+            let log_path = log_path.clone();
+            async move {
+                // An I/O-bound projection: a little time per event, so the kill lands
+                // with work in flight.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log_path)?;
+                // One write per line, so concurrent lines never interleave.
+                file.write_all(line.as_bytes())
+            }
+        })
+        .segments(SEGMENTS)
+        .register()
+        .unwrap();
+        bus.start().await.unwrap();
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "started").unwrap();
+        stdout.flush().unwrap();
+        std::future::pending::<()>().await;
+    });
+}
+
+fn spawn_child(dir: &Path, n: usize) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "segment_child_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, format!("{}|{n}", dir.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Each child's handled lines: (event id, aggregate, version), in file order.
+fn read_logs(dir: &Path) -> Vec<Vec<(String, String, u64)>> {
+    (0..CHILDREN)
+        .map(|n| {
+            let Ok(log) = std::fs::read_to_string(dir.join(format!("handled-{n}.log"))) else {
+                return Vec::new();
+            };
+            log.lines()
+                .filter_map(|line| {
+                    // A line cut short by the kill has fewer than three fields.
+                    let fields: Vec<&str> = line.split(' ').collect();
+                    let [id, aggregate, version] = fields[..] else {
+                        return None;
+                    };
+                    Some((id.to_owned(), aggregate.to_owned(), version.parse().ok()?))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_share_sixteen_segments_and_take_over_a_killed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let writer = sqlite(&path).await;
+    let mut children: Vec<Child> = (0..CHILDREN).map(|n| spawn_child(dir.path(), n)).collect();
+    let leases: Arc<dyn eventfold::lease::LeaseStore> = writer.clone();
+    wait_until("the children share the segments", || async {
+        let states = leases.segment_states("meters").await.unwrap();
+        let owners: HashSet<Option<String>> = states.iter().map(|s| s.owner.clone()).collect();
+        states.len() == SEGMENTS as usize && owners.len() == CHILDREN && !owners.contains(&None)
+    })
+    .await;
+
+    let mut ids = HashMap::new();
+    // Appends in chunks of 100 events, each aggregate's part in one append.
+    let mut append = async |from: u64, to: u64| {
+        for chunk in (from..to).step_by(100) {
+            let mut by_meter: BTreeMap<String, Vec<NewEvent>> = BTreeMap::new();
+            for n in chunk..(chunk + 100).min(to) {
+                let meter = format!("m-{}", n % AGGREGATES);
+                let event = NewEvent::from_event(
+                    &MeterEvent::Ticked {
+                        meter: meter.clone(),
+                        n,
+                    },
+                    Metadata::new(),
+                )
+                .unwrap();
+                ids.insert(event.event_id.to_string(), n);
+                by_meter.entry(meter).or_default().push(event);
+            }
+            for (meter, events) in by_meter {
+                writer
+                    .append(&StreamId::new("Meter", meter), ExpectedVersion::Any, events)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    append(0, EVENTS / 2).await;
+    // Killed with most of its share still to do (each event takes it 5 ms per aggregate).
+    wait_until("the first child handled some events", || async {
+        read_logs(dir.path())[0].len() >= 20
+    })
+    .await;
+    children[0].kill().unwrap();
+    children[0].wait().unwrap();
+    append(EVENTS / 2, EVENTS).await;
+
+    wait_until("every event is handled by some child", || async {
+        let handled: HashSet<String> = read_logs(dir.path())
+            .into_iter()
+            .flatten()
+            .map(|(id, _, _)| id)
+            .collect();
+        ids.keys().all(|id| handled.contains(id))
+    })
+    .await;
+    // The killed child's leases expire and the others, whose fair share is now 8 each,
+    // claim them all (also segments that had no events left to handle).
+    wait_until("the killed child's segments are taken over", || async {
+        let states = leases.segment_states("meters").await.unwrap();
+        states
+            .iter()
+            .all(|s| matches!(s.owner.as_deref(), Some("child-1" | "child-2")))
+    })
+    .await;
+    for child in &mut children[1..] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    let logs = read_logs(dir.path());
+    let lines: usize = logs.iter().map(Vec::len).sum();
+    let redelivered = lines - ids.len();
+    // Within each child's run, an aggregate's events come in order: a run holds a segment
+    // from a checkpoint on, and hands it on at one.
+    for (n, log) in logs.iter().enumerate() {
+        let mut last: HashMap<&str, u64> = HashMap::new();
+        for (_, aggregate, version) in log {
+            if let Some(&previous) = last.get(aggregate.as_str()) {
+                assert!(
+                    *version > previous,
+                    "child {n}: {aggregate} version {version} after {previous}"
+                );
+            }
+            last.insert(aggregate, *version);
+        }
+    }
+    println!(
+        "segments: {EVENTS} events, {SEGMENTS} segments, {CHILDREN} processes, one killed: \
+         {lines} deliveries, {redelivered} redelivered; per child {:?}",
+        logs.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    writer.close().await.unwrap();
+}
+
+// ---- A lease lost ----
+
+/// The in-memory store, but this handle can be cut off from the leases: its renewals and
+/// claims then come back empty (as for a member the store no longer hears), while the
+/// lease itself runs out in the store.
+struct CutOff {
+    inner: Arc<InMemoryEventStore>,
+    cut: std::sync::atomic::AtomicBool,
+}
+
+impl CutOff {
+    fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_that_loses_its_lease_stops_the_segment_at_once_and_another_takes_over() {
+    let inner = Arc::new(InMemoryEventStore::new());
+    let cut_off = Arc::new(CutOff {
+        inner: Arc::clone(&inner),
+        cut: std::sync::atomic::AtomicBool::new(false),
+    });
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(Arc::clone(&cut_off), 1, ttl).await;
+    wait_until("the first bus holds the segment", || async {
+        held(&a).await == [0]
+    })
+    .await;
+    publish(&a, 0, 10, 2).await;
+    a.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 10);
+
+    cut_off.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until("the first bus gave the lost segment up", || async {
+        held(&a).await.is_empty()
+    })
+    .await;
+    let (b, b_handled) = bus_on(Arc::clone(&inner), 1, ttl).await;
+    publish(&b, 10, 20, 2).await;
+    wait_until(
+        "the second bus took over once the lease ran out",
+        || async { count(&b_handled) >= 10 },
+    )
+    .await;
+    b.wait_idle().await.unwrap();
+    a.wait_idle().await.unwrap();
+    assert_eq!(
+        count(&a_handled),
+        10,
+        "a bus without the lease handles nothing"
+    );
+    let ns: Vec<u64> = b_handled.lock().unwrap().iter().map(|(_, n)| *n).collect();
+    let mut sorted = ns.clone();
+    sorted.sort_unstable();
+    assert_eq!(
+        sorted,
+        (10..20).collect::<Vec<_>>(),
+        "from the saved checkpoint on"
+    );
+    assert_in_order(&b_handled);
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::LeaseStore for CutOff {
+    async fn heartbeat(
+        &self,
+        subscription: &str,
+        member: &str,
+        ttl: Duration,
+    ) -> eventfold::Result<Vec<String>> {
+        self.inner.heartbeat(subscription, member, ttl).await
+    }
+
+    async fn leave(&self, subscription: &str, member: &str) -> eventfold::Result<()> {
+        self.inner.leave(subscription, member).await
+    }
+
+    async fn claim_segments(
+        &self,
+        subscription: &str,
+        member: &str,
+        segments: u32,
+        max: u32,
+        ttl: Duration,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
+        if self.is_cut() {
+            return Ok(Vec::new());
+        }
+        self.inner
+            .claim_segments(subscription, member, segments, max, ttl)
+            .await
+    }
+
+    async fn renew_leases(
+        &self,
+        leases: &[eventfold::backend::SegmentLease],
+        ttl: Duration,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
+        if self.is_cut() {
+            return Ok(Vec::new());
+        }
+        self.inner.renew_leases(leases, ttl).await
+    }
+
+    async fn release_leases(
+        &self,
+        leases: &[eventfold::backend::SegmentLease],
+    ) -> eventfold::Result<()> {
+        self.inner.release_leases(leases).await
+    }
+
+    async fn save_segment_checkpoint(
+        &self,
+        lease: &eventfold::backend::SegmentLease,
+        position: u64,
+    ) -> eventfold::Result<()> {
+        self.inner.save_segment_checkpoint(lease, position).await
+    }
+
+    async fn segment_states(
+        &self,
+        subscription: &str,
+    ) -> eventfold::Result<Vec<eventfold::backend::SegmentState>> {
+        self.inner.segment_states(subscription).await
+    }
+
+    async fn reset_segments(&self, subscription: &str, position: u64) -> eventfold::Result<()> {
+        self.inner.reset_segments(subscription, position).await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::EventLog for CutOff {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> eventfold::Result<eventfold::AppendOutcome> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+    ) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(stream, from).await
+    }
+
+    async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(from, limit).await
+    }
+
+    async fn get(&self, id: uuid::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
+        self.inner.get(id).await
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> eventfold::Result<u64> {
+        self.inner.stream_version(stream).await
+    }
+
+    async fn head_position(&self) -> eventfold::Result<u64> {
+        self.inner.head_position().await
+    }
+
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch_head()
+    }
+
+    async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+        self.inner.statistics().await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::SnapshotStore for CutOff {
+    async fn save_snapshot(&self, snapshot: eventfold::Snapshot) -> eventfold::Result<()> {
+        self.inner.save_snapshot(snapshot).await
+    }
+
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+    ) -> eventfold::Result<Option<eventfold::Snapshot>> {
+        self.inner.load_snapshot(stream).await
+    }
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::SubscriptionStore for CutOff {
+    async fn load_checkpoint(&self, name: &str) -> eventfold::Result<Option<u64>> {
+        self.inner.load_checkpoint(name).await
+    }
+
+    async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
+        self.inner.save_checkpoint(name, position).await
+    }
+
+    async fn add_dead_letter(
+        &self,
+        dead_letter: eventfold::backend::NewDeadLetter,
+    ) -> eventfold::Result<u64> {
+        self.inner.add_dead_letter(dead_letter).await
+    }
+
+    async fn dead_letters(
+        &self,
+        name: Option<&str>,
+    ) -> eventfold::Result<Vec<eventfold::DeadLetter>> {
+        self.inner.dead_letters(name).await
+    }
+
+    async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
+        self.inner.remove_dead_letter(id).await
+    }
+
+    async fn record_failure(
+        &self,
+        failure: eventfold::FailureRecord,
+        retain: usize,
+    ) -> eventfold::Result<()> {
+        self.inner.record_failure(failure, retain).await
+    }
+
+    async fn clear_dead_letters(&self, name: Option<&str>) -> eventfold::Result<u64> {
+        self.inner.clear_dead_letters(name).await
+    }
+
+    async fn clear_failures(&self, name: Option<&str>) -> eventfold::Result<u64> {
+        self.inner.clear_failures(name).await
+    }
+
+    async fn failures(
+        &self,
+        name: &str,
+        limit: usize,
+    ) -> eventfold::Result<Vec<eventfold::FailureRecord>> {
+        self.inner.failures(name, limit).await
+    }
+}
