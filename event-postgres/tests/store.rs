@@ -257,6 +257,93 @@ async fn appends_queued_together_share_one_call_and_keep_their_own_results() {
     assert_eq!(*store.watch_head().borrow(), 6);
 }
 
+/// A group whose expected versions all hold but which repeats stored event ids fails on
+/// the unique index and runs again with the ids checked: the other appends are stored, an
+/// exact repeat gets its first outcome, an id stored with other content is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_meeting_stored_ids_runs_again_and_judges_each_append() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    let store = schema.open().await;
+    let stored = vec![event(1), event(2)];
+    let first = store
+        .append(&stream("stored"), ExpectedVersion::Any, stored.clone())
+        .await
+        .unwrap();
+    let other = event(3);
+    store
+        .append(&stream("other"), ExpectedVersion::Any, vec![other.clone()])
+        .await
+        .unwrap();
+
+    let lock = hold_head(&schema.name).await;
+    let watcher = common::raw().await;
+    let mut taken = event(9);
+    taken.event_id = other.event_id;
+    let cases = vec![
+        (stream("blocker"), vec![event(0)]),
+        (stream("x"), vec![event(1)]),
+        (stream("stored"), stored.clone()),
+        (stream("c"), vec![taken]),
+        (stream("y"), vec![event(1)]),
+    ];
+    let mut pending = Vec::new();
+    for (i, (s, events)) in cases.into_iter().enumerate() {
+        let appender = store.clone();
+        pending.push(tokio::spawn(async move {
+            appender.append(&s, ExpectedVersion::Any, events).await
+        }));
+        if i == 0 {
+            until("the first call to wait for the lock", async || {
+                waiting_appends(&watcher).await > 0
+            })
+            .await;
+        } else {
+            until("the append to queue", async || {
+                store.writer_statistics().queued >= i
+            })
+            .await;
+        }
+    }
+    let calls_before = store.writer_statistics().calls;
+    lock.batch_execute("COMMIT").await.unwrap();
+    let mut results = Vec::new();
+    for task in pending {
+        results.push(
+            task.await
+                .unwrap()
+                .map(|o| (o.version, o.first_position, o.last_position)),
+        );
+    }
+    assert_eq!(
+        store.writer_statistics().calls,
+        calls_before + 3,
+        "the blocked call, the group's call that met the stored ids, and its call again"
+    );
+    assert_eq!(results[0].as_ref().ok(), Some(&(1, 4, 4)));
+    assert_eq!(results[1].as_ref().ok(), Some(&(1, 5, 5)));
+    assert_eq!(
+        results[2].as_ref().ok(),
+        Some(&(first.version, first.first_position, first.last_position)),
+        "an exact repeat returns its first outcome"
+    );
+    assert!(
+        matches!(&results[3], Err(Error::DuplicateEventId { event_id }) if *event_id == other.event_id),
+        "{:?}",
+        results[3]
+    );
+    assert_eq!(results[4].as_ref().ok(), Some(&(1, 6, 6)));
+    let log = store.read_all(1, 100).await.unwrap();
+    assert_eq!(
+        log.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6],
+        "dense positions: the rolled-back call leaves no hole"
+    );
+    assert_eq!(*store.watch_head().borrow(), 6);
+}
+
 /// Two stores on one schema, each with its own pool, writer and listener, stand for two
 /// processes: an append through one wakes a waiter on the other.
 async fn wakes_the_other_store(waiting: PostgresOptions, schema: &common::Schema) {
