@@ -2,9 +2,12 @@
 //!
 //! The cases follow the contract's parts, and each takes the part it tests: most take an
 //! [`EventLog`] (appends, versions, positions, reads, replay, the head watch), one a
-//! [`SnapshotStore`], three a [`SubscriptionStore`] (checkpoints, dead letters, failure
-//! records), and four the whole [`EventStore`], where one part's records show in the log's
-//! [`statistics`](EventLog::statistics).
+//! [`SnapshotStore`](crate::SnapshotStore), three a [`SubscriptionStore`] (checkpoints,
+//! dead letters, failure records), and four the whole [`EventStore`], where one part's
+//! records show in the log's [`statistics`](EventLog::statistics).
+//!
+//! The cases of the [`LeaseStore`] part (segment leases, fencing, members, reset) run
+//! with [`lease_conformance_tests!`](crate::lease_conformance_tests), the same way.
 //!
 //! A backend runs every case against fresh stores from its own factory with
 //! [`store_conformance_tests!`](crate::store_conformance_tests), which expands to one

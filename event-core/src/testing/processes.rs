@@ -283,14 +283,16 @@ pub struct TakeoverReport {
     pub takeovers: usize,
     /// Leases the members reported lost.
     pub lost: u64,
+    /// The member killed.
+    pub victim: usize,
     /// The segments and epochs the killed member held by its last reports.
     pub orphaned: Vec<(u32, u64)>,
 }
 
 /// The scenario: starts `plan.members` children with `spawn(i)` (each a process that runs
 /// [`run_member`] as `member-{i}`, with its stdout piped), waits until they hold every
-/// segment, SIGKILLs member 0, waits until its segments are held by others with higher
-/// epochs, kills the rest, and then checks, on `store` (of the same database) run by
+/// segment, SIGKILLs the member holding the most, waits until its segments are held by
+/// others with higher epochs, kills the rest, and then checks, on `store` (of the same database) run by
 /// `runtime`: a save with the killed member's last lease is [`Error::LeaseLost`] and
 /// leaves the checkpoint; over every report, each lease had one owner and none was claimed
 /// before the one before it expired; the store's epochs of the orphaned segments rose.
@@ -329,7 +331,10 @@ pub fn kill_and_take_over(
             && (0..plan.members).all(|m| !seen.held_by(m).is_empty())
     });
 
-    let victim = 0;
+    // The member holding the most segments goes.
+    let victim = (0..plan.members)
+        .max_by_key(|&m| seen.held_by(m).len())
+        .unwrap_or(0);
     children.0[victim].kill().expect("SIGKILL");
     children.0[victim]
         .wait()
@@ -338,7 +343,9 @@ pub fn kill_and_take_over(
         seen.take(report);
     }
     let orphaned = seen.held_by(victim);
-    let (segment, epoch) = orphaned[0];
+    let Some(&(segment, epoch)) = orphaned.first() else {
+        panic!("member-{victim} held no segment when it was killed");
+    };
     let late = SegmentLease {
         subscription: plan.subscription.clone(),
         segment,
@@ -360,9 +367,11 @@ pub fn kill_and_take_over(
             })
         },
     );
-    for child in &mut children.0[1..] {
-        child.kill().expect("SIGKILL");
-        child.wait().expect("a killed child is reaped");
+    for (member, child) in children.0.iter_mut().enumerate() {
+        if member != victim {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("a killed child is reaped");
+        }
     }
 
     // The killed member's late save, from another process (this one, with every child
@@ -387,9 +396,19 @@ pub fn kill_and_take_over(
         before
     );
 
-    // The rest of what they printed.
-    for report in reports.iter() {
-        seen.take(report);
+    // The rest of what they printed, until every reader has seen its pipe close.
+    let deadline = Instant::now() + plan.deadline;
+    loop {
+        match reports.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(report) => seen.take(report),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!(
+                    "a killed member's output is still open after {:?}",
+                    plan.deadline
+                )
+            }
+        }
     }
     let takeovers = seen.assert_no_overlap(plan);
     assert!(takeovers >= orphaned.len(), "{takeovers} takeovers");
@@ -405,6 +424,7 @@ pub fn kill_and_take_over(
         leases: seen.leases.len(),
         takeovers,
         lost: seen.lost,
+        victim,
         orphaned,
     }
 }
