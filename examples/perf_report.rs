@@ -1861,6 +1861,10 @@ async fn run(name: &str, sizes: Sizes, dir: &Path) -> Res<Row> {
     }
 }
 
+/// Set (to anything) to run the report with a Prometheus recorder installed, to compare
+/// with a run without one (the metrics' cost).
+const METRICS_ENV: &str = "EVENTFOLD_PERF_METRICS";
+
 fn main() -> Res<()> {
     let mut args = std::env::args().skip(1);
     let first = args.next();
@@ -1876,6 +1880,12 @@ fn main() -> Res<()> {
     }
     registry().validate()?;
     registry().expect_type::<AccountEvent>()?;
+    if std::env::var_os(METRICS_ENV).is_some() {
+        // What the metrics cost: the same report with a real recorder taking every metric.
+        metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+        eventfold::metrics::describe();
+        eprintln!("{METRICS_ENV}: a Prometheus recorder takes eventfold's metrics");
+    }
 
     // Both sides must store the very same payload text.
     let (_, raw_payload) = raw_encode(&deposit(7))?;

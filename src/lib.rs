@@ -137,6 +137,9 @@ pub use eventfold_core::archive;
 /// fencing epochs, members), and the [`LeaseStore`](lease::LeaseStore) part of the store
 /// contract.
 pub use eventfold_core::lease;
+/// Metrics through the `metrics` facade: the names, kinds and labels eventfold records,
+/// for the recorder (exporter) an application installs.
+pub use eventfold_core::metrics;
 
 /// The README's code blocks, compiled and run as doc tests so that it cannot drift from
 /// the API. Blocks that define event types are `standalone_crate`: merged doc tests share
@@ -244,6 +247,9 @@ pub mod backend {
         AppendRequest, DEFAULT_FAILURE_RETENTION, EventLog, NewDeadLetter, ReplayVisitor,
         ReplayedEvent, SnapshotStore, SubscriptionStore, check_append, check_batch, error_chain,
     };
+
+    /// The metric handles a store records its group commits with.
+    pub use eventfold_core::metrics::StoreMetrics;
 
     /// The fourth part of the store contract, and what its signatures name.
     pub use eventfold_core::lease::{LeaseStore, SegmentLease, SegmentState};

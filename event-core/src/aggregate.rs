@@ -12,6 +12,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::event::DomainEvent;
@@ -312,6 +313,7 @@ pub struct Repository<A: Aggregate> {
     max_retries: u32,
     snapshots: Option<SnapshotPolicy<A>>,
     cache: Option<Arc<StateCache<A>>>,
+    metrics: crate::metrics::RepositoryMetrics,
     _aggregate: PhantomData<fn() -> A>,
 }
 
@@ -322,6 +324,7 @@ impl<A: Aggregate> Clone for Repository<A> {
             max_retries: self.max_retries,
             snapshots: self.snapshots.clone(),
             cache: self.cache.clone(),
+            metrics: self.metrics.clone(),
             _aggregate: PhantomData,
         }
     }
@@ -451,6 +454,7 @@ impl<A: Aggregate> Repository<A> {
             max_retries: Self::DEFAULT_MAX_RETRIES,
             snapshots: None,
             cache: None,
+            metrics: crate::metrics::RepositoryMetrics::new(A::TYPE),
             _aggregate: PhantomData,
         }
     }
@@ -518,6 +522,20 @@ impl<A: Aggregate> Repository<A> {
     /// once by a snapshot of the replayed state (the store takes it, see
     /// [`SnapshotStore::save_snapshot`](crate::SnapshotStore::save_snapshot)), or it would seem to fit once the stream caught up.
     pub async fn load(&self, id: &str) -> Result<Loaded<A>> {
+        let started = std::time::Instant::now();
+        let loaded = self
+            .load_traced(id)
+            .instrument(tracing::debug_span!(
+                "eventfold.load",
+                aggregate_type = A::TYPE,
+                id
+            ))
+            .await;
+        self.metrics.load_seconds.record(started.elapsed());
+        loaded
+    }
+
+    async fn load_traced(&self, id: &str) -> Result<Loaded<A>> {
         let stream = Self::stream(id);
         let Some((state, version)) = self.load_snapshot(&stream).await else {
             return self.replay_in_full(&stream).await;
@@ -549,6 +567,7 @@ impl<A: Aggregate> Repository<A> {
     async fn replay(&self, stream: &StreamId, fold: Fold<A>) -> Result<Fold<A>> {
         // From the snapshot's own event (see `Fold::anchor`), or from the first.
         let from = fold.anchor.unwrap_or(1);
+        let before = fold.version;
         let visitor = self
             .store
             .replay_stream(stream, from, Box::new(fold))
@@ -556,7 +575,12 @@ impl<A: Aggregate> Repository<A> {
         visitor
             .into_any()
             .downcast::<Fold<A>>()
-            .map(|fold| *fold)
+            .map(|fold| {
+                self.metrics
+                    .replayed
+                    .increment(fold.version.saturating_sub(before));
+                *fold
+            })
             .map_err(|_| Error::Store {
                 kind: crate::error::StoreErrorKind::Other,
                 message: "the store's replay handed back another visitor than it was given"
@@ -670,6 +694,35 @@ impl<A: Aggregate> Repository<A> {
         decider: D,
         metadata: Metadata,
     ) -> Result<Committed<A::Event>, CommandError<A::Error, D::ServiceError>> {
+        use crate::metrics::CommandOutcome;
+        let started = std::time::Instant::now();
+        let result = self
+            .run_traced(id, decider, metadata)
+            .instrument(tracing::debug_span!(
+                "eventfold.execute",
+                aggregate_type = A::TYPE,
+                id
+            ))
+            .await;
+        let outcome = match &result {
+            Ok(Committed {
+                positions: Some(_), ..
+            }) => CommandOutcome::Committed,
+            Ok(_) => CommandOutcome::Unchanged,
+            Err(CommandError::Rejected(_)) => CommandOutcome::Rejected,
+            Err(CommandError::Store(e)) if e.is_conflict() => CommandOutcome::Conflict,
+            Err(_) => CommandOutcome::Failed,
+        };
+        self.metrics.command(outcome, started.elapsed());
+        result
+    }
+
+    async fn run_traced<D: Decider<A> + Send>(
+        &self,
+        id: &str,
+        decider: D,
+        metadata: Metadata,
+    ) -> Result<Committed<A::Event>, CommandError<A::Error, D::ServiceError>> {
         let stream = Self::stream(id);
         let mut retries_left = self.max_retries;
         // Cleared once the cache has been found out of date for this command: from then on
@@ -741,6 +794,7 @@ impl<A: Aggregate> Repository<A> {
                 }
                 Err(e) if e.is_conflict() && retries_left > 0 => {
                     retries_left -= 1;
+                    self.metrics.retries.increment(1);
                     trust_cache = false;
                     tracing::debug!(%stream, retries_left, "version conflict; reloading");
                 }

@@ -53,6 +53,7 @@ mod event;
 mod finite;
 pub mod lease;
 mod memory;
+pub mod metrics;
 pub mod projection;
 mod record;
 mod registry;

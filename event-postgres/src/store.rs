@@ -12,6 +12,7 @@ use eventfold_core::{
     StoreErrorKind, StoreStatistics, StreamId, SubscriptionStore, check_append, check_batch,
 };
 use tokio::sync::{mpsc, oneshot, watch};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{closed, open_failed, pool_error, store_error};
@@ -322,12 +323,13 @@ impl EventLog for PostgresEventStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendOutcome> {
         check_append(stream, &events)?;
+        let span = tracing::debug_span!("eventfold.append", %stream, events = events.len());
         let requests = vec![AppendRequest {
             stream: stream.clone(),
             expected,
             events,
         }];
-        let mut outcomes = self.write(requests).await?;
+        let mut outcomes = self.write(requests).instrument(span).await?;
         outcomes.pop().ok_or_else(missing_outcome)
     }
 
@@ -336,7 +338,8 @@ impl EventLog for PostgresEventStore {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        self.write(requests).await
+        let span = tracing::debug_span!("eventfold.append", appends = requests.len());
+        self.write(requests).instrument(span).await
     }
 
     async fn read_stream(

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use eventfold_core::metrics::StoreMetrics;
 use eventfold_core::{AppendOutcome, AppendRequest, Error, ExpectedVersion, NewEvent, StreamId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::{Client, NoTls, Statement};
@@ -86,6 +87,7 @@ pub(crate) struct Writer {
     next: Option<Command>,
     head: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
+    metrics: StoreMetrics,
     /// The NOTIFY channel, `None` with notifications off.
     channel: Option<String>,
     max_appends: usize,
@@ -236,6 +238,7 @@ impl Writer {
             next: None,
             head,
             counters,
+            metrics: StoreMetrics::new("postgres"),
             channel,
             max_appends,
             max_events,
@@ -347,6 +350,7 @@ impl Writer {
 
     /// Stores a group of appends with one call and answers each.
     async fn commit_group(&mut self, group: Vec<Unit>) {
+        let started = std::time::Instant::now();
         let mut units = Vec::with_capacity(group.len());
         for unit in group {
             match encode(&unit.requests) {
@@ -480,6 +484,7 @@ impl Writer {
             Ok(rows) => rows,
             Err(fault) => {
                 tracing::warn!(error = %fault.to_error(), appends = units.len(), "a group commit failed");
+                self.metrics.failed();
                 for (unit, _) in units {
                     let _ = unit.reply.send(Err(fault.to_error()));
                 }
@@ -533,12 +538,15 @@ impl Writer {
                 moved
             });
         }
+        let (mut appends, mut events) = (0, 0);
         for ((unit, _), said) in units.into_iter().zip(saids) {
             let answer = match said {
                 Some(Said::Stored(outcomes)) if outcomes.len() == unit.requests.len() => {
-                    self.counters
-                        .appends
-                        .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+                    appends += outcomes.len() as u64;
+                    events += outcomes
+                        .iter()
+                        .map(|o| o.last_position + 1 - o.first_position)
+                        .sum::<u64>();
                     Ok(outcomes)
                 }
                 Some(Said::Conflict { request, actual }) => {
@@ -562,6 +570,8 @@ impl Writer {
             };
             let _ = unit.reply.send(answer);
         }
+        self.counters.appends.fetch_add(appends, Ordering::Relaxed);
+        self.metrics.committed(appends, events, started.elapsed());
     }
 }
 

@@ -15,6 +15,7 @@ use eventfold_core::{
 };
 use rusqlite::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use eventfold_core::{Error, Result};
@@ -559,6 +560,7 @@ impl EventLog for SqliteEventStore {
         events: Vec<NewEvent>,
     ) -> eventfold_core::Result<AppendOutcome> {
         check_append(stream, &events)?;
+        let span = tracing::debug_span!("eventfold.append", %stream, events = events.len());
         let requests = vec![AppendRequest {
             stream: stream.clone(),
             expected,
@@ -566,6 +568,7 @@ impl EventLog for SqliteEventStore {
         }];
         let mut outcomes = self
             .write(|reply| Command::Append { requests, reply })
+            .instrument(span)
             .await?;
         outcomes.pop().ok_or_else(missing_outcome)
     }
@@ -578,7 +581,9 @@ impl EventLog for SqliteEventStore {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
+        let span = tracing::debug_span!("eventfold.append", appends = requests.len());
         self.write(|reply| Command::Append { requests, reply })
+            .instrument(span)
             .await
     }
 

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use eventfold_core::lease::SegmentLease;
+use eventfold_core::metrics::StoreMetrics;
 use eventfold_core::{
     AppendOutcome, AppendRequest, Error, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter,
     NewEvent, Snapshot, StreamId,
@@ -299,6 +300,7 @@ pub(crate) struct Writer {
     next: Option<Command>,
     head: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
+    metrics: StoreMetrics,
     max_appends: usize,
     max_events: usize,
     /// The last commit time given out, so recorded times never run backwards here.
@@ -330,6 +332,7 @@ impl Writer {
             next: None,
             head,
             counters,
+            metrics: StoreMetrics::new("sqlite"),
             max_appends: options.max_batch_appends,
             max_events: options.max_batch_events,
             last_recorded_at: i64::MIN,
@@ -512,6 +515,7 @@ impl Writer {
 
     /// Runs a group of writes in one transaction and answers each after the commit.
     fn commit_group(&mut self, mut group: Batch) {
+        let started = Instant::now();
         self.counters
             .in_progress
             .store(group.commands.len(), Ordering::Relaxed);
@@ -596,14 +600,19 @@ impl Writer {
                     })
                     .collect();
                 self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+                let (mut appends, mut events) = (0, 0);
                 for answer in answers.iter().filter(|a| !a.failed()) {
                     self.counters.writes.fetch_add(1, Ordering::Relaxed);
                     if let Answer::Appended(Ok(outcomes)) = answer {
-                        self.counters
-                            .appends
-                            .fetch_add(outcomes.len() as u64, Ordering::Relaxed);
+                        appends += outcomes.len() as u64;
+                        events += outcomes
+                            .iter()
+                            .map(|o| o.last_position + 1 - o.first_position)
+                            .sum::<u64>();
                     }
                 }
+                self.counters.appends.fetch_add(appends, Ordering::Relaxed);
+                self.metrics.committed(appends, events, started.elapsed());
                 // Published before the answers, so an appender that then looks at the
                 // watch sees its own append.
                 self.head.send_if_modified(|published| {
@@ -620,6 +629,7 @@ impl Writer {
             }
             Err(fault) => {
                 tracing::warn!(error = %fault.to_error(), writes = group.len(), "a group commit failed");
+                self.metrics.failed();
                 self.counters.in_progress.store(0, Ordering::Relaxed);
                 for (command, settled) in group.into_iter().zip(settled) {
                     command.answer(settled.unwrap_or_else(|| Answer::Failed(fault.clone().into())));

@@ -189,6 +189,8 @@ pub(crate) async fn poll_once(mut attempt: Attempt) -> std::result::Result<Outco
 /// Counts a successful attempt.
 pub(crate) fn delivered(engine: &Engine, sub: &Sub, elapsed: Duration) {
     sub.latency.record(elapsed);
+    sub.metrics.seconds.record(elapsed);
+    sub.metrics.handled.increment(1);
     Counters::add(&sub.counters.delivered, 1);
     Counters::add(&engine.counters.delivered, 1);
 }
@@ -204,6 +206,8 @@ pub(crate) async fn failed(
     elapsed: Duration,
 ) -> (Failure, DateTime<Utc>) {
     sub.latency.record(elapsed);
+    sub.metrics.seconds.record(elapsed);
+    sub.metrics.failed.increment(1);
     Counters::add(&sub.counters.failed, 1);
     Counters::add(&engine.counters.failed, 1);
     let now = engine.clock.now();
@@ -272,6 +276,7 @@ pub(crate) async fn dead_letter(
         _ => None,
     };
     engine.records.add_dead_letter(dead_letter, kept).await?;
+    sub.metrics.dead_letters.increment(1);
     Counters::add(&sub.counters.dead_lettered, 1);
     Counters::add(&engine.counters.dead_lettered, 1);
     Ok(())

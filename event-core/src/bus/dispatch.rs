@@ -149,6 +149,7 @@ fn admit_page(
                 for sub in table.skipping_unknown(&record.aggregate_type) {
                     if tracker.wants((sub.index, sub.segment_of(partition)), record.position) {
                         Counters::add(&sub.counters.skipped, 1);
+                        sub.metrics.skipped.increment(1);
                     }
                 }
                 match table.route_unknown(&record.aggregate_type) {
@@ -358,6 +359,8 @@ async fn dead_letter_damaged(engine: &Engine, table: &Routing, damaged: &Damaged
         }
         match engine.records.add_dead_letter(dead_letter, None).await {
             Ok(()) => {
+                sub.metrics.failed.increment(1);
+                sub.metrics.dead_letters.increment(1);
                 Counters::add(&sub.counters.failed, 1);
                 Counters::add(&engine.counters.failed, 1);
                 Counters::add(&sub.counters.dead_lettered, 1);
@@ -445,14 +448,36 @@ pub(crate) async fn save_checkpoints(engine: &Engine) -> Result<()> {
     };
     let _gate = engine.checkpoint_gate.lock().await;
     let unsaved = engine.lock_tracker().unsaved();
+    if unsaved.is_empty() {
+        return Ok(());
+    }
+    let mut moved = Vec::with_capacity(unsaved.len());
     for (key, lease, position) in unsaved {
         match store.save_segment_checkpoint(&lease, position).await {
-            Ok(()) => engine.lock_tracker().saved(key, position),
+            Ok(()) => {
+                engine.lock_tracker().saved(key, position);
+                moved.push(key.0);
+            }
             // Another member holds the segment now: it goes on from the checkpoint it
             // found, and this bus stops running the segment.
             Err(Error::LeaseLost { .. }) => engine.segment_lost(key, &lease),
             Err(error) => return Err(error),
         }
     }
+    let head = *store.watch_head().borrow();
+    record_checkpoints(engine, head, &moved);
     Ok(())
+}
+
+/// Sets the checkpoint and lag gauges of the subscriptions whose checkpoints moved, from
+/// the lowest checkpoint of the segments this bus runs and the head as the store reports it.
+fn record_checkpoints(engine: &Engine, head: u64, moved: &[usize]) {
+    let routing = Arc::clone(&engine.routing.borrow());
+    let tracker = engine.lock_tracker();
+    for sub in routing.subs.iter().filter(|s| moved.contains(&s.index)) {
+        if let Some(checkpoint) = tracker.lowest_checkpoint(sub.index) {
+            sub.metrics.checkpoint.set(checkpoint as f64);
+            sub.metrics.lag.set(head.saturating_sub(checkpoint) as f64);
+        }
+    }
 }

@@ -47,6 +47,8 @@ pub(crate) struct Engine {
     pub(crate) progress: Notify,
     pub(crate) counters: Counters,
     pub(crate) published: AtomicU64,
+    /// The bus's own metrics (the subscriptions' are on each [`Sub`](super::routing::Sub)).
+    pub(crate) metrics: crate::metrics::BusMetrics,
     pub(crate) tracker: Mutex<Tracker>,
     pub(crate) checkpoints_dirty: Notify,
     /// Held while checkpoints are saved, and by a reset while it sets one, so a save that

@@ -216,6 +216,7 @@ impl EventBus {
             }
         };
         engine.published.fetch_add(1, Ordering::Relaxed);
+        engine.metrics.published.increment(1);
         Ok(position)
     }
 
@@ -233,6 +234,7 @@ impl EventBus {
             .await
             .map_err(|(error, _)| error)?;
         self.inner.engine.published.fetch_add(1, Ordering::Relaxed);
+        self.inner.engine.metrics.published.increment(1);
         Ok(*range.start())
     }
 
@@ -279,6 +281,7 @@ impl EventBus {
                 .map_err(|(error, _)| error)?,
         };
         self.inner.engine.published.fetch_add(n, Ordering::Relaxed);
+        self.inner.engine.metrics.published.increment(n);
         Ok(range)
     }
 

@@ -32,6 +32,8 @@ pub(crate) struct Sub {
     pub(crate) invoke: Box<dyn Invoke>,
     pub(crate) counters: Counters,
     pub(crate) latency: Histogram,
+    /// Its metrics (`eventfold::metrics`), taken at registration.
+    pub(crate) metrics: crate::metrics::SubscriptionMetrics,
     pub(crate) active: AtomicBool,
     /// Deliveries routed to it and not yet done (its lag on a bus without a store).
     pub(crate) queued: AtomicU64,

@@ -210,6 +210,7 @@ impl Worker {
                     let message = panic_message(panic);
                     tracing::error!(%message, "a bus worker panicked; it goes on");
                     Counters::add(&self.engine.counters.worker_restarts, 1);
+                    self.engine.metrics.worker_restarts.increment(1);
                     self.recover(&message);
                 }
             }
@@ -675,6 +676,7 @@ impl Worker {
         held.last_error = failure.message;
         if failure.retryable && attempt < sub.retry.max_attempts() {
             Counters::add(&sub.counters.retried, 1);
+            sub.metrics.retries.increment(1);
             Counters::add(&engine.counters.retried, 1);
             let delay = sub.retry.delay(attempt, self.jitter.next());
             return Step::Wait(self.take_held(), Instant::now() + delay);
