@@ -1647,12 +1647,13 @@ async fn sub_scale(scenario: &'static str, pool: usize, sizes: Sizes, dir: &Path
     };
     let mut row =
         Row::new(scenario, "events/s", Goal::RatioAtLeast(3.0), &samples).baseline(format!(
-            "{n} events on {} aggregates (appended before), one subscription of {} segments \
+            "{} events on {} aggregates (appended before), one subscription of {} segments \
              {limit}, run by {SCALE_MEMBERS} processes on one SQLite file (segments held: \
              {split}) vs 1 process (the raw column), from `go` to every segment's checkpoint \
              at the head; ratio = speed-up. Every event handled: {}. CPU used per second of \
              the run (medians): 1 process {:.2}, {SCALE_MEMBERS} processes {:.2} in all",
-            pg_scenarios::SCALE_AGGREGATES,
+            fmt_value(n as f64),
+            fmt_value(pg_scenarios::SCALE_AGGREGATES as f64),
             pg_scenarios::SCALE_SEGMENTS,
             if handled_ok { "yes" } else { "NO" },
             median(&cpu.raw),
