@@ -842,9 +842,17 @@ pub const SCALE_POOL_SIZE: usize = 4;
 pub const SCALE_SUBSCRIPTION: &str = "scale";
 /// Its segments: 4 per member with 4 members.
 pub const SCALE_SEGMENTS: u32 = 16;
-/// The members' lease time. Nobody dies in this scenario, so it only bounds how long a
-/// member's pre-start heartbeat counts (see [`scale_member`]).
+/// The members' lease time unless `EVENTFOLD_SUB_SCALE_TTL_MS` says otherwise. Nobody
+/// dies in this scenario; with the pre-start heartbeat (see [`scale_member`]) it only
+/// bounds how long that counts, without it a member gives up segments beyond its share
+/// only at its next lease round, every third of it.
 pub const SCALE_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Set (to anything) in the report's environment: the members skip their pre-start
+/// heartbeat, so the first to start takes every segment and the others get theirs by
+/// rebalancing, as processes started one after another do. To measure that cost.
+pub const SCALE_NO_PREJOIN: &str = "EVENTFOLD_SUB_SCALE_NO_PREJOIN";
+/// Set in the report's environment: the members' lease time in milliseconds.
+pub const SCALE_TTL_MS: &str = "EVENTFOLD_SUB_SCALE_TTL_MS";
 /// What the handler waits per event: an I/O-bound projection.
 pub const SCALE_WAIT: Duration = Duration::from_millis(1);
 /// The aggregates the events are spread over.
@@ -888,13 +896,17 @@ pub async fn scale_member(
 ) -> Res<()> {
     use std::io::{BufRead, Write};
     use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-    store
-        .heartbeat(SCALE_SUBSCRIPTION, member, SCALE_LEASE_TTL)
-        .await?;
+    let ttl = match std::env::var(SCALE_TTL_MS) {
+        Ok(ms) => Duration::from_millis(ms.parse()?),
+        Err(_) => SCALE_LEASE_TTL,
+    };
+    if std::env::var_os(SCALE_NO_PREJOIN).is_none() {
+        store.heartbeat(SCALE_SUBSCRIPTION, member, ttl).await?;
+    }
     let bus = eventfold_core::EventBus::builder()
         .store(Arc::clone(&store))
         .member_id(member)
-        .lease_ttl(SCALE_LEASE_TTL)
+        .lease_ttl(ttl)
         .build()?;
     let handled = Arc::new(AtomicU64::new(0));
     let count = Arc::clone(&handled);
