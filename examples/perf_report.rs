@@ -399,6 +399,8 @@ struct Sizes {
     rebuild_events: usize,
     /// `archive_export`: the events of the store exported.
     archive_events: usize,
+    /// `sub_scale`: the events the subscription's members handle.
+    scale_events: usize,
 }
 
 const FULL: Sizes = Sizes {
@@ -419,6 +421,7 @@ const FULL: Sizes = Sizes {
     memory_events: 1_000_000,
     rebuild_events: 1_000_000,
     archive_events: 1_000_000,
+    scale_events: 20_000,
 };
 
 const QUICK: Sizes = Sizes {
@@ -439,6 +442,7 @@ const QUICK: Sizes = Sizes {
     memory_events: 200_000,
     rebuild_events: 100_000,
     archive_events: 100_000,
+    scale_events: 20_000,
 };
 
 /// Events (or commands) per append in `append_batch`, `bus_durable` and `seed_1000`.
@@ -452,7 +456,7 @@ const TASKS_64: usize = 64;
 /// Events per transaction of `sub_rebuild`'s projection.
 const REBUILD_BATCH: usize = 4_096;
 
-const SCENARIOS: [&str; 13] = [
+const SCENARIOS: [&str; 15] = [
     "append_batch",
     "append_concurrent",
     "append_concurrent_64",
@@ -466,6 +470,8 @@ const SCENARIOS: [&str; 13] = [
     "bus_memory",
     "sub_rebuild",
     "archive_export",
+    "sub_scale",
+    "sub_scale_pool4",
 ];
 
 /// What a scenario's goal asks of its row.
@@ -1577,6 +1583,104 @@ fn peak_rss_kib() -> Res<u64> {
         .parse()?)
 }
 
+/// The members `sub_scale` runs the subscription on, after its run by one.
+const SCALE_MEMBERS: usize = 4;
+
+/// One subscription whose handler waits 1 ms per event, run by one process ("raw") and
+/// then by [`SCALE_MEMBERS`] ("eventfold") on one SQLite file: events/s from `go` to every
+/// segment's checkpoint at the head. With `pool > 0` (`sub_scale_pool4`) each process's
+/// handler holds one of `pool` connections of a pool while it waits. The code is shared
+/// with `pg_sub_scale` (`pg_scenarios::scale_run`).
+async fn sub_scale(scenario: &'static str, pool: usize, sizes: Sizes, dir: &Path) -> Res<Row> {
+    let mut samples = Samples::default();
+    let n = sizes.scale_events;
+    let mut handled_ok = true;
+    let mut split = String::new();
+    let mut cpu = Samples::default();
+    for repeat in 0..sizes.repeats {
+        for side in sides(repeat) {
+            let run = tempfile::tempdir_in(dir)?;
+            let path = run.path().join("events.db");
+            let store = open_store(&path).await?;
+            let head = pg_scenarios::scale_append(store.clone(), n).await?;
+            let members = match side {
+                Side::Eventfold => SCALE_MEMBERS,
+                Side::Raw => 1,
+            };
+            let spec = format!("sqlite:{}", path.display());
+            let outcome =
+                pg_scenarios::scale_run(store.as_ref(), &spec, members, pool, head).await?;
+            store.close().await?;
+            handled_ok &= outcome.handled >= n as u64;
+            let value = per_second(n, outcome.elapsed);
+            let shares: Vec<String> = outcome
+                .owners
+                .iter()
+                .map(|(owner, segments)| format!("{owner}: {}", segments.len()))
+                .collect();
+            eprintln!(
+                "  {scenario} #{repeat} {members} process(es): {} events/s in {:.2} s, {} \
+                 handled, CPU {:.2} s, segments {}",
+                fmt_value(value),
+                outcome.elapsed.as_secs_f64(),
+                outcome.handled,
+                outcome.cpu.as_secs_f64(),
+                shares.join(", ")
+            );
+            if side == Side::Eventfold {
+                split = shares.join(", ");
+            }
+            samples.push(side, value);
+            cpu.push(
+                side,
+                outcome.cpu.as_secs_f64() / outcome.elapsed.as_secs_f64(),
+            );
+        }
+    }
+    let limit = if pool > 0 {
+        format!(
+            "whose handler waits 1 ms (tokio sleep) holding one of the {pool} connections of \
+             its process's pool"
+        )
+    } else {
+        "whose handler waits 1 ms (tokio sleep) per event, with no other limit".to_owned()
+    };
+    let mut row =
+        Row::new(scenario, "events/s", Goal::RatioAtLeast(3.0), &samples).baseline(format!(
+            "{} events on {} aggregates (appended before), one subscription of {} segments \
+             {limit}, run by {SCALE_MEMBERS} processes on one SQLite file (segments held: \
+             {split}) vs 1 process (the raw column), from `go` to every segment's checkpoint \
+             at the head; ratio = speed-up. Every event handled: {}. CPU used per second of \
+             the run (medians): 1 process {:.2}, {SCALE_MEMBERS} processes {:.2} in all",
+            fmt_value(n as f64),
+            fmt_value(pg_scenarios::SCALE_AGGREGATES as f64),
+            pg_scenarios::SCALE_SEGMENTS,
+            if handled_ok { "yes" } else { "NO" },
+            median(&cpu.raw),
+            median(&cpu.eventfold),
+        ));
+    row.also = handled_ok;
+    Ok(row)
+}
+
+/// A member process of `sub_scale` (or `pg_sub_scale`) on the store `spec` names.
+fn sub_scale_member(spec: &str) -> Res<()> {
+    let member = std::env::var(pg_scenarios::SCALE_MEMBER)?;
+    let pool: usize = std::env::var(pg_scenarios::SCALE_POOL)?.parse()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let store: Arc<dyn EventStore> = match spec.strip_prefix("sqlite:") {
+            Some(path) => open_store(Path::new(path)).await?,
+            None => pg_scenarios::scale_postgres_store(spec)
+                .await
+                .ok_or_else(|| format!("unknown store {spec}"))??,
+        };
+        pg_scenarios::scale_member(store, &member, pool).await
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // The machine, the table, and main.
 
@@ -1857,6 +1961,11 @@ async fn run(name: &str, sizes: Sizes, dir: &Path) -> Res<Row> {
         "bus_memory" => bus_memory(sizes),
         "sub_rebuild" => sub_rebuild(sizes, dir).await,
         "archive_export" => archive_export(sizes, dir).await,
+        "sub_scale" => sub_scale("sub_scale", 0, sizes, dir).await,
+        "sub_scale_pool4" => {
+            let pool = pg_scenarios::SCALE_POOL_SIZE;
+            sub_scale("sub_scale_pool4", pool, sizes, dir).await
+        }
         other => Err(format!("unknown scenario {other}").into()),
     }
 }
@@ -1866,6 +1975,9 @@ async fn run(name: &str, sizes: Sizes, dir: &Path) -> Res<Row> {
 const METRICS_ENV: &str = "EVENTFOLD_PERF_METRICS";
 
 fn main() -> Res<()> {
+    if let Ok(spec) = std::env::var(pg_scenarios::SCALE_STORE) {
+        return sub_scale_member(&spec);
+    }
     let mut args = std::env::args().skip(1);
     let first = args.next();
     if first.as_deref() == Some(CHILD_FLAG) {

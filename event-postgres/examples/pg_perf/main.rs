@@ -18,6 +18,15 @@ use scenarios::{Bench, FULL, QUICK, Res, SCENARIOS};
 
 #[tokio::main]
 async fn main() -> Res<()> {
+    // A member process of `pg_sub_scale`, started by the scenario itself.
+    if let Ok(spec) = std::env::var(scenarios::SCALE_STORE) {
+        let member = std::env::var(scenarios::SCALE_MEMBER)?;
+        let pool = std::env::var(scenarios::SCALE_POOL)?.parse()?;
+        let store = scenarios::scale_postgres_store(&spec)
+            .await
+            .ok_or_else(|| format!("unknown store {spec}"))??;
+        return scenarios::scale_member(store, &member, pool).await;
+    }
     let mut repeats = 5;
     let mut notify = true;
     let mut only = None;

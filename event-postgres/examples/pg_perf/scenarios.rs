@@ -69,6 +69,10 @@ pub struct Bench {
     appends_per_call: Vec<f64>,
     /// The share of the concurrent runs' time the writer waited for the server.
     call_share: Vec<f64>,
+    /// `pg_sub_scale`'s CPU per second of the run: of the 4 processes, of the one.
+    scale_cpu: (Vec<f64>, Vec<f64>),
+    /// How the last 4-process run of `pg_sub_scale` split the segments.
+    scale_split: String,
 }
 
 impl Bench {
@@ -635,7 +639,7 @@ pub struct Scenario {
 }
 
 /// The PostgreSQL rows, in the order the report runs them.
-pub const SCENARIOS: [Scenario; 6] = [
+pub const SCENARIOS: [Scenario; 8] = [
     Scenario {
         name: "pg_append_batch",
         unit: "events/s",
@@ -676,6 +680,23 @@ pub const SCENARIOS: [Scenario; 6] = [
         baseline: "the batched raw UNNEST append of the same rows alone (the store: published \
                    by publish_batch of 100 and handled by one durable subscription)",
     },
+    Scenario {
+        name: "pg_sub_scale",
+        unit: "events/s",
+        goal: 3.0,
+        baseline: "20,000 events on 1,000 aggregates (appended before), one subscription of 16 \
+                   segments whose handler waits 1 ms (tokio sleep) per event, with no other \
+                   limit, run by 4 processes (eventfold column) vs 1 process (raw column) on \
+                   the same schema, from `go` to every segment's checkpoint at the head; \
+                   ratio = speed-up",
+    },
+    Scenario {
+        name: "pg_sub_scale_pool4",
+        unit: "events/s",
+        goal: 3.0,
+        baseline: "as pg_sub_scale, but the handler waits its 1 ms holding one of the 4 \
+                   connections of its process's pool",
+    },
 ];
 
 /// How much each scenario does.
@@ -690,6 +711,8 @@ pub struct Counts {
     pub long_commands: usize,
     /// A multiple of the 100 events of a batch.
     pub bus_events: usize,
+    /// The events of `pg_sub_scale`.
+    pub scale_events: usize,
 }
 
 /// The counts of the full report.
@@ -700,6 +723,7 @@ pub const FULL: Counts = Counts {
     many_commands: 8_000,
     long_commands: 5_000,
     bus_events: 100_000,
+    scale_events: 20_000,
 };
 
 /// The counts of `--quick`.
@@ -710,6 +734,7 @@ pub const QUICK: Counts = Counts {
     many_commands: 2_000,
     long_commands: 1_000,
     bus_events: 20_000,
+    scale_events: 20_000,
 };
 
 /// The medians of one scenario's repeats (each run's store and raw sides back to back).
@@ -736,6 +761,8 @@ impl Bench {
             notify,
             appends_per_call: Vec::new(),
             call_share: Vec::new(),
+            scale_cpu: (Vec::new(), Vec::new()),
+            scale_split: String::new(),
         })
     }
 
@@ -749,6 +776,7 @@ impl Bench {
         let (mut ours, mut raws, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         self.appends_per_call.clear();
         self.call_share.clear();
+        self.scale_cpu = (Vec::new(), Vec::new());
         for _ in 0..repeats.max(1) {
             let (o, r) = match name {
                 "pg_append_batch" => append_batch(self, counts.batch_events).await?,
@@ -757,6 +785,10 @@ impl Bench {
                 "pg_command_many" => command_many(self, counts.many_commands).await?,
                 "pg_command_long_stream" => command_long_stream(self, counts.long_commands).await?,
                 "pg_bus_durable" => bus_durable(self, counts.bus_events).await?,
+                "pg_sub_scale" => sub_scale(self, counts.scale_events, 0).await?,
+                "pg_sub_scale_pool4" => {
+                    sub_scale(self, counts.scale_events, SCALE_POOL_SIZE).await?
+                }
                 other => return Err(format!("unknown scenario {other}").into()),
             };
             ours.push(o);
@@ -764,6 +796,13 @@ impl Bench {
             ratios.push(o / r);
         }
         let note = match name {
+            "pg_sub_scale" | "pg_sub_scale_pool4" => Some(format!(
+                "CPU used per second of the run (medians): 1 process {:.2}, 4 processes {:.2} in \
+                 all; segments held by the 4: {}",
+                median(&mut self.scale_cpu.1),
+                median(&mut self.scale_cpu.0),
+                self.scale_split
+            )),
             "pg_append_concurrent" | "pg_command_many" | "pg_bus_durable" => Some(format!(
                 "{:.1} appends per call, {:.0}% of the time in calls (medians)",
                 median(&mut self.appends_per_call),
@@ -781,4 +820,330 @@ impl Bench {
             note,
         })
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// `sub_scale` and `pg_sub_scale`: one subscription whose handler waits 1 ms per event,
+// run by 1 process and then by 4 on the same store. The program re-runs itself as the
+// members (see `SCALE_MEMBER`); this part is shared by the SQLite and PostgreSQL rows.
+
+/// Set in a member's environment: the store it opens, `sqlite:<path>` or
+/// `postgres:<schema>` (on `EVENTFOLD_PG_URL`). The program then runs [`scale_member`]
+/// instead of the report.
+pub const SCALE_STORE: &str = "EVENTFOLD_SUB_SCALE_STORE";
+/// Set in a member's environment: its member id.
+pub const SCALE_MEMBER: &str = "EVENTFOLD_SUB_SCALE_MEMBER";
+/// Set in a member's environment: the connections of its handler's pool, or 0 for none.
+pub const SCALE_POOL: &str = "EVENTFOLD_SUB_SCALE_POOL";
+/// The connections of the pool in the `_pool4` rows: a handler waits its 1 ms holding one,
+/// as a projection that writes through a pool of 4 database connections does.
+pub const SCALE_POOL_SIZE: usize = 4;
+/// The subscription the members share.
+pub const SCALE_SUBSCRIPTION: &str = "scale";
+/// Its segments: 4 per member with 4 members.
+pub const SCALE_SEGMENTS: u32 = 16;
+/// The members' lease time unless `EVENTFOLD_SUB_SCALE_TTL_MS` says otherwise. Nobody
+/// dies in this scenario; with the pre-start heartbeat (see [`scale_member`]) it only
+/// bounds how long that counts, without it a member gives up segments beyond its share
+/// only at its next lease round, every third of it.
+pub const SCALE_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Set (to anything) in the report's environment: the members skip their pre-start
+/// heartbeat, so the first to start takes every segment and the others get theirs by
+/// rebalancing, as processes started one after another do. To measure that cost.
+pub const SCALE_NO_PREJOIN: &str = "EVENTFOLD_SUB_SCALE_NO_PREJOIN";
+/// Set in the report's environment: the members' lease time in milliseconds.
+pub const SCALE_TTL_MS: &str = "EVENTFOLD_SUB_SCALE_TTL_MS";
+/// What the handler waits per event: an I/O-bound projection.
+pub const SCALE_WAIT: Duration = Duration::from_millis(1);
+/// The aggregates the events are spread over.
+pub const SCALE_AGGREGATES: usize = 1_000;
+/// How long the parent waits for the checkpoints before it gives up.
+const SCALE_DEADLINE: Duration = Duration::from_secs(600);
+/// How often the parent reads the segments' checkpoints.
+const SCALE_POLL: Duration = Duration::from_millis(5);
+
+/// Appends `events` deposits spread over [`SCALE_AGGREGATES`] aggregates in turn, by
+/// `publish_batch` of one event per aggregate; returns the head.
+pub async fn scale_append(store: Arc<dyn eventfold_core::EventStore>, events: usize) -> Res<u64> {
+    let bus = eventfold_core::EventBus::builder()
+        .store(Arc::clone(&store))
+        .build()?;
+    let ids: Vec<String> = (0..SCALE_AGGREGATES).map(|a| format!("acc-{a}")).collect();
+    let mut left = events;
+    while left > 0 {
+        let n = left.min(SCALE_AGGREGATES);
+        bus.publish_batch(
+            (0..n).map(|a| eventfold_core::Outgoing::new(deposit(a as u64)).to(ids[a].clone())),
+        )
+        .await?;
+        left -= n;
+    }
+    bus.stop().await?;
+    Ok(store.head_position().await?)
+}
+
+/// A member of `sub_scale`: heartbeats its membership first (so that every member sees
+/// the others at its first claim and takes only its share, instead of the first one
+/// taking every segment and giving them back), prints `ready`, and on `go` (a line on
+/// stdin) starts a bus that runs the subscription, split into [`SCALE_SEGMENTS`]
+/// segments, with a handler that waits [`SCALE_WAIT`] per event (holding one of `pool`
+/// permits of a semaphore shared by the process's deliveries, if `pool > 0`). When stdin
+/// closes it stops the bus and prints `handled <events>`.
+pub async fn scale_member(
+    store: Arc<dyn eventfold_core::EventStore>,
+    member: &str,
+    pool: usize,
+) -> Res<()> {
+    use std::io::{BufRead, Write};
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    let ttl = match std::env::var(SCALE_TTL_MS) {
+        Ok(ms) => Duration::from_millis(ms.parse()?),
+        Err(_) => SCALE_LEASE_TTL,
+    };
+    if std::env::var_os(SCALE_NO_PREJOIN).is_none() {
+        store.heartbeat(SCALE_SUBSCRIPTION, member, ttl).await?;
+    }
+    let bus = eventfold_core::EventBus::builder()
+        .store(Arc::clone(&store))
+        .member_id(member)
+        .lease_ttl(ttl)
+        .build()?;
+    let handled = Arc::new(AtomicU64::new(0));
+    let count = Arc::clone(&handled);
+    let connections = (pool > 0).then(|| Arc::new(tokio::sync::Semaphore::new(pool)));
+    bus.subscribe(
+        SCALE_SUBSCRIPTION,
+        move |_: eventfold_core::Delivery<AccountEvent>| {
+            let count = Arc::clone(&count);
+            let connections = connections.clone();
+            async move {
+                let _connection = match &connections {
+                    Some(pool) => Some(pool.acquire().await.map_err(|e| e.to_string())?),
+                    None => None,
+                };
+                tokio::time::sleep(SCALE_WAIT).await;
+                count.fetch_add(1, Relaxed);
+                Ok::<_, String>(())
+            }
+        },
+    )
+    .segments(SCALE_SEGMENTS)
+    .register()?;
+    // stdin is read on a thread of its own: a line is `go`, the end is `stop`.
+    let (lines, mut commands) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    println!("ready");
+    std::io::stdout().flush()?;
+    match commands.recv().await.as_deref() {
+        Some("go") => {}
+        other => return Err(format!("a member expected `go`, got {other:?}").into()),
+    }
+    bus.start().await?;
+    while commands.recv().await.is_some() {}
+    bus.stop().await?;
+    println!("handled {}", handled.load(Relaxed));
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// The PostgreSQL store a member's [`SCALE_STORE`] names, if it names one.
+pub async fn scale_postgres_store(spec: &str) -> Option<Res<Arc<dyn eventfold_core::EventStore>>> {
+    let schema = spec.strip_prefix("postgres:")?;
+    let url = std::env::var("EVENTFOLD_PG_URL")
+        .unwrap_or_else(|_| eventfold_postgres::DEFAULT_URL.to_owned());
+    Some(
+        PostgresEventStore::open(PostgresOptions::new(&url).schema(schema))
+            .await
+            .map(|store| Arc::new(store) as Arc<dyn eventfold_core::EventStore>)
+            .map_err(Into::into),
+    )
+}
+
+/// How one run of `sub_scale` went.
+#[derive(Debug, Clone)]
+pub struct ScaleRun {
+    /// From `go` to every segment's checkpoint at the head.
+    pub elapsed: Duration,
+    /// Deliveries the members handled, in all (at least the events; more are
+    /// redeliveries).
+    pub handled: u64,
+    /// The segments each member held when the checkpoints reached the head.
+    pub owners: std::collections::BTreeMap<String, Vec<u32>>,
+    /// The CPU time (user + system) the members had used when the checkpoints reached the
+    /// head, in all (Linux only: 0 where `/proc` cannot tell).
+    pub cpu: Duration,
+}
+
+/// The CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat`
+/// (in clock ticks of 10 ms, the kernel's `USER_HZ` on Linux); zero where unknown.
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // The fields after the command name, which is in parentheses and may hold spaces:
+    // utime and stime are the 14th and 15th fields of the line.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// Runs `members` processes of this program as [`scale_member`]s on the store `spec`
+/// (whose log the parent filled up to `head`, and which `store` is a handle of), measures
+/// from `go` until every segment's checkpoint is at the head (read from the store every
+/// 5 ms), then stops them and adds up what they handled.
+pub async fn scale_run(
+    store: &dyn eventfold_core::EventStore,
+    spec: &str,
+    members: usize,
+    pool: usize,
+    head: u64,
+) -> Res<ScaleRun> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for m in 0..members {
+        let child = Command::new(&exe)
+            .env(SCALE_STORE, spec)
+            .env(SCALE_MEMBER, format!("member-{m}"))
+            .env(SCALE_POOL, pool.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        children.push(child);
+    }
+    // Killed if anything below fails, so no member outlives the report.
+    struct Members(Vec<std::process::Child>);
+    impl Drop for Members {
+        fn drop(&mut self) {
+            for child in &mut self.0 {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut members = Members(children);
+    let mut outputs = Vec::new();
+    for child in &mut members.0 {
+        let mut out = BufReader::new(child.stdout.take().ok_or("a member's stdout")?);
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        if line.trim() != "ready" {
+            return Err(format!("a member said {line:?} instead of `ready`").into());
+        }
+        outputs.push(out);
+    }
+    let started = Instant::now();
+    for child in &mut members.0 {
+        let stdin = child.stdin.as_mut().ok_or("a member's stdin")?;
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+    }
+    let states = loop {
+        let states = store.segment_states(SCALE_SUBSCRIPTION).await?;
+        if states.len() == SCALE_SEGMENTS as usize && states.iter().all(|s| s.checkpoint >= head) {
+            break states;
+        }
+        if started.elapsed() > SCALE_DEADLINE {
+            return Err(format!("the checkpoints did not reach {head}: {states:?}").into());
+        }
+        tokio::time::sleep(SCALE_POLL).await;
+    };
+    let elapsed = started.elapsed();
+    let cpu = members.0.iter().map(|child| cpu_time(child.id())).sum();
+    let mut owners = std::collections::BTreeMap::<String, Vec<u32>>::new();
+    for state in states {
+        let owner = state.owner.unwrap_or_else(|| "(none)".to_owned());
+        owners.entry(owner).or_default().push(state.segment);
+    }
+    let mut handled = 0;
+    for (child, out) in members.0.iter_mut().zip(outputs) {
+        drop(child.stdin.take());
+        let report = tokio::task::spawn_blocking(move || {
+            let mut last = String::new();
+            for line in out.lines() {
+                last = line?;
+            }
+            Ok::<_, std::io::Error>(last)
+        })
+        .await??;
+        let n: u64 = report
+            .strip_prefix("handled ")
+            .ok_or_else(|| format!("a member said {report:?} instead of `handled N`"))?
+            .parse()?;
+        handled += n;
+        if !child.wait()?.success() {
+            return Err("a member failed".into());
+        }
+    }
+    Ok(ScaleRun {
+        elapsed,
+        handled,
+        owners,
+        cpu,
+    })
+}
+
+/// `pg_sub_scale`: the 4-process run and the 1-process run, each on a fresh schema the
+/// parent filled first; events/s of each (4, 1).
+async fn sub_scale(bench: &mut Bench, events: usize, pool: usize) -> Res<(f64, f64)> {
+    let mut rates = [0.0; 2];
+    for (i, members) in [4, 1].into_iter().enumerate() {
+        let (pg, schema) = bench.fresh().await?;
+        let store: Arc<dyn eventfold_core::EventStore> = Arc::new(pg.clone());
+        let head = scale_append(Arc::clone(&store), events).await?;
+        let run = scale_run(
+            store.as_ref(),
+            &format!("postgres:{schema}"),
+            members,
+            pool,
+            head,
+        )
+        .await?;
+        if run.handled < events as u64 {
+            return Err(format!("{members} members handled {} of {events}", run.handled).into());
+        }
+        rates[i] = events as f64 / run.elapsed.as_secs_f64();
+        let cpu = run.cpu.as_secs_f64() / run.elapsed.as_secs_f64();
+        let shares: Vec<String> = run
+            .owners
+            .iter()
+            .map(|(owner, segments)| format!("{owner}: {}", segments.len()))
+            .collect();
+        eprintln!(
+            "  {members} process(es): {:.0} events/s in {:.2} s, {} handled, CPU {:.2} s, \
+             segments {}",
+            rates[i],
+            run.elapsed.as_secs_f64(),
+            run.handled,
+            run.cpu.as_secs_f64(),
+            shares.join(", ")
+        );
+        if members == 4 {
+            bench.scale_cpu.0.push(cpu);
+            bench.scale_split = shares.join(", ");
+        } else {
+            bench.scale_cpu.1.push(cpu);
+        }
+        drop(store);
+        pg.close().await?;
+        bench.drop_schema(&schema).await?;
+    }
+    Ok((rates[0], rates[1]))
 }
