@@ -1,0 +1,173 @@
+//! `eventfold`: the operator's command for an eventfold store, a SQLite file or a
+//! PostgreSQL database. It works through the library's public API only, and changes stored
+//! data only in the commands that say so.
+//!
+//! Exit codes: 0 done, 1 a finding (damage found by `verify`), 2 a usage or store error.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod log;
+mod output;
+mod store;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{CliError, Result};
+use crate::store::Store;
+
+/// Look into an eventfold store and act on it.
+///
+/// The store is a SQLite file (a path or `sqlite://PATH`) or a PostgreSQL database
+/// (`postgres://user@host/db`, with --schema). Exit codes: 0 done, 1 a finding (damage),
+/// 2 a usage or store error.
+#[derive(Parser)]
+#[command(name = "eventfold", version)]
+struct Cli {
+    /// The store: a SQLite file path, `sqlite://PATH`, or `postgres://user@host/db`.
+    #[arg(long, short = 's', env = "EVENTFOLD_STORE", global = true)]
+    store: Option<String>,
+    /// The PostgreSQL schema the store lives in (default `eventfold`).
+    #[arg(long, env = "EVENTFOLD_PG_SCHEMA", global = true)]
+    schema: Option<String>,
+    /// Print JSON on stdout instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Head position, events, streams, size, subscriptions with lag, dead letters, schema
+    /// version.
+    Status,
+    /// The streams of the store.
+    Streams {
+        #[command(subcommand)]
+        command: StreamsCommand,
+    },
+    /// One stream.
+    Stream {
+        #[command(subcommand)]
+        command: StreamCommand,
+    },
+    /// The global log.
+    Log {
+        #[command(subcommand)]
+        command: LogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StreamsCommand {
+    /// Every stream with its version and event count (a scan of the log).
+    Ls {
+        /// Only the streams of this aggregate type.
+        #[arg(long = "type", value_name = "T")]
+        aggregate_type: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StreamCommand {
+    /// A stream's events with their payloads as JSON.
+    Show {
+        /// The stream, as `AggregateType/aggregate-id`.
+        id: String,
+        /// The first version to show.
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogCommand {
+    /// The last events of the log, or those from a position on; --follow waits for more.
+    Tail {
+        /// The first position to show (default: the last --limit events).
+        #[arg(long, value_name = "P")]
+        from: Option<u64>,
+        /// How many events to show without --from.
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+        /// After the last event, wait for new ones and show them until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+/// How a command that ran ended.
+pub enum Outcome {
+    /// Nothing to report beyond the output.
+    Done,
+    /// It found damage or a mismatch (exit code 1).
+    Finding,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("eventfold: cannot start: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Finding) => ExitCode::from(1),
+        Err(CliError::Output(error)) if error.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("eventfold: {error}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<Outcome> {
+    let target = cli.store.ok_or(CliError::NoStore)?;
+    let store = Store::open(&target, cli.schema.as_deref()).await?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let outcome = dispatch(&store, cli.command, cli.json, &mut out).await;
+    out.flush()?;
+    // Close even after a failed command, and report the command's error first.
+    let closed = store.close().await;
+    let outcome = outcome?;
+    closed?;
+    Ok(outcome)
+}
+
+async fn dispatch(
+    store: &Store,
+    command: Command,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<Outcome> {
+    match command {
+        Command::Status => log::status(store, json, out).await,
+        Command::Streams {
+            command: StreamsCommand::Ls { aggregate_type },
+        } => log::streams(store, aggregate_type.as_deref(), json, out).await,
+        Command::Stream {
+            command: StreamCommand::Show { id, from },
+        } => log::stream_show(store, &id, from, json, out).await,
+        Command::Log {
+            command:
+                LogCommand::Tail {
+                    from,
+                    limit,
+                    follow,
+                },
+        } => log::tail(store, from, limit, follow, json, out).await,
+    }
+}
