@@ -16,6 +16,9 @@ pub enum CliError {
     /// A wrong argument the parser could not see.
     #[error("{0}")]
     Usage(String),
+    /// What this command does not do on this store, and what to do instead.
+    #[error("not supported: {0}")]
+    Unsupported(String),
     /// The store refused or failed.
     #[error("{}", eventfold::backend::error_chain(.0))]
     Store(#[from] eventfold::Error),

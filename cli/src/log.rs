@@ -18,16 +18,26 @@ const PAGE: usize = 1_000;
 /// An event as the command shows it: its payload as JSON (as stored when it is not JSON).
 #[derive(Serialize)]
 pub struct EventView {
-    position: u64,
-    stream: String,
-    version: u64,
-    event_type: String,
-    schema_version: u32,
-    event_id: String,
-    occurred_at: String,
-    recorded_at: String,
-    metadata: eventfold::Metadata,
-    payload: serde_json::Value,
+    /// Its position in the log.
+    pub position: u64,
+    /// Its stream, `Type/id`.
+    pub stream: String,
+    /// Its version in the stream.
+    pub version: u64,
+    /// Its event type name.
+    pub event_type: String,
+    /// Its payload's schema version.
+    pub schema_version: u32,
+    /// Its id.
+    pub event_id: String,
+    /// When it happened (RFC 3339).
+    pub occurred_at: String,
+    /// When it was stored (RFC 3339).
+    pub recorded_at: String,
+    /// Its metadata.
+    pub metadata: eventfold::Metadata,
+    /// Its payload as JSON.
+    pub payload: serde_json::Value,
 }
 
 impl From<&RecordedEvent> for EventView {

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod error;
 mod log;
 mod output;
@@ -59,6 +60,113 @@ enum Command {
     Log {
         #[command(subcommand)]
         command: LogCommand,
+    },
+    /// The durable subscriptions (their checkpoints).
+    Subs {
+        #[command(subcommand)]
+        command: SubsCommand,
+    },
+    /// One subscription.
+    Sub {
+        #[command(subcommand)]
+        command: SubCommand,
+    },
+    /// Dead letters: the events subscriptions gave up on.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// Failure records: failed handler attempts.
+    Failures {
+        #[command(subcommand)]
+        command: FailuresCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SubsCommand {
+    /// Every subscription with a checkpoint: its position, lag and dead letters.
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum SubCommand {
+    /// A subscription's checkpoint, lag, dead letters and latest failures.
+    Show {
+        /// The subscription's name.
+        name: String,
+        /// How many of the latest failure records to show.
+        #[arg(long, default_value_t = 10)]
+        failures: usize,
+    },
+    /// Sets a subscription's checkpoint (changes the store). Refused while a bus holds a
+    /// live lease on it: stop the service first.
+    Reset {
+        /// The subscription's name.
+        name: String,
+        /// `start`, `end`, a position, or an RFC 3339 time (the first event recorded at or
+        /// after it is delivered next).
+        #[arg(long, value_name = "start|end|POSITION|TIME", value_parser = admin::parse_reset)]
+        to: eventfold::ResetTo,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// Dead letters, oldest first.
+    Ls {
+        /// Only this subscription's.
+        #[arg(long = "sub", value_name = "NAME")]
+        subscription: Option<String>,
+    },
+    /// A dead letter and its event.
+    Show {
+        /// The dead letter's id.
+        id: u64,
+    },
+    /// Not done by this command: a replay runs the subscription's handler, which only the
+    /// service that registers it has (`EventBus::replay_dead_letter`). Exits with 2.
+    Replay {
+        /// The dead letter's id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u64>,
+        /// Every dead letter (of --sub).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this subscription's.
+        #[arg(long = "sub", value_name = "NAME", requires = "all")]
+        subscription: Option<String>,
+    },
+    /// Removes dead letters without delivering them (changes the store).
+    Discard {
+        /// The dead letter's id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u64>,
+        /// Every dead letter (of --sub).
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this subscription's.
+        #[arg(long = "sub", value_name = "NAME", requires = "all")]
+        subscription: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum FailuresCommand {
+    /// The latest failure records of each subscription (or of --sub), newest first.
+    Ls {
+        /// Only this subscription's.
+        #[arg(long = "sub", value_name = "NAME")]
+        subscription: Option<String>,
+        /// At most this many per subscription.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Removes failure records (changes the store); dead letters stay.
+    Clear {
+        /// Only this subscription's.
+        #[arg(long = "sub", value_name = "NAME")]
+        subscription: Option<String>,
     },
 }
 
@@ -169,5 +277,43 @@ async fn dispatch(
                     follow,
                 },
         } => log::tail(store, from, limit, follow, json, out).await,
+        Command::Subs {
+            command: SubsCommand::Ls,
+        } => admin::subs_ls(store, json, out).await,
+        Command::Sub {
+            command: SubCommand::Show { name, failures },
+        } => admin::sub_show(store, &name, failures, json, out).await,
+        Command::Sub {
+            command: SubCommand::Reset { name, to },
+        } => admin::sub_reset(store, &name, to, json, out).await,
+        Command::Dlq {
+            command: DlqCommand::Ls { subscription },
+        } => admin::dlq_ls(store, subscription.as_deref(), json, out).await,
+        Command::Dlq {
+            command: DlqCommand::Show { id },
+        } => admin::dlq_show(store, id, json, out).await,
+        Command::Dlq {
+            command: DlqCommand::Replay { .. },
+        } => Err(CliError::Unsupported(
+            "dlq replay: a replay runs the subscription's handler, which only the service \
+             that registers it has; replay there (EventBus::replay_dead_letter, \
+             replay_dead_letters), or discard here with `dlq discard`"
+                .to_owned(),
+        )),
+        Command::Dlq {
+            command: DlqCommand::Discard {
+                id, subscription, ..
+            },
+        } => admin::dlq_discard(store, id, subscription.as_deref(), json, out).await,
+        Command::Failures {
+            command:
+                FailuresCommand::Ls {
+                    subscription,
+                    limit,
+                },
+        } => admin::failures_ls(store, subscription.as_deref(), limit, json, out).await,
+        Command::Failures {
+            command: FailuresCommand::Clear { subscription },
+        } => admin::failures_clear(store, subscription.as_deref(), json, out).await,
     }
 }
