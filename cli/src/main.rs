@@ -9,6 +9,7 @@
 mod admin;
 mod error;
 mod log;
+mod maintenance;
 mod output;
 mod store;
 
@@ -17,7 +18,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use eventfold::archive::ArchiveRange;
+
 use crate::error::{CliError, Result};
+use crate::maintenance::ArchiveAction;
 use crate::store::Store;
 
 /// Look into an eventfold store and act on it.
@@ -81,6 +85,63 @@ enum Command {
         #[command(subcommand)]
         command: FailuresCommand,
     },
+    /// Checks every stored event and the numbering; exit code 1 if anything is damaged.
+    Verify,
+    /// Writes a consistent copy of a SQLite store to a new file, while it runs.
+    Backup {
+        /// The new file (never overwritten).
+        path: std::path::PathBuf,
+    },
+    /// Archives of old history: compressed NDJSON files with a manifest (SQLite).
+    Archive {
+        #[command(subcommand)]
+        command: ArchiveCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ArchiveCommand {
+    /// Writes the events of a range to a new archive file (the store is not changed).
+    Export {
+        /// The new archive file (never overwritten).
+        path: std::path::PathBuf,
+        /// Every stored event below this position.
+        #[arg(
+            long,
+            value_name = "P",
+            required_unless_present = "idle_before",
+            conflicts_with = "idle_before"
+        )]
+        below: Option<u64>,
+        /// Every event of the streams whose last event was recorded before this RFC 3339
+        /// time.
+        #[arg(long, value_name = "TIME", value_parser = parse_time)]
+        idle_before: Option<chrono::DateTime<chrono::Utc>>,
+    },
+    /// Checks an archive file and that the store holds (or pruned) exactly its events;
+    /// exit code 1 if not.
+    Verify {
+        /// The archive file.
+        path: std::path::PathBuf,
+    },
+    /// Removes an archive's events from the store after verifying them (changes the
+    /// store); refused while a subscription is behind them.
+    Prune {
+        /// The archive file.
+        path: std::path::PathBuf,
+    },
+    /// Stores a pruned archive's events again, exactly (changes the store).
+    Restore {
+        /// The archive file.
+        path: std::path::PathBuf,
+    },
+}
+
+/// An RFC 3339 time.
+fn parse_time(text: &str) -> std::result::Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("`{text}` is not an RFC 3339 time (2026-12-01T00:00:00Z): {e}"))
 }
 
 #[derive(Subcommand)]
@@ -315,5 +376,27 @@ async fn dispatch(
         Command::Failures {
             command: FailuresCommand::Clear { subscription },
         } => admin::failures_clear(store, subscription.as_deref(), json, out).await,
+        Command::Verify => maintenance::verify(store, json, out).await,
+        Command::Backup { path } => maintenance::backup(store, &path, json, out).await,
+        Command::Archive { command } => {
+            let (action, path) = match command {
+                ArchiveCommand::Export {
+                    path,
+                    below,
+                    idle_before,
+                } => {
+                    let range = match (below, idle_before) {
+                        (Some(position), _) => ArchiveRange::BelowPosition(position),
+                        (None, Some(time)) => ArchiveRange::StreamsIdleBefore(time),
+                        (None, None) => unreachable!("clap requires --below or --idle-before"),
+                    };
+                    (ArchiveAction::Export(range), path)
+                }
+                ArchiveCommand::Verify { path } => (ArchiveAction::Verify, path),
+                ArchiveCommand::Prune { path } => (ArchiveAction::Prune, path),
+                ArchiveCommand::Restore { path } => (ArchiveAction::Restore, path),
+            };
+            maintenance::archive(store, action, &path, json, out).await
+        }
     }
 }

@@ -111,3 +111,18 @@ pub fn bytes(n: u64) -> String {
     }
     format!("{value:.1} {}", UNITS[unit])
 }
+
+/// A spinner with the elapsed time on stderr, for work whose size is not known ahead (a
+/// single call into the store), or a hidden one when stderr is not a terminal.
+pub fn spinner(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("the template is valid"),
+    );
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
