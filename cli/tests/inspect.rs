@@ -146,6 +146,63 @@ async fn inspecting_a_postgres_schema() {
         .unwrap();
 }
 
+/// `log tail --follow` prints what another process appends, as it comes: the test waits
+/// for each line on the child's stdout, then stops it.
+#[tokio::test]
+async fn log_tail_follows_appends_of_another_process() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    seeded_sqlite(&path).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_eventfold"))
+        .env_remove("EVENTFOLD_STORE")
+        .args([
+            "--store",
+            &path.display().to_string(),
+            "log",
+            "tail",
+            "--limit",
+            "1",
+            "--follow",
+            "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let position = |line: String| {
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()["position"].as_u64()
+    };
+    assert_eq!(position(lines.next().unwrap().unwrap()), Some(5));
+    let store = eventfold::SqliteEventStore::open(&path, eventfold::SqliteOptions::new())
+        .await
+        .unwrap();
+    let stream = eventfold::StreamId::new("Order", "o-2");
+    let placed = eventfold::NewEvent {
+        event_id: eventfold::backend::Uuid::now_v7(),
+        event_type: "Placed".into(),
+        schema_version: 1,
+        occurred_at: chrono::Utc::now(),
+        metadata: Default::default(),
+        payload: r#"{"qty":7}"#.into(),
+    };
+    use eventfold::prelude::*;
+    store
+        .append(&stream, ExpectedVersion::NoStream, vec![placed])
+        .await
+        .unwrap();
+    let line = lines.next().unwrap().unwrap();
+    let followed: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        (followed["position"].as_u64(), followed["stream"].as_str()),
+        (Some(6), Some("Order/o-2"))
+    );
+    assert_eq!(followed["payload"]["qty"], 7);
+    store.close().await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn a_bad_store_is_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
