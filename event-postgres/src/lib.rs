@@ -133,5 +133,10 @@ pub use eventfold_core::{Error, Result};
 pub use options::{DEFAULT_URL, PostgresOptions};
 pub use projection::PostgresProjection;
 pub use store::{PostgresEventStore, WriterStatistics};
+
+/// The schema version this library writes (the highest `version` in its schema's `ef_schema` table).
+/// [`PostgresEventStore::open`] migrates an older schema to it and refuses a newer one
+/// (`StoreErrorKind::SchemaTooNew`), so every open store is at this version.
+pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION as u32;
 /// The PostgreSQL driver a [`PostgresProjection`] writes its read model with.
 pub use tokio_postgres;

@@ -35,6 +35,25 @@ async fn waiting_appends(raw: &tokio_postgres::Client) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opened_schema_is_at_the_published_schema_version() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    schema.open().await.close().await.unwrap();
+    let row = common::raw()
+        .await
+        .query_one(
+            &format!("SELECT max(version) FROM {}.ef_schema", schema.name),
+            &[],
+        )
+        .await
+        .unwrap();
+    let stored: i32 = row.get(0);
+    assert_eq!(stored as u32, eventfold_postgres::SCHEMA_VERSION);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_schema_newer_than_the_library_is_refused() {
     if common::no_server() {
         return;

@@ -180,6 +180,11 @@ pub use rusqlite;
 pub use store::{SqliteEventStore, WriterStatistics};
 pub use verify::{DamagedEvent, VerifyReport};
 
+/// The schema version of the database files this library writes (`PRAGMA user_version`).
+/// [`SqliteEventStore::open`] migrates an older file to it and refuses a newer one
+/// (`StoreErrorKind::SchemaTooNew`), so every open store is at this version.
+pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION;
+
 /// Gives every event row of the database file at `path` the checksum of what it now holds,
 /// as if the store had written it. Only for the fuzz harness, which writes rows by hand to
 /// reach the code behind the checksum check: on a real store it would hide damage.

@@ -291,7 +291,21 @@ impl SqliteEventStore {
     /// only if the store cannot be read at all (closed, busy); damage, even a file SQLite
     /// refuses to read past, is in the report.
     pub async fn verify(&self) -> eventfold_core::Result<VerifyReport> {
-        self.read(crate::verify::verify).await
+        self.verify_with_progress(|_| {}).await
+    }
+
+    /// [`verify`](Self::verify), telling `progress` how far the scan of the event rows
+    /// is: `done` of `total` rows (counted in the scan's own read transaction), from
+    /// `done: 0` at the start, every 4,096 rows, to `done == total` when the rows are
+    /// scanned (the stream and file checks after it take a fraction of that time). It is
+    /// called on the store's read thread, so it should return quickly (update a progress
+    /// bar, send on a channel). What the `eventfold` command's `verify` draws its bar with.
+    pub async fn verify_with_progress(
+        &self,
+        mut progress: impl FnMut(eventfold_core::archive::Progress) + Send + 'static,
+    ) -> eventfold_core::Result<VerifyReport> {
+        self.read(move |conn| crate::verify::verify(conn, &mut progress))
+            .await
     }
 
     /// Stops the store: the read connections close, the writer commits what was queued

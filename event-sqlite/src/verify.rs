@@ -1,6 +1,7 @@
 //! [`SqliteEventStore::verify`](crate::SqliteEventStore::verify): a scan of every stored
 //! event and of the file, and its report.
 
+use eventfold_core::archive::Progress;
 use eventfold_core::{Error, Result, StoreErrorKind};
 use rusqlite::Connection;
 use uuid::Uuid;
@@ -50,12 +51,27 @@ pub struct DamagedEvent {
     pub problems: Vec<String>,
 }
 
-/// Scans the store in one read transaction, so the report describes one state of it.
-pub(crate) fn verify(conn: &Connection) -> Result<VerifyReport> {
+/// Event rows scanned between two calls of the progress callback.
+const PROGRESS_EVERY: u64 = 4_096;
+
+/// Scans the store in one read transaction, so the report describes one state of it,
+/// telling `progress` how many event rows of how many it has scanned.
+pub(crate) fn verify(
+    conn: &Connection,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<VerifyReport> {
     let tx = conn
         .unchecked_transaction()
         .map_err(|e| store_error("starting the verification", e))?;
     let mut report = VerifyReport::default();
+    // The rows to scan, in the transaction the scan reads; a file too damaged to count is
+    // scanned all the same (its damage goes into the report below).
+    let total: u64 = tx
+        .query_row("SELECT count(*) FROM events", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .map_or(0, |n| u64::try_from(n).unwrap_or(0));
+    progress(Progress { done: 0, total });
     // A file too damaged to read the horizon from is reported, and checked without it.
     let horizon = match Horizon::read(&tx) {
         Ok(horizon) => horizon,
@@ -67,8 +83,17 @@ pub(crate) fn verify(conn: &Connection) -> Result<VerifyReport> {
         }
         Err(e) => return Err(e),
     };
-    let scanned = scan_events(&tx, &horizon, &mut report);
+    let scanned = scan_events(&tx, &horizon, &mut report, &mut |done| {
+        progress(Progress {
+            done,
+            total: total.max(done),
+        })
+    });
     damage(scanned, "scanning the events", &mut report)?;
+    progress(Progress {
+        done: report.events,
+        total: total.max(report.events),
+    });
     let scanned = scan_streams(&tx, &horizon, &mut report);
     damage(scanned, "scanning the stream versions", &mut report)?;
     let checked = integrity_check(&tx, &mut report);
@@ -144,16 +169,21 @@ impl Horizon {
 }
 
 /// Checks every event row in position order, and that positions run 1, 2, 3 ….
+/// Calls `scanned` with the rows scanned so far every [`PROGRESS_EVERY`] rows.
 fn scan_events(
     conn: &Connection,
     horizon: &Horizon,
     report: &mut VerifyReport,
+    scanned: &mut dyn FnMut(u64),
 ) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(SCAN_EVENTS)?;
     let mut rows = stmt.query([])?;
     let mut expected = 1i64;
     while let Some(row) = rows.next()? {
         report.events += 1;
+        if report.events.is_multiple_of(PROGRESS_EVERY) {
+            scanned(report.events);
+        }
         let mut problems = Vec::new();
         let (position, event_id) = match stored_event(row) {
             Ok((stored, checksum)) => {

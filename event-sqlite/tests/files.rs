@@ -47,6 +47,22 @@ async fn fill(store: &SqliteEventStore, count: usize, per_append: usize, streams
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opened_file_is_at_the_published_schema_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    SqliteEventStore::open(&path, SqliteOptions::new())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    let stored: u32 = raw(&path)
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(stored, eventfold_sqlite::SCHEMA_VERSION);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_close_the_db_file_alone_holds_every_event() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");

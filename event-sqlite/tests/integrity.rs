@@ -117,6 +117,40 @@ async fn a_clean_store_verifies_clean() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reports_its_progress_from_none_to_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(&dir).await;
+    let events = 10_000;
+    for chunk in 0..10 {
+        let batch = (0..events / 10).map(|_| note(10)).collect();
+        store
+            .append(&meter(&format!("m-{chunk}")), ExpectedVersion::Any, batch)
+            .await
+            .unwrap();
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let report = store
+        .verify_with_progress({
+            let seen = Arc::clone(&seen);
+            move |p| seen.lock().unwrap().push((p.done, p.total))
+        })
+        .await
+        .unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    let seen = seen.lock().unwrap().clone();
+    // From none, every 4,096 rows, to all of them.
+    assert_eq!(
+        seen,
+        [
+            (0, events),
+            (4_096, events),
+            (8_192, events),
+            (events, events)
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bit_flipped_in_a_row_is_a_corrupt_event_on_every_read_path_and_in_verify() {
     let dir = tempfile::tempdir().unwrap();
     let (store, path) = open(&dir).await;

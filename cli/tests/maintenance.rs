@@ -1,0 +1,223 @@
+//! `verify` (clean and damaged stores: exit codes 0 and 1), `backup`, and the archive
+//! round trip export, verify, prune (refused while a subscription lags), read below the
+//! horizon, restore, run as a real process on SQLite; PostgreSQL's verify, and its clear
+//! refusals of backup and archiving.
+
+mod common;
+
+use common::{Target, eventfold, pg_client, seeded_postgres, seeded_sqlite};
+
+#[tokio::test]
+async fn verify_finds_a_sqlite_file_clean_and_then_damaged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = seeded_sqlite(&path).await;
+    let clean = eventfold(&store, &["verify"]);
+    assert_eq!(clean.code, 0, "{}{}", clean.stdout, clean.stderr);
+    assert!(clean.stdout.contains("events:   5\n"), "{}", clean.stdout);
+    assert!(
+        clean.stdout.ends_with("result:   clean\n"),
+        "{}",
+        clean.stdout
+    );
+
+    // A payload changed behind the store's back: its checksum no longer matches.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE events SET payload = '{\"amount\":1000}' WHERE position = 2",
+            [],
+        )
+        .unwrap();
+    let damaged = eventfold(&store, &["verify"]);
+    assert_eq!(damaged.code, 1, "{}{}", damaged.stdout, damaged.stderr);
+    assert!(
+        damaged.stdout.contains("damaged:  position 2: "),
+        "{}",
+        damaged.stdout
+    );
+    assert!(
+        damaged.stdout.ends_with("result:   DAMAGED\n"),
+        "{}",
+        damaged.stdout
+    );
+    let json = eventfold(&store, &["verify", "--json"]);
+    assert_eq!(json.code, 1);
+    let json = json.json();
+    assert_eq!(json["clean"], false);
+    assert_eq!(json["damaged"][0]["position"], 2);
+}
+
+#[tokio::test]
+async fn a_sqlite_backup_is_a_store_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = seeded_sqlite(&dir.path().join("events.db")).await;
+    let copy = dir.path().join("copy.db");
+    let copy_arg = copy.display().to_string();
+    let backup = eventfold(&store, &["backup", &copy_arg]);
+    assert_eq!(backup.code, 0, "{}", backup.stderr);
+    assert!(
+        backup
+            .stdout
+            .starts_with(&format!("backed up to {copy_arg} (")),
+        "{}",
+        backup.stdout
+    );
+    let copied = Target {
+        url: copy_arg.clone(),
+        schema: None,
+    };
+    assert_eq!(
+        eventfold(&copied, &["status", "--json"]).json()["events"],
+        5
+    );
+    let again = eventfold(&store, &["backup", &copy_arg, "--json"]);
+    assert_eq!(again.code, 2, "an existing file is never overwritten");
+}
+
+#[tokio::test]
+async fn an_archive_round_trip_on_a_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = seeded_sqlite(&dir.path().join("events.db")).await;
+    let file = dir.path().join("old.archive.gz").display().to_string();
+
+    // Positions 1..=3: the whole Account/a-1 stream.
+    let export = eventfold(
+        &store,
+        &["archive", "export", &file, "--below", "4", "--json"],
+    );
+    assert_eq!(export.code, 0, "{}", export.stderr);
+    let manifest = export.json()["manifest"].clone();
+    assert_eq!(manifest["events"], 3);
+    assert_eq!(
+        (
+            manifest["first_position"].as_u64(),
+            manifest["last_position"].as_u64()
+        ),
+        (Some(1), Some(3))
+    );
+    let verify = eventfold(&store, &["archive", "verify", &file]);
+    assert_eq!(verify.code, 0, "{}", verify.stderr);
+    assert!(
+        verify.stdout.contains("events:    3\n") && verify.stdout.contains("state:     stored\n"),
+        "{}",
+        verify.stdout
+    );
+
+    // `mailer` is at checkpoint 2, behind the archive's last position: refused.
+    let refused = eventfold(&store, &["archive", "prune", &file]);
+    assert_eq!(refused.code, 2);
+    assert!(refused.stderr.contains("mailer"), "{}", refused.stderr);
+    assert_eq!(
+        eventfold(&store, &["status", "--json"]).json()["events"],
+        5,
+        "nothing pruned"
+    );
+
+    assert_eq!(
+        eventfold(&store, &["sub", "reset", "mailer", "--to", "end"]).code,
+        0
+    );
+    let prune = eventfold(&store, &["archive", "prune", &file]);
+    assert_eq!(prune.code, 0, "{}", prune.stderr);
+    assert!(
+        prune.stdout.starts_with("prune: done\n"),
+        "{}",
+        prune.stdout
+    );
+    let pruned = eventfold(&store, &["archive", "verify", &file, "--json"]).json();
+    assert_eq!(pruned["state"], "pruned");
+    // Below the horizon: a typed error naming the archive, not a silent gap.
+    let below = eventfold(&store, &["stream", "show", "Account/a-1"]);
+    assert_eq!(below.code, 2);
+    assert!(
+        below.stderr.contains(manifest["archive"].as_str().unwrap()),
+        "{}",
+        below.stderr
+    );
+    // The log reads across the gap.
+    let tail = eventfold(&store, &["log", "tail", "--from", "1", "--json"]);
+    assert_eq!(tail.stdout.lines().count(), 2, "{}", tail.stdout);
+    assert_eq!(
+        eventfold(&store, &["verify"]).code,
+        0,
+        "pruned positions are not gaps"
+    );
+
+    let restore = eventfold(&store, &["archive", "restore", &file]);
+    assert_eq!(restore.code, 0, "{}", restore.stderr);
+    let shown = eventfold(&store, &["stream", "show", "Account/a-1", "--json"]).json();
+    assert_eq!(shown.as_array().unwrap().len(), 3);
+    assert_eq!(shown[1]["payload"]["amount"], 100);
+
+    // A damaged archive file is a finding of `archive verify`.
+    let damaged = dir.path().join("damaged.archive.gz");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&damaged, bytes).unwrap();
+    let found = eventfold(
+        &store,
+        &["archive", "verify", &damaged.display().to_string()],
+    );
+    assert_eq!(found.code, 1, "{}{}", found.stdout, found.stderr);
+    // Exporting over an existing file is refused.
+    assert_eq!(
+        eventfold(&store, &["archive", "export", &file, "--below", "2"]).code,
+        2
+    );
+    assert_eq!(
+        eventfold(&store, &["archive", "export", &file]).code,
+        2,
+        "no range"
+    );
+}
+
+#[tokio::test]
+async fn postgres_verify_and_its_refusals() {
+    let Some(client) = pg_client().await else {
+        return;
+    };
+    let store = seeded_postgres(&client, "cli_maintenance").await;
+    let clean = eventfold(&store, &["verify", "--json"]);
+    assert_eq!(clean.code, 0, "{}", clean.stderr);
+    let clean = clean.json();
+    assert_eq!(
+        (clean["clean"].as_bool(), clean["events"].as_u64()),
+        (Some(true), Some(5))
+    );
+    let backup = eventfold(&store, &["backup", "/nonexistent/copy"]);
+    assert_eq!(backup.code, 2);
+    assert!(backup.stderr.contains("pg_dump"), "{}", backup.stderr);
+    let export = eventfold(
+        &store,
+        &["archive", "export", "/nonexistent/a.gz", "--below", "3"],
+    );
+    assert_eq!(export.code, 2);
+    assert!(export.stderr.contains("no archiving"), "{}", export.stderr);
+
+    // A row removed behind the store's back: a gap in positions and in a stream.
+    client
+        .batch_execute("DELETE FROM cli_maintenance.ef_events WHERE position = 2")
+        .await
+        .unwrap();
+    let damaged = eventfold(&store, &["verify"]);
+    assert_eq!(damaged.code, 1, "{}{}", damaged.stdout, damaged.stderr);
+    assert!(
+        damaged
+            .stdout
+            .contains("gap:      positions 2 to 2 are missing"),
+        "{}",
+        damaged.stdout
+    );
+    assert!(
+        damaged
+            .stdout
+            .contains("gap:      stream Account/a-1 goes from version 1 to 3"),
+        "{}",
+        damaged.stdout
+    );
+    client
+        .batch_execute("DROP SCHEMA cli_maintenance CASCADE")
+        .await
+        .unwrap();
+}

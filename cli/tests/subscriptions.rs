@@ -1,0 +1,197 @@
+//! `subs`, `sub show|reset`, `dlq`, `failures`: run as a real process on a seeded SQLite
+//! file and a seeded PostgreSQL schema.
+
+mod common;
+
+use common::{Target, eventfold, pg_client, seeded_postgres, seeded_sqlite};
+
+fn lines(text: &str) -> Vec<&str> {
+    text.lines().collect()
+}
+
+/// The checks both stores pass; they change the store, in this order.
+fn administer(store: &Target) {
+    let subs = eventfold(store, &["subs", "ls"]);
+    assert_eq!(subs.code, 0, "{}", subs.stderr);
+    assert_eq!(
+        lines(&subs.stdout),
+        [
+            "SUBSCRIPTION  CHECKPOINT  LAG  DEAD LETTERS",
+            "ledger        5           0    0",
+            "mailer        2           3    1",
+        ]
+    );
+    let json = eventfold(store, &["subs", "ls", "--json"]).json();
+    assert_eq!(json[0]["name"], "ledger");
+    assert_eq!(json[1]["checkpoint"], 2);
+
+    let show = eventfold(store, &["sub", "show", "mailer"]);
+    assert_eq!(show.code, 0, "{}", show.stderr);
+    let shown = lines(&show.stdout);
+    assert_eq!(
+        shown[..4],
+        [
+            "subscription:  mailer",
+            "checkpoint:    2",
+            "head position: 5",
+            "lag:           3"
+        ]
+    );
+    assert!(
+        shown
+            .iter()
+            .any(|l| l.starts_with("ID  SUBSCRIPTION  POSITION  EVENT TYPE  ATTEMPTS")),
+        "{}",
+        show.stdout
+    );
+    assert_eq!(
+        shown.iter().filter(|l| l.ends_with("smtp down")).count(),
+        3,
+        "{}",
+        show.stdout
+    );
+    let detail = eventfold(
+        store,
+        &["sub", "show", "mailer", "--json", "--failures", "1"],
+    )
+    .json();
+    assert_eq!(detail["lag"], 3);
+    assert_eq!(detail["recent_failures"].as_array().unwrap().len(), 1);
+    assert_eq!(detail["recent_failures"][0]["attempt"], 2, "newest first");
+    let unknown = eventfold(store, &["sub", "show", "nobody"]);
+    assert_eq!(unknown.code, 2);
+    assert!(
+        unknown.stderr.contains("no subscription `nobody`"),
+        "{}",
+        unknown.stderr
+    );
+
+    // Dead letters: list, show with the event's payload.
+    let dlq = eventfold(store, &["dlq", "ls", "--sub", "mailer", "--json"]).json();
+    assert_eq!(dlq.as_array().unwrap().len(), 1);
+    let id = dlq[0]["id"].as_u64().unwrap().to_string();
+    assert_eq!(dlq[0]["position"], 3);
+    assert_eq!(
+        eventfold(store, &["dlq", "ls", "--sub", "ledger", "--json"]).json(),
+        serde_json::json!([])
+    );
+    let letter = eventfold(store, &["dlq", "show", &id, "--json"]).json();
+    assert_eq!(letter["dead_letter"]["error"], "smtp down");
+    assert_eq!(letter["event"]["stream"], "Account/a-1");
+    assert_eq!(letter["event"]["payload"]["amount"], 30);
+    let human = eventfold(store, &["dlq", "show", &id]);
+    assert!(
+        human.stdout.contains("payload:      {\"amount\":30}"),
+        "{}",
+        human.stdout
+    );
+    assert_eq!(eventfold(store, &["dlq", "show", "999"]).code, 2);
+    // Replay needs the handler: refused, and the dead letter stays.
+    let replay = eventfold(store, &["dlq", "replay", &id]);
+    assert_eq!(replay.code, 2);
+    assert!(
+        replay.stderr.contains("not supported: dlq replay"),
+        "{}",
+        replay.stderr
+    );
+    assert_eq!(
+        eventfold(store, &["dlq", "replay"]).code,
+        2,
+        "neither an id nor --all"
+    );
+
+    // Failures: list, clear.
+    let failures = eventfold(store, &["failures", "ls"]);
+    assert_eq!(lines(&failures.stdout).len(), 3, "{}", failures.stdout);
+    assert!(
+        failures
+            .stdout
+            .starts_with("SUBSCRIPTION  POSITION  ATTEMPT  FAILED AT"),
+        "{}",
+        failures.stdout
+    );
+    let cleared = eventfold(store, &["failures", "clear", "--sub", "mailer", "--json"]).json();
+    assert_eq!(cleared["removed"], 2);
+    assert_eq!(
+        eventfold(store, &["failures", "ls", "--json"]).json(),
+        serde_json::json!([])
+    );
+
+    // Resets: end, a position, a time, start; refused past the head and for a bad --to.
+    let reset = eventfold(store, &["sub", "reset", "mailer", "--to", "end"]);
+    assert_eq!(reset.code, 0, "{}", reset.stderr);
+    assert_eq!(reset.stdout, "mailer: checkpoint 2 -> 5\n");
+    let to_position = eventfold(store, &["sub", "reset", "mailer", "--to", "4", "--json"]).json();
+    assert_eq!(
+        (
+            to_position["previous"].as_u64(),
+            to_position["checkpoint"].as_u64()
+        ),
+        (Some(5), Some(4))
+    );
+    let to_time = eventfold(
+        store,
+        &[
+            "sub",
+            "reset",
+            "mailer",
+            "--to",
+            "2000-01-01T00:00:00Z",
+            "--json",
+        ],
+    )
+    .json();
+    assert_eq!(
+        to_time["checkpoint"], 0,
+        "every event was recorded after 2000"
+    );
+    let beyond = eventfold(store, &["sub", "reset", "mailer", "--to", "99"]);
+    assert_eq!(beyond.code, 2);
+    assert_eq!(
+        eventfold(store, &["sub", "reset", "mailer", "--to", "yesterday"]).code,
+        2
+    );
+    assert_eq!(
+        eventfold(store, &["sub", "reset", "nobody", "--to", "start"]).code,
+        2
+    );
+    assert_eq!(
+        eventfold(store, &["subs", "ls", "--json"]).json()[1]["checkpoint"],
+        0
+    );
+
+    // Discard: one, then none left.
+    let discarded = eventfold(store, &["dlq", "discard", &id]);
+    assert_eq!(discarded.code, 0, "{}", discarded.stderr);
+    assert_eq!(discarded.stdout, "discarded 1 dead letter(s)\n");
+    assert_eq!(
+        eventfold(store, &["dlq", "discard", &id]).code,
+        2,
+        "discarded already"
+    );
+    let all = eventfold(store, &["dlq", "discard", "--all", "--json"]).json();
+    assert_eq!(all["removed"], 0);
+    assert_eq!(
+        eventfold(store, &["status", "--json"]).json()["dead_letters"],
+        0
+    );
+}
+
+#[tokio::test]
+async fn administering_a_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    administer(&seeded_sqlite(&dir.path().join("events.db")).await);
+}
+
+#[tokio::test]
+async fn administering_a_postgres_schema() {
+    let Some(client) = pg_client().await else {
+        return;
+    };
+    let store = seeded_postgres(&client, "cli_administer").await;
+    administer(&store);
+    client
+        .batch_execute("DROP SCHEMA cli_administer CASCADE")
+        .await
+        .unwrap();
+}
