@@ -20,6 +20,11 @@
 //!     .all(|m| m.name.starts_with("eventfold_")));
 //! ```
 //!
+//! Handler latency is not a metric: a histogram sample per delivery cost the in-memory
+//! bus 13% of its throughput with the Prometheus recorder, against 5% allowed for all
+//! metrics; the counters stay (about 1%), and the bus keeps its own latency histogram
+//! (p50 and p99 in [`SubscriptionStatistics`](crate::SubscriptionStatistics)).
+//!
 //! Spans: `tracing` spans `eventfold.append` (a store's append), `eventfold.load` and
 //! `eventfold.execute` (a repository's load and command) and `eventfold.deliver` (one
 //! attempt of one delivery), at debug level; a disabled span costs next to nothing.
@@ -96,8 +101,6 @@ pub const BUS_PUBLISHED: &str = "eventfold_bus_published_events_total";
 pub const BUS_WORKER_RESTARTS: &str = "eventfold_bus_worker_restarts_total";
 /// Attempts to deliver an event to a subscription, by outcome.
 pub const DELIVERIES: &str = "eventfold_deliveries_total";
-/// How long one attempt of a handler took.
-pub const DELIVERY_SECONDS: &str = "eventfold_delivery_duration_seconds";
 /// Attempts scheduled again after a failure.
 pub const DELIVERY_RETRIES: &str = "eventfold_delivery_retries_total";
 /// Events that became dead letters.
@@ -194,12 +197,6 @@ pub const METRICS: &[Metric] = &[
         MetricKind::Counter,
         &["subscription", "outcome"],
         "Delivery attempts, by outcome (handled, failed)",
-    ),
-    metric(
-        DELIVERY_SECONDS,
-        MetricKind::Histogram,
-        &["subscription"],
-        "Duration of one handler attempt",
     ),
     metric(
         DELIVERY_RETRIES,
@@ -361,7 +358,6 @@ impl RepositoryMetrics {
 pub(crate) struct SubscriptionMetrics {
     pub(crate) handled: Counter,
     pub(crate) failed: Counter,
-    pub(crate) seconds: Histogram,
     pub(crate) retries: Counter,
     pub(crate) dead_letters: Counter,
     pub(crate) skipped: Counter,
@@ -383,7 +379,6 @@ impl SubscriptionMetrics {
                 "subscription" => name.clone(),
                 "outcome" => "failed"
             ),
-            seconds: metrics::histogram!(DELIVERY_SECONDS, "subscription" => name.clone()),
             retries: metrics::counter!(DELIVERY_RETRIES, "subscription" => name.clone()),
             dead_letters: metrics::counter!(DEAD_LETTERS, "subscription" => name.clone()),
             skipped: metrics::counter!(SKIPPED_EVENTS, "subscription" => name.clone()),

@@ -189,7 +189,6 @@ pub(crate) async fn poll_once(mut attempt: Attempt) -> std::result::Result<Outco
 /// Counts a successful attempt.
 pub(crate) fn delivered(engine: &Engine, sub: &Sub, elapsed: Duration) {
     sub.latency.record(elapsed);
-    sub.metrics.seconds.record(elapsed);
     sub.metrics.handled.increment(1);
     Counters::add(&sub.counters.delivered, 1);
     Counters::add(&engine.counters.delivered, 1);
@@ -206,7 +205,6 @@ pub(crate) async fn failed(
     elapsed: Duration,
 ) -> (Failure, DateTime<Utc>) {
     sub.latency.record(elapsed);
-    sub.metrics.seconds.record(elapsed);
     sub.metrics.failed.increment(1);
     Counters::add(&sub.counters.failed, 1);
     Counters::add(&engine.counters.failed, 1);
