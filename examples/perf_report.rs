@@ -10,8 +10,12 @@
 //! cargo run --release --example perf_report -- --store postgres   # the PostgreSQL rows
 //! ```
 //!
+//! `sub_scale` and `sub_scale_pool4` (and their PostgreSQL rows) start this program again
+//! as member processes of one subscription: `EVENTFOLD_SUB_SCALE_STORE` in a child's
+//! environment makes it a member instead of a report.
+//!
 //! `--store postgres` runs the PostgreSQL store's rows instead (`pg_append_batch` ...
-//! `pg_bus_durable`, against hand-written tokio-postgres on the same server) on the server
+//! `pg_sub_scale_pool4`, against hand-written tokio-postgres on the same server) on the server
 //! at `EVENTFOLD_PG_URL` (default `postgres://postgres@127.0.0.1:5432/test`), each run in a
 //! schema of its own, dropped after it. Their code is `pg_perf`'s
 //! (`event-postgres/examples/pg_perf/scenarios.rs`), included here as a module.

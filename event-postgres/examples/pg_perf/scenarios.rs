@@ -21,6 +21,12 @@
 //!   bus with one durable subscription, handled by a handler that counts, until
 //!   `wait_idle` (the checkpoint saved at the head) vs the batched raw `UNNEST` append of
 //!   the same rows alone, as the SQLite report's `bus_durable` (goal: >= 0.7).
+//! - `pg_sub_scale`: 20,000 events on 1,000 aggregates (appended first), one subscription
+//!   of 16 segments whose handler waits 1 ms per event, run by 4 processes (the store
+//!   column) vs 1 (the raw column) on one schema, from `go` to every segment's checkpoint
+//!   at the head; the program re-runs itself as the members (goal: a speed-up >= 3).
+//!   `pg_sub_scale_pool4`: the same with the wait holding one of 4 permits of a
+//!   per-process pool. The SQLite report's `sub_scale` rows run the same code.
 //!
 //! Uses a schema of its own per run, dropped after it. The machine is shared: quote the
 //! load with the figures.
