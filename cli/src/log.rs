@@ -193,59 +193,33 @@ pub async fn status(store: &Store, json: bool, out: &mut impl Write) -> Result<O
     Ok(Outcome::Done)
 }
 
-#[derive(Serialize)]
-struct StreamView {
-    stream: String,
-    aggregate_type: String,
-    aggregate_id: String,
-    version: u64,
-    events: u64,
-    last_position: u64,
-    last_recorded_at: String,
-}
-
-/// `streams ls`: a scan of the stored log (with a progress bar), since the store keeps no
-/// list of streams apart from its events.
+/// `streams ls`: the store's own listing (one grouped query over its stream index).
 pub async fn streams(
     store: &Store,
     only_type: Option<&str>,
     json: bool,
     out: &mut impl Write,
 ) -> Result<Outcome> {
-    let head = store.events().head_position().await?;
-    let bar = output::progress("scanning the log", head);
-    let mut found: BTreeMap<StreamId, StreamView> = BTreeMap::new();
-    let mut from = 1;
-    loop {
-        let page = read_page(store, from, PAGE).await?;
-        let Some(last) = page.last() else { break };
-        from = last.position + 1;
-        bar.set_position(last.position.min(head));
-        for event in &page {
-            if only_type.is_some_and(|t| t != event.aggregate_type) {
-                continue;
-            }
-            let view = found
-                .entry(event.stream_id())
-                .or_insert_with(|| StreamView {
-                    stream: event.stream_id().to_string(),
-                    aggregate_type: event.aggregate_type.to_string(),
-                    aggregate_id: event.aggregate_id.clone(),
-                    version: 0,
-                    events: 0,
-                    last_position: 0,
-                    last_recorded_at: String::new(),
-                });
-            view.version = view.version.max(event.version);
-            view.events += 1;
-            view.last_position = event.position;
-            view.last_recorded_at = output::time(event.recorded_at);
-        }
-    }
-    bar.finish_and_clear();
-    let streams: Vec<StreamView> = found.into_values().collect();
+    let streams = match store {
+        Store::Sqlite(s) => s.streams(only_type).await?,
+        Store::Postgres(s) => s.streams(only_type).await?,
+    };
     if json {
-        output::json(out, &streams)?;
+        let views: Vec<serde_json::Value> = streams
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "stream": s.stream.to_string(),
+                    "aggregate_type": s.stream.aggregate_type,
+                    "aggregate_id": s.stream.aggregate_id,
+                    "version": s.version,
+                    "events": s.events,
+                    "last_position": s.last_position,
+                    "last_recorded_at": output::time(s.last_recorded_at),
+                })
+            })
+            .collect();
+        output::json(out, &views)?;
         return Ok(Outcome::Done);
     }
     let mut table = Table::new(&[
@@ -257,11 +231,11 @@ pub async fn streams(
     ]);
     for s in &streams {
         table.row(vec![
-            s.stream.clone(),
+            s.stream.to_string(),
             s.version.to_string(),
             s.events.to_string(),
             s.last_position.to_string(),
-            s.last_recorded_at.clone(),
+            output::time(s.last_recorded_at),
         ]);
     }
     table.print(out)?;

@@ -135,6 +135,12 @@ async fn an_archive_round_trip_on_a_sqlite_file() {
         "{}",
         below.stderr
     );
+    let streams = eventfold(&store, &["streams", "ls", "--json"]).json();
+    assert_eq!(
+        streams.as_array().unwrap().len(),
+        1,
+        "Account/a-1 is archived whole: {streams}"
+    );
     // The log reads across the gap.
     let tail = eventfold(&store, &["log", "tail", "--from", "1", "--json"]);
     assert_eq!(tail.stdout.lines().count(), 2, "{}", tail.stdout);
