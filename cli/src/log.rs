@@ -89,7 +89,20 @@ struct Status {
     dead_letters: u64,
     failures: u64,
     events_by_type: BTreeMap<String, u64>,
+    /// Archives pruned from the store and not restored (`None`: the store has no
+    /// archiving).
+    archives: Option<Vec<ArchiveView>>,
     subscriptions: Vec<SubscriptionView>,
+}
+
+#[derive(Serialize)]
+struct ArchiveView {
+    archive: String,
+    path: String,
+    events: u64,
+    first_position: u64,
+    last_position: u64,
+    pruned_at: String,
 }
 
 /// A subscription as `status` and `subs ls` show it.
@@ -156,6 +169,23 @@ pub async fn status(store: &Store, json: bool, out: &mut impl Write) -> Result<O
         dead_letters: stats.dead_letters,
         failures: stats.failures,
         events_by_type: stats.events_by_type,
+        archives: match store.archive().archive_horizon().await {
+            Ok(horizon) => Some(
+                horizon
+                    .into_iter()
+                    .map(|h| ArchiveView {
+                        archive: h.archive.to_string(),
+                        path: h.path,
+                        events: h.events,
+                        first_position: h.first_position,
+                        last_position: h.last_position,
+                        pruned_at: output::time(h.pruned_at),
+                    })
+                    .collect(),
+            ),
+            Err(eventfold::Error::Unsupported { .. }) => None,
+            Err(error) => return Err(error.into()),
+        },
         subscriptions: subscriptions(&*events).await?,
     };
     if json {
@@ -186,8 +216,34 @@ pub async fn status(store: &Store, json: bool, out: &mut impl Write) -> Result<O
             ),
             ("dead letters", status.dead_letters.to_string()),
             ("failures", status.failures.to_string()),
+            (
+                "archives",
+                match &status.archives {
+                    None => "- (no archiving on this store)".to_owned(),
+                    Some(archives) if archives.is_empty() => "0".to_owned(),
+                    Some(archives) => format!(
+                        "{} ({} events pruned)",
+                        archives.len(),
+                        archives.iter().map(|a| a.events).sum::<u64>()
+                    ),
+                },
+            ),
         ],
     )?;
+    if let Some(archives) = status.archives.as_ref().filter(|a| !a.is_empty()) {
+        writeln!(out)?;
+        let mut table = Table::new(&["ARCHIVE", "POSITIONS", "EVENTS", "PRUNED AT", "FILE"]);
+        for a in archives {
+            table.row(vec![
+                a.archive.clone(),
+                format!("{}..={}", a.first_position, a.last_position),
+                a.events.to_string(),
+                a.pruned_at.clone(),
+                a.path.clone(),
+            ]);
+        }
+        table.print(out)?;
+    }
     writeln!(out)?;
     print_subscriptions(out, &status.subscriptions)?;
     Ok(Outcome::Done)

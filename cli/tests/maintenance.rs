@@ -135,6 +135,22 @@ async fn an_archive_round_trip_on_a_sqlite_file() {
         "{}",
         below.stderr
     );
+    let status = eventfold(&store, &["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("archives:       1 (3 events pruned)\n"),
+        "{}",
+        status.stdout
+    );
+    assert!(
+        status.stdout.contains(&format!(
+            "{}  1..=3      3       ",
+            manifest["archive"].as_str().unwrap()
+        )),
+        "{}",
+        status.stdout
+    );
     let streams = eventfold(&store, &["streams", "ls", "--json"]).json();
     assert_eq!(
         streams.as_array().unwrap().len(),
@@ -152,6 +168,10 @@ async fn an_archive_round_trip_on_a_sqlite_file() {
 
     let restore = eventfold(&store, &["archive", "restore", &file]);
     assert_eq!(restore.code, 0, "{}", restore.stderr);
+    assert_eq!(
+        eventfold(&store, &["status", "--json"]).json()["archives"],
+        serde_json::json!([])
+    );
     let shown = eventfold(&store, &["stream", "show", "Account/a-1", "--json"]).json();
     assert_eq!(shown.as_array().unwrap().len(), 3);
     assert_eq!(shown[1]["payload"]["amount"], 100);
