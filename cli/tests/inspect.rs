@@ -142,10 +142,7 @@ async fn inspecting_a_postgres_schema() {
     };
     let store = seeded_postgres(&client, "cli_inspect").await;
     inspect(&store, "postgres");
-    client
-        .batch_execute("DROP SCHEMA cli_inspect CASCADE")
-        .await
-        .unwrap();
+    common::drop_schema(&client, &store).await;
 }
 
 /// `log tail --follow` prints what another process appends, as it comes: the test waits
@@ -215,16 +212,13 @@ async fn log_tail_follows_appends_to_a_postgres_schema() {
     };
     let target = seeded_postgres(&client, "cli_follow").await;
     let store = eventfold::PostgresEventStore::open(
-        eventfold::PostgresOptions::new(common::pg_url()).schema("cli_follow"),
+        eventfold::PostgresOptions::new(common::pg_url()).schema(target.schema.clone().unwrap()),
     )
     .await
     .unwrap();
     follows(&target, &store).await;
     store.close().await.unwrap();
-    client
-        .batch_execute("DROP SCHEMA cli_follow CASCADE")
-        .await
-        .unwrap();
+    common::drop_schema(&client, &target).await;
 }
 
 #[test]

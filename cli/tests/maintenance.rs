@@ -223,7 +223,10 @@ async fn postgres_verify_and_its_refusals() {
 
     // A row removed behind the store's back: a gap in positions and in a stream.
     client
-        .batch_execute("DELETE FROM cli_maintenance.ef_events WHERE position = 2")
+        .batch_execute(&format!(
+            "DELETE FROM {}.ef_events WHERE position = 2",
+            store.schema.as_deref().unwrap()
+        ))
         .await
         .unwrap();
     let damaged = eventfold(&store, &["verify"]);
@@ -242,8 +245,5 @@ async fn postgres_verify_and_its_refusals() {
         "{}",
         damaged.stdout
     );
-    client
-        .batch_execute("DROP SCHEMA cli_maintenance CASCADE")
-        .await
-        .unwrap();
+    common::drop_schema(&client, &store).await;
 }

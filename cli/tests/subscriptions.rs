@@ -190,8 +190,5 @@ async fn administering_a_postgres_schema() {
     };
     let store = seeded_postgres(&client, "cli_administer").await;
     administer(&store);
-    client
-        .batch_execute("DROP SCHEMA cli_administer CASCADE")
-        .await
-        .unwrap();
+    common::drop_schema(&client, &store).await;
 }

@@ -172,9 +172,11 @@ pub async fn pg_client() -> Option<tokio_postgres::Client> {
     }
 }
 
-/// A seeded PostgreSQL store in a fresh schema `name` (dropped first if a failed run left
-/// it), closed.
-pub async fn seeded_postgres(client: &tokio_postgres::Client, name: &str) -> Target {
+/// A seeded PostgreSQL store in a fresh schema `PREFIX_PID` (of this test process, so
+/// concurrent runs on one server keep apart; dropped first if a failed run left it),
+/// closed. Drop it after the test with [`drop_schema`].
+pub async fn seeded_postgres(client: &tokio_postgres::Client, prefix: &str) -> Target {
+    let name = &format!("{prefix}_{}", std::process::id());
     client
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
         .await
@@ -188,4 +190,13 @@ pub async fn seeded_postgres(client: &tokio_postgres::Client, name: &str) -> Tar
         url: pg_url(),
         schema: Some(name.to_owned()),
     }
+}
+
+/// Drops the schema of a [`seeded_postgres`] store.
+pub async fn drop_schema(client: &tokio_postgres::Client, target: &Target) {
+    let schema = target.schema.as_deref().expect("a PostgreSQL target");
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
 }
