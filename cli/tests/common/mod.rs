@@ -72,7 +72,9 @@ fn event(event_type: &str, payload: &str, at: chrono::DateTime<chrono::Utc>) -> 
 
 /// Seeds a store: `Account/a-1` with 3 events, `Order/o-1` with 2 (positions 4 and 5);
 /// subscription `mailer` at checkpoint 2 with one dead letter (position 3) and two
-/// failure records, subscription `ledger` at the head.
+/// failure records, subscription `ledger` at the head, and subscription `positions` of 4
+/// segments, 2 of them leased by `worker-1` for 10 minutes (as a running process holds
+/// them).
 pub async fn seed(store: &dyn EventStore) {
     let at = chrono::Utc::now();
     let account = StreamId::new("Account", "a-1");
@@ -113,6 +115,16 @@ pub async fn seed(store: &dyn EventStore) {
             first_failed_at: at,
             last_failed_at: at,
         })
+        .await
+        .unwrap();
+    store
+        .claim_segments(
+            "positions",
+            "worker-1",
+            4,
+            2,
+            std::time::Duration::from_secs(600),
+        )
         .await
         .unwrap();
     for attempt in 1..=2 {
