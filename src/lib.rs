@@ -114,7 +114,7 @@ pub use eventfold_core::{
 pub use eventfold_core::{
     AppendOutcome, Checkpoint, DeadLetter, EventStore, ExpectedVersion, FailureRecord,
     InMemoryEventStore, IntoStore, Metadata, NewEvent, RecordedEvent, Snapshot, StoreStatistics,
-    StreamId,
+    StreamId, StreamSummary,
 };
 // The event bus.
 pub use eventfold_core::{

@@ -30,11 +30,24 @@ struct SubscriptionDetail {
     checkpoint: Option<u64>,
     head_position: u64,
     lag: u64,
+    /// Its segments, when several processes share it (empty if it was never leased).
+    segments: Vec<SegmentView>,
     dead_letters: Vec<DeadLetter>,
     recent_failures: Vec<FailureRecord>,
 }
 
-/// `sub show`: a subscription's checkpoint, lag, dead letters and latest failures.
+#[derive(Serialize)]
+struct SegmentView {
+    segment: u32,
+    segments: u32,
+    owner: Option<String>,
+    epoch: u64,
+    expires_at: Option<String>,
+    checkpoint: u64,
+}
+
+/// `sub show`: a subscription's checkpoint, lag, segment leases, dead letters and latest
+/// failures.
 pub async fn sub_show(
     store: &Store,
     name: &str,
@@ -46,9 +59,27 @@ pub async fn sub_show(
     let checkpoint = events.load_checkpoint(name).await?;
     let dead_letters = events.dead_letters(Some(name)).await?;
     let recent_failures = events.failures(name, failures).await?;
-    if checkpoint.is_none() && dead_letters.is_empty() && recent_failures.is_empty() {
+    let segments: Vec<SegmentView> = events
+        .segment_states(name)
+        .await?
+        .into_iter()
+        .map(|s| SegmentView {
+            segment: s.segment,
+            segments: s.segments,
+            owner: s.owner,
+            epoch: s.epoch,
+            expires_at: s.expires_at.map(output::time),
+            checkpoint: s.checkpoint,
+        })
+        .collect();
+    if checkpoint.is_none()
+        && segments.is_empty()
+        && dead_letters.is_empty()
+        && recent_failures.is_empty()
+    {
         return Err(CliError::Usage(format!(
-            "no subscription `{name}` in this store (no checkpoint, dead letter or failure)"
+            "no subscription `{name}` in this store (no checkpoint, segment, dead letter or \
+             failure)"
         )));
     }
     let head_position = events.head_position().await?;
@@ -57,6 +88,7 @@ pub async fn sub_show(
         checkpoint,
         head_position,
         lag: head_position.saturating_sub(checkpoint.unwrap_or(0)),
+        segments,
         dead_letters,
         recent_failures,
     };
@@ -79,6 +111,20 @@ pub async fn sub_show(
             ("dead letters", detail.dead_letters.len().to_string()),
         ],
     )?;
+    if !detail.segments.is_empty() {
+        writeln!(out)?;
+        let mut table = Table::new(&["SEGMENT", "OWNER", "EPOCH", "EXPIRES", "CHECKPOINT"]);
+        for s in &detail.segments {
+            table.row(vec![
+                format!("{}/{}", s.segment, s.segments),
+                s.owner.clone().unwrap_or_else(|| "-".to_owned()),
+                s.epoch.to_string(),
+                s.expires_at.clone().unwrap_or_else(|| "-".to_owned()),
+                s.checkpoint.to_string(),
+            ]);
+        }
+        table.print(out)?;
+    }
     writeln!(out)?;
     print_dead_letters(out, &detail.dead_letters)?;
     writeln!(out)?;

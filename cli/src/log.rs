@@ -89,7 +89,20 @@ struct Status {
     dead_letters: u64,
     failures: u64,
     events_by_type: BTreeMap<String, u64>,
+    /// Archives pruned from the store and not restored (`None`: the store has no
+    /// archiving).
+    archives: Option<Vec<ArchiveView>>,
     subscriptions: Vec<SubscriptionView>,
+}
+
+#[derive(Serialize)]
+struct ArchiveView {
+    archive: String,
+    path: String,
+    events: u64,
+    first_position: u64,
+    last_position: u64,
+    pruned_at: String,
 }
 
 /// A subscription as `status` and `subs ls` show it.
@@ -156,6 +169,23 @@ pub async fn status(store: &Store, json: bool, out: &mut impl Write) -> Result<O
         dead_letters: stats.dead_letters,
         failures: stats.failures,
         events_by_type: stats.events_by_type,
+        archives: match store.archive().archive_horizon().await {
+            Ok(horizon) => Some(
+                horizon
+                    .into_iter()
+                    .map(|h| ArchiveView {
+                        archive: h.archive.to_string(),
+                        path: h.path,
+                        events: h.events,
+                        first_position: h.first_position,
+                        last_position: h.last_position,
+                        pruned_at: output::time(h.pruned_at),
+                    })
+                    .collect(),
+            ),
+            Err(eventfold::Error::Unsupported { .. }) => None,
+            Err(error) => return Err(error.into()),
+        },
         subscriptions: subscriptions(&*events).await?,
     };
     if json {
@@ -186,66 +216,66 @@ pub async fn status(store: &Store, json: bool, out: &mut impl Write) -> Result<O
             ),
             ("dead letters", status.dead_letters.to_string()),
             ("failures", status.failures.to_string()),
+            (
+                "archives",
+                match &status.archives {
+                    None => "- (no archiving on this store)".to_owned(),
+                    Some(archives) if archives.is_empty() => "0".to_owned(),
+                    Some(archives) => format!(
+                        "{} ({} events pruned)",
+                        archives.len(),
+                        archives.iter().map(|a| a.events).sum::<u64>()
+                    ),
+                },
+            ),
         ],
     )?;
+    if let Some(archives) = status.archives.as_ref().filter(|a| !a.is_empty()) {
+        writeln!(out)?;
+        let mut table = Table::new(&["ARCHIVE", "POSITIONS", "EVENTS", "PRUNED AT", "FILE"]);
+        for a in archives {
+            table.row(vec![
+                a.archive.clone(),
+                format!("{}..={}", a.first_position, a.last_position),
+                a.events.to_string(),
+                a.pruned_at.clone(),
+                a.path.clone(),
+            ]);
+        }
+        table.print(out)?;
+    }
     writeln!(out)?;
     print_subscriptions(out, &status.subscriptions)?;
     Ok(Outcome::Done)
 }
 
-#[derive(Serialize)]
-struct StreamView {
-    stream: String,
-    aggregate_type: String,
-    aggregate_id: String,
-    version: u64,
-    events: u64,
-    last_position: u64,
-    last_recorded_at: String,
-}
-
-/// `streams ls`: a scan of the stored log (with a progress bar), since the store keeps no
-/// list of streams apart from its events.
+/// `streams ls`: the store's own listing (one grouped query over its stream index).
 pub async fn streams(
     store: &Store,
     only_type: Option<&str>,
     json: bool,
     out: &mut impl Write,
 ) -> Result<Outcome> {
-    let head = store.events().head_position().await?;
-    let bar = output::progress("scanning the log", head);
-    let mut found: BTreeMap<StreamId, StreamView> = BTreeMap::new();
-    let mut from = 1;
-    loop {
-        let page = read_page(store, from, PAGE).await?;
-        let Some(last) = page.last() else { break };
-        from = last.position + 1;
-        bar.set_position(last.position.min(head));
-        for event in &page {
-            if only_type.is_some_and(|t| t != event.aggregate_type) {
-                continue;
-            }
-            let view = found
-                .entry(event.stream_id())
-                .or_insert_with(|| StreamView {
-                    stream: event.stream_id().to_string(),
-                    aggregate_type: event.aggregate_type.to_string(),
-                    aggregate_id: event.aggregate_id.clone(),
-                    version: 0,
-                    events: 0,
-                    last_position: 0,
-                    last_recorded_at: String::new(),
-                });
-            view.version = view.version.max(event.version);
-            view.events += 1;
-            view.last_position = event.position;
-            view.last_recorded_at = output::time(event.recorded_at);
-        }
-    }
-    bar.finish_and_clear();
-    let streams: Vec<StreamView> = found.into_values().collect();
+    let streams = match store {
+        Store::Sqlite(s) => s.streams(only_type).await?,
+        Store::Postgres(s) => s.streams(only_type).await?,
+    };
     if json {
-        output::json(out, &streams)?;
+        let views: Vec<serde_json::Value> = streams
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "stream": s.stream.to_string(),
+                    "aggregate_type": s.stream.aggregate_type,
+                    "aggregate_id": s.stream.aggregate_id,
+                    "version": s.version,
+                    "events": s.events,
+                    "last_position": s.last_position,
+                    "last_recorded_at": output::time(s.last_recorded_at),
+                })
+            })
+            .collect();
+        output::json(out, &views)?;
         return Ok(Outcome::Done);
     }
     let mut table = Table::new(&[
@@ -257,11 +287,11 @@ pub async fn streams(
     ]);
     for s in &streams {
         table.row(vec![
-            s.stream.clone(),
+            s.stream.to_string(),
             s.version.to_string(),
             s.events.to_string(),
             s.last_position.to_string(),
-            s.last_recorded_at.clone(),
+            output::time(s.last_recorded_at),
         ]);
     }
     table.print(out)?;

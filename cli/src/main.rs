@@ -233,7 +233,7 @@ enum FailuresCommand {
 
 #[derive(Subcommand)]
 enum StreamsCommand {
-    /// Every stream with its version and event count (a scan of the log).
+    /// Every stream with its version, event count and last event.
     Ls {
         /// Only the streams of this aggregate type.
         #[arg(long = "type", value_name = "T")]

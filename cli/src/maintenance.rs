@@ -42,8 +42,16 @@ struct Damaged {
 pub async fn verify(store: &Store, json: bool, out: &mut impl Write) -> Result<Outcome> {
     let view = match store {
         Store::Sqlite(sqlite) => {
-            let bar = output::spinner("verifying every event row and the file");
-            let report = sqlite.verify().await?;
+            let bar = output::progress("verifying", 0);
+            let report = sqlite
+                .verify_with_progress({
+                    let bar = bar.clone();
+                    move |p| {
+                        bar.set_length(p.total);
+                        bar.set_position(p.done);
+                    }
+                })
+                .await?;
             bar.finish_and_clear();
             VerifyView {
                 clean: report.is_clean(),

@@ -41,6 +41,8 @@ fn inspect(store: &Target, backend: &str) {
     assert_eq!(json["failures"], 2);
     assert!(json["schema_version"].as_u64().unwrap() >= 1);
     assert_eq!(json["subscriptions"][1]["name"], "mailer");
+    // PostgreSQL has no archiving: null, not an empty list.
+    assert_eq!(json["archives"].is_null(), backend == "postgres", "{json}");
     assert_eq!(json["subscriptions"][1]["lag"], 3);
 
     let streams = eventfold(store, &["streams", "ls"]);
@@ -140,44 +142,30 @@ async fn inspecting_a_postgres_schema() {
     };
     let store = seeded_postgres(&client, "cli_inspect").await;
     inspect(&store, "postgres");
-    client
-        .batch_execute("DROP SCHEMA cli_inspect CASCADE")
-        .await
-        .unwrap();
+    common::drop_schema(&client, &store).await;
 }
 
 /// `log tail --follow` prints what another process appends, as it comes: the test waits
 /// for each line on the child's stdout, then stops it.
-#[tokio::test]
-async fn log_tail_follows_appends_of_another_process() {
+async fn follows(target: &Target, store: &dyn eventfold::EventStore) {
+    use eventfold::prelude::*;
     use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    seeded_sqlite(&path).await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_eventfold"))
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_eventfold"));
+    command
         .env_remove("EVENTFOLD_STORE")
-        .args([
-            "--store",
-            &path.display().to_string(),
-            "log",
-            "tail",
-            "--limit",
-            "1",
-            "--follow",
-            "--json",
-        ])
+        .arg("--store")
+        .arg(&target.url);
+    if let Some(schema) = &target.schema {
+        command.arg("--schema").arg(schema);
+    }
+    let mut child = command
+        .args(["log", "tail", "--limit", "1", "--follow", "--json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let position = |line: String| {
-        serde_json::from_str::<serde_json::Value>(&line).unwrap()["position"].as_u64()
-    };
-    assert_eq!(position(lines.next().unwrap().unwrap()), Some(5));
-    let store = eventfold::SqliteEventStore::open(&path, eventfold::SqliteOptions::new())
-        .await
-        .unwrap();
-    let stream = eventfold::StreamId::new("Order", "o-2");
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["position"], 5);
     let placed = eventfold::NewEvent {
         event_id: eventfold::backend::Uuid::now_v7(),
         event_type: "Placed".into(),
@@ -186,21 +174,51 @@ async fn log_tail_follows_appends_of_another_process() {
         metadata: Default::default(),
         payload: r#"{"qty":7}"#.into(),
     };
-    use eventfold::prelude::*;
     store
-        .append(&stream, ExpectedVersion::NoStream, vec![placed])
+        .append(
+            &StreamId::new("Order", "o-2"),
+            ExpectedVersion::NoStream,
+            vec![placed],
+        )
         .await
         .unwrap();
-    let line = lines.next().unwrap().unwrap();
-    let followed: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let followed: serde_json::Value =
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(
         (followed["position"].as_u64(), followed["stream"].as_str()),
         (Some(6), Some("Order/o-2"))
     );
     assert_eq!(followed["payload"]["qty"], 7);
-    store.close().await.unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn log_tail_follows_appends_to_a_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let target = seeded_sqlite(&path).await;
+    let store = eventfold::SqliteEventStore::open(&path, eventfold::SqliteOptions::new())
+        .await
+        .unwrap();
+    follows(&target, &store).await;
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn log_tail_follows_appends_to_a_postgres_schema() {
+    let Some(client) = pg_client().await else {
+        return;
+    };
+    let target = seeded_postgres(&client, "cli_follow").await;
+    let store = eventfold::PostgresEventStore::open(
+        eventfold::PostgresOptions::new(common::pg_url()).schema(target.schema.clone().unwrap()),
+    )
+    .await
+    .unwrap();
+    follows(&target, &store).await;
+    store.close().await.unwrap();
+    common::drop_schema(&client, &target).await;
 }
 
 #[test]

@@ -135,6 +135,28 @@ async fn an_archive_round_trip_on_a_sqlite_file() {
         "{}",
         below.stderr
     );
+    let status = eventfold(&store, &["status"]);
+    assert!(
+        status
+            .stdout
+            .contains("archives:       1 (3 events pruned)\n"),
+        "{}",
+        status.stdout
+    );
+    assert!(
+        status.stdout.contains(&format!(
+            "{}  1..=3      3       ",
+            manifest["archive"].as_str().unwrap()
+        )),
+        "{}",
+        status.stdout
+    );
+    let streams = eventfold(&store, &["streams", "ls", "--json"]).json();
+    assert_eq!(
+        streams.as_array().unwrap().len(),
+        1,
+        "Account/a-1 is archived whole: {streams}"
+    );
     // The log reads across the gap.
     let tail = eventfold(&store, &["log", "tail", "--from", "1", "--json"]);
     assert_eq!(tail.stdout.lines().count(), 2, "{}", tail.stdout);
@@ -146,6 +168,10 @@ async fn an_archive_round_trip_on_a_sqlite_file() {
 
     let restore = eventfold(&store, &["archive", "restore", &file]);
     assert_eq!(restore.code, 0, "{}", restore.stderr);
+    assert_eq!(
+        eventfold(&store, &["status", "--json"]).json()["archives"],
+        serde_json::json!([])
+    );
     let shown = eventfold(&store, &["stream", "show", "Account/a-1", "--json"]).json();
     assert_eq!(shown.as_array().unwrap().len(), 3);
     assert_eq!(shown[1]["payload"]["amount"], 100);
@@ -197,7 +223,10 @@ async fn postgres_verify_and_its_refusals() {
 
     // A row removed behind the store's back: a gap in positions and in a stream.
     client
-        .batch_execute("DELETE FROM cli_maintenance.ef_events WHERE position = 2")
+        .batch_execute(&format!(
+            "DELETE FROM {}.ef_events WHERE position = 2",
+            store.schema.as_deref().unwrap()
+        ))
         .await
         .unwrap();
     let damaged = eventfold(&store, &["verify"]);
@@ -216,8 +245,5 @@ async fn postgres_verify_and_its_refusals() {
         "{}",
         damaged.stdout
     );
-    client
-        .batch_execute("DROP SCHEMA cli_maintenance CASCADE")
-        .await
-        .unwrap();
+    common::drop_schema(&client, &store).await;
 }

@@ -58,6 +58,37 @@ fn administer(store: &Target) {
     assert_eq!(detail["lag"], 3);
     assert_eq!(detail["recent_failures"].as_array().unwrap().len(), 1);
     assert_eq!(detail["recent_failures"][0]["attempt"], 2, "newest first");
+    // A subscription several processes share: its segments, two held by a live member,
+    // and a reset refused while they are.
+    let shared = eventfold(store, &["sub", "show", "positions"]);
+    assert_eq!(shared.code, 0, "{}", shared.stderr);
+    let segments: Vec<&str> = shared
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("SEGMENT"))
+        .take(5)
+        .collect();
+    assert!(
+        segments[0].starts_with("SEGMENT  OWNER     EPOCH  EXPIRES"),
+        "{}",
+        shared.stdout
+    );
+    assert!(
+        segments[1].starts_with("0/4      worker-1  1      "),
+        "{}",
+        shared.stdout
+    );
+    assert!(
+        segments[3].starts_with("2/4      -         0      -"),
+        "{}",
+        shared.stdout
+    );
+    let json = eventfold(store, &["sub", "show", "positions", "--json"]).json();
+    assert_eq!(json["segments"].as_array().unwrap().len(), 4);
+    assert_eq!(json["segments"][1]["owner"], "worker-1");
+    let running = eventfold(store, &["sub", "reset", "positions", "--to", "start"]);
+    assert_eq!(running.code, 2);
+    assert!(running.stderr.contains("positions"), "{}", running.stderr);
     let unknown = eventfold(store, &["sub", "show", "nobody"]);
     assert_eq!(unknown.code, 2);
     assert!(
@@ -190,8 +221,5 @@ async fn administering_a_postgres_schema() {
     };
     let store = seeded_postgres(&client, "cli_administer").await;
     administer(&store);
-    client
-        .batch_execute("DROP SCHEMA cli_administer CASCADE")
-        .await
-        .unwrap();
+    common::drop_schema(&client, &store).await;
 }

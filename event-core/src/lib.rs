@@ -75,6 +75,7 @@ pub use memory::InMemoryEventStore;
 pub use record::{
     AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, Metadata,
     NewDeadLetter, NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
+    StreamSummary,
 };
 pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
 pub use store::{

@@ -419,6 +419,23 @@ pub struct Checkpoint {
     pub lag: u64,
 }
 
+/// One stream as a store lists it for operators (`SqliteEventStore::streams`,
+/// `PostgresEventStore::streams`): a stream with stored events, and what they span.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSummary {
+    /// The stream.
+    pub stream: StreamId,
+    /// Its current version (its last event's; pruned events count, as in
+    /// [`EventLog::stream_version`](crate::EventLog::stream_version)).
+    pub version: u64,
+    /// Its events stored (not those pruned into an archive).
+    pub events: u64,
+    /// The position of its last event.
+    pub last_position: u64,
+    /// When its last event was recorded.
+    pub last_recorded_at: DateTime<Utc>,
+}
+
 /// What a store holds, for operators.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StoreStatistics {

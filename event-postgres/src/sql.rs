@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use eventfold_core::{
     Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, Result, Snapshot,
-    StoreErrorKind, StoreStatistics, StreamId, registry,
+    StoreErrorKind, StoreStatistics, StreamId, StreamSummary, registry,
 };
 use tokio_postgres::{Client, Row};
 use uuid::Uuid;
@@ -413,4 +413,37 @@ pub(crate) fn replay_rows(
             .map_err(|e| e.at_event(event_id, position))?;
     }
     Ok(visitor)
+}
+
+/// The streams with stored events (of one aggregate type, if given), ordered by type and
+/// id byte-wise, each with its version, count and last event, in one grouped query.
+pub(crate) async fn streams(
+    client: &Client,
+    aggregate_type: Option<&str>,
+) -> Result<Vec<StreamSummary>> {
+    let fail = |e| store_error("listing streams", e);
+    let rows = client
+        .query(
+            "SELECT stream_type, stream_id, max(version), count(*), max(position), \
+             max(recorded_at) FROM ef_events WHERE $1::text IS NULL OR stream_type = $1 \
+             GROUP BY stream_type, stream_id \
+             ORDER BY stream_type COLLATE \"C\", stream_id COLLATE \"C\"",
+            &[&aggregate_type],
+        )
+        .await
+        .map_err(fail)?;
+    rows.iter()
+        .map(|row| {
+            Ok(StreamSummary {
+                stream: StreamId::new(
+                    row.try_get::<_, String>(0).map_err(fail)?,
+                    row.try_get::<_, String>(1).map_err(fail)?,
+                ),
+                version: to_u64(row.try_get(2).map_err(fail)?),
+                events: to_u64(row.try_get(3).map_err(fail)?),
+                last_position: to_u64(row.try_get(4).map_err(fail)?),
+                last_recorded_at: time(row.try_get(5).map_err(fail)?),
+            })
+        })
+        .collect()
 }

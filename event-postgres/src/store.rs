@@ -177,6 +177,18 @@ impl PostgresEventStore {
         &self.shared.options
     }
 
+    /// The streams with stored events, of one aggregate type when `aggregate_type` is
+    /// given, ordered by type and id (byte-wise): each with its version, its event count
+    /// and its last event's position and time, for operators (the `eventfold` command's
+    /// `streams ls`). One grouped query over the stream index.
+    pub async fn streams(
+        &self,
+        aggregate_type: Option<&str>,
+    ) -> Result<Vec<eventfold_core::StreamSummary>> {
+        let client = self.client("listing streams").await?;
+        sql::streams(&client, aggregate_type).await
+    }
+
     /// What the writer has done: calls, appends, reconnections.
     pub fn writer_statistics(&self) -> WriterStatistics {
         let counters = &self.shared.counters;

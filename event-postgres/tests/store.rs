@@ -35,6 +35,57 @@ async fn waiting_appends(raw: &tokio_postgres::Client) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_lists_each_stream_with_its_version_count_and_last_event() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    let store = schema.open().await;
+    assert!(store.streams(None).await.unwrap().is_empty());
+    let b = common::stream("b");
+    store
+        .append(
+            &b,
+            ExpectedVersion::NoStream,
+            vec![common::event(1), common::event(2)],
+        )
+        .await
+        .unwrap();
+    let other = eventfold_core::StreamId::new("Other", "x");
+    store
+        .append(&other, ExpectedVersion::NoStream, vec![common::event(3)])
+        .await
+        .unwrap();
+    let a = common::stream("a");
+    store
+        .append(&a, ExpectedVersion::NoStream, vec![common::event(4)])
+        .await
+        .unwrap();
+    store
+        .append(&b, ExpectedVersion::Exact(2), vec![common::event(5)])
+        .await
+        .unwrap();
+    let listed = store.streams(None).await.unwrap();
+    let summary: Vec<_> = listed
+        .iter()
+        .map(|s| (s.stream.to_string(), s.version, s.events, s.last_position))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("Other/x".to_owned(), 1, 1, 3),
+            ("Tested/a".to_owned(), 1, 1, 4),
+            ("Tested/b".to_owned(), 3, 3, 5),
+        ]
+    );
+    let b_last = store.read_stream(&b, 3).await.unwrap().remove(0);
+    assert_eq!(listed[2].last_recorded_at, b_last.recorded_at);
+    assert_eq!(store.streams(Some("Tested")).await.unwrap().len(), 2);
+    assert!(store.streams(Some("None")).await.unwrap().is_empty());
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opened_schema_is_at_the_published_schema_version() {
     if common::no_server() {
         return;

@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use eventfold_core::{
     Checkpoint, DeadLetter, Error, FailureRecord, NewDeadLetter, RecordedEvent, ReplayVisitor,
-    ReplayedEvent, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId, registry,
+    ReplayedEvent, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId, StreamSummary,
+    registry,
 };
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, Rows, params};
@@ -918,4 +919,35 @@ pub(crate) fn statistics(conn: &Connection, on_disk: bool) -> Result<StoreStatis
     };
     tx.finish().map_err(fail)?;
     Ok(stats)
+}
+
+/// The streams with stored events (of one aggregate type, if given), ordered by type and
+/// id, each with its version, count and last event, from the stream index in one query.
+pub(crate) fn streams(
+    conn: &Connection,
+    aggregate_type: Option<&str>,
+) -> Result<Vec<StreamSummary>> {
+    let fail = |e| store_error("listing streams", e);
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT aggregate_type, aggregate_id, MAX(version), COUNT(*), MAX(position), \
+             MAX(recorded_at) FROM events WHERE ?1 IS NULL OR aggregate_type = ?1 \
+             GROUP BY aggregate_type, aggregate_id ORDER BY aggregate_type, aggregate_id",
+        )
+        .map_err(fail)?;
+    let mut rows = stmt.query([aggregate_type]).map_err(fail)?;
+    let mut streams = Vec::new();
+    while let Some(row) = rows.next().map_err(fail)? {
+        streams.push(StreamSummary {
+            stream: StreamId::new(
+                text_at(row, 0, || "a stream's aggregate type".to_owned())?,
+                text_at(row, 1, || "a stream's aggregate id".to_owned())?,
+            ),
+            version: to_u64(row.get(2).map_err(fail)?),
+            events: to_u64(row.get(3).map_err(fail)?),
+            last_position: to_u64(row.get(4).map_err(fail)?),
+            last_recorded_at: time(row.get(5).map_err(fail)?),
+        });
+    }
+    Ok(streams)
 }

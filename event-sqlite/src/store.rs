@@ -280,6 +280,20 @@ impl SqliteEventStore {
         .await
     }
 
+    /// The streams with stored events, of one aggregate type when `aggregate_type` is
+    /// given, ordered by type and id: each with its version, its stored events and its
+    /// last event's position and time, for operators (the `eventfold` command's `streams
+    /// ls`). One grouped read of the stream index; a stream whose events were all pruned
+    /// into an archive is not listed.
+    pub async fn streams(
+        &self,
+        aggregate_type: Option<&str>,
+    ) -> eventfold_core::Result<Vec<eventfold_core::StreamSummary>> {
+        let aggregate_type = aggregate_type.map(str::to_owned);
+        self.read(move |conn| sql::streams(conn, aggregate_type.as_deref()))
+            .await
+    }
+
     /// Checks everything the store holds and reports what is damaged, without stopping at
     /// the first problem and without repairing anything: every event row (its checksum,
     /// its text, its id, its numbers, its metadata), the numbering (positions 1, 2, 3 … in

@@ -47,6 +47,53 @@ async fn fill(store: &SqliteEventStore, count: usize, per_append: usize, streams
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_lists_each_stream_with_its_version_count_and_last_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteEventStore::open(dir.path().join("events.db"), SqliteOptions::new())
+        .await
+        .unwrap();
+    assert!(store.streams(None).await.unwrap().is_empty());
+    let b = meter("b");
+    store
+        .append(&b, ExpectedVersion::NoStream, vec![note(1), note(1)])
+        .await
+        .unwrap();
+    let other = eventfold_core::StreamId::new("Other", "x");
+    store
+        .append(&other, ExpectedVersion::NoStream, vec![note(1)])
+        .await
+        .unwrap();
+    let a = meter("a");
+    store
+        .append(&a, ExpectedVersion::NoStream, vec![note(1)])
+        .await
+        .unwrap();
+    let last = store
+        .append(&b, ExpectedVersion::Exact(2), vec![note(1)])
+        .await
+        .unwrap();
+    let listed = store.streams(None).await.unwrap();
+    let summary: Vec<_> = listed
+        .iter()
+        .map(|s| (s.stream.to_string(), s.version, s.events, s.last_position))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("Meter/a".to_owned(), 1, 1, 4),
+            ("Meter/b".to_owned(), 3, 3, 5),
+            ("Other/x".to_owned(), 1, 1, 3),
+        ]
+    );
+    let b_last = store.read_stream(&b, 3).await.unwrap().remove(0);
+    assert_eq!(listed[1].last_recorded_at, b_last.recorded_at);
+    assert_eq!(last.last_position, 5);
+    let meters = store.streams(Some("Meter")).await.unwrap();
+    assert_eq!(meters.len(), 2);
+    assert!(store.streams(Some("None")).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_opened_file_is_at_the_published_schema_version() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");

@@ -72,7 +72,9 @@ fn event(event_type: &str, payload: &str, at: chrono::DateTime<chrono::Utc>) -> 
 
 /// Seeds a store: `Account/a-1` with 3 events, `Order/o-1` with 2 (positions 4 and 5);
 /// subscription `mailer` at checkpoint 2 with one dead letter (position 3) and two
-/// failure records, subscription `ledger` at the head.
+/// failure records, subscription `ledger` at the head, and subscription `positions` of 4
+/// segments, 2 of them leased by `worker-1` for 10 minutes (as a running process holds
+/// them).
 pub async fn seed(store: &dyn EventStore) {
     let at = chrono::Utc::now();
     let account = StreamId::new("Account", "a-1");
@@ -113,6 +115,16 @@ pub async fn seed(store: &dyn EventStore) {
             first_failed_at: at,
             last_failed_at: at,
         })
+        .await
+        .unwrap();
+    store
+        .claim_segments(
+            "positions",
+            "worker-1",
+            4,
+            2,
+            std::time::Duration::from_secs(600),
+        )
         .await
         .unwrap();
     for attempt in 1..=2 {
@@ -172,9 +184,11 @@ pub async fn pg_client() -> Option<tokio_postgres::Client> {
     }
 }
 
-/// A seeded PostgreSQL store in a fresh schema `name` (dropped first if a failed run left
-/// it), closed.
-pub async fn seeded_postgres(client: &tokio_postgres::Client, name: &str) -> Target {
+/// A seeded PostgreSQL store in a fresh schema `PREFIX_PID` (of this test process, so
+/// concurrent runs on one server keep apart; dropped first if a failed run left it),
+/// closed. Drop it after the test with [`drop_schema`].
+pub async fn seeded_postgres(client: &tokio_postgres::Client, prefix: &str) -> Target {
+    let name = &format!("{prefix}_{}", std::process::id());
     client
         .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
         .await
@@ -188,4 +202,13 @@ pub async fn seeded_postgres(client: &tokio_postgres::Client, name: &str) -> Tar
         url: pg_url(),
         schema: Some(name.to_owned()),
     }
+}
+
+/// Drops the schema of a [`seeded_postgres`] store.
+pub async fn drop_schema(client: &tokio_postgres::Client, target: &Target) {
+    let schema = target.schema.as_deref().expect("a PostgreSQL target");
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
 }
