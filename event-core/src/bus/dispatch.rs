@@ -395,8 +395,9 @@ async fn sync_tracker(engine: &Engine, store: &Arc<dyn EventStore>, table: &Rout
                 continue;
             };
             let key = (sub.index, claim.lease.segment);
+            let epoch = claim.lease.epoch;
             tracker.add(key, Arc::clone(&sub.name), claim.lease, claim.checkpoint);
-            sub.set_held(key.1, true);
+            sub.set_held(key.1, Some(epoch));
         }
         released
     };

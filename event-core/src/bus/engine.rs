@@ -142,7 +142,7 @@ impl Engine {
         {
             tracker.remove(key);
             if let Some(sub) = self.routing.borrow().subs.iter().find(|s| s.index == key.0) {
-                sub.set_held(key.1, false);
+                sub.set_held(key.1, None);
             }
         }
     }

@@ -290,6 +290,9 @@ pub(crate) async fn release_all(engine: &Engine, names: &[Arc<str>]) {
             .into_iter()
             .map(|c| c.lease),
     );
+    for sub in &engine.routing.borrow().subs {
+        sub.clear_held();
+    }
     if !leases.is_empty()
         && let Err(error) = store.release_leases(&leases).await
     {

@@ -513,6 +513,11 @@ impl SubscriptionBuilder<'_> {
             held: (0..self.segments)
                 .map(|_| AtomicBool::new(inner.engine.store.is_none()))
                 .collect(),
+            epochs: (0..self.segments).map(|_| AtomicU64::new(0)).collect(),
+            held_watch: tokio::sync::watch::Sender::new(match inner.engine.store {
+                Some(_) => Vec::new(),
+                None => (0..self.segments).collect(),
+            }),
         }));
         inner.publish_routing(&subs);
         Ok(SubscriptionHandle { name })

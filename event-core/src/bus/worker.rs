@@ -341,7 +341,13 @@ impl Worker {
         {
             return Some(First::Step);
         }
-        let mut attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
+        let mut attempt = deliver::begin(
+            bus,
+            &held.sub,
+            &held.event.source,
+            held.failures + 1,
+            held.sub.epoch_of(held.event.partition),
+        );
         // Unarmed: a pending attempt goes to `running`, which polls it again at once.
         let polled = std::future::poll_fn(|cx| Poll::Ready(attempt.poll_unarmed(cx))).await;
         match polled {
@@ -638,7 +644,13 @@ impl Worker {
         }
         let bus = self.engine.id();
         let held = self.held();
-        let attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
+        let attempt = deliver::begin(
+            bus,
+            &held.sub,
+            &held.event.source,
+            held.failures + 1,
+            held.sub.epoch_of(held.event.partition),
+        );
         match deliver::poll_once(attempt).await {
             Ok(outcome) => self.after(outcome).await,
             Err(attempt) => Step::Running(self.take_held(), attempt),
