@@ -649,9 +649,14 @@ async fn processes_share_sixteen_segments_and_take_over_a_killed_ones() {
 /// The in-memory store, but this handle can be cut off from the leases: its renewals and
 /// claims then come back empty (as for a member the store no longer hears), while the
 /// lease itself runs out in the store.
+///
+/// Its renewals can also be held back (`stall`): they answer only once it is lifted, as
+/// from a store that is slow to answer (on SQLite, another process holding the write
+/// lock for longer than the lease's renewal margin).
 struct CutOff {
     inner: Arc<InMemoryEventStore>,
     cut: std::sync::atomic::AtomicBool,
+    stall: tokio::sync::watch::Sender<bool>,
 }
 
 impl CutOff {
@@ -666,6 +671,7 @@ async fn a_bus_that_loses_its_lease_stops_the_segment_at_once_and_another_takes_
     let cut_off = Arc::new(CutOff {
         inner: Arc::clone(&inner),
         cut: std::sync::atomic::AtomicBool::new(false),
+        stall: tokio::sync::watch::Sender::new(false),
     });
     let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(Arc::clone(&cut_off), 1, ttl).await;
@@ -706,6 +712,64 @@ async fn a_bus_that_loses_its_lease_stops_the_segment_at_once_and_another_takes_
     a.stop().await.unwrap();
 }
 
+/// The bug the SQLite kill test found: a bus whose renewal was late (its store busy) went
+/// on delivering the segment after its lease had expired in the store and another member
+/// had claimed it, so two live processes ran one segment at once. Now the segment stops
+/// when its time to run (most of the lease time after the last renewal asked for) ends
+/// without an answer, before the store can let another member claim it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_whose_lease_renewal_answers_late_stops_the_segment_before_another_can_claim_it() {
+    let inner = Arc::new(InMemoryEventStore::new());
+    let slow = Arc::new(CutOff {
+        inner: Arc::clone(&inner),
+        cut: std::sync::atomic::AtomicBool::new(false),
+        stall: tokio::sync::watch::Sender::new(false),
+    });
+    // Long enough that the stop, a fifth of it before the lease can expire, is far from
+    // the expiry on a loaded machine.
+    let ttl = Duration::from_secs(3);
+    let (a, a_handled) = bus_on(Arc::clone(&slow), 1, ttl).await;
+    wait_held("the first bus holds the segment", &a, |s| *s == [0]).await;
+    publish(&a, 0, 10, 2).await;
+    a.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 10);
+
+    slow.stall.send_replace(true);
+    wait_held(
+        "the first bus stopped the segment its renewal did not answer for",
+        &a,
+        |s| s.is_empty(),
+    )
+    .await;
+    let states = inner.segment_states("meters").await.unwrap();
+    assert!(
+        states[0].owner.is_some(),
+        "stopped while its lease still held in the store: {states:?}"
+    );
+    let (b, b_handled) = bus_on(Arc::clone(&inner), 1, ttl).await;
+    wait_held("the second bus took over once the lease expired", &b, |s| {
+        *s == [0]
+    })
+    .await;
+    publish(&b, 10, 20, 2).await;
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 10, "the first bus delivers nothing more");
+    assert_eq!(count(&b_handled), 10, "from the first bus's checkpoint on");
+    assert_in_order(&b_handled);
+
+    // Its renewal answers at last: refused, and the first bus claims nothing held.
+    slow.stall.send_replace(false);
+    a.wait_idle().await.unwrap();
+    assert!(a.watch_held_segments("meters").unwrap().borrow().is_empty());
+    assert_eq!(
+        inner.segment_states("meters").await.unwrap()[0].epoch,
+        2,
+        "claimed twice: by the first bus, then by the second"
+    );
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
 #[async_trait::async_trait]
 impl eventfold::backend::LeaseStore for CutOff {
     async fn heartbeat(
@@ -742,6 +806,7 @@ impl eventfold::backend::LeaseStore for CutOff {
         leases: &[eventfold::backend::SegmentLease],
         ttl: Duration,
     ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
+        let _ = self.stall.subscribe().wait_for(|stalled| !*stalled).await;
         if self.is_cut() {
             return Ok(Vec::new());
         }

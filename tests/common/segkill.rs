@@ -12,9 +12,11 @@
 //!   checkpoint is saved after its handlers returned, and a handler logs before it
 //!   returns);
 //! - no two live processes held one segment at once: per segment, one epoch (the fencing
-//!   token, [`Delivery::lease_epoch`]) has one member, the epochs seen in the store only
-//!   rise, one epoch is seen with one owner, and every delivery under an epoch ended
-//!   before the first delivery under a later one started.
+//!   token, [`Delivery::lease_epoch`]) has one member in the logs and one owner in the
+//!   store's samples, the epochs seen in the store only rise, each member's log never
+//!   goes back to an older epoch, epochs begin in their order, and no delivery under an
+//!   older epoch started after the first one under a newer epoch (a handler already
+//!   under way may still end after it: nothing stops a running handler).
 //!
 //! The moments are drawn from a seeded RNG: the seed is printed, and
 //! `EVENTFOLD_SEGKILL_SEED=<seed>` replays it.
@@ -599,41 +601,69 @@ fn check(
         }
     }
 
-    // Per segment and epoch: one member, and epochs one after the other in time.
-    let mut by_epoch: BTreeMap<(u32, u64), (BTreeSet<&str>, u128, u128)> = BTreeMap::new();
+    // Per segment and epoch: one member; epochs one after the other in time.
+    let mut by_epoch: BTreeMap<(u32, u64), (BTreeSet<&str>, u128)> = BTreeMap::new();
+    let mut last_in_log: HashMap<(&str, u32), u64> = HashMap::new();
     for line in lines {
         assert_ne!(line.epoch, 0, "{label}: a delivery without a lease epoch");
-        let entry =
-            by_epoch
-                .entry((line.segment, line.epoch))
-                .or_insert((BTreeSet::new(), u128::MAX, 0));
+        let entry = by_epoch
+            .entry((line.segment, line.epoch))
+            .or_insert((BTreeSet::new(), u128::MAX));
         entry.0.insert(&line.member);
         entry.1 = entry.1.min(line.started);
-        entry.2 = entry.2.max(line.ended);
+        // A member's log (in its order) never goes back to an older epoch of a segment.
+        let last = last_in_log.entry((&line.member, line.segment)).or_default();
+        assert!(
+            line.epoch >= *last,
+            "{label}: {} delivered segment {} under epoch {} after epoch {last}",
+            line.member,
+            line.segment,
+            line.epoch
+        );
+        *last = line.epoch;
     }
     let mut takeovers = 0;
+    // The epoch before, of the same segment: (segment, epoch, member, first start).
     let mut previous: Option<(u32, u64, &str, u128)> = None;
-    for (&(segment, epoch), (members, first_start, last_end)) in &by_epoch {
+    for (&(segment, epoch), (members, first_start)) in &by_epoch {
         assert_eq!(
             members.len(),
             1,
             "{label}: segment {segment} epoch {epoch} delivered by {members:?}"
         );
         let member = *members.first().unwrap();
-        if let Some((s, e, m, end)) = previous
+        if let Some((s, e, m, start)) = previous
             && s == segment
         {
             assert!(
-                end <= *first_start,
-                "{label}: segment {segment}: epoch {e} ({m}) still delivered {} µs after epoch \
-                 {epoch} ({member}) began",
-                (end - first_start) / 1_000
+                start < *first_start,
+                "{label}: segment {segment}: epoch {epoch} ({member}) began before epoch {e} ({m})"
             );
             if m != member {
                 takeovers += 1;
             }
         }
-        previous = Some((segment, epoch, member, *last_end));
+        previous = Some((segment, epoch, member, *first_start));
+    }
+    // No delivery under an older epoch starts once a newer one began: a member stops
+    // starting deliveries of a segment before its lease can pass to another. (A delivery
+    // started before may still run: nothing can stop a handler under way.)
+    for line in lines {
+        let newer = by_epoch
+            .range((line.segment, line.epoch + 1)..=(line.segment, u64::MAX))
+            .next();
+        if let Some((&(_, epoch), (members, first_start))) = newer {
+            assert!(
+                line.started < *first_start,
+                "{label}: segment {}: {} started position {} under epoch {} {} µs after epoch \
+                 {epoch} ({members:?}) began",
+                line.segment,
+                line.member,
+                line.position,
+                line.epoch,
+                (line.started - first_start) / 1_000
+            );
+        }
     }
     for state in states {
         let highest = by_epoch

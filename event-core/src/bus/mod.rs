@@ -239,6 +239,7 @@ impl EventBusBuilder {
             segments_changed: Notify::new(),
             keeper_seen: AtomicU64::new(0),
             keeper_wake: Notify::new(),
+            overdue: Mutex::new(Vec::new()),
         };
         Ok(EventBus {
             inner: Arc::new(Inner {
