@@ -160,17 +160,14 @@ fn a_killed_bus_catches_up_and_every_stored_event_is_handled_in_order() {
         let (store, bus) = open_bus(&dir).await;
         // The last killed child's lease expires first; this bus then takes the
         // subscription over (a condition with a guard: only a hang reaches it).
-        let guard = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-        while bus.statistics().await.unwrap().subscriptions[0]
-            .held_segments
-            .is_empty()
-        {
-            assert!(
-                tokio::time::Instant::now() < guard,
-                "never took the lease over"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        let mut held = bus.watch_held_segments("recorder").unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            held.wait_for(|segments| !segments.is_empty()),
+        )
+        .await
+        .expect("never took the lease over")
+        .unwrap();
         bus.wait_idle().await.unwrap();
         bus.stop().await.unwrap();
         assert!(store.dead_letters(None).await.unwrap().is_empty());

@@ -82,6 +82,27 @@ where
     }
 }
 
+/// Waits until the segments `bus` runs of "meters" satisfy `condition`, on the bus's
+/// watch of them; panics at the guard.
+async fn wait_held(what: &str, bus: &EventBus, condition: impl FnMut(&Vec<u32>) -> bool) {
+    let mut held = bus.watch_held_segments("meters").unwrap();
+    tokio::time::timeout(GUARD, held.wait_for(condition))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting until {what}"))
+        .unwrap();
+}
+
+/// Waits until `a` and `b` each run `n` segments of "meters" at once.
+async fn wait_split(what: &str, a: &EventBus, b: &EventBus, n: usize) {
+    loop {
+        wait_held(what, a, |s| s.len() == n).await;
+        wait_held(what, b, |s| s.len() == n).await;
+        if a.watch_held_segments("meters").unwrap().borrow().len() == n {
+            return;
+        }
+    }
+}
+
 async fn held(bus: &EventBus) -> Vec<u32> {
     bus.statistics().await.unwrap().subscriptions[0]
         .held_segments
@@ -125,10 +146,7 @@ async fn one_segment_runs_on_one_bus_and_a_standby_takes_over_at_once_when_it_st
     // The first bus's lease would last a minute: the standby can only take over before
     // the guard because the first bus releases it when it stops.
     let (first, first_handled) = bus_on(sqlite(&path).await, 1, Duration::from_secs(60)).await;
-    wait_until("the first bus holds the segment", || async {
-        held(&first).await == [0]
-    })
-    .await;
+    wait_held("the first bus holds the segment", &first, |s| *s == [0]).await;
     let (standby, standby_handled) =
         bus_on(sqlite(&path).await, 1, Duration::from_millis(600)).await;
 
@@ -140,10 +158,7 @@ async fn one_segment_runs_on_one_bus_and_a_standby_takes_over_at_once_when_it_st
     assert!(held(&standby).await.is_empty());
 
     first.stop().await.unwrap();
-    wait_until("the standby holds the segment", || async {
-        held(&standby).await == [0]
-    })
-    .await;
+    wait_held("the standby holds the segment", &standby, |s| *s == [0]).await;
     publish(&standby, 100, 150, 5).await;
     standby.wait_idle().await.unwrap();
     // The first bus saved its checkpoint before it released: nothing is handled twice.
@@ -152,7 +167,9 @@ async fn one_segment_runs_on_one_bus_and_a_standby_takes_over_at_once_when_it_st
     let stats = standby.statistics().await.unwrap();
     assert_eq!(stats.subscriptions[0].segments, 1);
     assert_eq!(stats.subscriptions[0].checkpoint, Some(150));
+    let held = standby.watch_held_segments("meters").unwrap();
     standby.stop().await.unwrap();
+    assert!(held.borrow().is_empty(), "a stopped bus holds no segment");
 }
 
 #[test]
@@ -169,10 +186,7 @@ fn a_standby_takes_over_once_the_lease_of_a_bus_that_died_without_stopping_expir
         .unwrap();
     let (first, first_handled) = doomed.block_on(async {
         let (bus, handled) = bus_on(sqlite(&path).await, 1, ttl).await;
-        wait_until("the first bus holds the segment", || async {
-            held(&bus).await == [0]
-        })
-        .await;
+        wait_held("the first bus holds the segment", &bus, |s| *s == [0]).await;
         publish(&bus, 0, 40, 4).await;
         bus.wait_idle().await.unwrap();
         (bus, handled)
@@ -238,10 +252,7 @@ async fn four_segments_split_two_and_two_and_every_event_is_handled_in_order() {
     let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
     let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
-    wait_until("each bus holds two segments", || async {
-        held(&a).await.len() == 2 && held(&b).await.len() == 2
-    })
-    .await;
+    wait_split("each bus holds two segments", &a, &b, 2).await;
     let (held_a, held_b) = (held(&a).await, held(&b).await);
     assert!(
         held_a.iter().all(|s| !held_b.contains(s)),
@@ -280,20 +291,14 @@ async fn on_the_memory_store_one_segment_runs_on_one_bus_only() {
     let store = Arc::new(InMemoryEventStore::new());
     let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(store.clone(), 1, ttl).await;
-    wait_until("the first bus holds the segment", || async {
-        held(&a).await == [0]
-    })
-    .await;
+    wait_held("the first bus holds the segment", &a, |s| *s == [0]).await;
     let (b, b_handled) = bus_on(store.clone(), 1, ttl).await;
     publish(&b, 0, 30, 3).await;
     a.wait_idle().await.unwrap();
     b.wait_idle().await.unwrap();
     assert_eq!((count(&a_handled), count(&b_handled)), (30, 0));
     a.stop().await.unwrap();
-    wait_until("the second bus took over", || async {
-        held(&b).await == [0]
-    })
-    .await;
+    wait_held("the second bus took over", &b, |s| *s == [0]).await;
     b.stop().await.unwrap();
 }
 
@@ -303,10 +308,7 @@ async fn a_segmented_subscription_is_reset_whole_and_not_while_another_bus_holds
     let path = dir.path().join("bus.db");
     let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
-    wait_until("the bus holds every segment", || async {
-        held(&a).await.len() == 4
-    })
-    .await;
+    wait_held("the bus holds every segment", &a, |s| s.len() == 4).await;
     publish(&a, 0, 80, 8).await;
     a.wait_idle().await.unwrap();
     assert_eq!(count(&a_handled), 80);
@@ -353,10 +355,7 @@ async fn on_postgresql_two_buses_split_four_segments_and_one_takes_all_when_the_
     let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(schema.open().await, 4, ttl).await;
     let (b, b_handled) = bus_on(schema.open().await, 4, ttl).await;
-    wait_until("each bus holds two segments", || async {
-        held(&a).await.len() == 2 && held(&b).await.len() == 2
-    })
-    .await;
+    wait_split("each bus holds two segments", &a, &b, 2).await;
     publish(&a, 0, 200, 20).await;
     // wait_idle reads the server's head, so each bus reads the other's appends.
     wait_until("every event is handled", || async {
@@ -370,10 +369,7 @@ async fn on_postgresql_two_buses_split_four_segments_and_one_takes_all_when_the_
     assert_in_order(&b_handled);
 
     a.stop().await.unwrap();
-    wait_until("the other bus holds every segment", || async {
-        held(&b).await.len() == 4
-    })
-    .await;
+    wait_held("the other bus holds every segment", &b, |s| s.len() == 4).await;
     publish(&b, 200, 240, 20).await;
     b.wait_idle().await.unwrap();
     assert_eq!(count(&a_handled) + count(&b_handled), 240, "none twice");
@@ -405,6 +401,14 @@ async fn without_a_store_every_segment_runs_on_the_bus() {
     let stats = bus.statistics().await.unwrap();
     assert_eq!(stats.subscriptions[0].segments, 4);
     assert_eq!(stats.subscriptions[0].held_segments, [0, 1, 2, 3]);
+    assert_eq!(
+        *bus.watch_held_segments("meters").unwrap().borrow(),
+        [0, 1, 2, 3]
+    );
+    assert!(matches!(
+        bus.watch_held_segments("nobody"),
+        Err(Error::UnknownSubscription { .. })
+    ));
     bus.stop().await.unwrap();
 }
 
@@ -645,9 +649,14 @@ async fn processes_share_sixteen_segments_and_take_over_a_killed_ones() {
 /// The in-memory store, but this handle can be cut off from the leases: its renewals and
 /// claims then come back empty (as for a member the store no longer hears), while the
 /// lease itself runs out in the store.
+///
+/// Its renewals can also be held back (`stall`): they answer only once it is lifted, as
+/// from a store that is slow to answer (on SQLite, another process holding the write
+/// lock for longer than the lease's renewal margin).
 struct CutOff {
     inner: Arc<InMemoryEventStore>,
     cut: std::sync::atomic::AtomicBool,
+    stall: tokio::sync::watch::Sender<bool>,
 }
 
 impl CutOff {
@@ -662,20 +671,18 @@ async fn a_bus_that_loses_its_lease_stops_the_segment_at_once_and_another_takes_
     let cut_off = Arc::new(CutOff {
         inner: Arc::clone(&inner),
         cut: std::sync::atomic::AtomicBool::new(false),
+        stall: tokio::sync::watch::Sender::new(false),
     });
     let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(Arc::clone(&cut_off), 1, ttl).await;
-    wait_until("the first bus holds the segment", || async {
-        held(&a).await == [0]
-    })
-    .await;
+    wait_held("the first bus holds the segment", &a, |s| *s == [0]).await;
     publish(&a, 0, 10, 2).await;
     a.wait_idle().await.unwrap();
     assert_eq!(count(&a_handled), 10);
 
     cut_off.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-    wait_until("the first bus gave the lost segment up", || async {
-        held(&a).await.is_empty()
+    wait_held("the first bus gave the lost segment up", &a, |s| {
+        s.is_empty()
     })
     .await;
     let (b, b_handled) = bus_on(Arc::clone(&inner), 1, ttl).await;
@@ -701,6 +708,64 @@ async fn a_bus_that_loses_its_lease_stops_the_segment_at_once_and_another_takes_
         "from the saved checkpoint on"
     );
     assert_in_order(&b_handled);
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+/// The bug the SQLite kill test found: a bus whose renewal was late (its store busy) went
+/// on delivering the segment after its lease had expired in the store and another member
+/// had claimed it, so two live processes ran one segment at once. Now the segment stops
+/// when its time to run (most of the lease time after the last renewal asked for) ends
+/// without an answer, before the store can let another member claim it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_whose_lease_renewal_answers_late_stops_the_segment_before_another_can_claim_it() {
+    let inner = Arc::new(InMemoryEventStore::new());
+    let slow = Arc::new(CutOff {
+        inner: Arc::clone(&inner),
+        cut: std::sync::atomic::AtomicBool::new(false),
+        stall: tokio::sync::watch::Sender::new(false),
+    });
+    // Long enough that the stop, a fifth of it before the lease can expire, is far from
+    // the expiry on a loaded machine.
+    let ttl = Duration::from_secs(3);
+    let (a, a_handled) = bus_on(Arc::clone(&slow), 1, ttl).await;
+    wait_held("the first bus holds the segment", &a, |s| *s == [0]).await;
+    publish(&a, 0, 10, 2).await;
+    a.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 10);
+
+    slow.stall.send_replace(true);
+    wait_held(
+        "the first bus stopped the segment its renewal did not answer for",
+        &a,
+        |s| s.is_empty(),
+    )
+    .await;
+    let states = inner.segment_states("meters").await.unwrap();
+    assert!(
+        states[0].owner.is_some(),
+        "stopped while its lease still held in the store: {states:?}"
+    );
+    let (b, b_handled) = bus_on(Arc::clone(&inner), 1, ttl).await;
+    wait_held("the second bus took over once the lease expired", &b, |s| {
+        *s == [0]
+    })
+    .await;
+    publish(&b, 10, 20, 2).await;
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 10, "the first bus delivers nothing more");
+    assert_eq!(count(&b_handled), 10, "from the first bus's checkpoint on");
+    assert_in_order(&b_handled);
+
+    // Its renewal answers at last: refused, and the first bus claims nothing held.
+    slow.stall.send_replace(false);
+    a.wait_idle().await.unwrap();
+    assert!(a.watch_held_segments("meters").unwrap().borrow().is_empty());
+    assert_eq!(
+        inner.segment_states("meters").await.unwrap()[0].epoch,
+        2,
+        "claimed twice: by the first bus, then by the second"
+    );
     b.stop().await.unwrap();
     a.stop().await.unwrap();
 }
@@ -741,6 +806,7 @@ impl eventfold::backend::LeaseStore for CutOff {
         leases: &[eventfold::backend::SegmentLease],
         ttl: Duration,
     ) -> eventfold::Result<Vec<eventfold::backend::SegmentLease>> {
+        let _ = self.stall.subscribe().wait_for(|stalled| !*stalled).await;
         if self.is_cut() {
             return Ok(Vec::new());
         }

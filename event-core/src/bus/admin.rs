@@ -222,7 +222,7 @@ impl EventBus {
         let event = EventSource::Stored(Arc::new(record));
         let record = event.record();
         let attempt = dead_letter.attempts.saturating_add(1);
-        let outcome = deliver::begin(engine.id(), sub, &event, attempt).await;
+        let outcome = deliver::begin(engine.id(), sub, &event, attempt, None).await;
         let failure = match outcome.result {
             Ok(()) => {
                 deliver::delivered(engine, sub, outcome.elapsed);
@@ -238,6 +238,23 @@ impl EventBus {
             event_id: record.event_id,
             message: failure.message,
         })
+    }
+
+    /// Watches which segments of a subscription this bus runs now, in increasing order:
+    /// with a store, those whose lease it holds (a segment joins once the dispatcher took
+    /// it up at its checkpoint, and leaves when its lease is lost or given up, or the bus
+    /// stops); without one, every segment, always. The same set as
+    /// [`SubscriptionStatistics::held_segments`](super::SubscriptionStatistics::held_segments),
+    /// without polling: wait for a condition with
+    /// [`watch::Receiver::wait_for`](tokio::sync::watch::Receiver::wait_for).
+    ///
+    /// # Errors
+    /// [`Error::UnknownSubscription`] if `subscription` names no subscription of this bus.
+    pub fn watch_held_segments(
+        &self,
+        subscription: &str,
+    ) -> Result<tokio::sync::watch::Receiver<Vec<u32>>> {
+        Ok(self.subscription(subscription)?.held_watch.subscribe())
     }
 
     /// The registered subscription of this name.

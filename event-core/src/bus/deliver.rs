@@ -59,10 +59,19 @@ pub(crate) struct Attempt {
     started: std::time::Instant,
 }
 
-/// Starts attempt number `attempt` of `event` for `sub` on the bus `bus`.
-pub(crate) fn begin(bus: usize, sub: &Sub, event: &EventSource, attempt: u32) -> Attempt {
+/// Starts attempt number `attempt` of `event` for `sub` on the bus `bus`, under the
+/// segment lease of `lease_epoch` if one is held.
+pub(crate) fn begin(
+    bus: usize,
+    sub: &Sub,
+    event: &EventSource,
+    attempt: u32,
+    lease_epoch: Option<u64>,
+) -> Attempt {
     let started = std::time::Instant::now();
-    let state = match catch_unwind(AssertUnwindSafe(|| sub.invoke.invoke(event, attempt))) {
+    let state = match catch_unwind(AssertUnwindSafe(|| {
+        sub.invoke.invoke(event, attempt, lease_epoch)
+    })) {
         Ok(Ok(handler)) => State::Running(handler),
         // An event that does not decode will not decode on a retry either.
         Ok(Err(error)) => State::Failed(Failure {

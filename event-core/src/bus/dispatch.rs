@@ -398,8 +398,16 @@ async fn sync_tracker(engine: &Engine, store: &Arc<dyn EventStore>, table: &Rout
                 continue;
             };
             let key = (sub.index, claim.lease.segment);
+            let epoch = claim.lease.epoch;
+            if claim.run_until <= tokio::time::Instant::now() {
+                // Its time ran out before it was taken up (the keeper's renewals only
+                // cover held segments): given back, to be claimed again.
+                released.push(claim.lease);
+                continue;
+            }
             tracker.add(key, Arc::clone(&sub.name), claim.lease, claim.checkpoint);
-            sub.set_held(key.1, true);
+            tracker.run_until(key, epoch, claim.run_until);
+            sub.set_held(key.1, Some(epoch));
         }
         released
     };

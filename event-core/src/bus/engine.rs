@@ -77,6 +77,10 @@ pub(crate) struct Engine {
     pub(crate) keeper_seen: AtomicU64,
     /// Wakes the lease keeper: a draining segment finished, or the routing changed.
     pub(crate) keeper_wake: Notify,
+    /// Leases of segments stopped because their time to run ended before a renewal
+    /// answered: the keeper releases them in the store (if still held), so the segment is
+    /// free at once rather than when the lease expires.
+    pub(crate) overdue: Mutex<Vec<SegmentLease>>,
 }
 
 /// A segment the lease keeper claimed, and the checkpoint it starts from.
@@ -85,6 +89,9 @@ pub(crate) struct Claim {
     pub(crate) index: usize,
     pub(crate) lease: SegmentLease,
     pub(crate) checkpoint: u64,
+    /// When the bus must stop running it unless the lease is renewed first (see
+    /// [`leases`](super::leases)).
+    pub(crate) run_until: tokio::time::Instant,
 }
 
 tokio::task_local! {
@@ -144,7 +151,7 @@ impl Engine {
         {
             tracker.remove(key);
             if let Some(sub) = self.routing.borrow().subs.iter().find(|s| s.index == key.0) {
-                sub.set_held(key.1, false);
+                sub.set_held(key.1, None);
             }
         }
     }

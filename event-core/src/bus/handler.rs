@@ -20,6 +20,7 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub struct Delivery<E> {
     source: Source<E>,
     attempt: u32,
+    lease_epoch: Option<u64>,
 }
 
 /// Where a delivery's event comes from.
@@ -101,6 +102,15 @@ impl<E> Delivery<E> {
     pub fn attempt(&self) -> u32 {
         self.attempt
     }
+
+    /// The fencing epoch of the segment lease under which this bus delivers the event
+    /// ([`SegmentLease::epoch`](crate::lease::SegmentLease::epoch)) when the attempt
+    /// started: every claim of a segment raises its epoch, so deliveries of one segment
+    /// with one epoch all come from one member. `None` on a bus without a store (it runs
+    /// every segment without leases) and for a dead letter replayed by hand.
+    pub fn lease_epoch(&self) -> Option<u64> {
+        self.lease_epoch
+    }
 }
 
 impl<E> Clone for Delivery<E> {
@@ -115,6 +125,7 @@ impl<E> Clone for Delivery<E> {
         Delivery {
             source,
             attempt: self.attempt,
+            lease_epoch: self.lease_epoch,
         }
     }
 }
@@ -125,6 +136,7 @@ impl<E: fmt::Debug> fmt::Debug for Delivery<E> {
             .field("event", self.event())
             .field("record", self.record())
             .field("attempt", &self.attempt)
+            .field("lease_epoch", &self.lease_epoch)
             .finish()
     }
 }
@@ -223,11 +235,13 @@ where
 /// What a worker hands an event to: decodes (or downcasts) it for one subscription's
 /// handler and calls it.
 pub(crate) trait Invoke: Send + Sync + 'static {
-    /// Starts one attempt, or fails at once if the event cannot be decoded.
+    /// Starts one attempt (under the segment lease of `lease_epoch`, if any), or fails at
+    /// once if the event cannot be decoded.
     fn invoke(
         &self,
         event: &EventSource,
         attempt: u32,
+        lease_epoch: Option<u64>,
     ) -> Result<BoxFuture<std::result::Result<(), BoxError>>>;
 
     /// Serializes an event published on a bus without a store (to keep it with its dead
@@ -245,6 +259,7 @@ impl<E: DomainEvent, H: Handler<E>> Invoke for Typed<E, H> {
         &self,
         event: &EventSource,
         attempt: u32,
+        lease_epoch: Option<u64>,
     ) -> Result<BoxFuture<std::result::Result<(), BoxError>>> {
         let source = match event {
             EventSource::Published(published) => {
@@ -279,7 +294,11 @@ impl<E: DomainEvent, H: Handler<E>> Invoke for Typed<E, H> {
                 record: Arc::clone(record),
             },
         };
-        Ok(self.handler.handle(Delivery { source, attempt }))
+        Ok(self.handler.handle(Delivery {
+            source,
+            attempt,
+            lease_epoch,
+        }))
     }
 
     fn encode(&self, event: &dyn PublishedEvent) -> Result<String> {

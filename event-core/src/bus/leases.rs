@@ -12,8 +12,18 @@
 //!   delivery finished their checkpoint is saved and the lease released;
 //! - claims free segments up to its share, for the dispatcher to take up at their
 //!   checkpoints.
+//!
+//! A segment runs here only while its lease surely holds by this process's clock: until
+//! [`RUN_SHARE`] of the lease time after the request that claimed or last renewed it
+//! (the store counts its expiry from when it handled the request, later). A renewal
+//! that has not answered by then (a store slow to answer: on SQLite, a writer of another
+//! process holding the write lock) stops the segment as a lost lease does, and the
+//! lease is released once the store answers again. Without that, a bus whose renewal
+//! was late went on delivering a segment another member had already claimed once the
+//! lease expired in the store: two live processes ran one segment, the new one from the
+//! older checkpoint, until the late renewal came back refused.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -22,20 +32,26 @@ use tokio::time::Instant;
 use super::engine::{Claim, Engine};
 use super::reset::StartFrom;
 use super::routing::{Routing, Sub};
-use super::tracker::TrackKey;
 use crate::error::{Error, Result};
 use crate::lease::SegmentLease;
 use crate::store::EventStore;
+
+/// What share of the lease time a segment runs for after the request that claimed or
+/// renewed its lease: the rest (a fifth) is for deliveries under way to end before the
+/// lease can expire in the store. Renewals come every third of the lease time, so a
+/// renewal may be late by nearly half the lease time before a segment stops.
+const RUN_SHARE: (u32, u32) = (4, 5);
+
+/// Until when a segment whose lease was asked for (claimed or renewed) at `asked` runs.
+fn run_until(asked: Instant, ttl: std::time::Duration) -> Instant {
+    asked + ttl * RUN_SHARE.0 / RUN_SHARE.1
+}
 
 /// What the keeper remembers between rounds.
 #[derive(Default)]
 struct Keeper {
     /// Subscriptions it is a member of, to leave when they leave the bus.
     joined: HashSet<Arc<str>>,
-    /// When each held lease runs out by this process's clock, counted from the last
-    /// renewal asked for: past it, the segment is stopped even if the store could not be
-    /// reached to say so.
-    valid_until: HashMap<TrackKey, Instant>,
 }
 
 /// Keeps the leases of the bus's durable subscriptions until the bus stops.
@@ -45,28 +61,73 @@ pub(crate) async fn keep_leases(engine: Arc<Engine>) {
     let mut stopping = engine.stopping.subscribe();
     let interval = engine.lease_ttl / 3;
     let mut keeper = Keeper::default();
+    let keep = async {
+        loop {
+            if *stopping.borrow_and_update() {
+                return;
+            }
+            let table = Arc::clone(&routing.borrow_and_update());
+            keeper.round(&engine, &store, &table).await;
+            engine
+                .keeper_seen
+                .fetch_max(table.version, Ordering::SeqCst);
+            // `wait_idle` may be waiting for this round.
+            engine.progress.notify_waiters();
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = engine.keeper_wake.notified() => {}
+                _ = routing.changed() => {}
+                _ = stopping.changed() => return,
+            }
+        }
+    };
+    // The segments' time to run is watched beside the rounds, so a round waiting for the
+    // store cannot hold a segment past it.
+    tokio::select! {
+        () = keep => {}
+        () = stop_overdue(&engine) => {}
+    }
+}
+
+/// Stops every held segment whose time to run ended (see the module's documentation),
+/// until the bus stops (the keeper's loop ends first).
+async fn stop_overdue(engine: &Engine) {
+    // With nothing held, it looks again this often (a claim taken up runs for most of the
+    // lease time, far beyond this).
+    let idle = engine.lease_ttl / 10;
     loop {
-        if *stopping.borrow_and_update() {
-            return;
+        let now = Instant::now();
+        let next = engine
+            .lock_tracker()
+            .earliest_stop()
+            .map_or(now + idle, |at| at.min(now + idle));
+        tokio::time::sleep_until(next).await;
+        let overdue = engine.lock_tracker().overdue(Instant::now());
+        if overdue.is_empty() {
+            continue;
         }
-        let table = Arc::clone(&routing.borrow_and_update());
-        keeper.round(&engine, &store, &table).await;
+        for (key, lease) in &overdue {
+            tracing::warn!(subscription = %lease.subscription, segment = lease.segment, "no lease renewal answered in time; the segment stops here");
+            engine.segment_lost(*key, lease);
+        }
         engine
-            .keeper_seen
-            .fetch_max(table.version, Ordering::SeqCst);
-        // `wait_idle` may be waiting for this round.
-        engine.progress.notify_waiters();
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            () = engine.keeper_wake.notified() => {}
-            _ = routing.changed() => {}
-            _ = stopping.changed() => return,
-        }
+            .overdue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(overdue.into_iter().map(|(_, lease)| lease));
+        engine.keeper_wake.notify_one();
     }
 }
 
 impl Keeper {
     async fn round(&mut self, engine: &Engine, store: &Arc<dyn EventStore>, table: &Routing) {
+        let overdue =
+            std::mem::take(&mut *engine.overdue.lock().unwrap_or_else(|e| e.into_inner()));
+        if !overdue.is_empty()
+            && let Err(error) = store.release_leases(&overdue).await
+        {
+            tracing::warn!(%error, "cannot release the leases of stopped segments; they expire on their own");
+        }
         for sub in &table.subs {
             if let Err(error) = self.keep(engine, store, sub).await {
                 tracing::warn!(%error, subscription = %sub.name, "cannot keep segment leases; trying again");
@@ -96,12 +157,13 @@ impl Keeper {
         sub: &Sub,
     ) -> Result<()> {
         let ttl = engine.lease_ttl;
+        // The renewal first: it is the step a late answer costs most.
+        self.renew(engine, store, sub).await;
         let members = store.heartbeat(&sub.name, &engine.member, ttl).await?;
         self.joined.insert(Arc::clone(&sub.name));
         let live = u32::try_from(members.len()).unwrap_or(u32::MAX).max(1);
         let share = sub.segments.div_ceil(live);
 
-        self.renew(engine, store, sub).await;
         give_up_drained(engine, store).await?;
 
         let held: Vec<u32> = {
@@ -131,6 +193,7 @@ impl Keeper {
                 engine.keeper_wake.notify_one();
             }
         } else if holding < share {
+            let asked = Instant::now();
             let leases = store
                 .claim_segments(
                     &sub.name,
@@ -140,12 +203,13 @@ impl Keeper {
                     ttl,
                 )
                 .await?;
-            self.take_up(engine, store, sub, leases).await?;
+            self.take_up(engine, store, sub, leases, asked).await?;
         }
         Ok(())
     }
 
     /// Renews the subscription's held leases, and stops the segments whose lease is lost.
+    /// (A renewal that fails leaves them running until their time to run ends.)
     async fn renew(&mut self, engine: &Engine, store: &Arc<dyn EventStore>, sub: &Sub) {
         let held = engine.lock_tracker().leases_of(sub.index);
         if held.is_empty() {
@@ -161,12 +225,12 @@ impl Keeper {
                         .find(|r| r.segment == lease.segment && r.epoch == lease.epoch)
                     {
                         Some(renewal) => {
-                            engine.lock_tracker().renewed(key, renewal.clone());
-                            self.valid_until.insert(key, asked + engine.lease_ttl);
+                            let mut tracker = engine.lock_tracker();
+                            tracker.renewed(key, renewal.clone());
+                            tracker.run_until(key, lease.epoch, run_until(asked, engine.lease_ttl));
                         }
                         None => {
                             tracing::warn!(subscription = %sub.name, segment = lease.segment, "segment lease lost; its deliveries stop here");
-                            self.valid_until.remove(&key);
                             engine.segment_lost(key, lease);
                         }
                     }
@@ -174,18 +238,6 @@ impl Keeper {
             }
             Err(error) => {
                 tracing::warn!(%error, subscription = %sub.name, "cannot renew segment leases");
-                let now = Instant::now();
-                for lease in &held {
-                    let key = (sub.index, lease.segment);
-                    if self
-                        .valid_until
-                        .get(&key)
-                        .is_some_and(|&until| until <= now)
-                    {
-                        self.valid_until.remove(&key);
-                        engine.segment_lost(key, lease);
-                    }
-                }
             }
         }
     }
@@ -193,16 +245,16 @@ impl Keeper {
     /// Hands claimed segments to the dispatcher, at their checkpoints (a segment without
     /// one where the subscription's [`StartFrom`] says).
     async fn take_up(
-        &mut self,
+        &self,
         engine: &Engine,
         store: &Arc<dyn EventStore>,
         sub: &Sub,
         leases: Vec<SegmentLease>,
+        asked: Instant,
     ) -> Result<()> {
         if leases.is_empty() {
             return Ok(());
         }
-        let now = Instant::now();
         let mut claims = Vec::with_capacity(leases.len());
         let mut result = Ok(());
         for lease in leases {
@@ -219,12 +271,11 @@ impl Keeper {
                 }
                 continue;
             }
-            self.valid_until
-                .insert((sub.index, lease.segment), now + engine.lease_ttl);
             claims.push(Claim {
                 index: sub.index,
                 lease,
                 checkpoint,
+                run_until: run_until(asked, engine.lease_ttl),
             });
         }
         if !claims.is_empty() {
@@ -290,6 +341,9 @@ pub(crate) async fn release_all(engine: &Engine, names: &[Arc<str>]) {
             .into_iter()
             .map(|c| c.lease),
     );
+    for sub in &engine.routing.borrow().subs {
+        sub.clear_held();
+    }
     if !leases.is_empty()
         && let Err(error) = store.release_leases(&leases).await
     {

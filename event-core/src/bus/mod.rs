@@ -240,6 +240,7 @@ impl EventBusBuilder {
             segments_changed: Notify::new(),
             keeper_seen: AtomicU64::new(0),
             keeper_wake: Notify::new(),
+            overdue: Mutex::new(Vec::new()),
         };
         Ok(EventBus {
             inner: Arc::new(Inner {
@@ -515,6 +516,11 @@ impl SubscriptionBuilder<'_> {
             held: (0..self.segments)
                 .map(|_| AtomicBool::new(inner.engine.store.is_none()))
                 .collect(),
+            epochs: (0..self.segments).map(|_| AtomicU64::new(0)).collect(),
+            held_watch: tokio::sync::watch::Sender::new(match inner.engine.store {
+                Some(_) => Vec::new(),
+                None => (0..self.segments).collect(),
+            }),
         }));
         inner.publish_routing(&subs);
         Ok(SubscriptionHandle { name })

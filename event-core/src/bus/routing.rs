@@ -46,6 +46,12 @@ pub(crate) struct Sub {
     /// it holds the segment's lease). A delivery of a segment not held is dropped before
     /// its next attempt.
     pub(crate) held: Box<[AtomicBool]>,
+    /// Per segment: the epoch of the lease this bus holds on it (0 when none, or without a
+    /// store), for [`Delivery::lease_epoch`](super::Delivery::lease_epoch).
+    pub(crate) epochs: Box<[AtomicU64]>,
+    /// The segments this bus runs, for
+    /// [`EventBus::watch_held_segments`](super::EventBus::watch_held_segments).
+    pub(crate) held_watch: tokio::sync::watch::Sender<Vec<u32>>,
 }
 
 impl Sub {
@@ -63,10 +69,40 @@ impl Sub {
         self.held[self.segment_of(partition) as usize].load(Ordering::Acquire)
     }
 
-    /// Marks a segment as run here or not.
-    pub(crate) fn set_held(&self, segment: u32, held: bool) {
-        if let Some(flag) = self.held.get(segment as usize) {
-            flag.store(held, Ordering::Release);
+    /// The epoch of the lease under which this bus runs the events with this partition
+    /// hash; `None` without one (a bus without a store).
+    pub(crate) fn epoch_of(&self, partition: u32) -> Option<u64> {
+        let epoch = self.epochs[self.segment_of(partition) as usize].load(Ordering::Acquire);
+        (epoch != 0).then_some(epoch)
+    }
+
+    /// Marks a segment as run here under the lease of this epoch, or, with `None`, as not
+    /// run here; the held segments' watch hears of it.
+    pub(crate) fn set_held(&self, segment: u32, lease_epoch: Option<u64>) {
+        if let (Some(flag), Some(epoch)) = (
+            self.held.get(segment as usize),
+            self.epochs.get(segment as usize),
+        ) {
+            epoch.store(lease_epoch.unwrap_or(0), Ordering::Release);
+            flag.store(lease_epoch.is_some(), Ordering::Release);
+        }
+        self.held_watch.send_if_modified(|held| {
+            let at = held.binary_search(&segment);
+            match (at, lease_epoch.is_some()) {
+                (Err(at), true) => held.insert(at, segment),
+                (Ok(at), false) => {
+                    held.remove(at);
+                }
+                _ => return false,
+            }
+            true
+        });
+    }
+
+    /// Marks every segment as not run here (the bus stopped and released its leases).
+    pub(crate) fn clear_held(&self) {
+        for segment in 0..self.segments {
+            self.set_held(segment, None);
         }
     }
 }

@@ -12,6 +12,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
 use crate::lease::SegmentLease;
 
 /// A track's key: (subscription index, segment).
@@ -40,6 +42,10 @@ struct Track {
     /// Being given up: no new positions go out to it, and once the last one out is
     /// finished its checkpoint is saved and its lease released.
     draining: bool,
+    /// Past this moment (this process's clock) the bus no longer runs the segment, even
+    /// if no answer from the store said its lease was lost (see
+    /// [`leases`](super::leases)); `None` until set.
+    run_until: Option<Instant>,
 }
 
 impl Tracker {
@@ -62,6 +68,7 @@ impl Tracker {
                 checkpoint,
                 saved: checkpoint,
                 draining: false,
+                run_until: None,
             },
         );
     }
@@ -123,6 +130,29 @@ impl Tracker {
         {
             track.lease = lease;
         }
+    }
+
+    /// The segment (with the lease of this epoch) runs here until `until` at most.
+    pub(crate) fn run_until(&mut self, key: TrackKey, epoch: u64, until: Instant) {
+        if let Some(track) = self.subs.get_mut(&key)
+            && track.lease.epoch == epoch
+        {
+            track.run_until = Some(until);
+        }
+    }
+
+    /// The earliest moment a held segment must stop by, if one has a limit.
+    pub(crate) fn earliest_stop(&self) -> Option<Instant> {
+        self.subs.values().filter_map(|t| t.run_until).min()
+    }
+
+    /// The held segments whose time to run ended at or before `now`, with their leases.
+    pub(crate) fn overdue(&self, now: Instant) -> Vec<(TrackKey, SegmentLease)> {
+        self.subs
+            .iter()
+            .filter(|(_, t)| t.run_until.is_some_and(|until| until <= now))
+            .map(|(&k, t)| (k, t.lease.clone()))
+            .collect()
     }
 
     /// The lowest position any held segment still has to see, minus one.
@@ -194,11 +224,17 @@ impl Tracker {
             .any(|((i, _), t)| *i == index && !t.draining && position > t.routed_upto)
     }
 
-    /// A routed position is finished. True if the checkpoint moved.
-    pub(crate) fn complete(&mut self, key: TrackKey, position: u64) -> bool {
+    /// A position routed to the segment under the lease of `epoch` is finished. True if
+    /// the checkpoint moved. A delivery of an earlier hold of the segment (its lease lost,
+    /// then claimed again by this bus) finishes nothing here: the segment's new track
+    /// routes that position again, and only its own delivery may let the checkpoint pass.
+    pub(crate) fn complete(&mut self, key: TrackKey, epoch: u64, position: u64) -> bool {
         let Some(track) = self.subs.get_mut(&key) else {
             return false;
         };
+        if track.lease.epoch != epoch {
+            return false;
+        }
         if let Ok(i) = track.out.binary_search_by_key(&position, |&(p, _)| p) {
             track.out[i].1 = true;
         }
@@ -317,10 +353,10 @@ mod tests {
         }
         t.routed_through(3);
         assert_eq!(t.checkpoint(S), Some(0));
-        assert!(!t.complete(S, 3), "3 finished first: nothing moves");
-        assert!(!t.complete(S, 2));
+        assert!(!t.complete(S, 1, 3), "3 finished first: nothing moves");
+        assert!(!t.complete(S, 1, 2));
         assert_eq!(t.checkpoint(S), Some(0));
-        assert!(t.complete(S, 1), "1 finished: the checkpoint jumps to 3");
+        assert!(t.complete(S, 1, 1), "1 finished: the checkpoint jumps to 3");
         assert_eq!(t.checkpoint(S), Some(3));
     }
 
@@ -330,7 +366,7 @@ mod tests {
         t.route(S, 2);
         assert!(t.routed_through(5));
         assert_eq!(t.checkpoint(S), Some(1), "1 was not for it; 2 is out");
-        assert!(t.complete(S, 2));
+        assert!(t.complete(S, 1, 2));
         assert_eq!(t.checkpoint(S), Some(5));
     }
 
@@ -356,8 +392,8 @@ mod tests {
         t.route(S, 1);
         t.route((1, 0), 1);
         t.routed_through(1);
-        t.complete(S, 1);
-        t.complete((1, 0), 1);
+        t.complete(S, 1, 1);
+        t.complete((1, 0), 1, 1);
         // Position 2 is damaged: the first subscription's dead letter is stored, the
         // second's is not yet.
         assert!(t.pass(0, 2));
@@ -402,11 +438,37 @@ mod tests {
         t.routed_through(5);
         assert_eq!((t.checkpoint(S), t.checkpoint((0, 1))), (Some(2), Some(3)));
         assert_eq!(t.lowest_checkpoint(0), Some(2));
-        t.complete((0, 1), 4);
+        t.complete((0, 1), 1, 4);
         assert_eq!(t.checkpoint((0, 1)), Some(5));
         assert_eq!(t.lowest_routed(), Some(5));
         let segments: Vec<u32> = t.leases_of(0).iter().map(|l| l.segment).collect();
         assert_eq!(segments, [0, 1]);
+    }
+
+    #[test]
+    fn a_delivery_of_an_earlier_hold_of_a_segment_does_not_move_the_new_holds_checkpoint() {
+        let mut t = tracker_at(0);
+        t.route(S, 1);
+        // The lease is lost with position 1 out, and the segment claimed again (epoch 2)
+        // from checkpoint 0: position 1 goes out again.
+        t.remove(S);
+        t.add(
+            S,
+            Arc::from("s"),
+            SegmentLease {
+                epoch: 2,
+                ..lease("s", 0, 0)
+            },
+            0,
+        );
+        t.route(S, 1);
+        assert!(
+            !t.complete(S, 1, 1),
+            "the first hold's delivery (dropped, or still running) is not the new one's"
+        );
+        assert_eq!(t.checkpoint(S), Some(0));
+        assert!(t.complete(S, 2, 1));
+        assert_eq!(t.checkpoint(S), Some(1));
     }
 
     #[test]
@@ -423,7 +485,7 @@ mod tests {
             "a draining segment passes nothing unread"
         );
         assert!(t.drained().is_empty());
-        assert!(t.complete(S, 1));
+        assert!(t.complete(S, 1, 1));
         assert!(t.take_drained());
         assert!(!t.take_drained(), "taken once");
         let drained = t.drained();

@@ -56,6 +56,10 @@ struct Pending {
     give_up: bool,
     /// Whether it holds its event's slot of the queue.
     hold: Hold,
+    /// The epoch of the segment lease this bus held when the delivery came to the worker
+    /// (`None` without a store, or if the segment was not held then): it runs only while
+    /// the bus holds that lease, and finishes the position only for that hold's track.
+    epoch: Option<u64>,
 }
 
 /// What keeps a delivery counted until it is done.
@@ -80,11 +84,25 @@ struct Deferred {
     from_position: u64,
     upto: u64,
     count: u64,
+    /// A delivery at or below `upto` joined (its segment was lost and claimed again by
+    /// this bus, which routes it again from the stored checkpoint): positions then come
+    /// back once though they were counted twice.
+    rewound: bool,
+    /// The lease epoch of its latest deliveries: the range's deliveries come back under
+    /// it (those of an earlier hold that are still open are the later hold's too).
+    epoch: Option<u64>,
 }
 
 impl Pending {
+    /// Whether this bus runs it: its segment is held, under the lease it came under.
+    fn runs(&self) -> bool {
+        self.sub.runs(self.event.partition) && self.sub.epoch_of(self.event.partition) == self.epoch
+    }
+
     fn new(event: BusEvent, sub: Arc<Sub>) -> Self {
+        let epoch = sub.epoch_of(event.partition);
         Pending {
+            epoch,
             event,
             sub,
             failures: 0,
@@ -137,8 +155,9 @@ struct Finished {
     room: u64,
     /// Finished deliveries per subscription (their `queued` counters).
     by_sub: Vec<(Arc<Sub>, u64)>,
-    /// (subscription and segment, position) of finished deliveries, for the checkpoints.
-    positions: Vec<(TrackKey, u64)>,
+    /// (subscription and segment, lease epoch, position) of finished deliveries, for the
+    /// checkpoints.
+    positions: Vec<(TrackKey, u64, u64)>,
     /// Finished published events, to hand back to their publisher.
     published: Vec<Arc<dyn PublishedEvent>>,
     /// Deliveries that began to wait without a slot.
@@ -336,13 +355,16 @@ impl Worker {
         }
         let bus = self.engine.id();
         let (_, held) = self.fresh.as_ref().expect("a fresh delivery");
-        if !held.sub.active.load(Ordering::Acquire)
-            || held.give_up
-            || !held.sub.runs(held.event.partition)
-        {
+        if !held.sub.active.load(Ordering::Acquire) || held.give_up || !held.runs() {
             return Some(First::Step);
         }
-        let mut attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
+        let mut attempt = deliver::begin(
+            bus,
+            &held.sub,
+            &held.event.source,
+            held.failures + 1,
+            held.epoch,
+        );
         // Unarmed: a pending attempt goes to `running`, which polls it again at once.
         let polled = std::future::poll_fn(|cx| Poll::Ready(attempt.poll_unarmed(cx))).await;
         match polled {
@@ -385,13 +407,28 @@ impl Worker {
                     from_position: record.position,
                     upto: record.position,
                     count: 0,
+                    rewound: false,
+                    epoch: pending.epoch,
                 })),
                 Some(d) if same_stream(d) => Some(d),
                 Some(_) => None,
             };
             if let Some(deferred) = deferred {
-                deferred.upto = record.position;
+                // The range only widens: a delivery below it (routed again after its
+                // segment was claimed again) moves its start down, and one inside it is
+                // read again with it. Were `upto` set to a lower position, the deliveries
+                // above it would never be read again, and the segment's checkpoint would
+                // wait for them forever.
+                if record.position <= deferred.upto {
+                    deferred.rewound = true;
+                }
+                if record.position < deferred.from_position {
+                    deferred.from_position = record.position;
+                    deferred.from_version = record.version;
+                }
+                deferred.upto = deferred.upto.max(record.position);
                 deferred.count += 1;
+                deferred.epoch = deferred.epoch.max(pending.epoch);
                 self.release(&pending.event);
                 return;
             }
@@ -496,13 +533,14 @@ impl Worker {
             event.remaining = None;
             let mut pending = Pending::new(event, Arc::clone(sub));
             pending.hold = Hold::Reread;
+            pending.epoch = deferred.epoch;
             reread.push_back(pending);
         }
         let found = reread.len() as u64;
         if found != deferred.count {
             // Counted as waiting when they left; settle the count with what came back (a
             // subscription that left finds none: the tracker dropped its positions).
-            if sub.active.load(Ordering::Acquire) {
+            if sub.active.load(Ordering::Acquire) && !(deferred.rewound && found < deferred.count) {
                 tracing::error!(
                     expected = deferred.count,
                     found,
@@ -624,7 +662,7 @@ impl Worker {
         let held = self.held();
         // A subscription that left, or a segment whose lease this bus lost (the new owner
         // delivers from its saved checkpoint): dropped here.
-        if !held.sub.active.load(Ordering::Acquire) || !held.sub.runs(held.event.partition) {
+        if !held.sub.active.load(Ordering::Acquire) || !held.runs() {
             let pending = self.take_held();
             self.finish(&pending);
             return Step::Done;
@@ -639,7 +677,13 @@ impl Worker {
         }
         let bus = self.engine.id();
         let held = self.held();
-        let attempt = deliver::begin(bus, &held.sub, &held.event.source, held.failures + 1);
+        let attempt = deliver::begin(
+            bus,
+            &held.sub,
+            &held.event.source,
+            held.failures + 1,
+            held.epoch,
+        );
         match deliver::poll_once(attempt).await {
             Ok(outcome) => self.after(outcome).await,
             Err(attempt) => Step::Running(self.take_held(), attempt),
@@ -766,7 +810,9 @@ impl Worker {
         }
         if self.engine.store.is_some() {
             let key = (sub.index, sub.segment_of(event.partition));
-            finished.positions.push((key, event.record().position));
+            finished
+                .positions
+                .push((key, pending.epoch.unwrap_or(0), event.record().position));
         }
         if pending.hold != Hold::Queue {
             // Its event left the queue when it began to wait.
@@ -804,8 +850,8 @@ impl Worker {
         if !finished.positions.is_empty() {
             let mut advanced = false;
             let mut tracker = engine.lock_tracker();
-            for (key, position) in finished.positions.drain(..) {
-                advanced |= tracker.complete(key, position);
+            for (key, epoch, position) in finished.positions.drain(..) {
+                advanced |= tracker.complete(key, epoch, position);
             }
             let drained = tracker.take_drained();
             drop(tracker);
