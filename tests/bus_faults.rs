@@ -908,72 +908,9 @@ impl eventfold::backend::EventLog for DamagedAt {
     }
 }
 
-#[async_trait::async_trait]
-impl eventfold::backend::SnapshotStore for DamagedAt {
-    async fn save_snapshot(&self, snapshot: eventfold::Snapshot) -> eventfold::Result<()> {
-        self.inner.save_snapshot(snapshot).await
-    }
+forward_snapshot_store!(DamagedAt => inner);
 
-    async fn load_snapshot(
-        &self,
-        stream: &StreamId,
-    ) -> eventfold::Result<Option<eventfold::Snapshot>> {
-        self.inner.load_snapshot(stream).await
-    }
-}
-
-#[async_trait::async_trait]
-impl eventfold::backend::SubscriptionStore for DamagedAt {
-    async fn load_checkpoint(&self, name: &str) -> eventfold::Result<Option<u64>> {
-        self.inner.load_checkpoint(name).await
-    }
-
-    async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
-        self.inner.save_checkpoint(name, position).await
-    }
-
-    async fn add_dead_letter(
-        &self,
-        dead_letter: eventfold::backend::NewDeadLetter,
-    ) -> eventfold::Result<u64> {
-        self.inner.add_dead_letter(dead_letter).await
-    }
-
-    async fn dead_letters(
-        &self,
-        name: Option<&str>,
-    ) -> eventfold::Result<Vec<eventfold::DeadLetter>> {
-        self.inner.dead_letters(name).await
-    }
-
-    async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
-        self.inner.remove_dead_letter(id).await
-    }
-
-    async fn record_failure(
-        &self,
-        failure: eventfold::FailureRecord,
-        retain: usize,
-    ) -> eventfold::Result<()> {
-        self.inner.record_failure(failure, retain).await
-    }
-
-    async fn clear_dead_letters(&self, name: Option<&str>) -> eventfold::Result<u64> {
-        self.inner.clear_dead_letters(name).await
-    }
-
-    async fn clear_failures(&self, name: Option<&str>) -> eventfold::Result<u64> {
-        self.inner.clear_failures(name).await
-    }
-
-    async fn failures(
-        &self,
-        name: &str,
-        limit: usize,
-    ) -> eventfold::Result<Vec<eventfold::FailureRecord>> {
-        self.inner.failures(name, limit).await
-    }
-}
+forward_subscription_store!(DamagedAt => inner);
 
 /// The bus finds a damaged row both ways: by the position a `CorruptEvent` names (and
 /// then keeps its event id), and by reading fewer rows at a time when the error names

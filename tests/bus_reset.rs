@@ -2,6 +2,9 @@
 //! checkpoint (`reset_subscription`), each on the in-memory store and on a SQLite file.
 //! A restart is a new bus over the same storage: the same in-memory store, or the SQLite
 //! file opened again.
+#[macro_use]
+#[path = "common/forward.rs"]
+mod forward;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -572,19 +575,7 @@ impl eventfold::backend::EventLog for HeldSave {
     }
 }
 
-#[async_trait::async_trait]
-impl eventfold::backend::SnapshotStore for HeldSave {
-    async fn save_snapshot(&self, snapshot: eventfold::Snapshot) -> eventfold::Result<()> {
-        self.inner.save_snapshot(snapshot).await
-    }
-
-    async fn load_snapshot(
-        &self,
-        stream: &StreamId,
-    ) -> eventfold::Result<Option<eventfold::Snapshot>> {
-        self.inner.load_snapshot(stream).await
-    }
-}
+forward_snapshot_store!(HeldSave => inner);
 
 #[async_trait::async_trait]
 impl eventfold::backend::SubscriptionStore for HeldSave {

@@ -1,7 +1,8 @@
-//! `forward_lease_store!`: a test store that wraps another (to inject a fault into one
-//! part of the contract) hands the segment leases, which it leaves alone, to the store it
-//! wraps. Kept apart from `common/mod.rs`, which registers events, so any test may use it.
+//! `forward_lease_store!`, `forward_event_log!`, `forward_snapshot_store!` and
+//! `forward_subscription_store!`: a test store that wraps another (to inject a fault into
+//! one part of the contract) hands the parts it leaves alone to the store it wraps. Kept apart from `common/mod.rs`, which registers events, so any test may use it.
 
+#[allow(unused_macros)]
 /// Implements `LeaseStore` for `$wrapper` by calling the same method on `self.$inner`.
 macro_rules! forward_lease_store {
     ($wrapper:ty => $inner:ident) => {
@@ -69,6 +70,143 @@ macro_rules! forward_lease_store {
                 position: u64,
             ) -> eventfold::Result<()> {
                 self.$inner.reset_segments(subscription, position).await
+            }
+        }
+    };
+}
+
+#[allow(unused_macros)]
+/// Implements `EventLog` for `$wrapper` by calling the same method on `self.$inner`.
+macro_rules! forward_event_log {
+    ($wrapper:ty => $inner:ident) => {
+        #[async_trait::async_trait]
+        impl eventfold::backend::EventLog for $wrapper {
+            async fn append(
+                &self,
+                stream: &eventfold::StreamId,
+                expected: eventfold::ExpectedVersion,
+                events: Vec<eventfold::NewEvent>,
+            ) -> eventfold::Result<eventfold::AppendOutcome> {
+                self.$inner.append(stream, expected, events).await
+            }
+
+            async fn read_stream(
+                &self,
+                stream: &eventfold::StreamId,
+                from: u64,
+            ) -> eventfold::Result<Vec<eventfold::RecordedEvent>> {
+                self.$inner.read_stream(stream, from).await
+            }
+
+            async fn read_all(
+                &self,
+                from: u64,
+                limit: usize,
+            ) -> eventfold::Result<Vec<eventfold::RecordedEvent>> {
+                self.$inner.read_all(from, limit).await
+            }
+
+            async fn get(
+                &self,
+                id: eventfold::backend::Uuid,
+            ) -> eventfold::Result<Option<eventfold::RecordedEvent>> {
+                self.$inner.get(id).await
+            }
+
+            async fn stream_version(&self, stream: &eventfold::StreamId) -> eventfold::Result<u64> {
+                self.$inner.stream_version(stream).await
+            }
+
+            async fn head_position(&self) -> eventfold::Result<u64> {
+                self.$inner.head_position().await
+            }
+
+            fn watch_head(&self) -> eventfold::backend::watch::Receiver<u64> {
+                self.$inner.watch_head()
+            }
+
+            async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+                self.$inner.statistics().await
+            }
+        }
+    };
+}
+
+#[allow(unused_macros)]
+/// Implements `SnapshotStore` for `$wrapper` by calling the same method on `self.$inner`.
+macro_rules! forward_snapshot_store {
+    ($wrapper:ty => $inner:ident) => {
+        #[async_trait::async_trait]
+        impl eventfold::backend::SnapshotStore for $wrapper {
+            async fn save_snapshot(&self, snapshot: eventfold::Snapshot) -> eventfold::Result<()> {
+                self.$inner.save_snapshot(snapshot).await
+            }
+
+            async fn load_snapshot(
+                &self,
+                stream: &eventfold::StreamId,
+            ) -> eventfold::Result<Option<eventfold::Snapshot>> {
+                self.$inner.load_snapshot(stream).await
+            }
+        }
+    };
+}
+
+#[allow(unused_macros)]
+/// Implements `SubscriptionStore` for `$wrapper` by calling the same method on
+/// `self.$inner`.
+macro_rules! forward_subscription_store {
+    ($wrapper:ty => $inner:ident) => {
+        #[async_trait::async_trait]
+        impl eventfold::backend::SubscriptionStore for $wrapper {
+            async fn load_checkpoint(&self, name: &str) -> eventfold::Result<Option<u64>> {
+                self.$inner.load_checkpoint(name).await
+            }
+
+            async fn save_checkpoint(&self, name: &str, position: u64) -> eventfold::Result<()> {
+                self.$inner.save_checkpoint(name, position).await
+            }
+
+            async fn add_dead_letter(
+                &self,
+                dead_letter: eventfold::backend::NewDeadLetter,
+            ) -> eventfold::Result<u64> {
+                self.$inner.add_dead_letter(dead_letter).await
+            }
+
+            async fn dead_letters(
+                &self,
+                name: Option<&str>,
+            ) -> eventfold::Result<Vec<eventfold::DeadLetter>> {
+                self.$inner.dead_letters(name).await
+            }
+
+            async fn remove_dead_letter(&self, id: u64) -> eventfold::Result<bool> {
+                self.$inner.remove_dead_letter(id).await
+            }
+
+            async fn record_failure(
+                &self,
+                failure: eventfold::FailureRecord,
+                retain: usize,
+            ) -> eventfold::Result<()> {
+                self.$inner.record_failure(failure, retain).await
+            }
+
+            async fn clear_dead_letters(&self, name: Option<&str>) -> eventfold::Result<u64> {
+                self.$inner.clear_dead_letters(name).await
+            }
+
+            async fn clear_failures(&self, name: Option<&str>) -> eventfold::Result<u64> {
+                self.$inner.clear_failures(name).await
+            }
+
+            async fn failures(
+                &self,
+                name: &str,
+                limit: usize,
+            ) -> eventfold::Result<Vec<eventfold::FailureRecord>> {
+                self.$inner.failures(name, limit).await
             }
         }
     };
