@@ -224,6 +224,36 @@ async fn on_postgresql_the_metrics_count_the_same() {
     check_checkpoints("pg", head);
 }
 
+/// The per-event counts reach the recorder within a second on a running bus, without a
+/// `wait_idle`, a statistics read or a stop (paused time: the second passes at once).
+#[tokio::test(start_paused = true)]
+async fn a_running_bus_hands_its_per_event_counts_to_the_recorder_within_a_second() {
+    recorder();
+    let bus = eventfold::EventBus::builder().build().unwrap();
+    let (done, mut handled) = tokio::sync::mpsc::unbounded_channel();
+    bus.subscribe("catch-up", move |_d: Delivery<AccountEvent>| {
+        let done = done.clone();
+        async move {
+            let _ = done.send(());
+        }
+    })
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    for amount in 0..5 {
+        bus.publish(eventfold::Outgoing::new(AccountEvent::Deposited { amount }).to("catch-up-1"))
+            .await
+            .unwrap();
+    }
+    for _ in 0..5 {
+        handled.recv().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let labels = "subscription=\"catch-up\",outcome=\"handled\"";
+    assert_eq!(sample("eventfold_deliveries_total", labels), 5.0);
+    bus.stop().await.unwrap();
+}
+
 #[test]
 fn the_readme_lists_exactly_the_metrics_the_code_records() {
     let readme = include_str!("../README.md");

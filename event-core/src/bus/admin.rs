@@ -33,6 +33,7 @@ impl EventBus {
     /// What the bus has done, and each subscription's progress.
     pub async fn statistics(&self) -> Result<BusStatistics> {
         let engine = &self.inner.engine;
+        engine.catch_up_metrics();
         let routing = Arc::clone(&engine.routing.borrow());
         let head = match &engine.store {
             Some(store) => Some(store.head_position().await?),

@@ -198,7 +198,6 @@ pub(crate) async fn poll_once(mut attempt: Attempt) -> std::result::Result<Outco
 /// Counts a successful attempt.
 pub(crate) fn delivered(engine: &Engine, sub: &Sub, elapsed: Duration) {
     sub.latency.record(elapsed);
-    sub.metrics.handled.increment(1);
     Counters::add(&sub.counters.delivered, 1);
     Counters::add(&engine.counters.delivered, 1);
 }

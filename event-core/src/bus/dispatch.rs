@@ -427,6 +427,18 @@ async fn wait_or_stop(stopping: &mut watch::Receiver<bool>, delay: Duration) -> 
     }
 }
 
+/// How often a running bus hands its per-event counts to the metrics recorder.
+const METRICS_CATCH_UP: Duration = Duration::from_secs(1);
+
+/// Hands the per-event counts to the metrics recorder every [`METRICS_CATCH_UP`] until the
+/// bus stops (which catches up once more when its tasks are done).
+pub(crate) async fn catch_up_metrics(engine: Arc<Engine>) {
+    let mut stopping = engine.stopping.subscribe();
+    while !wait_or_stop(&mut stopping, METRICS_CATCH_UP).await {
+        engine.catch_up_metrics();
+    }
+}
+
 /// Saves moved checkpoints whenever deliveries finish; changes that arrive during a save
 /// are folded into the next one. A failed save is retried: it only delays the checkpoint.
 pub(crate) async fn flush_checkpoints(engine: Arc<Engine>) {

@@ -127,6 +127,17 @@ impl Engine {
         }
     }
 
+    /// Hands the metrics recorder what the bus's per-event counts grew by since the last
+    /// time (see [`crate::metrics`] for why they are not recorded per event).
+    pub(crate) fn catch_up_metrics(&self) {
+        self.metrics
+            .published
+            .catch_up(self.published.load(Ordering::Relaxed));
+        for sub in &self.routing.borrow().subs {
+            sub.catch_up_metrics();
+        }
+    }
+
     /// The head the dispatcher reads up to: the watch's, or the one `wait_idle` read from
     /// the store if that is ahead.
     pub(crate) fn head(&self, watched: u64) -> u64 {

@@ -658,6 +658,7 @@ impl EventBus {
         };
         let sub = subs.remove(i);
         sub.active.store(false, Ordering::Release);
+        sub.catch_up_metrics();
         inner.publish_routing(&subs);
         true
     }
@@ -683,6 +684,7 @@ impl EventBus {
             tasks.push(tokio::spawn(worker.run()));
         }
         let mut router = Router::new(inboxes);
+        tasks.push(tokio::spawn(dispatch::catch_up_metrics(Arc::clone(engine))));
         if engine.store.is_some() {
             tasks.push(tokio::spawn(dispatch::dispatch_log(
                 Arc::clone(engine),
@@ -738,6 +740,7 @@ impl EventBus {
                 let _ = task.await;
             }
         }
+        engine.catch_up_metrics();
         dispatch::save_checkpoints(engine).await?;
         let names: Vec<Arc<str>> = {
             let subs = inner.subs.lock().unwrap_or_else(|e| e.into_inner());
@@ -793,6 +796,7 @@ impl EventBus {
             tokio::pin!(progress);
             progress.as_mut().enable();
             if engine.is_idle() {
+                engine.catch_up_metrics();
                 return dispatch::save_checkpoints(engine).await;
             }
             // The head can move without a notification from the bus (another writer);

@@ -216,7 +216,6 @@ impl EventBus {
             }
         };
         engine.published.fetch_add(1, Ordering::Relaxed);
-        engine.metrics.published.increment(1);
         Ok(position)
     }
 
@@ -234,7 +233,6 @@ impl EventBus {
             .await
             .map_err(|(error, _)| error)?;
         self.inner.engine.published.fetch_add(1, Ordering::Relaxed);
-        self.inner.engine.metrics.published.increment(1);
         Ok(*range.start())
     }
 
@@ -281,7 +279,6 @@ impl EventBus {
                 .map_err(|(error, _)| error)?,
         };
         self.inner.engine.published.fetch_add(n, Ordering::Relaxed);
-        self.inner.engine.metrics.published.increment(n);
         Ok(range)
     }
 

@@ -55,6 +55,13 @@ pub(crate) struct Sub {
 }
 
 impl Sub {
+    /// Hands the metrics recorder what its delivered count grew by since the last time.
+    pub(crate) fn catch_up_metrics(&self) {
+        self.metrics
+            .handled
+            .catch_up(self.counters.delivered.load(Ordering::Relaxed));
+    }
+
     /// The segment of an event with this partition hash.
     pub(crate) fn segment_of(&self, partition: u32) -> u32 {
         if self.segments == 1 {
