@@ -244,9 +244,9 @@ pub mod backend {
     //! ```
 
     pub use eventfold_core::{
-        AppendRequest, DEFAULT_FAILURE_RETENTION, EventLog, NewDeadLetter, ReplayVisitor,
-        ReplayedEvent, SnapshotStore, SubscriptionStore, check_append, check_batch,
-        check_replay_target, error_chain,
+        AppendRequest, DEFAULT_FAILURE_RETENTION, DEFAULT_REPLAY_RETENTION, EventLog,
+        NewDeadLetter, ReplayVisitor, ReplayedEvent, SnapshotStore, SubscriptionStore,
+        check_append, check_batch, check_replay_target, error_chain,
     };
 
     /// The metric handles a store records its group commits with.

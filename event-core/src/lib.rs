@@ -79,8 +79,9 @@ pub use record::{
 };
 pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
 pub use store::{
-    ArchiveStore, DEFAULT_FAILURE_RETENTION, EventLog, EventStore, IntoStore, ReplayVisitor,
-    SnapshotStore, SubscriptionStore, check_append, check_batch, check_replay_target,
+    ArchiveStore, DEFAULT_FAILURE_RETENTION, DEFAULT_REPLAY_RETENTION, EventLog, EventStore,
+    IntoStore, ReplayVisitor, SnapshotStore, SubscriptionStore, check_append, check_batch,
+    check_replay_target,
 };
 
 // Lets the derive's generated code in this crate's own tests name `::eventfold`.

@@ -667,15 +667,28 @@ impl SubscriptionStore for InMemoryEventStore {
         Ok(self.lock().replay_requests.get(&id).cloned())
     }
 
-    async fn finish_replay_request(&self, id: u64, finished: FinishedReplay) -> Result<bool> {
+    async fn finish_replay_request(
+        &self,
+        id: u64,
+        finished: FinishedReplay,
+        retain: usize,
+    ) -> Result<bool> {
         let mut inner = self.lock();
         match inner.replay_requests.get_mut(&id) {
-            Some(request) if request.is_pending() => {
-                request.finished = Some(finished);
-                Ok(true)
-            }
-            _ => Ok(false),
+            Some(request) if request.is_pending() => request.finished = Some(finished),
+            _ => return Ok(false),
         }
+        let done: Vec<u64> = inner
+            .replay_requests
+            .values()
+            .filter(|r| !r.is_pending())
+            .map(|r| r.id)
+            .collect();
+        let beyond = done.len().saturating_sub(retain.max(1));
+        for old in &done[..beyond] {
+            inner.replay_requests.remove(old);
+        }
+        Ok(true)
     }
 }
 

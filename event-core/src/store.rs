@@ -43,6 +43,10 @@ pub trait ReplayVisitor: Send + 'static {
 /// bus records a failed attempt: the newest 1,000; older ones are removed as new ones come.
 pub const DEFAULT_FAILURE_RETENTION: usize = 1_000;
 
+/// How many finished replay requests [`SubscriptionStore::finish_replay_request`] keeps
+/// when the bus records an outcome: the newest 1,000 (pending ones are always kept).
+pub const DEFAULT_REPLAY_RETENTION: usize = 1_000;
+
 /// Durable storage of event streams, the global log, snapshots, subscription checkpoints,
 /// dead letters and failure records: a complete store, as applications pass it to a
 /// [`Repository`](crate::Repository), an [`EventBus`](crate::EventBus) or an `EventSystem`.
@@ -285,10 +289,17 @@ pub trait SubscriptionStore: Send + Sync + 'static {
         Err(replay_unsupported::<Self>("reading a replay request"))
     }
 
-    /// Records how a pending replay request ended; false (and nothing changes) if no
-    /// request has this id or it has finished already, so the first outcome stays.
-    async fn finish_replay_request(&self, id: u64, finished: FinishedReplay) -> Result<bool> {
-        let _ = (id, finished);
+    /// Records how a pending replay request ended, and then removes the finished requests
+    /// beyond the newest `retain` (by id; at least this one is kept), so they stay bounded;
+    /// false (and nothing changes) if no request has this id or it has finished already, so
+    /// the first outcome stays. The bus passes [`DEFAULT_REPLAY_RETENTION`].
+    async fn finish_replay_request(
+        &self,
+        id: u64,
+        finished: FinishedReplay,
+        retain: usize,
+    ) -> Result<bool> {
+        let _ = (id, finished, retain);
         Err(replay_unsupported::<Self>("recording a replay's outcome"))
     }
 }

@@ -783,7 +783,12 @@ impl SubscriptionStore for PostgresEventStore {
         rows.first().map(sql::replay_request_from_row).transpose()
     }
 
-    async fn finish_replay_request(&self, id: u64, finished: FinishedReplay) -> Result<bool> {
+    async fn finish_replay_request(
+        &self,
+        id: u64,
+        finished: FinishedReplay,
+        retain: usize,
+    ) -> Result<bool> {
         let Ok(id) = i64::try_from(id) else {
             return Ok(false);
         };
@@ -811,6 +816,18 @@ impl SubscriptionStore for PostgresEventStore {
                 &[&id, &at, &replayed, &failed, &held_back, &reason],
             )
             .await?;
-        Ok(changed == 1)
+        if changed == 0 {
+            return Ok(false);
+        }
+        let retain = i64::try_from(retain.max(1)).unwrap_or(i64::MAX);
+        self.execute(
+            "removing old replay requests",
+            "DELETE FROM ef_replay_requests WHERE finished_at IS NOT NULL AND id NOT IN \
+             (SELECT id FROM ef_replay_requests WHERE finished_at IS NOT NULL \
+              ORDER BY id DESC LIMIT $1)",
+            &[&retain],
+        )
+        .await?;
+        Ok(true)
     }
 }

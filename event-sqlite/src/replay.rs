@@ -122,8 +122,14 @@ pub(crate) fn get(conn: &Connection, id: u64) -> Result<Option<ReplayRequest>> {
     }
 }
 
-/// Records the outcome of a pending request; false if none is pending with this id.
-pub(crate) fn finish(conn: &Connection, id: u64, finished: &FinishedReplay) -> Result<bool> {
+/// Records the outcome of a pending request, then removes the finished requests beyond the
+/// newest `retain`; false if none is pending with this id.
+pub(crate) fn finish(
+    conn: &Connection,
+    id: u64,
+    finished: &FinishedReplay,
+    retain: usize,
+) -> Result<bool> {
     let at = nanos_of(finished.at, "the finish time")?;
     let (replayed, failed, held_back, reason) = match &finished.outcome {
         ReplayOutcome::Done {
@@ -138,13 +144,26 @@ pub(crate) fn finish(conn: &Connection, id: u64, finished: &FinishedReplay) -> R
         ),
         ReplayOutcome::Failed { reason } => (None, None, None, Some(reason.as_str())),
     };
+    let fail = |e| store_error("recording a replay's outcome", e);
+    let changed = conn
+        .prepare_cached(
+            "UPDATE replay_requests SET finished_at = ?2, replayed = ?3, failed = ?4, \
+             held_back = ?5, reason = ?6 WHERE id = ?1 AND finished_at IS NULL",
+        )
+        .and_then(|mut s| s.execute(params![to_i64(id), at, replayed, failed, held_back, reason]))
+        .map_err(fail)?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    let retain = i64::try_from(retain.max(1)).unwrap_or(i64::MAX);
     conn.prepare_cached(
-        "UPDATE replay_requests SET finished_at = ?2, replayed = ?3, failed = ?4, \
-         held_back = ?5, reason = ?6 WHERE id = ?1 AND finished_at IS NULL",
+        "DELETE FROM replay_requests WHERE finished_at IS NOT NULL AND id NOT IN \
+         (SELECT id FROM replay_requests WHERE finished_at IS NOT NULL \
+          ORDER BY id DESC LIMIT ?1)",
     )
-    .and_then(|mut s| s.execute(params![to_i64(id), at, replayed, failed, held_back, reason]))
-    .map(|changed| changed == 1)
-    .map_err(|e| store_error("recording a replay's outcome", e))
+    .and_then(|mut s| s.execute([retain]))
+    .map_err(fail)?;
+    Ok(true)
 }
 
 fn from_row(row: &Row<'_>) -> Result<ReplayRequest> {

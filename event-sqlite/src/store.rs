@@ -814,8 +814,9 @@ impl SubscriptionStore for SqliteEventStore {
         &self,
         id: u64,
         finished: FinishedReplay,
+        retain: usize,
     ) -> eventfold_core::Result<bool> {
-        self.on_writer(move |conn| crate::replay::finish(conn, id, &finished))
+        self.on_writer(move |conn| crate::replay::finish(conn, id, &finished, retain))
             .await
     }
 }

@@ -242,8 +242,11 @@ macro_rules! forward_subscription_store {
                 &self,
                 id: u64,
                 finished: eventfold::FinishedReplay,
+                retain: usize,
             ) -> eventfold::Result<bool> {
-                self.$inner.finish_replay_request(id, finished).await
+                self.$inner
+                    .finish_replay_request(id, finished, retain)
+                    .await
             }
         }
     };

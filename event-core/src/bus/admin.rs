@@ -14,6 +14,7 @@ use crate::error::{Error, Result, StoreErrorKind};
 use crate::record::{
     DeadLetter, FailureRecord, FinishedReplay, RecordedEvent, ReplayOutcome, ReplayRequest,
 };
+use crate::store::DEFAULT_REPLAY_RETENTION;
 
 /// What [`EventBus::replay_dead_letters`] did, counted in dead letters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -387,7 +388,10 @@ impl EventBus {
                     at: engine.clock.now(),
                     outcome,
                 };
-                if store.finish_replay_request(request.id, done).await? {
+                if store
+                    .finish_replay_request(request.id, done, DEFAULT_REPLAY_RETENTION)
+                    .await?
+                {
                     finished += 1;
                 }
             }

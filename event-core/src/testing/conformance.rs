@@ -41,7 +41,10 @@ use crate::record::{
     AppendRequest, ExpectedVersion, FailureRecord, FinishedReplay, Metadata, NewDeadLetter,
     NewEvent, RecordedEvent, ReplayOutcome, ReplayTarget, Snapshot, StreamId,
 };
-use crate::store::{DEFAULT_FAILURE_RETENTION, EventLog, EventStore, IntoStore, SubscriptionStore};
+use crate::store::{
+    DEFAULT_FAILURE_RETENTION, DEFAULT_REPLAY_RETENTION, EventLog, EventStore, IntoStore,
+    SubscriptionStore,
+};
 
 /// A store for one case, with whatever must live as long as it (a temporary directory).
 pub struct StoreUnderTest {
@@ -139,6 +142,7 @@ macro_rules! store_conformance_tests {
             failures_are_recorded_per_subscription,
             replay_requests_are_stored_listed_and_finished_once,
             replay_requests_for_everything_follow_the_dead_letters,
+            finished_replay_requests_beyond_the_retention_are_removed,
             // the parts together (their counts in the log's statistics)
             one_dead_letter_per_subscription_and_event,
             failure_records_beyond_the_retention_are_removed,
@@ -1121,7 +1125,7 @@ pub async fn replay_requests_are_stored_listed_and_finished_once(
     };
     assert!(
         store
-            .finish_replay_request(one.id, done.clone())
+            .finish_replay_request(one.id, done.clone(), DEFAULT_REPLAY_RETENTION)
             .await
             .unwrap()
     );
@@ -1133,20 +1137,24 @@ pub async fn replay_requests_are_stored_listed_and_finished_once(
     };
     assert!(
         !store
-            .finish_replay_request(one.id, failed.clone())
+            .finish_replay_request(one.id, failed.clone(), DEFAULT_REPLAY_RETENTION)
             .await
             .unwrap(),
         "a finished request keeps its first outcome"
     );
     assert!(
         !store
-            .finish_replay_request(mailer_all.id + 100, failed.clone())
+            .finish_replay_request(
+                mailer_all.id + 100,
+                failed.clone(),
+                DEFAULT_REPLAY_RETENTION
+            )
             .await
             .unwrap()
     );
     assert!(
         store
-            .finish_replay_request(audit.id, failed.clone())
+            .finish_replay_request(audit.id, failed.clone(), DEFAULT_REPLAY_RETENTION)
             .await
             .unwrap()
     );
@@ -1207,6 +1215,61 @@ pub async fn replay_requests_for_everything_follow_the_dead_letters(
     );
     assert!(all.iter().all(|r| r.is_pending()));
     assert_eq!(store.replay_requests(None).await.unwrap(), all);
+}
+
+/// Each recorded outcome removes the finished requests beyond the newest `retain`; pending
+/// requests stay, however many.
+pub async fn finished_replay_requests_beyond_the_retention_are_removed(
+    store: Arc<dyn SubscriptionStore>,
+) {
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let target = ReplayTarget::Subscription {
+            name: "mailer".into(),
+        };
+        ids.push(store.request_replay(target, at(n)).await.unwrap()[0].id);
+    }
+    let finished = |n| FinishedReplay {
+        at: at(100 + n),
+        outcome: ReplayOutcome::Failed {
+            reason: format!("attempt {n}"),
+        },
+    };
+    for (n, &id) in ids[..4].iter().enumerate() {
+        assert!(
+            store
+                .finish_replay_request(id, finished(n as i64), 2)
+                .await
+                .unwrap()
+        );
+    }
+    let kept: Vec<u64> = store
+        .replay_requests(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(kept, [ids[2], ids[3], ids[4], ids[5]]);
+    assert_eq!(
+        store.pending_replay_requests("mailer").await.unwrap().len(),
+        2
+    );
+    // A smaller retention takes effect at the next outcome; `retain` keeps at least it.
+    assert!(
+        store
+            .finish_replay_request(ids[4], finished(4), 0)
+            .await
+            .unwrap()
+    );
+    let kept: Vec<u64> = store
+        .replay_requests(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(kept, [ids[4], ids[5]]);
 }
 
 /// Dead-lettering an event a subscription has dead-lettered already (as a bus does again
