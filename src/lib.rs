@@ -113,8 +113,8 @@ pub use eventfold_core::{
 // Stores and what they hold.
 pub use eventfold_core::{
     AppendOutcome, Checkpoint, DeadLetter, EventStore, ExpectedVersion, FailureRecord,
-    InMemoryEventStore, IntoStore, Metadata, NewEvent, RecordedEvent, Snapshot, StoreStatistics,
-    StreamId, StreamSummary,
+    FinishedReplay, InMemoryEventStore, IntoStore, Metadata, NewEvent, RecordedEvent,
+    ReplayOutcome, ReplayRequest, ReplayTarget, Snapshot, StoreStatistics, StreamId, StreamSummary,
 };
 // The event bus.
 pub use eventfold_core::{
@@ -244,8 +244,9 @@ pub mod backend {
     //! ```
 
     pub use eventfold_core::{
-        AppendRequest, DEFAULT_FAILURE_RETENTION, EventLog, NewDeadLetter, ReplayVisitor,
-        ReplayedEvent, SnapshotStore, SubscriptionStore, check_append, check_batch, error_chain,
+        AppendRequest, DEFAULT_FAILURE_RETENTION, DEFAULT_REPLAY_RETENTION, EventLog,
+        NewDeadLetter, ReplayVisitor, ReplayedEvent, SnapshotStore, SubscriptionStore,
+        check_append, check_batch, check_replay_target, error_chain,
     };
 
     /// The metric handles a store records its group commits with.

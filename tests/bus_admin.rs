@@ -458,3 +458,127 @@ async fn a_damaged_row_counts_as_failed_and_the_replay_goes_on() {
     );
     bus.stop().await.unwrap();
 }
+
+/// The outcome a finished replay request recorded.
+async fn outcome_of(store: &SqliteEventStore, id: u64) -> Option<eventfold::ReplayOutcome> {
+    use eventfold::backend::SubscriptionStore;
+    let request = store.replay_request(id).await.unwrap().expect("stored");
+    request.finished.map(|f| f.outcome)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_replay_requests_are_carried_out_by_the_bus_running_their_subscription() {
+    use eventfold::backend::SubscriptionStore;
+    use eventfold::backend::Utc;
+    use eventfold::{ReplayOutcome, ReplayTarget};
+
+    let dir = tempfile::Builder::new()
+        .prefix("eventfold-bus-admin-")
+        .tempdir()
+        .unwrap();
+    let store = SqliteEventStore::open(dir.path().join("bus.db"), SqliteOptions::new())
+        .await
+        .unwrap();
+    let bus = EventBus::builder()
+        .workers(2)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let (mailer, audit) = (Gate::new(), Gate::new());
+    for (name, gate) in [("mailer", &mailer), ("audit", &audit)] {
+        bus.subscribe(name, gate.handler())
+            .retry(RetryPolicy::never())
+            .register()
+            .unwrap();
+    }
+    bus.start().await.unwrap();
+    publish(&bus, &[("i-1", 1), ("i-2", 1), ("i-1", 2)]).await;
+    let letters = bus.dead_letters(Some("mailer")).await.unwrap();
+    assert_eq!(letters.len(), 3);
+
+    mailer.set(Broken::Nothing);
+    let request = |target| {
+        let store = store.clone();
+        async move {
+            let mut stored = store.request_replay(target, Utc::now()).await.unwrap();
+            assert_eq!(stored.len(), 1, "{stored:?}");
+            stored.remove(0)
+        }
+    };
+    let one = request(ReplayTarget::DeadLetter { id: letters[1].id }).await;
+    assert_eq!(one.subscription, "mailer");
+    let all_audit = request(ReplayTarget::Subscription {
+        name: "audit".into(),
+    })
+    .await;
+    let elsewhere = request(ReplayTarget::Subscription {
+        name: "elsewhere".into(),
+    })
+    .await;
+    // Asked for twice: the first request replays it, so the second finds it gone (in the
+    // order of their ids, whichever pass carries them out).
+    let first = request(ReplayTarget::DeadLetter { id: letters[0].id }).await;
+    let gone = request(ReplayTarget::DeadLetter { id: letters[0].id }).await;
+    bus.discard_dead_letter(letters[2].id).await.unwrap();
+    assert!(matches!(
+        store
+            .request_replay(ReplayTarget::DeadLetter { id: letters[2].id }, Utc::now())
+            .await,
+        Err(Error::DeadLetterNotFound { id }) if id == letters[2].id
+    ));
+
+    // The bus's own task may carry some out first (after a lease round), one at a time
+    // with this call: the outcomes are the same.
+    bus.carry_out_replay_requests().await.unwrap();
+    assert_eq!(
+        outcome_of(&store, one.id).await,
+        Some(ReplayOutcome::Done {
+            replayed: 1,
+            failed: 0,
+            held_back: 0
+        })
+    );
+    assert_eq!(
+        outcome_of(&store, first.id).await,
+        Some(ReplayOutcome::Done {
+            replayed: 1,
+            failed: 0,
+            held_back: 0
+        })
+    );
+    assert_eq!(
+        mailer.delivered(),
+        [("i-2".to_string(), 1, 2), ("i-1".to_string(), 1, 2)]
+    );
+    assert!(bus.dead_letters(Some("mailer")).await.unwrap().is_empty());
+    // Audit still fails: i-1's first letter fails, its second is held back behind it.
+    assert_eq!(
+        outcome_of(&store, all_audit.id).await,
+        Some(ReplayOutcome::Done {
+            replayed: 0,
+            failed: 2,
+            held_back: 1
+        })
+    );
+    assert_eq!(dead_count(&bus, "audit").await, 3);
+    match outcome_of(&store, gone.id).await {
+        Some(ReplayOutcome::Failed { reason }) => {
+            assert!(reason.contains("is gone"), "{reason}");
+        }
+        other => panic!("expected a failed outcome, got {other:?}"),
+    }
+    // No bus runs `elsewhere`: its request waits for one.
+    assert_eq!(outcome_of(&store, elsewhere.id).await, None);
+    assert_eq!(
+        store
+            .pending_replay_requests("elsewhere")
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect::<Vec<_>>(),
+        [elsewhere.id]
+    );
+    assert_eq!(bus.carry_out_replay_requests().await.unwrap(), 0);
+    bus.stop().await.unwrap();
+}

@@ -1,10 +1,11 @@
 //! The subscription commands: `subs ls`, `sub show`, `sub reset`, `dlq ...`, `failures ...`.
-//! Only `sub reset`, `dlq discard` and `failures clear` change what is stored.
+//! Only `sub reset`, `dlq replay` (it stores a request), `dlq discard` and `failures clear`
+//! change what is stored.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 
-use eventfold::{DeadLetter, EventBus, EventStore, FailureRecord, ResetTo};
+use eventfold::{DeadLetter, EventBus, EventStore, FailureRecord, ReplayRequest, ResetTo};
 use serde::Serialize;
 
 use crate::Outcome;
@@ -234,18 +235,46 @@ fn print_failures(out: &mut impl Write, failures: &[FailureRecord]) -> Result<()
     table.print(out)
 }
 
-/// `dlq ls`.
+#[derive(Serialize)]
+struct DeadLetterList {
+    dead_letters: Vec<DeadLetter>,
+    /// Replay requests no running service has carried out yet.
+    pending_replay_requests: Vec<ReplayRequest>,
+}
+
+/// `dlq ls`: the dead letters, and the replay requests still pending.
 pub async fn dlq_ls(
     store: &Store,
     subscription: Option<&str>,
     json: bool,
     out: &mut impl Write,
 ) -> Result<Outcome> {
-    let letters = store.events().dead_letters(subscription).await?;
+    let events = store.events();
+    let dead_letters = events.dead_letters(subscription).await?;
+    let pending_replay_requests: Vec<ReplayRequest> = events
+        .replay_requests(subscription)
+        .await?
+        .into_iter()
+        .filter(ReplayRequest::is_pending)
+        .collect();
     if json {
-        output::json(out, &letters)?;
+        output::json(
+            out,
+            &DeadLetterList {
+                dead_letters,
+                pending_replay_requests,
+            },
+        )?;
     } else {
-        print_dead_letters(out, &letters)?;
+        print_dead_letters(out, &dead_letters)?;
+        if !pending_replay_requests.is_empty() {
+            writeln!(
+                out,
+                "
+pending replay requests:"
+            )?;
+            crate::replay::print_requests(out, &pending_replay_requests)?;
+        }
     }
     Ok(Outcome::Done)
 }
@@ -266,6 +295,8 @@ struct DeadLetterDetail {
     event: Option<EventView>,
     /// Why it cannot.
     event_error: Option<String>,
+    /// The replay requests that name it, oldest first.
+    replay_requests: Vec<ReplayRequest>,
 }
 
 /// `dlq show`: a dead letter and its event.
@@ -277,10 +308,17 @@ pub async fn dlq_show(store: &Store, id: u64, json: bool, out: &mut impl Write) 
         Ok(None) => (None, Some("the event is not stored".to_owned())),
         Err(error) => (None, Some(eventfold::backend::error_chain(&error))),
     };
+    let replay_requests = events
+        .replay_requests(Some(&dead_letter.subscription))
+        .await?
+        .into_iter()
+        .filter(|r| r.dead_letter == Some(id))
+        .collect();
     let detail = DeadLetterDetail {
         dead_letter,
         event,
         event_error,
+        replay_requests,
     };
     if json {
         output::json(out, &detail)?;
@@ -307,6 +345,10 @@ pub async fn dlq_show(store: &Store, id: u64, json: bool, out: &mut impl Write) 
         (None, None) => {}
     }
     output::fields(out, &lines)?;
+    if !detail.replay_requests.is_empty() {
+        writeln!(out, "\nreplay requests:")?;
+        crate::replay::print_requests(out, &detail.replay_requests)?;
+    }
     Ok(Outcome::Done)
 }
 

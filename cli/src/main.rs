@@ -2,7 +2,8 @@
 //! PostgreSQL database. It works through the library's public API only, and changes stored
 //! data only in the commands that say so.
 //!
-//! Exit codes: 0 done, 1 a finding (damage found by `verify`), 2 a usage or store error.
+//! Exit codes: 0 done, 1 a finding (damage found by `verify`, a replay that failed), 2 a
+//! usage or store error.
 
 #![forbid(unsafe_code)]
 
@@ -11,6 +12,7 @@ mod error;
 mod log;
 mod maintenance;
 mod output;
+mod replay;
 mod store;
 
 use std::io::Write;
@@ -27,8 +29,8 @@ use crate::store::Store;
 /// Look into an eventfold store and act on it.
 ///
 /// The store is a SQLite file (a path or `sqlite://PATH`) or a PostgreSQL database
-/// (`postgres://user@host/db`, with --schema). Exit codes: 0 done, 1 a finding (damage),
-/// 2 a usage or store error.
+/// (`postgres://user@host/db`, with --schema). Exit codes: 0 done, 1 a finding (damage, a
+/// failed replay), 2 a usage or store error.
 #[derive(Parser)]
 #[command(name = "eventfold", version)]
 struct Cli {
@@ -180,13 +182,23 @@ enum DlqCommand {
         #[arg(long = "sub", value_name = "NAME")]
         subscription: Option<String>,
     },
-    /// A dead letter and its event.
+    /// A dead letter, its event and its replay requests; or, with --request, a replay
+    /// request and its outcome (exit code 1 if the replay failed).
     Show {
         /// The dead letter's id.
-        id: u64,
+        #[arg(required_unless_present = "request", conflicts_with = "request")]
+        id: Option<u64>,
+        /// A replay request's id (as `dlq replay` printed it).
+        #[arg(long, value_name = "ID")]
+        request: Option<u64>,
     },
-    /// Not done by this command: a replay runs the subscription's handler, which only the
-    /// service that registers it has (`EventBus::replay_dead_letter`). Exits with 2.
+    /// Asks the running service to replay dead letters (changes the store): stores a
+    /// replay request, which the service's bus that runs the subscription carries out
+    /// after its next lease round (within a third of its lease time, 10 s by default),
+    /// and prints the request. --all without --sub: one request per subscription with
+    /// dead letters. With --wait, waits for the outcome: exit code 1 if a replay failed
+    /// or kept dead letters, or no service carried it out before the timeout (the request
+    /// then stays pending).
     Replay {
         /// The dead letter's id.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -197,6 +209,12 @@ enum DlqCommand {
         /// With --all: only this subscription's.
         #[arg(long = "sub", value_name = "NAME", requires = "all")]
         subscription: Option<String>,
+        /// Wait for the outcome (the store is read every 200 ms).
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: how long to wait, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 60, requires = "wait")]
+        timeout: u64,
     },
     /// Removes dead letters without delivering them (changes the store).
     Discard {
@@ -273,7 +291,7 @@ enum LogCommand {
 pub enum Outcome {
     /// Nothing to report beyond the output.
     Done,
-    /// It found damage or a mismatch (exit code 1).
+    /// It found damage or a mismatch, or a replay failed (exit code 1).
     Finding,
 }
 
@@ -351,16 +369,25 @@ async fn dispatch(
             command: DlqCommand::Ls { subscription },
         } => admin::dlq_ls(store, subscription.as_deref(), json, out).await,
         Command::Dlq {
-            command: DlqCommand::Show { id },
-        } => admin::dlq_show(store, id, json, out).await,
+            command: DlqCommand::Show { id, request },
+        } => match (id, request) {
+            (_, Some(request)) => replay::request_show(store, request, json, out).await,
+            (Some(id), None) => admin::dlq_show(store, id, json, out).await,
+            (None, None) => unreachable!("clap requires an id or --request"),
+        },
         Command::Dlq {
-            command: DlqCommand::Replay { .. },
-        } => Err(CliError::Unsupported(
-            "dlq replay: a replay runs the subscription's handler, which only the service \
-             that registers it has; replay there (EventBus::replay_dead_letter, \
-             replay_dead_letters), or discard here with `dlq discard`"
-                .to_owned(),
-        )),
+            command:
+                DlqCommand::Replay {
+                    id,
+                    subscription,
+                    wait,
+                    timeout,
+                    ..
+                },
+        } => {
+            let wait = wait.then(|| std::time::Duration::from_secs(timeout));
+            replay::replay(store, replay::target(id, subscription), wait, json, out).await
+        }
         Command::Dlq {
             command: DlqCommand::Discard {
                 id, subscription, ..

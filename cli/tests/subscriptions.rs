@@ -99,12 +99,13 @@ fn administer(store: &Target) {
 
     // Dead letters: list, show with the event's payload.
     let dlq = eventfold(store, &["dlq", "ls", "--sub", "mailer", "--json"]).json();
-    assert_eq!(dlq.as_array().unwrap().len(), 1);
-    let id = dlq[0]["id"].as_u64().unwrap().to_string();
-    assert_eq!(dlq[0]["position"], 3);
+    let letters = &dlq["dead_letters"];
+    assert_eq!(letters.as_array().unwrap().len(), 1);
+    let id = letters[0]["id"].as_u64().unwrap().to_string();
+    assert_eq!(letters[0]["position"], 3);
     assert_eq!(
         eventfold(store, &["dlq", "ls", "--sub", "ledger", "--json"]).json(),
-        serde_json::json!([])
+        serde_json::json!({"dead_letters": [], "pending_replay_requests": []})
     );
     let letter = eventfold(store, &["dlq", "show", &id, "--json"]).json();
     assert_eq!(letter["dead_letter"]["error"], "smtp down");
@@ -117,13 +118,54 @@ fn administer(store: &Target) {
         human.stdout
     );
     assert_eq!(eventfold(store, &["dlq", "show", "999"]).code, 2);
-    // Replay needs the handler: refused, and the dead letter stays.
+    // A replay is a stored request; no service runs `mailer` here, so it stays pending,
+    // and the dead letter with it.
     let replay = eventfold(store, &["dlq", "replay", &id]);
-    assert_eq!(replay.code, 2);
+    assert_eq!(replay.code, 0, "{}", replay.stderr);
+    assert!(replay.stdout.contains("pending"), "{}", replay.stdout);
+    let requested = eventfold(store, &["dlq", "replay", &id, "--json"]).json();
+    let request = &requested["requests"][0];
+    assert_eq!(request["subscription"], "mailer");
+    assert_eq!(request["dead_letter"].to_string(), id);
+    assert_eq!(request["finished"], serde_json::Value::Null);
+    let request_id = request["id"].as_u64().unwrap().to_string();
+    let listed = eventfold(store, &["dlq", "ls", "--sub", "mailer", "--json"]).json();
+    assert_eq!(
+        listed["pending_replay_requests"].as_array().unwrap().len(),
+        2
+    );
+    assert_eq!(listed["dead_letters"].as_array().unwrap().len(), 1);
+    let human = eventfold(store, &["dlq", "ls"]);
     assert!(
-        replay.stderr.contains("not supported: dlq replay"),
+        human.stdout.contains("pending replay requests:"),
         "{}",
-        replay.stderr
+        human.stdout
+    );
+    let shown = eventfold(store, &["dlq", "show", "--request", &request_id, "--json"]);
+    assert_eq!(shown.code, 0, "{}", shown.stderr);
+    assert_eq!(shown.json()["subscription"], "mailer");
+    let shown = eventfold(store, &["dlq", "show", "--request", &request_id]);
+    assert!(
+        shown.stdout.contains("status:         pending"),
+        "{}",
+        shown.stdout
+    );
+    assert_eq!(
+        eventfold(store, &["dlq", "show", "--request", "999"]).code,
+        2
+    );
+    // An unknown dead letter is refused as in `dlq show`, storing nothing.
+    let unknown = eventfold(store, &["dlq", "replay", "999"]);
+    assert_eq!(unknown.code, 2);
+    assert!(
+        unknown.stderr.contains("no dead letter with id 999"),
+        "{}",
+        unknown.stderr
+    );
+    assert_eq!(
+        eventfold(store, &["dlq", "replay", &id, "--timeout", "1"]).code,
+        2,
+        "--timeout without --wait"
     );
     assert_eq!(
         eventfold(store, &["dlq", "replay"]).code,

@@ -73,14 +73,15 @@ pub use error::{BoxError, Error, Result, StoreErrorKind, error_chain};
 pub use event::{DomainEvent, EventType};
 pub use memory::InMemoryEventStore;
 pub use record::{
-    AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord, Metadata,
-    NewDeadLetter, NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
-    StreamSummary,
+    AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord,
+    FinishedReplay, Metadata, NewDeadLetter, NewEvent, RecordedEvent, ReplayOutcome, ReplayRequest,
+    ReplayTarget, ReplayedEvent, Snapshot, StoreStatistics, StreamId, StreamSummary,
 };
 pub use registry::{EventTypeInfo, Registry, UpcastFn, registry};
 pub use store::{
-    ArchiveStore, DEFAULT_FAILURE_RETENTION, EventLog, EventStore, IntoStore, ReplayVisitor,
-    SnapshotStore, SubscriptionStore, check_append, check_batch,
+    ArchiveStore, DEFAULT_FAILURE_RETENTION, DEFAULT_REPLAY_RETENTION, EventLog, EventStore,
+    IntoStore, ReplayVisitor, SnapshotStore, SubscriptionStore, check_append, check_batch,
+    check_replay_target,
 };
 
 // Lets the derive's generated code in this crate's own tests name `::eventfold`.

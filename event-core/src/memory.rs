@@ -16,11 +16,13 @@ use crate::lease::{
 };
 use crate::record::{
     AppendOutcome, AppendRequest, Checkpoint, DeadLetter, ExpectedVersion, FailureRecord,
-    NewDeadLetter, NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
+    FinishedReplay, NewDeadLetter, NewEvent, RecordedEvent, ReplayRequest, ReplayTarget,
+    ReplayedEvent, Snapshot, StoreStatistics, StreamId,
 };
 use crate::registry::registry;
 use crate::store::{
     ArchiveStore, EventLog, ReplayVisitor, SnapshotStore, SubscriptionStore, check_batch,
+    check_replay_target,
 };
 
 /// An [`EventStore`](crate::EventStore) that keeps everything in memory and loses it when dropped.
@@ -53,6 +55,9 @@ struct Inner {
     next_dead_letter: u64,
     /// Each subscription's failure records, oldest first.
     failures: HashMap<String, VecDeque<FailureRecord>>,
+    /// Replay requests by id, pending and finished.
+    replay_requests: BTreeMap<u64, ReplayRequest>,
+    next_replay_request: u64,
     /// The archive horizon: the archives pruned and not restored, oldest first.
     archives: Vec<ArchiveHorizon>,
     /// Each subscription's segment leases.
@@ -595,6 +600,95 @@ impl SubscriptionStore for InMemoryEventStore {
             None => inner.failures.drain().map(|(_, r)| r.len()).sum(),
         };
         Ok(removed as u64)
+    }
+
+    async fn request_replay(
+        &self,
+        target: ReplayTarget,
+        requested_at: DateTime<Utc>,
+    ) -> Result<Vec<ReplayRequest>> {
+        check_replay_target(&target)?;
+        let mut inner = self.lock();
+        let wanted: Vec<(String, Option<u64>)> = match target {
+            ReplayTarget::DeadLetter { id } => {
+                let dead_letter = inner
+                    .dead_letters
+                    .get(&id)
+                    .ok_or(Error::DeadLetterNotFound { id })?;
+                vec![(dead_letter.subscription.clone(), Some(id))]
+            }
+            ReplayTarget::Subscription { name } => vec![(name, None)],
+            ReplayTarget::All => inner
+                .dead_letters
+                .values()
+                .map(|d| d.subscription.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .map(|name| (name, None))
+                .collect(),
+        };
+        let mut stored = Vec::with_capacity(wanted.len());
+        for (subscription, dead_letter) in wanted {
+            inner.next_replay_request += 1;
+            let request = ReplayRequest {
+                id: inner.next_replay_request,
+                subscription,
+                dead_letter,
+                requested_at,
+                finished: None,
+            };
+            inner.replay_requests.insert(request.id, request.clone());
+            stored.push(request);
+        }
+        Ok(stored)
+    }
+
+    async fn pending_replay_requests(&self, subscription: &str) -> Result<Vec<ReplayRequest>> {
+        Ok(self
+            .lock()
+            .replay_requests
+            .values()
+            .filter(|r| r.is_pending() && r.subscription == subscription)
+            .cloned()
+            .collect())
+    }
+
+    async fn replay_requests(&self, subscription: Option<&str>) -> Result<Vec<ReplayRequest>> {
+        Ok(self
+            .lock()
+            .replay_requests
+            .values()
+            .filter(|r| subscription.is_none_or(|s| r.subscription == s))
+            .cloned()
+            .collect())
+    }
+
+    async fn replay_request(&self, id: u64) -> Result<Option<ReplayRequest>> {
+        Ok(self.lock().replay_requests.get(&id).cloned())
+    }
+
+    async fn finish_replay_request(
+        &self,
+        id: u64,
+        finished: FinishedReplay,
+        retain: usize,
+    ) -> Result<bool> {
+        let mut inner = self.lock();
+        match inner.replay_requests.get_mut(&id) {
+            Some(request) if request.is_pending() => request.finished = Some(finished),
+            _ => return Ok(false),
+        }
+        let done: Vec<u64> = inner
+            .replay_requests
+            .values()
+            .filter(|r| !r.is_pending())
+            .map(|r| r.id)
+            .collect();
+        let beyond = done.len().saturating_sub(retain.max(1));
+        for old in &done[..beyond] {
+            inner.replay_requests.remove(old);
+        }
+        Ok(true)
     }
 }
 

@@ -389,6 +389,93 @@ pub struct NewDeadLetter {
     pub last_failed_at: DateTime<Utc>,
 }
 
+/// What a replay request asks for: which dead letters a running bus should deliver again
+/// (see [`SubscriptionStore::request_replay`](crate::SubscriptionStore::request_replay)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ReplayTarget {
+    /// One dead letter, by its id.
+    DeadLetter {
+        /// The dead letter's id.
+        id: u64,
+    },
+    /// Every dead letter of one subscription, as they are when a bus carries it out.
+    Subscription {
+        /// The subscription's name.
+        name: String,
+    },
+    /// Every dead letter stored: one request per subscription that has dead letters now.
+    All,
+}
+
+/// A stored request to replay dead letters, carried out by a running bus that runs its
+/// subscription (one that holds the lease of its segment 0), which then records its
+/// outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayRequest {
+    /// The store's id for this request.
+    pub id: u64,
+    /// The subscription whose dead letters it replays.
+    pub subscription: String,
+    /// The one dead letter it replays; `None`: every dead letter of the subscription.
+    pub dead_letter: Option<u64>,
+    /// When it was requested.
+    pub requested_at: DateTime<Utc>,
+    /// How it ended; `None` while it is pending.
+    pub finished: Option<FinishedReplay>,
+}
+
+impl ReplayRequest {
+    /// True while no bus has recorded its outcome.
+    pub fn is_pending(&self) -> bool {
+        self.finished.is_none()
+    }
+}
+
+/// When and how a replay request ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FinishedReplay {
+    /// When the bus recorded the outcome.
+    pub at: DateTime<Utc>,
+    /// What the replay did.
+    pub outcome: ReplayOutcome,
+}
+
+/// What carrying out a replay request did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ReplayOutcome {
+    /// The replay ran: counts of dead letters as in [`ReplayReport`](crate::ReplayReport)
+    /// (those failed or held back are kept).
+    Done {
+        /// Delivered successfully, and so removed.
+        replayed: u64,
+        /// Failed again, and kept.
+        failed: u64,
+        /// Not tried behind a failed one of the same aggregate, and kept.
+        held_back: u64,
+    },
+    /// The replay could not be done: the dead letter failed again, or was gone.
+    Failed {
+        /// Why, as text.
+        reason: String,
+    },
+}
+
+impl ReplayOutcome {
+    /// True if every dead letter asked for was delivered (nothing failed or held back).
+    pub fn is_success(&self) -> bool {
+        matches!(
+            self,
+            ReplayOutcome::Done {
+                failed: 0,
+                held_back: 0,
+                ..
+            }
+        )
+    }
+}
+
 /// One failed handler attempt, kept for operators (which subscription, which event, why, how long).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailureRecord {

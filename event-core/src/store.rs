@@ -10,8 +10,9 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::lease::LeaseStore;
 use crate::record::{
-    AppendOutcome, AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, NewDeadLetter,
-    NewEvent, RecordedEvent, ReplayedEvent, Snapshot, StoreStatistics, StreamId,
+    AppendOutcome, AppendRequest, DeadLetter, ExpectedVersion, FailureRecord, FinishedReplay,
+    NewDeadLetter, NewEvent, RecordedEvent, ReplayRequest, ReplayTarget, ReplayedEvent, Snapshot,
+    StoreStatistics, StreamId,
 };
 
 /// Receives a stream's events one by one during
@@ -41,6 +42,10 @@ pub trait ReplayVisitor: Send + 'static {
 /// How many failure records [`SubscriptionStore::record_failure`] keeps per subscription when the
 /// bus records a failed attempt: the newest 1,000; older ones are removed as new ones come.
 pub const DEFAULT_FAILURE_RETENTION: usize = 1_000;
+
+/// How many finished replay requests [`SubscriptionStore::finish_replay_request`] keeps
+/// when the bus records an outcome: the newest 1,000 (pending ones are always kept).
+pub const DEFAULT_REPLAY_RETENTION: usize = 1_000;
 
 /// Durable storage of event streams, the global log, snapshots, subscription checkpoints,
 /// dead letters and failure records: a complete store, as applications pass it to a
@@ -243,6 +248,83 @@ pub trait SubscriptionStore: Send + Sync + 'static {
     /// Removes the failure records of one subscription, or every record when
     /// `subscription` is `None`; returns how many were removed.
     async fn clear_failures(&self, subscription: Option<&str>) -> Result<u64>;
+
+    /// Stores a request to replay dead letters, for a running bus to carry out (see
+    /// [`EventBus`](crate::EventBus): each bus with a store carries out, after its lease
+    /// rounds, the pending requests of the subscriptions whose segment 0 it holds), and
+    /// returns the stored requests, pending: one for a dead letter (with its
+    /// subscription) or a subscription, and for [`ReplayTarget::All`] one per subscription
+    /// that has dead letters when it is stored (none if there are none), in the order of
+    /// their names. Checked and stored in one write.
+    ///
+    /// # Errors
+    /// [`Error::DeadLetterNotFound`] for a dead letter id not stored;
+    /// [`Error::InvalidSubscriptionName`] for an empty subscription name. The default
+    /// implementation fails with [`Error::Unsupported`].
+    async fn request_replay(
+        &self,
+        target: ReplayTarget,
+        requested_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<ReplayRequest>> {
+        let _ = (target, requested_at);
+        Err(replay_unsupported::<Self>("storing replay requests"))
+    }
+
+    /// The pending replay requests of one subscription, oldest first.
+    async fn pending_replay_requests(&self, subscription: &str) -> Result<Vec<ReplayRequest>> {
+        let _ = subscription;
+        Err(replay_unsupported::<Self>("listing replay requests"))
+    }
+
+    /// Replay requests, pending and finished, oldest first; one subscription's when
+    /// `subscription` is given.
+    async fn replay_requests(&self, subscription: Option<&str>) -> Result<Vec<ReplayRequest>> {
+        let _ = subscription;
+        Err(replay_unsupported::<Self>("listing replay requests"))
+    }
+
+    /// The replay request with this id, if stored.
+    async fn replay_request(&self, id: u64) -> Result<Option<ReplayRequest>> {
+        let _ = id;
+        Err(replay_unsupported::<Self>("reading a replay request"))
+    }
+
+    /// Records how a pending replay request ended, and then removes the finished requests
+    /// beyond the newest `retain` (by id; at least this one is kept), so they stay bounded;
+    /// false (and nothing changes) if no request has this id or it has finished already, so
+    /// the first outcome stays. The bus passes [`DEFAULT_REPLAY_RETENTION`].
+    async fn finish_replay_request(
+        &self,
+        id: u64,
+        finished: FinishedReplay,
+        retain: usize,
+    ) -> Result<bool> {
+        let _ = (id, finished, retain);
+        Err(replay_unsupported::<Self>("recording a replay's outcome"))
+    }
+}
+
+/// The error of a [`SubscriptionStore`] replay-request method that a store does not
+/// implement.
+fn replay_unsupported<S: ?Sized>(operation: &str) -> Error {
+    Error::Unsupported {
+        operation: operation.to_owned(),
+        store: std::any::type_name::<S>().to_owned(),
+    }
+}
+
+/// Checks a replay request's subscription name, as every backend does before it stores
+/// the request.
+pub fn check_replay_target(target: &ReplayTarget) -> Result<()> {
+    match target {
+        ReplayTarget::Subscription { name } if name.is_empty() => {
+            Err(Error::InvalidSubscriptionName {
+                name: name.clone(),
+                reason: "a replay request needs the name of the subscription to replay".into(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks what every backend checks before it stores anything: at least one event, a

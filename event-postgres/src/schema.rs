@@ -401,6 +401,25 @@ const MIGRATIONS: &[&str] = &[
         int[], uuid[], text[], bigint[], bigint[], text[], text[], bigint, text, boolean)
         SET plan_cache_mode = force_generic_plan;
     "#,
+    // Version 5: replay requests (`SubscriptionStore::request_replay`), which a running
+    // bus carries out. `dead_letter` NULL: every dead letter of the subscription. Pending
+    // while `finished_at` is NULL; then `reason` NULL: done, with the three counts; else
+    // failed. Times are nanoseconds since the Unix epoch.
+    r#"
+    CREATE TABLE __SCHEMA__.ef_replay_requests (
+        id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        subscription text   NOT NULL,
+        dead_letter  bigint,
+        requested_at bigint NOT NULL,
+        finished_at  bigint,
+        replayed     bigint,
+        failed       bigint,
+        held_back    bigint,
+        reason       text
+    );
+    CREATE INDEX ef_replay_requests_pending ON __SCHEMA__.ef_replay_requests (subscription, id)
+        WHERE finished_at IS NULL;
+    "#,
 ];
 
 /// The schema version this library writes.

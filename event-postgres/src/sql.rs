@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use eventfold_core::{
-    Checkpoint, DeadLetter, Error, FailureRecord, Metadata, RecordedEvent, Result, Snapshot,
-    StoreErrorKind, StoreStatistics, StreamId, StreamSummary, registry,
+    Checkpoint, DeadLetter, Error, FailureRecord, FinishedReplay, Metadata, RecordedEvent,
+    ReplayOutcome, ReplayRequest, Result, Snapshot, StoreErrorKind, StoreStatistics, StreamId,
+    StreamSummary, registry,
 };
 use tokio_postgres::{Client, Row};
 use uuid::Uuid;
@@ -224,6 +225,60 @@ pub(crate) fn dead_letter_from_row(row: &Row) -> Result<DeadLetter> {
         })?,
         first_failed_at: time(row.try_get(7).map_err(read)?),
         last_failed_at: time(row.try_get(8).map_err(read)?),
+    })
+}
+
+/// Selects the columns [`replay_request_from_row`] reads, then the given SQL.
+macro_rules! select_replay_requests {
+    ($rest:literal) => {
+        concat!(
+            "SELECT id, subscription, dead_letter, requested_at, finished_at, replayed, \
+             failed, held_back, reason FROM ef_replay_requests ",
+            $rest
+        )
+    };
+}
+
+pub(crate) const PENDING_REPLAY_REQUESTS: &str =
+    select_replay_requests!("WHERE subscription = $1 AND finished_at IS NULL ORDER BY id");
+
+pub(crate) const REPLAY_REQUESTS: &str =
+    select_replay_requests!("WHERE $1::text IS NULL OR subscription = $1 ORDER BY id");
+
+pub(crate) const REPLAY_REQUEST: &str = select_replay_requests!("WHERE id = $1");
+
+pub(crate) fn replay_request_from_row(row: &Row) -> Result<ReplayRequest> {
+    let read = |e| store_error("reading a replay request", e);
+    let id = to_u64(row.try_get(0).map_err(read)?);
+    let count = |index| -> Result<u64> {
+        let value: Option<i64> = row.try_get(index).map_err(read)?;
+        value
+            .map(to_u64)
+            .ok_or_else(|| corrupt_row(format!("replay request {id} has a count missing")))
+    };
+    let finished = match row.try_get::<_, Option<i64>>(4).map_err(read)? {
+        None => None,
+        Some(at) => {
+            let outcome = match row.try_get::<_, Option<String>>(8).map_err(read)? {
+                Some(reason) => ReplayOutcome::Failed { reason },
+                None => ReplayOutcome::Done {
+                    replayed: count(5)?,
+                    failed: count(6)?,
+                    held_back: count(7)?,
+                },
+            };
+            Some(FinishedReplay {
+                at: time(at),
+                outcome,
+            })
+        }
+    };
+    Ok(ReplayRequest {
+        id,
+        subscription: row.try_get(1).map_err(read)?,
+        dead_letter: row.try_get::<_, Option<i64>>(2).map_err(read)?.map(to_u64),
+        requested_at: time(row.try_get(3).map_err(read)?),
+        finished,
     })
 }
 

@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use eventfold_core::{
     AppendOutcome, AppendRequest, DeadLetter, Error, EventLog, ExpectedVersion, FailureRecord,
-    NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Result, Snapshot, SnapshotStore,
-    StoreErrorKind, StoreStatistics, StreamId, SubscriptionStore, check_append, check_batch,
+    FinishedReplay, NewDeadLetter, NewEvent, RecordedEvent, ReplayOutcome, ReplayRequest,
+    ReplayTarget, ReplayVisitor, Result, Snapshot, SnapshotStore, StoreErrorKind, StoreStatistics,
+    StreamId, SubscriptionStore, check_append, check_batch, check_replay_target,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
@@ -667,5 +668,166 @@ impl SubscriptionStore for PostgresEventStore {
             &[&subscription],
         )
         .await
+    }
+
+    async fn request_replay(
+        &self,
+        target: ReplayTarget,
+        requested_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<ReplayRequest>> {
+        const DOING: &str = "storing a replay request";
+        check_replay_target(&target)?;
+        let at = record_time(requested_at, "the request time")?;
+        // One statement each, so the check of what it names and the insert are atomic;
+        // not repeated on a broken session (an insert may have been done).
+        let client = self.client(DOING).await?;
+        let run = |sql: &'static str| async {
+            let statement = client
+                .prepare_cached(sql)
+                .await
+                .map_err(|e| store_error(DOING, e))?;
+            Ok::<_, Error>(statement)
+        };
+        let rows = match &target {
+            ReplayTarget::DeadLetter { id } => {
+                let Ok(wanted) = i64::try_from(*id) else {
+                    return Err(Error::DeadLetterNotFound { id: *id });
+                };
+                let statement = run("INSERT INTO ef_replay_requests \
+                     (subscription, dead_letter, requested_at) \
+                     SELECT subscription, id, $2 FROM ef_dead_letters WHERE id = $1 \
+                     RETURNING id, subscription, dead_letter")
+                .await?;
+                let rows = client
+                    .query(&statement, &[&wanted, &at])
+                    .await
+                    .map_err(|e| store_error(DOING, e))?;
+                if rows.is_empty() {
+                    return Err(Error::DeadLetterNotFound { id: *id });
+                }
+                rows
+            }
+            ReplayTarget::Subscription { name } => {
+                check_field(name, "the subscription name")?;
+                let statement = run("INSERT INTO ef_replay_requests \
+                     (subscription, requested_at) VALUES ($1, $2) \
+                     RETURNING id, subscription, dead_letter")
+                .await?;
+                client
+                    .query(&statement, &[name, &at])
+                    .await
+                    .map_err(|e| store_error(DOING, e))?
+            }
+            ReplayTarget::All => {
+                let statement = run("INSERT INTO ef_replay_requests \
+                     (subscription, requested_at) \
+                     SELECT name, $1 FROM (SELECT DISTINCT subscription AS name \
+                     FROM ef_dead_letters) AS names ORDER BY name \
+                     RETURNING id, subscription, dead_letter")
+                .await?;
+                client
+                    .query(&statement, &[&at])
+                    .await
+                    .map_err(|e| store_error(DOING, e))?
+            }
+        };
+        let read = |e| store_error(DOING, e);
+        let mut stored = rows
+            .iter()
+            .map(|row| {
+                Ok(ReplayRequest {
+                    id: sql::to_u64(row.try_get(0).map_err(read)?),
+                    subscription: row.try_get(1).map_err(read)?,
+                    dead_letter: row
+                        .try_get::<_, Option<i64>>(2)
+                        .map_err(read)?
+                        .map(sql::to_u64),
+                    requested_at,
+                    finished: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        stored.sort_by_key(|r| r.id);
+        Ok(stored)
+    }
+
+    async fn pending_replay_requests(&self, subscription: &str) -> Result<Vec<ReplayRequest>> {
+        let rows = self
+            .query(
+                "listing replay requests",
+                sql::PENDING_REPLAY_REQUESTS,
+                &[&subscription],
+            )
+            .await?;
+        rows.iter().map(sql::replay_request_from_row).collect()
+    }
+
+    async fn replay_requests(&self, subscription: Option<&str>) -> Result<Vec<ReplayRequest>> {
+        let rows = self
+            .query(
+                "listing replay requests",
+                sql::REPLAY_REQUESTS,
+                &[&subscription],
+            )
+            .await?;
+        rows.iter().map(sql::replay_request_from_row).collect()
+    }
+
+    async fn replay_request(&self, id: u64) -> Result<Option<ReplayRequest>> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(None);
+        };
+        let rows = self
+            .query("reading a replay request", sql::REPLAY_REQUEST, &[&id])
+            .await?;
+        rows.first().map(sql::replay_request_from_row).transpose()
+    }
+
+    async fn finish_replay_request(
+        &self,
+        id: u64,
+        finished: FinishedReplay,
+        retain: usize,
+    ) -> Result<bool> {
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(false);
+        };
+        let at = record_time(finished.at, "the finish time")?;
+        let (replayed, failed, held_back, reason) = match &finished.outcome {
+            ReplayOutcome::Done {
+                replayed,
+                failed,
+                held_back,
+            } => (
+                Some(to_i64(*replayed)),
+                Some(to_i64(*failed)),
+                Some(to_i64(*held_back)),
+                None,
+            ),
+            ReplayOutcome::Failed { reason } => {
+                (None, None, None, Some(reason.replace('\0', "\u{fffd}")))
+            }
+        };
+        let changed = self
+            .execute(
+                "recording a replay's outcome",
+                "UPDATE ef_replay_requests SET finished_at = $2, replayed = $3, failed = $4, \
+                 held_back = $5, reason = $6 WHERE id = $1 AND finished_at IS NULL",
+                &[&id, &at, &replayed, &failed, &held_back, &reason],
+            )
+            .await?;
+        if changed == 0 {
+            return Ok(false);
+        }
+        let retain = i64::try_from(retain.max(1)).unwrap_or(i64::MAX);
+        self.execute(
+            "removing old replay requests",
+            "DELETE FROM ef_replay_requests WHERE finished_at IS NOT NULL AND id NOT IN \
+             (SELECT id FROM ef_replay_requests WHERE finished_at IS NOT NULL \
+              ORDER BY id DESC LIMIT $1)",
+            &[&retain],
+        )
+        .await?;
+        Ok(true)
     }
 }

@@ -164,6 +164,7 @@ mod follow;
 mod lease;
 mod options;
 mod projection;
+mod replay;
 mod schema;
 mod sql;
 mod store;

@@ -131,6 +131,25 @@ const MIGRATIONS: &[Migration] = &[
         PRIMARY KEY (subscription, member)
     ) STRICT, WITHOUT ROWID;",
     ),
+    // Version 5: replay requests (`SubscriptionStore::request_replay`), which a running
+    // bus carries out. `dead_letter` NULL: every dead letter of the subscription. Pending
+    // while `finished_at` is NULL; then `reason` NULL: done, with the three counts; else
+    // failed. Times are nanoseconds since the Unix epoch.
+    Migration::Sql(
+        "CREATE TABLE replay_requests (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        subscription TEXT    NOT NULL,
+        dead_letter  INTEGER,
+        requested_at INTEGER NOT NULL,
+        finished_at  INTEGER,
+        replayed     INTEGER,
+        failed       INTEGER,
+        held_back    INTEGER,
+        reason       TEXT
+    ) STRICT;
+    CREATE INDEX replay_requests_pending ON replay_requests (subscription, id)
+        WHERE finished_at IS NULL;",
+    ),
 ];
 
 /// Adds the `checksum` column and fills it for every stored event, so events written

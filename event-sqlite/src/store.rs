@@ -7,11 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use eventfold_core::archive::{ArchiveHorizon, PruneRequest};
 use eventfold_core::{
     AppendOutcome, AppendRequest, ArchiveStore, DeadLetter, EventLog, ExpectedVersion,
-    FailureRecord, NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Snapshot, SnapshotStore,
-    StoreStatistics, StreamId, SubscriptionStore, check_append, check_batch,
+    FailureRecord, FinishedReplay, NewDeadLetter, NewEvent, RecordedEvent, ReplayRequest,
+    ReplayTarget, ReplayVisitor, Snapshot, SnapshotStore, StoreStatistics, StreamId,
+    SubscriptionStore, check_append, check_batch,
 };
 use rusqlite::Connection;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -775,6 +777,46 @@ impl SubscriptionStore for SqliteEventStore {
     ) -> eventfold_core::Result<Vec<FailureRecord>> {
         let subscription = subscription.to_owned();
         self.read(move |conn| sql::failures(conn, &subscription, limit))
+            .await
+    }
+    async fn request_replay(
+        &self,
+        target: ReplayTarget,
+        requested_at: DateTime<Utc>,
+    ) -> eventfold_core::Result<Vec<ReplayRequest>> {
+        self.on_writer(move |conn| crate::replay::request(conn, &target, requested_at))
+            .await
+    }
+
+    async fn pending_replay_requests(
+        &self,
+        subscription: &str,
+    ) -> eventfold_core::Result<Vec<ReplayRequest>> {
+        let subscription = subscription.to_owned();
+        self.read(move |conn| crate::replay::list(conn, Some(&subscription), true))
+            .await
+    }
+
+    async fn replay_requests(
+        &self,
+        subscription: Option<&str>,
+    ) -> eventfold_core::Result<Vec<ReplayRequest>> {
+        let subscription = subscription.map(str::to_owned);
+        self.read(move |conn| crate::replay::list(conn, subscription.as_deref(), false))
+            .await
+    }
+
+    async fn replay_request(&self, id: u64) -> eventfold_core::Result<Option<ReplayRequest>> {
+        self.read(move |conn| crate::replay::get(conn, id)).await
+    }
+
+    async fn finish_replay_request(
+        &self,
+        id: u64,
+        finished: FinishedReplay,
+        retain: usize,
+    ) -> eventfold_core::Result<bool> {
+        self.on_writer(move |conn| crate::replay::finish(conn, id, &finished, retain))
             .await
     }
 }

@@ -208,6 +208,46 @@ macro_rules! forward_subscription_store {
             ) -> eventfold::Result<Vec<eventfold::FailureRecord>> {
                 self.$inner.failures(name, limit).await
             }
+
+            async fn request_replay(
+                &self,
+                target: eventfold::ReplayTarget,
+                at: eventfold::backend::DateTime<eventfold::backend::Utc>,
+            ) -> eventfold::Result<Vec<eventfold::ReplayRequest>> {
+                self.$inner.request_replay(target, at).await
+            }
+
+            async fn pending_replay_requests(
+                &self,
+                name: &str,
+            ) -> eventfold::Result<Vec<eventfold::ReplayRequest>> {
+                self.$inner.pending_replay_requests(name).await
+            }
+
+            async fn replay_requests(
+                &self,
+                name: Option<&str>,
+            ) -> eventfold::Result<Vec<eventfold::ReplayRequest>> {
+                self.$inner.replay_requests(name).await
+            }
+
+            async fn replay_request(
+                &self,
+                id: u64,
+            ) -> eventfold::Result<Option<eventfold::ReplayRequest>> {
+                self.$inner.replay_request(id).await
+            }
+
+            async fn finish_replay_request(
+                &self,
+                id: u64,
+                finished: eventfold::FinishedReplay,
+                retain: usize,
+            ) -> eventfold::Result<bool> {
+                self.$inner
+                    .finish_replay_request(id, finished, retain)
+                    .await
+            }
         }
     };
 }

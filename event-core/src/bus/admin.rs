@@ -1,16 +1,20 @@
 //! What operators use: statistics, failure records and dead letters.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 
 use super::deliver;
+use super::engine::Engine;
 use super::handler::EventSource;
 use super::records::Records;
 use super::routing::Sub;
-use super::{BusStatistics, EventBus, SubscriptionStatistics};
+use super::{BusStatistics, EventBus, Inner, SubscriptionStatistics};
 use crate::error::{Error, Result, StoreErrorKind};
-use crate::record::{DeadLetter, FailureRecord, RecordedEvent};
+use crate::record::{
+    DeadLetter, FailureRecord, FinishedReplay, RecordedEvent, ReplayOutcome, ReplayRequest,
+};
+use crate::store::DEFAULT_REPLAY_RETENTION;
 
 /// What [`EventBus::replay_dead_letters`] did, counted in dead letters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -337,11 +341,140 @@ impl EventBus {
         self.inner.engine.records.clear_failures(subscription).await
     }
 
+    /// Carries out, now, the pending replay requests stored in the bus's store
+    /// ([`SubscriptionStore::request_replay`](crate::SubscriptionStore::request_replay))
+    /// for the subscriptions this bus runs (those whose segment 0 it holds), oldest first,
+    /// and records each one's outcome; returns how many it finished. A running bus does
+    /// this on its own after each lease round (every third of its
+    /// [`lease_ttl`](super::EventBusBuilder::lease_ttl)); this call is for tests and for
+    /// an application that wants a request carried out at once.
+    ///
+    /// A request for one dead letter replays it as
+    /// [`replay_dead_letter`](Self::replay_dead_letter) does: done with 1 replayed, or
+    /// failed with the reason (the handler's error; or the dead letter is gone, replayed or
+    /// discarded since). A request for a subscription replays its dead letters as
+    /// [`replay_dead_letters`](Self::replay_dead_letters) does, done with its counts.
+    /// Requests of subscriptions this bus does not run stay pending for the bus that runs
+    /// them.
+    ///
+    /// # Errors
+    /// A store error (reading the requests, a replay, recording an outcome) ends the pass:
+    /// the requests not finished stay pending, and the next pass carries them out (a
+    /// request whose replay was done but whose outcome could not be recorded is replayed
+    /// again then, which finds the dead letters it removed gone).
+    /// [`Error::Unsupported`] if the store keeps no replay requests. Without a store
+    /// there are none: `Ok(0)`.
+    pub async fn carry_out_replay_requests(&self) -> Result<u64> {
+        let engine = &self.inner.engine;
+        let Some(store) = &engine.store else {
+            return Ok(0);
+        };
+        let _gate = engine.replay_gate.lock().await;
+        let running: Vec<Arc<Sub>> = engine
+            .routing
+            .borrow()
+            .subs
+            .iter()
+            .filter(|s| s.held.first().is_some_and(|h| h.load(Ordering::Acquire)))
+            .cloned()
+            .collect();
+        let mut finished = 0;
+        for sub in running {
+            for request in store.pending_replay_requests(&sub.name).await? {
+                if *engine.stopping.borrow() {
+                    return Ok(finished);
+                }
+                let outcome = self.carry_out(&request).await?;
+                let done = FinishedReplay {
+                    at: engine.clock.now(),
+                    outcome,
+                };
+                if store
+                    .finish_replay_request(request.id, done, DEFAULT_REPLAY_RETENTION)
+                    .await?
+                {
+                    finished += 1;
+                }
+            }
+        }
+        Ok(finished)
+    }
+
+    /// Replays what one request asks for; an error only for what a later pass may do
+    /// better (a store error other than a damaged or missing event).
+    async fn carry_out(&self, request: &ReplayRequest) -> Result<ReplayOutcome> {
+        let Some(id) = request.dead_letter else {
+            let report = self
+                .replay_dead_letters(Some(&request.subscription))
+                .await?;
+            return Ok(ReplayOutcome::Done {
+                replayed: report.replayed,
+                failed: report.failed,
+                held_back: report.held_back,
+            });
+        };
+        match self.replay_dead_letter(id).await {
+            Ok(()) => Ok(ReplayOutcome::Done {
+                replayed: 1,
+                failed: 0,
+                held_back: 0,
+            }),
+            Err(Error::HandlerFailed { message, .. }) => Ok(ReplayOutcome::Failed {
+                reason: format!("the handler failed again: {message}"),
+            }),
+            Err(Error::DeadLetterNotFound { id }) => Ok(ReplayOutcome::Failed {
+                reason: format!(
+                    "dead letter {id} is gone (replayed or discarded since the request)"
+                ),
+            }),
+            Err(
+                error @ (Error::CorruptEvent { .. }
+                | Error::Store {
+                    kind: StoreErrorKind::Corrupt | StoreErrorKind::Other,
+                    ..
+                }),
+            ) => Ok(ReplayOutcome::Failed {
+                reason: format!("its event cannot be read: {error}"),
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
     async fn find_dead_letter(&self, id: u64) -> Result<DeadLetter> {
         self.dead_letters(None)
             .await?
             .into_iter()
             .find(|d| d.id == id)
             .ok_or(Error::DeadLetterNotFound { id })
+    }
+}
+
+/// The task of a bus with a store that carries out stored replay requests after each lease
+/// round (see [`EventBus::carry_out_replay_requests`]), until the bus stops. A pass that
+/// fails is logged and the requests stay pending for the next round.
+pub(crate) async fn replay_requested(bus: Weak<Inner>, engine: Arc<Engine>) {
+    let mut stopping = engine.stopping.subscribe();
+    loop {
+        tokio::select! {
+            () = engine.replay_wake.notified() => {}
+            _ = stopping.changed() => return,
+        }
+        if *stopping.borrow_and_update() {
+            return;
+        }
+        let Some(inner) = bus.upgrade() else {
+            return;
+        };
+        let bus = EventBus { inner };
+        match bus.carry_out_replay_requests().await {
+            Ok(_) => {}
+            Err(Error::Unsupported { operation, store }) => {
+                tracing::info!(%operation, %store, "this store keeps no replay requests; none are carried out");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot carry out replay requests; they stay pending until the next lease round");
+            }
+        }
     }
 }

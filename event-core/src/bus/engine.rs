@@ -81,6 +81,11 @@ pub(crate) struct Engine {
     /// answered: the keeper releases them in the store (if still held), so the segment is
     /// free at once rather than when the lease expires.
     pub(crate) overdue: Mutex<Vec<SegmentLease>>,
+    /// Wakes the task that carries out stored replay requests: a lease round ended.
+    pub(crate) replay_wake: Notify,
+    /// Held while replay requests are carried out, so the task and
+    /// `EventBus::carry_out_replay_requests` never carry out one request twice at once.
+    pub(crate) replay_gate: tokio::sync::Mutex<()>,
 }
 
 /// A segment the lease keeper claimed, and the checkpoint it starts from.

@@ -73,6 +73,9 @@ pub(crate) async fn keep_leases(engine: Arc<Engine>) {
                 .fetch_max(table.version, Ordering::SeqCst);
             // `wait_idle` may be waiting for this round.
             engine.progress.notify_waiters();
+            // The pending replay requests of what it runs now (a permit if that task is
+            // busy with the last round's).
+            engine.replay_wake.notify_one();
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
                 () = engine.keeper_wake.notified() => {}

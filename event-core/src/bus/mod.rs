@@ -241,6 +241,8 @@ impl EventBusBuilder {
             keeper_seen: AtomicU64::new(0),
             keeper_wake: Notify::new(),
             overdue: Mutex::new(Vec::new()),
+            replay_wake: Notify::new(),
+            replay_gate: tokio::sync::Mutex::new(()),
         };
         Ok(EventBus {
             inner: Arc::new(Inner {
@@ -694,6 +696,10 @@ impl EventBus {
                 engine,
             ))));
             tasks.push(tokio::spawn(leases::keep_leases(Arc::clone(engine))));
+            tasks.push(tokio::spawn(admin::replay_requested(
+                Arc::downgrade(&self.inner),
+                Arc::clone(engine),
+            )));
         } else {
             let mut intake = self.inner.intake.lock().unwrap_or_else(|e| e.into_inner());
             let waiting = match std::mem::replace(&mut *intake, Intake::Closed) {

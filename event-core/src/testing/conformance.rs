@@ -2,8 +2,8 @@
 //!
 //! The cases follow the contract's parts, and each takes the part it tests: most take an
 //! [`EventLog`] (appends, versions, positions, reads, replay, the head watch), one a
-//! [`SnapshotStore`](crate::SnapshotStore), three a [`SubscriptionStore`] (checkpoints,
-//! dead letters, failure records), and four the whole [`EventStore`], where one part's
+//! [`SnapshotStore`](crate::SnapshotStore), five a [`SubscriptionStore`] (checkpoints,
+//! dead letters, failure records, replay requests), and four the whole [`EventStore`], where one part's
 //! records show in the log's [`statistics`](EventLog::statistics).
 //!
 //! The cases of the [`LeaseStore`] part (segment leases, fencing, members, reset) run
@@ -38,10 +38,13 @@ use uuid::Uuid;
 use crate::error::Error;
 use crate::lease::{LeaseStore, MAX_LEASE_TTL, MAX_SEGMENTS, SegmentLease, SegmentState};
 use crate::record::{
-    AppendRequest, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter, NewEvent,
-    RecordedEvent, Snapshot, StreamId,
+    AppendRequest, ExpectedVersion, FailureRecord, FinishedReplay, Metadata, NewDeadLetter,
+    NewEvent, RecordedEvent, ReplayOutcome, ReplayTarget, Snapshot, StreamId,
 };
-use crate::store::{DEFAULT_FAILURE_RETENTION, EventLog, EventStore, IntoStore, SubscriptionStore};
+use crate::store::{
+    DEFAULT_FAILURE_RETENTION, DEFAULT_REPLAY_RETENTION, EventLog, EventStore, IntoStore,
+    SubscriptionStore,
+};
 
 /// A store for one case, with whatever must live as long as it (a temporary directory).
 pub struct StoreUnderTest {
@@ -137,6 +140,9 @@ macro_rules! store_conformance_tests {
             checkpoints_are_saved_and_overwritten,
             dead_letters_are_listed_filtered_and_removed,
             failures_are_recorded_per_subscription,
+            replay_requests_are_stored_listed_and_finished_once,
+            replay_requests_for_everything_follow_the_dead_letters,
+            finished_replay_requests_beyond_the_retention_are_removed,
             // the parts together (their counts in the log's statistics)
             one_dead_letter_per_subscription_and_event,
             failure_records_beyond_the_retention_are_removed,
@@ -1020,6 +1026,250 @@ pub async fn failures_are_recorded_per_subscription(store: Arc<dyn SubscriptionS
     let newest = store.failures("mailer", 2).await.unwrap();
     assert_eq!(newest.iter().map(|f| f.attempt).collect::<Vec<_>>(), [3, 2]);
     assert!(store.failures("audit", 10).await.unwrap().is_empty());
+}
+
+/// Replay requests for a dead letter (taking its subscription) or a subscription are
+/// stored pending, listed oldest first (pending ones per subscription), read by id, and
+/// finished once: the first outcome stays. An unknown dead letter and an empty name are
+/// refused, storing nothing.
+pub async fn replay_requests_are_stored_listed_and_finished_once(
+    store: Arc<dyn SubscriptionStore>,
+) {
+    let letter = store
+        .add_dead_letter(dead_letter("mailer", 1))
+        .await
+        .unwrap();
+    let one = store
+        .request_replay(ReplayTarget::DeadLetter { id: letter }, at(5))
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1, "{one:?}");
+    let one = one.into_iter().next().unwrap();
+    assert_eq!(
+        (one.subscription.as_str(), one.dead_letter, one.requested_at),
+        ("mailer", Some(letter), at(5))
+    );
+    assert!(one.is_pending());
+    let audit = store
+        .request_replay(
+            ReplayTarget::Subscription {
+                name: "audit".into(),
+            },
+            at(6),
+        )
+        .await
+        .unwrap();
+    let [audit] = <[_; 1]>::try_from(audit).unwrap();
+    assert_eq!(
+        (audit.subscription.as_str(), audit.dead_letter),
+        ("audit", None)
+    );
+    assert_ne!(audit.id, one.id);
+    let mailer_all = store
+        .request_replay(
+            ReplayTarget::Subscription {
+                name: "mailer".into(),
+            },
+            at(7),
+        )
+        .await
+        .unwrap()
+        .remove(0);
+
+    match store
+        .request_replay(ReplayTarget::DeadLetter { id: letter + 100 }, at(8))
+        .await
+    {
+        Err(Error::DeadLetterNotFound { id }) => assert_eq!(id, letter + 100),
+        other => panic!("expected DeadLetterNotFound, got {other:?}"),
+    }
+    let empty = ReplayTarget::Subscription {
+        name: String::new(),
+    };
+    assert!(matches!(
+        store.request_replay(empty, at(8)).await,
+        Err(Error::InvalidSubscriptionName { .. })
+    ));
+
+    let ids = |requests: Vec<crate::record::ReplayRequest>| {
+        requests.iter().map(|r| r.id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ids(store.pending_replay_requests("mailer").await.unwrap()),
+        [one.id, mailer_all.id]
+    );
+    assert_eq!(
+        ids(store.replay_requests(None).await.unwrap()),
+        [one.id, audit.id, mailer_all.id]
+    );
+    assert_eq!(
+        ids(store.replay_requests(Some("audit")).await.unwrap()),
+        [audit.id]
+    );
+    assert_eq!(
+        store.replay_request(one.id).await.unwrap(),
+        Some(one.clone())
+    );
+    assert_eq!(
+        store.replay_request(mailer_all.id + 100).await.unwrap(),
+        None
+    );
+
+    let done = FinishedReplay {
+        at: at(9),
+        outcome: ReplayOutcome::Done {
+            replayed: 1,
+            failed: 2,
+            held_back: 3,
+        },
+    };
+    assert!(
+        store
+            .finish_replay_request(one.id, done.clone(), DEFAULT_REPLAY_RETENTION)
+            .await
+            .unwrap()
+    );
+    let failed = FinishedReplay {
+        at: at(10),
+        outcome: ReplayOutcome::Failed {
+            reason: "the handler failed again".into(),
+        },
+    };
+    assert!(
+        !store
+            .finish_replay_request(one.id, failed.clone(), DEFAULT_REPLAY_RETENTION)
+            .await
+            .unwrap(),
+        "a finished request keeps its first outcome"
+    );
+    assert!(
+        !store
+            .finish_replay_request(
+                mailer_all.id + 100,
+                failed.clone(),
+                DEFAULT_REPLAY_RETENTION
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .finish_replay_request(audit.id, failed.clone(), DEFAULT_REPLAY_RETENTION)
+            .await
+            .unwrap()
+    );
+    let finished = store.replay_request(one.id).await.unwrap().unwrap();
+    assert_eq!(finished.finished, Some(done));
+    assert_eq!(
+        store
+            .replay_request(audit.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .finished,
+        Some(failed)
+    );
+    assert_eq!(
+        ids(store.pending_replay_requests("mailer").await.unwrap()),
+        [mailer_all.id]
+    );
+    assert!(
+        store
+            .pending_replay_requests("audit")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.replay_requests(None).await.unwrap().len(), 3);
+    // The request does not touch the dead letter: replaying it is the bus's work.
+    assert_eq!(store.dead_letters(None).await.unwrap().len(), 1);
+}
+
+/// A request to replay everything is one pending request per subscription that has dead
+/// letters when it is stored, in the order of their names; none when there are none.
+pub async fn replay_requests_for_everything_follow_the_dead_letters(
+    store: Arc<dyn SubscriptionStore>,
+) {
+    assert!(
+        store
+            .request_replay(ReplayTarget::All, at(1))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    for (subscription, position) in [("mailer", 1), ("audit", 2), ("mailer", 3)] {
+        store
+            .add_dead_letter(dead_letter(subscription, position))
+            .await
+            .unwrap();
+    }
+    let all = store
+        .request_replay(ReplayTarget::All, at(2))
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|r| (r.subscription.as_str(), r.dead_letter, r.requested_at))
+            .collect::<Vec<_>>(),
+        [("audit", None, at(2)), ("mailer", None, at(2))]
+    );
+    assert!(all.iter().all(|r| r.is_pending()));
+    assert_eq!(store.replay_requests(None).await.unwrap(), all);
+}
+
+/// Each recorded outcome removes the finished requests beyond the newest `retain`; pending
+/// requests stay, however many.
+pub async fn finished_replay_requests_beyond_the_retention_are_removed(
+    store: Arc<dyn SubscriptionStore>,
+) {
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let target = ReplayTarget::Subscription {
+            name: "mailer".into(),
+        };
+        ids.push(store.request_replay(target, at(n)).await.unwrap()[0].id);
+    }
+    let finished = |n| FinishedReplay {
+        at: at(100 + n),
+        outcome: ReplayOutcome::Failed {
+            reason: format!("attempt {n}"),
+        },
+    };
+    for (n, &id) in ids[..4].iter().enumerate() {
+        assert!(
+            store
+                .finish_replay_request(id, finished(n as i64), 2)
+                .await
+                .unwrap()
+        );
+    }
+    let kept: Vec<u64> = store
+        .replay_requests(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(kept, [ids[2], ids[3], ids[4], ids[5]]);
+    assert_eq!(
+        store.pending_replay_requests("mailer").await.unwrap().len(),
+        2
+    );
+    // A smaller retention takes effect at the next outcome; `retain` keeps at least it.
+    assert!(
+        store
+            .finish_replay_request(ids[4], finished(4), 0)
+            .await
+            .unwrap()
+    );
+    let kept: Vec<u64> = store
+        .replay_requests(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(kept, [ids[4], ids[5]]);
 }
 
 /// Dead-lettering an event a subscription has dead-lettered already (as a bus does again
