@@ -275,6 +275,95 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
 }
 
 // ----------------------------------------------------------------------------------------
+// The rules a store checks in its prune transaction
+
+/// The prune rule for the readers of the log, which a store checks in the transaction of
+/// [`ArchiveStore::prune_archive`]: every checkpoint must be at or past `needed` (the
+/// archive's last position), and so must every segment of a subscription split into
+/// segments (`segmented`: each subscription's stored segment count), a segment whose
+/// checkpoint was never saved counting as position 0 (it has handled nothing yet).
+/// Otherwise [`Error::PruneBehindSubscription`] naming the first reader behind, by name.
+pub fn check_readers(
+    checkpoints: &[(String, u64)],
+    segmented: &[(String, u32)],
+    needed: u64,
+) -> Result<()> {
+    let saved: HashMap<&str, u64> = checkpoints
+        .iter()
+        .map(|(name, position)| (name.as_str(), *position))
+        .collect();
+    let unsaved = segmented
+        .iter()
+        .filter(|(_, segments)| *segments > 1)
+        .flat_map(|(subscription, segments)| {
+            (0..*segments).map(move |segment| {
+                crate::lease::segment_checkpoint_name(subscription, segment, *segments)
+            })
+        })
+        .filter(|name| !saved.contains_key(name.as_str()))
+        .map(|name| (name, 0));
+    let behind = checkpoints
+        .iter()
+        .cloned()
+        .chain(unsaved)
+        .filter(|(_, position)| *position < needed)
+        .min_by(|a, b| a.0.cmp(&b.0));
+    match behind {
+        Some((subscription, checkpoint)) => Err(Error::PruneBehindSubscription {
+            subscription,
+            checkpoint,
+            needed,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What a store holds of one stream of a prune, as its prune transaction reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredStream {
+    /// The lowest version stored (`None`: no event of it is stored).
+    pub lowest: Option<u64>,
+    /// The highest version stored (0: none).
+    pub highest: u64,
+    /// The version of its snapshot, if it has one.
+    pub snapshot: Option<u64>,
+}
+
+/// The prune rule for one stream, which a store checks in the transaction of
+/// [`ArchiveStore::prune_archive`]: the archive's part of the stream is a prefix of what
+/// is stored (else [`Error::ArchiveMismatch`] on `path`), and the stream either loses all
+/// its events or keeps a snapshot above the last pruned version, since a load replays
+/// from the snapshot's own version (else [`Error::PruneBreaksStream`]).
+pub fn check_stream(path: &str, pruned: &PrunedStream, stored: StoredStream) -> Result<()> {
+    let stream = &pruned.stream;
+    if stored.lowest != Some(pruned.first_version) {
+        return Err(Error::ArchiveMismatch {
+            path: path.to_owned(),
+            reason: format!(
+                "{stream} holds versions from {}, not from version {} where the archive's part \
+                 of it starts",
+                stored
+                    .lowest
+                    .map_or_else(|| "none".to_owned(), |v| v.to_string()),
+                pruned.first_version
+            ),
+        });
+    }
+    if pruned.last_version < stored.highest {
+        let snapshot = stored.snapshot.filter(|v| *v <= stored.highest);
+        if snapshot.is_none_or(|s| s <= pruned.last_version) {
+            return Err(Error::PruneBreaksStream {
+                aggregate_type: stream.aggregate_type.clone(),
+                aggregate_id: stream.aggregate_id.clone(),
+                pruned: pruned.last_version,
+                snapshot,
+            });
+        }
+    }
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------
 // Selecting
 
 /// Which events of a scan of the store an export takes.

@@ -115,6 +115,7 @@
 
 #![forbid(unsafe_code)]
 
+mod archive;
 mod error;
 mod lease;
 mod listener;

@@ -33,8 +33,12 @@ pub(crate) const READ_STREAM: &str =
 pub(crate) const READ_ALL: &str = select_events!("WHERE position >= $1 ORDER BY position LIMIT $2");
 pub(crate) const BY_ID: &str = select_events!("WHERE event_id = $1");
 pub(crate) const BY_IDS: &str = select_events!("WHERE event_id = ANY($1) ORDER BY position");
-pub(crate) const STREAM_VERSION: &str =
-    "SELECT COALESCE(max(version), 0) FROM ef_events WHERE stream_type = $1 AND stream_id = $2";
+/// A stream's version: its last stored event's, or for a stream whose events were all
+/// pruned into archives, the last pruned one (appends go on numbering after it).
+pub(crate) const STREAM_VERSION: &str = "SELECT COALESCE(\
+     (SELECT max(version) FROM ef_events WHERE stream_type = $1 AND stream_id = $2), \
+     (SELECT max(last_version) FROM ef_archived_streams WHERE stream_type = $1 AND stream_id = $2), \
+     0)";
 /// What a replay reads of each event of a stream from a version on: what it hands out,
 /// then the id and position that name an event it refuses.
 pub(crate) const REPLAY_STREAM: &str = "SELECT version, event_type, schema_version, payload, \

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
+use eventfold_core::archive::{ArchiveHorizon, PruneRequest};
 use eventfold_core::{
     AppendOutcome, AppendRequest, DeadLetter, Error, EventLog, ExpectedVersion, FailureRecord,
     NewDeadLetter, NewEvent, RecordedEvent, ReplayVisitor, Result, Snapshot, SnapshotStore,
@@ -305,6 +306,20 @@ impl PostgresEventStore {
         result
     }
 
+    /// [`Error::Archived`] naming the archive that holds version `from_version` of a stream
+    /// or a later one, if one does: a read of the stream from there misses events.
+    async fn archived_stream(&self, stream: &StreamId, from_version: u64) -> Result<()> {
+        let from = from_version.max(1);
+        let rows = self
+            .query(
+                "reading the archive horizon",
+                crate::archive::OF_STREAM,
+                &[&stream.aggregate_type, &stream.aggregate_id, &bound(from)],
+            )
+            .await?;
+        crate::archive::archived(&rows, || format!("stream {stream} from version {from}"))
+    }
+
     async fn write(&self, requests: Vec<AppendRequest>) -> Result<Vec<AppendOutcome>> {
         self.check_open()?;
         let (reply, result) = oneshot::channel();
@@ -371,6 +386,12 @@ impl EventLog for PostgresEventStore {
             )
             .await?;
         let events = sql::events_from_rows(&rows)?;
+        if events
+            .first()
+            .is_none_or(|e| e.version != from_version.max(1))
+        {
+            self.archived_stream(stream, from_version).await?;
+        }
         sql::check_versions(stream, from_version, &events)?;
         Ok(events)
     }
@@ -392,6 +413,10 @@ impl EventLog for PostgresEventStore {
                 ],
             )
             .await?;
+        let first = rows.first().and_then(|row| row.try_get::<_, i64>(0).ok());
+        if first != Some(bound(from_version.max(1))) {
+            self.archived_stream(stream, from_version).await?;
+        }
         sql::replay_rows(stream, from_version, &rows, visitor)
     }
 
@@ -399,6 +424,7 @@ impl EventLog for PostgresEventStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let wanted = limit;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .query(
@@ -407,13 +433,40 @@ impl EventLog for PostgresEventStore {
                 &[&bound(from_position), &limit],
             )
             .await?;
-        sql::events_from_rows(&rows)
+        let events = sql::events_from_rows(&rows)?;
+        if let Some(missing) = crate::archive::missing_position(
+            from_position,
+            wanted,
+            events.iter().map(|e| e.position),
+        ) {
+            // Where the read found a position missing: pruned, if an archive spans it.
+            let rows = self
+                .query(
+                    "reading the archive horizon",
+                    crate::archive::AT_POSITION,
+                    &[&bound(missing)],
+                )
+                .await?;
+            crate::archive::archived(&rows, || format!("position {missing}"))?;
+        }
+        Ok(events)
     }
 
     async fn get(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {
         let rows = self
             .query("reading an event by id", sql::BY_ID, &[&event_id])
             .await?;
+        if rows.is_empty() {
+            let rows = self
+                .query(
+                    "reading the archive horizon",
+                    crate::archive::OF_ID,
+                    &[&event_id],
+                )
+                .await?;
+            crate::archive::archived(&rows, || format!("event {event_id}"))?;
+            return Ok(None);
+        }
         rows.first().map(sql::event_from_row).transpose()
     }
 
@@ -513,11 +566,43 @@ pub(crate) fn record_time(time: chrono::DateTime<chrono::Utc>, what: &str) -> Re
     })
 }
 
-/// Archiving is not implemented on PostgreSQL yet: every archive operation fails with
-/// [`Error::Unsupported`](eventfold_core::Error::Unsupported).
+/// Archiving (`eventfold::archive`) on PostgreSQL: the horizon lives in the store's
+/// schema (`ef_archives`, `ef_archived_streams`); a prune or a restore is one transaction
+/// under the head row's lock, the one every append takes.
+#[async_trait]
 impl eventfold_core::ArchiveStore for PostgresEventStore {
     fn archive_store_name(&self) -> String {
-        "PostgreSQL".to_owned()
+        format!("postgres:{}", self.shared.location)
+    }
+
+    async fn read_stored(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "reading the log",
+                sql::READ_ALL,
+                &[&bound(from_position), &limit],
+            )
+            .await?;
+        sql::events_from_rows(&rows)
+    }
+
+    async fn archive_horizon(&self) -> Result<Vec<ArchiveHorizon>> {
+        let client = self.client("reading the archive horizon").await?;
+        crate::archive::horizon(&**client).await
+    }
+
+    async fn prune_archive(&self, request: PruneRequest) -> Result<()> {
+        let mut client = self.client("pruning an archive").await?;
+        crate::archive::prune(&mut client, &request).await
+    }
+
+    async fn restore_archive(&self, archive: Uuid, events: Vec<RecordedEvent>) -> Result<()> {
+        let mut client = self.client("restoring an archive").await?;
+        crate::archive::restore(&mut client, archive, &events).await
     }
 }
 

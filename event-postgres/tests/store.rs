@@ -150,7 +150,10 @@ async fn stores_opening_at_once_migrate_the_schema_once() {
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0].get::<_, i32>(0), 4);
+    assert_eq!(
+        rows[0].get::<_, i32>(0),
+        eventfold_postgres::SCHEMA_VERSION as i32
+    );
     let out = stores[0]
         .append(&stream("a"), ExpectedVersion::NoStream, vec![event(1)])
         .await
