@@ -58,7 +58,7 @@ impl Store {
         }
     }
 
-    /// The store as an archive store (PostgreSQL answers `Unsupported`).
+    /// The store as an archive store (both backends archive).
     pub fn archive(&self) -> &dyn ArchiveStore {
         match self {
             Store::Sqlite(s) => s,

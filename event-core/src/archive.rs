@@ -1329,3 +1329,65 @@ pub async fn apply_retention(
     export(store, range, path, progress).await?;
     prune(store, path, progress).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn behind(result: Result<()>) -> (String, u64) {
+        match result {
+            Err(Error::PruneBehindSubscription {
+                subscription,
+                checkpoint,
+                ..
+            }) => (subscription, checkpoint),
+            other => panic!("expected PruneBehindSubscription, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_prune_passes_readers_at_or_past_its_last_position() {
+        let checkpoints = [("a".to_owned(), 10), ("s#0/2".to_owned(), 12)];
+        let segmented = [("s".to_owned(), 2)];
+        assert!(check_readers(&checkpoints, &[], 10).is_ok());
+        assert_eq!(
+            behind(check_readers(&checkpoints, &[], 11)),
+            ("a".to_owned(), 10)
+        );
+        // Segment 1 never saved: it has handled nothing.
+        assert_eq!(
+            behind(check_readers(&checkpoints, &segmented, 5)),
+            ("s#1/2".to_owned(), 0)
+        );
+        let saved = [("s#0/2".to_owned(), 12), ("s#1/2".to_owned(), 12)];
+        assert!(check_readers(&saved, &segmented, 12).is_ok());
+        // One segment is the plain checkpoint: nothing more to count.
+        assert!(check_readers(&[], &[("t".to_owned(), 1)], 7).is_ok());
+    }
+
+    #[test]
+    fn a_stream_keeps_what_its_latest_snapshot_needs() {
+        let pruned = PrunedStream {
+            stream: StreamId::new("T", "a"),
+            first_version: 1,
+            last_version: 5,
+        };
+        let stored = |lowest, highest, snapshot| StoredStream {
+            lowest,
+            highest,
+            snapshot,
+        };
+        assert!(check_stream("f", &pruned, stored(Some(1), 5, None)).is_ok());
+        assert!(check_stream("f", &pruned, stored(Some(1), 9, Some(6))).is_ok());
+        for snapshot in [None, Some(5), Some(10)] {
+            assert!(matches!(
+                check_stream("f", &pruned, stored(Some(1), 9, snapshot)),
+                Err(Error::PruneBreaksStream { pruned: 5, .. })
+            ));
+        }
+        assert!(matches!(
+            check_stream("f", &pruned, stored(Some(2), 9, Some(6))),
+            Err(Error::ArchiveMismatch { .. })
+        ));
+    }
+}
