@@ -620,3 +620,96 @@ async fn prunes_and_restores_racing_appends_lose_and_interleave_nothing() {
     assert_eq!(after.len(), 5_800);
     store.close().await.unwrap();
 }
+
+/// The pid of a backend that `blocker` blocks, once there is one (waiting on it, not a
+/// timer: the test goes on the moment the server reports the wait).
+async fn blocked_by(client: &tokio_postgres::Client, blocker: i32, what: &str) -> i32 {
+    let mut pid = None;
+    common::until(what, async || {
+        pid = client
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)) LIMIT 1",
+                &[&blocker],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+        pid.is_some()
+    })
+    .await;
+    pid.unwrap()
+}
+
+/// An append that arrives while a prune runs waits for the prune's commit (the head row's
+/// lock) and then numbers on after the pruned versions: it can neither slip an event into
+/// a stream the prune takes whole nor take a version the archive holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_during_a_prune_waits_for_it_and_numbers_on_after_it() {
+    if common::no_server() {
+        return;
+    }
+    let schema = common::Schema::new();
+    let store = schema.open().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = common::stream("a");
+    for n in 1..=3 {
+        store
+            .append(&a, ExpectedVersion::Any, vec![reading(n)])
+            .await
+            .unwrap();
+    }
+    store.save_checkpoint("reader", 3).await.unwrap();
+    let path = export_all(&store, &dir, "a.gz").await;
+
+    // A checkpoint save of the tests' own, left open: the prune takes the head row's lock,
+    // then waits for it at the checkpoints' lock.
+    let holder = common::raw().await;
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    holder
+        .batch_execute(&format!(
+            "BEGIN; UPDATE {}.ef_checkpoints SET position = 3 WHERE subscription = 'reader'",
+            schema.name
+        ))
+        .await
+        .unwrap();
+    let pruning = {
+        let store = store.clone();
+        let path = path.clone();
+        tokio::spawn(async move { archive::prune(&store, &path, &mut archive::no_progress).await })
+    };
+    let watcher = common::raw().await;
+    let prune_pid = blocked_by(&watcher, holder_pid, "the prune to wait for the checkpoint").await;
+    // The append arrives now, and waits for the prune's head row lock.
+    let appending = {
+        let store = store.clone();
+        let a = a.clone();
+        tokio::spawn(async move {
+            store
+                .append(&a, ExpectedVersion::Exact(3), vec![reading(4)])
+                .await
+        })
+    };
+    blocked_by(&watcher, prune_pid, "the append to wait for the prune").await;
+    assert!(!appending.is_finished() && !pruning.is_finished());
+    assert_eq!(store.read_stream(&a, 1).await.unwrap().len(), 3);
+
+    holder.batch_execute("COMMIT").await.unwrap();
+    pruning.await.unwrap().unwrap();
+    let out = appending.await.unwrap().unwrap();
+    assert_eq!((out.version, out.first_position), (4, 4));
+    let horizon = store.archive_horizon().await.unwrap();
+    assert_eq!(horizon.len(), 1);
+    archived(
+        store.read_stream(&a, 1).await,
+        horizon[0].archive,
+        "stream Tested/a from version 1",
+    );
+    let rest = store.read_stream(&a, 4).await.unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].version, 4);
+    store.close().await.unwrap();
+}
