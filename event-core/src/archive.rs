@@ -1222,15 +1222,32 @@ pub async fn check_prune(
         return Ok(manifest);
     }
     let last_position = collected.events.last().map_or(0, |e| e.0);
-    let mut checkpoints = store.statistics().await?.checkpoints;
-    checkpoints.sort_by(|a, b| a.subscription.cmp(&b.subscription));
-    if let Some(behind) = checkpoints.iter().find(|c| c.position < last_position) {
-        return Err(Error::PruneBehindSubscription {
-            subscription: behind.subscription.clone(),
-            checkpoint: behind.position,
-            needed: last_position,
-        });
+    let checkpoints: Vec<(String, u64)> = store
+        .statistics()
+        .await?
+        .checkpoints
+        .into_iter()
+        .map(|c| (c.subscription, c.position))
+        .collect();
+    // The segment counts the checkpoints show: a segment's name says its count, and a
+    // plain name may be a subscription split since. (A split subscription none of whose
+    // segments saved a checkpoint shows in none; the prune itself reads the counts.)
+    let mut segmented: Vec<(String, u32)> = checkpoints
+        .iter()
+        .filter_map(|(name, _)| {
+            let (subscription, segment) = name.rsplit_once('#')?;
+            let (_, segments) = segment.split_once('/')?;
+            Some((subscription.to_owned(), segments.parse().ok()?))
+        })
+        .collect();
+    for (name, _) in &checkpoints {
+        if let Some(state) = store.segment_states(name).await?.first() {
+            segmented.push((name.clone(), state.segments));
+        }
     }
+    segmented.sort();
+    segmented.dedup();
+    check_readers(&checkpoints, &segmented, last_position)?;
     let mut streams: Vec<_> = collected.streams.into_iter().collect();
     streams.sort_by(|a, b| a.0.cmp(&b.0));
     for (stream, (_, last, _)) in streams {

@@ -317,6 +317,12 @@ async fn a_prune_is_refused_while_a_segment_has_never_saved_its_checkpoint() {
     assert_eq!(leases.len(), 2);
     store.save_segment_checkpoint(&leases[0], 6).await.unwrap();
     let path = export_all(&store, &dir, "segments.gz").await;
+    // The dry run sees it too: segment 0's checkpoint names the count.
+    let dry = archive::check_prune(&store, &path, &mut archive::no_progress).await;
+    assert!(
+        matches!(&dry, Err(Error::PruneBehindSubscription { subscription, .. }) if subscription == "split#1/2"),
+        "{dry:?}"
+    );
     let error = archive::prune(&store, &path, &mut archive::no_progress)
         .await
         .unwrap_err();
