@@ -66,17 +66,37 @@ pub(crate) fn missing_position(
     (found < limit).then_some(expected)
 }
 
-/// [`Error::Archived`] if a read of the log from `from` found the events at `positions`
-/// and an archive spans the first position it missed; a read never passes over archived
-/// events without a word. The look-up runs only where a position is missing (in the
-/// middle, or at the end of a short read): one probe of a small table's index.
+/// The position to look up in the horizon after a read of the log from `from` (up to
+/// `limit` events) by `sql::READ_ALL` returned `rows`: the first position it missed (in
+/// the middle, or at the end of a short read), if it may lie in a pruned archive, which
+/// it can only at or below the highest archived position the rows carry (or when no row
+/// came back to say). `None`: nothing to look up, the common read at the head included.
+pub(crate) fn position_to_check(from: u64, limit: usize, rows: &[Row]) -> Result<Option<u64>> {
+    let positions = rows.iter().map(|row| to_u64(row.get(0)));
+    let Some(missing) = missing_position(from, limit, positions) else {
+        return Ok(None);
+    };
+    if let Some(row) = rows.first() {
+        let archived_up_to: Option<i64> = row
+            .try_get(11)
+            .map_err(|e| store_error("reading the log", e))?;
+        if archived_up_to.is_none_or(|last| bound(missing) > last) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(missing))
+}
+
+/// [`Error::Archived`] if a read of the log returned `rows` and an archive spans the first
+/// position it missed (see [`position_to_check`]): a read never passes over archived
+/// events without a word.
 pub(crate) async fn check_log_read(
     client: &impl GenericClient,
     from: u64,
     limit: usize,
-    positions: impl ExactSizeIterator<Item = u64>,
+    rows: &[Row],
 ) -> Result<()> {
-    let Some(missing) = missing_position(from, limit, positions) else {
+    let Some(missing) = position_to_check(from, limit, rows)? else {
         return Ok(());
     };
     let rows = client

@@ -319,13 +319,7 @@ impl<P: PostgresProjection> ProjectionBackend for Backend<P> {
             .await
             .map_err(failed("reading the log"))?;
         // A projection never passes over a pruned archive: it stops there, named.
-        crate::archive::check_log_read(
-            &*tx,
-            checkpoint + 1,
-            wanted,
-            rows.iter().map(|row| to_u64(row.get(0))),
-        )
-        .await?;
+        crate::archive::check_log_read(&*tx, checkpoint + 1, wanted, &rows).await?;
         let Some(last) = rows.last() else {
             return Ok(Step::Idle { checkpoint });
         };

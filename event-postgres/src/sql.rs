@@ -30,7 +30,13 @@ macro_rules! select_events {
 
 pub(crate) const READ_STREAM: &str =
     select_events!("WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version");
-pub(crate) const READ_ALL: &str = select_events!("WHERE position >= $1 ORDER BY position LIMIT $2");
+/// The log from a position on; each row also carries the highest position of a pruned
+/// archive (column 11, NULL: none), read once per call in the same snapshot, so a read
+/// that misses a position past it knows without another query that no archive holds it.
+pub(crate) const READ_ALL: &str = "SELECT position, event_id, stream_type, stream_id, version, \
+     event_type, schema_version, occurred_at, recorded_at, metadata, payload, \
+     (SELECT max(last_position) FROM ef_archives) FROM ef_events \
+     WHERE position >= $1 ORDER BY position LIMIT $2";
 pub(crate) const BY_ID: &str = select_events!("WHERE event_id = $1");
 pub(crate) const BY_IDS: &str = select_events!("WHERE event_id = ANY($1) ORDER BY position");
 /// A stream's version: its last stored event's, or for a stream whose events were all

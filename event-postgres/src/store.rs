@@ -434,12 +434,8 @@ impl EventLog for PostgresEventStore {
             )
             .await?;
         let events = sql::events_from_rows(&rows)?;
-        if let Some(missing) = crate::archive::missing_position(
-            from_position,
-            wanted,
-            events.iter().map(|e| e.position),
-        ) {
-            // Where the read found a position missing: pruned, if an archive spans it.
+        // Where the read found a position missing: pruned, if an archive spans it.
+        if let Some(missing) = crate::archive::position_to_check(from_position, wanted, &rows)? {
             let rows = self
                 .query(
                     "reading the archive horizon",
