@@ -81,9 +81,8 @@ impl Store {
                 .path()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| ":memory:".to_owned()),
-            Store::Postgres(s) => {
-                format!("{} (schema {})", s.location(), s.options().schema_name())
-            }
+            // The store's location names the schema already.
+            Store::Postgres(s) => s.location().to_owned(),
         }
     }
 
