@@ -10,8 +10,9 @@
 //!
 //! The rules, kept by [`prune`] and by the store in the same transaction as the removal:
 //! - a prune never removes an event that a subscription has not handled (every checkpoint
-//!   must be at or past the archive's last position, else
-//!   [`Error::PruneBehindSubscription`]);
+//!   must be at or past the archive's last position, and so must every segment of a
+//!   subscription split into segments, one that never saved a checkpoint counting as
+//!   position 0, else [`Error::PruneBehindSubscription`]; see [`check_readers`]);
 //! - a stream either loses all its events, or keeps its latest snapshot and the events
 //!   from the snapshot's version on (a load replays from the snapshot's own version, to
 //!   check that the snapshot fits), so it still loads: the last pruned version must be
@@ -1208,8 +1209,10 @@ pub async fn prune(
 /// What [`prune`] would do, without removing anything (a dry run): checks the archive as
 /// [`verify`] does and the prune's rules against the store as it is now
 /// ([`Error::PruneBehindSubscription`], [`Error::PruneBreaksStream`]); returns the
-/// manifest if the prune would go ahead. The store may change before a real prune, which
-/// checks everything again in its own transaction.
+/// manifest if the prune would go ahead. It sees the segments of a split subscription
+/// through their checkpoints' names, so one whose segments have saved no checkpoint at all
+/// passes here and is refused by the prune. The store may change before a real prune,
+/// which checks everything again in its own transaction.
 pub async fn check_prune(
     store: &dyn ArchiveStore,
     path: impl AsRef<Path>,
