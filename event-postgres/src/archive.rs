@@ -18,13 +18,6 @@ use uuid::Uuid;
 use crate::error::store_error;
 use crate::sql::{bound, nanos_of, time, to_i64, to_u64};
 
-/// The archive holding version `$3` of stream `$1`/`$2` or a later one: a read of the
-/// stream from that version would miss events (an archive takes a prefix of a stream).
-pub(crate) const OF_STREAM: &str = "SELECT a.archive, a.path FROM ef_archived_streams s \
-     JOIN ef_archives a ON a.archive = s.archive \
-     WHERE s.stream_type = $1 AND s.stream_id = $2 AND s.last_version >= $3 \
-     ORDER BY s.last_version LIMIT 1";
-
 /// The archive whose span of positions holds `$1`. Asked only for a position missing from
 /// a read of the log: inside an archive's span, a missing position is pruned.
 pub(crate) const AT_POSITION: &str = "SELECT archive, path FROM ef_archives \
@@ -45,6 +38,37 @@ pub(crate) fn archived(rows: &[Row], what: impl FnOnce() -> String) -> Result<()
         path: row.try_get(1).map_err(read)?,
         what: what(),
     })
+}
+
+/// [`Error::Archived`] if a stream read by `sql::READ_STREAM` or `sql::REPLAY_STREAM`
+/// returned the row naming an archive (its id in column `archive`, its file in column
+/// `path`, which is NULL in every event row); the event rows otherwise, in version order
+/// (column `version`).
+pub(crate) fn stream_rows(
+    rows: &[Row],
+    (archive, path): (usize, usize),
+    version: usize,
+    what: impl FnOnce() -> String,
+) -> Result<Vec<&Row>> {
+    let read = |e| store_error("reading the archive horizon", e);
+    for row in rows {
+        let path: Option<String> = row.try_get(path).map_err(read)?;
+        if let Some(path) = path {
+            return Err(Error::Archived {
+                archive: row.try_get(archive).map_err(read)?,
+                path,
+                what: what(),
+            });
+        }
+    }
+    let mut events: Vec<&Row> = rows.iter().collect();
+    // The statement is a UNION ALL: the first part's order is the one PostgreSQL keeps,
+    // checked here rather than assumed.
+    let key = |row: &&Row| row.try_get::<_, Option<i64>>(version).ok().flatten();
+    if !events.is_sorted_by_key(key) {
+        events.sort_by_key(key);
+    }
+    Ok(events)
 }
 
 /// The first position a read of the log from `from` (up to `limit` events) should have

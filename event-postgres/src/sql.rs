@@ -28,8 +28,19 @@ macro_rules! select_events {
     };
 }
 
-pub(crate) const READ_STREAM: &str =
-    select_events!("WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version");
+/// A stream's events from a version on (column 11 NULL), and, in the same statement and
+/// snapshot, one more row if an archive holds that version or a later one of the stream:
+/// the archive's id in column 1 and its file in column 11, every other column NULL. (An
+/// archive takes a prefix of a stream, so such a read would miss events.)
+pub(crate) const READ_STREAM: &str = "(SELECT position, event_id, stream_type, stream_id, \
+     version, event_type, schema_version, occurred_at, recorded_at, metadata, payload, \
+     NULL::text AS archive_path FROM ef_events \
+     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version) \
+     UNION ALL \
+     (SELECT NULL, a.archive, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, a.path \
+     FROM ef_archived_streams s JOIN ef_archives a ON a.archive = s.archive \
+     WHERE s.stream_type = $1 AND s.stream_id = $2 AND s.last_version >= $3 \
+     ORDER BY s.last_version LIMIT 1)";
 /// The log from a position on; each row also carries the highest position of a pruned
 /// archive (column 11, NULL: none), read once per call in the same snapshot, so a read
 /// that misses a position past it knows without another query that no archive holds it.
@@ -46,10 +57,17 @@ pub(crate) const STREAM_VERSION: &str = "SELECT COALESCE(\
      (SELECT max(last_version) FROM ef_archived_streams WHERE stream_type = $1 AND stream_id = $2), \
      0)";
 /// What a replay reads of each event of a stream from a version on: what it hands out,
-/// then the id and position that name an event it refuses.
-pub(crate) const REPLAY_STREAM: &str = "SELECT version, event_type, schema_version, payload, \
-     position, event_id FROM ef_events \
-     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version";
+/// then the id and position that name an event it refuses (column 6 NULL); and, as in
+/// [`READ_STREAM`], one more row naming the archive (its id in column 5, its file in
+/// column 6) if one holds that version or a later one.
+pub(crate) const REPLAY_STREAM: &str = "(SELECT version, event_type, schema_version, payload, \
+     position, event_id, NULL::text AS archive_path FROM ef_events \
+     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version) \
+     UNION ALL \
+     (SELECT NULL, NULL, NULL, NULL, NULL, a.archive, a.path \
+     FROM ef_archived_streams s JOIN ef_archives a ON a.archive = s.archive \
+     WHERE s.stream_type = $1 AND s.stream_id = $2 AND s.last_version >= $3 \
+     ORDER BY s.last_version LIMIT 1)";
 /// Stores a dead letter, or updates the one its subscription has of the event; returns
 /// its id.
 pub(crate) const UPSERT_DEAD_LETTER: &str = "INSERT INTO ef_dead_letters (subscription, \
@@ -380,10 +398,10 @@ pub(crate) fn check_field(text: &str, what: &str) -> Result<()> {
 
 /// Hands the rows of [`REPLAY_STREAM`] to `visitor`, borrowed from the rows, checking that
 /// no version is missing; an error names its event's id and position.
-pub(crate) fn replay_rows(
+pub(crate) fn replay_rows<'r>(
     stream: &StreamId,
     from_version: u64,
-    rows: &[Row],
+    rows: impl IntoIterator<Item = &'r Row>,
     mut visitor: Box<dyn eventfold_core::ReplayVisitor>,
 ) -> Result<Box<dyn eventfold_core::ReplayVisitor>> {
     let read = |e| store_error("replaying a stream", e);

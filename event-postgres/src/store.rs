@@ -306,20 +306,6 @@ impl PostgresEventStore {
         result
     }
 
-    /// [`Error::Archived`] naming the archive that holds version `from_version` of a stream
-    /// or a later one, if one does: a read of the stream from there misses events.
-    async fn archived_stream(&self, stream: &StreamId, from_version: u64) -> Result<()> {
-        let from = from_version.max(1);
-        let rows = self
-            .query(
-                "reading the archive horizon",
-                crate::archive::OF_STREAM,
-                &[&stream.aggregate_type, &stream.aggregate_id, &bound(from)],
-            )
-            .await?;
-        crate::archive::archived(&rows, || format!("stream {stream} from version {from}"))
-    }
-
     async fn write(&self, requests: Vec<AppendRequest>) -> Result<Vec<AppendOutcome>> {
         self.check_open()?;
         let (reply, result) = oneshot::channel();
@@ -385,13 +371,11 @@ impl EventLog for PostgresEventStore {
                 ],
             )
             .await?;
-        let events = sql::events_from_rows(&rows)?;
-        if events
-            .first()
-            .is_none_or(|e| e.version != from_version.max(1))
-        {
-            self.archived_stream(stream, from_version).await?;
-        }
+        let what = || format!("stream {stream} from version {}", from_version.max(1));
+        let events = crate::archive::stream_rows(&rows, (1, 11), 4, what)?
+            .into_iter()
+            .map(sql::event_from_row)
+            .collect::<Result<Vec<_>>>()?;
         sql::check_versions(stream, from_version, &events)?;
         Ok(events)
     }
@@ -413,11 +397,9 @@ impl EventLog for PostgresEventStore {
                 ],
             )
             .await?;
-        let first = rows.first().and_then(|row| row.try_get::<_, i64>(0).ok());
-        if first != Some(bound(from_version.max(1))) {
-            self.archived_stream(stream, from_version).await?;
-        }
-        sql::replay_rows(stream, from_version, &rows, visitor)
+        let what = || format!("stream {stream} from version {}", from_version.max(1));
+        let rows = crate::archive::stream_rows(&rows, (5, 6), 0, what)?;
+        sql::replay_rows(stream, from_version, rows, visitor)
     }
 
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
