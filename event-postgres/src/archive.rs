@@ -90,44 +90,56 @@ pub(crate) fn missing_position(
     (found < limit).then_some(expected)
 }
 
-/// The position to look up in the horizon after a read of the log from `from` (up to
-/// `limit` events) by `sql::READ_ALL` returned `rows`: the first position it missed (in
-/// the middle, or at the end of a short read), if it may lie in a pruned archive, which
-/// it can only at or below the highest archived position the rows carry (or when no row
-/// came back to say). `None`: nothing to look up, the common read at the head included.
-pub(crate) fn position_to_check(from: u64, limit: usize, rows: &[Row]) -> Result<Option<u64>> {
+/// [`Error::Archived`] if a read of the log from `from` (up to `limit` events) by
+/// `sql::READ_ALL` returned `rows` and an archive spans the first position it missed (in
+/// the middle, or at the end of a short read): a read never passes over archived events
+/// without a word. The rows carry the archives that may (same snapshot). A read that
+/// returned no row (and so advances no reader) cannot say: the position to look up in
+/// the horizon comes back for the caller's one more query ([`AT_POSITION`]).
+pub(crate) fn check_rows(from: u64, limit: usize, rows: &[Row]) -> Result<Option<u64>> {
     let positions = rows.iter().map(|row| to_u64(row.get(0)));
     let Some(missing) = missing_position(from, limit, positions) else {
         return Ok(None);
     };
-    if let Some(row) = rows.first() {
-        let archived_up_to: Option<i64> = row
-            .try_get(11)
-            .map_err(|e| store_error("reading the log", e))?;
-        if archived_up_to.is_none_or(|last| bound(missing) > last) {
-            return Ok(None);
-        }
+    let Some(row) = rows.first() else {
+        return Ok(Some(missing));
+    };
+    let read = |e| store_error("reading the log", e);
+    let firsts: Option<Vec<i64>> = row.try_get(11).map_err(read)?;
+    let Some(firsts) = firsts else {
+        return Ok(None);
+    };
+    let lasts: Vec<i64> = row.try_get(12).map_err(read)?;
+    let archives: Vec<Uuid> = row.try_get(13).map_err(read)?;
+    let paths: Vec<String> = row.try_get(14).map_err(read)?;
+    let at = bound(missing);
+    let spanning = (0..firsts.len())
+        .find(|&i| firsts[i] <= at && lasts.get(i).is_some_and(|last| at <= *last));
+    match spanning {
+        Some(i) => Err(Error::Archived {
+            archive: archives.get(i).copied().unwrap_or_default(),
+            path: paths.get(i).cloned().unwrap_or_default(),
+            what: format!("position {missing}"),
+        }),
+        None => Ok(None),
     }
-    Ok(Some(missing))
 }
 
-/// [`Error::Archived`] if a read of the log returned `rows` and an archive spans the first
-/// position it missed (see [`position_to_check`]): a read never passes over archived
-/// events without a word.
+/// [`check_rows`], with its look-up for an empty read on `client`.
 pub(crate) async fn check_log_read(
     client: &impl GenericClient,
     from: u64,
     limit: usize,
     rows: &[Row],
 ) -> Result<()> {
-    let Some(missing) = position_to_check(from, limit, rows)? else {
+    let Some(missing) = check_rows(from, limit, rows)? else {
         return Ok(());
     };
-    let rows = client
+    let found = client
         .query(AT_POSITION, &[&bound(missing)])
         .await
         .map_err(|e| store_error("reading the archive horizon", e))?;
-    archived(&rows, || format!("position {missing}"))
+    archived(&found, || format!("position {missing}"))
 }
 
 /// Every archive in the horizon, oldest prune first.

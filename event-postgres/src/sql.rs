@@ -41,13 +41,22 @@ pub(crate) const READ_STREAM: &str = "(SELECT position, event_id, stream_type, s
      FROM ef_archived_streams s JOIN ef_archives a ON a.archive = s.archive \
      WHERE s.stream_type = $1 AND s.stream_id = $2 AND s.last_version >= $3 \
      ORDER BY s.last_version LIMIT 1)";
-/// The log from a position on; each row also carries the highest position of a pruned
-/// archive (column 11, NULL: none), read once per call in the same snapshot, so a read
-/// that misses a position past it knows without another query that no archive holds it.
+/// The log from a position on; each row also carries, read once per call in the same
+/// snapshot, the pruned archives whose span ends at or past the read's start (columns 11
+/// to 14: their first and last positions, ids and files, in span order; NULL when there is
+/// none, the common case of a reader past every archive). A read that misses a position
+/// finds the archive spanning it there, without another query.
 pub(crate) const READ_ALL: &str = "SELECT position, event_id, stream_type, stream_id, version, \
      event_type, schema_version, occurred_at, recorded_at, metadata, payload, \
-     (SELECT max(last_position) FROM ef_archives) FROM ef_events \
-     WHERE position >= $1 ORDER BY position LIMIT $2";
+     (SELECT array_agg(first_position ORDER BY last_position, archive) FROM ef_archives \
+      WHERE last_position >= $1), \
+     (SELECT array_agg(last_position ORDER BY last_position, archive) FROM ef_archives \
+      WHERE last_position >= $1), \
+     (SELECT array_agg(archive ORDER BY last_position, archive) FROM ef_archives \
+      WHERE last_position >= $1), \
+     (SELECT array_agg(path ORDER BY last_position, archive) FROM ef_archives \
+      WHERE last_position >= $1) \
+     FROM ef_events WHERE position >= $1 ORDER BY position LIMIT $2";
 pub(crate) const BY_ID: &str = select_events!("WHERE event_id = $1");
 pub(crate) const BY_IDS: &str = select_events!("WHERE event_id = ANY($1) ORDER BY position");
 /// A stream's version: its last stored event's, or for a stream whose events were all

@@ -417,7 +417,7 @@ impl EventLog for PostgresEventStore {
             .await?;
         let events = sql::events_from_rows(&rows)?;
         // Where the read found a position missing: pruned, if an archive spans it.
-        if let Some(missing) = crate::archive::position_to_check(from_position, wanted, &rows)? {
+        if let Some(missing) = crate::archive::check_rows(from_position, wanted, &rows)? {
             let rows = self
                 .query(
                     "reading the archive horizon",
