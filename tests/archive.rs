@@ -62,6 +62,7 @@ macro_rules! on_every_store {
 on_every_store!(
     exports_prunes_and_restores_every_event_exactly,
     refuses_a_prune_past_a_lagging_subscription,
+    refuses_a_prune_while_a_segment_has_never_saved_its_checkpoint,
     a_repository_loads_a_pruned_stream_from_its_snapshot_and_goes_on,
 );
 
@@ -251,4 +252,39 @@ async fn a_repository_loads_a_pruned_stream_from_its_snapshot_and_goes_on(
         .unwrap();
     let (account, version) = repo.load("acc").await.unwrap();
     assert_eq!((account.balance, version), (before.0.balance + 100, 26));
+}
+
+/// A subscription split into segments holds a prune back until every segment has saved a
+/// checkpoint past it: one that never saved has handled nothing (the SQLite and in-memory
+/// stores used to let its events go).
+async fn refuses_a_prune_while_a_segment_has_never_saved_its_checkpoint(store: impl ArchiveStore) {
+    let dir = tempfile::tempdir().unwrap();
+    seed(&store, &["a", "b", "c"], 2).await;
+    let leases = store
+        .claim_segments("split", "member", 2, 2, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    store.save_segment_checkpoint(&leases[0], 6).await.unwrap();
+    let path = dir.path().join("segments.gz");
+    archive::export(
+        &store,
+        ArchiveRange::BelowPosition(7),
+        &path,
+        &mut archive::no_progress,
+    )
+    .await
+    .unwrap();
+    let error = archive::prune(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::PruneBehindSubscription { subscription, checkpoint: 0, .. } if subscription == "split#1/2"),
+        "{error:?}"
+    );
+    assert_eq!(store.read_all(1, 100).await.unwrap().len(), 6);
+    store.save_segment_checkpoint(&leases[1], 6).await.unwrap();
+    archive::prune(&store, &path, &mut archive::no_progress)
+        .await
+        .unwrap();
+    assert!(store.read_stored(1, 100).await.unwrap().is_empty());
 }
