@@ -1,5 +1,5 @@
 //! The archive horizon in PostgreSQL: the tables `ef_archives` and `ef_archived_streams`
-//! (schema version 5), the look-ups that name an archive where a read finds events
+//! (their migration in `schema.rs`), the look-ups that name an archive where a read finds events
 //! missing, and the prune and restore transactions of `eventfold::archive`.
 //!
 //! Prune and restore each run in one transaction that first locks the head row, the lock
