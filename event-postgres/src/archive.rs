@@ -1,6 +1,6 @@
 //! The archive horizon in PostgreSQL: the tables `ef_archives` and `ef_archived_streams`
-//! (their migration in `schema.rs`), the look-ups that name an archive where a read finds events
-//! missing, and the prune and restore transactions of `eventfold::archive`.
+//! (their migration in `schema.rs`), the look-ups that name an archive where a read finds
+//! events missing, and the prune and restore transactions of `eventfold::archive`.
 //!
 //! Prune and restore each run in one transaction that first locks the head row, the lock
 //! every append takes (the writer's `ef_append` updates that row), so no append
