@@ -63,15 +63,9 @@ fn payload(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_owned()))
 }
 
-/// Up to `limit` stored events from `from` on, skipping pruned archives where the store
-/// archives (SQLite), reading the plain log where it does not (PostgreSQL).
+/// Up to `limit` stored events from `from` on, skipping the positions of pruned archives.
 pub async fn read_page(store: &Store, from: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
-    match store.archive().read_stored(from, limit).await {
-        Err(eventfold::Error::Unsupported { .. }) => {
-            Ok(store.events().read_all(from, limit).await?)
-        }
-        other => Ok(other?),
-    }
+    Ok(store.archive().read_stored(from, limit).await?)
 }
 
 #[derive(Serialize)]
@@ -89,9 +83,8 @@ struct Status {
     dead_letters: u64,
     failures: u64,
     events_by_type: BTreeMap<String, u64>,
-    /// Archives pruned from the store and not restored (`None`: the store has no
-    /// archiving).
-    archives: Option<Vec<ArchiveView>>,
+    /// Archives pruned from the store and not restored.
+    archives: Vec<ArchiveView>,
     subscriptions: Vec<SubscriptionView>,
 }
 
@@ -169,23 +162,20 @@ pub async fn status(store: &Store, json: bool, out: &mut impl Write) -> Result<O
         dead_letters: stats.dead_letters,
         failures: stats.failures,
         events_by_type: stats.events_by_type,
-        archives: match store.archive().archive_horizon().await {
-            Ok(horizon) => Some(
-                horizon
-                    .into_iter()
-                    .map(|h| ArchiveView {
-                        archive: h.archive.to_string(),
-                        path: h.path,
-                        events: h.events,
-                        first_position: h.first_position,
-                        last_position: h.last_position,
-                        pruned_at: output::time(h.pruned_at),
-                    })
-                    .collect(),
-            ),
-            Err(eventfold::Error::Unsupported { .. }) => None,
-            Err(error) => return Err(error.into()),
-        },
+        archives: store
+            .archive()
+            .archive_horizon()
+            .await?
+            .into_iter()
+            .map(|h| ArchiveView {
+                archive: h.archive.to_string(),
+                path: h.path,
+                events: h.events,
+                first_position: h.first_position,
+                last_position: h.last_position,
+                pruned_at: output::time(h.pruned_at),
+            })
+            .collect(),
         subscriptions: subscriptions(&*events).await?,
     };
     if json {
@@ -219,9 +209,8 @@ pub async fn status(store: &Store, json: bool, out: &mut impl Write) -> Result<O
             (
                 "archives",
                 match &status.archives {
-                    None => "- (no archiving on this store)".to_owned(),
-                    Some(archives) if archives.is_empty() => "0".to_owned(),
-                    Some(archives) => format!(
+                    archives if archives.is_empty() => "0".to_owned(),
+                    archives => format!(
                         "{} ({} events pruned)",
                         archives.len(),
                         archives.iter().map(|a| a.events).sum::<u64>()
@@ -230,10 +219,10 @@ pub async fn status(store: &Store, json: bool, out: &mut impl Write) -> Result<O
             ),
         ],
     )?;
-    if let Some(archives) = status.archives.as_ref().filter(|a| !a.is_empty()) {
+    if !status.archives.is_empty() {
         writeln!(out)?;
         let mut table = Table::new(&["ARCHIVE", "POSITIONS", "EVENTS", "PRUNED AT", "FILE"]);
-        for a in archives {
+        for a in &status.archives {
             table.row(vec![
                 a.archive.clone(),
                 format!("{}..={}", a.first_position, a.last_position),

@@ -89,12 +89,14 @@ enum Command {
     },
     /// Checks every stored event and the numbering; exit code 1 if anything is damaged.
     Verify,
-    /// Writes a consistent copy of a SQLite store to a new file, while it runs.
+    /// Writes a consistent copy of a SQLite store to a new file, while it runs. On
+    /// PostgreSQL it exits 2: a server database is backed up with `pg_dump`.
     Backup {
         /// The new file (never overwritten).
         path: std::path::PathBuf,
     },
-    /// Archives of old history: compressed NDJSON files with a manifest (SQLite).
+    /// Archives of old history: compressed NDJSON files with a manifest (SQLite and
+    /// PostgreSQL).
     Archive {
         #[command(subcommand)]
         command: ArchiveCommand,

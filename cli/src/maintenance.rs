@@ -100,18 +100,41 @@ pub async fn verify(store: &Store, json: bool, out: &mut impl Write) -> Result<O
     })
 }
 
-/// The PostgreSQL check: reads every event through the log and checks the numbering.
+/// The PostgreSQL check: reads every stored event and checks the numbering; positions and
+/// versions that a pruned archive holds (the archive horizon) are not gaps.
 async fn scan_numbering(store: &Store) -> Result<VerifyView> {
     let events = store.events();
     let head = events.head_position().await?;
+    let horizon = store.archive().archive_horizon().await?;
+    let mut spans: Vec<(u64, u64)> = horizon
+        .iter()
+        .map(|h| (h.first_position, h.last_position))
+        .collect();
+    spans.sort_unstable();
+    // True when every position of `first..=last` lies in an archive's span.
+    let pruned = |first: u64, last: u64| {
+        let mut next = first;
+        for &(from, to) in &spans {
+            if from > next {
+                break;
+            }
+            next = next.max(to.saturating_add(1));
+        }
+        next > last
+    };
     let bar = output::progress("verifying", head);
+    // A stream goes on from its last pruned version.
     let mut versions: HashMap<StreamId, u64> = HashMap::new();
+    for stream in horizon.iter().flat_map(|h| &h.streams) {
+        let version = versions.entry(stream.stream.clone()).or_insert(0);
+        *version = (*version).max(stream.last_version);
+    }
     let mut gaps = Vec::new();
     let mut integrity = Vec::new();
     let mut expected = 1;
     let mut count = 0;
     while expected <= head {
-        let page = match events.read_all(expected, PAGE).await {
+        let page = match store.archive().read_stored(expected, PAGE).await {
             Ok(page) => page,
             Err(error) => {
                 integrity.push(format!(
@@ -122,11 +145,13 @@ async fn scan_numbering(store: &Store) -> Result<VerifyView> {
             }
         };
         let Some(last) = page.last().map(|e| e.position) else {
-            gaps.push(format!("positions {expected} to {head} are missing"));
+            if !pruned(expected, head) {
+                gaps.push(format!("positions {expected} to {head} are missing"));
+            }
             break;
         };
         for event in &page {
-            if event.position != expected {
+            if event.position != expected && !pruned(expected, event.position - 1) {
                 gaps.push(format!(
                     "positions {expected} to {} are missing",
                     event.position - 1
@@ -164,20 +189,24 @@ struct BackupView {
     bytes: u64,
 }
 
-/// `backup PATH`: SQLite's online backup into a new file. PostgreSQL's are the server's
-/// (`pg_dump --schema`): exit 2.
+/// `backup PATH`: SQLite's online backup into a new file. A proper backup of a server
+/// database is `pg_dump`'s job (`pg_dump --schema=SCHEMA`, or a base backup): on
+/// PostgreSQL the command says so and exits 2.
 pub async fn backup(
     store: &Store,
     path: &Path,
     json: bool,
     out: &mut impl Write,
 ) -> Result<Outcome> {
-    let Store::Sqlite(sqlite) = store else {
-        return Err(CliError::Unsupported(
-            "backup of a PostgreSQL store: use the server's tools, \
-             `pg_dump --schema=SCHEMA` (or a base backup)"
-                .to_owned(),
-        ));
+    let sqlite = match store {
+        Store::Sqlite(sqlite) => sqlite,
+        Store::Postgres(postgres) => {
+            return Err(CliError::Unsupported(format!(
+                "backup of a PostgreSQL store is pg_dump's job: `pg_dump --schema={}` \
+                 (or a base backup of the server); this command backs up SQLite files",
+                postgres.options().schema_name()
+            )));
+        }
     };
     let bar = output::spinner("backing up");
     sqlite.backup(path).await?;
@@ -222,9 +251,9 @@ struct ArchiveView {
     finding: Option<String>,
 }
 
-/// `archive export|verify|prune|restore PATH`, with the library's archive API. PostgreSQL
-/// has none yet: the library's `Unsupported` is exit 2. An archive that `verify` finds
-/// damaged or different from the store is a finding (exit 1).
+/// `archive export|verify|prune|restore PATH`, with the library's archive API, on either
+/// backend. An archive that `verify` finds damaged or different from the store is a
+/// finding (exit 1); a store without archiving (`Unsupported`) is exit 2.
 pub async fn archive(
     store: &Store,
     action: ArchiveAction,
@@ -284,7 +313,7 @@ pub async fn archive(
         }
         Err(Error::Unsupported { operation, store }) => {
             return Err(CliError::Unsupported(format!(
-                "archive {name}: the {store} store has no archiving yet ({operation})"
+                "archive {name}: the {store} store has no archiving ({operation})"
             )));
         }
         Err(error) => return Err(error.into()),

@@ -58,7 +58,7 @@ impl Store {
         }
     }
 
-    /// The store as an archive store (PostgreSQL answers `Unsupported`).
+    /// The store as an archive store (both backends archive).
     pub fn archive(&self) -> &dyn ArchiveStore {
         match self {
             Store::Sqlite(s) => s,
@@ -81,9 +81,8 @@ impl Store {
                 .path()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| ":memory:".to_owned()),
-            Store::Postgres(s) => {
-                format!("{} (schema {})", s.location(), s.options().schema_name())
-            }
+            // The store's location names the schema already.
+            Store::Postgres(s) => s.location().to_owned(),
         }
     }
 

@@ -10,8 +10,9 @@
 //!
 //! The rules, kept by [`prune`] and by the store in the same transaction as the removal:
 //! - a prune never removes an event that a subscription has not handled (every checkpoint
-//!   must be at or past the archive's last position, else
-//!   [`Error::PruneBehindSubscription`]);
+//!   must be at or past the archive's last position, and so must every segment of a
+//!   subscription split into segments, one that never saved a checkpoint counting as
+//!   position 0, else [`Error::PruneBehindSubscription`]; see [`check_readers`]);
 //! - a stream either loses all its events, or keeps its latest snapshot and the events
 //!   from the snapshot's version on (a load replays from the snapshot's own version, to
 //!   check that the snapshot fits), so it still loads: the last pruned version must be
@@ -272,6 +273,95 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) 
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => panic!("the runtime shut down during archive work: {e}"),
     }
+}
+
+// ----------------------------------------------------------------------------------------
+// The rules a store checks in its prune transaction
+
+/// The prune rule for the readers of the log, which a store checks in the transaction of
+/// [`ArchiveStore::prune_archive`]: every checkpoint must be at or past `needed` (the
+/// archive's last position), and so must every segment of a subscription split into
+/// segments (`segmented`: each subscription's stored segment count), a segment whose
+/// checkpoint was never saved counting as position 0 (it has handled nothing yet).
+/// Otherwise [`Error::PruneBehindSubscription`] naming the first reader behind, by name.
+pub fn check_readers(
+    checkpoints: &[(String, u64)],
+    segmented: &[(String, u32)],
+    needed: u64,
+) -> Result<()> {
+    let saved: HashMap<&str, u64> = checkpoints
+        .iter()
+        .map(|(name, position)| (name.as_str(), *position))
+        .collect();
+    let unsaved = segmented
+        .iter()
+        .filter(|(_, segments)| *segments > 1)
+        .flat_map(|(subscription, segments)| {
+            (0..*segments).map(move |segment| {
+                crate::lease::segment_checkpoint_name(subscription, segment, *segments)
+            })
+        })
+        .filter(|name| !saved.contains_key(name.as_str()))
+        .map(|name| (name, 0));
+    let behind = checkpoints
+        .iter()
+        .cloned()
+        .chain(unsaved)
+        .filter(|(_, position)| *position < needed)
+        .min_by(|a, b| a.0.cmp(&b.0));
+    match behind {
+        Some((subscription, checkpoint)) => Err(Error::PruneBehindSubscription {
+            subscription,
+            checkpoint,
+            needed,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What a store holds of one stream of a prune, as its prune transaction reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredStream {
+    /// The lowest version stored (`None`: no event of it is stored).
+    pub lowest: Option<u64>,
+    /// The highest version stored (0: none).
+    pub highest: u64,
+    /// The version of its snapshot, if it has one.
+    pub snapshot: Option<u64>,
+}
+
+/// The prune rule for one stream, which a store checks in the transaction of
+/// [`ArchiveStore::prune_archive`]: the archive's part of the stream is a prefix of what
+/// is stored (else [`Error::ArchiveMismatch`] on `path`), and the stream either loses all
+/// its events or keeps a snapshot above the last pruned version, since a load replays
+/// from the snapshot's own version (else [`Error::PruneBreaksStream`]).
+pub fn check_stream(path: &str, pruned: &PrunedStream, stored: StoredStream) -> Result<()> {
+    let stream = &pruned.stream;
+    if stored.lowest != Some(pruned.first_version) {
+        return Err(Error::ArchiveMismatch {
+            path: path.to_owned(),
+            reason: format!(
+                "{stream} holds versions from {}, not from version {} where the archive's part \
+                 of it starts",
+                stored
+                    .lowest
+                    .map_or_else(|| "none".to_owned(), |v| v.to_string()),
+                pruned.first_version
+            ),
+        });
+    }
+    if pruned.last_version < stored.highest {
+        let snapshot = stored.snapshot.filter(|v| *v <= stored.highest);
+        if snapshot.is_none_or(|s| s <= pruned.last_version) {
+            return Err(Error::PruneBreaksStream {
+                aggregate_type: stream.aggregate_type.clone(),
+                aggregate_id: stream.aggregate_id.clone(),
+                pruned: pruned.last_version,
+                snapshot,
+            });
+        }
+    }
+    Ok(())
 }
 
 // ----------------------------------------------------------------------------------------
@@ -1119,8 +1209,10 @@ pub async fn prune(
 /// What [`prune`] would do, without removing anything (a dry run): checks the archive as
 /// [`verify`] does and the prune's rules against the store as it is now
 /// ([`Error::PruneBehindSubscription`], [`Error::PruneBreaksStream`]); returns the
-/// manifest if the prune would go ahead. The store may change before a real prune, which
-/// checks everything again in its own transaction.
+/// manifest if the prune would go ahead. It sees the segments of a split subscription
+/// through their checkpoints' names, so one whose segments have saved no checkpoint at all
+/// passes here and is refused by the prune. The store may change before a real prune,
+/// which checks everything again in its own transaction.
 pub async fn check_prune(
     store: &dyn ArchiveStore,
     path: impl AsRef<Path>,
@@ -1133,15 +1225,32 @@ pub async fn check_prune(
         return Ok(manifest);
     }
     let last_position = collected.events.last().map_or(0, |e| e.0);
-    let mut checkpoints = store.statistics().await?.checkpoints;
-    checkpoints.sort_by(|a, b| a.subscription.cmp(&b.subscription));
-    if let Some(behind) = checkpoints.iter().find(|c| c.position < last_position) {
-        return Err(Error::PruneBehindSubscription {
-            subscription: behind.subscription.clone(),
-            checkpoint: behind.position,
-            needed: last_position,
-        });
+    let checkpoints: Vec<(String, u64)> = store
+        .statistics()
+        .await?
+        .checkpoints
+        .into_iter()
+        .map(|c| (c.subscription, c.position))
+        .collect();
+    // The segment counts the checkpoints show: a segment's name says its count, and a
+    // plain name may be a subscription split since. (A split subscription none of whose
+    // segments saved a checkpoint shows in none; the prune itself reads the counts.)
+    let mut segmented: Vec<(String, u32)> = checkpoints
+        .iter()
+        .filter_map(|(name, _)| {
+            let (subscription, segment) = name.rsplit_once('#')?;
+            let (_, segments) = segment.split_once('/')?;
+            Some((subscription.to_owned(), segments.parse().ok()?))
+        })
+        .collect();
+    for (name, _) in &checkpoints {
+        if let Some(state) = store.segment_states(name).await?.first() {
+            segmented.push((name.clone(), state.segments));
+        }
     }
+    segmented.sort();
+    segmented.dedup();
+    check_readers(&checkpoints, &segmented, last_position)?;
     let mut streams: Vec<_> = collected.streams.into_iter().collect();
     streams.sort_by(|a, b| a.0.cmp(&b.0));
     for (stream, (_, last, _)) in streams {
@@ -1239,4 +1348,66 @@ pub async fn apply_retention(
     };
     export(store, range, path, progress).await?;
     prune(store, path, progress).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn behind(result: Result<()>) -> (String, u64) {
+        match result {
+            Err(Error::PruneBehindSubscription {
+                subscription,
+                checkpoint,
+                ..
+            }) => (subscription, checkpoint),
+            other => panic!("expected PruneBehindSubscription, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_prune_passes_readers_at_or_past_its_last_position() {
+        let checkpoints = [("a".to_owned(), 10), ("s#0/2".to_owned(), 12)];
+        let segmented = [("s".to_owned(), 2)];
+        assert!(check_readers(&checkpoints, &[], 10).is_ok());
+        assert_eq!(
+            behind(check_readers(&checkpoints, &[], 11)),
+            ("a".to_owned(), 10)
+        );
+        // Segment 1 never saved: it has handled nothing.
+        assert_eq!(
+            behind(check_readers(&checkpoints, &segmented, 5)),
+            ("s#1/2".to_owned(), 0)
+        );
+        let saved = [("s#0/2".to_owned(), 12), ("s#1/2".to_owned(), 12)];
+        assert!(check_readers(&saved, &segmented, 12).is_ok());
+        // One segment is the plain checkpoint: nothing more to count.
+        assert!(check_readers(&[], &[("t".to_owned(), 1)], 7).is_ok());
+    }
+
+    #[test]
+    fn a_stream_keeps_what_its_latest_snapshot_needs() {
+        let pruned = PrunedStream {
+            stream: StreamId::new("T", "a"),
+            first_version: 1,
+            last_version: 5,
+        };
+        let stored = |lowest, highest, snapshot| StoredStream {
+            lowest,
+            highest,
+            snapshot,
+        };
+        assert!(check_stream("f", &pruned, stored(Some(1), 5, None)).is_ok());
+        assert!(check_stream("f", &pruned, stored(Some(1), 9, Some(6))).is_ok());
+        for snapshot in [None, Some(5), Some(10)] {
+            assert!(matches!(
+                check_stream("f", &pruned, stored(Some(1), 9, snapshot)),
+                Err(Error::PruneBreaksStream { pruned: 5, .. })
+            ));
+        }
+        assert!(matches!(
+            check_stream("f", &pruned, stored(Some(2), 9, Some(6))),
+            Err(Error::ArchiveMismatch { .. })
+        ));
+    }
 }

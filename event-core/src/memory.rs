@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::archive::{ArchiveHorizon, PruneRequest};
+use crate::archive::{ArchiveHorizon, PruneRequest, StoredStream, check_readers, check_stream};
 use crate::error::{Error, Result};
 use crate::lease::{
     LeaseStore, SegmentLease, SegmentState, check_segments, check_ttl, segment_checkpoint_name,
@@ -950,18 +950,20 @@ impl ArchiveStore for InMemoryEventStore {
             path: horizon.path.clone(),
             reason,
         };
-        // Every check first: on an error nothing changes.
-        if let Some((subscription, &checkpoint)) = inner
+        // Every check first: on an error nothing changes. No reader may lose an event it
+        // has not handled: checkpoints, and every segment of a subscription split into
+        // segments, saved or not.
+        let checkpoints: Vec<(String, u64)> = inner
             .checkpoints
             .iter()
-            .find(|(_, position)| **position < horizon.last_position)
-        {
-            return Err(Error::PruneBehindSubscription {
-                subscription: subscription.clone(),
-                checkpoint,
-                needed: horizon.last_position,
-            });
-        }
+            .map(|(name, position)| (name.clone(), *position))
+            .collect();
+        let segmented: Vec<(String, u32)> = inner
+            .leases
+            .iter()
+            .map(|(name, table)| (name.clone(), table.rows.len() as u32))
+            .collect();
+        check_readers(&checkpoints, &segmented, horizon.last_position)?;
         for pruned in &horizon.streams {
             let positions = inner
                 .streams
@@ -971,32 +973,12 @@ impl ArchiveStore for InMemoryEventStore {
                 .iter()
                 .position(|&p| inner.log[p as usize - 1].archived.is_none())
                 .map(|i| i as u64 + 1);
-            if lowest != Some(pruned.first_version) {
-                return Err(mismatch(format!(
-                    "{} holds versions from {}, not from version {} where the archive's part \
-                     of it starts",
-                    pruned.stream,
-                    lowest.map_or_else(|| "none".to_owned(), |v| v.to_string()),
-                    pruned.first_version
-                )));
-            }
-            let version = positions.len() as u64;
-            if pruned.last_version < version {
-                let snapshot = inner
-                    .snapshots
-                    .get(&pruned.stream)
-                    .map(|s| s.version)
-                    .filter(|v| *v <= version);
-                // A load replays from the snapshot's own version: that event stays.
-                if snapshot.is_none_or(|s| s <= pruned.last_version) {
-                    return Err(Error::PruneBreaksStream {
-                        aggregate_type: pruned.stream.aggregate_type.clone(),
-                        aggregate_id: pruned.stream.aggregate_id.clone(),
-                        pruned: pruned.last_version,
-                        snapshot,
-                    });
-                }
-            }
+            let stored = StoredStream {
+                lowest,
+                highest: positions.len() as u64,
+                snapshot: inner.snapshots.get(&pruned.stream).map(|s| s.version),
+            };
+            check_stream(&horizon.path, pruned, stored)?;
         }
         for &(position, event_id) in &request.events {
             let stored = position

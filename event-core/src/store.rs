@@ -443,8 +443,9 @@ pub trait ArchiveStore: EventStore {
     }
 
     /// Removes the events of an archive and records it in the horizon, in one atomic
-    /// step, after checking in that same step that every checkpoint is at or past the
-    /// archive's last position ([`Error::PruneBehindSubscription`]), that every stream
+    /// step, after checking in that same step that every checkpoint, and every segment of
+    /// a subscription split into segments (saved or not), is at or past the archive's last
+    /// position ([`Error::PruneBehindSubscription`]; `archive::check_readers`), that every stream
     /// either loses all its events or keeps a snapshot above the last pruned version
     /// ([`Error::PruneBreaksStream`]; a load replays from the snapshot's own version), that each stream loses a prefix of what it holds,
     /// and that each event is stored at its position with its id

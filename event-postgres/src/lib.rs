@@ -32,8 +32,9 @@
 //! # How it works
 //!
 //! - **Everything in one schema.** The store's tables (`ef_events`, `ef_head`,
-//!   `ef_snapshots`, `ef_checkpoints`, `ef_dead_letters`, `ef_failures`, and the segment
-//!   leases' `ef_lease_subscriptions`, `ef_segment_leases`, `ef_subscription_members`) and its function
+//!   `ef_snapshots`, `ef_checkpoints`, `ef_dead_letters`, `ef_failures`, the segment
+//!   leases' `ef_lease_subscriptions`, `ef_segment_leases`, `ef_subscription_members`, and
+//!   the archive horizon's `ef_archives`, `ef_archived_streams`) and its function
 //!   `ef_append` live in [`PostgresOptions::schema`] (default `eventfold`), created at open
 //!   if missing: applications or tenants share a database, each in a schema of its own.
 //! - **Schema versions.** Versioned migrations run at open, in one transaction under an
@@ -76,6 +77,10 @@
 //!   violate a unique key once it commits: the writer calls once more, and the append is
 //!   judged against that row (a version conflict, say). A row put at a position past the
 //!   head is damage: appends fail as `Corrupt` until it is removed.
+//! - **Archiving** (`eventfold::archive`, the [`ArchiveStore`](eventfold_core::ArchiveStore)
+//!   part): a prune or a restore is one transaction holding the `ef_head` row's lock, so
+//!   appends wait for it and none interleaves; a read below the horizon (a stream, the
+//!   log, an event by id) is [`Error::Archived`] naming the archive, never a gap.
 //! - **Projections in the same database, exactly once.** A [`PostgresProjection`] keeps
 //!   its read model in tables of the store's schema; [`PostgresEventStore::run_projection`]
 //!   applies each batch and moves the projection's checkpoint in one transaction, holding
@@ -115,6 +120,7 @@
 
 #![forbid(unsafe_code)]
 
+mod archive;
 mod error;
 mod lease;
 mod listener;

@@ -312,11 +312,14 @@ impl<P: PostgresProjection> ProjectionBackend for Backend<P> {
             }
             Plan::Read(limit) => limit,
         };
+        let wanted = limit;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = tx
             .query(sql::READ_ALL, &[&bound(checkpoint + 1), &limit])
             .await
             .map_err(failed("reading the log"))?;
+        // A projection never passes over a pruned archive: it stops there, named.
+        crate::archive::check_log_read(&*tx, checkpoint + 1, wanted, &rows).await?;
         let Some(last) = rows.last() else {
             return Ok(Step::Idle { checkpoint });
         };

@@ -420,6 +420,200 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX ef_replay_requests_pending ON __SCHEMA__.ef_replay_requests (subscription, id)
         WHERE finished_at IS NULL;
     "#,
+    // Version 6: the archive horizon (eventfold::archive). One row per pruned archive, and
+    // per stream the run of versions it lost into it; both are empty until a prune. Event
+    // ids are `uuid`s, which PostgreSQL orders byte-wise as `Uuid` does, so an archive's
+    // span of ids is a range. `ef_append` numbers a stream whose events were all pruned on
+    // from its last pruned version (the horizon is read only for a stream with no stored
+    // event: `coalesce` stops at its first non-null argument); otherwise unchanged.
+    r#"
+    CREATE TABLE __SCHEMA__.ef_archives (
+        archive        uuid   PRIMARY KEY,
+        path           text   NOT NULL,
+        events         bigint NOT NULL,
+        checksum       bigint NOT NULL,
+        first_position bigint NOT NULL,
+        last_position  bigint NOT NULL,
+        first_event_id uuid   NOT NULL,
+        last_event_id  uuid   NOT NULL,
+        pruned_at      bigint NOT NULL
+    );
+    CREATE INDEX ef_archives_by_position ON __SCHEMA__.ef_archives (last_position, first_position);
+    CREATE TABLE __SCHEMA__.ef_archived_streams (
+        stream_type   text   NOT NULL,
+        stream_id     text   NOT NULL,
+        last_version  bigint NOT NULL,
+        first_version bigint NOT NULL,
+        archive       uuid   NOT NULL REFERENCES __SCHEMA__.ef_archives ON DELETE CASCADE,
+        PRIMARY KEY (stream_type, stream_id, last_version)
+    );
+    CREATE INDEX ef_archived_streams_by_archive ON __SCHEMA__.ef_archived_streams (archive);
+    CREATE OR REPLACE FUNCTION __SCHEMA__.ef_append(
+        s_type text[], s_id text[],
+        r_stream int[], r_expected bigint[], r_unit int[], r_count int[],
+        e_req int[], e_off int[], e_id uuid[], e_type text[], e_schema bigint[],
+        e_occurred bigint[], e_metadata text[], e_payload text[],
+        recorded bigint, channel text, check_ids boolean)
+    RETURNS TABLE (out_request int, out_status smallint, out_version bigint, out_position bigint)
+    LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $fn$
+    #variable_conflict use_column
+    DECLARE
+        n int := coalesce(array_length(r_stream, 1), 0);
+        head bigint;
+        total bigint;
+        start_head bigint;
+        stored boolean;
+        cur bigint[];
+        tent bigint[];
+        taken int[];
+        r_pos bigint[];
+        r_ver bigint[];
+        i int := 1;
+        j int;
+        u_end int;
+        failed int;
+        fail_status smallint;
+        fail_version bigint;
+        pos bigint;
+        v bigint;
+    BEGIN
+        IF n = 0 THEN
+            SELECT h.position INTO head FROM __SCHEMA__.ef_head h;
+            out_request := 0; out_status := 0; out_version := head; out_position := NULL;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        UPDATE __SCHEMA__.ef_head h SET position = h.position + t.total
+          FROM (SELECT sum(c) AS total FROM unnest(r_count) AS c) AS t
+        RETURNING h.position, t.total INTO head, total;
+        start_head := head - total;
+        IF NOT check_ids THEN
+            WITH s AS (
+                SELECT t.ord, coalesce((SELECT max(e.version) FROM __SCHEMA__.ef_events e
+                                        WHERE e.stream_type = t.st AND e.stream_id = t.si),
+                                       (SELECT max(a.last_version)
+                                          FROM __SCHEMA__.ef_archived_streams a
+                                         WHERE a.stream_type = t.st AND a.stream_id = t.si),
+                                       0) AS v
+                  FROM unnest(s_type, s_id) WITH ORDINALITY AS t(st, si, ord)),
+            r AS (
+                SELECT r.idx, r.st, r.cnt, r.exp,
+                       start_head + sum(r.cnt) OVER (ORDER BY r.idx) - r.cnt + 1 AS pos,
+                       s.v + sum(r.cnt) OVER (PARTITION BY r.st ORDER BY r.idx) - r.cnt AS ver
+                  FROM unnest(r_stream, r_expected, r_count) WITH ORDINALITY
+                       AS r(st, exp, cnt, idx)
+                  JOIN s ON s.ord = r.st),
+            ok AS (SELECT bool_and(r.exp = -1 OR r.exp = r.ver) AS ok FROM r),
+            ins AS (
+                INSERT INTO __SCHEMA__.ef_events (position, stream_type, stream_id, version,
+                    event_id, event_type, schema_version, occurred_at, recorded_at, metadata,
+                    payload)
+                SELECT r.pos + t.off, s_type[r.st], s_id[r.st], r.ver + 1 + t.off, t.id,
+                       t.typ, t.sv, t.occ, recorded, t.meta, t.pay
+                  FROM r
+                  JOIN unnest(e_req, e_off, e_id, e_type, e_schema, e_occurred, e_metadata,
+                              e_payload) AS t(req, off, id, typ, sv, occ, meta, pay)
+                    ON t.req = r.idx
+                 WHERE (SELECT ok.ok FROM ok))
+            SELECT (SELECT ok.ok FROM ok),
+                   array_agg(r.pos ORDER BY r.idx), array_agg(r.ver ORDER BY r.idx)
+              INTO stored, r_pos, r_ver FROM r;
+            IF stored THEN
+                IF channel IS NOT NULL THEN
+                    PERFORM pg_notify(channel, head::text);
+                END IF;
+                FOR j IN 1 .. n LOOP
+                    out_request := j; out_status := 0;
+                    out_version := r_ver[j] + r_count[j]; out_position := r_pos[j];
+                    RETURN NEXT;
+                END LOOP;
+                out_request := 0; out_status := 0; out_version := head; out_position := NULL;
+                RETURN NEXT;
+                RETURN;
+            END IF;
+        END IF;
+        -- Some append is refused (or ids are to be checked): judge unit by unit, as the
+        -- lock is held, against the versions the earlier units leave.
+        head := start_head;
+        r_pos := array_fill(NULL::bigint, ARRAY[n]);
+        r_ver := array_fill(NULL::bigint, ARRAY[n]);
+        SELECT array_agg(coalesce((SELECT max(e.version) FROM __SCHEMA__.ef_events e
+                                   WHERE e.stream_type = t.st AND e.stream_id = t.si),
+                                  (SELECT max(a.last_version)
+                                     FROM __SCHEMA__.ef_archived_streams a
+                                    WHERE a.stream_type = t.st AND a.stream_id = t.si),
+                                  0)
+                         ORDER BY t.ord)
+          INTO cur FROM unnest(s_type, s_id) WITH ORDINALITY AS t(st, si, ord);
+        -- A repeated append is judged by its ids before its (by then stale) expected
+        -- version. One index probe per id, whatever the statistics said when this session
+        -- planned the statement.
+        SELECT coalesce(array_agg(DISTINCT t.req), '{}') INTO taken
+          FROM unnest(e_id, e_req) AS t(id, req)
+         CROSS JOIN LATERAL (SELECT 1 FROM __SCHEMA__.ef_events e
+                              WHERE e.event_id = t.id LIMIT 1) AS found;
+        WHILE i <= n LOOP
+            u_end := i;
+            WHILE u_end < n AND r_unit[u_end + 1] = r_unit[i] LOOP
+                u_end := u_end + 1;
+            END LOOP;
+            tent := cur;
+            failed := NULL;
+            pos := head;
+            FOR j IN i .. u_end LOOP
+                v := tent[r_stream[j]];
+                IF j = ANY (taken) THEN
+                    failed := j; fail_status := 2; fail_version := v;
+                    EXIT;
+                END IF;
+                IF r_expected[j] <> -1 AND r_expected[j] <> v THEN
+                    failed := j; fail_status := 1; fail_version := v;
+                    EXIT;
+                END IF;
+                r_pos[j] := pos + 1;
+                r_ver[j] := v + 1;
+                pos := pos + r_count[j];
+                tent[r_stream[j]] := v + r_count[j];
+            END LOOP;
+            IF failed IS NULL THEN
+                cur := tent;
+                head := pos;
+                FOR j IN i .. u_end LOOP
+                    out_request := j; out_status := 0;
+                    out_version := r_ver[j] + r_count[j] - 1; out_position := r_pos[j];
+                    RETURN NEXT;
+                END LOOP;
+            ELSE
+                FOR j IN i .. u_end LOOP
+                    r_pos[j] := NULL;
+                END LOOP;
+                out_request := failed; out_status := fail_status;
+                out_version := fail_version; out_position := NULL;
+                RETURN NEXT;
+            END IF;
+            i := u_end + 1;
+        END LOOP;
+        UPDATE __SCHEMA__.ef_head SET position = head;
+        IF head > start_head THEN
+            INSERT INTO __SCHEMA__.ef_events (position, stream_type, stream_id, version,
+                event_id, event_type, schema_version, occurred_at, recorded_at, metadata,
+                payload)
+            SELECT r.pos + t.off, s_type[r.st], s_id[r.st], r.ver + t.off, t.id, t.typ, t.sv,
+                   t.occ, recorded, t.meta, t.pay
+              FROM unnest(r_pos, r_ver, r_stream) WITH ORDINALITY AS r(pos, ver, st, idx)
+              JOIN unnest(e_req, e_off, e_id, e_type, e_schema, e_occurred, e_metadata,
+                          e_payload) AS t(req, off, id, typ, sv, occ, meta, pay)
+                ON t.req = r.idx
+             WHERE r.pos IS NOT NULL;
+            IF channel IS NOT NULL THEN
+                PERFORM pg_notify(channel, head::text);
+            END IF;
+        END IF;
+        out_request := 0; out_status := 0; out_version := head; out_position := NULL;
+        RETURN NEXT;
+    END
+    $fn$;
+    "#,
 ];
 
 /// The schema version this library writes.

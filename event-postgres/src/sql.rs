@@ -29,18 +29,55 @@ macro_rules! select_events {
     };
 }
 
-pub(crate) const READ_STREAM: &str =
-    select_events!("WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version");
-pub(crate) const READ_ALL: &str = select_events!("WHERE position >= $1 ORDER BY position LIMIT $2");
+/// A stream's events from a version on (column 11 NULL), and, in the same statement and
+/// snapshot, one more row if an archive holds that version or a later one of the stream:
+/// the archive's id in column 1 and its file in column 11, every other column NULL. (An
+/// archive takes a prefix of a stream, so such a read would miss events.)
+pub(crate) const READ_STREAM: &str = "(SELECT position, event_id, stream_type, stream_id, \
+     version, event_type, schema_version, occurred_at, recorded_at, metadata, payload, \
+     NULL::text AS archive_path FROM ef_events \
+     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version) \
+     UNION ALL \
+     (SELECT NULL, a.archive, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, a.path \
+     FROM ef_archived_streams s JOIN ef_archives a ON a.archive = s.archive \
+     WHERE s.stream_type = $1 AND s.stream_id = $2 AND s.last_version >= $3 \
+     ORDER BY s.last_version LIMIT 1)";
+/// The log from a position on; each row also carries, read once per call in the same
+/// snapshot, the pruned archives whose span ends at or past the read's start (columns 11
+/// to 14: their first and last positions, ids and files, in span order; NULL when there is
+/// none, the common case of a reader past every archive). A read that misses a position
+/// finds the archive spanning it there, without another query.
+pub(crate) const READ_ALL: &str = "SELECT position, event_id, stream_type, stream_id, version, \
+     event_type, schema_version, occurred_at, recorded_at, metadata, payload, \
+     (SELECT array_agg(first_position ORDER BY last_position, archive) FROM ef_archives \
+      WHERE last_position >= $1), \
+     (SELECT array_agg(last_position ORDER BY last_position, archive) FROM ef_archives \
+      WHERE last_position >= $1), \
+     (SELECT array_agg(archive ORDER BY last_position, archive) FROM ef_archives \
+      WHERE last_position >= $1), \
+     (SELECT array_agg(path ORDER BY last_position, archive) FROM ef_archives \
+      WHERE last_position >= $1) \
+     FROM ef_events WHERE position >= $1 ORDER BY position LIMIT $2";
 pub(crate) const BY_ID: &str = select_events!("WHERE event_id = $1");
 pub(crate) const BY_IDS: &str = select_events!("WHERE event_id = ANY($1) ORDER BY position");
-pub(crate) const STREAM_VERSION: &str =
-    "SELECT COALESCE(max(version), 0) FROM ef_events WHERE stream_type = $1 AND stream_id = $2";
+/// A stream's version: its last stored event's, or for a stream whose events were all
+/// pruned into archives, the last pruned one (appends go on numbering after it).
+pub(crate) const STREAM_VERSION: &str = "SELECT COALESCE(\
+     (SELECT max(version) FROM ef_events WHERE stream_type = $1 AND stream_id = $2), \
+     (SELECT max(last_version) FROM ef_archived_streams WHERE stream_type = $1 AND stream_id = $2), \
+     0)";
 /// What a replay reads of each event of a stream from a version on: what it hands out,
-/// then the id and position that name an event it refuses.
-pub(crate) const REPLAY_STREAM: &str = "SELECT version, event_type, schema_version, payload, \
-     position, event_id FROM ef_events \
-     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version";
+/// then the id and position that name an event it refuses (column 6 NULL); and, as in
+/// [`READ_STREAM`], one more row naming the archive (its id in column 5, its file in
+/// column 6) if one holds that version or a later one.
+pub(crate) const REPLAY_STREAM: &str = "(SELECT version, event_type, schema_version, payload, \
+     position, event_id, NULL::text AS archive_path FROM ef_events \
+     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version) \
+     UNION ALL \
+     (SELECT NULL, NULL, NULL, NULL, NULL, a.archive, a.path \
+     FROM ef_archived_streams s JOIN ef_archives a ON a.archive = s.archive \
+     WHERE s.stream_type = $1 AND s.stream_id = $2 AND s.last_version >= $3 \
+     ORDER BY s.last_version LIMIT 1)";
 /// Stores a dead letter, or updates the one its subscription has of the event; returns
 /// its id.
 pub(crate) const UPSERT_DEAD_LETTER: &str = "INSERT INTO ef_dead_letters (subscription, \
@@ -425,10 +462,10 @@ pub(crate) fn check_field(text: &str, what: &str) -> Result<()> {
 
 /// Hands the rows of [`REPLAY_STREAM`] to `visitor`, borrowed from the rows, checking that
 /// no version is missing; an error names its event's id and position.
-pub(crate) fn replay_rows(
+pub(crate) fn replay_rows<'r>(
     stream: &StreamId,
     from_version: u64,
-    rows: &[Row],
+    rows: impl IntoIterator<Item = &'r Row>,
     mut visitor: Box<dyn eventfold_core::ReplayVisitor>,
 ) -> Result<Box<dyn eventfold_core::ReplayVisitor>> {
     let read = |e| store_error("replaying a stream", e);

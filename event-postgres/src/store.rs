@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
+use eventfold_core::archive::{ArchiveHorizon, PruneRequest};
 use eventfold_core::{
     AppendOutcome, AppendRequest, DeadLetter, Error, EventLog, ExpectedVersion, FailureRecord,
     FinishedReplay, NewDeadLetter, NewEvent, RecordedEvent, ReplayOutcome, ReplayRequest,
@@ -371,7 +372,11 @@ impl EventLog for PostgresEventStore {
                 ],
             )
             .await?;
-        let events = sql::events_from_rows(&rows)?;
+        let what = || format!("stream {stream} from version {}", from_version.max(1));
+        let events = crate::archive::stream_rows(&rows, (1, 11), 4, what)?
+            .into_iter()
+            .map(sql::event_from_row)
+            .collect::<Result<Vec<_>>>()?;
         sql::check_versions(stream, from_version, &events)?;
         Ok(events)
     }
@@ -393,13 +398,16 @@ impl EventLog for PostgresEventStore {
                 ],
             )
             .await?;
-        sql::replay_rows(stream, from_version, &rows, visitor)
+        let what = || format!("stream {stream} from version {}", from_version.max(1));
+        let rows = crate::archive::stream_rows(&rows, (5, 6), 0, what)?;
+        sql::replay_rows(stream, from_version, rows, visitor)
     }
 
     async fn read_all(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let wanted = limit;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .query(
@@ -408,13 +416,36 @@ impl EventLog for PostgresEventStore {
                 &[&bound(from_position), &limit],
             )
             .await?;
-        sql::events_from_rows(&rows)
+        let events = sql::events_from_rows(&rows)?;
+        // Where the read found a position missing: pruned, if an archive spans it.
+        if let Some(missing) = crate::archive::check_rows(from_position, wanted, &rows)? {
+            let rows = self
+                .query(
+                    "reading the archive horizon",
+                    crate::archive::AT_POSITION,
+                    &[&bound(missing)],
+                )
+                .await?;
+            crate::archive::archived(&rows, || format!("position {missing}"))?;
+        }
+        Ok(events)
     }
 
     async fn get(&self, event_id: Uuid) -> Result<Option<RecordedEvent>> {
         let rows = self
             .query("reading an event by id", sql::BY_ID, &[&event_id])
             .await?;
+        if rows.is_empty() {
+            let rows = self
+                .query(
+                    "reading the archive horizon",
+                    crate::archive::OF_ID,
+                    &[&event_id],
+                )
+                .await?;
+            crate::archive::archived(&rows, || format!("event {event_id}"))?;
+            return Ok(None);
+        }
         rows.first().map(sql::event_from_row).transpose()
     }
 
@@ -514,11 +545,43 @@ pub(crate) fn record_time(time: chrono::DateTime<chrono::Utc>, what: &str) -> Re
     })
 }
 
-/// Archiving is not implemented on PostgreSQL yet: every archive operation fails with
-/// [`Error::Unsupported`](eventfold_core::Error::Unsupported).
+/// Archiving (`eventfold::archive`) on PostgreSQL: the horizon lives in the store's
+/// schema (`ef_archives`, `ef_archived_streams`); a prune or a restore is one transaction
+/// under the head row's lock, the one every append takes.
+#[async_trait]
 impl eventfold_core::ArchiveStore for PostgresEventStore {
     fn archive_store_name(&self) -> String {
-        "PostgreSQL".to_owned()
+        format!("postgres:{}", self.shared.location)
+    }
+
+    async fn read_stored(&self, from_position: u64, limit: usize) -> Result<Vec<RecordedEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "reading the log",
+                sql::READ_ALL,
+                &[&bound(from_position), &limit],
+            )
+            .await?;
+        sql::events_from_rows(&rows)
+    }
+
+    async fn archive_horizon(&self) -> Result<Vec<ArchiveHorizon>> {
+        let client = self.client("reading the archive horizon").await?;
+        crate::archive::horizon(&**client).await
+    }
+
+    async fn prune_archive(&self, request: PruneRequest) -> Result<()> {
+        let mut client = self.client("pruning an archive").await?;
+        crate::archive::prune(&mut client, &request).await
+    }
+
+    async fn restore_archive(&self, archive: Uuid, events: Vec<RecordedEvent>) -> Result<()> {
+        let mut client = self.client("restoring an archive").await?;
+        crate::archive::restore(&mut client, archive, &events).await
     }
 }
 

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Schema, stream};
+use eventfold_core::archive::{self, ArchiveRange};
 use eventfold_core::projection::ProjectionOptions;
 use eventfold_core::{
     BoxError, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy, StartFrom,
@@ -392,5 +393,70 @@ async fn a_projection_killed_while_it_applies_resumes_with_every_event_applied_e
         applied.values().all(|&n| n == 1),
         "an event was applied twice"
     );
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it() {
+    if common::no_server() {
+        return;
+    }
+    let schema = Schema::new();
+    let store = schema.open().await;
+    let dir = tempfile::tempdir().unwrap();
+    let expected = seed(&store, 3, 30).await;
+    let handle = store
+        .run_projection(Sums::default(), ProjectionOptions::new())
+        .await
+        .unwrap();
+    handle.wait_idle().await.unwrap();
+    let archive_path = dir.path().join("old.ndjson.gz");
+    let manifest = archive::export(
+        &store,
+        ArchiveRange::BelowPosition(21),
+        &archive_path,
+        &mut archive::no_progress,
+    )
+    .await
+    .unwrap();
+    archive::prune(&store, &archive_path, &mut archive::no_progress)
+        .await
+        .unwrap();
+
+    // Rebuilt from the start, the runner meets the pruned positions 1..=20: it names the
+    // archive and waits there, and applies none of the events behind it.
+    handle.rebuild().await.unwrap();
+    let mut watch = handle.watch_progress();
+    let stuck = tokio::time::timeout(
+        Duration::from_secs(60),
+        watch.wait_for(|p| p.last_error.is_some() || p.checkpoint >= 30),
+    )
+    .await
+    .expect("the runner either stops at the archive or passes it")
+    .unwrap()
+    .clone();
+    let message = stuck.last_error.unwrap();
+    assert!(
+        message.contains(&manifest.archive.to_string()) && message.contains("position 1"),
+        "{message}"
+    );
+    assert_eq!(stuck.checkpoint, 0);
+    handle.stop().await.unwrap();
+    assert!(
+        read_model(&schema.name).await.0.is_empty(),
+        "nothing past the gap was applied"
+    );
+
+    // Restored, the same rebuild goes through every event.
+    archive::restore(&store, &archive_path, &mut archive::no_progress)
+        .await
+        .unwrap();
+    let handle = store
+        .run_projection(Sums::default(), ProjectionOptions::new())
+        .await
+        .unwrap();
+    handle.wait_idle().await.unwrap();
+    handle.stop().await.unwrap();
+    assert_eq!(read_model(&schema.name).await.0, expected);
     store.close().await.unwrap();
 }

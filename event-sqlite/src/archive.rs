@@ -3,7 +3,9 @@
 //! prune and restore transactions of `eventfold::archive`.
 
 use chrono::{DateTime, Utc};
-use eventfold_core::archive::{ArchiveHorizon, PruneRequest, PrunedStream};
+use eventfold_core::archive::{
+    ArchiveHorizon, PruneRequest, PrunedStream, StoredStream, check_readers, check_stream,
+};
 use eventfold_core::{Error, RecordedEvent, Result, StreamId};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -202,26 +204,30 @@ pub(crate) fn prune(conn: &Connection, request: &PruneRequest) -> Result<()> {
     let fail = |e| store_error("pruning an archive", e);
     let horizon = &request.horizon;
     in_transaction(conn, || {
-        // No subscription may lose an event it has not handled.
-        let behind: Option<(String, i64)> = conn
-            .prepare_cached(
-                "SELECT subscription, position FROM checkpoints WHERE position < ?1 \
-                 ORDER BY subscription LIMIT 1",
-            )
+        // No reader may lose an event it has not handled: checkpoints, and every segment
+        // of a subscription split into segments, saved or not.
+        let checkpoints: Vec<(String, u64)> = conn
+            .prepare_cached("SELECT subscription, position FROM checkpoints")
             .and_then(|mut stmt| {
-                stmt.query_row([bound(horizon.last_position)], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
-                })
-                .optional()
+                stmt.query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?
+                    .collect()
             })
             .map_err(fail)?;
-        if let Some((subscription, checkpoint)) = behind {
-            return Err(Error::PruneBehindSubscription {
-                subscription,
-                checkpoint: checkpoint as u64,
-                needed: horizon.last_position,
-            });
-        }
+        let segmented: Vec<(String, u32)> = conn
+            .prepare_cached(
+                "SELECT subscription, segments FROM lease_subscriptions WHERE segments > 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get::<_, i64>(1)?.clamp(0, u32::MAX.into()) as u32,
+                    ))
+                })?
+                .collect()
+            })
+            .map_err(fail)?;
+        check_readers(&checkpoints, &segmented, horizon.last_position)?;
         // Each stream loses a prefix of what it holds, and still loads afterwards.
         for pruned in &horizon.streams {
             let stream = &pruned.stream;
@@ -236,42 +242,24 @@ pub(crate) fn prune(conn: &Connection, request: &PruneRequest) -> Result<()> {
                     })
                 })
                 .map_err(fail)?;
-            if lowest != Some(bound(pruned.first_version)) {
-                return Err(mismatch(
-                    &horizon.path,
-                    format!(
-                        "{stream} holds versions from {}, not from version {} where the archive's \
-                         part of it starts",
-                        lowest.map_or_else(|| "none".to_owned(), |v| v.to_string()),
-                        pruned.first_version
-                    ),
-                ));
-            }
-            let version = highest.unwrap_or(0).max(0) as u64;
-            if pruned.last_version < version {
-                let snapshot: Option<i64> = conn
-                    .prepare_cached(
-                        "SELECT version FROM snapshots WHERE aggregate_type = ?1 \
-                         AND aggregate_id = ?2",
-                    )
-                    .and_then(|mut stmt| {
-                        stmt.query_row(params![stream.aggregate_type, stream.aggregate_id], |row| {
-                            row.get(0)
-                        })
-                        .optional()
+            let snapshot: Option<i64> = conn
+                .prepare_cached(
+                    "SELECT version FROM snapshots WHERE aggregate_type = ?1 \
+                     AND aggregate_id = ?2",
+                )
+                .and_then(|mut stmt| {
+                    stmt.query_row(params![stream.aggregate_type, stream.aggregate_id], |row| {
+                        row.get(0)
                     })
-                    .map_err(fail)?;
-                let snapshot = snapshot.map(|v| v as u64).filter(|v| *v <= version);
-                // A load replays from the snapshot's own version: that event stays.
-                if snapshot.is_none_or(|s| s <= pruned.last_version) {
-                    return Err(Error::PruneBreaksStream {
-                        aggregate_type: stream.aggregate_type.clone(),
-                        aggregate_id: stream.aggregate_id.clone(),
-                        pruned: pruned.last_version,
-                        snapshot,
-                    });
-                }
-            }
+                    .optional()
+                })
+                .map_err(fail)?;
+            let stored = StoredStream {
+                lowest: lowest.map(|v| v.max(0) as u64),
+                highest: highest.unwrap_or(0).max(0) as u64,
+                snapshot: snapshot.map(|v| v as u64),
+            };
+            check_stream(&horizon.path, pruned, stored)?;
         }
         let mut delete = conn
             .prepare_cached("DELETE FROM events WHERE position = ?1 AND event_id = ?2")
