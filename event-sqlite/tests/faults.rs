@@ -447,21 +447,23 @@ async fn a_database_with_a_newer_schema_is_refused_and_kept() {
             ..
         } => {
             assert!(
-                reason.contains("99") && reason.contains("version 4"),
+                reason.contains("99")
+                    && reason.contains(&format!("version {}", eventfold_sqlite::SCHEMA_VERSION)),
                 "{reason}"
             );
         }
         other => panic!("expected SchemaTooNew, got {other:?}"),
     }
     let message = error.to_string();
+    let current = eventfold_sqlite::SCHEMA_VERSION;
     assert!(
-        message.contains("99") && message.contains("version 4"),
+        message.contains("99") && message.contains(&format!("version {current}")),
         "{message}"
     );
     assert_eq!(error.store_kind(), Some(StoreErrorKind::SchemaTooNew));
 
-    // Nothing was changed: back at version 4, everything is there.
-    set(&path, "PRAGMA user_version = 4");
+    // Nothing was changed: back at the current version, everything is there.
+    set(&path, &format!("PRAGMA user_version = {current}"));
     let (store, _) = open(&dir, SqliteOptions::new()).await;
     assert_eq!(assert_kept(&store, &before).await.len(), 3);
 }
