@@ -287,10 +287,10 @@ fn a_standby_takes_over_once_the_lease_of_a_bus_that_died_without_stopping_expir
 async fn four_segments_split_two_and_two_and_every_event_is_handled_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    // Long enough that the renewals, queued behind the appends on the store's writer,
-    // answer within the share of the lease a segment runs for: a late one stops the segment
-    // (as a lost lease) and its events come again, which this test counts as twice.
-    let ttl = Duration::from_secs(3);
+    // Short: the renewals go ahead of the appends on the store's writer, so they answer
+    // within the share of the lease a segment runs for (a late one would stop the segment
+    // as a lost lease, and its events would come again, which this test counts as twice).
+    let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
     let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
     wait_split("each bus holds two segments", &a, &b, 2).await;
@@ -393,10 +393,10 @@ async fn on_postgresql_two_buses_split_four_segments_and_one_takes_all_when_the_
         return;
     }
     let schema = pg::Schema::new();
-    // Long enough that the renewals, queued behind the appends on the store's writer,
-    // answer within the share of the lease a segment runs for: a late one stops the segment
-    // (as a lost lease) and its events come again, which this test counts as twice.
-    let ttl = Duration::from_secs(3);
+    // Short: the renewals go ahead of the appends on the store's writer, so they answer
+    // within the share of the lease a segment runs for (a late one would stop the segment
+    // as a lost lease, and its events would come again, which this test counts as twice).
+    let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(schema.open().await, 4, ttl).await;
     let (b, b_handled) = bus_on(schema.open().await, 4, ttl).await;
     wait_split("each bus holds two segments", &a, &b, 2).await;
