@@ -425,6 +425,75 @@ async fn on_postgresql_two_buses_split_four_segments_and_one_takes_all_when_the_
     b.stop().await.unwrap();
 }
 
+/// A bus asking for another segment count than the store has stored for the subscription
+/// fails to start with a typed error, and starts once the subscription is reset.
+async fn another_segment_count_is_refused_at_start(first: impl IntoStore, second: impl IntoStore) {
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(first, 4, ttl).await;
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, 20, 4).await;
+    a.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 20);
+    a.stop().await.unwrap();
+
+    let b = EventBus::builder()
+        .store(second)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let b_handled: Handled = Arc::default();
+    let recorder = Arc::clone(&b_handled);
+    b.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event();
+        record(&recorder, meter, *n);
+        std::future::ready(())
+    })
+    .segments(2)
+    .register()
+    .unwrap();
+    let refused = b.start().await;
+    assert!(
+        matches!(
+            &refused,
+            Err(Error::SegmentCountMismatch { subscription, stored: 4, requested: 2 })
+                if subscription == "meters"
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(count(&b_handled), 0, "a refused bus delivers nothing");
+
+    // A reset clears the stored count: the new one is taken, from the reset checkpoint.
+    b.reset_subscription("meters", ResetTo::Start)
+        .await
+        .unwrap();
+    b.start().await.unwrap();
+    wait_held("the new bus holds both segments", &b, |s| s.len() == 2).await;
+    wait_until("every event is handled again", || async {
+        count(&b_handled) >= 20
+    })
+    .await;
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&b_handled), 20);
+    assert_eq!(b.statistics().await.unwrap().subscriptions[0].segments, 2);
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_bus_with_another_segment_count_fails_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    another_segment_count_is_refused_at_start(sqlite(&path).await, sqlite(&path).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_a_bus_with_another_segment_count_fails_to_start() {
+    if pg::no_server() {
+        return;
+    }
+    let schema = pg::Schema::new();
+    another_segment_count_is_refused_at_start(schema.open().await, schema.open().await).await;
+}
+
 #[tokio::test]
 async fn without_a_store_every_segment_runs_on_the_bus() {
     let bus = EventBus::builder().build().unwrap();

@@ -328,6 +328,30 @@ async fn give_up_drained(engine: &Engine, store: &Arc<dyn EventStore>) -> Result
     Ok(())
 }
 
+/// Checks, before a bus starts, that each durable subscription asks for the segment count
+/// its store has stored (if any): a bus with another count could claim nothing, and would
+/// only log it round after round. [`Error::SegmentCountMismatch`] for the first that
+/// differs; a reset (which clears the stored count) lets a new count be used.
+pub(crate) async fn check_segment_counts(engine: &Engine) -> Result<()> {
+    let Some(store) = &engine.store else {
+        return Ok(());
+    };
+    let subs = engine.routing.borrow().subs.clone();
+    for sub in subs {
+        let states = store.segment_states(&sub.name).await?;
+        if let Some(stored) = states.first().map(|s| s.segments)
+            && stored != sub.segments
+        {
+            return Err(Error::SegmentCountMismatch {
+                subscription: sub.name.to_string(),
+                stored,
+                requested: sub.segments,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Releases every lease the bus holds or claimed, and leaves the subscriptions, when it
 /// stops (after its checkpoints were saved), so a standby takes over at once. A store that
 /// cannot be reached then does not fail the stop: the leases expire on their own.

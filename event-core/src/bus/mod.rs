@@ -462,8 +462,12 @@ impl SubscriptionBuilder<'_> {
     /// checkpoint, so events are delivered at least once (some again after a crash).
     /// With one segment (the default) one bus runs the subscription and the others stand
     /// by; its checkpoint is the subscription's plain checkpoint. Every bus running the
-    /// subscription must ask for the same count: a claim with another count fails (and is
-    /// logged) until the subscription is reset. Without a store it changes nothing.
+    /// subscription must ask for the same count: [`EventBus::start`] fails with
+    /// [`Error::SegmentCountMismatch`] when the store has another count stored for it,
+    /// until the subscription is reset (a subscription registered on a running bus, or
+    /// two buses starting with different counts at once, can only be refused at the claim:
+    /// that is logged and tried again each lease round). Without a store it changes
+    /// nothing.
     pub fn segments(mut self, segments: u32) -> Self {
         self.segments = segments;
         self
@@ -664,9 +668,20 @@ impl EventBus {
 
     /// Starts delivering: validates the event registry, then starts the dispatcher and the
     /// workers. Durable subscriptions catch up from their checkpoints.
+    ///
+    /// With a store, fails with [`Error::SegmentCountMismatch`] (starting nothing) if a
+    /// subscription asks for another segment count than the store has stored for it (see
+    /// [`SubscriptionBuilder::segments`]), or with the store's error if it cannot read the
+    /// stored counts.
     pub async fn start(&self) -> Result<()> {
         registry().validate()?;
         let _gate = self.inner.lifecycle_gate.lock().await;
+        if matches!(
+            *self.inner.state.lock().unwrap_or_else(|e| e.into_inner()),
+            Lifecycle::Built
+        ) {
+            leases::check_segment_counts(&self.inner.engine).await?;
+        }
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         match *state {
             Lifecycle::Built => {}
