@@ -494,6 +494,104 @@ async fn on_postgresql_a_bus_with_another_segment_count_fails_to_start() {
     another_segment_count_is_refused_at_start(schema.open().await, schema.open().await).await;
 }
 
+/// A bus holds every segment with a backlog, its handlers all held up; a second bus
+/// joins. The first gives two segments up at once: their deliveries not yet started are
+/// dropped, and once the attempts under way end (the test lets them) the checkpoints are
+/// saved and the leases released, so the second takes the segments over from there. It
+/// does not work through their backlog first: of each aggregate of a segment it gave up,
+/// it handled the one event under way and nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders_backlog() {
+    const AGGREGATES: u64 = 40;
+    const EVENTS: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+
+    let a = EventBus::builder()
+        .store(sqlite(&path).await)
+        .workers(2)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let a_handled: Handled = Arc::default();
+    let entered: Handled = Arc::default();
+    let (recorder, entering) = (Arc::clone(&a_handled), Arc::clone(&entered));
+    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event().clone();
+        let (recorder, mut gate) = (Arc::clone(&recorder), gate.clone());
+        record(&entering, &meter, n);
+        async move {
+            gate.wait_for(|open| *open).await.unwrap();
+            record(&recorder, &meter, n);
+            Ok::<_, Error>(())
+        }
+    })
+    .segments(4)
+    .register()
+    .unwrap();
+    a.start().await.unwrap();
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, EVENTS, AGGREGATES).await;
+    // Every aggregate's lane has its first event under way, held up; the rest wait.
+    wait_until("an event of each aggregate is under way", || async {
+        count(&entered) == AGGREGATES as usize
+    })
+    .await;
+
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_held("the first bus gives two segments up", &a, |s| s.len() == 2).await;
+    let kept = a.watch_held_segments("meters").unwrap().borrow().clone();
+    open.send(true).unwrap();
+    wait_held("the second bus took two segments over", &b, |s| {
+        s.len() == 2
+    })
+    .await;
+    let taken = b.watch_held_segments("meters").unwrap().borrow().clone();
+    assert!(
+        kept.iter().all(|s| !taken.contains(s)),
+        "{kept:?} {taken:?}"
+    );
+
+    wait_until("every event is handled", || async {
+        let mut all: HashSet<u64> = HashSet::new();
+        for handled in [&a_handled, &b_handled] {
+            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
+        }
+        all.len() == EVENTS as usize
+    })
+    .await;
+    a.wait_idle().await.unwrap();
+    b.wait_idle().await.unwrap();
+    assert_in_order(&a_handled);
+    assert_in_order(&b_handled);
+    let segment =
+        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+    let mut given_up: HashMap<String, Vec<u64>> = HashMap::new();
+    for (meter, n) in a_handled.lock().unwrap().iter() {
+        if !kept.contains(&segment(meter)) {
+            given_up.entry(meter.clone()).or_default().push(*n);
+        }
+    }
+    assert!(
+        given_up.values().all(|ns| ns.len() <= 1),
+        "the first bus went on delivering segments it gave up: {given_up:?}"
+    );
+    let per_segment = |h: &Handled, segments: &[u32]| {
+        h.lock()
+            .unwrap()
+            .iter()
+            .all(|(meter, _)| segments.contains(&segment(meter)))
+    };
+    assert!(
+        per_segment(&b_handled, &taken),
+        "the second bus handles only its segments"
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn without_a_store_every_segment_runs_on_the_bus() {
     let bus = EventBus::builder().build().unwrap();

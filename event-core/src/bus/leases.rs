@@ -8,8 +8,11 @@
 //!   not renew before the lease ran out) stops that segment at once: its deliveries not
 //!   yet started are dropped here, and the new owner delivers them again from the saved
 //!   checkpoint (at least once);
-//! - gives up segments beyond its share: they take nothing new, and once their last
-//!   delivery finished their checkpoint is saved and the lease released;
+//! - gives up segments beyond its share: they take nothing new and stop running here at
+//!   once (their deliveries not yet started are dropped, as for a lost lease), and once
+//!   the attempts under way ended their checkpoint (below the first dropped delivery) is
+//!   saved and the lease released, so the next owner starts there without waiting for
+//!   this bus to work through its backlog;
 //! - claims free segments up to its share, for the dispatcher to take up at their
 //!   checkpoints.
 //!
@@ -184,10 +187,14 @@ impl Keeper {
             .count() as u32;
         let holding = held.len() as u32 + pending;
         if holding > share {
-            // The highest segments go first, so members settle on the same split.
+            // The highest segments go first, so members settle on the same split. A
+            // segment given up stops running here at once, as a lost one does: its
+            // deliveries not yet started are dropped (the next owner delivers them from
+            // the checkpoint), and it is released once the attempts under way ended.
             let mut tracker = engine.lock_tracker();
             for &segment in held.iter().rev().take((holding - share) as usize) {
                 tracker.drain((sub.index, segment));
+                sub.set_held(segment, None);
             }
             if tracker.take_drained() {
                 engine.keeper_wake.notify_one();

@@ -454,8 +454,10 @@ impl SubscriptionBuilder<'_> {
     /// ([`segment_of`](crate::lease::segment_of)), so an aggregate's events stay in order.
     ///
     /// With a store, a bus runs only the segments whose lease it holds: each bus takes a
-    /// fair share, `ceil(segments / live buses)`, gives up what is beyond it (after
-    /// finishing that segment's work and saving its checkpoint) and takes over the
+    /// fair share, `ceil(segments / live buses)`, gives up what is beyond it (at once: it
+    /// drops that segment's deliveries not yet started, lets those under way end, saves
+    /// its checkpoint and releases the lease; the next owner delivers the rest from that
+    /// checkpoint) and takes over the
     /// segments of a bus that stopped (at once) or died (once its leases expire, see
     /// [`EventBusBuilder::lease_ttl`]). Each segment has its own checkpoint, saved only
     /// while its lease holds; after a takeover the new owner resumes from the saved

@@ -155,9 +155,10 @@ struct Finished {
     room: u64,
     /// Finished deliveries per subscription (their `queued` counters).
     by_sub: Vec<(Arc<Sub>, u64)>,
-    /// (subscription and segment, lease epoch, position) of finished deliveries, for the
-    /// checkpoints.
-    positions: Vec<(TrackKey, u64, u64)>,
+    /// (subscription and segment, lease epoch, position, handled) of finished deliveries,
+    /// for the checkpoints: `handled` is false for one dropped before it started (its
+    /// segment no longer runs here), which the checkpoint must not pass.
+    positions: Vec<(TrackKey, u64, u64, bool)>,
     /// Finished published events, to hand back to their publisher.
     published: Vec<Arc<dyn PublishedEvent>>,
     /// Deliveries that began to wait without a slot.
@@ -664,7 +665,7 @@ impl Worker {
         // delivers from its saved checkpoint): dropped here.
         if !held.sub.active.load(Ordering::Acquire) || !held.runs() {
             let pending = self.take_held();
-            self.finish(&pending);
+            self.finish_as(&pending, false);
             return Step::Done;
         }
         if held.give_up {
@@ -798,6 +799,12 @@ impl Worker {
     /// One delivery of `event` is finished (handled, dead-lettered or dropped because its
     /// subscription left); reported with the others by [`report_finished`](Self::report_finished).
     fn finish(&mut self, pending: &Pending) {
+        self.finish_as(pending, true);
+    }
+
+    /// [`finish`](Self::finish), saying whether the delivery was handled (or
+    /// dead-lettered) or dropped before it started.
+    fn finish_as(&mut self, pending: &Pending, handled: bool) {
         let (event, sub) = (&pending.event, &pending.sub);
         let finished = &mut self.finished;
         match finished
@@ -810,9 +817,12 @@ impl Worker {
         }
         if self.engine.store.is_some() {
             let key = (sub.index, sub.segment_of(event.partition));
-            finished
-                .positions
-                .push((key, pending.epoch.unwrap_or(0), event.record().position));
+            finished.positions.push((
+                key,
+                pending.epoch.unwrap_or(0),
+                event.record().position,
+                handled,
+            ));
         }
         if pending.hold != Hold::Queue {
             // Its event left the queue when it began to wait.
@@ -850,8 +860,12 @@ impl Worker {
         if !finished.positions.is_empty() {
             let mut advanced = false;
             let mut tracker = engine.lock_tracker();
-            for (key, epoch, position) in finished.positions.drain(..) {
-                advanced |= tracker.complete(key, epoch, position);
+            for (key, epoch, position, handled) in finished.positions.drain(..) {
+                if handled {
+                    advanced |= tracker.complete(key, epoch, position);
+                } else {
+                    tracker.dropped(key, epoch, position);
+                }
             }
             let drained = tracker.take_drained();
             drop(tracker);
