@@ -74,11 +74,18 @@ enum Hold {
     Reread,
 }
 
-/// The deliveries of a lane that left memory: its stream's events from `from_version` up
-/// to position `upto`, for `sub`, read again from the store when the lane gets to them.
+/// The deliveries of a lane that left memory: its stream's events in `span`, for `sub`,
+/// read again from the store when the lane gets to them.
 struct Deferred {
     sub: Arc<Sub>,
     stream: StreamId,
+    span: Span,
+}
+
+/// Where a lane's deferred deliveries are in its stream: from `from_version` up to
+/// position `upto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
     from_version: u64,
     /// The position of the first of them.
     from_position: u64,
@@ -91,6 +98,41 @@ struct Deferred {
     /// The lease epoch of its latest deliveries: the range's deliveries come back under
     /// it (those of an earlier hold that are still open are the later hold's too).
     epoch: Option<u64>,
+}
+
+impl Span {
+    /// An empty span that the delivery at this version and position starts: [`take`]
+    /// it next (so that first delivery does not count as one routed again).
+    ///
+    /// [`take`]: Self::take
+    fn starting(version: u64, position: u64, epoch: Option<u64>) -> Self {
+        Span {
+            from_version: version,
+            from_position: position,
+            upto: position.saturating_sub(1),
+            count: 0,
+            rewound: false,
+            epoch,
+        }
+    }
+
+    /// Takes in one more delivery of the stream. The span only widens: a delivery below
+    /// it (routed again after its segment was claimed again) moves its start down, and one
+    /// inside it is read again with it. Were `upto` set to a lower position, the
+    /// deliveries above it would never be read again, and the segment's checkpoint would
+    /// wait for them forever (a kill test's segment stalled at 19,999 of 20,000 so).
+    fn take(&mut self, version: u64, position: u64, epoch: Option<u64>) {
+        if position <= self.upto {
+            self.rewound = true;
+        }
+        if position < self.from_position {
+            self.from_position = position;
+            self.from_version = version;
+        }
+        self.upto = self.upto.max(position);
+        self.count += 1;
+        self.epoch = self.epoch.max(epoch);
+    }
 }
 
 impl Pending {
@@ -404,32 +446,15 @@ impl Worker {
                 None => Some(lane.deferred.insert(Deferred {
                     sub: Arc::clone(&pending.sub),
                     stream: record.stream_id(),
-                    from_version: record.version,
-                    from_position: record.position,
-                    upto: record.position,
-                    count: 0,
-                    rewound: false,
-                    epoch: pending.epoch,
+                    span: Span::starting(record.version, record.position, pending.epoch),
                 })),
                 Some(d) if same_stream(d) => Some(d),
                 Some(_) => None,
             };
             if let Some(deferred) = deferred {
-                // The range only widens: a delivery below it (routed again after its
-                // segment was claimed again) moves its start down, and one inside it is
-                // read again with it. Were `upto` set to a lower position, the deliveries
-                // above it would never be read again, and the segment's checkpoint would
-                // wait for them forever.
-                if record.position <= deferred.upto {
-                    deferred.rewound = true;
-                }
-                if record.position < deferred.from_position {
-                    deferred.from_position = record.position;
-                    deferred.from_version = record.version;
-                }
-                deferred.upto = deferred.upto.max(record.position);
-                deferred.count += 1;
-                deferred.epoch = deferred.epoch.max(pending.epoch);
+                deferred
+                    .span
+                    .take(record.version, record.position, pending.epoch);
                 self.release(&pending.event);
                 return;
             }
@@ -469,9 +494,9 @@ impl Worker {
     ) -> crate::error::Result<Vec<RecordedEvent>> {
         let store = engine.store.as_ref().expect("deferred only with a store");
         let mut events = Vec::new();
-        let mut next = deferred.from_position;
-        while next <= deferred.upto {
-            let limit = usize::try_from(deferred.upto - next + 1)
+        let mut next = deferred.span.from_position;
+        while next <= deferred.span.upto {
+            let limit = usize::try_from(deferred.span.upto - next + 1)
                 .unwrap_or(usize::MAX)
                 .min(engine.batch_size);
             let page = read_page(store.as_ref(), next, limit).await?;
@@ -497,7 +522,7 @@ impl Worker {
             .as_ref()
             .expect("deferred only with a store");
         let events = match store
-            .read_stream(&deferred.stream, deferred.from_version)
+            .read_stream(&deferred.stream, deferred.span.from_version)
             .await
         {
             Ok(events) => events,
@@ -511,7 +536,7 @@ impl Worker {
         let sub = &deferred.sub;
         let mut reread = VecDeque::new();
         for record in events {
-            if record.position > deferred.upto {
+            if record.position > deferred.span.upto {
                 break;
             }
             // The dispatcher's choice, made again: its types, or an unregistered type of
@@ -534,24 +559,26 @@ impl Worker {
             event.remaining = None;
             let mut pending = Pending::new(event, Arc::clone(sub));
             pending.hold = Hold::Reread;
-            pending.epoch = deferred.epoch;
+            pending.epoch = deferred.span.epoch;
             reread.push_back(pending);
         }
         let found = reread.len() as u64;
-        if found != deferred.count {
+        if found != deferred.span.count {
             // Counted as waiting when they left; settle the count with what came back (a
             // subscription that left finds none: the tracker dropped its positions).
-            if sub.active.load(Ordering::Acquire) && !(deferred.rewound && found < deferred.count) {
+            if sub.active.load(Ordering::Acquire)
+                && !(deferred.span.rewound && found < deferred.span.count)
+            {
                 tracing::error!(
-                    expected = deferred.count,
+                    expected = deferred.span.count,
                     found,
                     "deferred deliveries read again do not match"
                 );
             }
-            if found > deferred.count {
-                self.engine.room.wait_outside(found - deferred.count);
+            if found > deferred.span.count {
+                self.engine.room.wait_outside(found - deferred.span.count);
             } else {
-                self.finished.waited_done += deferred.count - found;
+                self.finished.waited_done += deferred.span.count - found;
             }
         }
         Ok(reread)
@@ -918,5 +945,63 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Span;
+
+    /// A lane's span after deliveries at (version, position), the first starting it.
+    fn span_of(deliveries: &[(u64, u64)], epoch: Option<u64>) -> Span {
+        let (version, position) = deliveries[0];
+        let mut span = Span::starting(version, position, epoch);
+        for &(version, position) in deliveries {
+            span.take(version, position, epoch);
+        }
+        span
+    }
+
+    #[test]
+    fn a_span_grows_with_the_deliveries_of_its_stream() {
+        let span = span_of(&[(3, 10), (4, 12), (5, 20)], Some(1));
+        assert_eq!(
+            (span.from_version, span.from_position, span.upto, span.count),
+            (3, 10, 20, 3)
+        );
+        assert!(!span.rewound, "nothing came twice");
+    }
+
+    /// The kill tests' stall at 19,999 of 20,000: the segment was lost and claimed again
+    /// by this bus, whose dispatcher routed the lane's positions again from the saved
+    /// checkpoint, below and inside the span. The span must only widen: had its end moved
+    /// down to the re-routed position, the deliveries above it would never be read again,
+    /// and the segment's checkpoint would wait for them forever.
+    #[test]
+    fn a_delivery_routed_again_below_or_inside_a_span_only_widens_it() {
+        let mut span = span_of(&[(5, 20), (6, 25), (7, 30)], Some(1));
+        // Claimed again (epoch 2) from an older checkpoint: 15 (below) comes again first.
+        span.take(4, 15, Some(2));
+        assert_eq!((span.from_version, span.from_position), (4, 15));
+        assert_eq!(span.upto, 30, "the end stays where it was");
+        assert!(span.rewound);
+        // Then 20 and 25, inside it: nothing moves.
+        span.take(5, 20, Some(2));
+        span.take(6, 25, Some(2));
+        assert_eq!(
+            (span.from_version, span.from_position, span.upto),
+            (4, 15, 30)
+        );
+        assert_eq!(span.epoch, Some(2), "read again under the latest hold");
+        assert_eq!(
+            span.count, 6,
+            "every delivery counted, those routed twice too"
+        );
+        // And past the old end: it widens up.
+        span.take(8, 31, Some(2));
+        assert_eq!((span.from_position, span.upto), (15, 31));
+        // A delivery of the earlier hold coming late leaves the epoch at the later one.
+        span.take(8, 31, Some(1));
+        assert_eq!(span.epoch, Some(2));
     }
 }
