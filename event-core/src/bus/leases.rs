@@ -194,7 +194,7 @@ impl Keeper {
             let mut tracker = engine.lock_tracker();
             for &segment in held.iter().rev().take((holding - share) as usize) {
                 tracker.drain((sub.index, segment));
-                sub.set_held(segment, None);
+                sub.stop_running(segment);
             }
             if tracker.take_drained() {
                 engine.keeper_wake.notify_one();

@@ -99,6 +99,25 @@ impl Sub {
         });
     }
 
+    /// Stops running a segment whose lease this bus still holds, as it gives it up: its
+    /// deliveries not yet started are dropped, and the held segments' watch no longer
+    /// lists it. The epoch stays, so deliveries that come to a worker from now on still
+    /// carry the hold they were routed under (and their drop is that hold's); the lease's
+    /// release clears it ([`set_held`](Self::set_held) with `None`).
+    pub(crate) fn stop_running(&self, segment: u32) {
+        if let Some(flag) = self.held.get(segment as usize) {
+            flag.store(false, Ordering::Release);
+        }
+        self.held_watch
+            .send_if_modified(|held| match held.binary_search(&segment) {
+                Ok(at) => {
+                    held.remove(at);
+                    true
+                }
+                Err(_) => false,
+            });
+    }
+
     /// Marks every segment as not run here (the bus stopped and released its leases).
     pub(crate) fn clear_held(&self) {
         for segment in 0..self.segments {
