@@ -1,7 +1,8 @@
 //! The lease keeper of a bus with a store: which segments of each durable subscription
 //! this bus runs.
 //!
-//! Every `lease_ttl / 3` (and whenever the subscriptions change or a segment being given up
+//! Every `lease_ttl / 3` (a quarter of that for one lease time after a subscription's
+//! members changed, and whenever the subscriptions change or a segment being given up
 //! finished its work) it heartbeats each subscription's membership, computes its fair
 //! share, `ceil(segments / live members)`, and then:
 //! - renews the leases it holds; a lease it lost (another member took it over, or it could
@@ -26,7 +27,7 @@
 //! lease expired in the store: two live processes ran one segment, the new one from the
 //! older checkpoint, until the late renewal came back refused.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -45,6 +46,11 @@ use crate::store::EventStore;
 /// renewal may be late by nearly half the lease time before a segment stops.
 const RUN_SHARE: (u32, u32) = (4, 5);
 
+/// How many times more often than every `lease_ttl / 3` the keeper runs its rounds for
+/// one lease time after it saw a subscription's members change (its own first round
+/// included), so a hand-over does not wait for a whole round of the member taking over.
+const QUICK_ROUNDS: u32 = 4;
+
 /// Until when a segment whose lease was asked for (claimed or renewed) at `asked` runs.
 fn run_until(asked: Instant, ttl: std::time::Duration) -> Instant {
     asked + ttl * RUN_SHARE.0 / RUN_SHARE.1
@@ -55,6 +61,10 @@ fn run_until(asked: Instant, ttl: std::time::Duration) -> Instant {
 struct Keeper {
     /// Subscriptions it is a member of, to leave when they leave the bus.
     joined: HashSet<Arc<str>>,
+    /// How many live members each subscription had at the last heartbeat.
+    members: HashMap<Arc<str>, usize>,
+    /// Rounds come [`QUICK_ROUNDS`] times as often until then.
+    quick_until: Option<Instant>,
 }
 
 /// Keeps the leases of the bus's durable subscriptions until the bus stops.
@@ -70,14 +80,22 @@ pub(crate) async fn keep_leases(engine: Arc<Engine>) {
                 return;
             }
             let table = Arc::clone(&routing.borrow_and_update());
-            keeper.round(&engine, &store, &table).await;
+            let quick = keeper.round(&engine, &store, &table).await;
             engine
                 .keeper_seen
                 .fetch_max(table.version, Ordering::SeqCst);
             // `wait_idle` may be waiting for this round.
             engine.progress.notify_waiters();
+            // Just after the members changed, rounds come more often: segments being given
+            // up by another member come free once its attempts under way end, not at a
+            // round of this one.
+            let next = if quick {
+                interval / QUICK_ROUNDS
+            } else {
+                interval
+            };
             tokio::select! {
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(next) => {}
                 () = engine.keeper_wake.notified() => {}
                 _ = routing.changed() => {}
                 _ = stopping.changed() => return,
@@ -123,7 +141,14 @@ async fn stop_overdue(engine: &Engine) {
 }
 
 impl Keeper {
-    async fn round(&mut self, engine: &Engine, store: &Arc<dyn EventStore>, table: &Routing) {
+    /// One round over every subscription; true while the next rounds are to come quickly
+    /// (the members of a subscription changed less than a lease time ago).
+    async fn round(
+        &mut self,
+        engine: &Engine,
+        store: &Arc<dyn EventStore>,
+        table: &Routing,
+    ) -> bool {
         let overdue =
             std::mem::take(&mut *engine.overdue.lock().unwrap_or_else(|e| e.into_inner()));
         if !overdue.is_empty()
@@ -150,6 +175,8 @@ impl Keeper {
                 Err(error) => tracing::warn!(%error, subscription = %name, "cannot leave"),
             }
         }
+        self.members.retain(|name, _| self.joined.contains(name));
+        self.quick_until.is_some_and(|until| Instant::now() < until)
     }
 
     /// One subscription's round: heartbeat, renew, give up, claim.
@@ -164,6 +191,9 @@ impl Keeper {
         self.renew(engine, store, sub).await;
         let members = store.heartbeat(&sub.name, &engine.member, ttl).await?;
         self.joined.insert(Arc::clone(&sub.name));
+        if self.members.insert(Arc::clone(&sub.name), members.len()) != Some(members.len()) {
+            self.quick_until = Some(Instant::now() + ttl);
+        }
         let live = u32::try_from(members.len()).unwrap_or(u32::MAX).max(1);
         let share = sub.segments.div_ceil(live);
 
