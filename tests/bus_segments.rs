@@ -478,6 +478,41 @@ async fn another_segment_count_is_refused_at_start(first: impl IntoStore, second
     b.stop().await.unwrap();
 }
 
+/// A subscription registered on a running bus with another segment count than the store
+/// has stored: its claims are refused, and `wait_idle` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_registered_on_a_running_bus_with_another_segment_count_fails_wait_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    let (a, _) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+
+    let b = EventBus::builder()
+        .store(sqlite(&path).await)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    b.start().await.unwrap();
+    b.subscribe("meters", |_: Delivery<MeterEvent>| async {})
+        .segments(2)
+        .register()
+        .unwrap();
+    let refused = b.wait_idle().await;
+    assert!(
+        matches!(
+            &refused,
+            Err(Error::SegmentCountMismatch { subscription, stored: 4, requested: 2 })
+                if subscription == "meters"
+        ),
+        "{refused:?}"
+    );
+    assert!(b.watch_held_segments("meters").unwrap().borrow().is_empty());
+    assert_eq!(held(&a).await.len(), 4, "the first bus runs on");
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_sqlite_a_bus_with_another_segment_count_fails_to_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -157,8 +157,15 @@ impl Keeper {
             tracing::warn!(%error, "cannot release the leases of stopped segments; they expire on their own");
         }
         for sub in &table.subs {
-            if let Err(error) = self.keep(engine, store, sub).await {
-                tracing::warn!(%error, subscription = %sub.name, "cannot keep segment leases; trying again");
+            match self.keep(engine, store, sub).await {
+                Ok(()) => sub.refused_count.store(0, Ordering::Release),
+                Err(error) => {
+                    if let Error::SegmentCountMismatch { stored, .. } = &error {
+                        // `wait_idle` reports it; a reset lets the next claim through.
+                        sub.refused_count.store(*stored, Ordering::Release);
+                    }
+                    tracing::warn!(%error, subscription = %sub.name, "cannot keep segment leases; trying again");
+                }
             }
         }
         let left: Vec<Arc<str>> = self

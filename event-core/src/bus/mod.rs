@@ -466,10 +466,10 @@ impl SubscriptionBuilder<'_> {
     /// by; its checkpoint is the subscription's plain checkpoint. Every bus running the
     /// subscription must ask for the same count: [`EventBus::start`] fails with
     /// [`Error::SegmentCountMismatch`] when the store has another count stored for it,
-    /// until the subscription is reset (a subscription registered on a running bus, or
-    /// two buses starting with different counts at once, can only be refused at the claim:
-    /// that is logged and tried again each lease round). Without a store it changes
-    /// nothing.
+    /// until the subscription is reset. A subscription registered on a running bus (or two
+    /// buses starting with different counts at once) is refused at the claim instead:
+    /// [`EventBus::wait_idle`] then fails with that error, and the bus tries again each
+    /// lease round. Without a store it changes nothing.
     pub fn segments(mut self, segments: u32) -> Self {
         self.segments = segments;
         self
@@ -527,6 +527,7 @@ impl SubscriptionBuilder<'_> {
                 Some(_) => Vec::new(),
                 None => (0..self.segments).collect(),
             }),
+            refused_count: std::sync::atomic::AtomicU32::new(0),
         }));
         inner.publish_routing(&subs);
         Ok(SubscriptionHandle { name })
@@ -777,6 +778,23 @@ impl EventBus {
         })
     }
 
+    /// The first subscription whose claims the store refused for its segment count, as
+    /// the error.
+    fn refused_segment_count(&self) -> Result<()> {
+        let subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+        for sub in subs.iter() {
+            let stored = sub.refused_count.load(Ordering::Acquire);
+            if stored != 0 {
+                return Err(Error::SegmentCountMismatch {
+                    subscription: sub.name.to_string(),
+                    stored,
+                    requested: sub.segments,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until every published event is handled (or dead-lettered) by every
     /// subscription and, with a store, the bus has read the log up to its head and saved
     /// every checkpoint that moved: once it returns, `store.load_checkpoint` agrees with
@@ -792,6 +810,11 @@ impl EventBus {
     /// when the call starts), so events other processes appended before it count too; the
     /// bus reads up to it even if the store's head watch has not reported it yet. Fails
     /// with the store's error if the head cannot be read.
+    ///
+    /// Fails with [`Error::SegmentCountMismatch`] when a subscription registered on the
+    /// running bus asks for another segment count than the store has stored for it (its
+    /// claims are refused, so it runs nothing here; the bus tries again each round, which
+    /// succeeds once the subscription is reset).
     pub async fn wait_idle(&self) -> Result<()> {
         let mut head_read = false;
         loop {
@@ -810,7 +833,8 @@ impl EventBus {
             tokio::pin!(progress);
             progress.as_mut().enable();
             if engine.is_idle() {
-                return dispatch::save_checkpoints(engine).await;
+                dispatch::save_checkpoints(engine).await?;
+                return self.refused_segment_count();
             }
             // The head can move without a notification from the bus (another writer);
             // look again now and then.

@@ -52,6 +52,10 @@ pub(crate) struct Sub {
     /// The segments this bus runs, for
     /// [`EventBus::watch_held_segments`](super::EventBus::watch_held_segments).
     pub(crate) held_watch: tokio::sync::watch::Sender<Vec<u32>>,
+    /// The segment count the store has stored for it when that is not `segments` (its
+    /// claims are refused; 0: none refused), for [`EventBus::wait_idle`](super::EventBus::wait_idle)
+    /// to report.
+    pub(crate) refused_count: std::sync::atomic::AtomicU32,
 }
 
 impl Sub {
