@@ -627,6 +627,100 @@ async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders
     b.stop().await.unwrap();
 }
 
+/// As above, but the attempts under way in the segments given up fail, with a retry an
+/// hour away: the hand-over does not wait for the retries (the next owner delivers those
+/// events), and the first bus stores no dead letter for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_given_up_does_not_wait_for_the_retries_of_its_failed_attempts() {
+    const AGGREGATES: u64 = 40;
+    const EVENTS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    let segment =
+        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+
+    let a = EventBus::builder()
+        .store(sqlite(&path).await)
+        .workers(2)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    // The segments the first bus keeps, once known; until then every attempt waits.
+    let (keep, kept_rx) = tokio::sync::watch::channel(None::<Vec<u32>>);
+    let a_handled: Handled = Arc::default();
+    let entered: Handled = Arc::default();
+    let (recorder, entering) = (Arc::clone(&a_handled), Arc::clone(&entered));
+    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event().clone();
+        let (recorder, mut kept) = (Arc::clone(&recorder), kept_rx.clone());
+        record(&entering, &meter, n);
+        async move {
+            let kept = kept
+                .wait_for(Option::is_some)
+                .await
+                .unwrap()
+                .clone()
+                .unwrap();
+            if !kept.contains(&segment(&meter)) {
+                return Err(format!("{meter} {n} fails"));
+            }
+            record(&recorder, &meter, n);
+            Ok(())
+        }
+    })
+    .segments(4)
+    .retry(eventfold::RetryPolicy::exponential(
+        5,
+        Duration::from_secs(3_600),
+        Duration::from_secs(3_600),
+    ))
+    .register()
+    .unwrap();
+    a.start().await.unwrap();
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, EVENTS, AGGREGATES).await;
+    wait_until("an event of each aggregate is under way", || async {
+        count(&entered) == AGGREGATES as usize
+    })
+    .await;
+
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_held("the first bus gives two segments up", &a, |s| s.len() == 2).await;
+    let kept = a.watch_held_segments("meters").unwrap().borrow().clone();
+    keep.send(Some(kept.clone())).unwrap();
+    wait_held("the second bus took two segments over", &b, |s| {
+        s.len() == 2
+    })
+    .await;
+    wait_until("every event is handled", || async {
+        let mut all: HashSet<u64> = HashSet::new();
+        for handled in [&a_handled, &b_handled] {
+            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
+        }
+        all.len() == EVENTS as usize
+    })
+    .await;
+    a.wait_idle().await.unwrap();
+    b.wait_idle().await.unwrap();
+    assert_in_order(&b_handled);
+    assert!(
+        a_handled
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(meter, _)| kept.contains(&segment(meter))),
+        "the first bus handled nothing of the segments it gave up"
+    );
+    let store = sqlite(&path).await;
+    assert!(
+        store.dead_letters(Some("meters")).await.unwrap().is_empty(),
+        "no dead letter for the attempts dropped with their segment"
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn without_a_store_every_segment_runs_on_the_bus() {
     let bus = EventBus::builder().build().unwrap();

@@ -746,6 +746,14 @@ impl Worker {
         held.failures = attempt;
         held.first_failed_at.get_or_insert(failed_at);
         held.last_error = failure.message;
+        if !held.runs() {
+            // Its segment stopped running here while the attempt ran (lost, or given up):
+            // the next owner delivers it from the saved checkpoint, so it neither waits for
+            // a retry (which would hold a hand-over up) nor becomes a dead letter here.
+            let pending = self.take_held();
+            self.finish_as(&pending, false);
+            return Step::Done;
+        }
         if failure.retryable && attempt < sub.retry.max_attempts() {
             Counters::add(&sub.counters.retried, 1);
             sub.metrics.retries.increment(1);
