@@ -721,6 +721,76 @@ async fn a_segment_given_up_does_not_wait_for_the_retries_of_its_failed_attempts
     b.stop().await.unwrap();
 }
 
+/// Every delivery of the first bus fails at once and waits for a retry an hour away when
+/// a second bus joins: the segments given up do not wait for those retries (their lanes
+/// are dropped at once), and the second bus handles all their events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_given_up_does_not_wait_for_retries_already_pending() {
+    const AGGREGATES: u64 = 40;
+    const EVENTS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    let segment =
+        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+
+    let a = EventBus::builder()
+        .store(sqlite(&path).await)
+        .workers(2)
+        .lease_ttl(ttl)
+        // Its own segments' retries are still an hour away when it stops.
+        .stop_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let failed: Handled = Arc::default();
+    let failing = Arc::clone(&failed);
+    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event();
+        record(&failing, meter, *n);
+        std::future::ready(Err::<(), _>(format!("{meter} {n} fails")))
+    })
+    .segments(4)
+    .retry(eventfold::RetryPolicy::exponential(
+        5,
+        Duration::from_secs(3_600),
+        Duration::from_secs(3_600),
+    ))
+    .register()
+    .unwrap();
+    a.start().await.unwrap();
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, EVENTS, AGGREGATES).await;
+    wait_until("the first event of each aggregate failed", || async {
+        count(&failed) == AGGREGATES as usize
+    })
+    .await;
+
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_held("the second bus took two segments over", &b, |s| {
+        s.len() == 2
+    })
+    .await;
+    let taken = b.watch_held_segments("meters").unwrap().borrow().clone();
+    let expected: HashSet<u64> = (0..EVENTS)
+        .filter(|n| taken.contains(&segment(&format!("m-{}", n % AGGREGATES))))
+        .collect();
+    wait_until("the second bus handled its segments' events", || async {
+        let handled: HashSet<u64> = b_handled.lock().unwrap().iter().map(|(_, n)| *n).collect();
+        handled == expected
+    })
+    .await;
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&b_handled), expected.len(), "none twice");
+    assert_in_order(&b_handled);
+    assert_eq!(
+        count(&failed),
+        AGGREGATES as usize,
+        "the first bus attempted each aggregate's first event once, and nothing more"
+    );
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn without_a_store_every_segment_runs_on_the_bus() {
     let bus = EventBus::builder().build().unwrap();

@@ -236,6 +236,8 @@ impl Keeper {
             if tracker.take_drained() {
                 engine.keeper_wake.notify_one();
             }
+            drop(tracker);
+            engine.segment_stopped();
         } else if holding < share {
             let asked = Instant::now();
             let leases = store

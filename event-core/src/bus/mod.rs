@@ -241,6 +241,7 @@ impl EventBusBuilder {
             keeper_seen: AtomicU64::new(0),
             keeper_wake: Notify::new(),
             overdue: Mutex::new(Vec::new()),
+            segments_stopped: watch::channel(0).0,
         };
         Ok(EventBus {
             inner: Arc::new(Inner {

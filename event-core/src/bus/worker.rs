@@ -164,6 +164,10 @@ struct Lane {
     head: Option<Pending>,
     behind: VecDeque<Pending>,
     deferred: Option<Deferred>,
+    /// When the timer it waits for is due (a retry, a dead letter or a read to try again);
+    /// `None` while its head runs. A timer of another moment is stale (the lane was woken
+    /// earlier, see [`Worker::wake_stopped`]) and passes it by.
+    waiting_until: Option<Instant>,
 }
 
 /// Where a lane's first delivery is after a move.
@@ -236,12 +240,16 @@ pub(crate) struct Worker {
     open: bool,
     jitter: Jitter,
     finished: Finished,
+    /// The engine's count of segments stopped here, as this worker last saw it.
+    stopped: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Worker {
     pub(crate) fn new(engine: Arc<Engine>, inbox: Arc<Inbox>, n: u64) -> Self {
         let jitter = Jitter::new(engine.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let stopped = engine.segments_stopped.subscribe();
         Worker {
+            stopped,
             engine,
             inbox,
             lanes: Lanes::default(),
@@ -281,6 +289,8 @@ impl Worker {
 
     async fn serve(&mut self) {
         let inbox = Arc::clone(&self.inbox);
+        // Only a bus with a store has segments that stop running here.
+        let durable = self.engine.store.is_some();
         loop {
             self.offer_jobs().await;
             self.report_finished();
@@ -291,10 +301,11 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = sleep_until(next_timer), if next_timer.is_some() => {
-                    if let Some(Reverse((_, key))) = self.timers.pop() {
-                        self.resume(key).await;
+                    if let Some(Reverse((at, key))) = self.timers.pop() {
+                        self.resume(key, at).await;
                     }
                 }
+                Ok(()) = self.stopped.changed(), if durable => self.wake_stopped(),
                 (key, outcome) = std::future::poll_fn(|cx| self.running.poll_done(cx)),
                     if !self.running.is_empty() =>
                 {
@@ -585,16 +596,39 @@ impl Worker {
     }
 
     /// A retry is due: the lane's first delivery is attempted again.
-    async fn resume(&mut self, key: Key) {
-        let Some(lane) = self.lanes.remove(&key) else {
+    async fn resume(&mut self, key: Key, at: Instant) {
+        if self
+            .lanes
+            .get(&key)
+            .is_none_or(|lane| lane.waiting_until != Some(at))
+        {
+            // Stale: the lane was woken earlier, and runs or waits for another timer.
+            return;
+        }
+        let Some(mut lane) = self.lanes.remove(&key) else {
             return;
         };
+        lane.waiting_until = None;
         let waits_to_reread = lane.head.is_none();
         self.in_hand = Some(InHand { key, lane });
         if waits_to_reread {
             self.carry_on_from(Step::Done).await;
         } else {
             self.carry_on().await;
+        }
+    }
+
+    /// Segments stopped running here: the lanes whose head waits for a retry in one of
+    /// them are due now (their head is dropped at its next step), so a segment being
+    /// given up does not wait for the retry delays of its failed deliveries.
+    fn wake_stopped(&mut self) {
+        let now = Instant::now();
+        for (key, lane) in &mut self.lanes {
+            let due_later = lane.waiting_until.is_some_and(|at| at > now);
+            if due_later && lane.head.as_ref().is_some_and(|head| !head.runs()) {
+                lane.waiting_until = Some(now);
+                self.timers.push(Reverse((now, *key)));
+            }
         }
     }
 
@@ -663,6 +697,7 @@ impl Worker {
             if let Some(at) = wait_until {
                 self.timers.push(Reverse((at, key)));
             }
+            lane.waiting_until = wait_until;
             self.lanes.insert(key, lane);
             return;
         }
@@ -828,6 +863,7 @@ impl Worker {
             return;
         }
         self.timers.push(Reverse((at, key)));
+        lane.waiting_until = Some(at);
         self.lanes.insert(key, lane);
     }
 
