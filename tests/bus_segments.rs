@@ -287,10 +287,10 @@ fn a_standby_takes_over_once_the_lease_of_a_bus_that_died_without_stopping_expir
 async fn four_segments_split_two_and_two_and_every_event_is_handled_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    // Long enough that the renewals, queued behind the appends on the store's writer,
-    // answer within the share of the lease a segment runs for: a late one stops the segment
-    // (as a lost lease) and its events come again, which this test counts as twice.
-    let ttl = Duration::from_secs(3);
+    // Short: the renewals go ahead of the appends on the store's writer, so they answer
+    // within the share of the lease a segment runs for (a late one would stop the segment
+    // as a lost lease, and its events would come again, which this test counts as twice).
+    let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
     let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
     wait_split("each bus holds two segments", &a, &b, 2).await;
@@ -393,10 +393,10 @@ async fn on_postgresql_two_buses_split_four_segments_and_one_takes_all_when_the_
         return;
     }
     let schema = pg::Schema::new();
-    // Long enough that the renewals, queued behind the appends on the store's writer,
-    // answer within the share of the lease a segment runs for: a late one stops the segment
-    // (as a lost lease) and its events come again, which this test counts as twice.
-    let ttl = Duration::from_secs(3);
+    // Short: the renewals go ahead of the appends on the store's writer, so they answer
+    // within the share of the lease a segment runs for (a late one would stop the segment
+    // as a lost lease, and its events would come again, which this test counts as twice).
+    let ttl = Duration::from_millis(600);
     let (a, a_handled) = bus_on(schema.open().await, 4, ttl).await;
     let (b, b_handled) = bus_on(schema.open().await, 4, ttl).await;
     wait_split("each bus holds two segments", &a, &b, 2).await;
@@ -423,6 +423,372 @@ async fn on_postgresql_two_buses_split_four_segments_and_one_takes_all_when_the_
         Some(240)
     );
     b.stop().await.unwrap();
+}
+
+/// A bus asking for another segment count than the store has stored for the subscription
+/// fails to start with a typed error, and starts once the subscription is reset.
+async fn another_segment_count_is_refused_at_start(first: impl IntoStore, second: impl IntoStore) {
+    let ttl = Duration::from_millis(600);
+    let (a, a_handled) = bus_on(first, 4, ttl).await;
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, 20, 4).await;
+    a.wait_idle().await.unwrap();
+    assert_eq!(count(&a_handled), 20);
+    a.stop().await.unwrap();
+
+    let b = EventBus::builder()
+        .store(second)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let b_handled: Handled = Arc::default();
+    let recorder = Arc::clone(&b_handled);
+    b.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event();
+        record(&recorder, meter, *n);
+        std::future::ready(())
+    })
+    .segments(2)
+    .register()
+    .unwrap();
+    let refused = b.start().await;
+    assert!(
+        matches!(
+            &refused,
+            Err(Error::SegmentCountMismatch { subscription, stored: 4, requested: 2 })
+                if subscription == "meters"
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(count(&b_handled), 0, "a refused bus delivers nothing");
+
+    // A reset clears the stored count: the new one is taken, from the reset checkpoint.
+    b.reset_subscription("meters", ResetTo::Start)
+        .await
+        .unwrap();
+    b.start().await.unwrap();
+    wait_held("the new bus holds both segments", &b, |s| s.len() == 2).await;
+    wait_until("every event is handled again", || async {
+        count(&b_handled) >= 20
+    })
+    .await;
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&b_handled), 20);
+    assert_eq!(b.statistics().await.unwrap().subscriptions[0].segments, 2);
+    b.stop().await.unwrap();
+}
+
+/// A subscription registered on a running bus with another segment count than the store
+/// has stored: its claims are refused, and `wait_idle` says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_registered_on_a_running_bus_with_another_segment_count_fails_wait_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    let (a, _) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+
+    let b = EventBus::builder()
+        .store(sqlite(&path).await)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    b.start().await.unwrap();
+    b.subscribe("meters", |_: Delivery<MeterEvent>| async {})
+        .segments(2)
+        .register()
+        .unwrap();
+    let refused = b.wait_idle().await;
+    assert!(
+        matches!(
+            &refused,
+            Err(Error::SegmentCountMismatch { subscription, stored: 4, requested: 2 })
+                if subscription == "meters"
+        ),
+        "{refused:?}"
+    );
+    assert!(b.watch_held_segments("meters").unwrap().borrow().is_empty());
+    assert_eq!(held(&a).await.len(), 4, "the first bus runs on");
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite_a_bus_with_another_segment_count_fails_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    another_segment_count_is_refused_at_start(sqlite(&path).await, sqlite(&path).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_a_bus_with_another_segment_count_fails_to_start() {
+    if pg::no_server() {
+        return;
+    }
+    let schema = pg::Schema::new();
+    another_segment_count_is_refused_at_start(schema.open().await, schema.open().await).await;
+}
+
+/// A bus holds every segment with a backlog, its handlers all held up; a second bus
+/// joins. The first gives two segments up at once: their deliveries not yet started are
+/// dropped, and once the attempts under way end (the test lets them) the checkpoints are
+/// saved and the leases released, so the second takes the segments over from there. It
+/// does not work through their backlog first: of each aggregate of a segment it gave up,
+/// it handled the one event under way and nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders_backlog() {
+    const AGGREGATES: u64 = 40;
+    const EVENTS: u64 = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+
+    let a = EventBus::builder()
+        .store(sqlite(&path).await)
+        .workers(2)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let a_handled: Handled = Arc::default();
+    let entered: Handled = Arc::default();
+    let (recorder, entering) = (Arc::clone(&a_handled), Arc::clone(&entered));
+    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event().clone();
+        let (recorder, mut gate) = (Arc::clone(&recorder), gate.clone());
+        record(&entering, &meter, n);
+        async move {
+            gate.wait_for(|open| *open).await.unwrap();
+            record(&recorder, &meter, n);
+            Ok::<_, Error>(())
+        }
+    })
+    .segments(4)
+    .register()
+    .unwrap();
+    a.start().await.unwrap();
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, EVENTS, AGGREGATES).await;
+    // Every aggregate's lane has its first event under way, held up; the rest wait.
+    wait_until("an event of each aggregate is under way", || async {
+        count(&entered) == AGGREGATES as usize
+    })
+    .await;
+
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_held("the first bus gives two segments up", &a, |s| s.len() == 2).await;
+    let kept = a.watch_held_segments("meters").unwrap().borrow().clone();
+    open.send(true).unwrap();
+    wait_held("the second bus took two segments over", &b, |s| {
+        s.len() == 2
+    })
+    .await;
+    let taken = b.watch_held_segments("meters").unwrap().borrow().clone();
+    assert!(
+        kept.iter().all(|s| !taken.contains(s)),
+        "{kept:?} {taken:?}"
+    );
+
+    wait_until("every event is handled", || async {
+        let mut all: HashSet<u64> = HashSet::new();
+        for handled in [&a_handled, &b_handled] {
+            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
+        }
+        all.len() == EVENTS as usize
+    })
+    .await;
+    a.wait_idle().await.unwrap();
+    b.wait_idle().await.unwrap();
+    assert_in_order(&a_handled);
+    assert_in_order(&b_handled);
+    let segment =
+        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+    let mut given_up: HashMap<String, Vec<u64>> = HashMap::new();
+    for (meter, n) in a_handled.lock().unwrap().iter() {
+        if !kept.contains(&segment(meter)) {
+            given_up.entry(meter.clone()).or_default().push(*n);
+        }
+    }
+    assert!(
+        given_up.values().all(|ns| ns.len() <= 1),
+        "the first bus went on delivering segments it gave up: {given_up:?}"
+    );
+    let per_segment = |h: &Handled, segments: &[u32]| {
+        h.lock()
+            .unwrap()
+            .iter()
+            .all(|(meter, _)| segments.contains(&segment(meter)))
+    };
+    assert!(
+        per_segment(&b_handled, &taken),
+        "the second bus handles only its segments"
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+/// As above, but the attempts under way in the segments given up fail, with a retry an
+/// hour away: the hand-over does not wait for the retries (the next owner delivers those
+/// events), and the first bus stores no dead letter for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_given_up_does_not_wait_for_the_retries_of_its_failed_attempts() {
+    const AGGREGATES: u64 = 40;
+    const EVENTS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    let segment =
+        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+
+    let a = EventBus::builder()
+        .store(sqlite(&path).await)
+        .workers(2)
+        .lease_ttl(ttl)
+        .build()
+        .unwrap();
+    // The segments the first bus keeps, once known; until then every attempt waits.
+    let (keep, kept_rx) = tokio::sync::watch::channel(None::<Vec<u32>>);
+    let a_handled: Handled = Arc::default();
+    let entered: Handled = Arc::default();
+    let (recorder, entering) = (Arc::clone(&a_handled), Arc::clone(&entered));
+    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event().clone();
+        let (recorder, mut kept) = (Arc::clone(&recorder), kept_rx.clone());
+        record(&entering, &meter, n);
+        async move {
+            let kept = kept
+                .wait_for(Option::is_some)
+                .await
+                .unwrap()
+                .clone()
+                .unwrap();
+            if !kept.contains(&segment(&meter)) {
+                return Err(format!("{meter} {n} fails"));
+            }
+            record(&recorder, &meter, n);
+            Ok(())
+        }
+    })
+    .segments(4)
+    .retry(eventfold::RetryPolicy::exponential(
+        5,
+        Duration::from_secs(3_600),
+        Duration::from_secs(3_600),
+    ))
+    .register()
+    .unwrap();
+    a.start().await.unwrap();
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, EVENTS, AGGREGATES).await;
+    wait_until("an event of each aggregate is under way", || async {
+        count(&entered) == AGGREGATES as usize
+    })
+    .await;
+
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_held("the first bus gives two segments up", &a, |s| s.len() == 2).await;
+    let kept = a.watch_held_segments("meters").unwrap().borrow().clone();
+    keep.send(Some(kept.clone())).unwrap();
+    wait_held("the second bus took two segments over", &b, |s| {
+        s.len() == 2
+    })
+    .await;
+    wait_until("every event is handled", || async {
+        let mut all: HashSet<u64> = HashSet::new();
+        for handled in [&a_handled, &b_handled] {
+            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
+        }
+        all.len() == EVENTS as usize
+    })
+    .await;
+    a.wait_idle().await.unwrap();
+    b.wait_idle().await.unwrap();
+    assert_in_order(&b_handled);
+    assert!(
+        a_handled
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(meter, _)| kept.contains(&segment(meter))),
+        "the first bus handled nothing of the segments it gave up"
+    );
+    let store = sqlite(&path).await;
+    assert!(
+        store.dead_letters(Some("meters")).await.unwrap().is_empty(),
+        "no dead letter for the attempts dropped with their segment"
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+/// Every delivery of the first bus fails at once and waits for a retry an hour away when
+/// a second bus joins: the segments given up do not wait for those retries (their lanes
+/// are dropped at once), and the second bus handles all their events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_given_up_does_not_wait_for_retries_already_pending() {
+    const AGGREGATES: u64 = 40;
+    const EVENTS: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bus.db");
+    let ttl = Duration::from_millis(600);
+    let segment =
+        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+
+    let a = EventBus::builder()
+        .store(sqlite(&path).await)
+        .workers(2)
+        .lease_ttl(ttl)
+        // Its own segments' retries are still an hour away when it stops.
+        .stop_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let failed: Handled = Arc::default();
+    let failing = Arc::clone(&failed);
+    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
+        let MeterEvent::Ticked { meter, n } = d.event();
+        record(&failing, meter, *n);
+        std::future::ready(Err::<(), _>(format!("{meter} {n} fails")))
+    })
+    .segments(4)
+    .retry(eventfold::RetryPolicy::exponential(
+        5,
+        Duration::from_secs(3_600),
+        Duration::from_secs(3_600),
+    ))
+    .register()
+    .unwrap();
+    a.start().await.unwrap();
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, EVENTS, AGGREGATES).await;
+    wait_until("the first event of each aggregate failed", || async {
+        count(&failed) == AGGREGATES as usize
+    })
+    .await;
+
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    wait_held("the second bus took two segments over", &b, |s| {
+        s.len() == 2
+    })
+    .await;
+    let taken = b.watch_held_segments("meters").unwrap().borrow().clone();
+    let expected: HashSet<u64> = (0..EVENTS)
+        .filter(|n| taken.contains(&segment(&format!("m-{}", n % AGGREGATES))))
+        .collect();
+    wait_until("the second bus handled its segments' events", || async {
+        let handled: HashSet<u64> = b_handled.lock().unwrap().iter().map(|(_, n)| *n).collect();
+        handled == expected
+    })
+    .await;
+    b.wait_idle().await.unwrap();
+    assert_eq!(count(&b_handled), expected.len(), "none twice");
+    assert_in_order(&b_handled);
+    assert_eq!(
+        count(&failed),
+        AGGREGATES as usize,
+        "the first bus attempted each aggregate's first event once, and nothing more"
+    );
+    b.stop().await.unwrap();
+    a.stop().await.unwrap();
 }
 
 #[tokio::test]

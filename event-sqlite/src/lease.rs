@@ -8,6 +8,9 @@
 //! which a bus makes often, is a grouped write of the writer instead (its lease check and
 //! upsert inside the group's transaction, see `Command::SaveSegmentCheckpoint`): one step
 //! all the same, without a transaction of its own.
+//! Claims, renewals, releases and heartbeats go on the writer's lease lane, ahead of the
+//! writes queued (see the `writer` module): a renewal that waited behind bulk appends
+//! would answer after the bus had stopped the segment for want of it.
 //! Times are the writer's clock (`Utc::now`), in nanoseconds as the rest of the schema.
 
 use std::time::Duration;
@@ -408,13 +411,13 @@ impl LeaseStore for SqliteEventStore {
     ) -> Result<Vec<String>> {
         let ttl = check_ttl(ttl)?;
         let (subscription, member) = (subscription.to_owned(), member.to_owned());
-        self.on_writer(move |conn| heartbeat(conn, &subscription, &member, ttl))
+        self.on_writer_first(move |conn| heartbeat(conn, &subscription, &member, ttl))
             .await
     }
 
     async fn leave(&self, subscription: &str, member: &str) -> Result<()> {
         let (subscription, member) = (subscription.to_owned(), member.to_owned());
-        self.on_writer(move |conn| leave(conn, &subscription, &member))
+        self.on_writer_first(move |conn| leave(conn, &subscription, &member))
             .await
     }
 
@@ -429,7 +432,7 @@ impl LeaseStore for SqliteEventStore {
         check_segments(segments)?;
         let ttl = check_ttl(ttl)?;
         let (subscription, member) = (subscription.to_owned(), member.to_owned());
-        self.on_writer(move |conn| claim(conn, &subscription, &member, segments, max, ttl))
+        self.on_writer_first(move |conn| claim(conn, &subscription, &member, segments, max, ttl))
             .await
     }
 
@@ -443,7 +446,8 @@ impl LeaseStore for SqliteEventStore {
             return Ok(Vec::new());
         }
         let leases = leases.to_vec();
-        self.on_writer(move |conn| renew(conn, &leases, ttl)).await
+        self.on_writer_first(move |conn| renew(conn, &leases, ttl))
+            .await
     }
 
     async fn release_leases(&self, leases: &[SegmentLease]) -> Result<()> {
@@ -451,7 +455,8 @@ impl LeaseStore for SqliteEventStore {
             return Ok(());
         }
         let leases = leases.to_vec();
-        self.on_writer(move |conn| release(conn, &leases)).await
+        self.on_writer_first(move |conn| release(conn, &leases))
+            .await
     }
 
     async fn save_segment_checkpoint(&self, lease: &SegmentLease, position: u64) -> Result<()> {
@@ -473,6 +478,7 @@ impl LeaseStore for SqliteEventStore {
 
     async fn reset_segments(&self, subscription: &str, position: u64) -> Result<()> {
         let subscription = subscription.to_owned();
+        // Not urgent, and ordered with the writes queued before it.
         self.on_writer(move |conn| reset(conn, &subscription, position))
             .await
     }

@@ -28,7 +28,10 @@ use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
 use crate::verify::VerifyReport;
-use crate::writer::{Command, Counters, Reply, Writer, checkpoint};
+use crate::writer::{Command, Counters, Reply, Work, Writer, checkpoint};
+
+/// Lease requests that may wait on the writer's lease lane: a bus has a few at a time.
+const URGENT_CAPACITY: usize = 64;
 
 /// An [`EventStore`](eventfold_core::EventStore) in a SQLite database: durable, one file, no server.
 ///
@@ -62,6 +65,8 @@ struct Shared {
     /// writer, which finds itself the last connection and leaves one complete file.
     readers: Option<Arc<ReadPool>>,
     commands: mpsc::Sender<Command>,
+    /// The writer's lease lane, served before `commands` (see the `writer` module).
+    urgent: mpsc::Sender<Work>,
     head: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
     path: Option<PathBuf>,
@@ -194,9 +199,11 @@ impl SqliteEventStore {
         let head = Arc::new(watch::channel(head).0);
         let counters = Arc::new(Counters::default());
         let (commands, queue) = mpsc::channel(options.max_batch_appends.max(256) * 4);
+        let (urgent, urgent_queue) = mpsc::channel(URGENT_CAPACITY);
         Writer::new(
             conn,
             queue,
+            urgent_queue,
             Arc::clone(&head),
             Arc::clone(&counters),
             path.clone(),
@@ -220,6 +227,7 @@ impl SqliteEventStore {
             shared: Arc::new(Shared {
                 follower,
                 commands,
+                urgent,
                 readers,
                 head,
                 counters,
@@ -469,6 +477,30 @@ impl SqliteEventStore {
             let _ = reply.send(result);
         })))
         .await?;
+        result.await.map_err(|_| closed())?
+    }
+
+    /// Runs `work` on the writer connection between transactions, ahead of the writes
+    /// queued (the lease lane): for segment-lease work, whose late answer stops a
+    /// segment.
+    pub(crate) async fn on_writer_first<T, F>(&self, work: F) -> eventfold_core::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> eventfold_core::Result<T> + Send + 'static,
+    {
+        let (reply, result) = oneshot::channel();
+        self.shared
+            .urgent
+            .send(Box::new(move |conn| {
+                // A panic is this call's error; the writer goes on with the next command.
+                let result =
+                    catch_unwind(AssertUnwindSafe(|| work(conn))).unwrap_or_else(|payload| {
+                        Err(panicked("work on the writer connection", &*payload))
+                    });
+                let _ = reply.send(result);
+            }))
+            .await
+            .map_err(|_| closed())?;
         result.await.map_err(|_| closed())?
     }
 

@@ -16,6 +16,14 @@
 //! `COMMIT`, a report of corruption), the writer checks itself before the next write: it
 //! rolls back, drops its prepared statements, re-reads the head and the schema, and opens
 //! a new connection if that fails.
+//!
+//! Segment-lease work (claims, renewals, releases, heartbeats) comes on a lane of its own,
+//! which the writer serves before anything else: before each command of the main queue, as
+//! soon as the group under way commits (a queued lease request stops the group from taking
+//! more writes), and while a group waits for another process's write lock (the lock is
+//! asked for in slices of [`LOCK_SLICE`]). A bus stops a segment whose renewal has not
+//! answered within most of the lease time, so a renewal that queued behind bulk appends
+//! would otherwise cost redeliveries under write load.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
@@ -45,6 +53,14 @@ use crate::sql::{self, bound, nanos, nanos_of, to_i64};
 /// parked, that write would also pay a futex wake-up and a thread switch (tens of µs on a
 /// virtual machine), and the writers that trickle in behind it would miss the group.
 const POLL_BEFORE_PARKING: Duration = Duration::from_micros(50);
+
+/// How long one attempt of a group's `BEGIN IMMEDIATE` waits for another connection's
+/// write lock before the writer serves the lease lane and tries again, up to
+/// [`SqliteOptions::busy_timeout`] in all.
+const LOCK_SLICE: Duration = Duration::from_millis(10);
+
+/// Work on the writer connection between transactions, which sends its own reply.
+pub(crate) type Work = Box<dyn FnOnce(&Connection) + Send>;
 
 /// Where a write's result goes.
 pub(crate) type Reply<T> = oneshot::Sender<eventfold_core::Result<T>>;
@@ -95,7 +111,7 @@ pub(crate) enum Command {
     },
     /// Runs on the writer's connection between transactions: the reads of a store without
     /// read connections, and settings. It sends its own reply.
-    Run(Box<dyn FnOnce(&Connection) + Send>),
+    Run(Work),
     /// Stops the writer after the writes queued before it; replies once the connection is
     /// closed.
     Close(oneshot::Sender<()>),
@@ -296,6 +312,8 @@ struct Batch {
 pub(crate) struct Writer {
     conn: Connection,
     commands: mpsc::Receiver<Command>,
+    /// The lease lane: work the writer serves before the main queue.
+    urgent: mpsc::Receiver<Work>,
     /// A command taken from the queue that did not fit the last group.
     next: Option<Command>,
     head: Arc<watch::Sender<u64>>,
@@ -321,6 +339,7 @@ impl Writer {
     pub(crate) fn new(
         conn: Connection,
         commands: mpsc::Receiver<Command>,
+        urgent: mpsc::Receiver<Work>,
         head: Arc<watch::Sender<u64>>,
         counters: Arc<Counters>,
         path: Option<PathBuf>,
@@ -329,6 +348,7 @@ impl Writer {
         Writer {
             conn,
             commands,
+            urgent,
             next: None,
             head,
             counters,
@@ -356,6 +376,7 @@ impl Writer {
 
     fn run(mut self) {
         let closed_by = loop {
+            self.serve_urgent();
             let command = match self.next.take() {
                 Some(command) => command,
                 None => match self.recv() {
@@ -365,16 +386,7 @@ impl Writer {
                 },
             };
             match command {
-                Command::Run(work) => {
-                    // The work answers its own panics (see `on_writer`); this is the last line.
-                    if catch_unwind(AssertUnwindSafe(|| work(&self.conn))).is_err() {
-                        tracing::error!("work on the writer connection panicked");
-                    }
-                    // Work runs between transactions and leaves none open for the next write.
-                    if !self.conn.is_autocommit() {
-                        let _ = self.conn.execute_batch("ROLLBACK");
-                    }
-                }
+                Command::Run(work) => self.run_work(work),
                 Command::Close(reply) => break Some(reply),
                 write => {
                     let mut group = Batch {
@@ -397,8 +409,10 @@ impl Writer {
         };
         // Refuse what is still queued (callers see the store closed), then close the file.
         self.commands.close();
+        self.urgent.close();
         self.next = None;
         while self.commands.try_recv().is_ok() {}
+        while self.urgent.try_recv().is_ok() {}
         self.leave_one_file();
         let Writer { conn, .. } = self;
         if let Err((_, e)) = conn.close() {
@@ -409,11 +423,34 @@ impl Writer {
         }
     }
 
-    /// Waits for the next command: polls for [`POLL_BEFORE_PARKING`], then parks. `None`
-    /// once every sender is gone.
+    /// Runs work on the writer connection between transactions.
+    fn run_work(&mut self, work: Work) {
+        // The work answers its own panics (see `on_writer`); this is the last line.
+        if catch_unwind(AssertUnwindSafe(|| work(&self.conn))).is_err() {
+            tracing::error!("work on the writer connection panicked");
+        }
+        // Work runs between transactions and leaves none open for the next write.
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+    }
+
+    /// Runs the lease work queued on the urgent lane; the connection is between
+    /// transactions.
+    fn serve_urgent(&mut self) {
+        while let Ok(work) = self.urgent.try_recv() {
+            self.run_work(work);
+        }
+    }
+
+    /// Waits for the next command, of either lane (the lease lane first): polls for
+    /// [`POLL_BEFORE_PARKING`], then parks. `None` once every sender is gone.
     fn recv(&mut self) -> Option<Command> {
         let deadline = Instant::now() + POLL_BEFORE_PARKING;
         loop {
+            if let Ok(work) = self.urgent.try_recv() {
+                return Some(Command::Run(work));
+            }
             match self.commands.try_recv() {
                 Ok(command) => return Some(command),
                 Err(TryRecvError::Disconnected) => return None,
@@ -425,10 +462,24 @@ impl Writer {
                 Err(TryRecvError::Empty) => {
                     // Nothing to do: the moment to bring a grown WAL back to its limit.
                     self.idle_checkpoint();
-                    return self.commands.blocking_recv();
+                    return self.park();
                 }
             }
         }
+    }
+
+    /// Parks the thread until a command comes on either lane; `None` once the main
+    /// queue's senders are gone.
+    fn park(&mut self) -> Option<Command> {
+        let (urgent, commands) = (&mut self.urgent, &mut self.commands);
+        block_on(std::future::poll_fn(|cx| {
+            // A closed lease lane (its sender dropped) answers `None` at once: the main
+            // queue decides.
+            if let std::task::Poll::Ready(Some(work)) = urgent.poll_recv(cx) {
+                return std::task::Poll::Ready(Some(Command::Run(work)));
+            }
+            commands.poll_recv(cx)
+        }))
     }
 
     /// Copies the WAL into the database file and truncates it, if it is larger than its
@@ -497,7 +548,11 @@ impl Writer {
     /// Takes one more queued write into the group if it has room; false when there is
     /// none (a queued command that does not fit waits in `next`).
     fn pull(&mut self, group: &mut Batch) -> bool {
-        if self.next.is_some() || group.commands.len() >= self.max_appends {
+        // Lease work waits: the group commits with what it has, and the work runs next.
+        if self.next.is_some()
+            || group.commands.len() >= self.max_appends
+            || !self.urgent.is_empty()
+        {
             return false;
         }
         let Ok(command) = self.commands.try_recv() else {
@@ -738,7 +793,7 @@ impl Writer {
     /// Begins a write transaction and reads the head inside it: another process may have
     /// appended since this writer's last commit.
     fn begin(&mut self) -> Result<Group, Fault> {
-        self.savepoint("BEGIN IMMEDIATE")?;
+        self.lock()?;
         let head = match sql::head(&self.conn) {
             Ok(head) => head,
             Err(e) => {
@@ -752,6 +807,32 @@ impl Writer {
             head,
             recorded_at: self.last_recorded_at,
         })
+    }
+
+    /// Starts the group's write transaction (`BEGIN IMMEDIATE`), waiting for another
+    /// connection's write lock up to the busy timeout, in slices of [`LOCK_SLICE`]: between
+    /// them the lease lane is served (its work waits for the same lock, but alone, not
+    /// behind this group), so a renewal is not held up for the whole wait.
+    fn lock(&mut self) -> Result<(), Fault> {
+        let patience = self.options.busy_timeout;
+        let started = Instant::now();
+        let result = loop {
+            let left = patience.saturating_sub(started.elapsed());
+            // A failure to set the timeout leaves the one in force: only the slicing is lost.
+            let _ = self.conn.busy_timeout(left.min(LOCK_SLICE));
+            match self.savepoint("BEGIN IMMEDIATE") {
+                Err(fault)
+                    if fault.kind() == eventfold_core::StoreErrorKind::Busy
+                        && started.elapsed() < patience =>
+                {
+                    let _ = self.conn.busy_timeout(patience);
+                    self.serve_urgent();
+                }
+                result => break result,
+            }
+        };
+        let _ = self.conn.busy_timeout(patience);
+        result
     }
 
     /// Runs one transaction-control statement.
@@ -1144,6 +1225,31 @@ pub(crate) fn checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
     })
 }
 
+/// Runs `future` to its end on this thread, parking it while the future waits: the
+/// writer thread's wait on its two lanes, which tokio's `blocking_recv` offers for one
+/// channel only.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        // A wake between the poll and here leaves a token: `park` returns at once.
+        std::thread::park();
+    }
+}
+
 /// Reads what every write needs, the head and the schema.
 fn check(conn: &Connection) -> Result<u64, Fault> {
     let head = sql::head(conn).map_err(|e| Fault::from_core(&e))?;
@@ -1219,6 +1325,7 @@ mod tests {
         let writer = Writer::new(
             conn,
             queue,
+            mpsc::channel(1).1,
             Arc::clone(&head),
             Arc::default(),
             None,
@@ -1264,6 +1371,96 @@ mod tests {
         thread.join().unwrap();
     }
 
+    /// Lease work queued behind a hundred appends runs before any of them.
+    #[test]
+    fn work_on_the_lease_lane_runs_before_the_writes_queued_ahead_of_it() {
+        let conn = schema::open_writer(Location::Memory, &SqliteOptions::new()).unwrap();
+        let (commands, queue) = mpsc::channel(256);
+        let (urgent, urgent_queue) = mpsc::channel::<Work>(4);
+        let head = Arc::new(watch::channel(0).0);
+        let writer = Writer::new(
+            conn,
+            queue,
+            urgent_queue,
+            Arc::clone(&head),
+            Arc::default(),
+            None,
+            SqliteOptions::new(),
+        );
+        let appends: Vec<_> = (0..100)
+            .map(|i| append(&commands, &format!("n{i}")))
+            .collect();
+        let (reply, seen) = oneshot::channel();
+        let work: Work = Box::new(move |conn| {
+            let _ = reply.send(sql::head(conn));
+        });
+        assert!(urgent.try_send(work).is_ok());
+        let (reply, closed) = oneshot::channel();
+        assert!(commands.try_send(Command::Close(reply)).is_ok());
+
+        let thread = std::thread::spawn(move || writer.run());
+        assert_eq!(
+            seen.blocking_recv().unwrap().unwrap(),
+            0,
+            "the lease work ran before the appends queued ahead of it"
+        );
+        for appended in appends {
+            appended.blocking_recv().unwrap().unwrap();
+        }
+        assert_eq!(*head.borrow(), 100);
+        closed.blocking_recv().unwrap();
+        thread.join().unwrap();
+    }
+
+    /// An append waits for another connection's write lock (within the busy timeout);
+    /// lease work queued meanwhile runs during that wait, not after it, and the append is
+    /// stored once the lock is let go.
+    #[test]
+    fn lease_work_runs_while_a_group_waits_for_another_connections_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        // Far beyond the test: the append must not give up before the lock is let go.
+        let options = SqliteOptions::new().busy_timeout(Duration::from_secs(120));
+        let conn = schema::open_writer(Location::File(&path), &options).unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (commands, queue) = mpsc::channel(16);
+        let (urgent, urgent_queue) = mpsc::channel::<Work>(4);
+        let head = Arc::new(watch::channel(0).0);
+        let counters = Arc::new(Counters::default());
+        let writer = Writer::new(
+            conn,
+            queue,
+            urgent_queue,
+            Arc::clone(&head),
+            Arc::clone(&counters),
+            Some(path.clone()),
+            options,
+        );
+        let thread = std::thread::spawn(move || writer.run());
+        let appended = append(&commands, "a");
+        // The append is taken into a group (which then waits for the lock).
+        while counters.in_progress.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let (reply, ran) = oneshot::channel();
+        let work: Work = Box::new(move |conn| {
+            let _ = reply.send(conn.is_autocommit());
+        });
+        assert!(urgent.try_send(work).is_ok());
+        assert!(
+            ran.blocking_recv().unwrap(),
+            "the lease work ran between two attempts at the lock, outside a transaction"
+        );
+        other.execute_batch("COMMIT").unwrap();
+        let appended = appended.blocking_recv().unwrap().unwrap();
+        assert_eq!(appended[0].last_position, 1);
+        let (reply, closed) = oneshot::channel();
+        assert!(commands.try_send(Command::Close(reply)).is_ok());
+        closed.blocking_recv().unwrap();
+        thread.join().unwrap();
+    }
+
     /// The writer's connection fails its check (here: it is not connected to the store's
     /// file at all), so the writer opens a new one to the file and serves the append there.
     #[test]
@@ -1279,6 +1476,7 @@ mod tests {
         let mut writer = Writer::new(
             broken,
             queue,
+            mpsc::channel(1).1,
             Arc::clone(&head),
             Arc::default(),
             Some(path.clone()),

@@ -86,6 +86,10 @@ pub(crate) struct Engine {
     /// Held while replay requests are carried out, so the task and
     /// `EventBus::carry_out_replay_requests` never carry out one request twice at once.
     pub(crate) replay_gate: tokio::sync::Mutex<()>,
+    /// Counts the segments that stopped running here (lost, or being given up): a worker
+    /// that sees it move attempts at once the lanes of theirs that wait for a retry, so
+    /// they are dropped now rather than when the retry is due.
+    pub(crate) segments_stopped: watch::Sender<u64>,
 }
 
 /// A segment the lease keeper claimed, and the checkpoint it starts from.
@@ -169,7 +173,15 @@ impl Engine {
             if let Some(sub) = self.routing.borrow().subs.iter().find(|s| s.index == key.0) {
                 sub.set_held(key.1, None);
             }
+            drop(tracker);
+            self.segment_stopped();
         }
+    }
+
+    /// A segment stopped running here: the workers hear of it (see `segments_stopped`).
+    pub(crate) fn segment_stopped(&self) {
+        self.segments_stopped
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Drops the published events that workers handed back, on the publisher's thread,

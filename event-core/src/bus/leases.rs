@@ -1,15 +1,19 @@
 //! The lease keeper of a bus with a store: which segments of each durable subscription
 //! this bus runs.
 //!
-//! Every `lease_ttl / 3` (and whenever the subscriptions change or a segment being given up
+//! Every `lease_ttl / 3` (a quarter of that for one lease time after a subscription's
+//! members changed, and whenever the subscriptions change or a segment being given up
 //! finished its work) it heartbeats each subscription's membership, computes its fair
 //! share, `ceil(segments / live members)`, and then:
 //! - renews the leases it holds; a lease it lost (another member took it over, or it could
 //!   not renew before the lease ran out) stops that segment at once: its deliveries not
 //!   yet started are dropped here, and the new owner delivers them again from the saved
 //!   checkpoint (at least once);
-//! - gives up segments beyond its share: they take nothing new, and once their last
-//!   delivery finished their checkpoint is saved and the lease released;
+//! - gives up segments beyond its share: they take nothing new and stop running here at
+//!   once (their deliveries not yet started are dropped, as for a lost lease), and once
+//!   the attempts under way ended their checkpoint (below the first dropped delivery) is
+//!   saved and the lease released, so the next owner starts there without waiting for
+//!   this bus to work through its backlog;
 //! - claims free segments up to its share, for the dispatcher to take up at their
 //!   checkpoints.
 //!
@@ -23,7 +27,7 @@
 //! lease expired in the store: two live processes ran one segment, the new one from the
 //! older checkpoint, until the late renewal came back refused.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -42,6 +46,11 @@ use crate::store::EventStore;
 /// renewal may be late by nearly half the lease time before a segment stops.
 const RUN_SHARE: (u32, u32) = (4, 5);
 
+/// How many times more often than every `lease_ttl / 3` the keeper runs its rounds for
+/// one lease time after it saw a subscription's members change (its own first round
+/// included), so a hand-over does not wait for a whole round of the member taking over.
+const QUICK_ROUNDS: u32 = 4;
+
 /// Until when a segment whose lease was asked for (claimed or renewed) at `asked` runs.
 fn run_until(asked: Instant, ttl: std::time::Duration) -> Instant {
     asked + ttl * RUN_SHARE.0 / RUN_SHARE.1
@@ -52,6 +61,10 @@ fn run_until(asked: Instant, ttl: std::time::Duration) -> Instant {
 struct Keeper {
     /// Subscriptions it is a member of, to leave when they leave the bus.
     joined: HashSet<Arc<str>>,
+    /// How many live members each subscription had at the last heartbeat.
+    members: HashMap<Arc<str>, usize>,
+    /// Rounds come [`QUICK_ROUNDS`] times as often until then.
+    quick_until: Option<Instant>,
 }
 
 /// Keeps the leases of the bus's durable subscriptions until the bus stops.
@@ -67,7 +80,7 @@ pub(crate) async fn keep_leases(engine: Arc<Engine>) {
                 return;
             }
             let table = Arc::clone(&routing.borrow_and_update());
-            keeper.round(&engine, &store, &table).await;
+            let quick = keeper.round(&engine, &store, &table).await;
             engine
                 .keeper_seen
                 .fetch_max(table.version, Ordering::SeqCst);
@@ -76,8 +89,16 @@ pub(crate) async fn keep_leases(engine: Arc<Engine>) {
             // The pending replay requests of what it runs now (a permit if that task is
             // busy with the last round's).
             engine.replay_wake.notify_one();
+            // Just after the members changed, rounds come more often: segments being given
+            // up by another member come free once its attempts under way end, not at a
+            // round of this one.
+            let next = if quick {
+                interval / QUICK_ROUNDS
+            } else {
+                interval
+            };
             tokio::select! {
-                () = tokio::time::sleep(interval) => {}
+                () = tokio::time::sleep(next) => {}
                 () = engine.keeper_wake.notified() => {}
                 _ = routing.changed() => {}
                 _ = stopping.changed() => return,
@@ -123,7 +144,14 @@ async fn stop_overdue(engine: &Engine) {
 }
 
 impl Keeper {
-    async fn round(&mut self, engine: &Engine, store: &Arc<dyn EventStore>, table: &Routing) {
+    /// One round over every subscription; true while the next rounds are to come quickly
+    /// (the members of a subscription changed less than a lease time ago).
+    async fn round(
+        &mut self,
+        engine: &Engine,
+        store: &Arc<dyn EventStore>,
+        table: &Routing,
+    ) -> bool {
         let overdue =
             std::mem::take(&mut *engine.overdue.lock().unwrap_or_else(|e| e.into_inner()));
         if !overdue.is_empty()
@@ -132,8 +160,15 @@ impl Keeper {
             tracing::warn!(%error, "cannot release the leases of stopped segments; they expire on their own");
         }
         for sub in &table.subs {
-            if let Err(error) = self.keep(engine, store, sub).await {
-                tracing::warn!(%error, subscription = %sub.name, "cannot keep segment leases; trying again");
+            match self.keep(engine, store, sub).await {
+                Ok(()) => sub.refused_count.store(0, Ordering::Release),
+                Err(error) => {
+                    if let Error::SegmentCountMismatch { stored, .. } = &error {
+                        // `wait_idle` reports it; a reset lets the next claim through.
+                        sub.refused_count.store(*stored, Ordering::Release);
+                    }
+                    tracing::warn!(%error, subscription = %sub.name, "cannot keep segment leases; trying again");
+                }
             }
         }
         let left: Vec<Arc<str>> = self
@@ -150,6 +185,8 @@ impl Keeper {
                 Err(error) => tracing::warn!(%error, subscription = %name, "cannot leave"),
             }
         }
+        self.members.retain(|name, _| self.joined.contains(name));
+        self.quick_until.is_some_and(|until| Instant::now() < until)
     }
 
     /// One subscription's round: heartbeat, renew, give up, claim.
@@ -164,6 +201,9 @@ impl Keeper {
         self.renew(engine, store, sub).await;
         let members = store.heartbeat(&sub.name, &engine.member, ttl).await?;
         self.joined.insert(Arc::clone(&sub.name));
+        if self.members.insert(Arc::clone(&sub.name), members.len()) != Some(members.len()) {
+            self.quick_until = Some(Instant::now() + ttl);
+        }
         let live = u32::try_from(members.len()).unwrap_or(u32::MAX).max(1);
         let share = sub.segments.div_ceil(live);
 
@@ -187,14 +227,20 @@ impl Keeper {
             .count() as u32;
         let holding = held.len() as u32 + pending;
         if holding > share {
-            // The highest segments go first, so members settle on the same split.
+            // The highest segments go first, so members settle on the same split. A
+            // segment given up stops running here at once, as a lost one does: its
+            // deliveries not yet started are dropped (the next owner delivers them from
+            // the checkpoint), and it is released once the attempts under way ended.
             let mut tracker = engine.lock_tracker();
             for &segment in held.iter().rev().take((holding - share) as usize) {
                 tracker.drain((sub.index, segment));
+                sub.stop_running(segment);
             }
             if tracker.take_drained() {
                 engine.keeper_wake.notify_one();
             }
+            drop(tracker);
+            engine.segment_stopped();
         } else if holding < share {
             let asked = Instant::now();
             let leases = store
@@ -327,6 +373,30 @@ async fn give_up_drained(engine: &Engine, store: &Arc<dyn EventStore>) -> Result
         }
         engine.segment_lost(key, &lease);
         store.release_leases(std::slice::from_ref(&lease)).await?;
+    }
+    Ok(())
+}
+
+/// Checks, before a bus starts, that each durable subscription asks for the segment count
+/// its store has stored (if any): a bus with another count could claim nothing, and would
+/// only log it round after round. [`Error::SegmentCountMismatch`] for the first that
+/// differs; a reset (which clears the stored count) lets a new count be used.
+pub(crate) async fn check_segment_counts(engine: &Engine) -> Result<()> {
+    let Some(store) = &engine.store else {
+        return Ok(());
+    };
+    let subs = engine.routing.borrow().subs.clone();
+    for sub in subs {
+        let states = store.segment_states(&sub.name).await?;
+        if let Some(stored) = states.first().map(|s| s.segments)
+            && stored != sub.segments
+        {
+            return Err(Error::SegmentCountMismatch {
+                subscription: sub.name.to_string(),
+                stored,
+                requested: sub.segments,
+            });
+        }
     }
     Ok(())
 }

@@ -243,6 +243,7 @@ impl EventBusBuilder {
             overdue: Mutex::new(Vec::new()),
             replay_wake: Notify::new(),
             replay_gate: tokio::sync::Mutex::new(()),
+            segments_stopped: watch::channel(0).0,
         };
         Ok(EventBus {
             inner: Arc::new(Inner {
@@ -456,16 +457,22 @@ impl SubscriptionBuilder<'_> {
     /// ([`segment_of`](crate::lease::segment_of)), so an aggregate's events stay in order.
     ///
     /// With a store, a bus runs only the segments whose lease it holds: each bus takes a
-    /// fair share, `ceil(segments / live buses)`, gives up what is beyond it (after
-    /// finishing that segment's work and saving its checkpoint) and takes over the
+    /// fair share, `ceil(segments / live buses)`, gives up what is beyond it (at once: it
+    /// drops that segment's deliveries not yet started, lets those under way end, saves
+    /// its checkpoint and releases the lease; the next owner delivers the rest from that
+    /// checkpoint) and takes over the
     /// segments of a bus that stopped (at once) or died (once its leases expire, see
     /// [`EventBusBuilder::lease_ttl`]). Each segment has its own checkpoint, saved only
     /// while its lease holds; after a takeover the new owner resumes from the saved
     /// checkpoint, so events are delivered at least once (some again after a crash).
     /// With one segment (the default) one bus runs the subscription and the others stand
     /// by; its checkpoint is the subscription's plain checkpoint. Every bus running the
-    /// subscription must ask for the same count: a claim with another count fails (and is
-    /// logged) until the subscription is reset. Without a store it changes nothing.
+    /// subscription must ask for the same count: [`EventBus::start`] fails with
+    /// [`Error::SegmentCountMismatch`] when the store has another count stored for it,
+    /// until the subscription is reset. A subscription registered on a running bus (or two
+    /// buses starting with different counts at once) is refused at the claim instead:
+    /// [`EventBus::wait_idle`] then fails with that error, and the bus tries again each
+    /// lease round. Without a store it changes nothing.
     pub fn segments(mut self, segments: u32) -> Self {
         self.segments = segments;
         self
@@ -523,6 +530,7 @@ impl SubscriptionBuilder<'_> {
                 Some(_) => Vec::new(),
                 None => (0..self.segments).collect(),
             }),
+            refused_count: std::sync::atomic::AtomicU32::new(0),
         }));
         inner.publish_routing(&subs);
         Ok(SubscriptionHandle { name })
@@ -667,9 +675,20 @@ impl EventBus {
 
     /// Starts delivering: validates the event registry, then starts the dispatcher and the
     /// workers. Durable subscriptions catch up from their checkpoints.
+    ///
+    /// With a store, fails with [`Error::SegmentCountMismatch`] (starting nothing) if a
+    /// subscription asks for another segment count than the store has stored for it (see
+    /// [`SubscriptionBuilder::segments`]), or with the store's error if it cannot read the
+    /// stored counts.
     pub async fn start(&self) -> Result<()> {
         registry().validate()?;
         let _gate = self.inner.lifecycle_gate.lock().await;
+        if matches!(
+            *self.inner.state.lock().unwrap_or_else(|e| e.into_inner()),
+            Lifecycle::Built
+        ) {
+            leases::check_segment_counts(&self.inner.engine).await?;
+        }
         let mut state = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         match *state {
             Lifecycle::Built => {}
@@ -769,6 +788,23 @@ impl EventBus {
         })
     }
 
+    /// The first subscription whose claims the store refused for its segment count, as
+    /// the error.
+    fn refused_segment_count(&self) -> Result<()> {
+        let subs = self.inner.subs.lock().unwrap_or_else(|e| e.into_inner());
+        for sub in subs.iter() {
+            let stored = sub.refused_count.load(Ordering::Acquire);
+            if stored != 0 {
+                return Err(Error::SegmentCountMismatch {
+                    subscription: sub.name.to_string(),
+                    stored,
+                    requested: sub.segments,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until every published event is handled (or dead-lettered) by every
     /// subscription and, with a store, the bus has read the log up to its head and saved
     /// every checkpoint that moved: once it returns, `store.load_checkpoint` agrees with
@@ -784,6 +820,11 @@ impl EventBus {
     /// when the call starts), so events other processes appended before it count too; the
     /// bus reads up to it even if the store's head watch has not reported it yet. Fails
     /// with the store's error if the head cannot be read.
+    ///
+    /// Fails with [`Error::SegmentCountMismatch`] when a subscription registered on the
+    /// running bus asks for another segment count than the store has stored for it (its
+    /// claims are refused, so it runs nothing here; the bus tries again each round, which
+    /// succeeds once the subscription is reset).
     pub async fn wait_idle(&self) -> Result<()> {
         let mut head_read = false;
         loop {
@@ -803,7 +844,8 @@ impl EventBus {
             progress.as_mut().enable();
             if engine.is_idle() {
                 engine.catch_up_metrics();
-                return dispatch::save_checkpoints(engine).await;
+                dispatch::save_checkpoints(engine).await?;
+                return self.refused_segment_count();
             }
             // The head can move without a notification from the bus (another writer);
             // look again now and then.

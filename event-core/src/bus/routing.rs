@@ -52,6 +52,10 @@ pub(crate) struct Sub {
     /// The segments this bus runs, for
     /// [`EventBus::watch_held_segments`](super::EventBus::watch_held_segments).
     pub(crate) held_watch: tokio::sync::watch::Sender<Vec<u32>>,
+    /// The segment count the store has stored for it when that is not `segments` (its
+    /// claims are refused; 0: none refused), for [`EventBus::wait_idle`](super::EventBus::wait_idle)
+    /// to report.
+    pub(crate) refused_count: std::sync::atomic::AtomicU32,
 }
 
 impl Sub {
@@ -104,6 +108,25 @@ impl Sub {
             }
             true
         });
+    }
+
+    /// Stops running a segment whose lease this bus still holds, as it gives it up: its
+    /// deliveries not yet started are dropped, and the held segments' watch no longer
+    /// lists it. The epoch stays, so deliveries that come to a worker from now on still
+    /// carry the hold they were routed under (and their drop is that hold's); the lease's
+    /// release clears it ([`set_held`](Self::set_held) with `None`).
+    pub(crate) fn stop_running(&self, segment: u32) {
+        if let Some(flag) = self.held.get(segment as usize) {
+            flag.store(false, Ordering::Release);
+        }
+        self.held_watch
+            .send_if_modified(|held| match held.binary_search(&segment) {
+                Ok(at) => {
+                    held.remove(at);
+                    true
+                }
+                Err(_) => false,
+            });
     }
 
     /// Marks every segment as not run here (the bus stopped and released its leases).

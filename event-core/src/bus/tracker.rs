@@ -35,17 +35,32 @@ struct Track {
     /// Every position up to this one was routed (or passed: not of its types, skipped,
     /// or dead-lettered by the dispatcher).
     routed_upto: u64,
-    /// Positions routed and whether each is finished, in position order.
-    out: VecDeque<(u64, bool)>,
+    /// Positions routed and where each is, in position order.
+    out: VecDeque<(u64, Out)>,
+    /// How many of `out` are [`Out::Open`].
+    open: usize,
     checkpoint: u64,
     saved: u64,
-    /// Being given up: no new positions go out to it, and once the last one out is
-    /// finished its checkpoint is saved and its lease released.
+    /// Being given up: no new positions go out to it, its deliveries not yet started are
+    /// dropped, and once none is open (the attempts under way ended) its checkpoint is
+    /// saved and its lease released.
     draining: bool,
     /// Past this moment (this process's clock) the bus no longer runs the segment, even
     /// if no answer from the store said its lease was lost (see
     /// [`leases`](super::leases)); `None` until set.
     run_until: Option<Instant>,
+}
+
+/// Where a routed position is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// Out for delivery.
+    Open,
+    /// Handled (or dead-lettered): the checkpoint may pass it.
+    Done,
+    /// Dropped before its delivery started, as its segment is being given up: the
+    /// checkpoint stays below it, so the segment's next owner delivers it.
+    Dropped,
 }
 
 impl Tracker {
@@ -65,6 +80,7 @@ impl Tracker {
                 lease,
                 routed_upto: checkpoint,
                 out: VecDeque::new(),
+                open: 0,
                 checkpoint,
                 saved: checkpoint,
                 draining: false,
@@ -176,14 +192,15 @@ impl Tracker {
         self.subs.get(&key).is_some_and(|t| {
             t.out
                 .binary_search_by_key(&position, |&(p, _)| p)
-                .is_ok_and(|i| !t.out[i].1)
+                .is_ok_and(|i| t.out[i].1 == Out::Open)
         })
     }
 
     /// The position goes out for delivery to the segment.
     pub(crate) fn route(&mut self, key: TrackKey, position: u64) {
         if let Some(track) = self.subs.get_mut(&key) {
-            track.out.push_back((position, false));
+            track.out.push_back((position, Out::Open));
+            track.open += 1;
             track.routed_upto = track.routed_upto.max(position);
         }
     }
@@ -235,14 +252,28 @@ impl Tracker {
         if track.lease.epoch != epoch {
             return false;
         }
-        if let Ok(i) = track.out.binary_search_by_key(&position, |&(p, _)| p) {
-            track.out[i].1 = true;
-        }
+        track.close(position, Out::Done);
         let moved = track.settle();
-        if track.draining && track.out.is_empty() {
+        if track.draining && track.open == 0 {
             self.drained = true;
         }
         moved
+    }
+
+    /// A position routed to the segment under the lease of `epoch` was dropped before its
+    /// delivery started (the segment is being given up, see [`drain`](Self::drain)): it is
+    /// no longer open, but the checkpoint does not pass it.
+    pub(crate) fn dropped(&mut self, key: TrackKey, epoch: u64, position: u64) {
+        let Some(track) = self.subs.get_mut(&key) else {
+            return;
+        };
+        if track.lease.epoch != epoch {
+            return;
+        }
+        track.close(position, Out::Dropped);
+        if track.draining && track.open == 0 {
+            self.drained = true;
+        }
     }
 
     /// The checkpoint of a held segment.
@@ -275,11 +306,12 @@ impl Tracker {
         }
     }
 
-    /// Starts giving a segment up: nothing new goes out to it.
+    /// Starts giving a segment up: nothing new goes out to it, and the caller stops
+    /// running it (its deliveries not yet started are then [`dropped`](Self::dropped)).
     pub(crate) fn drain(&mut self, key: TrackKey) {
         if let Some(track) = self.subs.get_mut(&key) {
             track.draining = true;
-            if track.out.is_empty() {
+            if track.open == 0 {
                 self.drained = true;
             }
         }
@@ -290,20 +322,31 @@ impl Tracker {
         std::mem::take(&mut self.drained)
     }
 
-    /// The draining segments with nothing out: (key, lease, checkpoint, saved).
+    /// The draining segments with nothing open: (key, lease, checkpoint, saved).
     pub(crate) fn drained(&self) -> Vec<(TrackKey, SegmentLease, u64, u64)> {
         self.subs
             .iter()
-            .filter(|(_, t)| t.draining && t.out.is_empty())
+            .filter(|(_, t)| t.draining && t.open == 0)
             .map(|(&k, t)| (k, t.lease.clone(), t.checkpoint, t.saved))
             .collect()
     }
 }
 
 impl Track {
-    /// Moves the checkpoint past finished positions; true if it moved.
+    /// An open position is done or dropped.
+    fn close(&mut self, position: u64, to: Out) {
+        if let Ok(i) = self.out.binary_search_by_key(&position, |&(p, _)| p)
+            && self.out[i].1 == Out::Open
+        {
+            self.out[i].1 = to;
+            self.open -= 1;
+        }
+    }
+
+    /// Moves the checkpoint past finished positions (up to the first open or dropped
+    /// one); true if it moved.
     fn settle(&mut self) -> bool {
-        while self.out.front().is_some_and(|&(_, done)| done) {
+        while self.out.front().is_some_and(|&(_, at)| at == Out::Done) {
             self.out.pop_front();
         }
         let checkpoint = match self.out.front() {
@@ -492,5 +535,41 @@ mod tests {
         assert_eq!(drained.len(), 1);
         assert_eq!((drained[0].0, drained[0].2), (S, 1));
         assert_eq!(t.lowest_routed(), None, "the reader no longer waits for it");
+    }
+
+    /// A segment given up drops its deliveries not yet started: it is drained once the
+    /// attempts under way ended, and its checkpoint stays below the first dropped
+    /// position, so the next owner delivers it (and what follows).
+    #[test]
+    fn a_draining_segment_is_done_when_its_attempts_ended_and_keeps_its_checkpoint_below_what_it_dropped()
+     {
+        let mut t = tracker_at(0);
+        for p in 1..=4 {
+            t.route(S, p);
+        }
+        t.drain(S);
+        assert!(!t.take_drained());
+        assert!(t.complete(S, 1, 1), "1 was under way and ends");
+        t.dropped(S, 1, 2);
+        assert!(!t.complete(S, 1, 3), "3 ends behind the dropped 2");
+        assert!(
+            !t.is_open(S, 2),
+            "a dropped position is not read again for its lane"
+        );
+        assert!(!t.take_drained(), "4 is still under way");
+        t.dropped(S, 2, 4);
+        assert!(
+            !t.take_drained(),
+            "a delivery of another hold changes nothing"
+        );
+        t.dropped(S, 1, 4);
+        assert!(t.take_drained());
+        let drained = t.drained();
+        assert_eq!(drained.len(), 1);
+        assert_eq!(
+            (drained[0].0, drained[0].2),
+            (S, 1),
+            "saved below the first dropped position"
+        );
     }
 }

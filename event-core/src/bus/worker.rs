@@ -74,11 +74,18 @@ enum Hold {
     Reread,
 }
 
-/// The deliveries of a lane that left memory: its stream's events from `from_version` up
-/// to position `upto`, for `sub`, read again from the store when the lane gets to them.
+/// The deliveries of a lane that left memory: its stream's events in `span`, for `sub`,
+/// read again from the store when the lane gets to them.
 struct Deferred {
     sub: Arc<Sub>,
     stream: StreamId,
+    span: Span,
+}
+
+/// Where a lane's deferred deliveries are in its stream: from `from_version` up to
+/// position `upto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
     from_version: u64,
     /// The position of the first of them.
     from_position: u64,
@@ -91,6 +98,41 @@ struct Deferred {
     /// The lease epoch of its latest deliveries: the range's deliveries come back under
     /// it (those of an earlier hold that are still open are the later hold's too).
     epoch: Option<u64>,
+}
+
+impl Span {
+    /// An empty span at the delivery of this version and position, which [`take`] takes
+    /// in next.
+    ///
+    /// [`take`]: Self::take
+    fn starting(version: u64, position: u64, epoch: Option<u64>) -> Self {
+        Span {
+            from_version: version,
+            from_position: position,
+            upto: position,
+            count: 0,
+            rewound: false,
+            epoch,
+        }
+    }
+
+    /// Takes in one more delivery of the stream. The span only widens: a delivery below
+    /// it (routed again after its segment was claimed again) moves its start down, and one
+    /// inside it is read again with it. Were `upto` set to a lower position, the
+    /// deliveries above it would never be read again, and the segment's checkpoint would
+    /// wait for them forever (a kill test's segment stalled at 19,999 of 20,000 so).
+    fn take(&mut self, version: u64, position: u64, epoch: Option<u64>) {
+        if position <= self.upto {
+            self.rewound = true;
+        }
+        if position < self.from_position {
+            self.from_position = position;
+            self.from_version = version;
+        }
+        self.upto = self.upto.max(position);
+        self.count += 1;
+        self.epoch = self.epoch.max(epoch);
+    }
 }
 
 impl Pending {
@@ -122,6 +164,10 @@ struct Lane {
     head: Option<Pending>,
     behind: VecDeque<Pending>,
     deferred: Option<Deferred>,
+    /// When the timer it waits for is due (a retry, a dead letter or a read to try again);
+    /// `None` while its head runs. A timer of another moment is stale (the lane was woken
+    /// earlier, see [`Worker::wake_stopped`]) and passes it by.
+    waiting_until: Option<Instant>,
 }
 
 /// Where a lane's first delivery is after a move.
@@ -155,9 +201,10 @@ struct Finished {
     room: u64,
     /// Finished deliveries per subscription (their `queued` counters).
     by_sub: Vec<(Arc<Sub>, u64)>,
-    /// (subscription and segment, lease epoch, position) of finished deliveries, for the
-    /// checkpoints.
-    positions: Vec<(TrackKey, u64, u64)>,
+    /// (subscription and segment, lease epoch, position, handled) of finished deliveries,
+    /// for the checkpoints: `handled` is false for one dropped before it started (its
+    /// segment no longer runs here), which the checkpoint must not pass.
+    positions: Vec<(TrackKey, u64, u64, bool)>,
     /// Finished published events, to hand back to their publisher.
     published: Vec<Arc<dyn PublishedEvent>>,
     /// Deliveries that began to wait without a slot.
@@ -193,12 +240,16 @@ pub(crate) struct Worker {
     open: bool,
     jitter: Jitter,
     finished: Finished,
+    /// The engine's count of segments stopped here, as this worker last saw it.
+    stopped: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Worker {
     pub(crate) fn new(engine: Arc<Engine>, inbox: Arc<Inbox>, n: u64) -> Self {
         let jitter = Jitter::new(engine.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let stopped = engine.segments_stopped.subscribe();
         Worker {
+            stopped,
             engine,
             inbox,
             lanes: Lanes::default(),
@@ -238,6 +289,8 @@ impl Worker {
 
     async fn serve(&mut self) {
         let inbox = Arc::clone(&self.inbox);
+        // Only a bus with a store has segments that stop running here.
+        let durable = self.engine.store.is_some();
         loop {
             self.offer_jobs().await;
             self.report_finished();
@@ -248,10 +301,11 @@ impl Worker {
             tokio::select! {
                 biased;
                 _ = sleep_until(next_timer), if next_timer.is_some() => {
-                    if let Some(Reverse((_, key))) = self.timers.pop() {
-                        self.resume(key).await;
+                    if let Some(Reverse((at, key))) = self.timers.pop() {
+                        self.resume(key, at).await;
                     }
                 }
+                Ok(()) = self.stopped.changed(), if durable => self.wake_stopped(),
                 (key, outcome) = std::future::poll_fn(|cx| self.running.poll_done(cx)),
                     if !self.running.is_empty() =>
                 {
@@ -403,32 +457,15 @@ impl Worker {
                 None => Some(lane.deferred.insert(Deferred {
                     sub: Arc::clone(&pending.sub),
                     stream: record.stream_id(),
-                    from_version: record.version,
-                    from_position: record.position,
-                    upto: record.position,
-                    count: 0,
-                    rewound: false,
-                    epoch: pending.epoch,
+                    span: Span::starting(record.version, record.position, pending.epoch),
                 })),
                 Some(d) if same_stream(d) => Some(d),
                 Some(_) => None,
             };
             if let Some(deferred) = deferred {
-                // The range only widens: a delivery below it (routed again after its
-                // segment was claimed again) moves its start down, and one inside it is
-                // read again with it. Were `upto` set to a lower position, the deliveries
-                // above it would never be read again, and the segment's checkpoint would
-                // wait for them forever.
-                if record.position <= deferred.upto {
-                    deferred.rewound = true;
-                }
-                if record.position < deferred.from_position {
-                    deferred.from_position = record.position;
-                    deferred.from_version = record.version;
-                }
-                deferred.upto = deferred.upto.max(record.position);
-                deferred.count += 1;
-                deferred.epoch = deferred.epoch.max(pending.epoch);
+                deferred
+                    .span
+                    .take(record.version, record.position, pending.epoch);
                 self.release(&pending.event);
                 return;
             }
@@ -468,9 +505,9 @@ impl Worker {
     ) -> crate::error::Result<Vec<RecordedEvent>> {
         let store = engine.store.as_ref().expect("deferred only with a store");
         let mut events = Vec::new();
-        let mut next = deferred.from_position;
-        while next <= deferred.upto {
-            let limit = usize::try_from(deferred.upto - next + 1)
+        let mut next = deferred.span.from_position;
+        while next <= deferred.span.upto {
+            let limit = usize::try_from(deferred.span.upto - next + 1)
                 .unwrap_or(usize::MAX)
                 .min(engine.batch_size);
             let page = read_page(store.as_ref(), next, limit).await?;
@@ -496,7 +533,7 @@ impl Worker {
             .as_ref()
             .expect("deferred only with a store");
         let events = match store
-            .read_stream(&deferred.stream, deferred.from_version)
+            .read_stream(&deferred.stream, deferred.span.from_version)
             .await
         {
             Ok(events) => events,
@@ -510,7 +547,7 @@ impl Worker {
         let sub = &deferred.sub;
         let mut reread = VecDeque::new();
         for record in events {
-            if record.position > deferred.upto {
+            if record.position > deferred.span.upto {
                 break;
             }
             // The dispatcher's choice, made again: its types, or an unregistered type of
@@ -533,40 +570,65 @@ impl Worker {
             event.remaining = None;
             let mut pending = Pending::new(event, Arc::clone(sub));
             pending.hold = Hold::Reread;
-            pending.epoch = deferred.epoch;
+            pending.epoch = deferred.span.epoch;
             reread.push_back(pending);
         }
         let found = reread.len() as u64;
-        if found != deferred.count {
+        if found != deferred.span.count {
             // Counted as waiting when they left; settle the count with what came back (a
             // subscription that left finds none: the tracker dropped its positions).
-            if sub.active.load(Ordering::Acquire) && !(deferred.rewound && found < deferred.count) {
+            if sub.active.load(Ordering::Acquire)
+                && !(deferred.span.rewound && found < deferred.span.count)
+            {
                 tracing::error!(
-                    expected = deferred.count,
+                    expected = deferred.span.count,
                     found,
                     "deferred deliveries read again do not match"
                 );
             }
-            if found > deferred.count {
-                self.engine.room.wait_outside(found - deferred.count);
+            if found > deferred.span.count {
+                self.engine.room.wait_outside(found - deferred.span.count);
             } else {
-                self.finished.waited_done += deferred.count - found;
+                self.finished.waited_done += deferred.span.count - found;
             }
         }
         Ok(reread)
     }
 
     /// A retry is due: the lane's first delivery is attempted again.
-    async fn resume(&mut self, key: Key) {
-        let Some(lane) = self.lanes.remove(&key) else {
+    async fn resume(&mut self, key: Key, at: Instant) {
+        if self
+            .lanes
+            .get(&key)
+            .is_none_or(|lane| lane.waiting_until != Some(at))
+        {
+            // Stale: the lane was woken earlier, and runs or waits for another timer.
+            return;
+        }
+        let Some(mut lane) = self.lanes.remove(&key) else {
             return;
         };
+        lane.waiting_until = None;
         let waits_to_reread = lane.head.is_none();
         self.in_hand = Some(InHand { key, lane });
         if waits_to_reread {
             self.carry_on_from(Step::Done).await;
         } else {
             self.carry_on().await;
+        }
+    }
+
+    /// Segments stopped running here: the lanes whose head waits for a retry in one of
+    /// them are due now (their head is dropped at its next step), so a segment being
+    /// given up does not wait for the retry delays of its failed deliveries.
+    fn wake_stopped(&mut self) {
+        let now = Instant::now();
+        for (key, lane) in &mut self.lanes {
+            let due_later = lane.waiting_until.is_some_and(|at| at > now);
+            if due_later && lane.head.as_ref().is_some_and(|head| !head.runs()) {
+                lane.waiting_until = Some(now);
+                self.timers.push(Reverse((now, *key)));
+            }
         }
     }
 
@@ -635,6 +697,7 @@ impl Worker {
             if let Some(at) = wait_until {
                 self.timers.push(Reverse((at, key)));
             }
+            lane.waiting_until = wait_until;
             self.lanes.insert(key, lane);
             return;
         }
@@ -664,7 +727,7 @@ impl Worker {
         // delivers from its saved checkpoint): dropped here.
         if !held.sub.active.load(Ordering::Acquire) || !held.runs() {
             let pending = self.take_held();
-            self.finish(&pending);
+            self.finish_as(&pending, false);
             return Step::Done;
         }
         if held.give_up {
@@ -718,6 +781,14 @@ impl Worker {
         held.failures = attempt;
         held.first_failed_at.get_or_insert(failed_at);
         held.last_error = failure.message;
+        if !held.runs() {
+            // Its segment stopped running here while the attempt ran (lost, or given up):
+            // the next owner delivers it from the saved checkpoint, so it neither waits for
+            // a retry (which would hold a hand-over up) nor becomes a dead letter here.
+            let pending = self.take_held();
+            self.finish_as(&pending, false);
+            return Step::Done;
+        }
         if failure.retryable && attempt < sub.retry.max_attempts() {
             Counters::add(&sub.counters.retried, 1);
             sub.metrics.retries.increment(1);
@@ -792,12 +863,19 @@ impl Worker {
             return;
         }
         self.timers.push(Reverse((at, key)));
+        lane.waiting_until = Some(at);
         self.lanes.insert(key, lane);
     }
 
     /// One delivery of `event` is finished (handled, dead-lettered or dropped because its
     /// subscription left); reported with the others by [`report_finished`](Self::report_finished).
     fn finish(&mut self, pending: &Pending) {
+        self.finish_as(pending, true);
+    }
+
+    /// [`finish`](Self::finish), saying whether the delivery was handled (or
+    /// dead-lettered) or dropped before it started.
+    fn finish_as(&mut self, pending: &Pending, handled: bool) {
         let (event, sub) = (&pending.event, &pending.sub);
         let finished = &mut self.finished;
         match finished
@@ -810,9 +888,12 @@ impl Worker {
         }
         if self.engine.store.is_some() {
             let key = (sub.index, sub.segment_of(event.partition));
-            finished
-                .positions
-                .push((key, pending.epoch.unwrap_or(0), event.record().position));
+            finished.positions.push((
+                key,
+                pending.epoch.unwrap_or(0),
+                event.record().position,
+                handled,
+            ));
         }
         if pending.hold != Hold::Queue {
             // Its event left the queue when it began to wait.
@@ -850,8 +931,12 @@ impl Worker {
         if !finished.positions.is_empty() {
             let mut advanced = false;
             let mut tracker = engine.lock_tracker();
-            for (key, epoch, position) in finished.positions.drain(..) {
-                advanced |= tracker.complete(key, epoch, position);
+            for (key, epoch, position, handled) in finished.positions.drain(..) {
+                if handled {
+                    advanced |= tracker.complete(key, epoch, position);
+                } else {
+                    tracker.dropped(key, epoch, position);
+                }
             }
             let drained = tracker.take_drained();
             drop(tracker);
@@ -904,5 +989,62 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Span;
+
+    /// A lane's span after deliveries at (version, position), the first starting it.
+    fn span_of(deliveries: &[(u64, u64)], epoch: Option<u64>) -> Span {
+        let (version, position) = deliveries[0];
+        let mut span = Span::starting(version, position, epoch);
+        for &(version, position) in deliveries {
+            span.take(version, position, epoch);
+        }
+        span
+    }
+
+    #[test]
+    fn a_span_grows_with_the_deliveries_of_its_stream() {
+        let span = span_of(&[(3, 10), (4, 12), (5, 20)], Some(1));
+        assert_eq!(
+            (span.from_version, span.from_position, span.upto, span.count),
+            (3, 10, 20, 3)
+        );
+    }
+
+    /// The kill tests' stall at 19,999 of 20,000: the segment was lost and claimed again
+    /// by this bus, whose dispatcher routed the lane's positions again from the saved
+    /// checkpoint, below and inside the span. The span must only widen: had its end moved
+    /// down to the re-routed position, the deliveries above it would never be read again,
+    /// and the segment's checkpoint would wait for them forever.
+    #[test]
+    fn a_delivery_routed_again_below_or_inside_a_span_only_widens_it() {
+        let mut span = span_of(&[(5, 20), (6, 25), (7, 30)], Some(1));
+        // Claimed again (epoch 2) from an older checkpoint: 15 (below) comes again first.
+        span.take(4, 15, Some(2));
+        assert_eq!((span.from_version, span.from_position), (4, 15));
+        assert_eq!(span.upto, 30, "the end stays where it was");
+        assert!(span.rewound);
+        // Then 20 and 25, inside it: nothing moves.
+        span.take(5, 20, Some(2));
+        span.take(6, 25, Some(2));
+        assert_eq!(
+            (span.from_version, span.from_position, span.upto),
+            (4, 15, 30)
+        );
+        assert_eq!(span.epoch, Some(2), "read again under the latest hold");
+        assert_eq!(
+            span.count, 6,
+            "every delivery counted, those routed twice too"
+        );
+        // And past the old end: it widens up.
+        span.take(8, 31, Some(2));
+        assert_eq!((span.from_position, span.upto), (15, 31));
+        // A delivery of the earlier hold coming late leaves the epoch at the later one.
+        span.take(8, 31, Some(1));
+        assert_eq!(span.epoch, Some(2));
     }
 }
