@@ -17,6 +17,7 @@
 //! rolls back, drops its prepared statements, re-reads the head and the schema, and opens
 //! a new connection if that fails.
 
+use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use crate::error::Fault;
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql::{self, bound, nanos, nanos_of, to_i64};
+use crate::versions::StreamVersions;
 
 /// How long the idle writer keeps polling its queue, yielding its CPU in between, before it
 /// parks. A caller just answered sends its next write about 10 to 30 µs later; had the writer
@@ -315,6 +317,8 @@ pub(crate) struct Writer {
     /// failed `COMMIT`, a report of corruption): the writer checks itself before the next
     /// write.
     suspect: bool,
+    /// The versions committed appends left their streams at.
+    versions: RefCell<StreamVersions>,
 }
 
 impl Writer {
@@ -343,6 +347,7 @@ impl Writer {
             path,
             options,
             suspect: false,
+            versions: RefCell::default(),
         }
     }
 
@@ -622,6 +627,7 @@ impl Writer {
                     }
                     moved
                 });
+                self.remember_versions(&group, &answers);
                 self.counters.in_progress.store(0, Ordering::Relaxed);
                 for (command, answer) in group.into_iter().zip(answers) {
                     command.answer(answer);
@@ -696,6 +702,7 @@ impl Writer {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         self.conn.flush_prepared_statement_cache();
+        self.versions.get_mut().forget();
         let head = match check(&self.conn) {
             Ok(head) => head,
             Err(first) => {
@@ -746,6 +753,20 @@ impl Writer {
                 return Err(Fault::from_core(&e));
             }
         };
+        let data_version = self
+            .conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get::<_, i64>(0)));
+        match data_version {
+            Ok(data_version) => self
+                .versions
+                .get_mut()
+                .begin(data_version, self.conn.total_changes()),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(Fault::new("reading the data version", e));
+            }
+        }
         let now = nanos(Utc::now()).unwrap_or(i64::MAX);
         self.last_recorded_at = self.last_recorded_at.max(now);
         Ok(Group {
@@ -817,6 +838,24 @@ impl Writer {
         events: &[NewEvent],
         state: &mut Group,
     ) -> Result<AppendOutcome, Failure> {
+        let stream_hash = checksum::stream_hash(
+            stream.aggregate_type.as_bytes(),
+            stream.aggregate_id.as_bytes(),
+        );
+        // A stream expected at the version the writer knows it at needs no probe: if it
+        // moved on after all, the first insert stores nothing and the append is judged
+        // again below.
+        let known = match expected {
+            ExpectedVersion::Exact(version) => Some(version),
+            ExpectedVersion::Any | ExpectedVersion::NoStream => None,
+        };
+        let at_known = self.versions.borrow_mut().at(stream_hash, stream, known);
+        if let Some(version) = known
+            && at_known
+            && let Some(outcome) = self.insert(stream, stream_hash, version, true, events, state)?
+        {
+            return Ok(outcome);
+        }
         let actual = sql::stream_version(&self.conn, stream).map_err(Failure::from_core)?;
         if !expected.matches(actual) {
             // A repeat of a stored append carries a stale expectation: recognize it first.
@@ -830,7 +869,25 @@ impl Writer {
                 actual,
             }));
         }
+        match self.insert(stream, stream_hash, actual, false, events, state)? {
+            Some(outcome) => Ok(outcome),
+            None => unreachable!("only a checked insert finds its stream at another version"),
+        }
+    }
 
+    /// Inserts `events` after version `actual` of their stream (of hash `stream_hash`), or
+    /// recognizes a repeated append. `known`: `actual` is the version the writer knows,
+    /// not one probed in this transaction: `None` if the first insert breaks a constraint
+    /// (nothing is stored; the append is to be judged with the probe).
+    fn insert(
+        &self,
+        stream: &StreamId,
+        stream_hash: u64,
+        actual: u64,
+        known: bool,
+        events: &[NewEvent],
+        state: &mut Group,
+    ) -> Result<Option<AppendOutcome>, Failure> {
         // Versions and positions are stored as SQLite integers: none goes past `i64::MAX`.
         let count = events.len() as u64;
         let last_version = actual
@@ -860,10 +917,6 @@ impl Writer {
                 })
             })?;
         let first_position = state.head + 1;
-        let stream_hash = checksum::stream_hash(
-            stream.aggregate_type.as_bytes(),
-            stream.aggregate_id.as_bytes(),
-        );
         let mut insert = self
             .conn
             .prepare_cached(sql::INSERT_EVENT)
@@ -924,6 +977,11 @@ impl Writer {
                 stored.checksum_in(stream_hash),
             ]);
             if let Err(e) = inserted {
+                if i == 0 && known && e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+                {
+                    // The stream moved on, or an event id is taken: nothing is stored.
+                    return Ok(None);
+                }
                 if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {
                     return Err(Failure::Backend(Fault::new("inserting an event", e)));
                 }
@@ -936,17 +994,37 @@ impl Writer {
                     .and_then(|mut stmt| stmt.execute([bound(first_position)]))
                     .map_err(fault("undoing a refused append"))?;
                 return match self.replayed(stream, events)? {
-                    Some(outcome) => Ok(outcome),
+                    Some(outcome) => Ok(Some(outcome)),
                     None => Err(Failure::Backend(Fault::new("inserting an event", e))),
                 };
             }
         }
         state.head = last_position;
-        Ok(AppendOutcome {
+        Ok(Some(AppendOutcome {
             version: last_version,
             first_position,
             last_position,
-        })
+        }))
+    }
+
+    /// After a commit: the versions its appends left their streams at.
+    fn remember_versions(&mut self, commands: &[Command], answers: &[Answer]) {
+        let versions = self.versions.get_mut();
+        for (command, answer) in commands.iter().zip(answers) {
+            if let (Command::Append { requests, .. }, Answer::Appended(Ok(outcomes))) =
+                (command, answer)
+            {
+                for (request, outcome) in requests.iter().zip(outcomes) {
+                    let stream = &request.stream;
+                    let hash = checksum::stream_hash(
+                        stream.aggregate_type.as_bytes(),
+                        stream.aggregate_id.as_bytes(),
+                    );
+                    versions.committed(hash, stream, outcome.version);
+                }
+            }
+        }
+        versions.seen(self.conn.total_changes());
     }
 
     /// The outcome of an earlier append if `events` repeats it exactly; an error if any of
