@@ -28,7 +28,7 @@ use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
 use crate::verify::VerifyReport;
-use crate::writer::{Command, Counters, Reply, Writer, checkpoint};
+use crate::writer::{Command, Counters, Reply, Writer, checkpoint, encode_metadata};
 
 /// An [`EventStore`](eventfold_core::EventStore) in a SQLite database: durable, one file, no server.
 ///
@@ -596,8 +596,13 @@ impl EventLog for SqliteEventStore {
             expected,
             events,
         }];
+        let metadata = encode_metadata(&requests)?;
         let mut outcomes = self
-            .write(|reply| Command::Append { requests, reply })
+            .write(|reply| Command::Append {
+                requests,
+                metadata,
+                reply,
+            })
             .instrument(span)
             .await?;
         outcomes.pop().ok_or_else(missing_outcome)
@@ -612,9 +617,14 @@ impl EventLog for SqliteEventStore {
             return Ok(Vec::new());
         }
         let span = tracing::debug_span!("eventfold.append", appends = requests.len());
-        self.write(|reply| Command::Append { requests, reply })
-            .instrument(span)
-            .await
+        let metadata = encode_metadata(&requests)?;
+        self.write(|reply| Command::Append {
+            requests,
+            metadata,
+            reply,
+        })
+        .instrument(span)
+        .await
     }
 
     async fn read_stream(

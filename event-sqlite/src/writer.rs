@@ -56,6 +56,9 @@ pub(crate) enum Command {
     /// One append, or a batch of appends to several streams, stored all or none.
     Append {
         requests: Vec<AppendRequest>,
+        /// The metadata of every event of the requests, in order, encoded by the caller
+        /// (see [`encode_metadata`]).
+        metadata: Vec<EncodedMetadata>,
         reply: Reply<Vec<AppendOutcome>>,
     },
     SaveSnapshot {
@@ -191,6 +194,54 @@ impl Command {
             _ => unreachable!("a write answered with another kind of result"),
         }
     }
+}
+
+/// An event's metadata as the writer stores it, encoded by the caller before the append is
+/// queued, so that the writer thread (which every append waits for) does not.
+pub(crate) enum EncodedMetadata {
+    /// None: the column is NULL.
+    Empty,
+    Json(String),
+    /// Equal to the metadata of the event before in the same request (one command's
+    /// correlation, mostly): encoded once per run of equal values, not per event.
+    AsBefore,
+}
+
+/// The metadata of every event of `requests`, in order; a [`Error::Serialize`] if one does
+/// not serialize.
+pub(crate) fn encode_metadata(
+    requests: &[AppendRequest],
+) -> eventfold_core::Result<Vec<EncodedMetadata>> {
+    let mut encoded = Vec::with_capacity(requests.iter().map(|r| r.events.len()).sum());
+    for request in requests {
+        let mut before: Option<&Metadata> = None;
+        for event in &request.events {
+            encoded.push(if before == Some(&event.metadata) {
+                EncodedMetadata::AsBefore
+            } else if event.metadata.is_empty() {
+                EncodedMetadata::Empty
+            } else {
+                EncodedMetadata::Json(serde_json::to_string(&event.metadata).map_err(|source| {
+                    Error::Serialize {
+                        event_type: event.event_type.clone(),
+                        source,
+                    }
+                })?)
+            });
+            before = Some(&event.metadata);
+        }
+    }
+    Ok(encoded)
+}
+
+/// The version of a stream an append goes on from.
+#[derive(Debug, Clone, Copy)]
+enum StreamAt {
+    /// The version the writer's commits left the stream at (see [`StreamVersions`]), not
+    /// checked in this transaction.
+    Known(u64),
+    /// The version the probe read in this transaction.
+    Probed(u64),
 }
 
 /// Why a write failed: refused by the store's rules, or a backend failure.
@@ -792,12 +843,21 @@ impl Writer {
 
     fn execute(&self, command: &Command, state: &mut Group) -> Answer {
         match command {
-            Command::Append { requests, .. } => Answer::Appended(
-                requests
-                    .iter()
-                    .map(|r| self.append(&r.stream, r.expected, &r.events, state))
-                    .collect(),
-            ),
+            Command::Append {
+                requests, metadata, ..
+            } => {
+                let mut metadata = metadata.as_slice();
+                Answer::Appended(
+                    requests
+                        .iter()
+                        .map(|r| {
+                            let (mine, rest) = metadata.split_at(r.events.len());
+                            metadata = rest;
+                            self.append(&r.stream, r.expected, &r.events, mine, state)
+                        })
+                        .collect(),
+                )
+            }
             Command::SaveSnapshot { snapshot, .. } => Answer::Done(self.save_snapshot(snapshot)),
             Command::SaveCheckpoint {
                 subscription,
@@ -836,6 +896,7 @@ impl Writer {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: &[NewEvent],
+        metadata: &[EncodedMetadata],
         state: &mut Group,
     ) -> Result<AppendOutcome, Failure> {
         let stream_hash = checksum::stream_hash(
@@ -852,7 +913,14 @@ impl Writer {
         let at_known = self.versions.borrow_mut().at(stream_hash, stream, known);
         if let Some(version) = known
             && at_known
-            && let Some(outcome) = self.insert(stream, stream_hash, version, true, events, state)?
+            && let Some(outcome) = self.insert(
+                stream,
+                stream_hash,
+                StreamAt::Known(version),
+                events,
+                metadata,
+                state,
+            )?
         {
             return Ok(outcome);
         }
@@ -869,25 +937,30 @@ impl Writer {
                 actual,
             }));
         }
-        match self.insert(stream, stream_hash, actual, false, events, state)? {
+        let at = StreamAt::Probed(actual);
+        match self.insert(stream, stream_hash, at, events, metadata, state)? {
             Some(outcome) => Ok(outcome),
             None => unreachable!("only a checked insert finds its stream at another version"),
         }
     }
 
-    /// Inserts `events` after version `actual` of their stream (of hash `stream_hash`), or
-    /// recognizes a repeated append. `known`: `actual` is the version the writer knows,
-    /// not one probed in this transaction: `None` if the first insert breaks a constraint
-    /// (nothing is stored; the append is to be judged with the probe).
+    /// Inserts `events` (with their `encoded` metadata) after the version `at` of their
+    /// stream (of hash `stream_hash`), or recognizes a repeated append. At a
+    /// [`StreamAt::Known`] version: `None` if the first insert breaks a constraint (nothing
+    /// is stored; the append is to be judged with the probe).
     fn insert(
         &self,
         stream: &StreamId,
         stream_hash: u64,
-        actual: u64,
-        known: bool,
+        at: StreamAt,
         events: &[NewEvent],
+        encoded: &[EncodedMetadata],
         state: &mut Group,
     ) -> Result<Option<AppendOutcome>, Failure> {
+        let (actual, known) = match at {
+            StreamAt::Known(version) => (version, true),
+            StreamAt::Probed(version) => (version, false),
+        };
         // Versions and positions are stored as SQLite integers: none goes past `i64::MAX`.
         let count = events.len() as u64;
         let last_version = actual
@@ -921,8 +994,7 @@ impl Writer {
             .conn
             .prepare_cached(sql::INSERT_EVENT)
             .map_err(fault("preparing the insert"))?;
-        let mut metadata: Option<String> = None;
-        let mut metadata_of: Option<&Metadata> = None;
+        let mut metadata: Option<&str> = None;
         for (i, event) in events.iter().enumerate() {
             let occurred_at = nanos(event.occurred_at).ok_or_else(|| {
                 Failure::Refused(Error::InvalidAppend {
@@ -933,20 +1005,10 @@ impl Writer {
                     ),
                 })
             })?;
-            // The events of one append mostly carry equal metadata (one command's
-            // correlation): it is serialized once per run of equal values, not per event.
-            if metadata_of != Some(&event.metadata) {
-                metadata = if event.metadata.is_empty() {
-                    None
-                } else {
-                    Some(serde_json::to_string(&event.metadata).map_err(|source| {
-                        Failure::Refused(Error::Serialize {
-                            event_type: event.event_type.clone(),
-                            source,
-                        })
-                    })?)
-                };
-                metadata_of = Some(&event.metadata);
+            match &encoded[i] {
+                EncodedMetadata::Empty => metadata = None,
+                EncodedMetadata::Json(json) => metadata = Some(json),
+                EncodedMetadata::AsBefore => {}
             }
             let offset = i as u64;
             let stored = StoredEvent {
@@ -959,7 +1021,7 @@ impl Writer {
                 schema_version: i64::from(event.schema_version),
                 occurred_at,
                 recorded_at: state.recorded_at,
-                metadata: metadata.as_deref().map(str::as_bytes),
+                metadata: metadata.map(str::as_bytes),
                 payload: event.payload.as_bytes(),
             };
             let inserted = insert.execute(params![
@@ -1278,9 +1340,14 @@ mod tests {
             expected: ExpectedVersion::Any,
             events: vec![event()],
         }];
+        let metadata = encode_metadata(&requests).unwrap();
         assert!(
             commands
-                .try_send(Command::Append { requests, reply })
+                .try_send(Command::Append {
+                    requests,
+                    metadata,
+                    reply
+                })
                 .is_ok()
         );
         answer
