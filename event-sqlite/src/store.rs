@@ -28,7 +28,7 @@ use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
 use crate::verify::VerifyReport;
-use crate::writer::{Command, Counters, Reply, Writer, checkpoint, encode_metadata};
+use crate::writer::{Appended, Command, Counters, Reply, Writer, checkpoint, encode_metadata};
 
 /// An [`EventStore`](eventfold_core::EventStore) in a SQLite database: durable, one file, no server.
 ///
@@ -597,7 +597,10 @@ impl EventLog for SqliteEventStore {
             events,
         }];
         let metadata = encode_metadata(&requests)?;
-        let mut outcomes = self
+        let Appended {
+            mut outcomes,
+            spent,
+        } = self
             .write(|reply| Command::Append {
                 requests,
                 metadata,
@@ -605,6 +608,8 @@ impl EventLog for SqliteEventStore {
             })
             .instrument(span)
             .await?;
+        // Freed here rather than on the writer thread.
+        drop(spent);
         outcomes.pop().ok_or_else(missing_outcome)
     }
 
@@ -618,13 +623,17 @@ impl EventLog for SqliteEventStore {
         }
         let span = tracing::debug_span!("eventfold.append", appends = requests.len());
         let metadata = encode_metadata(&requests)?;
-        self.write(|reply| Command::Append {
-            requests,
-            metadata,
-            reply,
-        })
-        .instrument(span)
-        .await
+        let Appended { outcomes, spent } = self
+            .write(|reply| Command::Append {
+                requests,
+                metadata,
+                reply,
+            })
+            .instrument(span)
+            .await?;
+        // Freed here rather than on the writer thread.
+        drop(spent);
+        Ok(outcomes)
     }
 
     async fn read_stream(

@@ -59,7 +59,7 @@ pub(crate) enum Command {
         /// The metadata of every event of the requests, in order, encoded by the caller
         /// (see [`encode_metadata`]).
         metadata: Vec<EncodedMetadata>,
-        reply: Reply<Vec<AppendOutcome>>,
+        reply: Reply<Appended>,
     },
     SaveSnapshot {
         snapshot: Snapshot,
@@ -160,7 +160,20 @@ impl Command {
             let _ = reply.send(result.map_err(Failure::into_error));
         }
         match (self, answer) {
-            (Command::Append { reply, .. }, Answer::Appended(result)) => send(reply, result),
+            (
+                Command::Append {
+                    reply,
+                    requests,
+                    metadata,
+                },
+                Answer::Appended(result),
+            ) => send(
+                reply,
+                result.map(|outcomes| Appended {
+                    outcomes,
+                    spent: (requests, metadata),
+                }),
+            ),
             (
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
@@ -194,6 +207,15 @@ impl Command {
             _ => unreachable!("a write answered with another kind of result"),
         }
     }
+}
+
+/// What a stored append hands back: its outcomes, and what it was made of.
+pub(crate) struct Appended {
+    pub(crate) outcomes: Vec<AppendOutcome>,
+    /// The append's requests and encoded metadata, handed back to be freed by the caller:
+    /// freeing them (a dozen allocations per event) would be writer-thread work, which
+    /// every append waits for.
+    pub(crate) spent: (Vec<AppendRequest>, Vec<EncodedMetadata>),
 }
 
 /// An event's metadata as the writer stores it, encoded by the caller before the append is
@@ -1333,7 +1355,7 @@ mod tests {
     fn append(
         commands: &mpsc::Sender<Command>,
         id: &str,
-    ) -> oneshot::Receiver<eventfold_core::Result<Vec<AppendOutcome>>> {
+    ) -> oneshot::Receiver<eventfold_core::Result<Appended>> {
         let (reply, answer) = oneshot::channel();
         let requests = vec![AppendRequest {
             stream: StreamId::new("Note", id),
@@ -1390,8 +1412,8 @@ mod tests {
             error.to_string().contains("panicked: a write went wrong"),
             "{error}"
         );
-        let first = first.blocking_recv().unwrap().unwrap();
-        let second = second.blocking_recv().unwrap().unwrap();
+        let first = first.blocking_recv().unwrap().unwrap().outcomes;
+        let second = second.blocking_recv().unwrap().unwrap().outcomes;
         assert_eq!(
             (first[0].last_position, second[0].last_position),
             (1, 2),
@@ -1402,7 +1424,7 @@ mod tests {
             None,
             "what the panicking write did before it panicked is rolled back"
         );
-        let later = later.blocking_recv().unwrap().unwrap();
+        let later = later.blocking_recv().unwrap().unwrap().outcomes;
         assert_eq!((later[0].version, later[0].last_position), (2, 3));
         assert_eq!(*head.borrow(), 3);
         closed.blocking_recv().unwrap();
@@ -1442,7 +1464,7 @@ mod tests {
         assert!(commands.try_send(Command::Close(reply)).is_ok());
         let thread = std::thread::spawn(move || writer.run());
 
-        let appended = appended.blocking_recv().unwrap().unwrap();
+        let appended = appended.blocking_recv().unwrap().unwrap().outcomes;
         assert_eq!((appended[0].version, appended[0].last_position), (1, 1));
         assert_eq!(
             cap.blocking_recv().unwrap().unwrap(),
