@@ -1,6 +1,6 @@
 //! The versions the writer's committed appends left their streams at, so that an append
 //! that expects its stream at the version the writer knows skips the version probe (a
-//! query of its own, about a quarter of the writer's instructions per one-event append).
+//! query of its own, about a fifth of the writer's instructions per one-event append).
 //!
 //! A known version is never ahead of the stream: it is taken from appends only once their
 //! transaction committed, and versions only grow. Everything is forgotten when another

@@ -133,7 +133,8 @@ impl Command {
         match self {
             // One INSERT. Everything that can refuse it (the version, the time, the metadata)
             // is checked before it runs; if the INSERT itself fails, the DELETE that undoes an
-            // append's earlier rows finds none.
+            // append's earlier rows finds none. (An insert at a known version that breaks a
+            // constraint is tried again after the probe: the failed one stored nothing.)
             Command::Append { requests, .. } => {
                 matches!(requests.as_slice(), [request] if request.events.len() == 1)
             }
