@@ -169,6 +169,7 @@ mod schema;
 mod sql;
 mod store;
 mod verify;
+mod versions;
 mod writer;
 
 /// The error of every operation, opening included: `eventfold_core`'s, so a store opened

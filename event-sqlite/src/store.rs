@@ -28,7 +28,9 @@ use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql;
 use crate::verify::VerifyReport;
-use crate::writer::{Command, Counters, Reply, Work, Writer, checkpoint};
+use crate::writer::{
+    Appended, Command, Counters, Reply, Work, Writer, checkpoint, encode_metadata,
+};
 
 /// Lease requests that may wait on the writer's lease lane: a bus has a few at a time.
 const URGENT_CAPACITY: usize = 64;
@@ -628,10 +630,20 @@ impl EventLog for SqliteEventStore {
             expected,
             events,
         }];
-        let mut outcomes = self
-            .write(|reply| Command::Append { requests, reply })
+        let metadata = encode_metadata(&requests)?;
+        let Appended {
+            mut outcomes,
+            spent,
+        } = self
+            .write(|reply| Command::Append {
+                requests,
+                metadata,
+                reply,
+            })
             .instrument(span)
             .await?;
+        // Freed here rather than on the writer thread.
+        drop(spent);
         outcomes.pop().ok_or_else(missing_outcome)
     }
 
@@ -644,9 +656,18 @@ impl EventLog for SqliteEventStore {
             return Ok(Vec::new());
         }
         let span = tracing::debug_span!("eventfold.append", appends = requests.len());
-        self.write(|reply| Command::Append { requests, reply })
+        let metadata = encode_metadata(&requests)?;
+        let Appended { outcomes, spent } = self
+            .write(|reply| Command::Append {
+                requests,
+                metadata,
+                reply,
+            })
             .instrument(span)
-            .await
+            .await?;
+        // Freed here rather than on the writer thread.
+        drop(spent);
+        Ok(outcomes)
     }
 
     async fn read_stream(

@@ -25,6 +25,7 @@
 //! answered within most of the lease time, so a renewal that queued behind bulk appends
 //! would otherwise cost redeliveries under write load.
 
+use std::cell::RefCell;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use crate::error::Fault;
 use crate::options::SqliteOptions;
 use crate::schema::{self, Location};
 use crate::sql::{self, bound, nanos, nanos_of, to_i64};
+use crate::versions::StreamVersions;
 
 /// How long the idle writer keeps polling its queue, yielding its CPU in between, before it
 /// parks. A caller just answered sends its next write about 10 to 30 µs later; had the writer
@@ -70,7 +72,10 @@ pub(crate) enum Command {
     /// One append, or a batch of appends to several streams, stored all or none.
     Append {
         requests: Vec<AppendRequest>,
-        reply: Reply<Vec<AppendOutcome>>,
+        /// The metadata of every event of the requests, in order, encoded by the caller
+        /// (see [`encode_metadata`]).
+        metadata: Vec<EncodedMetadata>,
+        reply: Reply<Appended>,
     },
     SaveSnapshot {
         snapshot: Snapshot,
@@ -144,7 +149,8 @@ impl Command {
         match self {
             // One INSERT. Everything that can refuse it (the version, the time, the metadata)
             // is checked before it runs; if the INSERT itself fails, the DELETE that undoes an
-            // append's earlier rows finds none.
+            // append's earlier rows finds none. (An insert at a known version that breaks a
+            // constraint is tried again after the probe: the failed one stored nothing.)
             Command::Append { requests, .. } => {
                 matches!(requests.as_slice(), [request] if request.events.len() == 1)
             }
@@ -171,7 +177,20 @@ impl Command {
             let _ = reply.send(result.map_err(Failure::into_error));
         }
         match (self, answer) {
-            (Command::Append { reply, .. }, Answer::Appended(result)) => send(reply, result),
+            (
+                Command::Append {
+                    reply,
+                    requests,
+                    metadata,
+                },
+                Answer::Appended(result),
+            ) => send(
+                reply,
+                result.map(|outcomes| Appended {
+                    outcomes,
+                    spent: (requests, metadata),
+                }),
+            ),
             (
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
@@ -205,6 +224,63 @@ impl Command {
             _ => unreachable!("a write answered with another kind of result"),
         }
     }
+}
+
+/// What a stored append hands back: its outcomes, and what it was made of.
+pub(crate) struct Appended {
+    pub(crate) outcomes: Vec<AppendOutcome>,
+    /// The append's requests and encoded metadata, handed back to be freed by the caller:
+    /// freeing them (a dozen allocations per event) would be writer-thread work, which
+    /// every append waits for.
+    pub(crate) spent: (Vec<AppendRequest>, Vec<EncodedMetadata>),
+}
+
+/// An event's metadata as the writer stores it, encoded by the caller before the append is
+/// queued, so that the writer thread (which every append waits for) does not.
+pub(crate) enum EncodedMetadata {
+    /// None: the column is NULL.
+    Empty,
+    Json(String),
+    /// Equal to the metadata of the event before in the same request (one command's
+    /// correlation, mostly): encoded once per run of equal values, not per event.
+    AsBefore,
+}
+
+/// The metadata of every event of `requests`, in order; a [`Error::Serialize`] if one does
+/// not serialize.
+pub(crate) fn encode_metadata(
+    requests: &[AppendRequest],
+) -> eventfold_core::Result<Vec<EncodedMetadata>> {
+    let mut encoded = Vec::with_capacity(requests.iter().map(|r| r.events.len()).sum());
+    for request in requests {
+        let mut before: Option<&Metadata> = None;
+        for event in &request.events {
+            encoded.push(if before == Some(&event.metadata) {
+                EncodedMetadata::AsBefore
+            } else if event.metadata.is_empty() {
+                EncodedMetadata::Empty
+            } else {
+                EncodedMetadata::Json(serde_json::to_string(&event.metadata).map_err(|source| {
+                    Error::Serialize {
+                        event_type: event.event_type.clone(),
+                        source,
+                    }
+                })?)
+            });
+            before = Some(&event.metadata);
+        }
+    }
+    Ok(encoded)
+}
+
+/// The version of a stream an append goes on from.
+#[derive(Debug, Clone, Copy)]
+enum StreamAt {
+    /// The version the writer's commits left the stream at (see [`StreamVersions`]), not
+    /// checked in this transaction.
+    Known(u64),
+    /// The version the probe read in this transaction.
+    Probed(u64),
 }
 
 /// Why a write failed: refused by the store's rules, or a backend failure.
@@ -333,6 +409,8 @@ pub(crate) struct Writer {
     /// failed `COMMIT`, a report of corruption): the writer checks itself before the next
     /// write.
     suspect: bool,
+    /// The versions committed appends left their streams at.
+    versions: RefCell<StreamVersions>,
 }
 
 impl Writer {
@@ -363,6 +441,7 @@ impl Writer {
             path,
             options,
             suspect: false,
+            versions: RefCell::default(),
         }
     }
 
@@ -677,6 +756,7 @@ impl Writer {
                     }
                     moved
                 });
+                self.remember_versions(&group, &answers);
                 self.counters.in_progress.store(0, Ordering::Relaxed);
                 for (command, answer) in group.into_iter().zip(answers) {
                     command.answer(answer);
@@ -751,6 +831,7 @@ impl Writer {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
         self.conn.flush_prepared_statement_cache();
+        self.versions.get_mut().forget();
         let head = match check(&self.conn) {
             Ok(head) => head,
             Err(first) => {
@@ -801,6 +882,20 @@ impl Writer {
                 return Err(Fault::from_core(&e));
             }
         };
+        let data_version = self
+            .conn
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get::<_, i64>(0)));
+        match data_version {
+            Ok(data_version) => self
+                .versions
+                .get_mut()
+                .begin(data_version, self.conn.total_changes()),
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                return Err(Fault::new("reading the data version", e));
+            }
+        }
         let now = nanos(Utc::now()).unwrap_or(i64::MAX);
         self.last_recorded_at = self.last_recorded_at.max(now);
         Ok(Group {
@@ -852,12 +947,21 @@ impl Writer {
 
     fn execute(&self, command: &Command, state: &mut Group) -> Answer {
         match command {
-            Command::Append { requests, .. } => Answer::Appended(
-                requests
-                    .iter()
-                    .map(|r| self.append(&r.stream, r.expected, &r.events, state))
-                    .collect(),
-            ),
+            Command::Append {
+                requests, metadata, ..
+            } => {
+                let mut metadata = metadata.as_slice();
+                Answer::Appended(
+                    requests
+                        .iter()
+                        .map(|r| {
+                            let (mine, rest) = metadata.split_at(r.events.len());
+                            metadata = rest;
+                            self.append(&r.stream, r.expected, &r.events, mine, state)
+                        })
+                        .collect(),
+                )
+            }
             Command::SaveSnapshot { snapshot, .. } => Answer::Done(self.save_snapshot(snapshot)),
             Command::SaveCheckpoint {
                 subscription,
@@ -896,8 +1000,34 @@ impl Writer {
         stream: &StreamId,
         expected: ExpectedVersion,
         events: &[NewEvent],
+        metadata: &[EncodedMetadata],
         state: &mut Group,
     ) -> Result<AppendOutcome, Failure> {
+        let stream_hash = checksum::stream_hash(
+            stream.aggregate_type.as_bytes(),
+            stream.aggregate_id.as_bytes(),
+        );
+        // A stream expected at the version the writer knows it at needs no probe: if it
+        // moved on after all, the first insert stores nothing and the append is judged
+        // again below.
+        let known = match expected {
+            ExpectedVersion::Exact(version) => Some(version),
+            ExpectedVersion::Any | ExpectedVersion::NoStream => None,
+        };
+        let at_known = self.versions.borrow_mut().at(stream_hash, stream, known);
+        if let Some(version) = known
+            && at_known
+            && let Some(outcome) = self.insert(
+                stream,
+                stream_hash,
+                StreamAt::Known(version),
+                events,
+                metadata,
+                state,
+            )?
+        {
+            return Ok(outcome);
+        }
         let actual = sql::stream_version(&self.conn, stream).map_err(Failure::from_core)?;
         if !expected.matches(actual) {
             // A repeat of a stored append carries a stale expectation: recognize it first.
@@ -911,7 +1041,30 @@ impl Writer {
                 actual,
             }));
         }
+        let at = StreamAt::Probed(actual);
+        match self.insert(stream, stream_hash, at, events, metadata, state)? {
+            Some(outcome) => Ok(outcome),
+            None => unreachable!("only a checked insert finds its stream at another version"),
+        }
+    }
 
+    /// Inserts `events` (with their `encoded` metadata) after the version `at` of their
+    /// stream (of hash `stream_hash`), or recognizes a repeated append. At a
+    /// [`StreamAt::Known`] version: `None` if the first insert breaks a constraint (nothing
+    /// is stored; the append is to be judged with the probe).
+    fn insert(
+        &self,
+        stream: &StreamId,
+        stream_hash: u64,
+        at: StreamAt,
+        events: &[NewEvent],
+        encoded: &[EncodedMetadata],
+        state: &mut Group,
+    ) -> Result<Option<AppendOutcome>, Failure> {
+        let (actual, known) = match at {
+            StreamAt::Known(version) => (version, true),
+            StreamAt::Probed(version) => (version, false),
+        };
         // Versions and positions are stored as SQLite integers: none goes past `i64::MAX`.
         let count = events.len() as u64;
         let last_version = actual
@@ -941,16 +1094,11 @@ impl Writer {
                 })
             })?;
         let first_position = state.head + 1;
-        let stream_hash = checksum::stream_hash(
-            stream.aggregate_type.as_bytes(),
-            stream.aggregate_id.as_bytes(),
-        );
         let mut insert = self
             .conn
             .prepare_cached(sql::INSERT_EVENT)
             .map_err(fault("preparing the insert"))?;
-        let mut metadata: Option<String> = None;
-        let mut metadata_of: Option<&Metadata> = None;
+        let mut metadata: Option<&str> = None;
         for (i, event) in events.iter().enumerate() {
             let occurred_at = nanos(event.occurred_at).ok_or_else(|| {
                 Failure::Refused(Error::InvalidAppend {
@@ -961,20 +1109,10 @@ impl Writer {
                     ),
                 })
             })?;
-            // The events of one append mostly carry equal metadata (one command's
-            // correlation): it is serialized once per run of equal values, not per event.
-            if metadata_of != Some(&event.metadata) {
-                metadata = if event.metadata.is_empty() {
-                    None
-                } else {
-                    Some(serde_json::to_string(&event.metadata).map_err(|source| {
-                        Failure::Refused(Error::Serialize {
-                            event_type: event.event_type.clone(),
-                            source,
-                        })
-                    })?)
-                };
-                metadata_of = Some(&event.metadata);
+            match &encoded[i] {
+                EncodedMetadata::Empty => metadata = None,
+                EncodedMetadata::Json(json) => metadata = Some(json),
+                EncodedMetadata::AsBefore => {}
             }
             let offset = i as u64;
             let stored = StoredEvent {
@@ -987,7 +1125,7 @@ impl Writer {
                 schema_version: i64::from(event.schema_version),
                 occurred_at,
                 recorded_at: state.recorded_at,
-                metadata: metadata.as_deref().map(str::as_bytes),
+                metadata: metadata.map(str::as_bytes),
                 payload: event.payload.as_bytes(),
             };
             let inserted = insert.execute(params![
@@ -1005,6 +1143,11 @@ impl Writer {
                 stored.checksum_in(stream_hash),
             ]);
             if let Err(e) = inserted {
+                if i == 0 && known && e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+                {
+                    // The stream moved on, or an event id is taken: nothing is stored.
+                    return Ok(None);
+                }
                 if e.sqlite_error_code() != Some(ErrorCode::ConstraintViolation) {
                     return Err(Failure::Backend(Fault::new("inserting an event", e)));
                 }
@@ -1017,17 +1160,37 @@ impl Writer {
                     .and_then(|mut stmt| stmt.execute([bound(first_position)]))
                     .map_err(fault("undoing a refused append"))?;
                 return match self.replayed(stream, events)? {
-                    Some(outcome) => Ok(outcome),
+                    Some(outcome) => Ok(Some(outcome)),
                     None => Err(Failure::Backend(Fault::new("inserting an event", e))),
                 };
             }
         }
         state.head = last_position;
-        Ok(AppendOutcome {
+        Ok(Some(AppendOutcome {
             version: last_version,
             first_position,
             last_position,
-        })
+        }))
+    }
+
+    /// After a commit: the versions its appends left their streams at.
+    fn remember_versions(&mut self, commands: &[Command], answers: &[Answer]) {
+        let versions = self.versions.get_mut();
+        for (command, answer) in commands.iter().zip(answers) {
+            if let (Command::Append { requests, .. }, Answer::Appended(Ok(outcomes))) =
+                (command, answer)
+            {
+                for (request, outcome) in requests.iter().zip(outcomes) {
+                    let stream = &request.stream;
+                    let hash = checksum::stream_hash(
+                        stream.aggregate_type.as_bytes(),
+                        stream.aggregate_id.as_bytes(),
+                    );
+                    versions.committed(hash, stream, outcome.version);
+                }
+            }
+        }
+        versions.seen(self.conn.total_changes());
     }
 
     /// The outcome of an earlier append if `events` repeats it exactly; an error if any of
@@ -1299,16 +1462,21 @@ mod tests {
     fn append(
         commands: &mpsc::Sender<Command>,
         id: &str,
-    ) -> oneshot::Receiver<eventfold_core::Result<Vec<AppendOutcome>>> {
+    ) -> oneshot::Receiver<eventfold_core::Result<Appended>> {
         let (reply, answer) = oneshot::channel();
         let requests = vec![AppendRequest {
             stream: StreamId::new("Note", id),
             expected: ExpectedVersion::Any,
             events: vec![event()],
         }];
+        let metadata = encode_metadata(&requests).unwrap();
         assert!(
             commands
-                .try_send(Command::Append { requests, reply })
+                .try_send(Command::Append {
+                    requests,
+                    metadata,
+                    reply
+                })
                 .is_ok()
         );
         answer
@@ -1352,8 +1520,8 @@ mod tests {
             error.to_string().contains("panicked: a write went wrong"),
             "{error}"
         );
-        let first = first.blocking_recv().unwrap().unwrap();
-        let second = second.blocking_recv().unwrap().unwrap();
+        let first = first.blocking_recv().unwrap().unwrap().outcomes;
+        let second = second.blocking_recv().unwrap().unwrap().outcomes;
         assert_eq!(
             (first[0].last_position, second[0].last_position),
             (1, 2),
@@ -1364,7 +1532,7 @@ mod tests {
             None,
             "what the panicking write did before it panicked is rolled back"
         );
-        let later = later.blocking_recv().unwrap().unwrap();
+        let later = later.blocking_recv().unwrap().unwrap().outcomes;
         assert_eq!((later[0].version, later[0].last_position), (2, 3));
         assert_eq!(*head.borrow(), 3);
         closed.blocking_recv().unwrap();
@@ -1454,7 +1622,7 @@ mod tests {
         );
         other.execute_batch("COMMIT").unwrap();
         let appended = appended.blocking_recv().unwrap().unwrap();
-        assert_eq!(appended[0].last_position, 1);
+        assert_eq!(appended.outcomes[0].last_position, 1);
         let (reply, closed) = oneshot::channel();
         assert!(commands.try_send(Command::Close(reply)).is_ok());
         closed.blocking_recv().unwrap();
@@ -1495,7 +1663,7 @@ mod tests {
         assert!(commands.try_send(Command::Close(reply)).is_ok());
         let thread = std::thread::spawn(move || writer.run());
 
-        let appended = appended.blocking_recv().unwrap().unwrap();
+        let appended = appended.blocking_recv().unwrap().unwrap().outcomes;
         assert_eq!((appended[0].version, appended[0].last_position), (1, 1));
         assert_eq!(
             cap.blocking_recv().unwrap().unwrap(),

@@ -271,3 +271,111 @@ async fn batches_across_streams_and_other_writes_join_a_group() {
         assert_eq!(versions, (1..=8).collect::<Vec<_>>());
     }
 }
+
+/// The writer knows the versions its commits left streams at and skips the version probe
+/// for an append that expects one of them: an append by another store on the same file
+/// moves a stream behind its back, and its next append is still judged on what is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_after_another_store_moved_the_stream_is_judged_on_what_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = SqliteEventStore::open(&path, open_options()).await.unwrap();
+    let other = SqliteEventStore::open(&path, open_options()).await.unwrap();
+    let stream = meter("shared");
+    for version in 0..2 {
+        store
+            .append(
+                &stream,
+                ExpectedVersion::Exact(version),
+                vec![reading(version)],
+            )
+            .await
+            .unwrap();
+    }
+    let moved = other
+        .append(&stream, ExpectedVersion::Exact(2), vec![reading(2)])
+        .await
+        .unwrap();
+    assert_eq!(moved.version, 3);
+
+    match store
+        .append(&stream, ExpectedVersion::Exact(2), vec![reading(20)])
+        .await
+    {
+        Err(Error::VersionConflict {
+            expected, actual, ..
+        }) => assert_eq!((expected, actual), (ExpectedVersion::Exact(2), 3)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let event = reading(3);
+    let appended = store
+        .append(&stream, ExpectedVersion::Exact(3), vec![event.clone()])
+        .await
+        .unwrap();
+    assert_eq!((appended.version, appended.last_position), (4, 4));
+    // A repeat of the append, with the version it now knows the stream at or the one the
+    // append expected: recognized, not stored again.
+    for expected in [4, 3] {
+        let repeated = store
+            .append(
+                &stream,
+                ExpectedVersion::Exact(expected),
+                vec![event.clone()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(repeated, appended);
+    }
+    let log = store.read_all(1, usize::MAX).await.unwrap();
+    let versions: Vec<u64> = log.iter().map(|e| e.version).collect();
+    assert_eq!(versions, [1, 2, 3, 4]);
+    other.close().await.unwrap();
+    store.close().await.unwrap();
+}
+
+/// Two appends in one group expect the version the writer knows their stream at: the
+/// first in the group is stored, the second is a conflict with the version the first left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_appends_in_one_group_expecting_the_same_known_version_store_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = Arc::new(SqliteEventStore::open(&path, open_options()).await.unwrap());
+    let before = seed(&*store, "contested", 2).await;
+
+    let (blocker, tasks) = as_one_group(&store, &path, || {
+        (0..2u64)
+            .map(|i| {
+                let store = Arc::clone(&store);
+                async move {
+                    store
+                        .append(
+                            &meter("contested"),
+                            ExpectedVersion::Exact(2),
+                            vec![reading(i)],
+                        )
+                        .await
+                }
+            })
+            .collect()
+    })
+    .await;
+    let mut stored = vec![blocker];
+    let mut conflicts = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(outcome) => stored.push(outcome),
+            Err(Error::VersionConflict { actual, .. }) => {
+                assert_eq!(actual, 3);
+                conflicts += 1;
+            }
+            Err(other) => panic!("expected a conflict, got {other:?}"),
+        }
+    }
+    assert_eq!((stored.len(), conflicts), (2, 1));
+    assert_eq!(stored[1].version, 3);
+    let mut positions: Vec<u64> = stored.iter().map(|o| o.last_position).collect();
+    positions.sort_unstable();
+    assert_eq!(positions, [3, 4], "the refused append took no position");
+    assert_eq!(store.stream_version(&meter("contested")).await.unwrap(), 3);
+    assert_eq!(assert_kept(&*store, &before).await.len(), 2 + 2);
+}
