@@ -373,8 +373,8 @@ impl EventLog for PostgresEventStore {
             )
             .await?;
         let what = || format!("stream {stream} from version {}", from_version.max(1));
-        let events = crate::archive::stream_rows(&rows, (1, 11), 4, what)?
-            .into_iter()
+        let events = crate::archive::stream_rows(&rows, (1, 11), what)?
+            .iter()
             .map(sql::event_from_row)
             .collect::<Result<Vec<_>>>()?;
         sql::check_versions(stream, from_version, &events)?;
@@ -399,7 +399,7 @@ impl EventLog for PostgresEventStore {
             )
             .await?;
         let what = || format!("stream {stream} from version {}", from_version.max(1));
-        let rows = crate::archive::stream_rows(&rows, (5, 6), 0, what)?;
+        let rows = crate::archive::stream_rows(&rows, (5, 6), what)?;
         sql::replay_rows(stream, from_version, rows, visitor)
     }
 
