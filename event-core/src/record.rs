@@ -463,6 +463,43 @@ pub enum ReplayOutcome {
 }
 
 impl ReplayOutcome {
+    /// The outcome as a store keeps it, in four nullable columns: the counts replayed,
+    /// failed and held back (all set when done), and the reason (set when failed). For
+    /// store backends; [`from_columns`](Self::from_columns) reads them back.
+    pub fn to_columns(&self) -> ([Option<u64>; 3], Option<&str>) {
+        match self {
+            ReplayOutcome::Done {
+                replayed,
+                failed,
+                held_back,
+            } => ([Some(*replayed), Some(*failed), Some(*held_back)], None),
+            ReplayOutcome::Failed { reason } => ([None; 3], Some(reason)),
+        }
+    }
+
+    /// The outcome kept in the columns of [`to_columns`](Self::to_columns); `None` if they
+    /// hold neither a reason nor all three counts (a damaged row).
+    ///
+    /// ```
+    /// use eventfold_core::ReplayOutcome;
+    ///
+    /// let done = ReplayOutcome::Done { replayed: 2, failed: 1, held_back: 0 };
+    /// let (counts, reason) = done.to_columns();
+    /// assert_eq!(ReplayOutcome::from_columns(counts, reason.map(str::to_owned)), Some(done));
+    /// assert_eq!(ReplayOutcome::from_columns([Some(1), None, Some(0)], None), None);
+    /// ```
+    pub fn from_columns(counts: [Option<u64>; 3], reason: Option<String>) -> Option<Self> {
+        match (reason, counts) {
+            (Some(reason), _) => Some(ReplayOutcome::Failed { reason }),
+            (None, [Some(replayed), Some(failed), Some(held_back)]) => Some(ReplayOutcome::Done {
+                replayed,
+                failed,
+                held_back,
+            }),
+            (None, _) => None,
+        }
+    }
+
     /// True if every dead letter asked for was delivered (nothing failed or held back).
     pub fn is_success(&self) -> bool {
         matches!(

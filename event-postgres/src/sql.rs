@@ -287,23 +287,20 @@ pub(crate) const REPLAY_REQUEST: &str = select_replay_requests!("WHERE id = $1")
 pub(crate) fn replay_request_from_row(row: &Row) -> Result<ReplayRequest> {
     let read = |e| store_error("reading a replay request", e);
     let id = to_u64(row.try_get(0).map_err(read)?);
-    let count = |index| -> Result<u64> {
-        let value: Option<i64> = row.try_get(index).map_err(read)?;
-        value
-            .map(to_u64)
-            .ok_or_else(|| corrupt_row(format!("replay request {id} has a count missing")))
-    };
     let finished = match row.try_get::<_, Option<i64>>(4).map_err(read)? {
         None => None,
         Some(at) => {
-            let outcome = match row.try_get::<_, Option<String>>(8).map_err(read)? {
-                Some(reason) => ReplayOutcome::Failed { reason },
-                None => ReplayOutcome::Done {
-                    replayed: count(5)?,
-                    failed: count(6)?,
-                    held_back: count(7)?,
-                },
+            let count = |index| -> Result<Option<u64>> {
+                Ok(row
+                    .try_get::<_, Option<i64>>(index)
+                    .map_err(read)?
+                    .map(to_u64))
             };
+            let outcome = ReplayOutcome::from_columns(
+                [count(5)?, count(6)?, count(7)?],
+                row.try_get(8).map_err(read)?,
+            )
+            .ok_or_else(|| corrupt_row(format!("replay request {id} has a count missing")))?;
             Some(FinishedReplay {
                 at: time(at),
                 outcome,

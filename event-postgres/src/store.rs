@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use eventfold_core::archive::{ArchiveHorizon, PruneRequest};
 use eventfold_core::{
     AppendOutcome, AppendRequest, DeadLetter, Error, EventLog, ExpectedVersion, FailureRecord,
-    FinishedReplay, NewDeadLetter, NewEvent, RecordedEvent, ReplayOutcome, ReplayRequest,
-    ReplayTarget, ReplayVisitor, Result, Snapshot, SnapshotStore, StoreErrorKind, StoreStatistics,
-    StreamId, SubscriptionStore, check_append, check_batch, check_replay_target,
+    FinishedReplay, NewDeadLetter, NewEvent, RecordedEvent, ReplayRequest, ReplayTarget,
+    ReplayVisitor, Result, Snapshot, SnapshotStore, StoreErrorKind, StoreStatistics, StreamId,
+    SubscriptionStore, check_append, check_batch, check_replay_target,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::Instrument;
@@ -856,21 +856,10 @@ impl SubscriptionStore for PostgresEventStore {
             return Ok(false);
         };
         let at = record_time(finished.at, "the finish time")?;
-        let (replayed, failed, held_back, reason) = match &finished.outcome {
-            ReplayOutcome::Done {
-                replayed,
-                failed,
-                held_back,
-            } => (
-                Some(to_i64(*replayed)),
-                Some(to_i64(*failed)),
-                Some(to_i64(*held_back)),
-                None,
-            ),
-            ReplayOutcome::Failed { reason } => {
-                (None, None, None, Some(reason.replace('\0', "\u{fffd}")))
-            }
-        };
+        let (counts, reason) = finished.outcome.to_columns();
+        let [replayed, failed, held_back] = counts.map(|c| c.map(to_i64));
+        // PostgreSQL's text cannot hold NUL.
+        let reason = reason.map(|r| r.replace('\0', "\u{fffd}"));
         let changed = self
             .execute(
                 "recording a replay's outcome",

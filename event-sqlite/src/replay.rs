@@ -131,19 +131,8 @@ pub(crate) fn finish(
     retain: usize,
 ) -> Result<bool> {
     let at = nanos_of(finished.at, "the finish time")?;
-    let (replayed, failed, held_back, reason) = match &finished.outcome {
-        ReplayOutcome::Done {
-            replayed,
-            failed,
-            held_back,
-        } => (
-            Some(to_i64(*replayed)),
-            Some(to_i64(*failed)),
-            Some(to_i64(*held_back)),
-            None,
-        ),
-        ReplayOutcome::Failed { reason } => (None, None, None, Some(reason.as_str())),
-    };
+    let (counts, reason) = finished.outcome.to_columns();
+    let [replayed, failed, held_back] = counts.map(|c| c.map(to_i64));
     let fail = |e| store_error("recording a replay's outcome", e);
     let changed = conn
         .prepare_cached(
@@ -171,24 +160,20 @@ fn from_row(row: &Row<'_>) -> Result<ReplayRequest> {
     let id = row.get::<_, i64>(0).map_err(fail)? as u64;
     let time = DateTime::<Utc>::from_timestamp_nanos;
     let finished_at: Option<i64> = row.get(4).map_err(fail)?;
-    let count = |index| -> Result<u64> {
-        let value: Option<i64> = row.get(index).map_err(fail)?;
-        value
-            .map(|v| v as u64)
-            .ok_or_else(|| corrupt_row(format!("replay request {id} has a count missing")))
-    };
     let finished = match finished_at {
         None => None,
         Some(at) => {
-            let reason: Option<String> = row.get(8).map_err(fail)?;
-            let outcome = match reason {
-                Some(reason) => ReplayOutcome::Failed { reason },
-                None => ReplayOutcome::Done {
-                    replayed: count(5)?,
-                    failed: count(6)?,
-                    held_back: count(7)?,
-                },
+            let count = |index| -> Result<Option<u64>> {
+                Ok(row
+                    .get::<_, Option<i64>>(index)
+                    .map_err(fail)?
+                    .map(|v| v as u64))
             };
+            let outcome = ReplayOutcome::from_columns(
+                [count(5)?, count(6)?, count(7)?],
+                row.get(8).map_err(fail)?,
+            )
+            .ok_or_else(|| corrupt_row(format!("replay request {id} has a count missing")))?;
             Some(FinishedReplay {
                 at: time(at),
                 outcome,
