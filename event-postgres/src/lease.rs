@@ -147,7 +147,7 @@ impl LeaseStore for PostgresEventStore {
         check_field(subscription, "the subscription name")?;
         check_field(member, "the member id")?;
         let fail = fail("recording a member's heartbeat");
-        let mut client = self.client("recording a member's heartbeat").await?;
+        let mut client = self.lease_client("recording a member's heartbeat").await?;
         let tx = client.transaction().await.map_err(&fail)?;
         let now = now(&tx).await?;
         tx.execute(
@@ -183,7 +183,7 @@ impl LeaseStore for PostgresEventStore {
         check_field(subscription, "the subscription name")?;
         check_field(member, "the member id")?;
         let fail = fail("removing a member");
-        let mut client = self.client("removing a member").await?;
+        let mut client = self.lease_client("removing a member").await?;
         let tx = client.transaction().await.map_err(&fail)?;
         tx.execute(
             "DELETE FROM ef_subscription_members WHERE subscription = $1 AND member = $2",
@@ -219,7 +219,7 @@ impl LeaseStore for PostgresEventStore {
             stored: stored as u32,
             requested: segments,
         };
-        let mut client = self.client("claiming segments").await?;
+        let mut client = self.lease_client("claiming segments").await?;
         // The common case: the count is stored. Claims share the subscription's row.
         {
             let tx = client.transaction().await.map_err(&fail)?;
@@ -282,7 +282,7 @@ impl LeaseStore for PostgresEventStore {
             return Ok(Vec::new());
         }
         let fail = fail("renewing segment leases");
-        let client = self.client("renewing segment leases").await?;
+        let client = self.lease_client("renewing segment leases").await?;
         // One statement per lease, each its own transaction: no renewal holds one row
         // while it waits for another.
         let statement = client
@@ -325,7 +325,7 @@ impl LeaseStore for PostgresEventStore {
             return Ok(());
         }
         let fail = fail("releasing segment leases");
-        let client = self.client("releasing segment leases").await?;
+        let client = self.lease_client("releasing segment leases").await?;
         let statement = client
             .prepare_cached(
                 "UPDATE ef_segment_leases SET owner = NULL, expires_at = NULL \

@@ -23,13 +23,47 @@ use crate::options::{PostgresOptions, redact};
 use crate::sql::{self, bound, check_field, nanos_of, to_i64};
 use crate::writer::{Command, Counters, Writer, connect};
 
+/// Sessions of the pool kept for segment-lease work: a bus's keeper runs one round at a
+/// time per subscription, so two serve several subscriptions without queueing behind each
+/// other for long.
+const LEASE_CONNECTIONS: usize = 2;
+
+/// A pool of up to `size` sessions (opened on first use) with the options' settings.
+fn build_pool(
+    options: &PostgresOptions,
+    size: usize,
+    location: &str,
+) -> Result<deadpool_postgres::Pool> {
+    let manager = deadpool_postgres::Manager::from_config(
+        options.config(false)?,
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    deadpool_postgres::Pool::builder(manager)
+        .max_size(size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .create_timeout(Some(options.connect_timeout))
+        .build()
+        .map_err(|e| Error::Open {
+            kind: StoreErrorKind::Other,
+            location: location.to_owned(),
+            reason: "building the connection pool".to_owned(),
+            source: Some(Box::new(e)),
+        })
+}
+
 /// An [`EventStore`](eventfold_core::EventStore) in a PostgreSQL database: the same
 /// contract as the SQLite store, on a server that several processes and machines share.
 ///
 /// One writer task per store, on a connection of its own, commits every append: appends
 /// that arrive together go to the server in one call (group commit), each with its own
 /// checks and result. Reads and the other writes (snapshots, checkpoints, dead letters,
-/// failure records) use a pool of connections. The store needs a Tokio runtime.
+/// failure records, projections' transactions) use a pool of connections. Segment-lease
+/// work (heartbeats, claims, renewals, releases) has a small pool of its own, so a lease is
+/// renewed in time even while reads or projections hold every connection of the main
+/// pool. The store needs a Tokio runtime.
 ///
 /// Cloning is cheap and shares the store. The writer stops once every clone is dropped
 /// (after the appends already queued), or at [`close`](Self::close).
@@ -46,6 +80,8 @@ pub struct PostgresEventStore {
 
 struct Shared {
     pool: deadpool_postgres::Pool,
+    /// Segment-lease work only ([`LEASE_CONNECTIONS`] sessions, opened on first use).
+    lease_pool: deadpool_postgres::Pool,
     commands: mpsc::Sender<Command>,
     head: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
@@ -108,24 +144,8 @@ impl PostgresEventStore {
             .map_err(|e| open_failed(&location, "reading the head", e))?;
         let head = sql::count(head.get(0), "the head position")?;
 
-        let manager = deadpool_postgres::Manager::from_config(
-            options.config(false)?,
-            tokio_postgres::NoTls,
-            deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
-        let pool = deadpool_postgres::Pool::builder(manager)
-            .max_size(options.pool_size)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .create_timeout(Some(options.connect_timeout))
-            .build()
-            .map_err(|e| Error::Open {
-                kind: StoreErrorKind::Other,
-                location: location.clone(),
-                reason: "building the connection pool".to_owned(),
-                source: Some(Box::new(e)),
-            })?;
+        let pool = build_pool(&options, options.pool_size, &location)?;
+        let lease_pool = build_pool(&options, LEASE_CONNECTIONS, &location)?;
 
         let channel = options
             .notify
@@ -158,6 +178,7 @@ impl PostgresEventStore {
         Ok(PostgresEventStore {
             shared: Arc::new(Shared {
                 pool,
+                lease_pool,
                 commands,
                 head,
                 counters,
@@ -223,6 +244,7 @@ impl PostgresEventStore {
             let _ = done.await;
         }
         self.shared.pool.close();
+        self.shared.lease_pool.close();
         Ok(())
     }
 
@@ -238,6 +260,17 @@ impl PostgresEventStore {
         self.check_open()?;
         self.shared
             .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(doing, e))
+    }
+
+    /// A connection of the lease pool, for segment-lease work: a renewal never waits behind
+    /// the reads and projections that may hold every connection of the main pool.
+    pub(crate) async fn lease_client(&self, doing: &str) -> Result<deadpool_postgres::Object> {
+        self.check_open()?;
+        self.shared
+            .lease_pool
             .get()
             .await
             .map_err(|e| pool_error(doing, e))

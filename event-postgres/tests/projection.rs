@@ -460,3 +460,86 @@ async fn a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it
     assert_eq!(read_model(&schema.name).await.0, expected);
     store.close().await.unwrap();
 }
+
+/// Holds its transaction (and so its pooled session) open in `apply` until told to go on.
+struct Holding {
+    started: Option<tokio::sync::oneshot::Sender<()>>,
+    go_on: std::sync::Arc<tokio::sync::Notify>,
+}
+
+#[async_trait]
+impl PostgresProjection for Holding {
+    type Event = Counted;
+
+    fn name(&self) -> &str {
+        "holding"
+    }
+
+    async fn clear(&mut self, _tx: &Transaction<'_>) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    async fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        _event: &Counted,
+        _recorded: &RecordedEvent,
+    ) -> Result<(), BoxError> {
+        tx.batch_execute("SELECT 1").await?;
+        if let Some(started) = self.started.take() {
+            let _ = started.send(());
+        }
+        self.go_on.notified().await;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segment_leases_are_renewed_while_a_projection_holds_every_pooled_session() {
+    use eventfold_core::lease::LeaseStore;
+
+    if common::no_server() {
+        return;
+    }
+    let schema = Schema::new();
+    let store = PostgresEventStore::open(schema.options().pool_size(1))
+        .await
+        .expect("the store opens");
+    store
+        .append(&stream("a"), ExpectedVersion::Any, vec![counted(1)])
+        .await
+        .unwrap();
+    let (started, running) = tokio::sync::oneshot::channel();
+    let go_on = std::sync::Arc::new(tokio::sync::Notify::new());
+    let holding = Holding {
+        started: Some(started),
+        go_on: go_on.clone(),
+    };
+    let options = ProjectionOptions::new().apply_timeout(Duration::from_secs(60));
+    let handle = store.run_projection(holding, options).await.unwrap();
+    // The one session of the main pool is now inside the projection's transaction.
+    running.await.unwrap();
+
+    // A bus's keeper round, which must not wait for that session. The timeout only turns
+    // a hang into a failure with a message.
+    let ttl = Duration::from_secs(5);
+    let round = async {
+        let members = store.heartbeat("split", "m1", ttl).await?;
+        let leases = store.claim_segments("split", "m1", 2, 2, ttl).await?;
+        let renewed = store.renew_leases(&leases, ttl).await?;
+        store.release_leases(&renewed).await?;
+        store.leave("split", "m1").await?;
+        Ok::<_, eventfold_core::Error>((members, leases.len(), renewed.len()))
+    };
+    let (members, claimed, renewed) = tokio::time::timeout(Duration::from_secs(30), round)
+        .await
+        .expect("lease work waited for the main pool's session")
+        .unwrap();
+    assert_eq!((members, claimed, renewed), (vec!["m1".to_owned()], 2, 2));
+
+    go_on.notify_one();
+    handle.wait_idle().await.unwrap();
+    assert_eq!(handle.progress().applied, 1);
+    handle.stop().await.unwrap();
+    store.close().await.unwrap();
+}
