@@ -34,7 +34,8 @@ pub(crate) struct Listener {
 }
 
 impl Listener {
-    /// Reads the head through the pool and publishes it.
+    /// Reads the head through the store's lease pool (never behind the main pool's
+    /// readers) and publishes it.
     async fn poll_head(&self) {
         let read = async {
             let client = self.pool.get().await.ok()?;

@@ -98,7 +98,10 @@ impl PostgresOptions {
     }
 
     /// How many pooled connections serve reads and the writes other than appends
-    /// (default 4, from 1 to 256). Appends go through the writer's own connection.
+    /// (default 4, from 1 to 256). Appends go through the writer's own connection, and
+    /// segment-lease work and the listener's polls of the head through two sessions of their
+    /// own, opened on first use; the listener holds one more while notifications are on. A store uses at most
+    /// `connections + 4` sessions of the server.
     pub fn pool_size(mut self, connections: usize) -> Self {
         self.pool_size = connections;
         self

@@ -61,9 +61,10 @@ fn build_pool(
 /// that arrive together go to the server in one call (group commit), each with its own
 /// checks and result. Reads and the other writes (snapshots, checkpoints, dead letters,
 /// failure records, projections' transactions) use a pool of connections. Segment-lease
-/// work (heartbeats, claims, renewals, releases) has a small pool of its own, so a lease is
-/// renewed in time even while reads or projections hold every connection of the main
-/// pool. The store needs a Tokio runtime.
+/// work (heartbeats, claims, renewals, releases) and the listener's reads of the head have
+/// a small pool of their own, so a lease is renewed, and another process's append seen, in
+/// time even while reads or projections hold every connection of the main pool. The store
+/// needs a Tokio runtime.
 ///
 /// Cloning is cheap and shares the store. The writer stops once every clone is dropped
 /// (after the appends already queued), or at [`close`](Self::close).
@@ -80,7 +81,8 @@ pub struct PostgresEventStore {
 
 struct Shared {
     pool: deadpool_postgres::Pool,
-    /// Segment-lease work only ([`LEASE_CONNECTIONS`] sessions, opened on first use).
+    /// Segment-lease work and the listener's head reads ([`LEASE_CONNECTIONS`] sessions,
+    /// opened on first use).
     lease_pool: deadpool_postgres::Pool,
     commands: mpsc::Sender<Command>,
     head: Arc<watch::Sender<u64>>,
@@ -168,7 +170,7 @@ impl PostgresEventStore {
         let listener = Listener {
             config: writer_config,
             channel,
-            pool: pool.clone(),
+            pool: lease_pool.clone(),
             head: Arc::clone(&head),
             poll: options.poll_interval,
             stop: stopped,

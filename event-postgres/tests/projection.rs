@@ -461,7 +461,8 @@ async fn a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it
     store.close().await.unwrap();
 }
 
-/// Holds its transaction (and so its pooled session) open in `apply` until told to go on.
+/// Holds its transaction (and so its pooled session) open in its first `apply` until told
+/// to go on.
 struct Holding {
     started: Option<tokio::sync::oneshot::Sender<()>>,
     go_on: std::sync::Arc<tokio::sync::Notify>,
@@ -488,21 +489,27 @@ impl PostgresProjection for Holding {
         tx.batch_execute("SELECT 1").await?;
         if let Some(started) = self.started.take() {
             let _ = started.send(());
+            self.go_on.notified().await;
         }
-        self.go_on.notified().await;
         Ok(())
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn segment_leases_are_renewed_while_a_projection_holds_every_pooled_session() {
+async fn leases_are_renewed_and_the_head_polled_while_a_projection_holds_every_pooled_session() {
     use eventfold_core::lease::LeaseStore;
 
     if common::no_server() {
         return;
     }
     let schema = Schema::new();
-    let store = PostgresEventStore::open(schema.options().pool_size(1))
+    // Without notifications, so another process's append is seen through the head poll.
+    let options = schema
+        .options()
+        .pool_size(1)
+        .notify(false)
+        .poll_interval(Duration::from_millis(20));
+    let store = PostgresEventStore::open(options)
         .await
         .expect("the store opens");
     store
@@ -537,9 +544,22 @@ async fn segment_leases_are_renewed_while_a_projection_holds_every_pooled_sessio
         .unwrap();
     assert_eq!((members, claimed, renewed), (vec!["m1".to_owned()], 2, 2));
 
+    // Another process's append reaches this store's head watch all the same.
+    let other = schema.open().await;
+    other
+        .append(&stream("b"), ExpectedVersion::Any, vec![counted(2)])
+        .await
+        .unwrap();
+    let mut head = store.watch_head();
+    tokio::time::timeout(Duration::from_secs(30), head.wait_for(|&head| head >= 2))
+        .await
+        .expect("the head poll waited for the main pool's session")
+        .unwrap();
+    other.close().await.unwrap();
+
     go_on.notify_one();
     handle.wait_idle().await.unwrap();
-    assert_eq!(handle.progress().applied, 1);
+    assert_eq!(handle.progress().applied, 2);
     handle.stop().await.unwrap();
     store.close().await.unwrap();
 }
