@@ -637,21 +637,24 @@ fn a_stuck_blocking_handler_does_not_keep_the_process_from_exiting() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // The child's stdout ends when it exits: read it to the end on a thread of its own.
+    let mut stdout = child.stdout.take().unwrap();
+    let (sent, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut out = String::new();
+        let read = std::io::Read::read_to_string(&mut stdout, &mut out);
+        let _ = sent.send(read.map(|_| out));
+    });
     // A guard against a hang, not a measurement: the child exits in well under a second.
-    let guard = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if std::time::Instant::now() > guard {
+    let out = match output.recv_timeout(Duration::from_secs(60)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
             child.kill().unwrap();
             child.wait().unwrap();
             panic!("the child did not exit after stop()");
         }
-        std::thread::sleep(Duration::from_millis(20));
     };
-    let mut out = String::new();
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    let status = child.wait().unwrap();
     assert!(status.success(), "{status}: {out}");
     assert!(
         out.contains("stopped drained=false unfinished=1 deliveries=1"),
