@@ -196,28 +196,50 @@ fn misread_event(values: &[ValueRef<'_>; 12]) -> Error {
 /// Reads an event row selected by [`select_events!`], checking it first.
 /// `last`: the stream of the row before, when reading several.
 fn event_from_row(row: &Row<'_>, last: Option<&mut LastStream>) -> Result<RecordedEvent> {
-    event_from_row_reusing(row, last, None)
+    let mut event = blank_record();
+    event_from_row_into(row, last, &mut event)?;
+    Ok(event)
 }
 
-/// [`event_from_row`], into the allocations of `spare` (a record done with) if given.
-fn event_from_row_reusing(
+/// A record for [`event_from_row_into`] to fill, its strings unallocated.
+fn blank_record() -> RecordedEvent {
+    RecordedEvent {
+        event_id: Uuid::nil(),
+        aggregate_type: std::borrow::Cow::Borrowed(""),
+        aggregate_id: String::new(),
+        version: 0,
+        position: 0,
+        event_type: std::borrow::Cow::Borrowed(""),
+        schema_version: 0,
+        occurred_at: DateTime::UNIX_EPOCH,
+        recorded_at: DateTime::UNIX_EPOCH,
+        metadata: eventfold_core::Metadata::default(),
+        payload: String::new(),
+    }
+}
+
+/// [`event_from_row`], into `into`: every field of it is set (its strings' allocations
+/// reused, a reader of many rows fills one record row after row) when the row is sound;
+/// on an error it is left as it was.
+fn event_from_row_into(
     row: &Row<'_>,
     last: Option<&mut LastStream>,
-    spare: Option<RecordedEvent>,
-) -> Result<RecordedEvent> {
+    into: &mut RecordedEvent,
+) -> Result<()> {
     let (stored, checksum) = stored_event(row)?;
     // Registered type names are borrowed from the registry rather than copied per row.
     let metadata = match (last, decode_metadata(stored.metadata)) {
         (Some(last), Ok(metadata)) => match last.check(&stored, checksum) {
             Some(known) => {
-                return Ok(recorded(
+                fill(
+                    into,
                     &stored,
                     &known.checked,
                     known.aggregate_type_name,
                     known.event_type_name,
                     metadata,
-                    spare,
-                ));
+                );
+                return Ok(());
             }
             None => Ok(metadata),
         },
@@ -230,51 +252,46 @@ fn event_from_row_reusing(
     let (Some(event), Ok(metadata)) = (checked, metadata) else {
         return Err(stored.corrupt(&problems));
     };
-    Ok(recorded(
+    fill(
+        into,
         &stored,
         &event,
         registry().aggregate_type_name(event.aggregate_type),
         registry().event_type_name(event.event_type),
         metadata,
-        spare,
-    ))
+    );
+    Ok(())
 }
 
-/// The record of a checked row, into the allocations of `spare` if given.
-fn recorded(
+/// Sets every field of `into` to those of a checked row.
+fn fill(
+    into: &mut RecordedEvent,
     stored: &StoredEvent<'_>,
     event: &checksum::CheckedEvent<'_>,
     aggregate_type: std::borrow::Cow<'static, str>,
     event_type: std::borrow::Cow<'static, str>,
     metadata: eventfold_core::Metadata,
-    spare: Option<RecordedEvent>,
-) -> RecordedEvent {
-    let copy = |mut into: String, from: &str| {
-        into.clear();
-        into.push_str(from);
-        into
-    };
-    let (aggregate_id, payload) = match spare {
-        Some(spare) => (
-            copy(spare.aggregate_id, event.aggregate_id),
-            copy(spare.payload, event.payload),
-        ),
-        None => (event.aggregate_id.to_owned(), event.payload.to_owned()),
-    };
-    RecordedEvent {
-        event_id: event.event_id,
-        aggregate_type,
-        aggregate_id,
-        version: event.version,
-        position: to_u64(stored.position),
-        event_type,
-        schema_version: event.schema_version,
-        occurred_at: time(stored.occurred_at),
-        recorded_at: time(stored.recorded_at),
-        metadata,
-        // Kept even if it is not JSON: decoding says so, and a subscriber can dead-letter it.
-        payload,
+) {
+    into.event_id = event.event_id;
+    into.aggregate_type = aggregate_type;
+    into.aggregate_id.clear();
+    into.aggregate_id.push_str(event.aggregate_id);
+    into.version = event.version;
+    into.position = to_u64(stored.position);
+    into.event_type = event_type;
+    into.schema_version = event.schema_version;
+    into.occurred_at = time(stored.occurred_at);
+    // One append's events share their recording time: converted once per append.
+    if stored.recorded_at != nanos(into.recorded_at).unwrap_or(i64::MIN) {
+        into.recorded_at = time(stored.recorded_at);
     }
+    // Most events have none: an empty map replaces an empty map without a drop.
+    if !(metadata.is_empty() && into.metadata.is_empty()) {
+        into.metadata = metadata;
+    }
+    // Kept even if it is not JSON: decoding says so, and a subscriber can dead-letter it.
+    into.payload.clear();
+    into.payload.push_str(event.payload);
 }
 
 fn events_from_rows(mut rows: Rows<'_>, capacity: usize) -> Result<Vec<RecordedEvent>> {
@@ -620,7 +637,7 @@ pub(crate) fn visit_log(
         .query(params![bound(from_position), limit])
         .map_err(fail)?;
     let mut last = LastStream::default();
-    let mut spare = None;
+    let mut record = blank_record();
     let mut expected = from_position.max(1);
     let mut seen = 0_i64;
     while let Some(row) = rows.next().map_err(fail)? {
@@ -635,12 +652,8 @@ pub(crate) fn visit_log(
             archived_gap(conn, expected)?;
         }
         expected = position.saturating_add(1);
-        let go_on = match event_from_row_reusing(row, Some(&mut last), spare.take()) {
-            Ok(event) => {
-                let go_on = visit(Ok(&event))?;
-                spare = Some(event);
-                go_on
-            }
+        let go_on = match event_from_row_into(row, Some(&mut last), &mut record) {
+            Ok(()) => visit(Ok(&record))?,
             Err(error) => visit(Err((position, error)))?,
         };
         if !go_on {
