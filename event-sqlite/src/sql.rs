@@ -1029,3 +1029,68 @@ pub(crate) fn streams(
     }
     Ok(streams)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The columns of a sound row, as [`stored_event`] reads them.
+    fn sound() -> [ValueRef<'static>; 12] {
+        use ValueRef::{Blob, Integer, Null, Text};
+        [
+            Integer(7),
+            Blob(&[1; 16]),
+            Text(b"Meter"),
+            Text(b"m-1"),
+            Integer(3),
+            Text(b"MeterRead"),
+            Integer(1),
+            Integer(10),
+            Integer(11),
+            Null,
+            Text(b"{}"),
+            Integer(5),
+        ]
+    }
+
+    fn reason(values: &[ValueRef<'_>; 12]) -> (Option<Uuid>, Option<u64>, String) {
+        match misread_event(values) {
+            Error::CorruptEvent {
+                event_id,
+                position,
+                reason,
+            } => (event_id, position, reason),
+            other => panic!("not a corrupt event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_column_of_the_wrong_type_is_named_first_in_the_columns_order() {
+        let id = Uuid::from_bytes([1; 16]);
+        let mut values = sound();
+        values[0] = ValueRef::Text(b"7");
+        assert_eq!(
+            reason(&values),
+            (None, None, "its position is not an integer".to_owned())
+        );
+        let cases = [
+            (1, ValueRef::Text(b"x"), "its event id is not a blob"),
+            (2, ValueRef::Null, "its aggregate type is not text"),
+            (4, ValueRef::Real(3.0), "its version is not an integer"),
+            (9, ValueRef::Integer(1), "its metadata is not text"),
+            (10, ValueRef::Blob(b"{}"), "its payload is not text"),
+            (11, ValueRef::Text(b"5"), "its checksum is not an integer"),
+        ];
+        for (index, value, expected) in cases {
+            let mut values = sound();
+            values[index] = value;
+            let id = (index != 1).then_some(id);
+            assert_eq!(reason(&values), (id, Some(7), expected.to_owned()));
+        }
+        // Two wrong columns: the first is named.
+        let mut values = sound();
+        values[6] = ValueRef::Null;
+        values[3] = ValueRef::Integer(1);
+        assert_eq!(reason(&values).2, "its aggregate id is not text".to_owned());
+    }
+}
