@@ -374,7 +374,18 @@ impl<A: Aggregate> Fold<A> {
 impl<A: Aggregate> Fold<A> {
     /// Whether the event at `version` is to be folded in: not when the replay is skipping
     /// (a misfit snapshot) or at the snapshot's own event, which the state holds already.
+    #[inline]
     fn admits(&mut self, version: u64) -> Result<bool> {
+        // The common case, once per event of a replay: the next version of a full replay.
+        if !self.misfit && self.anchor.is_none() && self.version.checked_add(1) == Some(version) {
+            return Ok(true);
+        }
+        self.admits_other(version)
+    }
+
+    /// [`admits`](Self::admits) past its common case.
+    #[cold]
+    fn admits_other(&mut self, version: u64) -> Result<bool> {
         if self.misfit {
             return Ok(false);
         }

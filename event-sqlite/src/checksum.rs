@@ -81,11 +81,67 @@ pub(crate) fn core_hash(
     schema_version: i64,
     payload: &[u8],
 ) -> u64 {
+    core_hash_of_type(
+        stream_hash,
+        version,
+        type_hash(event_type),
+        schema_version,
+        payload,
+    )
+}
+
+/// The hash of an event type name that [`core_hash`] folds in.
+pub(crate) fn type_hash(event_type: &[u8]) -> u64 {
+    xxh3_64(event_type)
+}
+
+/// [`core_hash`], given the [`type_hash`] of the row's event type: a read of many rows of
+/// the same few types hashes each name once (see [`LastEventType`]).
+pub(crate) fn core_hash_of_type(
+    stream_hash: u64,
+    version: i64,
+    type_hash: u64,
+    schema_version: i64,
+    payload: &[u8],
+) -> u64 {
     let seed = fold(
         fold(fold(stream_hash, version as u64), schema_version as u64),
-        xxh3_64(event_type),
+        type_hash,
     );
     xxh3_64_with_seed(payload, seed)
+}
+
+/// The event type name of the last row read, checked as UTF-8, with its [`type_hash`]: a
+/// stream, or a page of the log, repeats a few names row after row, so a read compares
+/// the row's bytes with the last name's (a short `memcmp`) instead of validating and
+/// hashing them again. A name that differs is validated and hashed as before, so what is
+/// checked is the same for every row.
+#[derive(Debug)]
+pub(crate) struct LastEventType {
+    name: String,
+    hash: u64,
+}
+
+impl Default for LastEventType {
+    fn default() -> Self {
+        LastEventType {
+            name: String::new(),
+            hash: type_hash(b""),
+        }
+    }
+}
+
+impl LastEventType {
+    /// The row's event type as text with its [`type_hash`], `None` if it is not UTF-8.
+    pub(crate) fn get(&mut self, bytes: &[u8]) -> Option<(&str, u64)> {
+        if self.name.as_bytes() != bytes {
+            let name = std::str::from_utf8(bytes).ok()?;
+            self.name.clear();
+            self.name.push_str(name);
+            self.hash = type_hash(bytes);
+        }
+        Some((&self.name, self.hash))
+    }
 }
 
 /// True when the core half of a stored checksum matches `core` (see
@@ -118,6 +174,11 @@ impl<'r> StoredEvent<'r> {
             self.schema_version,
             self.payload,
         );
+        self.checksum_of_core(core)
+    }
+
+    /// [`checksum`](Self::checksum), given the row's [`core_hash`].
+    pub(crate) fn checksum_of_core(&self, core: u64) -> i64 {
         let [id_len, id_hash] = field(self.event_id);
         let [meta_len, meta_hash] = self.metadata.map_or([0, 0], field);
         let full = hash_words([
@@ -225,70 +286,106 @@ pub(crate) fn corrupt_event(event_id: Option<Uuid>, position: i64, problems: &[S
     }
 }
 
-/// The [`stream_hash`] of the stream of the last row read, so that a read of consecutive
-/// rows of one stream (a stream, or a page of the log written by batched appends) hashes
-/// the stream once rather than once per row.
-///
-/// It also keeps the registry's copies of the last row's aggregate and event type names,
-/// which a page of the log repeats row after row, so each takes a lookup only when it
-/// changes.
+/// What a read of consecutive rows (a stream, or a page of the log written by batched
+/// appends) keeps of the last row's stream and event type, so that each is checked,
+/// hashed and looked up in the registry once per run of rows rather than once per row:
+/// the stream's names as text with their [`stream_hash`] and the registry's copy of the
+/// aggregate type name, and the event type as text with its [`type_hash`] and the
+/// registry's copy of its name. A row whose bytes differ from the last ones is checked in
+/// full, as before.
 #[derive(Debug, Default)]
 pub(crate) struct LastStream {
-    aggregate_type: Vec<u8>,
-    aggregate_id: Vec<u8>,
-    hash: Option<u64>,
-    type_name: Option<(String, Cow<'static, str>)>,
-    event_type_name: Option<(String, Cow<'static, str>)>,
+    stream: Option<KnownStream>,
+    event_type: LastEventType,
+    event_type_name: Option<Cow<'static, str>>,
+}
+
+/// The last stream of a [`LastStream`], its names checked as UTF-8.
+#[derive(Debug)]
+struct KnownStream {
+    aggregate_type: String,
+    aggregate_id: String,
+    hash: u64,
+    aggregate_type_name: Cow<'static, str>,
+}
+
+/// A row that passed every check of [`StoredEvent::check`], with the registry's copies of
+/// its type names; its stream's names and its event type are lent by the [`LastStream`].
+pub(crate) struct KnownEvent<'a> {
+    pub(crate) checked: CheckedEvent<'a>,
+    pub(crate) aggregate_type_name: Cow<'static, str>,
+    pub(crate) event_type_name: Cow<'static, str>,
 }
 
 impl LastStream {
-    /// The [`stream_hash`] of this stream: the last one's if it is the same stream.
-    pub(crate) fn hash(&mut self, aggregate_type: &[u8], aggregate_id: &[u8]) -> u64 {
-        match self.hash {
-            Some(hash)
-                if self.aggregate_type == aggregate_type && self.aggregate_id == aggregate_id =>
-            {
-                hash
+    /// Runs the checks of [`StoredEvent::check`] on `stored` (the same checks, the
+    /// stream's names and the event type checked once while they repeat): the row's
+    /// fields if it passes them all, `None` if any fails (then [`StoredEvent::check`]
+    /// names every problem).
+    pub(crate) fn check<'a>(
+        &'a mut self,
+        stored: &StoredEvent<'a>,
+        checksum: Option<i64>,
+    ) -> Option<KnownEvent<'a>> {
+        let sum = checksum?;
+        let same = self.stream.as_ref().is_some_and(|known| {
+            known.aggregate_type.as_bytes() == stored.aggregate_type
+                && known.aggregate_id.as_bytes() == stored.aggregate_id
+        });
+        if !same {
+            let aggregate_type = std::str::from_utf8(stored.aggregate_type).ok()?;
+            let aggregate_id = std::str::from_utf8(stored.aggregate_id).ok()?;
+            let known = self.stream.get_or_insert_with(|| KnownStream {
+                aggregate_type: String::new(),
+                aggregate_id: String::new(),
+                hash: 0,
+                aggregate_type_name: Cow::Borrowed(""),
+            });
+            if known.aggregate_type != aggregate_type {
+                known.aggregate_type.clear();
+                known.aggregate_type.push_str(aggregate_type);
+                known.aggregate_type_name = registry().aggregate_type_name(aggregate_type);
             }
-            _ => {
-                let hash = stream_hash(aggregate_type, aggregate_id);
-                self.aggregate_type.clear();
-                self.aggregate_type.extend_from_slice(aggregate_type);
-                self.aggregate_id.clear();
-                self.aggregate_id.extend_from_slice(aggregate_id);
-                self.hash = Some(hash);
-                hash
-            }
+            known.aggregate_id.clear();
+            known.aggregate_id.push_str(aggregate_id);
+            known.hash = stream_hash(stored.aggregate_type, stored.aggregate_id);
         }
-    }
-
-    /// The registry's copy of the aggregate type name `name` (the last row's if the same).
-    pub(crate) fn aggregate_type_name(&mut self, name: &str) -> Cow<'static, str> {
-        cached(&mut self.type_name, name, |name| {
-            registry().aggregate_type_name(name)
-        })
-    }
-
-    /// The registry's copy of the event type name `name` (the last row's if the same).
-    pub(crate) fn event_type_name(&mut self, name: &str) -> Cow<'static, str> {
-        cached(&mut self.event_type_name, name, |name| {
-            registry().event_type_name(name)
-        })
-    }
-}
-
-fn cached(
-    slot: &mut Option<(String, Cow<'static, str>)>,
-    name: &str,
-    look_up: impl FnOnce(&str) -> Cow<'static, str>,
-) -> Cow<'static, str> {
-    match slot {
-        Some((last, copy)) if last == name => copy.clone(),
-        _ => {
-            let copy = look_up(name);
-            *slot = Some((name.to_owned(), copy.clone()));
-            copy
+        let known = self.stream.as_ref()?;
+        let changed = self.event_type.name.as_bytes() != stored.event_type;
+        let (event_type, type_hash) = self.event_type.get(stored.event_type)?;
+        if changed || self.event_type_name.is_none() {
+            self.event_type_name = Some(registry().event_type_name(event_type));
         }
+        let core = core_hash_of_type(
+            known.hash,
+            stored.version,
+            type_hash,
+            stored.schema_version,
+            stored.payload,
+        );
+        if sum != stored.checksum_of_core(core) {
+            return None;
+        }
+        let version = u64::try_from(stored.version).ok().filter(|v| *v >= 1)?;
+        let schema_version = u32::try_from(stored.schema_version)
+            .ok()
+            .filter(|v| *v >= 1)?;
+        if stored.position < 1 {
+            return None;
+        }
+        Some(KnownEvent {
+            checked: CheckedEvent {
+                event_id: stored.id()?,
+                aggregate_type: &known.aggregate_type,
+                aggregate_id: &known.aggregate_id,
+                version,
+                event_type,
+                schema_version,
+                payload: std::str::from_utf8(stored.payload).ok()?,
+            },
+            aggregate_type_name: known.aggregate_type_name.clone(),
+            event_type_name: self.event_type_name.clone()?,
+        })
     }
 }
 
@@ -440,6 +537,28 @@ mod tests {
     }
 
     #[test]
+    fn the_last_event_type_gives_the_core_hash_of_each_row_and_refuses_non_utf8() {
+        let mut last = LastEventType::default();
+        for name in [
+            &b"MeterRead"[..],
+            b"MeterRead",
+            b"MeterReset",
+            b"",
+            b"MeterRead",
+        ] {
+            let (text, hash) = last.get(name).expect("UTF-8");
+            assert_eq!(text.as_bytes(), name);
+            assert_eq!(
+                core_hash_of_type(11, 3, hash, 1, b"{}"),
+                core_hash(11, 3, name, 1, b"{}")
+            );
+        }
+        assert!(last.get(b"Meter\xffRead").is_none());
+        // A refused name leaves the last one as it was.
+        assert_eq!(last.get(b"MeterRead").map(|(t, _)| t), Some("MeterRead"));
+    }
+
+    #[test]
     fn moving_bytes_between_fields_changes_the_checksum() {
         let a = StoredEvent {
             aggregate_id: b"m-1x",
@@ -460,19 +579,87 @@ mod tests {
     }
 
     #[test]
-    fn the_last_stream_hash_is_reused_only_for_the_same_stream() {
+    fn the_last_stream_passes_exactly_the_rows_a_full_check_passes() {
         let mut last = LastStream::default();
-        for (aggregate_type, aggregate_id) in [
-            (&b"Meter"[..], &b"m-1"[..]),
-            (b"Meter", b"m-1"),
-            (b"Meter", b"m-2"),
-            (b"Mete", b"rm-2"),
-            (b"Meter", b"m-1"),
-        ] {
+        let base = row(b"{\"n\":1}", None);
+        let rows = [
+            base,
+            base,
+            StoredEvent {
+                aggregate_id: b"m-2",
+                ..base
+            },
+            StoredEvent {
+                aggregate_type: b"Mete",
+                aggregate_id: b"rm-2",
+                ..base
+            },
+            StoredEvent {
+                event_type: b"MeterReset",
+                ..base
+            },
+            base,
+        ];
+        for stored in rows {
+            let sum = stored.checksum();
+            let full = stored.check(Some(sum), &mut Vec::new()).expect("sound");
+            let known = last.check(&stored, Some(sum)).expect("sound");
+            let fast = known.checked;
             assert_eq!(
-                last.hash(aggregate_type, aggregate_id),
-                stream_hash(aggregate_type, aggregate_id)
+                (
+                    fast.event_id,
+                    fast.aggregate_type,
+                    fast.aggregate_id,
+                    fast.version
+                ),
+                (
+                    full.event_id,
+                    full.aggregate_type,
+                    full.aggregate_id,
+                    full.version
+                )
             );
+            assert_eq!(
+                (fast.event_type, fast.schema_version, fast.payload),
+                (full.event_type, full.schema_version, full.payload)
+            );
+            assert_eq!(known.aggregate_type_name, full.aggregate_type);
+            assert_eq!(known.event_type_name, full.event_type);
+            assert!(last.check(&stored, Some(sum ^ 1)).is_none());
+            assert!(last.check(&stored, None).is_none());
+        }
+        // Damage the full check refuses, in a stream and type the last row had.
+        let damaged = [
+            StoredEvent {
+                event_id: &[1; 3],
+                ..base
+            },
+            StoredEvent {
+                payload: b"\xff",
+                ..base
+            },
+            StoredEvent {
+                aggregate_id: b"m\xff",
+                ..base
+            },
+            StoredEvent {
+                event_type: b"Meter\xffRead",
+                ..base
+            },
+            StoredEvent {
+                position: 0,
+                ..base
+            },
+            StoredEvent { version: 0, ..base },
+            StoredEvent {
+                schema_version: 0,
+                ..base
+            },
+        ];
+        for stored in damaged {
+            let sum = stored.checksum();
+            assert!(stored.check(Some(sum), &mut Vec::new()).is_none());
+            assert!(last.check(&stored, Some(sum)).is_none());
         }
     }
 

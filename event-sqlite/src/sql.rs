@@ -17,7 +17,9 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, Row, Rows, params};
 use uuid::Uuid;
 
-use crate::checksum::{self, LastStream, StoredEvent, corrupt_event, decode_metadata};
+use crate::checksum::{
+    self, LastEventType, LastStream, StoredEvent, corrupt_event, decode_metadata,
+};
 use crate::error::{corrupt_row, store_error};
 
 /// Selects the columns [`stored_event`] reads, then the given SQL.
@@ -101,123 +103,195 @@ fn text_at(row: &Row<'_>, index: usize, what: impl Fn() -> String) -> Result<Str
 /// its stored checksum (`None`: there is none). A column of the wrong type (which a STRICT
 /// table only holds when its file is damaged) is an [`Error::CorruptEvent`].
 pub(crate) fn stored_event<'r>(row: &'r Row<'_>) -> Result<(StoredEvent<'r>, Option<i64>)> {
-    let read = |e| store_error("reading an event", e);
-    let position = match row.get_ref(0).map_err(read)? {
-        ValueRef::Integer(position) => position,
-        _ => {
-            return Err(corrupt_event(
-                None,
-                0,
-                &["its position is not an integer".to_owned()],
-            ));
-        }
+    use ValueRef::{Blob, Integer, Null, Text};
+    // The twelve columns at once, then one match: a sound row takes no branch per column,
+    // and the errors are made apart, by `misread_event`, for a row that does not fit.
+    let mut values = [Null; 12];
+    for (index, value) in values.iter_mut().enumerate() {
+        *value = row
+            .get_ref(index)
+            .map_err(|e| store_error("reading an event", e))?;
+    }
+    match values {
+        [
+            Integer(position),
+            Blob(event_id),
+            Text(aggregate_type),
+            Text(aggregate_id),
+            Integer(version),
+            Text(event_type),
+            Integer(schema_version),
+            Integer(occurred_at),
+            Integer(recorded_at),
+            metadata @ (Null | Text(_)),
+            Text(payload),
+            checksum @ (Null | Integer(_)),
+        ] => Ok((
+            StoredEvent {
+                position,
+                event_id,
+                aggregate_type,
+                aggregate_id,
+                version,
+                event_type,
+                schema_version,
+                occurred_at,
+                recorded_at,
+                metadata: match metadata {
+                    Text(bytes) => Some(bytes),
+                    _ => None,
+                },
+                payload,
+            },
+            match checksum {
+                Integer(checksum) => Some(checksum),
+                _ => None,
+            },
+        )),
+        _ => Err(misread_event(&values)),
+    }
+}
+
+/// The error of an event row with a column of the wrong type (which a STRICT table only
+/// holds when its file is damaged): the first such column, in the columns' order.
+#[cold]
+fn misread_event(values: &[ValueRef<'_>; 12]) -> Error {
+    let ValueRef::Integer(position) = values[0] else {
+        return corrupt_event(None, 0, &["its position is not an integer".to_owned()]);
     };
-    let wrong = |what: &str| {
-        let id = match row.get_ref(1) {
-            Ok(ValueRef::Blob(bytes)) => Uuid::from_slice(bytes).ok(),
-            _ => None,
-        };
-        corrupt_event(id, position, &[format!("its {what}")])
-    };
-    let int = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
-        ValueRef::Integer(value) => Ok(value),
-        _ => Err(wrong(&format!("{what} is not an integer"))),
+    let id = match values[1] {
+        ValueRef::Blob(bytes) => Uuid::from_slice(bytes).ok(),
+        _ => None,
     };
     // The store writes the id as a blob and every other field as text; a value of
     // another storage class (possible only in a damaged or hand-edited file) is damage.
-    let blob = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
-        ValueRef::Blob(bytes) => Ok(bytes),
-        _ => Err(wrong(&format!("{what} is not a blob"))),
-    };
-    let bytes = |index: usize, what: &str| match row.get_ref(index).map_err(read)? {
-        ValueRef::Text(bytes) => Ok(bytes),
-        _ => Err(wrong(&format!("{what} is not text"))),
-    };
-    let stored = StoredEvent {
-        position,
-        event_id: blob(1, "event id")?,
-        aggregate_type: bytes(2, "aggregate type")?,
-        aggregate_id: bytes(3, "aggregate id")?,
-        version: int(4, "version")?,
-        event_type: bytes(5, "event type")?,
-        schema_version: int(6, "schema version")?,
-        occurred_at: int(7, "occurrence time")?,
-        recorded_at: int(8, "recording time")?,
-        metadata: match row.get_ref(9).map_err(read)? {
-            ValueRef::Null => None,
-            ValueRef::Text(bytes) => Some(bytes),
-            _ => return Err(wrong("metadata is not text")),
-        },
-        payload: bytes(10, "payload")?,
-    };
-    let checksum = match row.get_ref(11).map_err(read)? {
-        ValueRef::Integer(checksum) => Some(checksum),
-        ValueRef::Null => None,
-        _ => return Err(wrong("checksum is not an integer")),
-    };
-    Ok((stored, checksum))
+    let problem = [
+        (1, "event id is not a blob"),
+        (2, "aggregate type is not text"),
+        (3, "aggregate id is not text"),
+        (4, "version is not an integer"),
+        (5, "event type is not text"),
+        (6, "schema version is not an integer"),
+        (7, "occurrence time is not an integer"),
+        (8, "recording time is not an integer"),
+        (9, "metadata is not text"),
+        (10, "payload is not text"),
+        (11, "checksum is not an integer"),
+    ]
+    .into_iter()
+    .find(|(index, _)| {
+        !matches!(
+            (*index, values[*index]),
+            (1, ValueRef::Blob(_))
+                | (2 | 3 | 5 | 10, ValueRef::Text(_))
+                | (4 | 6 | 7 | 8, ValueRef::Integer(_))
+                | (9, ValueRef::Null | ValueRef::Text(_))
+                | (11, ValueRef::Null | ValueRef::Integer(_))
+        )
+    })
+    .map_or("columns do not read back", |(_, what)| what);
+    corrupt_event(id, position, &[format!("its {problem}")])
 }
 
 /// Reads an event row selected by [`select_events!`], checking it first.
 /// `last`: the stream of the row before, when reading several.
 fn event_from_row(row: &Row<'_>, last: Option<&mut LastStream>) -> Result<RecordedEvent> {
-    event_from_row_reusing(row, last, None)
+    let mut event = blank_record();
+    event_from_row_into(row, last, &mut event)?;
+    Ok(event)
 }
 
-/// [`event_from_row`], into the allocations of `spare` (a record done with) if given.
-fn event_from_row_reusing(
+/// A record for [`event_from_row_into`] to fill, its strings unallocated.
+fn blank_record() -> RecordedEvent {
+    RecordedEvent {
+        event_id: Uuid::nil(),
+        aggregate_type: std::borrow::Cow::Borrowed(""),
+        aggregate_id: String::new(),
+        version: 0,
+        position: 0,
+        event_type: std::borrow::Cow::Borrowed(""),
+        schema_version: 0,
+        occurred_at: DateTime::UNIX_EPOCH,
+        recorded_at: DateTime::UNIX_EPOCH,
+        metadata: eventfold_core::Metadata::default(),
+        payload: String::new(),
+    }
+}
+
+/// [`event_from_row`], into `into`: every field of it is set (its strings' allocations
+/// reused, a reader of many rows fills one record row after row) when the row is sound;
+/// on an error it is left as it was.
+fn event_from_row_into(
     row: &Row<'_>,
-    mut last: Option<&mut LastStream>,
-    spare: Option<RecordedEvent>,
-) -> Result<RecordedEvent> {
+    last: Option<&mut LastStream>,
+    into: &mut RecordedEvent,
+) -> Result<()> {
     let (stored, checksum) = stored_event(row)?;
-    let mut problems = Vec::new();
-    let stream_hash = match &mut last {
-        Some(last) => last.hash(stored.aggregate_type, stored.aggregate_id),
-        None => checksum::stream_hash(stored.aggregate_type, stored.aggregate_id),
+    // Registered type names are borrowed from the registry rather than copied per row.
+    let metadata = match (last, decode_metadata(stored.metadata)) {
+        (Some(last), Ok(metadata)) => match last.check(&stored, checksum) {
+            Some(known) => {
+                fill(
+                    into,
+                    &stored,
+                    &known.checked,
+                    known.aggregate_type_name,
+                    known.event_type_name,
+                    metadata,
+                );
+                return Ok(());
+            }
+            None => Ok(metadata),
+        },
+        (_, metadata) => metadata,
     };
-    let checked = stored.check_in(stream_hash, checksum, &mut problems);
-    let metadata = decode_metadata(stored.metadata).map_err(|problem| problems.push(problem));
+    // Without a last row, or a row refused by a check: every check, naming every problem.
+    let mut problems = Vec::new();
+    let checked = stored.check(checksum, &mut problems);
+    let metadata = metadata.map_err(|problem| problems.push(problem));
     let (Some(event), Ok(metadata)) = (checked, metadata) else {
         return Err(stored.corrupt(&problems));
     };
-    // Registered type names are borrowed from the registry rather than copied per row.
-    let (aggregate_type, event_type) = match last {
-        Some(last) => (
-            last.aggregate_type_name(event.aggregate_type),
-            last.event_type_name(event.event_type),
-        ),
-        None => (
-            registry().aggregate_type_name(event.aggregate_type),
-            registry().event_type_name(event.event_type),
-        ),
-    };
-    let copy = |mut into: String, from: &str| {
-        into.clear();
-        into.push_str(from);
-        into
-    };
-    let (aggregate_id, payload) = match spare {
-        Some(spare) => (
-            copy(spare.aggregate_id, event.aggregate_id),
-            copy(spare.payload, event.payload),
-        ),
-        None => (event.aggregate_id.to_owned(), event.payload.to_owned()),
-    };
-    Ok(RecordedEvent {
-        event_id: event.event_id,
-        aggregate_type,
-        aggregate_id,
-        version: event.version,
-        position: to_u64(stored.position),
-        event_type,
-        schema_version: event.schema_version,
-        occurred_at: time(stored.occurred_at),
-        recorded_at: time(stored.recorded_at),
+    fill(
+        into,
+        &stored,
+        &event,
+        registry().aggregate_type_name(event.aggregate_type),
+        registry().event_type_name(event.event_type),
         metadata,
-        // Kept even if it is not JSON: decoding says so, and a subscriber can dead-letter it.
-        payload,
-    })
+    );
+    Ok(())
+}
+
+/// Sets every field of `into` to those of a checked row.
+fn fill(
+    into: &mut RecordedEvent,
+    stored: &StoredEvent<'_>,
+    event: &checksum::CheckedEvent<'_>,
+    aggregate_type: std::borrow::Cow<'static, str>,
+    event_type: std::borrow::Cow<'static, str>,
+    metadata: eventfold_core::Metadata,
+) {
+    into.event_id = event.event_id;
+    into.aggregate_type = aggregate_type;
+    into.aggregate_id.clear();
+    into.aggregate_id.push_str(event.aggregate_id);
+    into.version = event.version;
+    into.position = to_u64(stored.position);
+    into.event_type = event_type;
+    into.schema_version = event.schema_version;
+    into.occurred_at = time(stored.occurred_at);
+    // One append's events share their recording time: converted once per append.
+    if stored.recorded_at != nanos(into.recorded_at).unwrap_or(i64::MIN) {
+        into.recorded_at = time(stored.recorded_at);
+    }
+    // Most events have none: an empty map replaces an empty map without a drop.
+    if !(metadata.is_empty() && into.metadata.is_empty()) {
+        into.metadata = metadata;
+    }
+    // Kept even if it is not JSON: decoding says so, and a subscriber can dead-letter it.
+    into.payload.clear();
+    into.payload.push_str(event.payload);
 }
 
 fn events_from_rows(mut rows: Rows<'_>, capacity: usize) -> Result<Vec<RecordedEvent>> {
@@ -298,44 +372,52 @@ pub(crate) fn replay_stream(
         stream.aggregate_id.as_bytes(),
     );
     let mut expected = from_version.max(1);
+    let mut types = LastEventType::default();
     while let Some(row) = rows.next().map_err(fail)? {
-        let int = |index: usize| -> Result<Option<i64>> {
-            match row.get_ref(index).map_err(fail)? {
-                ValueRef::Integer(value) => Ok(Some(value)),
-                _ => Ok(None),
-            }
+        // The five columns at once, then one match: a sound row takes no branch per column.
+        let mut values = [ValueRef::Null; 5];
+        for (index, value) in values.iter_mut().enumerate() {
+            *value = row.get_ref(index).map_err(fail)?;
+        }
+        let version = match values[0] {
+            ValueRef::Integer(version) => Some(version),
+            _ => None,
         };
-        let bytes = |index: usize| -> Result<Option<&[u8]>> {
-            match row.get_ref(index).map_err(fail)? {
-                ValueRef::Text(bytes) => Ok(Some(bytes)),
-                _ => Ok(None),
-            }
-        };
-        let version = int(0)?;
-        let sound = match (version, bytes(1)?, int(2)?, bytes(3)?, int(4)?) {
-            (Some(version), Some(event_type), Some(schema_version), Some(payload), Some(sum))
-                if checksum::core_matches(
-                    sum,
-                    checksum::core_hash(stream_hash, version, event_type, schema_version, payload),
-                ) =>
-            {
-                match (
-                    u64::try_from(version).ok().filter(|v| *v > 0),
-                    std::str::from_utf8(event_type),
-                    u32::try_from(schema_version).ok().filter(|v| *v > 0),
-                    std::str::from_utf8(payload),
-                ) {
-                    (Some(version), Ok(event_type), Some(schema_version), Ok(payload)) => {
-                        Some(ReplayedEvent {
+        let sound = match values {
+            [
+                ValueRef::Integer(version),
+                ValueRef::Text(event_type),
+                ValueRef::Integer(schema_version),
+                ValueRef::Text(payload),
+                ValueRef::Integer(sum),
+            ] => match (
+                types.get(event_type),
+                u64::try_from(version).ok().filter(|v| *v > 0),
+                u32::try_from(schema_version).ok().filter(|v| *v > 0),
+            ) {
+                (Some((event_type, type_hash)), Some(checked_version), Some(checked_schema))
+                    if checksum::core_matches(
+                        sum,
+                        checksum::core_hash_of_type(
+                            stream_hash,
                             version,
-                            event_type,
+                            type_hash,
                             schema_version,
                             payload,
+                        ),
+                    ) =>
+                {
+                    std::str::from_utf8(payload)
+                        .ok()
+                        .map(|payload| ReplayedEvent {
+                            version: checked_version,
+                            event_type,
+                            schema_version: checked_schema,
+                            payload,
                         })
-                    }
-                    _ => None,
                 }
-            }
+                _ => None,
+            },
             _ => None,
         };
         let Some(event) = sound else {
@@ -555,7 +637,7 @@ pub(crate) fn visit_log(
         .query(params![bound(from_position), limit])
         .map_err(fail)?;
     let mut last = LastStream::default();
-    let mut spare = None;
+    let mut record = blank_record();
     let mut expected = from_position.max(1);
     let mut seen = 0_i64;
     while let Some(row) = rows.next().map_err(fail)? {
@@ -570,12 +652,8 @@ pub(crate) fn visit_log(
             archived_gap(conn, expected)?;
         }
         expected = position.saturating_add(1);
-        let go_on = match event_from_row_reusing(row, Some(&mut last), spare.take()) {
-            Ok(event) => {
-                let go_on = visit(Ok(&event))?;
-                spare = Some(event);
-                go_on
-            }
+        let go_on = match event_from_row_into(row, Some(&mut last), &mut record) {
+            Ok(()) => visit(Ok(&record))?,
             Err(error) => visit(Err((position, error)))?,
         };
         if !go_on {
@@ -950,4 +1028,69 @@ pub(crate) fn streams(
         });
     }
     Ok(streams)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The columns of a sound row, as [`stored_event`] reads them.
+    fn sound() -> [ValueRef<'static>; 12] {
+        use ValueRef::{Blob, Integer, Null, Text};
+        [
+            Integer(7),
+            Blob(&[1; 16]),
+            Text(b"Meter"),
+            Text(b"m-1"),
+            Integer(3),
+            Text(b"MeterRead"),
+            Integer(1),
+            Integer(10),
+            Integer(11),
+            Null,
+            Text(b"{}"),
+            Integer(5),
+        ]
+    }
+
+    fn reason(values: &[ValueRef<'_>; 12]) -> (Option<Uuid>, Option<u64>, String) {
+        match misread_event(values) {
+            Error::CorruptEvent {
+                event_id,
+                position,
+                reason,
+            } => (event_id, position, reason),
+            other => panic!("not a corrupt event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_column_of_the_wrong_type_is_named_first_in_the_columns_order() {
+        let id = Uuid::from_bytes([1; 16]);
+        let mut values = sound();
+        values[0] = ValueRef::Text(b"7");
+        assert_eq!(
+            reason(&values),
+            (None, None, "its position is not an integer".to_owned())
+        );
+        let cases = [
+            (1, ValueRef::Text(b"x"), "its event id is not a blob"),
+            (2, ValueRef::Null, "its aggregate type is not text"),
+            (4, ValueRef::Real(3.0), "its version is not an integer"),
+            (9, ValueRef::Integer(1), "its metadata is not text"),
+            (10, ValueRef::Blob(b"{}"), "its payload is not text"),
+            (11, ValueRef::Text(b"5"), "its checksum is not an integer"),
+        ];
+        for (index, value, expected) in cases {
+            let mut values = sound();
+            values[index] = value;
+            let id = (index != 1).then_some(id);
+            assert_eq!(reason(&values), (id, Some(7), expected.to_owned()));
+        }
+        // Two wrong columns: the first is named.
+        let mut values = sound();
+        values[6] = ValueRef::Null;
+        values[3] = ValueRef::Integer(1);
+        assert_eq!(reason(&values).2, "its aggregate id is not text".to_owned());
+    }
 }
