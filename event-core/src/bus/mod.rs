@@ -20,7 +20,9 @@
 //! failing, slow or stuck handler holds back only its own aggregate's later events for its
 //! own subscription, and the deliveries waiting behind it give their queue slot back (with a
 //! store they leave memory and are read again from their stream; without one they stay in
-//! memory, up to `queue_capacity` per subscription). A handler's error, its panic (also
+//! memory, up to `queue_capacity` per subscription). With a store, those behind a handler
+//! still running keep their slots in memory while more than half the queue is free, so
+//! they never hold more than about half of it. A handler's error, its panic (also
 //! before it returns its future) and an attempt past its
 //! [`handler_timeout`](SubscriptionBuilder::handler_timeout) are failed attempts. With a
 //! store, an event that does not decode, and a row the store cannot read at all, are
@@ -328,7 +330,9 @@ impl Inner {
 /// failing, slow or stuck handler holds back only its own aggregate's later events for its
 /// own subscription, and the deliveries waiting behind it give their queue slot back (with a
 /// store they leave memory and are read again from their stream; without one they stay in
-/// memory, up to `queue_capacity` per subscription). A handler's error, its panic (also
+/// memory, up to `queue_capacity` per subscription). With a store, those behind a handler
+/// still running keep their slots in memory while more than half the queue is free, so
+/// they never hold more than about half of it. A handler's error, its panic (also
 /// before it returns its future) and an attempt past its
 /// [`handler_timeout`](SubscriptionBuilder::handler_timeout) are failed attempts. With a
 /// store, an event that does not decode, and a row the store cannot read at all, are
