@@ -245,7 +245,8 @@ impl EventBusBuilder {
             overdue: Mutex::new(Vec::new()),
             replay_wake: Notify::new(),
             replay_gate: tokio::sync::Mutex::new(()),
-            segments_stopped: watch::channel(0).0,
+            segments_stopped: AtomicU64::new(0),
+            inboxes: Mutex::new(Vec::new()),
         };
         Ok(EventBus {
             inner: Arc::new(Inner {
@@ -708,6 +709,7 @@ impl EventBus {
             let worker = Worker::new(Arc::clone(engine), inbox, n as u64);
             tasks.push(tokio::spawn(worker.run()));
         }
+        *engine.inboxes.lock().unwrap_or_else(|e| e.into_inner()) = inboxes.clone();
         let mut router = Router::new(inboxes);
         tasks.push(tokio::spawn(dispatch::catch_up_metrics(Arc::clone(engine))));
         if engine.store.is_some() {

@@ -266,13 +266,13 @@ pub(crate) struct Worker {
     jitter: Jitter,
     finished: Finished,
     /// The engine's count of segments stopped here, as this worker last saw it.
-    stopped: tokio::sync::watch::Receiver<u64>,
+    stopped: u64,
 }
 
 impl Worker {
     pub(crate) fn new(engine: Arc<Engine>, inbox: Arc<Inbox>, n: u64) -> Self {
         let jitter = Jitter::new(engine.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let stopped = engine.segments_stopped.subscribe();
+        let stopped = engine.segments_stopped.load(Ordering::SeqCst);
         Worker {
             stopped,
             engine,
@@ -318,6 +318,13 @@ impl Worker {
         let durable = self.engine.store.is_some();
         loop {
             self.offer_jobs().await;
+            if durable {
+                let stopped = self.engine.segments_stopped.load(Ordering::SeqCst);
+                if stopped != self.stopped {
+                    self.stopped = stopped;
+                    self.wake_stopped();
+                }
+            }
             self.report_finished();
             let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
             if !self.open && next_timer.is_none() && self.running.is_empty() {
@@ -330,7 +337,6 @@ impl Worker {
                         self.resume(key, at).await;
                     }
                 }
-                Ok(()) = self.stopped.changed(), if durable => self.wake_stopped(),
                 (key, outcome) = std::future::poll_fn(|cx| self.running.poll_done(cx)),
                     if !self.running.is_empty() =>
                 {
