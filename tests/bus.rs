@@ -954,6 +954,83 @@ async fn a_durable_bus_keeps_only_a_window_of_events_in_memory() {
     assert_eq!(bus.statistics().await.unwrap().delivered, 100);
 }
 
+/// A handler that awaits: the deliveries of its aggregate behind it stay in memory while
+/// more than half the queue is free (keeping their slots), and leave it beyond that to be
+/// read again from the store; either way they come in order, and the other aggregates get
+/// the rest of the room meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_behind_an_awaiting_handler_keep_their_order_in_memory_and_out_of_it() {
+    let store = InMemoryEventStore::new();
+    let bus = EventBus::builder()
+        .store(Arc::new(store.clone()))
+        .queue_capacity(8)
+        .batch_size(4)
+        .build()
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen: Log<(String, u64)> = log();
+    let handler = {
+        let (gate, seen) = (Arc::clone(&gate), Arc::clone(&seen));
+        move |d: Delivery<OrderEvent>| {
+            let (gate, seen) = (Arc::clone(&gate), Arc::clone(&seen));
+            let order = d.record().aggregate_id.clone();
+            let seq = seq_of(d.event());
+            async move {
+                if order == "slow" && seq == 1 {
+                    gate.acquire().await.unwrap().forget();
+                }
+                seen.lock().unwrap().push((order, seq));
+                Ok::<_, Error>(())
+            }
+        }
+    };
+    bus.subscribe("projection", handler).register().unwrap();
+    bus.publish_batch((1..=30).map(|i| placed("slow", i)))
+        .await
+        .unwrap();
+    bus.publish_batch((1..=20).map(|i| placed(&format!("o-{}", i % 5), i)))
+        .await
+        .unwrap();
+    bus.start().await.unwrap();
+    // The other aggregates are delivered while the first event of `slow` waits.
+    loop {
+        let others = seen.lock().unwrap().len();
+        if others == 20 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let stats = bus.statistics().await.unwrap();
+    assert!(
+        stats.in_flight <= 4,
+        "waiting deliveries hold at most half the room: {stats:?}"
+    );
+    gate.add_permits(1);
+    bus.wait_idle().await.unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let slow: Vec<u64> = seen
+        .iter()
+        .filter(|(order, _)| order == "slow")
+        .map(|(_, seq)| *seq)
+        .collect();
+    assert_eq!(slow, (1..=30).collect::<Vec<_>>());
+    for o in 0..5 {
+        let order = format!("o-{o}");
+        let seqs: Vec<u64> = seen
+            .iter()
+            .filter(|(id, _)| *id == order)
+            .map(|(_, seq)| *seq)
+            .collect();
+        let mut sorted = seqs.clone();
+        sorted.sort_unstable();
+        assert_eq!(seqs, sorted, "{order} in order");
+        assert_eq!(seqs.len(), 4);
+    }
+    assert_eq!(store.load_checkpoint("projection").await.unwrap(), Some(50));
+    bus.stop().await.unwrap();
+}
+
 /// Regression: `wait_idle` right after a subscription joined a running, idle bus returned
 /// before the dispatcher had even seen the new subscription.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

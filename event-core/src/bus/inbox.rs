@@ -23,6 +23,9 @@ pub(crate) struct Inbox {
 struct InboxState {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// The worker is to make a round of its loop even without jobs (see
+    /// [`Inbox::poke`]).
+    poked: bool,
 }
 
 /// The most jobs a worker takes at once, so retries that come due are not held up long.
@@ -53,17 +56,26 @@ impl Inbox {
         }
     }
 
+    /// Makes the worker's next (or current) wait for jobs return, with or without jobs,
+    /// so it makes a round of its loop and sees what changed (segments stopped).
+    pub(crate) fn poke(&self) {
+        self.lock().poked = true;
+        self.ready.notify_one();
+    }
+
     fn close(&self) {
         self.lock().closed = true;
         self.ready.notify_one();
     }
 
     /// Waits for jobs and moves up to [`TAKE_AT_MOST`] of them into `into` (which must be
-    /// empty; when all fit, the buffers are swapped); false once closed and drained.
+    /// empty; when all fit, the buffers are swapped), or for a [`poke`](Self::poke) (then
+    /// perhaps with none); false once closed and drained.
     pub(crate) async fn take(&self, into: &mut VecDeque<Job>) -> bool {
         loop {
             {
                 let mut state = self.lock();
+                let poked = std::mem::take(&mut state.poked);
                 if state.jobs.len() > TAKE_AT_MOST {
                     into.extend(state.jobs.drain(..TAKE_AT_MOST));
                     return true;
@@ -74,6 +86,9 @@ impl Inbox {
                 }
                 if state.closed {
                     return false;
+                }
+                if poked {
+                    return true;
                 }
             }
             self.ready.notified().await;

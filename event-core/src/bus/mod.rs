@@ -20,7 +20,9 @@
 //! failing, slow or stuck handler holds back only its own aggregate's later events for its
 //! own subscription, and the deliveries waiting behind it give their queue slot back (with a
 //! store they leave memory and are read again from their stream; without one they stay in
-//! memory, up to `queue_capacity` per subscription). A handler's error, its panic (also
+//! memory, up to `queue_capacity` per subscription). With a store, those behind a handler
+//! still running keep their slots in memory while more than half the queue is free, so
+//! they never hold more than about half of it. A handler's error, its panic (also
 //! before it returns its future) and an attempt past its
 //! [`handler_timeout`](SubscriptionBuilder::handler_timeout) are failed attempts. With a
 //! store, an event that does not decode, and a row the store cannot read at all, are
@@ -243,7 +245,8 @@ impl EventBusBuilder {
             overdue: Mutex::new(Vec::new()),
             replay_wake: Notify::new(),
             replay_gate: tokio::sync::Mutex::new(()),
-            segments_stopped: watch::channel(0).0,
+            segments_stopped: AtomicU64::new(0),
+            inboxes: Mutex::new(Vec::new()),
         };
         Ok(EventBus {
             inner: Arc::new(Inner {
@@ -328,7 +331,9 @@ impl Inner {
 /// failing, slow or stuck handler holds back only its own aggregate's later events for its
 /// own subscription, and the deliveries waiting behind it give their queue slot back (with a
 /// store they leave memory and are read again from their stream; without one they stay in
-/// memory, up to `queue_capacity` per subscription). A handler's error, its panic (also
+/// memory, up to `queue_capacity` per subscription). With a store, those behind a handler
+/// still running keep their slots in memory while more than half the queue is free, so
+/// they never hold more than about half of it. A handler's error, its panic (also
 /// before it returns its future) and an attempt past its
 /// [`handler_timeout`](SubscriptionBuilder::handler_timeout) are failed attempts. With a
 /// store, an event that does not decode, and a row the store cannot read at all, are
@@ -704,6 +709,7 @@ impl EventBus {
             let worker = Worker::new(Arc::clone(engine), inbox, n as u64);
             tasks.push(tokio::spawn(worker.run()));
         }
+        *engine.inboxes.lock().unwrap_or_else(|e| e.into_inner()) = inboxes.clone();
         let mut router = Router::new(inboxes);
         tasks.push(tokio::spawn(dispatch::catch_up_metrics(Arc::clone(engine))));
         if engine.store.is_some() {

@@ -12,6 +12,14 @@
 //! With a store they leave memory too: the lane notes the range of its stream they cover
 //! and reads them again from the store when it gets to them. Without a store they stay
 //! in memory, up to `queue_capacity` per subscription; beyond that they keep their slots.
+//!
+//! With a store, deliveries behind a lane whose head *runs* (a handler awaiting I/O) stay
+//! in memory with their slots while more than half the queue is free: with many awaiting
+//! handlers nearly every delivery waits behind its lane's last one, and reading them all
+//! again (a store read per one or two deliveries, which the worker awaited) was what
+//! limited one process. They never hold more than about half the room, so the other
+//! lanes always have the rest; once the lane's head fails and waits for its retry, they
+//! leave memory as above (see [`Worker::defer_kept`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -114,6 +122,23 @@ impl Span {
             rewound: false,
             epoch,
         }
+    }
+
+    /// Takes in the deliveries of `later`, a span of the same stream that began after
+    /// this one's deliveries came (or, if it reaches below this one's end, routed again:
+    /// then it is rewound, as in [`take`](Self::take)).
+    fn join(&mut self, later: &Span) {
+        if later.from_position <= self.upto {
+            self.rewound = true;
+        }
+        if later.from_position < self.from_position {
+            self.from_position = later.from_position;
+            self.from_version = later.from_version;
+        }
+        self.upto = self.upto.max(later.upto);
+        self.count += later.count;
+        self.rewound |= later.rewound;
+        self.epoch = self.epoch.max(later.epoch);
     }
 
     /// Takes in one more delivery of the stream. The span only widens: a delivery below
@@ -241,13 +266,13 @@ pub(crate) struct Worker {
     jitter: Jitter,
     finished: Finished,
     /// The engine's count of segments stopped here, as this worker last saw it.
-    stopped: tokio::sync::watch::Receiver<u64>,
+    stopped: u64,
 }
 
 impl Worker {
     pub(crate) fn new(engine: Arc<Engine>, inbox: Arc<Inbox>, n: u64) -> Self {
         let jitter = Jitter::new(engine.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let stopped = engine.segments_stopped.subscribe();
+        let stopped = engine.segments_stopped.load(Ordering::SeqCst);
         Worker {
             stopped,
             engine,
@@ -293,6 +318,13 @@ impl Worker {
         let durable = self.engine.store.is_some();
         loop {
             self.offer_jobs().await;
+            if durable {
+                let stopped = self.engine.segments_stopped.load(Ordering::SeqCst);
+                if stopped != self.stopped {
+                    self.stopped = stopped;
+                    self.wake_stopped();
+                }
+            }
             self.report_finished();
             let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
             if !self.open && next_timer.is_none() && self.running.is_empty() {
@@ -305,7 +337,6 @@ impl Worker {
                         self.resume(key, at).await;
                     }
                 }
-                Ok(()) = self.stopped.changed(), if durable => self.wake_stopped(),
                 (key, outcome) = std::future::poll_fn(|cx| self.running.poll_done(cx)),
                     if !self.running.is_empty() =>
                 {
@@ -452,6 +483,19 @@ impl Worker {
                 d.stream.aggregate_id == record.aggregate_id
                     && *d.stream.aggregate_type == *record.aggregate_type
             };
+            // While more than half the queue's room is free, it stays in memory behind
+            // the lane, keeping its slot: reading it again from the store would cost a
+            // read per few deliveries when many handlers await, which the worker waits
+            // for. Beyond that it leaves memory, so waiting deliveries never hold more
+            // than about half the room and the other lanes always have the rest. Once the
+            // lane's stream has deferred deliveries, later ones join them, in order.
+            let keeps = lane.deferred.is_none()
+                && lane.waiting_until.is_none()
+                && self.engine.room.available() * 2 > self.engine.room.capacity();
+            if keeps {
+                lane.behind.push_back(pending);
+                return;
+            }
             // Two streams of one hash share a lane: the second one's stay in memory.
             let deferred = match &mut lane.deferred {
                 None => Some(lane.deferred.insert(Deferred {
@@ -480,6 +524,49 @@ impl Worker {
             .expect("a busy lane")
             .behind
             .push_back(pending);
+    }
+
+    /// The lane's head waits for a retry: the deliveries that stayed in memory behind it
+    /// while it ran (keeping their slots, see [`wait_behind`](Self::wait_behind)) leave
+    /// memory and join its deferred range, so a retrying lane holds no slot but its
+    /// head's. Only when they are all of one stream, the deferred range's if it has one
+    /// (else, two streams sharing the lane, they stay as they are).
+    fn defer_kept(&mut self, lane: &mut Lane) {
+        if self.engine.store.is_none() {
+            return;
+        }
+        let Some(first) = lane.behind.front() else {
+            return;
+        };
+        let stream = first.event.record().stream_id();
+        let of_stream = |sub: &Arc<Sub>, record: &RecordedEvent| {
+            Arc::ptr_eq(sub, &first.sub)
+                && record.aggregate_id == stream.aggregate_id
+                && *record.aggregate_type == *stream.aggregate_type
+        };
+        let movable = lane.behind.iter().all(|p| {
+            p.hold == Hold::Queue
+                && matches!(p.event.source, EventSource::Stored(_))
+                && of_stream(&p.sub, p.event.record())
+        }) && lane
+            .deferred
+            .as_ref()
+            .is_none_or(|d| d.stream == stream && Arc::ptr_eq(&d.sub, &first.sub));
+        if !movable {
+            return;
+        }
+        let first = lane.behind.front().expect("not empty");
+        let (sub, record) = (Arc::clone(&first.sub), first.event.record());
+        let mut span = Span::starting(record.version, record.position, first.epoch);
+        for pending in std::mem::take(&mut lane.behind) {
+            let record = pending.event.record();
+            span.take(record.version, record.position, pending.epoch);
+            self.release(&pending.event);
+        }
+        if let Some(later) = lane.deferred.take() {
+            span.join(&later.span);
+        }
+        lane.deferred = Some(Deferred { sub, stream, span });
     }
 
     /// A delivery gives its event's slot back and goes on waiting: the event counts as
@@ -696,6 +783,7 @@ impl Worker {
             lane.head = pending;
             if let Some(at) = wait_until {
                 self.timers.push(Reverse((at, key)));
+                self.defer_kept(&mut lane);
             }
             lane.waiting_until = wait_until;
             self.lanes.insert(key, lane);
@@ -1012,6 +1100,26 @@ mod tests {
         assert_eq!(
             (span.from_version, span.from_position, span.upto, span.count),
             (3, 10, 20, 3)
+        );
+    }
+
+    /// Deliveries that waited in memory behind a lane whose head then waits for a retry
+    /// join the deferred range that began after them.
+    #[test]
+    fn a_span_joins_the_later_span_of_its_stream() {
+        let mut kept = span_of(&[(2, 10), (3, 20)], Some(1));
+        kept.join(&span_of(&[(4, 30), (5, 40)], Some(1)));
+        assert_eq!(
+            (kept.from_version, kept.from_position, kept.upto, kept.count),
+            (2, 10, 40, 4)
+        );
+        // A later span reaching below its end (routed again after a claim) widens it.
+        let mut kept = span_of(&[(2, 10), (3, 20)], Some(1));
+        kept.join(&span_of(&[(1, 5), (4, 30)], Some(2)));
+        assert!(kept.rewound);
+        assert_eq!(
+            (kept.from_position, kept.upto, kept.count, kept.epoch),
+            (5, 30, 4, Some(2))
         );
     }
 
