@@ -376,8 +376,10 @@ struct Group<'c> {
     head: u64,
     /// The commit time stamped on the group's events.
     recorded_at: i64,
-    /// The event insert, prepared at the group's first append and held to its end.
+    /// The one-row event insert, prepared at the group's first append and held to its end.
     insert: Held<'c>,
+    /// The insert of [`sql::ROWS_PER_INSERT`] events, for longer appends; held likewise.
+    insert_chunk: Held<'c>,
 }
 
 /// A statement prepared on first use and held for the rest of a transaction: a look-up
@@ -715,6 +717,7 @@ impl Writer {
                 head,
                 recorded_at,
                 insert: Held::new(&self.conn, sql::INSERT_EVENT),
+                insert_chunk: Held::new(&self.conn, &sql::INSERT_EVENTS),
             };
             let mut answers: Vec<Option<Answer>> = Vec::with_capacity(group.commands.len());
             let mut i = 0;
@@ -1137,65 +1140,91 @@ impl Writer {
                 })
             })?;
         let first_position = state.head + 1;
-        let insert = state.insert.get().map_err(fault("preparing the insert"))?;
         let mut metadata: Option<&str> = None;
-        for (i, event) in events.iter().enumerate() {
-            let occurred_at = nanos(event.occurred_at).ok_or_else(|| {
-                Failure::Refused(Error::InvalidAppend {
-                    reason: format!(
-                        "event {} occurred at {}, outside the years 1677 to 2262 that the \
-                         SQLite store keeps exactly",
-                        event.event_id, event.occurred_at
-                    ),
-                })
-            })?;
-            let metadata_moved = match &encoded[i] {
-                EncodedMetadata::Empty => {
-                    metadata = None;
-                    true
-                }
-                EncodedMetadata::Json(json) => {
-                    metadata = Some(json);
-                    true
-                }
-                EncodedMetadata::AsBefore => false,
+        // Whether the one-row insert holds this append's stream, time and metadata yet.
+        let mut one_row_bound = false;
+        let mut i = 0;
+        while i < events.len() {
+            // Whole chunks of a longer append go in multi-row inserts: a statement's own
+            // work (opening its cursors, halting, its reset) is paid once per chunk instead
+            // of once per event. A failed one stores none of its rows.
+            let chunk = if events.len() - i >= sql::ROWS_PER_INSERT {
+                sql::ROWS_PER_INSERT
+            } else {
+                1
             };
-            let offset = i as u64;
-            let stored = StoredEvent {
-                position: bound(first_position + offset),
-                event_id: &event.event_id.as_bytes()[..],
-                aggregate_type: stream.aggregate_type.as_bytes(),
-                aggregate_id: stream.aggregate_id.as_bytes(),
-                version: bound(actual + 1 + offset),
-                event_type: event.event_type.as_bytes(),
-                schema_version: i64::from(event.schema_version),
-                occurred_at,
-                recorded_at: state.recorded_at,
-                metadata: metadata.map(str::as_bytes),
-                payload: event.payload.as_bytes(),
+            let statement = if chunk == 1 {
+                &mut state.insert
+            } else {
+                &mut state.insert_chunk
             };
-            // SQLite keeps a statement's bindings from one execution to the next: what is
-            // the same for the whole append (the stream, the commit time, mostly the
-            // metadata) is bound at its first event only, every other column each time.
-            let bind = |insert: &mut CachedStatement<'_>| -> rusqlite::Result<()> {
-                if i == 0 {
-                    insert.raw_bind_parameter(3, &stream.aggregate_type)?;
-                    insert.raw_bind_parameter(4, &stream.aggregate_id)?;
-                    insert.raw_bind_parameter(9, state.recorded_at)?;
+            let insert = statement.get().map_err(fault("preparing the insert"))?;
+            // SQLite keeps a statement's bindings from one execution to the next: in the
+            // one-row insert, what is the same for the whole append (the stream, the commit
+            // time, mostly the metadata) is bound at its first event only.
+            let first_use = chunk > 1 || !one_row_bound;
+            let mut bound_rows = Ok(());
+            for (row, event) in events[i..i + chunk].iter().enumerate() {
+                let n = i + row;
+                let occurred_at = nanos(event.occurred_at).ok_or_else(|| {
+                    Failure::Refused(Error::InvalidAppend {
+                        reason: format!(
+                            "event {} occurred at {}, outside the years 1677 to 2262 that the \
+                             SQLite store keeps exactly",
+                            event.event_id, event.occurred_at
+                        ),
+                    })
+                })?;
+                let metadata_moved = match &encoded[n] {
+                    EncodedMetadata::Empty => {
+                        metadata = None;
+                        true
+                    }
+                    EncodedMetadata::Json(json) => {
+                        metadata = Some(json);
+                        true
+                    }
+                    EncodedMetadata::AsBefore => false,
+                };
+                let offset = n as u64;
+                let stored = StoredEvent {
+                    position: bound(first_position + offset),
+                    event_id: &event.event_id.as_bytes()[..],
+                    aggregate_type: stream.aggregate_type.as_bytes(),
+                    aggregate_id: stream.aggregate_id.as_bytes(),
+                    version: bound(actual + 1 + offset),
+                    event_type: event.event_type.as_bytes(),
+                    schema_version: i64::from(event.schema_version),
+                    occurred_at,
+                    recorded_at: state.recorded_at,
+                    metadata: metadata.map(str::as_bytes),
+                    payload: event.payload.as_bytes(),
+                };
+                let base = row * sql::EVENT_COLUMNS;
+                bound_rows = (|| {
+                    if first_use {
+                        insert.raw_bind_parameter(base + 3, &stream.aggregate_type)?;
+                        insert.raw_bind_parameter(base + 4, &stream.aggregate_id)?;
+                        insert.raw_bind_parameter(base + 9, state.recorded_at)?;
+                    }
+                    if first_use || metadata_moved {
+                        insert.raw_bind_parameter(base + 10, metadata)?;
+                    }
+                    insert.raw_bind_parameter(base + 1, stored.position)?;
+                    insert.raw_bind_parameter(base + 2, stored.event_id)?;
+                    insert.raw_bind_parameter(base + 5, stored.version)?;
+                    insert.raw_bind_parameter(base + 6, &event.event_type)?;
+                    insert.raw_bind_parameter(base + 7, event.schema_version)?;
+                    insert.raw_bind_parameter(base + 8, occurred_at)?;
+                    insert.raw_bind_parameter(base + 11, &event.payload)?;
+                    insert.raw_bind_parameter(base + 12, stored.checksum_in(stream_hash))
+                })();
+                if bound_rows.is_err() {
+                    break;
                 }
-                if i == 0 || metadata_moved {
-                    insert.raw_bind_parameter(10, metadata)?;
-                }
-                insert.raw_bind_parameter(1, stored.position)?;
-                insert.raw_bind_parameter(2, stored.event_id)?;
-                insert.raw_bind_parameter(5, stored.version)?;
-                insert.raw_bind_parameter(6, &event.event_type)?;
-                insert.raw_bind_parameter(7, event.schema_version)?;
-                insert.raw_bind_parameter(8, occurred_at)?;
-                insert.raw_bind_parameter(11, &event.payload)?;
-                insert.raw_bind_parameter(12, stored.checksum_in(stream_hash))
-            };
-            let inserted = bind(insert).and_then(|()| insert.raw_execute());
+            }
+            let inserted = bound_rows.and_then(|()| insert.raw_execute());
+            one_row_bound |= chunk == 1 && inserted.is_ok();
             if let Err(e) = inserted {
                 if i == 0 && known && e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
                 {
@@ -1217,6 +1246,7 @@ impl Writer {
                     None => Err(Failure::Backend(Fault::new("inserting an event", e))),
                 };
             }
+            i += chunk;
         }
         state.head = last_position;
         Ok(Some(AppendOutcome {
