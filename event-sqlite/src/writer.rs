@@ -56,6 +56,10 @@ use crate::versions::StreamVersions;
 /// virtual machine), and the writers that trickle in behind it would miss the group.
 const POLL_BEFORE_PARKING: Duration = Duration::from_micros(50);
 
+/// Answered appends the writer keeps to free when idle (see [`Writer::spent`]); it hands
+/// those beyond back to their callers.
+const SPENT_LIMIT: usize = 64;
+
 /// How long one attempt of a group's `BEGIN IMMEDIATE` waits for another connection's
 /// write lock before the writer serves the lease lane and tries again, up to
 /// [`SqliteOptions::busy_timeout`] in all.
@@ -170,8 +174,10 @@ impl Command {
         }
     }
 
-    /// Sends a write its answer.
-    fn answer(self, answer: Answer) {
+    /// Sends a write its answer. An append's requests go back to its caller to free, or,
+    /// if `keep`, are returned for the writer to free when it is idle (see
+    /// [`Writer::spent`]).
+    fn answer(self, answer: Answer, keep: bool) -> Option<Spent> {
         fn send<T>(reply: Reply<T>, result: Result<T, Failure>) {
             // The caller may have stopped waiting; its write stands all the same.
             let _ = reply.send(result.map_err(Failure::into_error));
@@ -184,13 +190,22 @@ impl Command {
                     metadata,
                 },
                 Answer::Appended(result),
-            ) => send(
-                reply,
-                result.map(|outcomes| Appended {
-                    outcomes,
-                    spent: (requests, metadata),
-                }),
-            ),
+            ) => {
+                let spent = (requests, metadata);
+                let (back, kept) = if keep {
+                    (None, Some(spent))
+                } else {
+                    (Some(spent), None)
+                };
+                send(
+                    reply,
+                    result.map(|outcomes| Appended {
+                        outcomes,
+                        spent: back,
+                    }),
+                );
+                return kept;
+            }
             (
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
@@ -208,7 +223,14 @@ impl Command {
                 send(reply, result)
             }
             (command, Answer::Failed(failure)) => match command {
-                Command::Append { reply, .. } => send(reply, Err(failure)),
+                Command::Append {
+                    reply,
+                    requests,
+                    metadata,
+                } => {
+                    send(reply, Err(failure));
+                    return Some((requests, metadata));
+                }
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
                 | Command::SaveSegmentCheckpoint { reply, .. }
@@ -223,16 +245,21 @@ impl Command {
             },
             _ => unreachable!("a write answered with another kind of result"),
         }
+        None
     }
 }
 
-/// What a stored append hands back: its outcomes, and what it was made of.
+/// An answered append's requests and encoded metadata (a dozen allocations per event).
+pub(crate) type Spent = (Vec<AppendRequest>, Vec<EncodedMetadata>);
+
+/// What a stored append hands back: its outcomes, and what it was made of unless the
+/// writer keeps that to free it when idle.
 pub(crate) struct Appended {
     pub(crate) outcomes: Vec<AppendOutcome>,
-    /// The append's requests and encoded metadata, handed back to be freed by the caller:
-    /// freeing them (a dozen allocations per event) would be writer-thread work, which
-    /// every append waits for.
-    pub(crate) spent: (Vec<AppendRequest>, Vec<EncodedMetadata>),
+    /// The append's requests, for the caller to free: the writer hands them back when it
+    /// holds [`SPENT_LIMIT`] answered appends already (it is busy), rather than free them
+    /// on the thread every append waits for.
+    pub(crate) spent: Option<Spent>,
 }
 
 /// An event's metadata as the writer stores it, encoded by the caller before the append is
@@ -475,6 +502,12 @@ pub(crate) struct Writer {
     suspect: bool,
     /// The versions committed appends left their streams at.
     versions: RefCell<StreamVersions>,
+    /// Answered appends, freed while the queue is empty, one at a time: freed by their
+    /// caller, they hold up a lone appender's next append (about 400 instructions per
+    /// event), which the writer does while it waits for work; freed before the next
+    /// group, they would hold up every append of it. Up to [`SPENT_LIMIT`]; beyond,
+    /// their callers free them.
+    spent: Vec<Spent>,
 }
 
 impl Writer {
@@ -508,6 +541,7 @@ impl Writer {
             options,
             suspect: false,
             versions: RefCell::default(),
+            spent: Vec::new(),
         }
     }
 
@@ -591,7 +625,7 @@ impl Writer {
     /// Waits for the next command, of either lane (the lease lane first): polls for
     /// [`POLL_BEFORE_PARKING`], then parks. `None` once every sender is gone.
     fn recv(&mut self) -> Option<Command> {
-        let deadline = Instant::now() + POLL_BEFORE_PARKING;
+        let mut deadline = Instant::now() + POLL_BEFORE_PARKING;
         loop {
             if let Ok(work) = self.queue.urgent.try_recv() {
                 return Some(Command::Run(work));
@@ -599,6 +633,11 @@ impl Writer {
             match self.queue.commands.try_recv() {
                 Ok(command) => return Some(command),
                 Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if !self.spent.is_empty() => {
+                    // One append at a time, looking at the queue in between.
+                    self.spent.pop();
+                    deadline = Instant::now() + POLL_BEFORE_PARKING;
+                }
                 Err(TryRecvError::Empty) if Instant::now() < deadline => {
                     // The callers need the CPU to send their writes: on a small machine a
                     // busy loop without yielding delays the very writes it waits for.
@@ -702,7 +741,8 @@ impl Writer {
             tracing::warn!(error = %fault.to_error(), "the SQLite writer is not usable yet");
             self.counters.in_progress.store(0, Ordering::Relaxed);
             for command in group.commands {
-                command.answer(Answer::Failed(fault.clone().into()));
+                self.spent
+                    .extend(command.answer(Answer::Failed(fault.clone().into()), true));
             }
             return;
         }
@@ -808,7 +848,8 @@ impl Writer {
                 self.remember_versions(&group, &answers);
                 self.counters.in_progress.store(0, Ordering::Relaxed);
                 for (command, answer) in group.into_iter().zip(answers) {
-                    command.answer(answer);
+                    let keep = self.spent.len() < SPENT_LIMIT;
+                    self.spent.extend(command.answer(answer, keep));
                 }
             }
             Err(fault) => {
@@ -816,7 +857,8 @@ impl Writer {
                 self.metrics.failed();
                 self.counters.in_progress.store(0, Ordering::Relaxed);
                 for (command, settled) in group.into_iter().zip(settled) {
-                    command.answer(settled.unwrap_or_else(|| Answer::Failed(fault.clone().into())));
+                    let answer = settled.unwrap_or_else(|| Answer::Failed(fault.clone().into()));
+                    self.spent.extend(command.answer(answer, true));
                 }
             }
         }
@@ -1704,8 +1746,8 @@ mod tests {
             "the lease work ran between two attempts at the lock, outside a transaction"
         );
         other.execute_batch("COMMIT").unwrap();
-        let appended = appended.blocking_recv().unwrap().unwrap();
-        assert_eq!(appended.outcomes[0].last_position, 1);
+        let appended = appended.blocking_recv().unwrap().unwrap().outcomes;
+        assert_eq!(appended[0].last_position, 1);
         let (reply, closed) = oneshot::channel();
         assert!(commands.try_send(Command::Close(reply)).is_ok());
         closed.blocking_recv().unwrap();
