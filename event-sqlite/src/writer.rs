@@ -760,6 +760,8 @@ impl Writer {
                 insert_chunk: Held::new(&self.conn, &sql::INSERT_EVENTS),
             };
             let mut answers: Vec<Option<Answer>> = Vec::with_capacity(group.commands.len());
+            // Whether a write ran in this transaction yet.
+            let mut ran = false;
             let mut i = 0;
             loop {
                 if i == group.commands.len() {
@@ -778,10 +780,12 @@ impl Writer {
                     i += 1;
                     continue;
                 }
-                let answer = self.run_write(&group.commands[i], &mut state);
+                let first = !ran;
+                let answer = self.run_write(&group.commands[i], &mut state, first);
                 if self.conn.is_autocommit() {
                     // SQLite rolled back the whole transaction (it does on some full-disk
-                    // and I/O errors): this write fails, the others run again in a new one.
+                    // and I/O errors), or the transaction's first write failed and took it
+                    // with it: this write fails, the others run again in a new one.
                     settled[i] = Some(if answer.failed() {
                         answer
                     } else {
@@ -790,6 +794,7 @@ impl Writer {
                     continue 'attempt;
                 }
                 answers.push(Some(answer));
+                ran = true;
                 i += 1;
             }
             break match self.savepoint("COMMIT") {
@@ -883,9 +888,24 @@ impl Writer {
         }
     }
 
-    /// Runs one write in its own savepoint, undoing it alone if it fails.
-    fn run_write(&self, command: &Command, state: &mut Group) -> Answer {
+    /// Runs one write in its own savepoint, undoing it alone if it fails. The `first`
+    /// write of a transaction needs none: if it fails, the transaction is rolled back
+    /// whole (nothing else ran in it) and the group goes on in a new one.
+    fn run_write(&self, command: &Command, state: &mut Group, first: bool) -> Answer {
         let head_before = state.head;
+        if first && !command.single_statement() {
+            // A savepoint makes SQLite copy every page the write changes to a statement
+            // journal (spilled to a temporary file past 64 KiB): for a lone appender of
+            // 100-event appends, about a third more page writes than its commits'.
+            let answer = self.execute_caught(command, state);
+            if answer.failed() {
+                state.head = head_before;
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+            }
+            return answer;
+        }
         if command.single_statement() {
             // Two statements fewer: about a quarter of the writer's time per one-event append.
             let answer = self.execute_caught(command, state);
