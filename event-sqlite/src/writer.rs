@@ -4,7 +4,9 @@
 //! Each write of a group runs inside its own `SAVEPOINT`, so a refused write (a version
 //! conflict, a taken event id) undoes only itself; a write that changes the database with a
 //! single statement (a one-event append, a snapshot, a checkpoint...) needs none, as SQLite
-//! undoes a failed statement by itself. Writes that arrive while the transaction runs join
+//! undoes a failed statement by itself, and neither does the first write of a transaction:
+//! if it fails, the transaction is rolled back whole and the others run in a new one.
+//! Writes that arrive while the transaction runs join
 //! it before its `COMMIT`. Replies go out only after the `COMMIT` succeeded; if
 //! the `COMMIT` fails, every write of the group fails as `OutcomeUnknown`: SQLite may have
 //! written the group to the WAL before the failure (a failed sync), so it may be stored.
