@@ -6,6 +6,7 @@
 //! `i64`, so every value round-trips.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
 use eventfold_core::{
@@ -40,6 +41,29 @@ pub(crate) const SCAN_EVENTS: &str = select_events!("ORDER BY position");
 pub(crate) const INSERT_EVENT: &str = "INSERT INTO events (position, event_id, aggregate_type, \
      aggregate_id, version, event_type, schema_version, occurred_at, recorded_at, metadata, \
      payload, checksum) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+/// The columns [`INSERT_EVENT`] binds, in order: row `r` of [`INSERT_EVENTS`] binds its
+/// columns at parameters `r * EVENT_COLUMNS + 1` on.
+pub(crate) const EVENT_COLUMNS: usize = 12;
+
+/// The events [`INSERT_EVENTS`] inserts: 384 parameters, far under SQLite's limit (32,766).
+pub(crate) const ROWS_PER_INSERT: usize = 32;
+
+/// [`INSERT_EVENT`] of [`ROWS_PER_INSERT`] rows.
+pub(crate) static INSERT_EVENTS: LazyLock<String> = LazyLock::new(|| {
+    let (columns, _) = INSERT_EVENT
+        .split_once(" VALUES ")
+        .expect("the insert has its values");
+    let rows: Vec<String> = (0..ROWS_PER_INSERT)
+        .map(|row| {
+            let parameters: Vec<String> = (1..=EVENT_COLUMNS)
+                .map(|column| format!("?{}", row * EVENT_COLUMNS + column))
+                .collect();
+            format!("({})", parameters.join(", "))
+        })
+        .collect();
+    format!("{columns} VALUES {}", rows.join(", "))
+});
 
 /// The oldest and newest times the store can keep exactly.
 pub(crate) fn nanos(time: DateTime<Utc>) -> Option<i64> {

@@ -642,7 +642,8 @@ impl EventLog for SqliteEventStore {
             })
             .instrument(span)
             .await?;
-        // Freed here rather than on the writer thread.
+        // Handed back by a busy writer, freed here rather than on its thread (an idle one
+        // keeps them and frees them while it waits for work).
         drop(spent);
         outcomes.pop().ok_or_else(missing_outcome)
     }
@@ -665,7 +666,8 @@ impl EventLog for SqliteEventStore {
             })
             .instrument(span)
             .await?;
-        // Freed here rather than on the writer thread.
+        // Handed back by a busy writer, freed here rather than on its thread (an idle one
+        // keeps them and frees them while it waits for work).
         drop(spent);
         Ok(outcomes)
     }

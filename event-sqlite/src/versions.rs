@@ -13,11 +13,34 @@
 //! nothing, and the append is judged again with the probe.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use eventfold_core::StreamId;
 
 /// Streams kept at most; beyond, the writer starts over (a stream not kept probes).
 const CAPACITY: usize = 1 << 16;
+
+/// Hashes a map key that is already a hash (XXH3 of the stream) by passing it through:
+/// hashing it again cost a few hundred instructions per append and look-up.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed here; anything else is folded in byte by byte.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
 
 /// A stream's known version.
 struct Known {
@@ -31,7 +54,7 @@ struct Known {
 /// entry holds its stream, so two streams of one hash are told apart).
 #[derive(Default)]
 pub(crate) struct StreamVersions {
-    known: HashMap<u64, Known>,
+    known: HashMap<u64, Known, BuildHasherDefault<PassThrough>>,
     /// Counts the writer's transactions.
     transaction: u64,
     /// SQLite's `data_version` and the connection's total change count after the last

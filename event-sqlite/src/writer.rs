@@ -4,7 +4,9 @@
 //! Each write of a group runs inside its own `SAVEPOINT`, so a refused write (a version
 //! conflict, a taken event id) undoes only itself; a write that changes the database with a
 //! single statement (a one-event append, a snapshot, a checkpoint...) needs none, as SQLite
-//! undoes a failed statement by itself. Writes that arrive while the transaction runs join
+//! undoes a failed statement by itself, and neither does the first write of a transaction:
+//! if it fails, the transaction is rolled back whole and the others run in a new one.
+//! Writes that arrive while the transaction runs join
 //! it before its `COMMIT`. Replies go out only after the `COMMIT` succeeded; if
 //! the `COMMIT` fails, every write of the group fails as `OutcomeUnknown`: SQLite may have
 //! written the group to the WAL before the failure (a failed sync), so it may be stored.
@@ -39,7 +41,7 @@ use eventfold_core::{
     AppendOutcome, AppendRequest, Error, ExpectedVersion, FailureRecord, Metadata, NewDeadLetter,
     NewEvent, Snapshot, StreamId,
 };
-use rusqlite::{Connection, ErrorCode, params};
+use rusqlite::{CachedStatement, Connection, ErrorCode, params};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -55,6 +57,10 @@ use crate::versions::StreamVersions;
 /// parked, that write would also pay a futex wake-up and a thread switch (tens of µs on a
 /// virtual machine), and the writers that trickle in behind it would miss the group.
 const POLL_BEFORE_PARKING: Duration = Duration::from_micros(50);
+
+/// Answered appends the writer keeps to free when idle (see [`Writer::spent`]); it hands
+/// those beyond back to their callers.
+const SPENT_LIMIT: usize = 64;
 
 /// How long one attempt of a group's `BEGIN IMMEDIATE` waits for another connection's
 /// write lock before the writer serves the lease lane and tries again, up to
@@ -170,8 +176,10 @@ impl Command {
         }
     }
 
-    /// Sends a write its answer.
-    fn answer(self, answer: Answer) {
+    /// Sends a write its answer. An append's requests go back to its caller to free, or,
+    /// if `keep`, are returned for the writer to free when it is idle (see
+    /// [`Writer::spent`]).
+    fn answer(self, answer: Answer, keep: bool) -> Option<Spent> {
         fn send<T>(reply: Reply<T>, result: Result<T, Failure>) {
             // The caller may have stopped waiting; its write stands all the same.
             let _ = reply.send(result.map_err(Failure::into_error));
@@ -184,13 +192,22 @@ impl Command {
                     metadata,
                 },
                 Answer::Appended(result),
-            ) => send(
-                reply,
-                result.map(|outcomes| Appended {
-                    outcomes,
-                    spent: (requests, metadata),
-                }),
-            ),
+            ) => {
+                let spent = (requests, metadata);
+                let (back, kept) = if keep {
+                    (None, Some(spent))
+                } else {
+                    (Some(spent), None)
+                };
+                send(
+                    reply,
+                    result.map(|outcomes| Appended {
+                        outcomes,
+                        spent: back,
+                    }),
+                );
+                return kept;
+            }
             (
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
@@ -208,7 +225,14 @@ impl Command {
                 send(reply, result)
             }
             (command, Answer::Failed(failure)) => match command {
-                Command::Append { reply, .. } => send(reply, Err(failure)),
+                Command::Append {
+                    reply,
+                    requests,
+                    metadata,
+                } => {
+                    send(reply, Err(failure));
+                    return Some((requests, metadata));
+                }
                 Command::SaveSnapshot { reply, .. }
                 | Command::SaveCheckpoint { reply, .. }
                 | Command::SaveSegmentCheckpoint { reply, .. }
@@ -223,16 +247,21 @@ impl Command {
             },
             _ => unreachable!("a write answered with another kind of result"),
         }
+        None
     }
 }
 
-/// What a stored append hands back: its outcomes, and what it was made of.
+/// An answered append's requests and encoded metadata (a dozen allocations per event).
+pub(crate) type Spent = (Vec<AppendRequest>, Vec<EncodedMetadata>);
+
+/// What a stored append hands back: its outcomes, and what it was made of unless the
+/// writer keeps that to free it when idle.
 pub(crate) struct Appended {
     pub(crate) outcomes: Vec<AppendOutcome>,
-    /// The append's requests and encoded metadata, handed back to be freed by the caller:
-    /// freeing them (a dozen allocations per event) would be writer-thread work, which
-    /// every append waits for.
-    pub(crate) spent: (Vec<AppendRequest>, Vec<EncodedMetadata>),
+    /// The append's requests, for the caller to free: the writer hands them back when it
+    /// holds [`SPENT_LIMIT`] answered appends already (it is busy), rather than free them
+    /// on the thread every append waits for.
+    pub(crate) spent: Option<Spent>,
 }
 
 /// An event's metadata as the writer stores it, encoded by the caller before the append is
@@ -371,11 +400,43 @@ pub(crate) struct Counters {
 }
 
 /// The state of the open transaction.
-struct Group {
+struct Group<'c> {
     /// The position of the last event, committed or in this transaction.
     head: u64,
     /// The commit time stamped on the group's events.
     recorded_at: i64,
+    /// The one-row event insert, prepared at the group's first append and held to its end.
+    insert: Held<'c>,
+    /// The insert of [`sql::ROWS_PER_INSERT`] events, for longer appends; held likewise.
+    insert_chunk: Held<'c>,
+}
+
+/// A statement prepared on first use and held for the rest of a transaction: a look-up
+/// in the connection's statement cache (hashing the SQL, and clearing the bindings when
+/// it goes back) cost about 2k instructions per one-event append, a tenth of the
+/// writer's work.
+struct Held<'c> {
+    conn: &'c Connection,
+    sql: &'static str,
+    statement: Option<CachedStatement<'c>>,
+}
+
+impl<'c> Held<'c> {
+    fn new(conn: &'c Connection, sql: &'static str) -> Self {
+        Held {
+            conn,
+            sql,
+            statement: None,
+        }
+    }
+
+    /// The statement, prepared (from the cache) if it was not yet.
+    fn get(&mut self) -> rusqlite::Result<&mut CachedStatement<'c>> {
+        if self.statement.is_none() {
+            self.statement = Some(self.conn.prepare_cached(self.sql)?);
+        }
+        Ok(self.statement.as_mut().expect("prepared just now"))
+    }
 }
 
 /// The writes of one transaction, and their events.
@@ -384,19 +445,51 @@ struct Batch {
     events: usize,
 }
 
-/// The writer connection and its queue.
-pub(crate) struct Writer {
-    conn: Connection,
+/// The writer's two lanes, and the command that did not fit the last group.
+struct Queue {
     commands: mpsc::Receiver<Command>,
     /// The lease lane: work the writer serves before the main queue.
     urgent: mpsc::Receiver<Work>,
     /// A command taken from the queue that did not fit the last group.
     next: Option<Command>,
+    max_appends: usize,
+    max_events: usize,
+}
+
+impl Queue {
+    /// Takes one more queued write into the group if it has room; false when there is
+    /// none (a queued command that does not fit waits in `next`).
+    fn pull(&mut self, group: &mut Batch) -> bool {
+        // Lease work waits: the group commits with what it has, and the work runs next.
+        if self.next.is_some()
+            || group.commands.len() >= self.max_appends
+            || !self.urgent.is_empty()
+        {
+            return false;
+        }
+        let Ok(command) = self.commands.try_recv() else {
+            return false;
+        };
+        let events = group.events + command.events();
+        if !command.is_write() || events > self.max_events {
+            self.next = Some(command);
+            return false;
+        }
+        group.events = events;
+        group.commands.push(command);
+        true
+    }
+}
+
+/// The writer connection and its queue.
+pub(crate) struct Writer {
+    conn: Connection,
+    /// Kept apart from the connection, so that a group can take more writes while it
+    /// holds statements prepared on the connection.
+    queue: Queue,
     head: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
     metrics: StoreMetrics,
-    max_appends: usize,
-    max_events: usize,
     /// The last commit time given out, so recorded times never run backwards here.
     last_recorded_at: i64,
     /// The database file (`None`: in memory), to reopen the connection after an I/O error.
@@ -411,6 +504,12 @@ pub(crate) struct Writer {
     suspect: bool,
     /// The versions committed appends left their streams at.
     versions: RefCell<StreamVersions>,
+    /// Answered appends, freed while the queue is empty, one at a time: freed by their
+    /// caller, they hold up a lone appender's next append (about 400 instructions per
+    /// event), which the writer does while it waits for work; freed before the next
+    /// group, they would hold up every append of it. Up to [`SPENT_LIMIT`]; beyond,
+    /// their callers free them.
+    spent: Vec<Spent>,
 }
 
 impl Writer {
@@ -425,14 +524,16 @@ impl Writer {
     ) -> Self {
         Writer {
             conn,
-            commands,
-            urgent,
-            next: None,
+            queue: Queue {
+                commands,
+                urgent,
+                next: None,
+                max_appends: options.max_batch_appends,
+                max_events: options.max_batch_events,
+            },
             head,
             counters,
             metrics: StoreMetrics::new("sqlite"),
-            max_appends: options.max_batch_appends,
-            max_events: options.max_batch_events,
             last_recorded_at: i64::MIN,
             wal: path
                 .as_deref()
@@ -442,6 +543,7 @@ impl Writer {
             options,
             suspect: false,
             versions: RefCell::default(),
+            spent: Vec::new(),
         }
     }
 
@@ -456,7 +558,7 @@ impl Writer {
     fn run(mut self) {
         let closed_by = loop {
             self.serve_urgent();
-            let command = match self.next.take() {
+            let command = match self.queue.next.take() {
                 Some(command) => command,
                 None => match self.recv() {
                     Some(command) => command,
@@ -472,7 +574,7 @@ impl Writer {
                         events: write.events(),
                         commands: vec![write],
                     };
-                    while self.pull(&mut group) {}
+                    while self.queue.pull(&mut group) {}
                     // Each write catches its own panic (see `run_write`); should the group's
                     // own bookkeeping panic, the writer still goes on with the next command
                     // (that group's callers see their replies dropped).
@@ -487,11 +589,11 @@ impl Writer {
             }
         };
         // Refuse what is still queued (callers see the store closed), then close the file.
-        self.commands.close();
-        self.urgent.close();
-        self.next = None;
-        while self.commands.try_recv().is_ok() {}
-        while self.urgent.try_recv().is_ok() {}
+        self.queue.commands.close();
+        self.queue.urgent.close();
+        self.queue.next = None;
+        while self.queue.commands.try_recv().is_ok() {}
+        while self.queue.urgent.try_recv().is_ok() {}
         self.leave_one_file();
         let Writer { conn, .. } = self;
         if let Err((_, e)) = conn.close() {
@@ -517,7 +619,7 @@ impl Writer {
     /// Runs the lease work queued on the urgent lane; the connection is between
     /// transactions.
     fn serve_urgent(&mut self) {
-        while let Ok(work) = self.urgent.try_recv() {
+        while let Ok(work) = self.queue.urgent.try_recv() {
             self.run_work(work);
         }
     }
@@ -525,14 +627,19 @@ impl Writer {
     /// Waits for the next command, of either lane (the lease lane first): polls for
     /// [`POLL_BEFORE_PARKING`], then parks. `None` once every sender is gone.
     fn recv(&mut self) -> Option<Command> {
-        let deadline = Instant::now() + POLL_BEFORE_PARKING;
+        let mut deadline = Instant::now() + POLL_BEFORE_PARKING;
         loop {
-            if let Ok(work) = self.urgent.try_recv() {
+            if let Ok(work) = self.queue.urgent.try_recv() {
                 return Some(Command::Run(work));
             }
-            match self.commands.try_recv() {
+            match self.queue.commands.try_recv() {
                 Ok(command) => return Some(command),
                 Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) if !self.spent.is_empty() => {
+                    // One append at a time, looking at the queue in between.
+                    self.spent.pop();
+                    deadline = Instant::now() + POLL_BEFORE_PARKING;
+                }
                 Err(TryRecvError::Empty) if Instant::now() < deadline => {
                     // The callers need the CPU to send their writes: on a small machine a
                     // busy loop without yielding delays the very writes it waits for.
@@ -550,7 +657,7 @@ impl Writer {
     /// Parks the thread until a command comes on either lane; `None` once the main
     /// queue's senders are gone.
     fn park(&mut self) -> Option<Command> {
-        let (urgent, commands) = (&mut self.urgent, &mut self.commands);
+        let (urgent, commands) = (&mut self.queue.urgent, &mut self.queue.commands);
         block_on(std::future::poll_fn(|cx| {
             // A closed lease lane (its sender dropped) answers `None` at once: the main
             // queue decides.
@@ -624,29 +731,6 @@ impl Writer {
         tracing::debug!(?mode, "closing the SQLite store: journal mode");
     }
 
-    /// Takes one more queued write into the group if it has room; false when there is
-    /// none (a queued command that does not fit waits in `next`).
-    fn pull(&mut self, group: &mut Batch) -> bool {
-        // Lease work waits: the group commits with what it has, and the work runs next.
-        if self.next.is_some()
-            || group.commands.len() >= self.max_appends
-            || !self.urgent.is_empty()
-        {
-            return false;
-        }
-        let Ok(command) = self.commands.try_recv() else {
-            return false;
-        };
-        let events = group.events + command.events();
-        if !command.is_write() || events > self.max_events {
-            self.next = Some(command);
-            return false;
-        }
-        group.events = events;
-        group.commands.push(command);
-        true
-    }
-
     /// Runs a group of writes in one transaction and answers each after the commit.
     fn commit_group(&mut self, mut group: Batch) {
         let started = Instant::now();
@@ -659,24 +743,33 @@ impl Writer {
             tracing::warn!(error = %fault.to_error(), "the SQLite writer is not usable yet");
             self.counters.in_progress.store(0, Ordering::Relaxed);
             for command in group.commands {
-                command.answer(Answer::Failed(fault.clone().into()));
+                self.spent
+                    .extend(command.answer(Answer::Failed(fault.clone().into()), true));
             }
             return;
         }
         // Answers that stand whatever happens to the rest of the group.
         let mut settled: Vec<Option<Answer>> = group.commands.iter().map(|_| None).collect();
         let committed = 'attempt: loop {
-            let mut state = match self.begin() {
-                Ok(state) => state,
+            let (head, recorded_at) = match self.begin() {
+                Ok(begun) => begun,
                 Err(fault) => break Err(fault),
             };
+            let mut state = Group {
+                head,
+                recorded_at,
+                insert: Held::new(&self.conn, sql::INSERT_EVENT),
+                insert_chunk: Held::new(&self.conn, &sql::INSERT_EVENTS),
+            };
             let mut answers: Vec<Option<Answer>> = Vec::with_capacity(group.commands.len());
+            // Whether a write ran in this transaction yet.
+            let mut ran = false;
             let mut i = 0;
             loop {
                 if i == group.commands.len() {
                     // Writes that arrived while this transaction ran join it: they cost no
                     // extra disk sync, and wait no longer than if they had waited outside.
-                    if !self.pull(&mut group) {
+                    if !self.queue.pull(&mut group) {
                         break;
                     }
                     settled.push(None);
@@ -689,10 +782,12 @@ impl Writer {
                     i += 1;
                     continue;
                 }
-                let answer = self.run_write(&group.commands[i], &mut state);
+                let first = !ran;
+                let answer = self.run_write(&group.commands[i], &mut state, first);
                 if self.conn.is_autocommit() {
                     // SQLite rolled back the whole transaction (it does on some full-disk
-                    // and I/O errors): this write fails, the others run again in a new one.
+                    // and I/O errors), or the transaction's first write failed and took it
+                    // with it: this write fails, the others run again in a new one.
                     settled[i] = Some(if answer.failed() {
                         answer
                     } else {
@@ -701,6 +796,7 @@ impl Writer {
                     continue 'attempt;
                 }
                 answers.push(Some(answer));
+                ran = true;
                 i += 1;
             }
             break match self.savepoint("COMMIT") {
@@ -759,7 +855,8 @@ impl Writer {
                 self.remember_versions(&group, &answers);
                 self.counters.in_progress.store(0, Ordering::Relaxed);
                 for (command, answer) in group.into_iter().zip(answers) {
-                    command.answer(answer);
+                    let keep = self.spent.len() < SPENT_LIMIT;
+                    self.spent.extend(command.answer(answer, keep));
                 }
             }
             Err(fault) => {
@@ -767,7 +864,8 @@ impl Writer {
                 self.metrics.failed();
                 self.counters.in_progress.store(0, Ordering::Relaxed);
                 for (command, settled) in group.into_iter().zip(settled) {
-                    command.answer(settled.unwrap_or_else(|| Answer::Failed(fault.clone().into())));
+                    let answer = settled.unwrap_or_else(|| Answer::Failed(fault.clone().into()));
+                    self.spent.extend(command.answer(answer, true));
                 }
             }
         }
@@ -792,9 +890,24 @@ impl Writer {
         }
     }
 
-    /// Runs one write in its own savepoint, undoing it alone if it fails.
-    fn run_write(&self, command: &Command, state: &mut Group) -> Answer {
+    /// Runs one write in its own savepoint, undoing it alone if it fails. The `first`
+    /// write of a transaction needs none: if it fails, the transaction is rolled back
+    /// whole (nothing else ran in it) and the group goes on in a new one.
+    fn run_write(&self, command: &Command, state: &mut Group, first: bool) -> Answer {
         let head_before = state.head;
+        if first && !command.single_statement() {
+            // A savepoint makes SQLite copy every page the write changes to a statement
+            // journal (spilled to a temporary file past 64 KiB): for a lone appender of
+            // 100-event appends, about a third more page writes than its commits'.
+            let answer = self.execute_caught(command, state);
+            if answer.failed() {
+                state.head = head_before;
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+            }
+            return answer;
+        }
         if command.single_statement() {
             // Two statements fewer: about a quarter of the writer's time per one-event append.
             let answer = self.execute_caught(command, state);
@@ -871,9 +984,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Begins a write transaction and reads the head inside it: another process may have
-    /// appended since this writer's last commit.
-    fn begin(&mut self) -> Result<Group, Fault> {
+    /// Begins a write transaction and reads the head inside it (another process may have
+    /// appended since this writer's last commit); returns the head and the commit time.
+    fn begin(&mut self) -> Result<(u64, i64), Fault> {
         self.lock()?;
         let head = match sql::head(&self.conn) {
             Ok(head) => head,
@@ -898,10 +1011,7 @@ impl Writer {
         }
         let now = nanos(Utc::now()).unwrap_or(i64::MAX);
         self.last_recorded_at = self.last_recorded_at.max(now);
-        Ok(Group {
-            head,
-            recorded_at: self.last_recorded_at,
-        })
+        Ok((head, self.last_recorded_at))
     }
 
     /// Starts the group's write transaction (`BEGIN IMMEDIATE`), waiting for another
@@ -1094,54 +1204,91 @@ impl Writer {
                 })
             })?;
         let first_position = state.head + 1;
-        let mut insert = self
-            .conn
-            .prepare_cached(sql::INSERT_EVENT)
-            .map_err(fault("preparing the insert"))?;
         let mut metadata: Option<&str> = None;
-        for (i, event) in events.iter().enumerate() {
-            let occurred_at = nanos(event.occurred_at).ok_or_else(|| {
-                Failure::Refused(Error::InvalidAppend {
-                    reason: format!(
-                        "event {} occurred at {}, outside the years 1677 to 2262 that the \
-                         SQLite store keeps exactly",
-                        event.event_id, event.occurred_at
-                    ),
-                })
-            })?;
-            match &encoded[i] {
-                EncodedMetadata::Empty => metadata = None,
-                EncodedMetadata::Json(json) => metadata = Some(json),
-                EncodedMetadata::AsBefore => {}
-            }
-            let offset = i as u64;
-            let stored = StoredEvent {
-                position: bound(first_position + offset),
-                event_id: &event.event_id.as_bytes()[..],
-                aggregate_type: stream.aggregate_type.as_bytes(),
-                aggregate_id: stream.aggregate_id.as_bytes(),
-                version: bound(actual + 1 + offset),
-                event_type: event.event_type.as_bytes(),
-                schema_version: i64::from(event.schema_version),
-                occurred_at,
-                recorded_at: state.recorded_at,
-                metadata: metadata.map(str::as_bytes),
-                payload: event.payload.as_bytes(),
+        // Whether the one-row insert holds this append's stream, time and metadata yet.
+        let mut one_row_bound = false;
+        let mut i = 0;
+        while i < events.len() {
+            // Whole chunks of a longer append go in multi-row inserts: a statement's own
+            // work (opening its cursors, halting, its reset) is paid once per chunk instead
+            // of once per event. A failed one stores none of its rows.
+            let chunk = if events.len() - i >= sql::ROWS_PER_INSERT {
+                sql::ROWS_PER_INSERT
+            } else {
+                1
             };
-            let inserted = insert.execute(params![
-                stored.position,
-                stored.event_id,
-                stream.aggregate_type,
-                stream.aggregate_id,
-                stored.version,
-                event.event_type,
-                event.schema_version,
-                occurred_at,
-                state.recorded_at,
-                metadata,
-                event.payload,
-                stored.checksum_in(stream_hash),
-            ]);
+            let statement = if chunk == 1 {
+                &mut state.insert
+            } else {
+                &mut state.insert_chunk
+            };
+            let insert = statement.get().map_err(fault("preparing the insert"))?;
+            // SQLite keeps a statement's bindings from one execution to the next: in the
+            // one-row insert, what is the same for the whole append (the stream, the commit
+            // time, mostly the metadata) is bound at its first event only.
+            let first_use = chunk > 1 || !one_row_bound;
+            let mut bound_rows = Ok(());
+            for (row, event) in events[i..i + chunk].iter().enumerate() {
+                let n = i + row;
+                let occurred_at = nanos(event.occurred_at).ok_or_else(|| {
+                    Failure::Refused(Error::InvalidAppend {
+                        reason: format!(
+                            "event {} occurred at {}, outside the years 1677 to 2262 that the \
+                             SQLite store keeps exactly",
+                            event.event_id, event.occurred_at
+                        ),
+                    })
+                })?;
+                let metadata_moved = match &encoded[n] {
+                    EncodedMetadata::Empty => {
+                        metadata = None;
+                        true
+                    }
+                    EncodedMetadata::Json(json) => {
+                        metadata = Some(json);
+                        true
+                    }
+                    EncodedMetadata::AsBefore => false,
+                };
+                let offset = n as u64;
+                let stored = StoredEvent {
+                    position: bound(first_position + offset),
+                    event_id: &event.event_id.as_bytes()[..],
+                    aggregate_type: stream.aggregate_type.as_bytes(),
+                    aggregate_id: stream.aggregate_id.as_bytes(),
+                    version: bound(actual + 1 + offset),
+                    event_type: event.event_type.as_bytes(),
+                    schema_version: i64::from(event.schema_version),
+                    occurred_at,
+                    recorded_at: state.recorded_at,
+                    metadata: metadata.map(str::as_bytes),
+                    payload: event.payload.as_bytes(),
+                };
+                let base = row * sql::EVENT_COLUMNS;
+                bound_rows = (|| {
+                    if first_use {
+                        insert.raw_bind_parameter(base + 3, &stream.aggregate_type)?;
+                        insert.raw_bind_parameter(base + 4, &stream.aggregate_id)?;
+                        insert.raw_bind_parameter(base + 9, state.recorded_at)?;
+                    }
+                    if first_use || metadata_moved {
+                        insert.raw_bind_parameter(base + 10, metadata)?;
+                    }
+                    insert.raw_bind_parameter(base + 1, stored.position)?;
+                    insert.raw_bind_parameter(base + 2, stored.event_id)?;
+                    insert.raw_bind_parameter(base + 5, stored.version)?;
+                    insert.raw_bind_parameter(base + 6, &event.event_type)?;
+                    insert.raw_bind_parameter(base + 7, event.schema_version)?;
+                    insert.raw_bind_parameter(base + 8, occurred_at)?;
+                    insert.raw_bind_parameter(base + 11, &event.payload)?;
+                    insert.raw_bind_parameter(base + 12, stored.checksum_in(stream_hash))
+                })();
+                if bound_rows.is_err() {
+                    break;
+                }
+            }
+            let inserted = bound_rows.and_then(|()| insert.raw_execute());
+            one_row_bound |= chunk == 1 && inserted.is_ok();
             if let Err(e) = inserted {
                 if i == 0 && known && e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
                 {
@@ -1154,7 +1301,6 @@ impl Writer {
                 // The writer holds the write lock and checked the version, so only an event
                 // id can be taken: undo this append's rows (the last ones; a batch's earlier
                 // appends stay), then judge it as a repeat.
-                drop(insert);
                 self.conn
                     .prepare_cached("DELETE FROM events WHERE position >= ?1")
                     .and_then(|mut stmt| stmt.execute([bound(first_position)]))
@@ -1164,6 +1310,7 @@ impl Writer {
                     None => Err(Failure::Backend(Fault::new("inserting an event", e))),
                 };
             }
+            i += chunk;
         }
         state.head = last_position;
         Ok(Some(AppendOutcome {
@@ -1621,8 +1768,8 @@ mod tests {
             "the lease work ran between two attempts at the lock, outside a transaction"
         );
         other.execute_batch("COMMIT").unwrap();
-        let appended = appended.blocking_recv().unwrap().unwrap();
-        assert_eq!(appended.outcomes[0].last_position, 1);
+        let appended = appended.blocking_recv().unwrap().unwrap().outcomes;
+        assert_eq!(appended[0].last_position, 1);
         let (reply, closed) = oneshot::channel();
         assert!(commands.try_send(Command::Close(reply)).is_ok());
         closed.blocking_recv().unwrap();

@@ -379,3 +379,76 @@ async fn two_appends_in_one_group_expecting_the_same_known_version_store_one() {
     assert_eq!(store.stream_version(&meter("contested")).await.unwrap(), 3);
     assert_eq!(assert_kept(&*store, &before).await.len(), 2 + 2);
 }
+
+/// The first write of a transaction runs without a savepoint: a multi-event append that
+/// fails there takes the transaction with it, and the writes queued behind it run in a
+/// new one, stored; nothing of the failed one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_append_failing_first_in_its_transaction_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = Arc::new(SqliteEventStore::open(&path, open_options()).await.unwrap());
+    let before = seed(&*store, "m-0", 2).await;
+    let taken = before[1].event_id;
+
+    let other = raw(&path);
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let failing = {
+        let store = Arc::clone(&store);
+        // 40 events: a chunk of 32 rows, then rows one by one; the last one's id is taken.
+        let mut events: Vec<_> = (0..40).map(reading).collect();
+        events[39].event_id = taken;
+        tokio::spawn(async move {
+            store
+                .append(&meter("long"), ExpectedVersion::NoStream, events)
+                .await
+        })
+    };
+    until("the writer takes the failing append", || {
+        let stats = store.writer_statistics();
+        (stats.in_progress, stats.queued) == (1, 0)
+    })
+    .await;
+    let queued: Vec<Append> = (1..4u64)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                store
+                    .append(
+                        &meter(&format!("m-{i}")),
+                        ExpectedVersion::Any,
+                        vec![reading(i)],
+                    )
+                    .await
+            })
+        })
+        .collect();
+    until("every append is queued", || {
+        store.writer_statistics().queued == 3
+    })
+    .await;
+    other.execute_batch("COMMIT").unwrap();
+
+    match failing.await.unwrap() {
+        Err(Error::DuplicateEventId { event_id }) => assert_eq!(event_id, taken),
+        other => panic!("expected DuplicateEventId, got {other:?}"),
+    }
+    let outcomes: Vec<AppendOutcome> = {
+        let mut outcomes = Vec::new();
+        for task in queued {
+            outcomes.push(task.await.unwrap().expect("the appends behind it commit"));
+        }
+        outcomes
+    };
+    let mut positions: Vec<u64> = outcomes.iter().map(|o| o.last_position).collect();
+    positions.sort_unstable();
+    assert_eq!(positions, [3, 4, 5], "the failed append took no position");
+    assert_eq!(store.stream_version(&meter("long")).await.unwrap(), 0);
+    assert_eq!(
+        store.writer_statistics().transactions,
+        2 + 1,
+        "the seed, then the appends behind the failed one, together"
+    );
+    let log = assert_kept(&*store, &before).await;
+    assert_eq!(log.len(), 2 + 3);
+}
