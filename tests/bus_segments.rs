@@ -513,6 +513,55 @@ async fn on_postgresql_a_bus_with_another_segment_count_fails_to_start() {
     another_segment_count_is_refused_at_start(schema.open().await, schema.open().await).await;
 }
 
+/// The hand-over cases' aggregates and lease time.
+const HAND_OVER_AGGREGATES: u64 = 40;
+const HAND_OVER_TTL: Duration = Duration::from_millis(600);
+
+/// The segment of 4 that meter `meter`'s stream falls in.
+fn segment_of_meter(meter: &str) -> u32 {
+    eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4)
+}
+
+/// The hand-over cases' first bus: on the SQLite file at `path`, "meters" of 4 segments
+/// run by `handler` (`retry`: with that retry policy), started, holding every segment,
+/// with `events` events on `HAND_OVER_AGGREGATES` aggregates published; `bus` sets up the
+/// rest of the bus.
+async fn first_bus_of_a_hand_over<Fut>(
+    path: &Path,
+    events: u64,
+    bus: impl FnOnce(eventfold::EventBusBuilder) -> eventfold::EventBusBuilder,
+    retry: Option<eventfold::RetryPolicy>,
+    handler: impl Fn(Delivery<MeterEvent>) -> Fut + Send + Sync + 'static,
+) -> EventBus
+where
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: eventfold::HandlerOutcome,
+{
+    let builder = EventBus::builder()
+        .store(sqlite(path).await)
+        .workers(2)
+        .lease_ttl(HAND_OVER_TTL);
+    let a = bus(builder).build().unwrap();
+    let mut subscription = a.subscribe("meters", handler).segments(4);
+    if let Some(retry) = retry {
+        subscription = subscription.retry(retry);
+    }
+    subscription.register().unwrap();
+    a.start().await.unwrap();
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, events, HAND_OVER_AGGREGATES).await;
+    a
+}
+
+/// Retries an hour apart: none comes within a test.
+fn hour_retries() -> Option<eventfold::RetryPolicy> {
+    Some(eventfold::RetryPolicy::exponential(
+        5,
+        Duration::from_secs(3_600),
+        Duration::from_secs(3_600),
+    ))
+}
+
 /// A bus holds every segment with a backlog, its handlers all held up; a second bus
 /// joins. The first gives two segments up at once: their deliveries not yet started are
 /// dropped, and once the attempts under way end (the test lets them) the checkpoints are
@@ -521,45 +570,39 @@ async fn on_postgresql_a_bus_with_another_segment_count_fails_to_start() {
 /// it handled the one event under way and nothing after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders_backlog() {
-    const AGGREGATES: u64 = 40;
+    const AGGREGATES: u64 = HAND_OVER_AGGREGATES;
     const EVENTS: u64 = 400;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    let ttl = Duration::from_millis(600);
 
-    let a = EventBus::builder()
-        .store(sqlite(&path).await)
-        .workers(2)
-        .lease_ttl(ttl)
-        .build()
-        .unwrap();
     let (open, gate) = tokio::sync::watch::channel(false);
     let a_handled: Handled = Arc::default();
     let entered: Handled = Arc::default();
     let (recorder, entering) = (Arc::clone(&a_handled), Arc::clone(&entered));
-    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
-        let MeterEvent::Ticked { meter, n } = d.event().clone();
-        let (recorder, mut gate) = (Arc::clone(&recorder), gate.clone());
-        record(&entering, &meter, n);
-        async move {
-            gate.wait_for(|open| *open).await.unwrap();
-            record(&recorder, &meter, n);
-            Ok::<_, Error>(())
-        }
-    })
-    .segments(4)
-    .register()
-    .unwrap();
-    a.start().await.unwrap();
-    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
-    publish(&a, 0, EVENTS, AGGREGATES).await;
+    let a = first_bus_of_a_hand_over(
+        &path,
+        EVENTS,
+        |bus| bus,
+        None,
+        move |d: Delivery<MeterEvent>| {
+            let MeterEvent::Ticked { meter, n } = d.event().clone();
+            let (recorder, mut gate) = (Arc::clone(&recorder), gate.clone());
+            record(&entering, &meter, n);
+            async move {
+                gate.wait_for(|open| *open).await.unwrap();
+                record(&recorder, &meter, n);
+                Ok::<_, Error>(())
+            }
+        },
+    )
+    .await;
     // Every aggregate's lane has its first event under way, held up; the rest wait.
     wait_until("an event of each aggregate is under way", || async {
         count(&entered) == AGGREGATES as usize
     })
     .await;
 
-    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, HAND_OVER_TTL).await;
     wait_held("the first bus gives two segments up", &a, |s| s.len() == 2).await;
     let kept = a.watch_held_segments("meters").unwrap().borrow().clone();
     open.send(true).unwrap();
@@ -585,8 +628,7 @@ async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders
     b.wait_idle().await.unwrap();
     assert_in_order(&a_handled);
     assert_in_order(&b_handled);
-    let segment =
-        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+    let segment = segment_of_meter;
     let mut given_up: HashMap<String, Vec<u64>> = HashMap::new();
     for (meter, n) in a_handled.lock().unwrap().iter() {
         if !kept.contains(&segment(meter)) {
@@ -616,60 +658,48 @@ async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders
 /// events), and the first bus stores no dead letter for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_given_up_does_not_wait_for_the_retries_of_its_failed_attempts() {
-    const AGGREGATES: u64 = 40;
+    const AGGREGATES: u64 = HAND_OVER_AGGREGATES;
     const EVENTS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    let ttl = Duration::from_millis(600);
-    let segment =
-        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+    let segment = segment_of_meter;
 
-    let a = EventBus::builder()
-        .store(sqlite(&path).await)
-        .workers(2)
-        .lease_ttl(ttl)
-        .build()
-        .unwrap();
     // The segments the first bus keeps, once known; until then every attempt waits.
     let (keep, kept_rx) = tokio::sync::watch::channel(None::<Vec<u32>>);
     let a_handled: Handled = Arc::default();
     let entered: Handled = Arc::default();
     let (recorder, entering) = (Arc::clone(&a_handled), Arc::clone(&entered));
-    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
-        let MeterEvent::Ticked { meter, n } = d.event().clone();
-        let (recorder, mut kept) = (Arc::clone(&recorder), kept_rx.clone());
-        record(&entering, &meter, n);
-        async move {
-            let kept = kept
-                .wait_for(Option::is_some)
-                .await
-                .unwrap()
-                .clone()
-                .unwrap();
-            if !kept.contains(&segment(&meter)) {
-                return Err(format!("{meter} {n} fails"));
+    let a = first_bus_of_a_hand_over(
+        &path,
+        EVENTS,
+        |bus| bus,
+        hour_retries(),
+        move |d: Delivery<MeterEvent>| {
+            let MeterEvent::Ticked { meter, n } = d.event().clone();
+            let (recorder, mut kept) = (Arc::clone(&recorder), kept_rx.clone());
+            record(&entering, &meter, n);
+            async move {
+                let kept = kept
+                    .wait_for(Option::is_some)
+                    .await
+                    .unwrap()
+                    .clone()
+                    .unwrap();
+                if !kept.contains(&segment(&meter)) {
+                    return Err(format!("{meter} {n} fails"));
+                }
+                record(&recorder, &meter, n);
+                Ok(())
             }
-            record(&recorder, &meter, n);
-            Ok(())
-        }
-    })
-    .segments(4)
-    .retry(eventfold::RetryPolicy::exponential(
-        5,
-        Duration::from_secs(3_600),
-        Duration::from_secs(3_600),
-    ))
-    .register()
-    .unwrap();
-    a.start().await.unwrap();
-    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
-    publish(&a, 0, EVENTS, AGGREGATES).await;
+        },
+    )
+    .await;
     wait_until("an event of each aggregate is under way", || async {
         count(&entered) == AGGREGATES as usize
     })
     .await;
 
-    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, HAND_OVER_TTL).await;
     wait_held("the first bus gives two segments up", &a, |s| s.len() == 2).await;
     let kept = a.watch_held_segments("meters").unwrap().borrow().clone();
     keep.send(Some(kept.clone())).unwrap();
@@ -710,46 +740,33 @@ async fn a_segment_given_up_does_not_wait_for_the_retries_of_its_failed_attempts
 /// are dropped at once), and the second bus handles all their events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_given_up_does_not_wait_for_retries_already_pending() {
-    const AGGREGATES: u64 = 40;
+    const AGGREGATES: u64 = HAND_OVER_AGGREGATES;
     const EVENTS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    let ttl = Duration::from_millis(600);
-    let segment =
-        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+    let segment = segment_of_meter;
 
-    let a = EventBus::builder()
-        .store(sqlite(&path).await)
-        .workers(2)
-        .lease_ttl(ttl)
-        // Its own segments' retries are still an hour away when it stops.
-        .stop_timeout(Duration::from_millis(100))
-        .build()
-        .unwrap();
     let failed: Handled = Arc::default();
     let failing = Arc::clone(&failed);
-    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
-        let MeterEvent::Ticked { meter, n } = d.event();
-        record(&failing, meter, *n);
-        std::future::ready(Err::<(), _>(format!("{meter} {n} fails")))
-    })
-    .segments(4)
-    .retry(eventfold::RetryPolicy::exponential(
-        5,
-        Duration::from_secs(3_600),
-        Duration::from_secs(3_600),
-    ))
-    .register()
-    .unwrap();
-    a.start().await.unwrap();
-    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
-    publish(&a, 0, EVENTS, AGGREGATES).await;
+    let a = first_bus_of_a_hand_over(
+        &path,
+        EVENTS,
+        // Its own segments' retries are still an hour away when it stops.
+        |bus| bus.stop_timeout(Duration::from_millis(100)),
+        hour_retries(),
+        move |d: Delivery<MeterEvent>| {
+            let MeterEvent::Ticked { meter, n } = d.event();
+            record(&failing, meter, *n);
+            std::future::ready(Err::<(), _>(format!("{meter} {n} fails")))
+        },
+    )
+    .await;
     wait_until("the first event of each aggregate failed", || async {
         count(&failed) == AGGREGATES as usize
     })
     .await;
 
-    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, HAND_OVER_TTL).await;
     wait_held("the second bus took two segments over", &b, |s| {
         s.len() == 2
     })
