@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{Schema, stream};
 use eventfold_core::projection::{ProjectionHandle, ProjectionOptions};
 use eventfold_core::{
-    BoxError, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy, StartFrom,
+    BoxError, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy,
     SubscriptionStore,
 };
 use eventfold_postgres::tokio_postgres::Transaction;
@@ -145,37 +145,10 @@ fn quick_retries(attempts: u32) -> RetryPolicy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_applied_once_and_appends_of_another_handle_follow() {
-    if common::no_server() {
-        return;
+    if let Some(subject) = InSchema::new().await {
+        cases::every_event_is_applied_once_and_later_appends_follow(&subject, 500).await;
+        cases::Subject::close(&subject).await;
     }
-    let schema = Schema::new();
-    let store = schema.open().await;
-    let mut expected = seed(&store, 7, 500).await;
-    let handle = store
-        .run_projection(Sums::default(), ProjectionOptions::new().batch_size(64))
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    assert_eq!(handle.progress().checkpoint, 500);
-    assert_eq!(store.load_checkpoint("sums").await.unwrap(), Some(500));
-
-    // Another store on the schema (as another process would be) appends: it follows.
-    let other = schema.open().await;
-    for (id, sum) in seed(&other, 3, 20).await {
-        *expected.entry(id).or_insert(0) += sum;
-    }
-    handle.wait_idle().await.unwrap();
-    assert_eq!(handle.progress().applied, 520);
-    handle.stop().await.unwrap();
-    let (sums, applied) = read_model(&schema.name).await;
-    assert_eq!(sums, expected);
-    assert_eq!(applied.len(), 520);
-    assert!(
-        applied.values().all(|&n| n == 1),
-        "an event was applied twice"
-    );
-    other.close().await.unwrap();
-    store.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,31 +257,10 @@ async fn a_rebuild_replays_into_a_cleared_read_model_and_two_runners_never_apply
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_starting_at_the_end_sees_only_later_events() {
-    if common::no_server() {
-        return;
+    if let Some(subject) = InSchema::new().await {
+        cases::a_projection_starting_at_the_end_sees_only_later_events(&subject).await;
+        cases::Subject::close(&subject).await;
     }
-    let schema = Schema::new();
-    let store = schema.open().await;
-    seed(&store, 2, 30).await;
-    let handle = store
-        .run_projection(
-            Sums::default(),
-            ProjectionOptions::new().start_from(StartFrom::End),
-        )
-        .await
-        .unwrap();
-    assert_eq!(handle.progress().checkpoint, 30);
-    store
-        .append(&stream("late"), ExpectedVersion::Any, vec![counted(5)])
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    handle.stop().await.unwrap();
-    assert_eq!(
-        read_model(&schema.name).await.0,
-        BTreeMap::from([("late".to_owned(), 5)])
-    );
-    store.close().await.unwrap();
 }
 
 /// A store in a schema of its own with `Sums`, for the shared cases.
@@ -333,9 +285,26 @@ impl InSchema {
 
 impl cases::Subject for InSchema {
     type Projection = Sums;
+    const NAME: &str = "sums";
 
     fn store(&self) -> &dyn eventfold_core::ArchiveStore {
         &self.store
+    }
+
+    fn stream(id: &str) -> eventfold_core::StreamId {
+        stream(id)
+    }
+
+    fn event(value: u64) -> NewEvent {
+        counted(value)
+    }
+
+    /// Another store on the schema, as another process's would be.
+    async fn seed_elsewhere(&self, streams: u64, count: u64) -> BTreeMap<String, u64> {
+        let other = self.schema.open().await;
+        let sums = seed(&other, streams, count).await;
+        other.close().await.unwrap();
+        sums
     }
 
     async fn seed(&self, streams: u64, count: u64) -> BTreeMap<String, u64> {

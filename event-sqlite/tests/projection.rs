@@ -13,7 +13,7 @@ use common::*;
 use eventfold_core::projection::{ProjectionHandle, ProjectionOptions, ProjectionProgress};
 use eventfold_core::{
     BoxError, Error, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy,
-    StartFrom, SubscriptionStore, UnknownEventPolicy,
+    SubscriptionStore, UnknownEventPolicy,
 };
 use eventfold_sqlite::rusqlite::{self, Transaction, params};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions, SqliteProjection};
@@ -130,38 +130,9 @@ async fn open(path: &std::path::Path) -> SqliteEventStore {
 
 #[tokio::test]
 async fn every_event_is_applied_once_with_its_checkpoint_and_later_appends_follow() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    let store = open(&path).await;
-    let mut expected = seed_meters(&store, 7, 1_000).await;
-    let handle = store
-        .run_projection(Totals::default(), ProjectionOptions::new().batch_size(64))
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    let progress = handle.progress();
-    assert_eq!((progress.checkpoint, progress.applied), (1_000, 1_000));
-    assert_eq!(
-        store.load_checkpoint("totals").await.unwrap(),
-        Some(progress.checkpoint)
-    );
-
-    // Appended while it runs: applied as they come.
-    let more = seed_meters(&store, 3, 20).await;
-    for (meter, units) in more {
-        *expected.entry(meter).or_insert(0) += units;
-    }
-    handle.wait_idle().await.unwrap();
-    assert_eq!(handle.progress().applied, 1_020);
-    handle.stop().await.unwrap();
-    let (totals, applied) = read_model(&path);
-    assert_eq!(totals, expected);
-    assert_eq!(applied.len(), 1_020);
-    assert!(
-        applied.values().all(|&n| n == 1),
-        "an event was applied twice"
-    );
-    store.close().await.unwrap();
+    let subject = File::new().await;
+    cases::every_event_is_applied_once_and_later_appends_follow(&subject, 1_000).await;
+    cases::Subject::close(&subject).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -489,28 +460,9 @@ async fn two_runners_on_one_file_apply_each_event_once() {
 
 #[tokio::test]
 async fn a_projection_may_start_at_the_end_and_an_in_memory_store_has_none() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    let store = open(&path).await;
-    seed_meters(&store, 2, 30).await;
-    let handle = store
-        .run_projection(
-            Totals::default(),
-            ProjectionOptions::new().start_from(StartFrom::End),
-        )
-        .await
-        .unwrap();
-    assert_eq!(handle.progress().checkpoint, 30);
-    store
-        .append(&meter("late"), ExpectedVersion::Any, vec![reading(5)])
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    handle.stop().await.unwrap();
-    assert_eq!(
-        read_model(&path).0,
-        BTreeMap::from([("late".to_owned(), 5)])
-    );
+    let subject = File::new().await;
+    cases::a_projection_starting_at_the_end_sees_only_later_events(&subject).await;
+    let store = &subject.store;
 
     let memory = SqliteEventStore::open_in_memory(SqliteOptions::new())
         .await
@@ -555,9 +507,23 @@ impl File {
 
 impl cases::Subject for File {
     type Projection = Totals;
+    const NAME: &str = "totals";
 
     fn store(&self) -> &dyn eventfold_core::ArchiveStore {
         &self.store
+    }
+
+    fn stream(id: &str) -> eventfold_core::StreamId {
+        meter(id)
+    }
+
+    fn event(value: u64) -> NewEvent {
+        reading(value)
+    }
+
+    /// The same store: one file, appended to while the runner reads it.
+    async fn seed_elsewhere(&self, streams: u64, count: u64) -> BTreeMap<String, u64> {
+        seed_meters(&self.store, streams, count).await
     }
 
     async fn seed(&self, streams: u64, count: u64) -> BTreeMap<String, u64> {

@@ -10,19 +10,32 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use eventfold_core::ArchiveStore;
 use eventfold_core::archive::{self, ArchiveRange};
 use eventfold_core::projection::{ProjectionHandle, ProjectionOptions};
+use eventfold_core::{ArchiveStore, ExpectedVersion, NewEvent, StreamId};
 
 /// A store under test with its projection.
 pub trait Subject {
     /// The store's test projection.
     type Projection: Send + 'static;
+    /// The projection's name (its checkpoint's).
+    const NAME: &str;
     /// The store.
     fn store(&self) -> &dyn ArchiveStore;
+    /// A stream of the projection's events.
+    fn stream(id: &str) -> StreamId;
+    /// An event of `value` (what the projection sums).
+    fn event(value: u64) -> NewEvent;
     /// Appends `count` events, ten to an append, over `streams` streams; returns each
     /// stream's sum.
     fn seed(&self, streams: u64, count: u64) -> impl Future<Output = BTreeMap<String, u64>>;
+    /// As [`seed`](Self::seed), through another handle on the store if it has one that is
+    /// as another process's (PostgreSQL: another store on the schema), else its own.
+    fn seed_elsewhere(
+        &self,
+        streams: u64,
+        count: u64,
+    ) -> impl Future<Output = BTreeMap<String, u64>>;
     /// Runs the projection (one that never fails) with `options`.
     fn run(
         &self,
@@ -34,6 +47,58 @@ pub trait Subject {
     fn close(&self) -> impl Future<Output = ()>;
     /// Opens the store again, after [`close`](Self::close).
     fn reopen(&mut self) -> impl Future<Output = ()>;
+}
+
+/// `events` events on 7 streams, applied in batches of 64 with their checkpoint; 20 more
+/// appended while it runs follow.
+pub async fn every_event_is_applied_once_and_later_appends_follow<S: Subject>(
+    subject: &S,
+    events: u64,
+) {
+    let mut expected = subject.seed(7, events).await;
+    let handle = subject.run(ProjectionOptions::new().batch_size(64)).await;
+    handle.wait_idle().await.unwrap();
+    let progress = handle.progress();
+    assert_eq!((progress.checkpoint, progress.applied), (events, events));
+    assert_eq!(
+        subject.store().load_checkpoint(S::NAME).await.unwrap(),
+        Some(events)
+    );
+
+    // Appended while it runs: applied as they come.
+    for (id, sum) in subject.seed_elsewhere(3, 20).await {
+        *expected.entry(id).or_insert(0) += sum;
+    }
+    handle.wait_idle().await.unwrap();
+    assert_eq!(handle.progress().applied, events + 20);
+    handle.stop().await.unwrap();
+    let (sums, applied) = subject.read_model().await;
+    assert_eq!(sums, expected);
+    assert_eq!(applied.len() as u64, events + 20);
+    assert!(
+        applied.values().all(|&n| n == 1),
+        "an event was applied twice"
+    );
+}
+
+/// Started at the end, a projection applies only what is appended after.
+pub async fn a_projection_starting_at_the_end_sees_only_later_events<S: Subject>(subject: &S) {
+    subject.seed(2, 30).await;
+    let handle = subject
+        .run(ProjectionOptions::new().start_from(eventfold_core::StartFrom::End))
+        .await;
+    assert_eq!(handle.progress().checkpoint, 30);
+    subject
+        .store()
+        .append(&S::stream("late"), ExpectedVersion::Any, vec![S::event(5)])
+        .await
+        .unwrap();
+    handle.wait_idle().await.unwrap();
+    handle.stop().await.unwrap();
+    assert_eq!(
+        subject.read_model().await.0,
+        BTreeMap::from([("late".to_owned(), 5)])
+    );
 }
 
 pub async fn a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it(
