@@ -9,11 +9,14 @@
 //! earlier one returned (a child's write is done before it goes on, and the pipe holds
 //! the line until read). A check that reads the store first and drains after so has every
 //! line written before what it read from the store, as with a file read after it; a task
-//! would leave lines in flight between the pipe and the check.
+//! would leave lines in flight between the pipe and the check. For that the drain reads
+//! the pipe itself until it is empty: tokio's `try_read` answers "would block" while its
+//! reactor has not yet seen the pipe become readable, even with data in it (it is only
+//! asked last, to clear that readiness, so `wait` does not wake for what was read).
 
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::process::ChildStdout;
 use std::task::Poll;
@@ -44,7 +47,10 @@ pub enum Report {
 
 struct Pipe {
     child: String,
+    /// The pipe for waiting on.
     receiver: pipe::Receiver,
+    /// The same pipe (a duplicate descriptor, non-blocking too) for reading.
+    reader: std::fs::File,
     /// Read, not yet ended by a newline.
     partial: Vec<u8>,
 }
@@ -59,11 +65,14 @@ impl Reports {
     /// Reads the reports of `child` from its stdout (spawned with `Stdio::piped()`). On a
     /// tokio runtime.
     pub fn add(&mut self, child: impl Into<String>, stdout: ChildStdout) {
-        let receiver =
-            pipe::Receiver::from_owned_fd(OwnedFd::from(stdout)).expect("a child's stdout pipe");
+        let fd = OwnedFd::from(stdout);
+        let reader = std::fs::File::from(fd.try_clone().expect("a duplicate of the pipe"));
+        // Makes the pipe non-blocking, for `reader` too (one open file, two descriptors).
+        let receiver = pipe::Receiver::from_owned_fd(fd).expect("a child's stdout pipe");
         self.pipes.push(Pipe {
             child: child.into(),
             receiver,
+            reader,
             partial: Vec::new(),
         });
     }
@@ -93,7 +102,14 @@ impl Reports {
         let mut buffer = vec![0u8; 64 * 1024];
         self.pipes.retain_mut(|pipe| {
             loop {
-                match pipe.receiver.try_read(&mut buffer) {
+                let read = match pipe.reader.read(&mut buffer) {
+                    // Empty: tokio's readiness is cleared (or what came since is read).
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        pipe.receiver.try_read(&mut buffer)
+                    }
+                    read => read,
+                };
+                match read {
                     Ok(0) => {
                         reports.push(Report::Exited {
                             child: pipe.child.clone(),

@@ -167,8 +167,15 @@ where
         });
         loop {
             activity.notified().await;
-            if bus.wait_idle().await.is_ok() {
-                reports::report("idle").unwrap();
+            match bus.wait_idle().await {
+                Ok(()) => reports::report("idle").unwrap(),
+                // A store error (the file busy past its timeout under load): said, and
+                // tried again, or the parent might wait on an idle that never comes.
+                Err(error) => {
+                    eprintln!("wait_idle failed, trying again: {error}");
+                    reports::report(&format!("idle failed: {error}")).unwrap();
+                    activity.notify_one();
+                }
             }
         }
     });
@@ -221,6 +228,9 @@ fn parse(line: &str, member: &Arc<str>) -> Option<Line> {
 struct Logs {
     lines: Vec<Line>,
     handled: HashSet<u64>,
+    /// Per member, the last thing it reported other than a handled event (for a failure's
+    /// message).
+    last_said: BTreeMap<String, String>,
 }
 
 impl Logs {
@@ -231,6 +241,7 @@ impl Logs {
             match report {
                 reports::Report::Line { child, text } => {
                     let Some(fields) = text.strip_prefix("handled ") else {
+                        self.last_said.insert(child, text);
                         continue;
                     };
                     let line = parse(fields, &Arc::from(child))
@@ -360,6 +371,20 @@ impl Children {
         for (child, _) in &mut self.live {
             tell_appended(child);
         }
+    }
+
+    /// What the live children wrote on stderr.
+    fn stderr(&self) -> Vec<(String, String)> {
+        self.live
+            .iter()
+            .map(|(_, member)| {
+                let path = self.dir.join(format!("{member}.err"));
+                (
+                    member.clone(),
+                    std::fs::read_to_string(path).unwrap_or_default(),
+                )
+            })
+            .collect()
     }
 
     /// A child's stdout ended: fails unless this run killed it.
@@ -494,7 +519,10 @@ pub async fn run(test: &str, label: &str, location: &str, store: Arc<dyn EventSt
         }
         assert!(
             children.reports.wait(deadline).await,
-            "{label}: the children never split the segments: {states:?}"
+            "{label}: the children never split the segments: {states:?}; last said {:?}; \
+             stderr {:?}",
+            logs.last_said,
+            children.stderr()
         );
         logs.take(label, &mut children);
     }
@@ -580,8 +608,11 @@ pub async fn run(test: &str, label: &str, location: &str, store: Arc<dyn EventSt
                 assert!(
                     reported,
                     "{label}: not done within the guard: {handled} of {EVENTS} events handled, \
-                     {kills} kills, appended: {}; segments {states:?}",
-                    children.appended
+                     {kills} kills, appended: {}; segments {states:?}; last said {:?}; \
+                     stderr {:?}",
+                    children.appended,
+                    logs.last_said,
+                    children.stderr()
                 );
             }
             done = &mut appender, if !children.appended => {
