@@ -11,13 +11,16 @@
 //!   within each child's run.
 //!
 //! Leases need real time to expire: every wait is on a condition with a generous guard
-//! against a hang, and nothing asserts how long it took.
+//! against a hang, and nothing asserts how long it took. The children report on their
+//! stdout what they handled and which segments they run (`common/reports.rs`), and the
+//! parent checks what it waits for again on each report.
 
 #[macro_use]
 #[path = "common/forward.rs"]
 mod forward;
+#[path = "common/reports.rs"]
+mod reports;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -98,25 +101,6 @@ where
         tokio::time::timeout_at(deadline, handled)
             .await
             .unwrap_or_else(|_| panic!("timed out waiting until {what}"));
-    }
-}
-
-/// Polls `condition` until it holds; panics at the guard. Only for what other processes
-/// change (the children's log files, their lease rows in the store): nothing tells this
-/// process when they do, so it reads them again every 20 ms. The order of events is never
-/// taken from this wait, only from what it reads.
-async fn poll_until<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + GUARD;
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -529,6 +513,55 @@ async fn on_postgresql_a_bus_with_another_segment_count_fails_to_start() {
     another_segment_count_is_refused_at_start(schema.open().await, schema.open().await).await;
 }
 
+/// The hand-over cases' aggregates and lease time.
+const HAND_OVER_AGGREGATES: u64 = 40;
+const HAND_OVER_TTL: Duration = Duration::from_millis(600);
+
+/// The segment of 4 that meter `meter`'s stream falls in.
+fn segment_of_meter(meter: &str) -> u32 {
+    eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4)
+}
+
+/// The hand-over cases' first bus: on the SQLite file at `path`, "meters" of 4 segments
+/// run by `handler` (`retry`: with that retry policy), started, holding every segment,
+/// with `events` events on `HAND_OVER_AGGREGATES` aggregates published; `bus` sets up the
+/// rest of the bus.
+async fn first_bus_of_a_hand_over<Fut>(
+    path: &Path,
+    events: u64,
+    bus: impl FnOnce(eventfold::EventBusBuilder) -> eventfold::EventBusBuilder,
+    retry: Option<eventfold::RetryPolicy>,
+    handler: impl Fn(Delivery<MeterEvent>) -> Fut + Send + Sync + 'static,
+) -> EventBus
+where
+    Fut: std::future::Future + Send + 'static,
+    Fut::Output: eventfold::HandlerOutcome,
+{
+    let builder = EventBus::builder()
+        .store(sqlite(path).await)
+        .workers(2)
+        .lease_ttl(HAND_OVER_TTL);
+    let a = bus(builder).build().unwrap();
+    let mut subscription = a.subscribe("meters", handler).segments(4);
+    if let Some(retry) = retry {
+        subscription = subscription.retry(retry);
+    }
+    subscription.register().unwrap();
+    a.start().await.unwrap();
+    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
+    publish(&a, 0, events, HAND_OVER_AGGREGATES).await;
+    a
+}
+
+/// Retries an hour apart: none comes within a test.
+fn hour_retries() -> Option<eventfold::RetryPolicy> {
+    Some(eventfold::RetryPolicy::exponential(
+        5,
+        Duration::from_secs(3_600),
+        Duration::from_secs(3_600),
+    ))
+}
+
 /// A bus holds every segment with a backlog, its handlers all held up; a second bus
 /// joins. The first gives two segments up at once: their deliveries not yet started are
 /// dropped, and once the attempts under way end (the test lets them) the checkpoints are
@@ -537,45 +570,39 @@ async fn on_postgresql_a_bus_with_another_segment_count_fails_to_start() {
 /// it handled the one event under way and nothing after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders_backlog() {
-    const AGGREGATES: u64 = 40;
+    const AGGREGATES: u64 = HAND_OVER_AGGREGATES;
     const EVENTS: u64 = 400;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    let ttl = Duration::from_millis(600);
 
-    let a = EventBus::builder()
-        .store(sqlite(&path).await)
-        .workers(2)
-        .lease_ttl(ttl)
-        .build()
-        .unwrap();
     let (open, gate) = tokio::sync::watch::channel(false);
     let a_handled: Handled = Arc::default();
     let entered: Handled = Arc::default();
     let (recorder, entering) = (Arc::clone(&a_handled), Arc::clone(&entered));
-    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
-        let MeterEvent::Ticked { meter, n } = d.event().clone();
-        let (recorder, mut gate) = (Arc::clone(&recorder), gate.clone());
-        record(&entering, &meter, n);
-        async move {
-            gate.wait_for(|open| *open).await.unwrap();
-            record(&recorder, &meter, n);
-            Ok::<_, Error>(())
-        }
-    })
-    .segments(4)
-    .register()
-    .unwrap();
-    a.start().await.unwrap();
-    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
-    publish(&a, 0, EVENTS, AGGREGATES).await;
+    let a = first_bus_of_a_hand_over(
+        &path,
+        EVENTS,
+        |bus| bus,
+        None,
+        move |d: Delivery<MeterEvent>| {
+            let MeterEvent::Ticked { meter, n } = d.event().clone();
+            let (recorder, mut gate) = (Arc::clone(&recorder), gate.clone());
+            record(&entering, &meter, n);
+            async move {
+                gate.wait_for(|open| *open).await.unwrap();
+                record(&recorder, &meter, n);
+                Ok::<_, Error>(())
+            }
+        },
+    )
+    .await;
     // Every aggregate's lane has its first event under way, held up; the rest wait.
     wait_until("an event of each aggregate is under way", || async {
         count(&entered) == AGGREGATES as usize
     })
     .await;
 
-    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, HAND_OVER_TTL).await;
     wait_held("the first bus gives two segments up", &a, |s| s.len() == 2).await;
     let kept = a.watch_held_segments("meters").unwrap().borrow().clone();
     open.send(true).unwrap();
@@ -601,8 +628,7 @@ async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders
     b.wait_idle().await.unwrap();
     assert_in_order(&a_handled);
     assert_in_order(&b_handled);
-    let segment =
-        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+    let segment = segment_of_meter;
     let mut given_up: HashMap<String, Vec<u64>> = HashMap::new();
     for (meter, n) in a_handled.lock().unwrap().iter() {
         if !kept.contains(&segment(meter)) {
@@ -632,60 +658,48 @@ async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders
 /// events), and the first bus stores no dead letter for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_given_up_does_not_wait_for_the_retries_of_its_failed_attempts() {
-    const AGGREGATES: u64 = 40;
+    const AGGREGATES: u64 = HAND_OVER_AGGREGATES;
     const EVENTS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    let ttl = Duration::from_millis(600);
-    let segment =
-        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+    let segment = segment_of_meter;
 
-    let a = EventBus::builder()
-        .store(sqlite(&path).await)
-        .workers(2)
-        .lease_ttl(ttl)
-        .build()
-        .unwrap();
     // The segments the first bus keeps, once known; until then every attempt waits.
     let (keep, kept_rx) = tokio::sync::watch::channel(None::<Vec<u32>>);
     let a_handled: Handled = Arc::default();
     let entered: Handled = Arc::default();
     let (recorder, entering) = (Arc::clone(&a_handled), Arc::clone(&entered));
-    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
-        let MeterEvent::Ticked { meter, n } = d.event().clone();
-        let (recorder, mut kept) = (Arc::clone(&recorder), kept_rx.clone());
-        record(&entering, &meter, n);
-        async move {
-            let kept = kept
-                .wait_for(Option::is_some)
-                .await
-                .unwrap()
-                .clone()
-                .unwrap();
-            if !kept.contains(&segment(&meter)) {
-                return Err(format!("{meter} {n} fails"));
+    let a = first_bus_of_a_hand_over(
+        &path,
+        EVENTS,
+        |bus| bus,
+        hour_retries(),
+        move |d: Delivery<MeterEvent>| {
+            let MeterEvent::Ticked { meter, n } = d.event().clone();
+            let (recorder, mut kept) = (Arc::clone(&recorder), kept_rx.clone());
+            record(&entering, &meter, n);
+            async move {
+                let kept = kept
+                    .wait_for(Option::is_some)
+                    .await
+                    .unwrap()
+                    .clone()
+                    .unwrap();
+                if !kept.contains(&segment(&meter)) {
+                    return Err(format!("{meter} {n} fails"));
+                }
+                record(&recorder, &meter, n);
+                Ok(())
             }
-            record(&recorder, &meter, n);
-            Ok(())
-        }
-    })
-    .segments(4)
-    .retry(eventfold::RetryPolicy::exponential(
-        5,
-        Duration::from_secs(3_600),
-        Duration::from_secs(3_600),
-    ))
-    .register()
-    .unwrap();
-    a.start().await.unwrap();
-    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
-    publish(&a, 0, EVENTS, AGGREGATES).await;
+        },
+    )
+    .await;
     wait_until("an event of each aggregate is under way", || async {
         count(&entered) == AGGREGATES as usize
     })
     .await;
 
-    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, HAND_OVER_TTL).await;
     wait_held("the first bus gives two segments up", &a, |s| s.len() == 2).await;
     let kept = a.watch_held_segments("meters").unwrap().borrow().clone();
     keep.send(Some(kept.clone())).unwrap();
@@ -726,46 +740,33 @@ async fn a_segment_given_up_does_not_wait_for_the_retries_of_its_failed_attempts
 /// are dropped at once), and the second bus handles all their events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_given_up_does_not_wait_for_retries_already_pending() {
-    const AGGREGATES: u64 = 40;
+    const AGGREGATES: u64 = HAND_OVER_AGGREGATES;
     const EVENTS: u64 = 200;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
-    let ttl = Duration::from_millis(600);
-    let segment =
-        |meter: &str| eventfold::lease::segment_of(&eventfold::StreamId::new("Meter", meter), 4);
+    let segment = segment_of_meter;
 
-    let a = EventBus::builder()
-        .store(sqlite(&path).await)
-        .workers(2)
-        .lease_ttl(ttl)
-        // Its own segments' retries are still an hour away when it stops.
-        .stop_timeout(Duration::from_millis(100))
-        .build()
-        .unwrap();
     let failed: Handled = Arc::default();
     let failing = Arc::clone(&failed);
-    a.subscribe("meters", move |d: Delivery<MeterEvent>| {
-        let MeterEvent::Ticked { meter, n } = d.event();
-        record(&failing, meter, *n);
-        std::future::ready(Err::<(), _>(format!("{meter} {n} fails")))
-    })
-    .segments(4)
-    .retry(eventfold::RetryPolicy::exponential(
-        5,
-        Duration::from_secs(3_600),
-        Duration::from_secs(3_600),
-    ))
-    .register()
-    .unwrap();
-    a.start().await.unwrap();
-    wait_held("the first bus holds every segment", &a, |s| s.len() == 4).await;
-    publish(&a, 0, EVENTS, AGGREGATES).await;
+    let a = first_bus_of_a_hand_over(
+        &path,
+        EVENTS,
+        // Its own segments' retries are still an hour away when it stops.
+        |bus| bus.stop_timeout(Duration::from_millis(100)),
+        hour_retries(),
+        move |d: Delivery<MeterEvent>| {
+            let MeterEvent::Ticked { meter, n } = d.event();
+            record(&failing, meter, *n);
+            std::future::ready(Err::<(), _>(format!("{meter} {n} fails")))
+        },
+    )
+    .await;
     wait_until("the first event of each aggregate failed", || async {
         count(&failed) == AGGREGATES as usize
     })
     .await;
 
-    let (b, b_handled) = bus_on(sqlite(&path).await, 4, ttl).await;
+    let (b, b_handled) = bus_on(sqlite(&path).await, 4, HAND_OVER_TTL).await;
     wait_held("the second bus took two segments over", &b, |s| {
         s.len() == 2
     })
@@ -865,8 +866,9 @@ const AGGREGATES: u64 = 50;
 const CHILD_TTL: Duration = Duration::from_secs(3);
 
 /// The child: runs the subscription of `SEGMENTS` segments on the database in the
-/// directory `CHILD` names, appending `event_id aggregate version` to `handled-<n>.log`
-/// for every event it handles, until it is killed.
+/// directory `CHILD` names until it is killed, reporting on stdout `handled <event id>
+/// <aggregate> <version>` for every event it handles and `held <segments>` whenever the
+/// segments it runs change (after their lease rows name it).
 #[test]
 fn segment_child_entry() {
     let Ok(spec) = std::env::var(CHILD) else {
@@ -888,40 +890,35 @@ fn segment_child_entry() {
             .member_id(format!("child-{n}"))
             .build()
             .unwrap();
-        let log_path = dir.join(format!("handled-{n}.log"));
         bus.subscribe("meters", move |d: Delivery<MeterEvent>| {
             let line = format!(
-                "{} {} {}\n",
+                "handled {} {} {}",
                 d.record().event_id,
                 d.record().aggregate_id,
                 d.record().version
             );
-            let log_path = log_path.clone();
             async move {
                 // An I/O-bound projection: a little time per event, so the kill lands
                 // with work in flight.
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                let mut file = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log_path)?;
-                // One write per line, so concurrent lines never interleave.
-                file.write_all(line.as_bytes())
+                reports::report(&line)
             }
         })
         .segments(SEGMENTS)
         .register()
         .unwrap();
         bus.start().await.unwrap();
-        let mut stdout = std::io::stdout();
-        writeln!(stdout, "started").unwrap();
-        stdout.flush().unwrap();
-        std::future::pending::<()>().await;
+        let mut held = bus.watch_held_segments("meters").unwrap();
+        loop {
+            let segments = held.borrow_and_update().clone();
+            reports::report(&format!("held {segments:?}")).unwrap();
+            held.changed().await.unwrap();
+        }
     });
 }
 
-fn spawn_child(dir: &Path, n: usize) -> Child {
-    Command::new(std::env::current_exe().unwrap())
+fn spawn_child(dir: &Path, n: usize, reports: &mut reports::Reports) -> Child {
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
             "segment_child_entry",
@@ -929,31 +926,72 @@ fn spawn_child(dir: &Path, n: usize) -> Child {
             "--test-threads=1",
         ])
         .env(CHILD, format!("{}|{n}", dir.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(Stdio::piped())
         .spawn()
-        .unwrap()
+        .unwrap();
+    reports.add(n.to_string(), child.stdout.take().unwrap());
+    child
 }
 
-/// Each child's handled lines: (event id, aggregate, version), in file order.
-fn read_logs(dir: &Path) -> Vec<Vec<(String, String, u64)>> {
-    (0..CHILDREN)
-        .map(|n| {
-            let Ok(log) = std::fs::read_to_string(dir.join(format!("handled-{n}.log"))) else {
-                return Vec::new();
-            };
-            log.lines()
-                .filter_map(|line| {
-                    // A line cut short by the kill has fewer than three fields.
-                    let fields: Vec<&str> = line.split(' ').collect();
-                    let [id, aggregate, version] = fields[..] else {
-                        return None;
+/// One event a child handled: (event id, aggregate, version).
+type HandledLine = (String, String, u64);
+
+/// The children's reports so far.
+struct ChildLogs {
+    reports: reports::Reports,
+    /// Per child, what it handled, in the order it did.
+    logs: Vec<Vec<HandledLine>>,
+    /// The ids of every event some child handled (kept as the lines come, so a check on
+    /// each report costs little).
+    handled: HashSet<String>,
+    /// The children the test killed: the only ones that may exit.
+    killed: HashSet<usize>,
+    deadline: tokio::time::Instant,
+}
+
+impl ChildLogs {
+    /// Takes in what the children's pipes hold now (a line cut short by a kill is never
+    /// completed, and dropped).
+    fn take(&mut self) {
+        for report in self.reports.drain() {
+            match report {
+                reports::Report::Line { child, text } => {
+                    let Some(fields) = text.strip_prefix("handled ") else {
+                        continue;
                     };
-                    Some((id.to_owned(), aggregate.to_owned(), version.parse().ok()?))
-                })
-                .collect()
-        })
-        .collect()
+                    let fields: Vec<&str> = fields.split(' ').collect();
+                    let [id, aggregate, version] = fields[..] else {
+                        panic!("a bad line from child {child}: {text}");
+                    };
+                    self.handled.insert(id.to_owned());
+                    self.logs[child.parse::<usize>().unwrap()].push((
+                        id.to_owned(),
+                        aggregate.to_owned(),
+                        version.parse().unwrap(),
+                    ));
+                }
+                reports::Report::Exited { child } => assert!(
+                    self.killed.contains(&child.parse().unwrap()),
+                    "child {child} exited unasked"
+                ),
+            }
+        }
+    }
+
+    /// Waits until `condition` holds on the logs (or the store), checking it again each
+    /// time a child reports something or exits; panics at the guard.
+    async fn until(&mut self, what: &str, mut condition: impl AsyncFnMut(&Self) -> bool) {
+        loop {
+            self.take();
+            if condition(self).await {
+                return;
+            }
+            assert!(
+                self.reports.wait(self.deadline).await,
+                "timed out waiting until {what}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -961,9 +999,19 @@ async fn processes_share_sixteen_segments_and_take_over_a_killed_ones() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus.db");
     let writer = sqlite(&path).await;
-    let mut children: Vec<Child> = (0..CHILDREN).map(|n| spawn_child(dir.path(), n)).collect();
+    let mut reports = reports::Reports::default();
+    let mut children: Vec<Child> = (0..CHILDREN)
+        .map(|n| spawn_child(dir.path(), n, &mut reports))
+        .collect();
+    let mut logs = ChildLogs {
+        reports,
+        logs: vec![Vec::new(); CHILDREN],
+        handled: HashSet::new(),
+        killed: HashSet::new(),
+        deadline: tokio::time::Instant::now() + GUARD,
+    };
     let leases: Arc<dyn eventfold::lease::LeaseStore> = writer.clone();
-    poll_until("the children share the segments", || async {
+    logs.until("the children share the segments", async |_| {
         let states = leases.segment_states("meters").await.unwrap();
         let owners: HashSet<Option<String>> = states.iter().map(|s| s.owner.clone()).collect();
         states.len() == SEGMENTS as usize && owners.len() == CHILDREN && !owners.contains(&None)
@@ -998,38 +1046,35 @@ async fn processes_share_sixteen_segments_and_take_over_a_killed_ones() {
     };
     append(0, EVENTS / 2).await;
     // Killed with most of its share still to do (each event takes it 5 ms per aggregate).
-    poll_until("the first child handled some events", || async {
-        read_logs(dir.path())[0].len() >= 20
+    logs.until("the first child handled some events", async |logs| {
+        logs.logs[0].len() >= 20
     })
     .await;
+    logs.killed.insert(0);
     children[0].kill().unwrap();
     children[0].wait().unwrap();
     append(EVENTS / 2, EVENTS).await;
 
-    poll_until("every event is handled by some child", || async {
-        let handled: HashSet<String> = read_logs(dir.path())
-            .into_iter()
-            .flatten()
-            .map(|(id, _, _)| id)
-            .collect();
-        ids.keys().all(|id| handled.contains(id))
+    logs.until("every event is handled by some child", async |logs| {
+        logs.handled.len() >= ids.len() && ids.keys().all(|id| logs.handled.contains(id))
     })
     .await;
     // The killed child's leases expire and the others, whose fair share is now 8 each,
     // claim them all (also segments that had no events left to handle).
-    poll_until("the killed child's segments are taken over", || async {
+    logs.until("the killed child's segments are taken over", async |_| {
         let states = leases.segment_states("meters").await.unwrap();
         states
             .iter()
             .all(|s| matches!(s.owner.as_deref(), Some("child-1" | "child-2")))
     })
     .await;
+    logs.killed.extend(1..CHILDREN);
     for child in &mut children[1..] {
         child.kill().unwrap();
         child.wait().unwrap();
     }
-
-    let logs = read_logs(dir.path());
+    logs.take();
+    let logs = logs.logs;
     let lines: usize = logs.iter().map(Vec::len).sum();
     let redelivered = lines - ids.len();
     // Within each child's run, an aggregate's events come in order: a run holds a segment

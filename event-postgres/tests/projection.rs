@@ -2,18 +2,17 @@
 //! checkpoint: exactly once through failures, a panic, a hang, two runners, a rebuild, and
 //! a real process SIGKILLed while it applies.
 
+#[path = "../../tests/common/projection_cases.rs"]
+mod cases;
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Schema, stream};
-use eventfold_core::archive::{self, ArchiveRange};
-use eventfold_core::projection::ProjectionOptions;
+use eventfold_core::projection::{ProjectionHandle, ProjectionOptions};
 use eventfold_core::{
-    BoxError, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy, StartFrom,
+    BoxError, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy,
     SubscriptionStore,
 };
 use eventfold_postgres::tokio_postgres::Transaction;
@@ -146,37 +145,10 @@ fn quick_retries(attempts: u32) -> RetryPolicy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_is_applied_once_and_appends_of_another_handle_follow() {
-    if common::no_server() {
-        return;
+    if let Some(subject) = InSchema::new().await {
+        cases::every_event_is_applied_once_and_later_appends_follow(&subject, 500).await;
+        cases::Subject::close(&subject).await;
     }
-    let schema = Schema::new();
-    let store = schema.open().await;
-    let mut expected = seed(&store, 7, 500).await;
-    let handle = store
-        .run_projection(Sums::default(), ProjectionOptions::new().batch_size(64))
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    assert_eq!(handle.progress().checkpoint, 500);
-    assert_eq!(store.load_checkpoint("sums").await.unwrap(), Some(500));
-
-    // Another store on the schema (as another process would be) appends: it follows.
-    let other = schema.open().await;
-    for (id, sum) in seed(&other, 3, 20).await {
-        *expected.entry(id).or_insert(0) += sum;
-    }
-    handle.wait_idle().await.unwrap();
-    assert_eq!(handle.progress().applied, 520);
-    handle.stop().await.unwrap();
-    let (sums, applied) = read_model(&schema.name).await;
-    assert_eq!(sums, expected);
-    assert_eq!(applied.len(), 520);
-    assert!(
-        applied.values().all(|&n| n == 1),
-        "an event was applied twice"
-    );
-    other.close().await.unwrap();
-    store.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,35 +257,83 @@ async fn a_rebuild_replays_into_a_cleared_read_model_and_two_runners_never_apply
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_starting_at_the_end_sees_only_later_events() {
-    if common::no_server() {
-        return;
+    if let Some(subject) = InSchema::new().await {
+        cases::a_projection_starting_at_the_end_sees_only_later_events(&subject).await;
+        cases::Subject::close(&subject).await;
     }
-    let schema = Schema::new();
-    let store = schema.open().await;
-    seed(&store, 2, 30).await;
-    let handle = store
-        .run_projection(
-            Sums::default(),
-            ProjectionOptions::new().start_from(StartFrom::End),
-        )
-        .await
-        .unwrap();
-    assert_eq!(handle.progress().checkpoint, 30);
-    store
-        .append(&stream("late"), ExpectedVersion::Any, vec![counted(5)])
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    handle.stop().await.unwrap();
-    assert_eq!(
-        read_model(&schema.name).await.0,
-        BTreeMap::from([("late".to_owned(), 5)])
-    );
-    store.close().await.unwrap();
+}
+
+/// A store in a schema of its own with `Sums`, for the shared cases.
+struct InSchema {
+    store: PostgresEventStore,
+    schema: Schema,
+}
+
+impl InSchema {
+    /// `None` without a server (the case is skipped).
+    async fn new() -> Option<Self> {
+        if common::no_server() {
+            return None;
+        }
+        let schema = Schema::new();
+        Some(InSchema {
+            store: schema.open().await,
+            schema,
+        })
+    }
+}
+
+impl cases::Subject for InSchema {
+    type Projection = Sums;
+    const NAME: &str = "sums";
+
+    fn store(&self) -> &dyn eventfold_core::ArchiveStore {
+        &self.store
+    }
+
+    fn stream(id: &str) -> eventfold_core::StreamId {
+        stream(id)
+    }
+
+    fn event(value: u64) -> NewEvent {
+        counted(value)
+    }
+
+    /// Another store on the schema, as another process's would be.
+    async fn seed_elsewhere(&self, streams: u64, count: u64) -> BTreeMap<String, u64> {
+        let other = self.schema.open().await;
+        let sums = seed(&other, streams, count).await;
+        other.close().await.unwrap();
+        sums
+    }
+
+    async fn seed(&self, streams: u64, count: u64) -> BTreeMap<String, u64> {
+        seed(&self.store, streams, count).await
+    }
+
+    async fn run(&self, options: ProjectionOptions) -> ProjectionHandle<Sums> {
+        self.store
+            .run_projection(Sums::default(), options)
+            .await
+            .unwrap()
+    }
+
+    async fn read_model(&self) -> (BTreeMap<String, u64>, BTreeMap<u64, u32>) {
+        read_model(&self.schema.name).await
+    }
+
+    async fn close(&self) {
+        self.store.close().await.unwrap();
+    }
+
+    async fn reopen(&mut self) {
+        self.store = self.schema.open().await;
+    }
 }
 
 const TEST: &str =
     "a_projection_killed_while_it_applies_resumes_with_every_event_applied_exactly_once";
+const CHILD_SCHEMA: &str = "EVENTFOLD_PG_PROJECTION_CHILD";
 
 /// The child: runs the projection, printing its checkpoint as it moves, until killed.
 async fn child(schema: &str) {
@@ -326,139 +346,35 @@ async fn child(schema: &str) {
         .run_projection(Sums::default(), ProjectionOptions::new().batch_size(8))
         .await
         .unwrap();
-    let mut progress = handle.watch_progress();
-    loop {
-        println!("checkpoint {}", progress.borrow_and_update().checkpoint);
-        if progress.changed().await.is_err() {
-            break;
-        }
-    }
-}
-
-/// Starts a child and SIGKILLs it once its checkpoint passed `past`.
-fn run_child_and_kill(schema: &str, past: u64) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
-        .env("EVENTFOLD_PG_PROJECTION_CHILD", schema)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the child starts");
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    for line in stdout.lines() {
-        let line = line.expect("the child's output");
-        if let Some(checkpoint) = line.strip_prefix("checkpoint ")
-            && checkpoint.parse::<u64>().unwrap() > past
-        {
-            break;
-        }
-    }
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
+    cases::print_checkpoints(handle).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_projection_killed_while_it_applies_resumes_with_every_event_applied_exactly_once() {
-    if let Ok(schema) = std::env::var("EVENTFOLD_PG_PROJECTION_CHILD") {
+    if let Ok(schema) = std::env::var(CHILD_SCHEMA) {
         child(&schema).await;
         return;
     }
-    if common::no_server() {
+    let Some(subject) = InSchema::new().await else {
         return;
-    }
-    let schema = Schema::new();
-    let store = schema.open().await;
-    let expected = seed(&store, 11, 1_500).await;
-    for round in 1..=5u64 {
-        let name = schema.name.clone();
-        tokio::task::spawn_blocking(move || run_child_and_kill(&name, round * 200))
-            .await
-            .unwrap();
-    }
-    let handle = store
-        .run_projection(Sums::default(), ProjectionOptions::new())
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    let children_applied = 1_500 - handle.progress().applied;
-    assert!(
-        children_applied > 1_000,
-        "the children applied {children_applied}"
-    );
-    handle.stop().await.unwrap();
-    let (sums, applied) = read_model(&schema.name).await;
-    assert_eq!(sums, expected);
-    assert_eq!(applied.len(), 1_500);
-    assert!(
-        applied.values().all(|&n| n == 1),
-        "an event was applied twice"
-    );
-    store.close().await.unwrap();
+    };
+    let child = cases::KilledChild {
+        test: TEST,
+        env: CHILD_SCHEMA,
+        value: subject.schema.name.clone(),
+    };
+    cases::a_projection_killed_while_it_applies_resumes_with_every_event_applied_exactly_once(
+        subject, child, 1_500, 200, 1_000,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it() {
-    if common::no_server() {
-        return;
+    if let Some(subject) = InSchema::new().await {
+        cases::a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it(subject)
+            .await;
     }
-    let schema = Schema::new();
-    let store = schema.open().await;
-    let dir = tempfile::tempdir().unwrap();
-    let expected = seed(&store, 3, 30).await;
-    let handle = store
-        .run_projection(Sums::default(), ProjectionOptions::new())
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    let archive_path = dir.path().join("old.ndjson.gz");
-    let manifest = archive::export(
-        &store,
-        ArchiveRange::BelowPosition(21),
-        &archive_path,
-        &mut archive::no_progress,
-    )
-    .await
-    .unwrap();
-    archive::prune(&store, &archive_path, &mut archive::no_progress)
-        .await
-        .unwrap();
-
-    // Rebuilt from the start, the runner meets the pruned positions 1..=20: it names the
-    // archive and waits there, and applies none of the events behind it.
-    handle.rebuild().await.unwrap();
-    let mut watch = handle.watch_progress();
-    let stuck = tokio::time::timeout(
-        Duration::from_secs(60),
-        watch.wait_for(|p| p.last_error.is_some() || p.checkpoint >= 30),
-    )
-    .await
-    .expect("the runner either stops at the archive or passes it")
-    .unwrap()
-    .clone();
-    let message = stuck.last_error.unwrap();
-    assert!(
-        message.contains(&manifest.archive.to_string()) && message.contains("position 1"),
-        "{message}"
-    );
-    assert_eq!(stuck.checkpoint, 0);
-    handle.stop().await.unwrap();
-    assert!(
-        read_model(&schema.name).await.0.is_empty(),
-        "nothing past the gap was applied"
-    );
-
-    // Restored, the same rebuild goes through every event.
-    archive::restore(&store, &archive_path, &mut archive::no_progress)
-        .await
-        .unwrap();
-    let handle = store
-        .run_projection(Sums::default(), ProjectionOptions::new())
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    handle.stop().await.unwrap();
-    assert_eq!(read_model(&schema.name).await.0, expected);
-    store.close().await.unwrap();
 }
 
 /// Holds its transaction (and so its pooled session) open in its first `apply` until told

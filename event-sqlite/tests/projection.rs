@@ -2,19 +2,18 @@
 //! exactly once through failures, panics, damaged rows, two runners on one file, a rebuild,
 //! and a real process SIGKILLed while it applies.
 
+#[path = "../../tests/common/projection_cases.rs"]
+mod cases;
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use eventfold_core::archive::{self, ArchiveRange};
-use eventfold_core::projection::{ProjectionOptions, ProjectionProgress};
+use eventfold_core::projection::{ProjectionHandle, ProjectionOptions, ProjectionProgress};
 use eventfold_core::{
     BoxError, Error, EventLog, ExpectedVersion, Metadata, NewEvent, RecordedEvent, RetryPolicy,
-    StartFrom, SubscriptionStore, UnknownEventPolicy,
+    SubscriptionStore, UnknownEventPolicy,
 };
 use eventfold_sqlite::rusqlite::{self, Transaction, params};
 use eventfold_sqlite::{SqliteEventStore, SqliteOptions, SqliteProjection};
@@ -131,38 +130,9 @@ async fn open(path: &std::path::Path) -> SqliteEventStore {
 
 #[tokio::test]
 async fn every_event_is_applied_once_with_its_checkpoint_and_later_appends_follow() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    let store = open(&path).await;
-    let mut expected = seed_meters(&store, 7, 1_000).await;
-    let handle = store
-        .run_projection(Totals::default(), ProjectionOptions::new().batch_size(64))
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    let progress = handle.progress();
-    assert_eq!((progress.checkpoint, progress.applied), (1_000, 1_000));
-    assert_eq!(
-        store.load_checkpoint("totals").await.unwrap(),
-        Some(progress.checkpoint)
-    );
-
-    // Appended while it runs: applied as they come.
-    let more = seed_meters(&store, 3, 20).await;
-    for (meter, units) in more {
-        *expected.entry(meter).or_insert(0) += units;
-    }
-    handle.wait_idle().await.unwrap();
-    assert_eq!(handle.progress().applied, 1_020);
-    handle.stop().await.unwrap();
-    let (totals, applied) = read_model(&path);
-    assert_eq!(totals, expected);
-    assert_eq!(applied.len(), 1_020);
-    assert!(
-        applied.values().all(|&n| n == 1),
-        "an event was applied twice"
-    );
-    store.close().await.unwrap();
+    let subject = File::new().await;
+    cases::every_event_is_applied_once_and_later_appends_follow(&subject, 1_000).await;
+    cases::Subject::close(&subject).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -490,28 +460,9 @@ async fn two_runners_on_one_file_apply_each_event_once() {
 
 #[tokio::test]
 async fn a_projection_may_start_at_the_end_and_an_in_memory_store_has_none() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    let store = open(&path).await;
-    seed_meters(&store, 2, 30).await;
-    let handle = store
-        .run_projection(
-            Totals::default(),
-            ProjectionOptions::new().start_from(StartFrom::End),
-        )
-        .await
-        .unwrap();
-    assert_eq!(handle.progress().checkpoint, 30);
-    store
-        .append(&meter("late"), ExpectedVersion::Any, vec![reading(5)])
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    handle.stop().await.unwrap();
-    assert_eq!(
-        read_model(&path).0,
-        BTreeMap::from([("late".to_owned(), 5)])
-    );
+    let subject = File::new().await;
+    cases::a_projection_starting_at_the_end_sees_only_later_events(&subject).await;
+    let store = &subject.store;
 
     let memory = SqliteEventStore::open_in_memory(SqliteOptions::new())
         .await
@@ -535,72 +486,82 @@ async fn a_projection_may_start_at_the_end_and_an_in_memory_store_has_none() {
     store.close().await.unwrap();
 }
 
+/// A store in a file of its own with `Totals`, for the shared cases.
+struct File {
+    store: SqliteEventStore,
+    path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl File {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.db");
+        File {
+            store: open(&path).await,
+            path,
+            _dir: dir,
+        }
+    }
+}
+
+impl cases::Subject for File {
+    type Projection = Totals;
+    const NAME: &str = "totals";
+
+    fn store(&self) -> &dyn eventfold_core::ArchiveStore {
+        &self.store
+    }
+
+    fn stream(id: &str) -> eventfold_core::StreamId {
+        meter(id)
+    }
+
+    fn event(value: u64) -> NewEvent {
+        reading(value)
+    }
+
+    /// The same store: one file, appended to while the runner reads it.
+    async fn seed_elsewhere(&self, streams: u64, count: u64) -> BTreeMap<String, u64> {
+        seed_meters(&self.store, streams, count).await
+    }
+
+    async fn seed(&self, streams: u64, count: u64) -> BTreeMap<String, u64> {
+        seed_meters(&self.store, streams, count).await
+    }
+
+    async fn run(&self, options: ProjectionOptions) -> ProjectionHandle<Totals> {
+        self.store
+            .run_projection(Totals::default(), options)
+            .await
+            .unwrap()
+    }
+
+    async fn read_model(&self) -> (BTreeMap<String, u64>, BTreeMap<u64, u32>) {
+        read_model(&self.path)
+    }
+
+    async fn close(&self) {
+        self.store.close().await.unwrap();
+    }
+
+    async fn reopen(&mut self) {
+        self.store = open(&self.path).await;
+    }
+}
+
 #[tokio::test]
 async fn a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    let store = open(&path).await;
-    let expected = seed_meters(&store, 3, 30).await;
-    let handle = store
-        .run_projection(Totals::default(), ProjectionOptions::new())
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    let archive_path = dir.path().join("old.ndjson.gz");
-    let manifest = archive::export(
-        &store,
-        ArchiveRange::BelowPosition(21),
-        &archive_path,
-        &mut archive::no_progress,
+    cases::a_rebuild_after_a_prune_stops_at_the_archive_instead_of_passing_over_it(
+        File::new().await,
     )
-    .await
-    .unwrap();
-    archive::prune(&store, &archive_path, &mut archive::no_progress)
-        .await
-        .unwrap();
-
-    // Rebuilt from the start, the runner meets the pruned positions 1..=20: it names the
-    // archive and waits there, and applies none of the events behind it.
-    handle.rebuild().await.unwrap();
-    let mut watch = handle.watch_progress();
-    let stuck = tokio::time::timeout(
-        Duration::from_secs(60),
-        watch.wait_for(|p| p.last_error.is_some() || p.checkpoint >= 30),
-    )
-    .await
-    .expect("the runner either stops at the archive or passes it")
-    .unwrap()
-    .clone();
-    let message = stuck.last_error.unwrap();
-    assert!(
-        message.contains(&manifest.archive.to_string()) && message.contains("position 1"),
-        "{message}"
-    );
-    assert_eq!(stuck.checkpoint, 0);
-    handle.stop().await.unwrap();
-    assert!(
-        read_model(&path).0.is_empty(),
-        "nothing past the gap was applied"
-    );
-
-    // Restored, the same rebuild goes through every event.
-    archive::restore(&store, &archive_path, &mut archive::no_progress)
-        .await
-        .unwrap();
-    let handle = store
-        .run_projection(Totals::default(), ProjectionOptions::new())
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    handle.stop().await.unwrap();
-    assert_eq!(read_model(&path).0, expected);
-    store.close().await.unwrap();
+    .await;
 }
 
 const CHILD_DATABASE: &str = "EVENTFOLD_SQLITE_PROJECTION_CHILD_DATABASE";
 
-/// The child's work: runs the projection until killed; prints its checkpoint as it
-/// moves. Does nothing in a normal test run.
+/// The child of the kill case: runs the projection until killed, printing its checkpoint
+/// as it moves. Does nothing in a normal test run.
 #[test]
 fn projection_child_entry() {
     let Ok(path) = std::env::var(CHILD_DATABASE) else {
@@ -617,71 +578,20 @@ fn projection_child_entry() {
             .run_projection(Totals::default(), ProjectionOptions::new().batch_size(8))
             .await
             .unwrap();
-        let mut progress = handle.watch_progress();
-        loop {
-            println!("checkpoint {}", progress.borrow_and_update().checkpoint);
-            if progress.changed().await.is_err() {
-                break;
-            }
-        }
+        cases::print_checkpoints(handle).await;
     });
-}
-
-/// Starts the child and kills it once its checkpoint passed `past`.
-fn run_child_and_kill(path: &std::path::Path, past: u64) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "projection_child_entry",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DATABASE, path)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the child starts");
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    for line in stdout.lines() {
-        let line = line.expect("the child's output");
-        let Some(checkpoint) = line.strip_prefix("checkpoint ") else {
-            continue;
-        };
-        if checkpoint.parse::<u64>().unwrap() > past {
-            break;
-        }
-    }
-    child.kill().expect("SIGKILL");
-    child.wait().unwrap();
 }
 
 #[tokio::test]
 async fn a_projection_killed_while_it_applies_resumes_with_every_event_applied_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.db");
-    let store = open(&path).await;
-    let expected = seed_meters(&store, 11, 3_000).await;
-    store.close().await.unwrap();
-    // Killed five times, each after it has gone further; the batches are small, so most
-    // kills land with a batch under way.
-    for round in 1..=5u64 {
-        run_child_and_kill(&path, round * 400);
-    }
-    let store = open(&path).await;
-    let handle = store
-        .run_projection(Totals::default(), ProjectionOptions::new())
-        .await
-        .unwrap();
-    handle.wait_idle().await.unwrap();
-    let resumed_from = 3_000 - handle.progress().applied;
-    assert!(resumed_from > 2_000, "the children applied {resumed_from}");
-    handle.stop().await.unwrap();
-    let (totals, applied) = read_model(&path);
-    assert_eq!(totals, expected);
-    assert_eq!(applied.len(), 3_000);
-    assert!(
-        applied.values().all(|&n| n == 1),
-        "an event was applied twice"
-    );
-    store.close().await.unwrap();
+    let subject = File::new().await;
+    let child = cases::KilledChild {
+        test: "projection_child_entry",
+        env: CHILD_DATABASE,
+        value: subject.path.display().to_string(),
+    };
+    cases::a_projection_killed_while_it_applies_resumes_with_every_event_applied_exactly_once(
+        subject, child, 3_000, 400, 2_000,
+    )
+    .await;
 }

@@ -21,16 +21,21 @@
 //! The moments are drawn from a seeded RNG: the seed is printed, and
 //! `EVENTFOLD_SEGKILL_SEED=<seed>` replays it.
 //!
-//! Waiting: the parent waits on what other processes do (their logs, the store's lease
-//! rows), which no notification crosses processes for; it reads them again every 20 ms,
-//! and each check is a condition with a guard against a hang, not a sleep that orders
-//! anything. The children's waits are the bus's own (lease renewals every ttl / 3).
+//! Waiting: the children report on their stdout (`common/reports.rs`) each event they
+//! handled, each change of the segments they run, and each time their checkpoints are
+//! saved up to the head (`wait_idle`); the parent tells them on their stdin when the head
+//! is final. The parent samples the store's checkpoints and leases when a child reported
+//! something or exited, and only then; each wait has a guard against a hang. The
+//! children's own waits are the bus's (lease renewals every ttl / 3).
 
 #![allow(dead_code)]
 
+#[path = "reports.rs"]
+mod reports;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,7 +47,7 @@ use eventfold::{Delivery, EventBus, NewEvent};
 use serde::{Deserialize, Serialize};
 
 /// The environment variable that makes the test binary a child:
-/// `<store location>|<directory>|<member id>`.
+/// `<store location>|<member id>`.
 pub const CHILD: &str = "EVENTFOLD_SEGKILL_CHILD";
 /// Overrides the seed of the kill moments.
 pub const SEED: &str = "EVENTFOLD_SEGKILL_SEED";
@@ -58,8 +63,8 @@ pub const TTL: Duration = Duration::from_millis(1_500);
 pub const HANDLER_TIME: Duration = Duration::from_millis(1);
 /// Far beyond anything the scenario needs: only a hang reaches it.
 pub const GUARD: Duration = Duration::from_secs(150);
-/// How often the parent reads the children's logs and the lease rows again.
-const POLL: Duration = Duration::from_millis(20);
+/// What the parent writes on a child's stdin once every event is appended.
+const APPENDED: &[u8] = b"appended\n";
 
 #[derive(Debug, Clone, Serialize, Deserialize, DomainEvent)]
 #[domain_event(aggregate = "Meter")]
@@ -79,7 +84,10 @@ fn now_nanos() -> u128 {
 }
 
 /// The child: if `CHILD` is set, runs the subscription on the store `open` gives for the
-/// location, logging one line per handled event to `handled-<member>.log`, until killed.
+/// location until killed, reporting on stdout one `handled` line per handled event, a
+/// `held` line per change of the segments it runs, and an `idle` line each time its
+/// checkpoints are saved up to the head after something happened (an event handled, a
+/// segment taken up, the parent's word on stdin that the head is final).
 pub fn child_entry<F, Fut>(open: F)
 where
     F: FnOnce(String) -> Fut,
@@ -88,12 +96,8 @@ where
     let Ok(spec) = std::env::var(CHILD) else {
         return;
     };
-    let mut parts = spec.splitn(3, '|');
-    let (location, dir, member) = (
-        parts.next().unwrap().to_owned(),
-        PathBuf::from(parts.next().unwrap()),
-        parts.next().unwrap().to_owned(),
-    );
+    let (location, member) = spec.rsplit_once('|').unwrap();
+    let (location, member) = (location.to_owned(), member.to_owned());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -101,13 +105,6 @@ where
         .unwrap();
     runtime.block_on(async move {
         let store = open(location).await;
-        let log = Arc::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join(format!("handled-{member}.log")))
-                .unwrap(),
-        );
         let bus = EventBus::builder()
             .store(store)
             .workers(4)
@@ -115,12 +112,16 @@ where
             .member_id(member)
             .build()
             .unwrap();
+        // Something happened after which the checkpoints may move: a permit is kept, so
+        // nothing told while `wait_idle` runs is missed.
+        let activity = Arc::new(tokio::sync::Notify::new());
+        let handled = Arc::clone(&activity);
         bus.subscribe(SUBSCRIPTION, move |d: Delivery<MeterEvent>| {
             let started = now_nanos();
             let record = d.record();
             let stream = StreamId::new(record.aggregate_type.clone(), record.aggregate_id.clone());
             let head = format!(
-                "{} {} {} {} {} {}",
+                "handled {} {} {} {} {} {}",
                 record.position,
                 record.event_id,
                 record.aggregate_id,
@@ -128,20 +129,55 @@ where
                 segment_of(&stream, SEGMENTS),
                 d.lease_epoch().unwrap_or(0),
             );
-            let log = Arc::clone(&log);
+            let handled = Arc::clone(&handled);
             async move {
                 tokio::time::sleep(HANDLER_TIME).await;
-                let line = format!("{head} {started} {}\n", now_nanos());
-                // One write per line (the file is in append mode), so lines of concurrent
-                // handlers never interleave, and a line is whole before the handler returns.
-                (&*log).write_all(line.as_bytes())
+                // Whole before the handler returns, so before its checkpoint is saved.
+                reports::report(&format!("{head} {started} {}", now_nanos()))?;
+                handled.notify_one();
+                Ok::<_, std::io::Error>(())
             }
         })
         .segments(SEGMENTS)
         .register()
         .unwrap();
         bus.start().await.unwrap();
-        std::future::pending::<()>().await;
+        let mut held = bus.watch_held_segments(SUBSCRIPTION).unwrap();
+        let taken_up = Arc::clone(&activity);
+        tokio::spawn(async move {
+            loop {
+                let segments = held.borrow_and_update().clone();
+                reports::report(&format!("held {segments:?}")).unwrap();
+                taken_up.notify_one();
+                if held.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        // The parent's word that the head is final: segments with no event after their
+        // last report still need their checkpoints saved up to it.
+        let appended = Arc::clone(&activity);
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                if line.is_err() {
+                    return;
+                }
+                appended.notify_one();
+            }
+        });
+        loop {
+            activity.notified().await;
+            match bus.wait_idle().await {
+                Ok(()) => reports::report("idle").unwrap(),
+                // A store error (the file busy past its timeout under load): said, and
+                // tried again, or the parent might wait on an idle that never comes.
+                Err(error) => {
+                    eprintln!("wait_idle failed, trying again: {error}");
+                    reports::report(&format!("idle failed: {error}")).unwrap();
+                    activity.notify_one();
+                }
+            }
+        }
     });
 }
 
@@ -187,42 +223,34 @@ fn parse(line: &str, member: &Arc<str>) -> Option<Line> {
     })
 }
 
-/// The children's logs, read on as they grow (whole lines only: a killed child's last
-/// line may be cut short, and is never completed).
+/// What the children reported handled.
 #[derive(Default)]
 struct Logs {
-    read: HashMap<PathBuf, u64>,
     lines: Vec<Line>,
     handled: HashSet<u64>,
+    /// Per member, the last thing it reported other than a handled event (for a failure's
+    /// message).
+    last_said: BTreeMap<String, String>,
 }
 
 impl Logs {
-    fn read_on(&mut self, dir: &Path) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let Some(member) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix("handled-"))
-                .and_then(|n| n.strip_suffix(".log"))
-            else {
-                continue;
-            };
-            let member: Arc<str> = Arc::from(member);
-            let offset = self.read.entry(path.clone()).or_default();
-            let mut file = std::fs::File::open(&path).unwrap();
-            file.seek(SeekFrom::Start(*offset)).unwrap();
-            let mut text = String::new();
-            file.read_to_string(&mut text).unwrap();
-            let Some(end) = text.rfind('\n') else {
-                continue;
-            };
-            for line in text[..end].split('\n') {
-                let line = parse(line, &member).unwrap_or_else(|| panic!("a bad line: {line}"));
-                self.handled.insert(line.position);
-                self.lines.push(line);
+    /// Takes in what the children's pipes hold now (a line cut short by a kill is never
+    /// completed, and dropped); a child that exited unless killed fails the run.
+    fn take(&mut self, label: &str, children: &mut Children) {
+        for report in children.reports.drain() {
+            match report {
+                reports::Report::Line { child, text } => {
+                    let Some(fields) = text.strip_prefix("handled ") else {
+                        self.last_said.insert(child, text);
+                        continue;
+                    };
+                    let line = parse(fields, &Arc::from(child))
+                        .unwrap_or_else(|| panic!("a bad line: {text}"));
+                    self.handled.insert(line.position);
+                    self.lines.push(line);
+                }
+                reports::Report::Exited { child } => children.exited(label, &child),
             }
-            *offset += end as u64 + 1;
         }
     }
 }
@@ -290,6 +318,12 @@ struct Children {
     /// Per slot: the process and its member id.
     live: Vec<(Child, String)>,
     started: usize,
+    /// Every child's stdout, live or not yet read to its end.
+    reports: reports::Reports,
+    /// The members this run killed: the only ones that may exit.
+    killed: HashSet<String>,
+    /// Whether every event is appended (and the live children were told).
+    appended: bool,
 }
 
 impl Children {
@@ -297,16 +331,19 @@ impl Children {
         let member = format!("child-{slot}.{}", self.started);
         self.started += 1;
         let stderr = std::fs::File::create(self.dir.join(format!("{member}.err"))).unwrap();
-        let child = Command::new(std::env::current_exe().unwrap())
+        let mut child = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", &self.test, "--nocapture", "--test-threads=1"])
-            .env(
-                CHILD,
-                format!("{}|{}|{member}", self.location, self.dir.display()),
-            )
-            .stdout(Stdio::null())
+            .env(CHILD, format!("{}|{member}", self.location))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .unwrap();
+        self.reports
+            .add(member.clone(), child.stdout.take().unwrap());
+        if self.appended {
+            tell_appended(&mut child);
+        }
         if slot < self.live.len() {
             self.live[slot] = (child, member);
         } else {
@@ -315,10 +352,55 @@ impl Children {
     }
 
     fn kill(&mut self, slot: usize) {
-        let (child, _) = &mut self.live[slot];
+        let (child, member) = &mut self.live[slot];
+        self.killed.insert(member.clone());
         child.kill().unwrap();
         child.wait().unwrap();
     }
+
+    /// Kills every live child (reading on, their pipes end).
+    fn kill_all(&mut self) {
+        for slot in 0..self.live.len() {
+            self.kill(slot);
+        }
+    }
+
+    /// Tells the live children that the head is final (and those started from now on).
+    fn appended(&mut self) {
+        self.appended = true;
+        for (child, _) in &mut self.live {
+            tell_appended(child);
+        }
+    }
+
+    /// What the live children wrote on stderr.
+    fn stderr(&self) -> Vec<(String, String)> {
+        self.live
+            .iter()
+            .map(|(_, member)| {
+                let path = self.dir.join(format!("{member}.err"));
+                (
+                    member.clone(),
+                    std::fs::read_to_string(path).unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// A child's stdout ended: fails unless this run killed it.
+    fn exited(&self, label: &str, member: &str) {
+        assert!(
+            self.killed.contains(member),
+            "{label}: {member} exited unasked; its stderr:\n{}",
+            std::fs::read_to_string(self.dir.join(format!("{member}.err"))).unwrap_or_default()
+        );
+    }
+}
+
+/// Writes `APPENDED` on a child's stdin. A child that died cannot read it, and its end is
+/// reported on its stdout.
+fn tell_appended(child: &mut Child) {
+    let _ = child.stdin.as_mut().unwrap().write_all(APPENDED);
 }
 
 impl Drop for Children {
@@ -389,13 +471,16 @@ pub async fn run(test: &str, label: &str, location: &str, store: Arc<dyn EventSt
     eprintln!("{label} kill test: seed {seed} (replay with {SEED}={seed})");
     let mut rng = Rng(seed);
     let started = Instant::now();
-    let deadline = started + GUARD;
+    let deadline = tokio::time::Instant::now() + GUARD;
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().to_owned();
-    // EVENTFOLD_SEGKILL_KEEP=1 keeps the children's logs, to look into a failure.
+    // EVENTFOLD_SEGKILL_KEEP=1 keeps the children's stderr, to look into a failure.
     let _temp = match std::env::var_os("EVENTFOLD_SEGKILL_KEEP") {
         Some(_) => {
-            eprintln!("{label} kill test: logs kept in {}", temp.keep().display());
+            eprintln!(
+                "{label} kill test: stderr kept in {}",
+                temp.keep().display()
+            );
             None
         }
         None => Some(temp),
@@ -406,6 +491,9 @@ pub async fn run(test: &str, label: &str, location: &str, store: Arc<dyn EventSt
         dir: dir.clone(),
         live: Vec::new(),
         started: 0,
+        reports: reports::Reports::default(),
+        killed: HashSet::new(),
+        appended: false,
     };
     for slot in 0..CHILDREN {
         children.spawn(slot);
@@ -417,7 +505,9 @@ pub async fn run(test: &str, label: &str, location: &str, store: Arc<dyn EventSt
     moments.sort_unstable();
     eprintln!("{label} kill test: kills when {moments:?} events are handled");
 
-    // The children share the segments before the events come.
+    let mut logs = Logs::default();
+    // The children share the segments before the events come: a child reports a segment
+    // it took up after its lease row names it.
     loop {
         let states = store.segment_states(SUBSCRIPTION).await.unwrap();
         let owners: HashSet<&str> = states.iter().filter_map(|s| s.owner.as_deref()).collect();
@@ -428,33 +518,28 @@ pub async fn run(test: &str, label: &str, location: &str, store: Arc<dyn EventSt
             break;
         }
         assert!(
-            Instant::now() < deadline,
-            "the children never split the segments"
+            children.reports.wait(deadline).await,
+            "{label}: the children never split the segments: {states:?}; last said {:?}; \
+             stderr {:?}",
+            logs.last_said,
+            children.stderr()
         );
-        tokio::time::sleep(POLL).await;
+        logs.take(label, &mut children);
     }
-    let appender = tokio::spawn(append_all(Arc::clone(&store)));
+    let mut appender = tokio::spawn(append_all(Arc::clone(&store)));
 
-    let mut logs = Logs::default();
     let mut stored = Stored::default();
     let mut kills = 0;
     let mut samples = 0;
     // Per segment: the highest epoch seen in the store, and per (segment, epoch) its owner.
     let mut last_epoch: BTreeMap<u32, u64> = BTreeMap::new();
     let mut owner_of: HashMap<(u32, u64), String> = HashMap::new();
-    let mut appended = false;
     loop {
-        assert!(
-            Instant::now() < deadline,
-            "{label}: not done within the guard: {} of {EVENTS} events handled, {kills} kills; \
-             segments {:?}",
-            logs.handled.len(),
-            store.segment_states(SUBSCRIPTION).await.unwrap()
-        );
-        // States first, then the logs: a checkpoint read here was saved after its events'
-        // handlers returned, so after their lines were written.
+        // States first, then the reports: a checkpoint read here was saved after its
+        // events' handlers returned, so after their lines were written, and the drain
+        // reads every line written before it began.
         let states = store.segment_states(SUBSCRIPTION).await.unwrap();
-        logs.read_on(&dir);
+        logs.take(label, &mut children);
         let highest = states.iter().map(|s| s.checkpoint).max().unwrap_or(0);
         stored.read_upto(store.as_ref(), highest).await;
         for state in &states {
@@ -509,10 +594,7 @@ pub async fn run(test: &str, label: &str, location: &str, store: Arc<dyn EventSt
                 kills += 1;
             }
         }
-        if !appended && appender.is_finished() {
-            appended = true;
-        }
-        if appended
+        if children.appended
             && kills == KILLS
             && handled == EVENTS
             && states.len() == SEGMENTS as usize
@@ -520,12 +602,30 @@ pub async fn run(test: &str, label: &str, location: &str, store: Arc<dyn EventSt
         {
             break;
         }
-        tokio::time::sleep(POLL).await;
+        // Until a child reports something or exits (or the appends are done).
+        tokio::select! {
+            reported = children.reports.wait(deadline) => {
+                assert!(
+                    reported,
+                    "{label}: not done within the guard: {handled} of {EVENTS} events handled, \
+                     {kills} kills, appended: {}; segments {states:?}; last said {:?}; \
+                     stderr {:?}",
+                    children.appended,
+                    logs.last_said,
+                    children.stderr()
+                );
+            }
+            done = &mut appender, if !children.appended => {
+                done.unwrap();
+                children.appended();
+            }
+        }
     }
-    appender.await.unwrap();
     let elapsed = started.elapsed();
+    // Their last lines too (redeliveries, if any, after everything was checkpointed).
+    children.kill_all();
+    logs.take(label, &mut children);
     drop(children);
-    logs.read_on(&dir);
     stored.read_upto(store.as_ref(), EVENTS).await;
     assert_eq!(store.head_position().await.unwrap(), EVENTS);
 
