@@ -259,23 +259,22 @@ impl PostgresEventStore {
 
     /// A pooled connection.
     pub(crate) async fn client(&self, doing: &str) -> Result<deadpool_postgres::Object> {
-        self.check_open()?;
-        self.shared
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(doing, e))
+        self.pooled(&self.shared.pool, doing).await
     }
 
     /// A connection of the lease pool, for segment-lease work: a renewal never waits behind
     /// the reads and projections that may hold every connection of the main pool.
     pub(crate) async fn lease_client(&self, doing: &str) -> Result<deadpool_postgres::Object> {
+        self.pooled(&self.shared.lease_pool, doing).await
+    }
+
+    async fn pooled(
+        &self,
+        pool: &deadpool_postgres::Pool,
+        doing: &str,
+    ) -> Result<deadpool_postgres::Object> {
         self.check_open()?;
-        self.shared
-            .lease_pool
-            .get()
-            .await
-            .map_err(|e| pool_error(doing, e))
+        pool.get().await.map_err(|e| pool_error(doing, e))
     }
 
     /// Runs a query on a pooled connection. A read whose connection turns out broken (the
