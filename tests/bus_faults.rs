@@ -490,6 +490,135 @@ async fn retries_of_one_aggregate_take_no_room_from_others_with_a_store() {
     assert!(bus.dead_letters(None).await.unwrap().is_empty());
 }
 
+/// An in-memory store that tells how the bus read streams: how often it read one whole,
+/// and the most events one page of a paged read brought back.
+struct PageCounting {
+    inner: InMemoryEventStore,
+    whole_reads: std::sync::atomic::AtomicUsize,
+    largest_page: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl eventfold::backend::EventLog for PageCounting {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> eventfold::Result<eventfold::AppendOutcome> {
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: u64,
+    ) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.whole_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_stream(stream, from).await
+    }
+
+    async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        from: u64,
+        limit: usize,
+    ) -> eventfold::Result<Vec<RecordedEvent>> {
+        let page = self.inner.read_stream_page(stream, from, limit).await?;
+        self.largest_page.fetch_max(page.len(), Ordering::SeqCst);
+        Ok(page)
+    }
+
+    async fn read_all(&self, from: u64, limit: usize) -> eventfold::Result<Vec<RecordedEvent>> {
+        self.inner.read_all(from, limit).await
+    }
+
+    async fn get(&self, id: uuid::Uuid) -> eventfold::Result<Option<RecordedEvent>> {
+        self.inner.get(id).await
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> eventfold::Result<u64> {
+        self.inner.stream_version(stream).await
+    }
+
+    async fn head_position(&self) -> eventfold::Result<u64> {
+        self.inner.head_position().await
+    }
+
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch_head()
+    }
+
+    async fn statistics(&self) -> eventfold::Result<eventfold::StoreStatistics> {
+        self.inner.statistics().await
+    }
+}
+
+forward_snapshot_store!(PageCounting => inner);
+forward_subscription_store!(PageCounting => inner);
+forward_lease_store!(PageCounting => inner);
+
+/// Regression: once a retrying aggregate recovered, its lane read every delivery deferred
+/// behind it back from the store at once (the whole rest of its stream), so a long
+/// backlog sat in memory outside `queue_capacity`. Now they come back a page
+/// (`batch_size`) at a time, still in order, each once.
+#[tokio::test(start_paused = true)]
+async fn a_recovered_aggregates_backlog_is_read_back_a_page_at_a_time() {
+    let store = Arc::new(PageCounting {
+        inner: InMemoryEventStore::new(),
+        whole_reads: Default::default(),
+        largest_page: Default::default(),
+    });
+    let bus = EventBus::builder()
+        .store(Arc::clone(&store))
+        .queue_capacity(64)
+        .batch_size(8)
+        .workers(1)
+        .build()
+        .unwrap();
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Seen::default();
+    let (ok, recorded) = (Arc::clone(&healthy), Arc::clone(&seen));
+    bus.subscribe("flaky", move |d: Delivery<ParcelEvent>| {
+        let fail = !ok.load(Ordering::SeqCst);
+        if !fail {
+            recorded
+                .lock()
+                .unwrap()
+                .push((d.record().aggregate_id.clone(), seq_of(&d)));
+        }
+        std::future::ready(if fail { Err("not yet") } else { Ok(()) })
+    })
+    .retry(RetryPolicy::exponential(
+        100,
+        Duration::from_secs(10),
+        Duration::from_secs(10),
+    ))
+    .register()
+    .unwrap();
+    bus.start().await.unwrap();
+    bus.publish_batch((1..=200).map(|i| sent("stuck", i)))
+        .await
+        .unwrap();
+    // Every delivery behind the first one leaves memory while it waits for its retry.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while bus.statistics().await.unwrap().waiting < 199 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the backlog never left memory"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    healthy.store(true, Ordering::SeqCst);
+    bus.wait_idle().await.unwrap();
+    assert_eq!(seqs(&seen), (1..=200).collect::<Vec<_>>());
+    assert_eq!(store.whole_reads.load(Ordering::SeqCst), 0);
+    let largest = store.largest_page.load(Ordering::SeqCst);
+    assert!((1..=8).contains(&largest), "a page of {largest}");
+    assert_eq!(store.load_checkpoint("flaky").await.unwrap(), Some(200));
+    bus.stop().await.unwrap();
+}
+
 /// Without a store the deliveries behind a retry stay in memory, but outside the queue
 /// (up to its capacity per subscription): other aggregates' events still find room.
 #[tokio::test(start_paused = true)]

@@ -334,6 +334,16 @@ impl EventLog for InMemoryEventStore {
         stream: &StreamId,
         from_version: u64,
     ) -> Result<Vec<RecordedEvent>> {
+        self.read_stream_page(stream, from_version, usize::MAX)
+            .await
+    }
+
+    async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
         let inner = self.lock();
         let Some(positions) = inner.streams.get(stream) else {
             return Ok(Vec::new());
@@ -343,6 +353,7 @@ impl EventLog for InMemoryEventStore {
         positions
             .iter()
             .skip(skip)
+            .take(limit)
             .map(|&p| Ok(inner.check_stored(p, what)?.record.clone()))
             .collect()
     }

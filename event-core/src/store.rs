@@ -151,6 +151,21 @@ pub trait EventLog: Send + Sync + 'static {
     async fn read_stream(&self, stream: &StreamId, from_version: u64)
     -> Result<Vec<RecordedEvent>>;
 
+    /// The first `limit` events of what [`read_stream`](Self::read_stream) returns: a
+    /// stream read in pages (the bus reads the deliveries it deferred so, holding no more
+    /// than a page of them in memory). The default reads the rest of the stream and cuts
+    /// it; the bundled stores read only the page.
+    async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        let mut events = self.read_stream(stream, from_version).await?;
+        events.truncate(limit);
+        Ok(events)
+    }
+
     /// Hands the events of a stream from version `from_version` on, in order, to
     /// `visitor`, and returns it; stops at the first error it returns, adding the event's
     /// id and position to it ([`Error::at_event`](crate::Error::at_event)). This is how

@@ -36,7 +36,7 @@ macro_rules! select_events {
 pub(crate) const READ_STREAM: &str = "(SELECT position, event_id, stream_type, stream_id, \
      version, event_type, schema_version, occurred_at, recorded_at, metadata, payload, \
      NULL::text AS archive_path FROM ef_events \
-     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version) \
+     WHERE stream_type = $1 AND stream_id = $2 AND version >= $3 ORDER BY version LIMIT $4) \
      UNION ALL \
      (SELECT NULL, a.archive, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, a.path \
      FROM ef_archived_streams s JOIN ef_archives a ON a.archive = s.archive \

@@ -395,6 +395,21 @@ impl EventLog for PostgresEventStore {
         stream: &StreamId,
         from_version: u64,
     ) -> Result<Vec<RecordedEvent>> {
+        self.read_stream_page(stream, from_version, usize::MAX)
+            .await
+    }
+
+    async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // `LIMIT NULL` is no limit.
+        let limit = i64::try_from(limit).ok();
         let rows = self
             .query(
                 "reading a stream",
@@ -403,6 +418,7 @@ impl EventLog for PostgresEventStore {
                     &stream.aggregate_type,
                     &stream.aggregate_id,
                     &bound(from_version),
+                    &limit,
                 ],
             )
             .await?;

@@ -328,22 +328,28 @@ fn events_from_rows(mut rows: Rows<'_>, capacity: usize) -> Result<Vec<RecordedE
 }
 
 /// The events of a stream from a version on, checking that none is missing.
+/// Up to `limit` events of a stream from a version on (all of them: `usize::MAX`).
 pub(crate) fn read_stream(
     conn: &Connection,
     stream: &StreamId,
     from_version: u64,
+    limit: usize,
 ) -> Result<Vec<RecordedEvent>> {
     let fail = |e| store_error("reading a stream", e);
     let mut stmt = conn
         .prepare_cached(select_events!(
-            "WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 ORDER BY version"
+            "WHERE aggregate_type = ?1 AND aggregate_id = ?2 AND version >= ?3 ORDER BY version \
+             LIMIT ?4"
         ))
         .map_err(fail)?;
+    // SQLite reads a negative limit as none.
+    let limit = i64::try_from(limit).unwrap_or(-1);
     let rows = stmt
         .query(params![
             stream.aggregate_type,
             stream.aggregate_id,
-            bound(from_version)
+            bound(from_version),
+            limit
         ])
         .map_err(fail)?;
     let events = events_from_rows(rows, 16)?;

@@ -677,8 +677,21 @@ impl EventLog for SqliteEventStore {
         stream: &StreamId,
         from_version: u64,
     ) -> eventfold_core::Result<Vec<RecordedEvent>> {
+        self.read_stream_page(stream, from_version, usize::MAX)
+            .await
+    }
+
+    async fn read_stream_page(
+        &self,
+        stream: &StreamId,
+        from_version: u64,
+        limit: usize,
+    ) -> eventfold_core::Result<Vec<RecordedEvent>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         let stream = stream.clone();
-        self.read(move |conn| sql::read_stream(conn, &stream, from_version))
+        self.read(move |conn| sql::read_stream(conn, &stream, from_version, limit))
             .await
     }
 

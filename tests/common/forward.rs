@@ -98,6 +98,15 @@ macro_rules! forward_event_log {
                 self.$inner.read_stream(stream, from).await
             }
 
+            async fn read_stream_page(
+                &self,
+                stream: &eventfold::StreamId,
+                from: u64,
+                limit: usize,
+            ) -> eventfold::Result<Vec<eventfold::RecordedEvent>> {
+                self.$inner.read_stream_page(stream, from, limit).await
+            }
+
             async fn read_all(
                 &self,
                 from: u64,

@@ -10,7 +10,8 @@
 //! Deliveries waiting behind a busy lane give their event's slot of the queue back, so a
 //! retrying or slow lane never takes room from other aggregates or other subscriptions.
 //! With a store they leave memory too: the lane notes the range of its stream they cover
-//! and reads them again from the store when it gets to them. Without a store they stay
+//! and reads them again from the store when it gets to them, a page (`batch_size` events
+//! of the stream) at a time, the rest of the range staying deferred. Without a store they stay
 //! in memory, up to `queue_capacity` per subscription; beyond that they keep their slots.
 //!
 //! With a store, deliveries behind a lane whose head *runs* (a handler awaiting I/O) stay
@@ -612,24 +613,47 @@ impl Worker {
         Ok(events)
     }
 
-    /// Reads a lane's deferred deliveries back from the store, in order.
-    async fn reread(&mut self, deferred: &Deferred) -> crate::error::Result<VecDeque<Pending>> {
+    /// Reads a lane's deferred deliveries back from the store, in order, a page
+    /// (`batch_size` events of the stream) at a time: returns the page's deliveries and,
+    /// if the range goes on past the page, the rest of it, still deferred. A lane so holds
+    /// at most a page of read-back deliveries in memory, however long its backlog.
+    async fn reread(
+        &mut self,
+        deferred: &Deferred,
+    ) -> crate::error::Result<(VecDeque<Pending>, Option<Deferred>)> {
         let store = self
             .engine
             .store
             .as_ref()
             .expect("deferred only with a store");
-        let events = match store
-            .read_stream(&deferred.stream, deferred.span.from_version)
+        let page = self.engine.batch_size.max(1);
+        let (events, complete) = match store
+            .read_stream_page(&deferred.stream, deferred.span.from_version, page)
             .await
         {
-            Ok(events) => events,
+            Ok(events) => {
+                // Past the range, or the stream's end: nothing of the range is left.
+                let complete = events.len() < page
+                    || events
+                        .last()
+                        .is_some_and(|last| last.position >= deferred.span.upto);
+                (events, complete)
+            }
             // A damaged row of the stream (dead-lettered by the dispatcher already) spoils
             // the stream's read: read the log around it instead.
-            Err(error) if error.store_kind() == Some(StoreErrorKind::Corrupt) => {
-                Self::read_log_around_damage(&self.engine, deferred).await?
-            }
+            Err(error) if error.store_kind() == Some(StoreErrorKind::Corrupt) => (
+                Self::read_log_around_damage(&self.engine, deferred).await?,
+                true,
+            ),
             Err(error) => return Err(error),
+        };
+        let rest = match (complete, events.last()) {
+            (false, Some(last)) => Some(Span {
+                from_version: last.version + 1,
+                from_position: last.position + 1,
+                ..deferred.span
+            }),
+            _ => None,
         };
         let sub = &deferred.sub;
         let mut reread = VecDeque::new();
@@ -661,25 +685,38 @@ impl Worker {
             reread.push_back(pending);
         }
         let found = reread.len() as u64;
-        if found != deferred.span.count {
+        let count = deferred.span.count;
+        if let Some(mut span) = rest {
+            // The rest waits for the next page; its count is what this page did not bring
+            // back (a rewound range may bring back more than it counted: settled as below).
+            if found > count {
+                self.engine.room.wait_outside(found - count);
+            }
+            span.count = count.saturating_sub(found);
+            let rest = Deferred {
+                sub: Arc::clone(sub),
+                stream: deferred.stream.clone(),
+                span,
+            };
+            return Ok((reread, Some(rest)));
+        }
+        if found != count {
             // Counted as waiting when they left; settle the count with what came back (a
             // subscription that left finds none: the tracker dropped its positions).
-            if sub.active.load(Ordering::Acquire)
-                && !(deferred.span.rewound && found < deferred.span.count)
-            {
+            if sub.active.load(Ordering::Acquire) && !(deferred.span.rewound && found < count) {
                 tracing::error!(
-                    expected = deferred.span.count,
+                    expected = count,
                     found,
                     "deferred deliveries read again do not match"
                 );
             }
-            if found > deferred.span.count {
-                self.engine.room.wait_outside(found - deferred.span.count);
+            if found > count {
+                self.engine.room.wait_outside(found - count);
             } else {
-                self.finished.waited_done += deferred.span.count - found;
+                self.finished.waited_done += count - found;
             }
         }
-        Ok(reread)
+        Ok((reread, None))
     }
 
     /// A retry is due: the lane's first delivery is attempted again.
@@ -752,9 +789,19 @@ impl Worker {
                         return;
                     };
                     match self.reread(&deferred).await {
-                        Ok(reread) => {
+                        Ok((reread, rest)) => {
                             if let Some(hand) = self.in_hand.as_mut() {
                                 hand.lane.behind = reread;
+                                // Nothing joins a lane in hand (the worker awaited the
+                                // read); were something there, it would come after the rest.
+                                debug_assert!(hand.lane.deferred.is_none());
+                                hand.lane.deferred = match (rest, hand.lane.deferred.take()) {
+                                    (Some(mut rest), Some(later)) => {
+                                        rest.span.join(&later.span);
+                                        Some(rest)
+                                    }
+                                    (rest, later) => rest.or(later),
+                                };
                             }
                             continue;
                         }

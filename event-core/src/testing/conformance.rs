@@ -127,6 +127,7 @@ macro_rules! store_conformance_tests {
             malformed_appends_are_refused,
             streams_are_isolated,
             read_stream_from_a_version,
+            read_stream_in_pages,
             replay_stream_lends_the_stream_in_order_and_stops_at_an_error,
             read_all_in_commit_order_from_a_position_with_a_limit,
             get_by_event_id,
@@ -518,6 +519,39 @@ pub async fn streams_are_isolated(store: Arc<dyn EventLog>) {
     assert_eq!(read.len(), 1);
     assert_eq!((&*read[0].aggregate_type, read[0].version), ("Order", 1));
     assert_eq!(store.stream_version(&account).await.unwrap(), 2);
+}
+
+/// `read_stream_page` returns the first `limit` events of what `read_stream` returns:
+/// pages read one after the other give the whole stream, in order, once.
+pub async fn read_stream_in_pages(store: Arc<dyn EventLog>) {
+    let s = stream("paged");
+    store
+        .append(&s, ExpectedVersion::Any, events(1..=10))
+        .await
+        .unwrap();
+    let whole = store.read_stream(&s, 3).await.unwrap();
+    assert_eq!(store.read_stream_page(&s, 3, 100).await.unwrap(), whole);
+    assert_eq!(store.read_stream_page(&s, 3, 4).await.unwrap(), whole[..4]);
+    assert!(store.read_stream_page(&s, 3, 0).await.unwrap().is_empty());
+    let mut pages = Vec::new();
+    let mut from = 1;
+    loop {
+        let page = store.read_stream_page(&s, from, 3).await.unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else {
+            break;
+        };
+        from = last.version + 1;
+        pages.extend(page);
+    }
+    assert_eq!(versions(&pages), (1..=10).collect::<Vec<_>>());
+    assert!(
+        store
+            .read_stream_page(&stream("missing"), 1, 3)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 /// `read_stream` starts at the given version; past the end it is empty.
