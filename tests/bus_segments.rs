@@ -922,8 +922,9 @@ fn segment_child_entry() {
                 d.record().version
             );
             async move {
-                // An I/O-bound projection: a little time per event, so the kill lands
-                // with work in flight.
+                // The workload, not a wait: an I/O-bound projection takes a little real
+                // time per event (a child process, with real lease times), so the kill
+                // lands with work in flight. The parent waits on the reports.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 reports::report(&line)
             }

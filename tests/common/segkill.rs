@@ -131,6 +131,9 @@ where
             );
             let handled = Arc::clone(&handled);
             async move {
+                // The workload, not a wait: each event takes the handler real time (a child
+                // process, with real lease times), so the SIGKILLs land with deliveries in
+                // flight. No test step waits on it; the parent waits on the reports.
                 tokio::time::sleep(HANDLER_TIME).await;
                 // Whole before the handler returns, so before its checkpoint is saved.
                 reports::report(&format!("{head} {started} {}", now_nanos()))?;
