@@ -386,9 +386,10 @@ async fn drive<B: ProjectionBackend>(
             serve(&mut backend, request, &progress).await;
             idle = false;
         }
-        let head_now = *head.borrow_and_update();
         if idle {
-            // Caught up: wait for an append (one after `head_now` wakes it at once).
+            // Caught up: wait for an append. The head was marked seen just before the batch
+            // that found nothing, so an append made since (even while that batch read)
+            // wakes it at once; marking it seen here instead would sleep through it.
             tokio::select! {
                 changed = head.changed() => if changed.is_err() { break },
                 request = requests.recv() => match request {
@@ -400,6 +401,7 @@ async fn drive<B: ProjectionBackend>(
             idle = false;
             continue;
         }
+        let head_now = *head.borrow_and_update();
         let wait = match backend.batch().await {
             Ok(Step::Advanced {
                 checkpoint,
@@ -698,4 +700,97 @@ fn panic_error(panic: &(dyn std::any::Any + Send)) -> BoxError {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".to_owned());
     format!("panicked: {message}").into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ExpectedVersion, InMemoryEventStore, Metadata, NewEvent, StreamId};
+
+    /// A projection over the in-memory store that counts the events it applies. Armed, its
+    /// first batch that finds nothing has an event appended before it answers `Idle`: an
+    /// append that lands while the batch reads.
+    struct Counting {
+        store: InMemoryEventStore,
+        checkpoint: u64,
+        applied: u64,
+        late: Option<NewEvent>,
+    }
+
+    #[async_trait]
+    impl ProjectionBackend for Counting {
+        type Projection = u64;
+
+        async fn batch(&mut self) -> Result<Step> {
+            let events = self.store.read_all(self.checkpoint + 1, 64).await?;
+            let Some(last) = events.last() else {
+                if let Some(event) = self.late.take() {
+                    let stream = StreamId::new("Tested", "late");
+                    self.store
+                        .append(&stream, ExpectedVersion::Any, vec![event])
+                        .await?;
+                }
+                return Ok(Step::Idle {
+                    checkpoint: self.checkpoint,
+                });
+            };
+            self.checkpoint = last.position;
+            self.applied += events.len() as u64;
+            Ok(Step::Advanced {
+                checkpoint: self.checkpoint,
+                applied: events.len() as u64,
+                dead_lettered: 0,
+                skipped: 0,
+            })
+        }
+
+        async fn rebuild(&mut self) -> Result<()> {
+            self.checkpoint = 0;
+            Ok(())
+        }
+
+        fn into_projection(self) -> u64 {
+            self.applied
+        }
+    }
+
+    // Paused time: had the runner slept through the append, every task would wait and the
+    // timeout would fire at once (as a failure), not hang the test.
+    #[tokio::test(start_paused = true)]
+    async fn an_append_made_while_an_idle_batch_reads_wakes_the_runner() {
+        let store = InMemoryEventStore::new();
+        let late = NewEvent {
+            event_id: Uuid::now_v7(),
+            event_type: "Late".to_owned(),
+            schema_version: 1,
+            occurred_at: Utc::now(),
+            metadata: Metadata::new(),
+            payload: "{}".to_owned(),
+        };
+        let backend = Counting {
+            store: store.clone(),
+            checkpoint: 0,
+            applied: 0,
+            late: Some(late),
+        };
+        let log: Arc<dyn EventLog> = Arc::new(store.clone());
+        let handle = spawn(
+            "counting".to_owned(),
+            backend,
+            log,
+            0,
+            &ProjectionOptions::new(),
+        );
+        store
+            .watch_head()
+            .wait_for(|head| *head == 1)
+            .await
+            .expect("the store is open");
+        tokio::time::timeout(Duration::from_secs(3600), handle.wait_idle())
+            .await
+            .expect("the runner sleeps through an append made while its batch read")
+            .unwrap();
+        assert_eq!(handle.progress().checkpoint, 1);
+        assert_eq!(handle.stop().await.unwrap(), 1);
+    }
 }
