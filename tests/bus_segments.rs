@@ -114,6 +114,19 @@ async fn wait_held(what: &str, bus: &EventBus, condition: impl FnMut(&Vec<u32>) 
         .unwrap();
 }
 
+/// Waits until the two buses together have handled `events` distinct events (each once or
+/// more): the tests publish `n` = 0, 1, ... once each.
+async fn wait_all_handled(a: &Handled, b: &Handled, events: u64) {
+    wait_until("every event is handled", || async {
+        let mut all: HashSet<u64> = HashSet::new();
+        for handled in [a, b] {
+            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
+        }
+        all.len() as u64 == events
+    })
+    .await;
+}
+
 /// Waits until `a` and `b` each run `n` segments of "meters" at once.
 async fn wait_split(what: &str, a: &EventBus, b: &EventBus, n: usize) {
     loop {
@@ -298,14 +311,7 @@ async fn four_segments_split_two_and_two_and_every_event_is_handled_in_order() {
     let epochs = segment_epochs(inspect.as_ref()).await;
 
     publish(&a, 0, 400, 40).await;
-    wait_until("every event is handled", || async {
-        let mut all: HashSet<u64> = HashSet::new();
-        for handled in [&a_handled, &b_handled] {
-            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
-        }
-        all.len() == 400
-    })
-    .await;
+    wait_all_handled(&a_handled, &b_handled, 400).await;
     a.wait_idle().await.unwrap();
     b.wait_idle().await.unwrap();
     let stats = a.statistics().await.unwrap();
@@ -354,14 +360,7 @@ async fn on_the_memory_store_one_segment_runs_on_one_bus_only() {
         eprintln!("the segment changed hands during the run");
         a.stop().await.unwrap();
         wait_held("the second bus took over", &b, |s| *s == [0]).await;
-        wait_until("every event is handled", || async {
-            let mut all: HashSet<u64> = HashSet::new();
-            for handled in [&a_handled, &b_handled] {
-                all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
-            }
-            all.len() == 30
-        })
-        .await;
+        wait_all_handled(&a_handled, &b_handled, 30).await;
         b.stop().await.unwrap();
         return;
     }
@@ -661,14 +660,7 @@ async fn a_bus_joining_late_takes_over_its_share_without_waiting_for_the_holders
         "{kept:?} {taken:?}"
     );
 
-    wait_until("every event is handled", || async {
-        let mut all: HashSet<u64> = HashSet::new();
-        for handled in [&a_handled, &b_handled] {
-            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
-        }
-        all.len() == EVENTS as usize
-    })
-    .await;
+    wait_all_handled(&a_handled, &b_handled, EVENTS).await;
     a.wait_idle().await.unwrap();
     b.wait_idle().await.unwrap();
     assert_in_order(&a_handled);
@@ -752,14 +744,7 @@ async fn a_segment_given_up_does_not_wait_for_the_retries_of_its_failed_attempts
         s.len() == 2
     })
     .await;
-    wait_until("every event is handled", || async {
-        let mut all: HashSet<u64> = HashSet::new();
-        for handled in [&a_handled, &b_handled] {
-            all.extend(handled.lock().unwrap().iter().map(|(_, n)| *n));
-        }
-        all.len() == EVENTS as usize
-    })
-    .await;
+    wait_all_handled(&a_handled, &b_handled, EVENTS).await;
     a.wait_idle().await.unwrap();
     b.wait_idle().await.unwrap();
     assert_in_order(&b_handled);
