@@ -63,6 +63,7 @@ pub struct SqliteOptions {
     pub(crate) max_page_count: Option<u64>,
     pub(crate) wal_size_limit: u64,
     pub(crate) external_change_poll: Duration,
+    pub(crate) idle_poll: Duration,
 }
 
 impl Default for SqliteOptions {
@@ -74,6 +75,13 @@ impl Default for SqliteOptions {
 /// The default of [`SqliteOptions::external_change_poll`].
 const DEFAULT_EXTERNAL_CHANGE_POLL: Duration = Duration::from_millis(100);
 
+/// The longest the idle writer polls for the next write by default (see
+/// [`SqliteOptions::idle_poll`]).
+const DEFAULT_IDLE_POLL: Duration = Duration::from_micros(500);
+
+/// The longest [`SqliteOptions::idle_poll`] accepts.
+const MAX_IDLE_POLL: Duration = Duration::from_millis(10);
+
 /// The shortest poll interval [`SqliteOptions::external_change_poll`] accepts.
 const MIN_EXTERNAL_CHANGE_POLL: Duration = Duration::from_millis(1);
 
@@ -84,7 +92,8 @@ impl SqliteOptions {
     /// The defaults: [`Synchronous::Full`], a 5 s busy timeout, 2 read connections, group
     /// commits of at most 256 appends and 10,000 events, a 16 MiB page cache per
     /// connection, read-write, no size limit, a WAL kept to 64 MiB once no reader pins it,
-    /// other writers' commits followed every 100 ms.
+    /// other writers' commits followed every 100 ms, an idle writer that polls for at most
+    /// 500 µs before it sleeps.
     pub fn new() -> Self {
         SqliteOptions {
             synchronous: Synchronous::Full,
@@ -97,6 +106,7 @@ impl SqliteOptions {
             max_page_count: None,
             wal_size_limit: 64 * 1024 * 1024,
             external_change_poll: DEFAULT_EXTERNAL_CHANGE_POLL,
+            idle_poll: DEFAULT_IDLE_POLL,
         }
     }
 
@@ -180,6 +190,25 @@ impl SqliteOptions {
         self
     }
 
+    /// How long at most the writer thread, once it has answered every write, keeps looking
+    /// for the next one before it sleeps (default 500 µs, at most 10 ms; `Duration::ZERO`:
+    /// it sleeps at once).
+    ///
+    /// Waking a sleeping thread costs a futex call and a thread switch: 30 to 50 µs on the
+    /// virtual machines this was measured on, paid by every append of a caller that
+    /// appends in a loop. So the idle writer first polls its queue, yielding its CPU
+    /// between looks (a process with other work to run loses nothing but the looks). How
+    /// long it polls follows the gaps it sees: twice the last gap between an answer and
+    /// the next write, up to this limit, and only 50 µs (or this limit, if lower) after a
+    /// gap longer than the limit. A steady stream of appends is caught at once, and a
+    /// writer that sees one write now and then spends 50 µs of CPU after each. On the
+    /// perf report's `append_batch` (one caller, 100 events per append) the default took
+    /// the ratio to the raw baseline from 0.76 to about 0.88 on one 2-vCPU machine.
+    pub fn idle_poll(mut self, limit: Duration) -> Self {
+        self.idle_poll = limit;
+        self
+    }
+
     /// How often the store checks the file for commits of other connections (other
     /// processes, other [`SqliteEventStore`](crate::SqliteEventStore)s on the same file)
     /// while someone watches the head (default 100 ms; at least 1 ms; `Duration::ZERO`
@@ -227,6 +256,12 @@ impl SqliteOptions {
                 format!("{} is more than {}", self.wal_size_limit, i64::MAX),
             );
         }
+        if self.idle_poll > MAX_IDLE_POLL {
+            return invalid(
+                "idle_poll",
+                format!("{:?} is longer than {MAX_IDLE_POLL:?}", self.idle_poll),
+            );
+        }
         if !self.external_change_poll.is_zero()
             && self.external_change_poll < MIN_EXTERNAL_CHANGE_POLL
         {
@@ -269,6 +304,7 @@ mod tests {
         assert!(
             SqliteOptions::new()
                 .external_change_poll(Duration::ZERO)
+                .idle_poll(Duration::ZERO)
                 .validate()
                 .is_ok()
         );
@@ -294,6 +330,10 @@ mod tests {
             (
                 SqliteOptions::new().external_change_poll(Duration::from_micros(10)),
                 "external_change_poll",
+            ),
+            (
+                SqliteOptions::new().idle_poll(Duration::from_millis(11)),
+                "idle_poll",
             ),
             (
                 SqliteOptions::new().busy_timeout(Duration::from_secs(u64::MAX / 2)),

@@ -52,11 +52,12 @@ use crate::schema::{self, Location};
 use crate::sql::{self, bound, nanos, nanos_of, to_i64};
 use crate::versions::StreamVersions;
 
-/// How long the idle writer keeps polling its queue, yielding its CPU in between, before it
-/// parks. A caller just answered sends its next write about 10 to 30 µs later; had the writer
+/// The shortest the idle writer polls for the next write (unless
+/// [`SqliteOptions::idle_poll`] is shorter): what it polls after a long gap. A caller just
+/// answered sends its next write about 10 to 30 µs later at the soonest; had the writer
 /// parked, that write would also pay a futex wake-up and a thread switch (tens of µs on a
 /// virtual machine), and the writers that trickle in behind it would miss the group.
-const POLL_BEFORE_PARKING: Duration = Duration::from_micros(50);
+const MIN_IDLE_POLL: Duration = Duration::from_micros(50);
 
 /// Answered appends the writer keeps to free when idle (see [`Writer::spent`]); it hands
 /// those beyond back to their callers.
@@ -510,6 +511,42 @@ pub(crate) struct Writer {
     /// group, they would hold up every append of it. Up to [`SPENT_LIMIT`]; beyond,
     /// their callers free them.
     spent: Vec<Spent>,
+    /// How long the idle writer polls before it parks.
+    idle: IdlePoll,
+}
+
+/// How long the idle writer polls its queue before it parks (see
+/// [`SqliteOptions::idle_poll`]): twice the last gap between running out of work and the
+/// next command, between [`MIN_IDLE_POLL`] and the limit; the minimum again after a gap
+/// longer than the limit (a caller that writes now and then is not worth polling for).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct IdlePoll {
+    window: Duration,
+    limit: Duration,
+}
+
+impl IdlePoll {
+    fn new(limit: Duration) -> Self {
+        IdlePoll {
+            window: MIN_IDLE_POLL.min(limit),
+            limit,
+        }
+    }
+
+    /// How long to poll now.
+    fn window(&self) -> Duration {
+        self.window
+    }
+
+    /// Learns from one wait: the time from running out of work to the next command.
+    fn saw_gap(&mut self, gap: Duration) {
+        let floor = MIN_IDLE_POLL.min(self.limit);
+        self.window = if gap > self.limit {
+            floor
+        } else {
+            gap.saturating_mul(2).clamp(floor, self.limit)
+        };
+    }
 }
 
 impl Writer {
@@ -531,6 +568,7 @@ impl Writer {
                 max_appends: options.max_batch_appends,
                 max_events: options.max_batch_events,
             },
+            idle: IdlePoll::new(options.idle_poll),
             head,
             counters,
             metrics: StoreMetrics::new("sqlite"),
@@ -624,10 +662,17 @@ impl Writer {
         }
     }
 
-    /// Waits for the next command, of either lane (the lease lane first): polls for
-    /// [`POLL_BEFORE_PARKING`], then parks. `None` once every sender is gone.
+    /// Waits for the next command, of either lane (the lease lane first): polls for the
+    /// [`IdlePoll`] window, then parks. `None` once every sender is gone.
     fn recv(&mut self) -> Option<Command> {
-        let mut deadline = Instant::now() + POLL_BEFORE_PARKING;
+        let idle_since = Instant::now();
+        let command = self.poll_then_park(idle_since);
+        self.idle.saw_gap(idle_since.elapsed());
+        command
+    }
+
+    fn poll_then_park(&mut self, idle_since: Instant) -> Option<Command> {
+        let mut deadline = idle_since + self.idle.window();
         loop {
             if let Ok(work) = self.queue.urgent.try_recv() {
                 return Some(Command::Run(work));
@@ -638,7 +683,7 @@ impl Writer {
                 Err(TryRecvError::Empty) if !self.spent.is_empty() => {
                     // One append at a time, looking at the queue in between.
                     self.spent.pop();
-                    deadline = Instant::now() + POLL_BEFORE_PARKING;
+                    deadline = Instant::now() + self.idle.window();
                 }
                 Err(TryRecvError::Empty) if Instant::now() < deadline => {
                     // The callers need the CPU to send their writes: on a small machine a
@@ -1627,6 +1672,32 @@ mod tests {
                 .is_ok()
         );
         answer
+    }
+
+    #[test]
+    fn the_idle_poll_follows_short_gaps_and_drops_back_after_a_long_one() {
+        let us = Duration::from_micros;
+        let mut idle = IdlePoll::new(us(500));
+        assert_eq!(idle.window(), MIN_IDLE_POLL);
+        // A caller that comes back 150 µs after each answer: polled for twice that.
+        idle.saw_gap(us(150));
+        assert_eq!(idle.window(), us(300));
+        // Never more than the limit, nor less than the minimum.
+        idle.saw_gap(us(400));
+        assert_eq!(idle.window(), us(500));
+        idle.saw_gap(us(5));
+        assert_eq!(idle.window(), MIN_IDLE_POLL);
+        // A gap the limit would not have caught: back to the minimum.
+        idle.saw_gap(us(300));
+        idle.saw_gap(Duration::from_secs(1));
+        assert_eq!(idle.window(), MIN_IDLE_POLL);
+        // A limit below the minimum is the window; zero never polls.
+        let mut short = IdlePoll::new(us(20));
+        short.saw_gap(us(15));
+        assert_eq!(short.window(), us(20));
+        let mut never = IdlePoll::new(Duration::ZERO);
+        never.saw_gap(us(1));
+        assert_eq!(never.window(), Duration::ZERO);
     }
 
     /// Every command is queued before the writer starts, so the first three form one group
