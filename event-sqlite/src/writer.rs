@@ -519,7 +519,7 @@ pub(crate) struct Writer {
 /// [`SqliteOptions::idle_poll`]): twice the last gap between running out of work and the
 /// next command, between [`MIN_IDLE_POLL`] and the limit; the minimum again after a gap
 /// longer than the limit (a caller that writes now and then is not worth polling for).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug)]
 struct IdlePoll {
     window: Duration,
     limit: Duration,
@@ -528,9 +528,14 @@ struct IdlePoll {
 impl IdlePoll {
     fn new(limit: Duration) -> Self {
         IdlePoll {
-            window: MIN_IDLE_POLL.min(limit),
+            window: Self::floor(limit),
             limit,
         }
+    }
+
+    /// The shortest window under `limit`.
+    fn floor(limit: Duration) -> Duration {
+        MIN_IDLE_POLL.min(limit)
     }
 
     /// How long to poll now.
@@ -540,7 +545,7 @@ impl IdlePoll {
 
     /// Learns from one wait: the time from running out of work to the next command.
     fn saw_gap(&mut self, gap: Duration) {
-        let floor = MIN_IDLE_POLL.min(self.limit);
+        let floor = Self::floor(self.limit);
         self.window = if gap > self.limit {
             floor
         } else {
